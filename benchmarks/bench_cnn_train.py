@@ -1,0 +1,184 @@
+"""Training throughput of the airbench94 CNN on this machine: imgllm (JAX/Flax) next to PyTorch.
+
+One training step = forward + backward + Nesterov-SGD update, BatchNorm in train mode, fp32,
+batch 1024 (airbench's). Prints images/s (median over --steps timed steps after warm-up) for
+each JAX conv implementation and for the same network in PyTorch (channels_last, 2 threads),
+plus JAX compile time.
+
+    python benchmarks/bench_cnn_train.py                      # full size, the reference figures
+    python benchmarks/bench_cnn_train.py --preset tiny --batch 64 --steps 3   # smoke run
+
+XLA flags are applied before jax is imported (--xla_flags, default: the ones this benchmark found
+fastest on CPU; pass --xla_flags "" for XLA's defaults).
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+DEFAULT_CPU_XLA_FLAGS = ""
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="airbench94")
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--impls", default="im2col", help="comma-separated JAX conv_impl values to time")
+    parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
+    parser.add_argument("--xla_flags", default=None, help="XLA_FLAGS for the JAX run (default: tuned set)")
+    return parser.parse_args()
+
+
+def median_rate(step, batch, warmup, steps):
+    """Runs `step` warmup + steps times; returns the median images/s of the timed steps."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return batch / statistics.median(times), times
+
+
+def bench_jax(args, impl):
+    """(images/s, compile seconds, step times) of imgllm's CNN training step with conv_impl=impl."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from imgllm.models.cnn import cnn_preset
+
+    model = cnn_preset(args.preset, conv_impl=impl)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.standard_normal((args.batch, 32, 32, 3), np.float32))
+    labels = jnp.asarray(rng.integers(0, 10, args.batch), jnp.int32)
+    variables = model.init(jax.random.key(0), images[:2], train=False)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    tx = optax.sgd(0.01, momentum=0.85, nesterov=True)
+    opt_state = tx.init(params)
+
+    def loss_fn(params, batch_stats, images, labels):
+        (logits, _), updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                           train=True, mutable=["batch_stats"])
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), 0.2)
+        return optax.softmax_cross_entropy(logits, targets).sum(), updates["batch_stats"]
+
+    def train_step(params, batch_stats, opt_state, images, labels):
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, images, labels)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    start = time.perf_counter()
+    compiled = jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(
+        params, batch_stats, opt_state, images, labels).compile()
+    compile_s = time.perf_counter() - start
+    state = [params, batch_stats, opt_state]
+
+    def step():
+        state[0], state[1], state[2], loss = compiled(*state, images, labels)
+        loss.block_until_ready()
+
+    rate, times = median_rate(step, args.batch, args.warmup, args.steps)
+    return rate, compile_s, times
+
+
+def torch_net(widths):
+    """The airbench94 network in PyTorch (same layers and sizes as imgllm's CNN)."""
+    from torch import nn
+
+    def conv(cin, cout, k=3, padding="same", bias=False):
+        return nn.Conv2d(cin, cout, k, padding=padding, bias=bias)
+
+    def block(cin, cout):
+        return nn.Sequential(conv(cin, cout), nn.MaxPool2d(2), nn.BatchNorm2d(cout, eps=1e-12, momentum=0.4),
+                             nn.GELU(), conv(cout, cout), nn.BatchNorm2d(cout, eps=1e-12, momentum=0.4), nn.GELU())
+
+    layers = [conv(3, 24, k=2, padding=0, bias=True), nn.GELU()]
+    channels = 24
+    for width in widths:
+        layers.append(block(channels, width))
+        channels = width
+    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(channels, 10, bias=False)]
+    net = nn.Sequential(*layers)
+    net[0].weight.requires_grad = False
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.requires_grad = False
+    return net
+
+
+def bench_torch(args):
+    """images/s of the same training step in PyTorch (channels_last, args.threads threads)."""
+    import torch
+
+    from imgllm.models.cnn import PRESETS
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = torch_net(PRESETS[args.preset]["widths"]).to(memory_format=torch.channels_last)
+    images = torch.randn(args.batch, 3, 32, 32).to(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (args.batch,))
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.85,
+                                nesterov=True)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.2, reduction="sum")
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(net(images) / 9, labels)
+        loss.backward()
+        optimizer.step()
+
+    rate, times = median_rate(step, args.batch, args.warmup, args.steps)
+    return rate, times
+
+
+def main():
+    args = parse_args()
+    if os.environ.get("_BENCH_CNN_CHILD") == "torch":
+        rate, times = bench_torch(args)
+        print(f"RESULT {rate:.1f} {' '.join(f'{t:.3f}' for t in times)}")
+        return
+    if os.environ.get("_BENCH_CNN_CHILD") == "jax":
+        rate, compile_s, times = bench_jax(args, os.environ["_BENCH_CNN_IMPL"])
+        print(f"RESULT {rate:.1f} {compile_s:.1f} {' '.join(f'{t:.3f}' for t in times)}")
+        return
+    # Each measurement runs in a fresh process: XLA_FLAGS must be set before jax is imported, and
+    # PyTorch's and XLA's thread pools must not compete for the 2 cores.
+    xla_flags = DEFAULT_CPU_XLA_FLAGS if args.xla_flags is None else args.xla_flags
+    print(f"airbench94 CNN training step, preset={args.preset}, batch={args.batch}, fp32, "
+          f"median of {args.steps} steps after {args.warmup} warm-up; load: {os.getloadavg()}")
+    print(f"XLA_FLAGS={xla_flags!r}")
+    rows = []
+    for impl in args.impls.split(","):
+        env = {**os.environ, "_BENCH_CNN_CHILD": "jax", "_BENCH_CNN_IMPL": impl, "XLA_FLAGS": xla_flags}
+        out = run_child(env)
+        rate, compile_s, *times = out
+        rows.append((f"imgllm JAX conv_impl={impl}", rate, f"compile {compile_s:.1f} s, steps {times}"))
+        print(f"  {rows[-1][0]:<32} {rate:8.1f} images/s   ({rows[-1][2]})", flush=True)
+    if args.torch:
+        out = run_child({**os.environ, "_BENCH_CNN_CHILD": "torch"})
+        rate, *times = out
+        rows.append((f"PyTorch channels_last {args.threads} thr", rate, f"steps {times}"))
+        print(f"  {rows[-1][0]:<32} {rate:8.1f} images/s   ({rows[-1][2]})", flush=True)
+    print(f"load after: {os.getloadavg()}")
+
+
+def run_child(env):
+    """Runs this script as a child with `env`; returns the floats of its RESULT line."""
+    proc = subprocess.run([sys.executable, *sys.argv], env=env, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark child failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+    return [float(v) for v in lines[-1].split()[1:]]
+
+
+if __name__ == "__main__":
+    main()

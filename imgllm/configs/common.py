@@ -1,0 +1,113 @@
+"""Shared pieces of the training configs: the base fields every run has, and config-name resolution.
+
+Each experiment file (demo.py, cifar10.py, cnn_tiny.py, ...) has a `get_config()` that starts from
+`base_config()` and changes what differs. Command lines override any field: --config.num_epochs=3.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+from imgllm.data.augment import CIFAR10_MEAN, CIFAR10_STD
+
+CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Fields used by the training loop and the classifier task, with defaults for a small CPU run."""
+    c = ml_collections.ConfigDict()
+    c.task = "classifier"               # Task: a name in imgllm.train.loop.TASKS or "module:factory"
+    c.seed = 0                          # seeds init, data order, augmentation: same seed, same run
+
+    # ---- data ----
+    c.dataset = "demo"                  # load_dataset spec: "cifar10" | "folder:<root>" | "tfds:<name>" | "demo"
+    c.data_dir = config_dict.placeholder(str)   # tfds data_dir; base of relative folder roots (None: default)
+    c.data_cache_dir = config_dict.placeholder(str)  # keeps decoded image folders as .npz (None: no cache)
+    c.train_split = "train"             # split to train on
+    c.eval_split = "validation"         # split evaluated each epoch and at the end ("" for none)
+    c.num_train_examples = config_dict.placeholder(int)  # use only this many training examples (None: all)
+    c.num_eval_examples = config_dict.placeholder(int)   # use only this many eval examples (None: all)
+    c.image_size = 32                   # images are resized to image_size x image_size
+    c.normalization = ml_collections.ConfigDict(dict(
+        mean=CIFAR10_MEAN,              # per-channel mean (0..1 scale) subtracted before the model
+        std=CIFAR10_STD,                # per-channel std dividing after that
+    ))
+    c.augment = ml_collections.ConfigDict(dict(
+        translate=2,                    # random shift up to this many pixels (reflect padding); 0 = off
+        flip="random",                  # horizontal flip: "random" | "alternating" (airbench) | "none"
+    ))
+    c.whiten_init_examples = 5000       # images that initialise the whitening stem (0: random init)
+    c.label_smoothing = 0.0             # label smoothing of the cross-entropy targets
+    c.tta = "flip"                      # final-eval test-time augmentation: "none" | "flip" | "flip_translate"
+
+    # ---- model (imgllm.models.cnn.cnn_from_config) ----
+    c.model = ml_collections.ConfigDict(dict(
+        preset="tiny",                  # "airbench94" | "tiny"; the other keys override its fields
+        num_classes=10,                 # classes of the dataset
+        conv_impl="auto",               # "auto" (im2col on CPU, lax.conv on GPU/TPU) | "im2col" | "xla"
+        dtype="float32",                # compute dtype: "float32" | "bfloat16" (params stay float32)
+    ))
+
+    # ---- optimisation ----
+    c.global_batch_size = 128           # examples per update, over all devices of all hosts
+    c.eval_batch_size = 500             # examples per eval batch, over all devices
+    c.num_epochs = 5.0                  # training length; fractional epochs allowed (airbench: 9.9)
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="sgd",                     # "sgd" (with momentum / Nesterov) | "adamw"
+        learning_rate=0.2,              # peak learning rate for the mean loss over the batch
+        momentum=0.9,                   # SGD momentum (0: none)
+        nesterov=True,                  # Nesterov momentum
+        b1=0.9,                         # adamw beta1
+        b2=0.999,                       # adamw beta2
+        weight_decay=5e-4,              # decay coefficient; SGD: added to the gradient (scaled by the lr)
+        grad_clip_norm=0.0,             # clip gradients to this global norm (0: off)
+        schedule="triangle",            # "constant" | "triangle" | "warmup_cosine"
+        start_factor=0.2,               # triangle: lr factor at step 0
+        peak_fraction=0.25,             # triangle: fraction of training where the lr peaks
+        end_factor=0.05,                # triangle: lr factor at the last step
+        warmup_epochs=1.0,              # warmup_cosine: linear warm-up length
+        groups=airbench_param_groups(),  # per-parameter groups (see imgllm.train.optim)
+    ))
+    c.lookahead = ml_collections.ConfigDict(dict(
+        enabled=False,                  # airbench's lookahead/EMA of params and BatchNorm statistics
+        start_epochs=1.0,               # epoch from which the slow weights start to average
+        every_n_steps=5,                # average every this many steps
+        decay_base=0.95,                # per-step decay; rho = decay_base**n * (step/total)**decay_pow
+        decay_pow=3.0,                  # how fast averaging strengthens towards the end of training
+    ))
+
+    # ---- bookkeeping ----
+    c.log_every_steps = 20              # train metrics line in metrics.jsonl every N steps (and each epoch end)
+    c.eval_every_epochs = 1             # evaluate on eval_split every N epochs (0: only at the end)
+    c.checkpoint_every_steps = 200      # asynchronous checkpoint every N steps (and at the end)
+    c.max_checkpoints_to_keep = 3       # older checkpoints are deleted
+    c.progress_bar = True               # tqdm bar with loss, accuracy and images/s
+    return c
+
+
+def airbench_param_groups(whiten_bias_epochs: float = 3.0, norm_bias_lr_scale: float = 64.0) -> ml_collections.ConfigDict:
+    """Optimizer groups for the airbench CNN: frozen whitening kernel, whitening bias trained only for
+    its first epochs, BatchNorm biases with a larger lr but the same decay strength (disjoint patterns)."""
+    return ml_collections.ConfigDict(dict(
+        frozen=dict(pattern=r"(^|/)whiten_kernel$", lr_scale=0.0),
+        whiten_bias=dict(pattern=r"(^|/)whiten_bias$", lr_scale=1.0, weight_decay_scale=1.0,
+                         train_epochs=whiten_bias_epochs),
+        norm_bias=dict(pattern=r"(^|/)norm\d*/bias$", lr_scale=norm_bias_lr_scale,
+                       weight_decay_scale=1.0 / norm_bias_lr_scale, train_epochs=None),
+    ))
+
+
+def resolve_config_arg(argv: list[str]) -> list[str]:
+    """Lets `--config=demo` stand for this package's configs/demo.py (a path works as before)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+            name, _, rest = value.partition(":")
+            candidate = os.path.join(CONFIG_DIR, f"{name}.py")
+            if not os.path.exists(name) and os.path.exists(candidate):
+                arg = "--config=" + candidate + (":" + rest if rest else "")
+        out.append(arg)
+    return out

@@ -1,0 +1,23 @@
+"""Default config: a small CNN on the procedurally generated "demo" shapes (no download).
+
+Run:  python train.py --workdir=runs/demo            (same as --config=demo)
+Takes about 1-2 minutes on 2 CPU cores and reaches about 0.9 validation accuracy on the 10 shape classes.
+"""
+from imgllm.configs.common import base_config
+
+
+def get_config():
+    c = base_config()
+    c.dataset = "demo"
+    c.num_train_examples = 4000         # generated images to train on
+    c.num_eval_examples = 500           # generated validation images
+    c.model.preset = "tiny"
+    c.model.widths = (16, 32, 64)       # a little wider than the test preset
+    c.whiten_init_examples = 1000
+    c.global_batch_size = 100
+    c.num_epochs = 8.0
+    c.optimizer.learning_rate = 0.2
+    c.label_smoothing = 0.1
+    c.augment.translate = 2
+    c.augment.flip = "none"             # left/right matters for some shapes' captions; keep images as drawn
+    return c

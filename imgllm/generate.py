@@ -1,0 +1,538 @@
+"""Text generation with a KV cache: prefill and cached decoding in one jit-compiled function.
+
+``generate_tokens`` is pure and traceable (fixed shapes, ``lax.while_loop``, randomness from an explicit key), so
+larger jitted functions (the image -> caption pipeline) call it directly. ``generate`` is the convenience entry
+point for host data: it validates the inputs, buckets prompt lengths (left padding) so that calls with similar
+prompt lengths reuse one compiled program, and shards the batch over the device mesh's ``'data'`` axis.
+
+Semantics follow Hugging Face ``transformers`` ``generate`` for left-padded batches: position ids are
+``cumsum(attention_mask) - 1`` clipped at 0, finished rows emit ``pad_token_id`` after their EOS, and beam search
+reproduces transformers' vectorised beam search step by step (top 2 * num_beams candidates, length penalty
+``score / generated_length ** length_penalty``, the ``early_stopping`` heuristic), so greedy and beam results are
+token-identical to transformers up to floating point near-ties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from imgllm.models.lm import GPT2, GPT2Config, KVCache, init_cache
+
+# transformers' "very low score" for finished / impossible beams (kept identical so that ties resolve alike).
+_BEAM_NEG = -1.0e9
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    """How to decode (names and meanings as in transformers' ``GenerationConfig``). Frozen: a static jit argument.
+
+    Greedy when ``do_sample`` is False and ``num_beams`` is 1; sampling applies temperature, then top-k
+    (0 = off), then top-p (1.0 = off). Beam search when ``num_beams`` > 1 (with sampling if ``do_sample``).
+    ``eos_token_id`` None disables stopping at EOS. ``early_stopping``: False (transformers' default heuristic),
+    True (stop a prompt once num_beams hypotheses are finished) or "never".
+    """
+
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    eos_token_id: int | None = 50256
+    pad_token_id: int = 50256
+    num_return_sequences: int = 1
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"GenerationConfig.temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"GenerationConfig.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"GenerationConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.num_beams < 1:
+            raise ValueError(f"GenerationConfig.num_beams must be >= 1, got {self.num_beams}")
+        if self.early_stopping not in (False, True, "never"):
+            raise ValueError(f"GenerationConfig.early_stopping must be False, True or 'never', "
+                             f"got {self.early_stopping!r}")
+        if self.num_return_sequences < 1:
+            raise ValueError(f"GenerationConfig.num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise ValueError(f"GenerationConfig.num_return_sequences={self.num_return_sequences} exceeds "
+                             f"num_beams={self.num_beams}")
+        if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
+            raise ValueError("GenerationConfig.num_return_sequences > 1 needs do_sample=True or num_beams > 1 "
+                             "(greedy decoding would return identical copies)")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raises ValueError if a token id of this config is outside the model's vocabulary."""
+        for name in ("eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < vocab_size:
+                raise ValueError(f"GenerationConfig.{name}={value} is outside the vocabulary [0, {vocab_size})")
+        if self.top_k > vocab_size:
+            raise ValueError(f"GenerationConfig.top_k={self.top_k} exceeds the vocabulary size {vocab_size}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logits processing and token selection
+
+
+def process_logits(logits: jax.Array, gen_config: GenerationConfig) -> jax.Array:
+    """Applies the sampling warpers in transformers' order: temperature, top-k, top-p. Removed tokens get -inf.
+
+    A no-op unless ``do_sample`` (transformers applies these only when sampling).
+    """
+    if not gen_config.do_sample:
+        return logits
+    if gen_config.temperature != 1.0:
+        logits = logits / jnp.float32(gen_config.temperature)
+    if gen_config.top_k > 0:
+        kth_largest = jax.lax.top_k(logits, gen_config.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    if gen_config.top_p < 1.0:
+        logits = _top_p_filter(logits, gen_config.top_p)
+    return logits
+
+
+def _top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
+    """Keeps the smallest set of most likely tokens whose probability reaches top_p (at least one token)."""
+    order = jnp.argsort(logits, axis=-1, descending=True)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of strictly more likely tokens
+    remove_sorted = mass_before >= top_p
+    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+    return jnp.where(remove, -jnp.inf, logits)
+
+
+def select_tokens(logits: jax.Array, rng: jax.Array, gen_config: GenerationConfig) -> jax.Array:
+    """Next token per row [B]: argmax when greedy, else a sample from the processed distribution."""
+    if not gen_config.do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, process_logits(logits, gen_config), axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model calls
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoder:
+    """The model calls generation needs: prefill of the prompt, and one cached decoding step.
+
+    ``head`` is the output matrix in the layout that is fastest for the decode batch (see ``_decode_head``).
+    """
+
+    config: GPT2Config
+    params: Any
+    head: jax.Array
+    head_is_transposed: bool
+
+    @property
+    def model(self) -> GPT2:
+        return GPT2(self.config)
+
+    def embed(self, input_ids):
+        return self.model.apply({"params": self.params}, input_ids, method=GPT2.embed_tokens)
+
+    def logits(self, hidden):
+        """Float32 logits [B, V] of the tied head for hidden states [B, D]."""
+        if self.head_is_transposed:  # head [D, V]
+            return jnp.dot(hidden, self.head.astype(hidden.dtype)).astype(jnp.float32)
+        return self.model.apply({"params": self.params}, hidden, method=GPT2.logits_from_hidden)
+
+    def forward(self, embeds, mask, positions, cache):
+        """Runs [B, T, D] inputs through the cache; returns (logits of the last position [B, V], new cache)."""
+        hidden, cache = self.model.apply({"params": self.params}, inputs_embeds=embeds, attention_mask=mask,
+                                         position_ids=positions, cache=cache, return_hidden=True)
+        return self.logits(hidden[:, -1]), cache
+
+    def step(self, tokens, mask, positions, cache):
+        """One decoding step for tokens [B]; positions [B]."""
+        return self.forward(self.embed(tokens[:, None]), mask, positions[:, None], cache)
+
+
+def _make_decoder(params, config: GPT2Config, decode_rows: int) -> _Decoder:
+    """Prepares the parameters for decoding, once, outside the decoding loop.
+
+    - Non-float32 compute dtypes get their parameters cast once here (not at every step), halving the bytes each
+      step reads in bfloat16.
+    - For small decode batches the step is a matrix-vector product bound by memory bandwidth; XLA:CPU reads an
+      [in, out] matrix faster than the [V, D] embedding for this, so the tied head gets a transposed copy
+      (one extra pass over 154 MB per call for GPT-2 small, repaid after a few tokens). Above
+      ``_HEAD_TRANSPOSE_MAX_ROWS`` rows the [V, D] layout is the faster one for XLA's matmul.
+    """
+    if jnp.dtype(config.dtype) != jnp.float32:
+        params = jax.tree.map(lambda p: p.astype(config.dtype), params)
+    transpose = decode_rows <= _HEAD_TRANSPOSE_MAX_ROWS and jax.default_backend() == "cpu"
+    embedding = params["wte"]["embedding"]
+    head = embedding.T if transpose else embedding
+    return _Decoder(config=config, params=params, head=head, head_is_transposed=transpose)
+
+
+_HEAD_TRANSPOSE_MAX_ROWS = 4
+
+
+def _prompt_layout(attention_mask, prefix_len: int, max_new_tokens: int):
+    """Cache mask [B, S] and position ids [B, S] for prefix + prompt + new tokens, S = K + P + N.
+
+    The new tokens' slots are marked valid from the start: causality hides them until they are written.
+    Position ids are transformers': cumsum(mask) - 1, clipped at 0 (left padding gets position 0, masked anyway).
+    """
+    batch = attention_mask.shape[0]
+    mask = jnp.concatenate([jnp.ones((batch, prefix_len), jnp.int32), attention_mask.astype(jnp.int32),
+                            jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    return mask, positions
+
+
+def _prefill(decoder: _Decoder, input_ids, attention_mask, prefix_embeds, max_new_tokens: int):
+    """Runs prefix + prompt through a fresh cache. Returns (last logits [B, V], cache, mask [B,S], positions [B,S])."""
+    embeds = decoder.embed(input_ids)
+    prefix_len = 0
+    if prefix_embeds is not None:
+        prefix_len = prefix_embeds.shape[1]
+        embeds = jnp.concatenate([prefix_embeds.astype(embeds.dtype), embeds], axis=1)
+    mask, positions = _prompt_layout(attention_mask, prefix_len, max_new_tokens)
+    prompt_len = embeds.shape[1]
+    cache = init_cache(decoder.config, embeds.shape[0], prompt_len + max_new_tokens)
+    logits, cache = decoder.forward(embeds, mask, positions[:, :prompt_len], cache)
+    return logits, cache, mask, positions
+
+
+def _step_positions(positions, cache: KVCache):
+    """Position ids [B] of the token about to be written at the cache's next slot."""
+    return jax.lax.dynamic_index_in_dim(positions, cache.index, axis=1, keepdims=False)
+
+
+def _repeat_rows(arrays, times: int):
+    """Repeats every row (axis 0) ``times`` times consecutively, like torch.repeat_interleave."""
+    return jax.tree.map(lambda x: jnp.repeat(x, times, axis=0), arrays) if times > 1 else arrays
+
+
+def _repeat_cache(cache: KVCache, times: int) -> KVCache:
+    """The cache with every batch row repeated ``times`` times (prefill once per prompt, decode per copy/beam)."""
+    if times == 1:
+        return cache
+    return cache.replace(k=jnp.repeat(cache.k, times, axis=1), v=jnp.repeat(cache.v, times, axis=1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Greedy decoding and sampling
+
+
+
+class _SampleState(NamedTuple):
+    """Loop carry of greedy decoding and sampling (rows = prompts x num_return_sequences)."""
+
+    step: jax.Array  # int32: how many tokens have been chosen
+    last_token: jax.Array  # [rows] int32
+    tokens: jax.Array  # [rows, N] int32, pad_token_id after EOS and beyond the stopping point
+    finished: jax.Array  # [rows] bool: has emitted EOS
+    scores: jax.Array  # [rows] float32: sum of the model's log-probabilities of the tokens up to EOS
+    cache: KVCache
+
+
+def _choose_next(state: _SampleState, logits, rng, gen_config: GenerationConfig) -> _SampleState:
+    """Chooses token number ``state.step`` for every row; finished rows get pad_token_id (as transformers)."""
+    token = select_tokens(logits, jax.random.fold_in(rng, state.step), gen_config)
+    token = jnp.where(state.finished, jnp.int32(gen_config.pad_token_id), token)
+    log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    scores = state.scores + jnp.where(state.finished, 0.0, log_prob)
+    tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], state.step, axis=1)
+    finished = state.finished
+    if gen_config.eos_token_id is not None:
+        finished = finished | (token == gen_config.eos_token_id)
+    return state._replace(step=state.step + 1, last_token=token, tokens=tokens, finished=finished, scores=scores)
+
+
+def sample_tokens(params, model_config: GPT2Config, input_ids, attention_mask, rng, gen_config: GenerationConfig,
+                  *, prefix_embeds=None):
+    """Greedy decoding or sampling. Same arguments and results as :func:`generate_tokens` (num_beams ignored)."""
+    _check_traced_inputs(model_config, input_ids, attention_mask, gen_config, prefix_embeds)
+    copies, max_new = gen_config.num_return_sequences, gen_config.max_new_tokens
+    rows = input_ids.shape[0] * copies
+    decoder = _make_decoder(params, model_config, rows)
+    logits, cache, mask, positions = _prefill(decoder, input_ids, attention_mask, prefix_embeds, max_new)
+    logits, mask, positions = _repeat_rows((logits, mask, positions), copies)
+    cache = _repeat_cache(cache, copies)
+    state = _SampleState(
+        step=jnp.zeros((), jnp.int32), last_token=jnp.zeros((rows,), jnp.int32),
+        tokens=jnp.full((rows, max_new), gen_config.pad_token_id, jnp.int32),
+        finished=jnp.zeros((rows,), bool), scores=jnp.zeros((rows,), jnp.float32), cache=cache)
+    state = _choose_next(state, logits, rng, gen_config)
+
+    def keep_going(state):
+        return (state.step < max_new) & ~jnp.all(state.finished)
+
+    def decode_one(state):
+        logits, cache = decoder.step(state.last_token, mask, _step_positions(positions, state.cache), state.cache)
+        return _choose_next(state._replace(cache=cache), logits, rng, gen_config)
+
+    state = jax.lax.while_loop(keep_going, decode_one, state)
+    return state.tokens, state.scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Beam search (transformers' vectorised beam search, step for step)
+
+
+class _BeamState(NamedTuple):
+    """Loop carry of beam search; names follow transformers' ``_beam_search``. Shapes: B prompts, nb beams."""
+
+    step: jax.Array  # int32: tokens generated so far (transformers' cur_len - decoder_prompt_len)
+    running_tokens: jax.Array  # [B, nb, N] int32: live hypotheses
+    running_scores: jax.Array  # [B, nb] float32: their summed log-probabilities
+    parents: jax.Array  # [B * nb] int32: flat row each live beam continues (to reorder the cache)
+    tokens: jax.Array  # [B, nb, N] int32: best finished hypotheses
+    scores: jax.Array  # [B, nb] float32: their length-penalised scores (-1e9 while empty)
+    finished: jax.Array  # [B, nb] bool: transformers' is_sent_finished
+    improvable: jax.Array  # [B, 1] bool: transformers' is_early_stop_heuristic_unsatisfied
+    keep_going: jax.Array  # bool: transformers' _beam_search_has_unfinished_sequences
+    cache: KVCache
+
+
+def _length_penalty_divisors(gen_config: GenerationConfig) -> jax.Array:
+    """[N + 1] float32: n ** length_penalty for n = 0..N, computed in double precision like transformers' Python
+    scalar and rounded to float32, so that scores match transformers bit for bit."""
+    lengths = np.arange(gen_config.max_new_tokens + 1, dtype=np.float64)
+    return jnp.asarray((lengths ** gen_config.length_penalty).astype(np.float32))
+
+
+def _gather_beams(x, beam_indices):
+    """x [B, K, ...] -> x[b, beam_indices[b, j], ...] for beam_indices [B, J]."""
+    index = beam_indices.reshape(beam_indices.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def _top_candidates(accumulated, rng, count: int, do_sample: bool):
+    """The ``count`` best (or, when sampling, sampled without replacement) continuations, best first."""
+    if not do_sample:
+        return jax.lax.top_k(accumulated, count)
+    # Gumbel top-k samples without replacement from softmax(accumulated), as transformers' torch.multinomial.
+    _, indices = jax.lax.top_k(accumulated + jax.random.gumbel(rng, accumulated.shape), count)
+    values = jnp.take_along_axis(accumulated, indices, axis=-1)
+    order = jnp.argsort(values, axis=-1, descending=True, stable=True)
+    return jnp.take_along_axis(values, order, axis=-1), jnp.take_along_axis(indices, order, axis=-1)
+
+
+def _beam_step(state: _BeamState, logits, rng, gen_config: GenerationConfig, divisors) -> _BeamState:
+    """One step of transformers' beam search: choose 2 * nb candidates, keep nb live ones, update finished ones."""
+    batch, num_beams, max_new = state.running_tokens.shape
+    vocab = logits.shape[-1]
+    step = state.step
+    neg = jnp.float32(_BEAM_NEG)
+
+    log_probs = process_logits(jax.nn.log_softmax(logits, axis=-1), gen_config).reshape(batch, num_beams, vocab)
+    accumulated = (log_probs + state.running_scores[:, :, None]).reshape(batch, num_beams * vocab)
+    num_candidates = 2 * num_beams
+    cand_scores, cand_index = _top_candidates(accumulated, jax.random.fold_in(rng, step), num_candidates,
+                                              gen_config.do_sample)
+    cand_beam, cand_token = cand_index // vocab, (cand_index % vocab).astype(jnp.int32)
+    cand_tokens = _gather_beams(state.running_tokens, cand_beam)
+    cand_tokens = jax.lax.dynamic_update_slice_in_dim(cand_tokens, cand_token[:, :, None], step, axis=2)
+    hits_stop = jnp.broadcast_to(step + 1 >= max_new, cand_token.shape)
+    if gen_config.eos_token_id is not None:
+        hits_stop = hits_stop | (cand_token == gen_config.eos_token_id)
+
+    # Live beams for the next step: the best candidates that did not stop.
+    live_scores = cand_scores + hits_stop.astype(jnp.float32) * neg
+    keep = jax.lax.top_k(live_scores, num_beams)[1]
+    running_tokens = _gather_beams(cand_tokens, keep)
+    running_scores = _gather_beams(live_scores, keep)
+    parents = (_gather_beams(cand_beam, keep) + jnp.arange(batch)[:, None] * num_beams).reshape(-1)
+
+    # Finished hypotheses: merge the candidates among the top nb that just stopped, if they score better.
+    early_stopping = gen_config.early_stopping
+    just_finished = hits_stop & (jnp.arange(num_candidates) < num_beams)[None, :]
+    final_scores = cand_scores / divisors[step + 1]
+    beams_full = jnp.all(state.finished, axis=-1, keepdims=True) & (early_stopping is True)
+    final_scores = final_scores + beams_full.astype(jnp.float32) * neg
+    final_scores = final_scores + (~state.improvable).astype(jnp.float32) * neg
+    final_scores = final_scores + (~just_finished).astype(jnp.float32) * neg
+    merged_scores = jnp.concatenate([state.scores, final_scores], axis=1)
+    best = jax.lax.top_k(merged_scores, num_beams)[1]
+    tokens = _gather_beams(jnp.concatenate([state.tokens, cand_tokens], axis=1), best)
+    scores = _gather_beams(merged_scores, best)
+    finished = _gather_beams(jnp.concatenate([state.finished, just_finished], axis=1), best)
+
+    # Can a live beam still beat the worst finished one? (transformers' _check_early_stop_heuristic)
+    if early_stopping == "never" and gen_config.length_penalty > 0.0:
+        best_length = max_new
+    else:
+        best_length = step + 1
+    best_possible = running_scores[:, :1] / divisors[best_length]
+    worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), neg)
+    improvable = state.improvable & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
+    keep_going = (jnp.any(improvable) & ~(jnp.all(finished) & (early_stopping is True))
+                  & ~jnp.all(hits_stop))
+    return state._replace(step=step + 1, running_tokens=running_tokens, running_scores=running_scores,
+                          parents=parents, tokens=tokens, scores=scores, finished=finished, improvable=improvable,
+                          keep_going=keep_going)
+
+
+def beam_search_tokens(params, model_config: GPT2Config, input_ids, attention_mask, rng,
+                       gen_config: GenerationConfig, *, prefix_embeds=None):
+    """Beam search with gen_config.num_beams beams (also 1). Same arguments and results as :func:`generate_tokens`:
+    the num_return_sequences best finished hypotheses per prompt, best first, and their scores."""
+    _check_traced_inputs(model_config, input_ids, attention_mask, gen_config, prefix_embeds)
+    batch, num_beams, max_new = input_ids.shape[0], gen_config.num_beams, gen_config.max_new_tokens
+    rows = batch * num_beams
+    decoder = _make_decoder(params, model_config, rows)
+    logits, cache, mask, positions = _prefill(decoder, input_ids, attention_mask, prefix_embeds, max_new)
+    logits, mask, positions = _repeat_rows((logits, mask, positions), num_beams)
+    cache = _repeat_cache(cache, num_beams)
+    divisors = _length_penalty_divisors(gen_config)
+    empty = jnp.full((batch, num_beams, max_new), gen_config.pad_token_id, jnp.int32)
+    state = _BeamState(
+        step=jnp.zeros((), jnp.int32), running_tokens=empty,
+        running_scores=jnp.zeros((batch, num_beams), jnp.float32).at[:, 1:].set(_BEAM_NEG),
+        parents=jnp.arange(rows, dtype=jnp.int32), tokens=empty,
+        scores=jnp.full((batch, num_beams), _BEAM_NEG, jnp.float32), finished=jnp.zeros((batch, num_beams), bool),
+        improvable=jnp.ones((batch, 1), bool), keep_going=jnp.ones((), bool), cache=cache)
+    state = _beam_step(state, logits, rng, gen_config, divisors)
+
+    def decode_one(state):
+        cache = state.cache.replace(k=jnp.take(state.cache.k, state.parents, axis=1),
+                                    v=jnp.take(state.cache.v, state.parents, axis=1))
+        last = jax.lax.dynamic_index_in_dim(state.running_tokens, state.step - 1, axis=2, keepdims=False)
+        logits, cache = decoder.step(last.reshape(rows), mask, _step_positions(positions, cache), cache)
+        return _beam_step(state._replace(cache=cache), logits, rng, gen_config, divisors)
+
+    state = jax.lax.while_loop(lambda s: s.keep_going & (s.step < max_new), decode_one, state)
+    copies = gen_config.num_return_sequences
+    return state.tokens[:, :copies].reshape(batch * copies, max_new), state.scores[:, :copies].reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def generate_tokens(params, model_config: GPT2Config, input_ids, attention_mask, rng, gen_config: GenerationConfig,
+                    *, prefix_embeds=None):
+    """Generates up to gen_config.max_new_tokens tokens after each left-padded prompt. Pure and jit-traceable.
+
+    Args:
+      params: GPT-2 parameters (``GPT2(model_config).init(...)["params"]`` or ``imgllm.hf.load_gpt2``).
+      model_config: the model's sizes and compute dtype (static).
+      input_ids: [B, P] int prompts, left-padded; attention_mask: [B, P], 1 for real tokens.
+      rng: a PRNG key (used only when sampling; results are a function of it).
+      gen_config: decoding settings (static).
+      prefix_embeds: optional [B, K, D] embeddings placed before the prompt (a visual prefix).
+
+    Returns:
+      tokens [B * num_return_sequences, max_new_tokens] int32 (rows of one prompt are consecutive; pad_token_id
+      after EOS), and scores [B * num_return_sequences] float32: for beam search transformers' sequence score
+      (sum of log-probabilities / generated_length ** length_penalty); otherwise the sum of the model's
+      log-probabilities of the generated tokens up to and including EOS.
+    """
+    if gen_config.num_beams > 1:
+        return beam_search_tokens(params, model_config, input_ids, attention_mask, rng, gen_config,
+                                  prefix_embeds=prefix_embeds)
+    return sample_tokens(params, model_config, input_ids, attention_mask, rng, gen_config,
+                         prefix_embeds=prefix_embeds)
+
+
+def _check_traced_inputs(model_config: GPT2Config, input_ids, attention_mask, gen_config, prefix_embeds):
+    """Shape checks that work on tracers (they run once, at trace time, before any compile)."""
+    gen_config.check_vocab(model_config.vocab_size)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, prompt_length], got shape {input_ids.shape}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} differs from input_ids {input_ids.shape}")
+    prefix_len = 0
+    if prefix_embeds is not None:
+        expected = (input_ids.shape[0], prefix_embeds.shape[1], model_config.n_embd)
+        if prefix_embeds.ndim != 3 or prefix_embeds.shape != expected:
+            raise ValueError(f"prefix_embeds must be [batch, prefix_length, n_embd] = [{expected[0]}, K, "
+                             f"{expected[2]}], got shape {prefix_embeds.shape}")
+        prefix_len = prefix_embeds.shape[1]
+    total = prefix_len + input_ids.shape[1] + gen_config.max_new_tokens
+    if total > model_config.n_positions:
+        raise ValueError(f"prefix ({prefix_len}) + prompt ({input_ids.shape[1]}) + max_new_tokens "
+                         f"({gen_config.max_new_tokens}) = {total} exceeds n_positions={model_config.n_positions}")
+
+
+_generate_jit = jax.jit(generate_tokens, static_argnames=("model_config", "gen_config"))
+
+
+def default_mesh() -> Mesh:
+    """The team's data-parallel mesh (imgllm.parallel.make_mesh), or one 'data' axis over all local devices."""
+    try:
+        from imgllm.parallel import make_mesh
+    except ImportError:
+        return Mesh(np.asarray(jax.devices()), ("data",))
+    return make_mesh()
+
+
+def bucket_prompts(input_ids, attention_mask, length_bucket: int, pad_token_id: int):
+    """Left-pads (or trims all-padding columns of) host prompts to the next multiple of ``length_bucket`` that
+    holds the longest prompt, so that calls with similar prompt lengths share one compiled program."""
+    longest = max(int(attention_mask.sum(axis=1).max()), 1)
+    length = -(-longest // length_bucket) * length_bucket
+    ids, mask = input_ids[:, -longest:], attention_mask[:, -longest:]
+    pad = length - longest
+    ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=pad_token_id)
+    return ids.astype(np.int32), np.pad(mask, ((0, 0), (pad, 0))).astype(np.int32)
+
+
+def _check_host_prompts(input_ids, attention_mask, model_config: GPT2Config):
+    """Value checks on host prompts, with the offending row, before anything is compiled."""
+    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be "
+                         f"[batch, prompt_length]")
+    bad = np.argwhere((input_ids < 0) | (input_ids >= model_config.vocab_size))
+    if len(bad):
+        row, col = bad[0]
+        raise ValueError(f"input_ids[{row}, {col}]={input_ids[row, col]} is outside the vocabulary "
+                         f"[0, {model_config.vocab_size})")
+    if not np.isin(attention_mask, (0, 1)).all():
+        raise ValueError("attention_mask must contain only 0 and 1")
+    not_left_padded = np.flatnonzero((np.diff(attention_mask.astype(np.int8), axis=1) < 0).any(axis=1))
+    if len(not_left_padded):
+        raise ValueError(f"prompt {not_left_padded[0]} is not left-padded (a 0 follows a 1 in its attention_mask); "
+                         f"use a tokenizer with padding_side='left'")
+
+
+def generate(params, model_config: GPT2Config, input_ids, attention_mask=None, rng=None,
+             gen_config: GenerationConfig | None = None, *, prefix_embeds=None, mesh: Mesh | None = None,
+             length_bucket: int = 16):
+    """Host-friendly, data-parallel :func:`generate_tokens`: returns numpy (tokens, scores) for numpy prompts.
+
+    Prompt lengths are bucketed to multiples of ``length_bucket`` (left padding) and the batch is padded to a
+    multiple of the mesh's 'data' axis and sharded over it, so calls with the same batch size, bucket and configs
+    reuse one compiled program. ``rng`` may be omitted for greedy and beam search.
+    """
+    gen_config = gen_config or GenerationConfig(max_new_tokens=32, eos_token_id=model_config.eos_token_id,
+                                                pad_token_id=model_config.eos_token_id)
+    input_ids = np.asarray(input_ids)
+    attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+    _check_host_prompts(input_ids, attention_mask, model_config)
+    if rng is None:
+        if gen_config.do_sample:
+            raise ValueError("sampling (do_sample=True) needs an explicit rng key")
+        rng = jax.random.key(0)
+    ids, mask = bucket_prompts(input_ids, attention_mask, length_bucket, gen_config.pad_token_id)
+    mesh = mesh or default_mesh()
+    num_shards = mesh.shape["data"]
+    batch = ids.shape[0]
+    extra = -batch % num_shards  # filler rows (copies of row 0), dropped from the result
+    rows = np.concatenate([np.arange(batch), np.zeros(extra, np.int64)])
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    ids, mask = (jax.device_put(x[rows], batch_sharding) for x in (ids, mask))
+    if prefix_embeds is not None:
+        prefix_embeds = jax.device_put(np.asarray(prefix_embeds)[rows], batch_sharding)
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    tokens, scores = _generate_jit(params, model_config, ids, mask, rng, gen_config, prefix_embeds=prefix_embeds)
+    keep = batch * gen_config.num_return_sequences
+    return np.asarray(tokens)[:keep], np.asarray(scores)[:keep]

@@ -1,0 +1,285 @@
+"""One pipeline checkpoint: a single orbax directory with everything caption inference needs.
+
+    <dir>/params/      orbax StandardSave of {"cnn": CNN variables, "lm": GPT-2 params, "bridge"?: mapper params}
+    <dir>/config/      orbax JsonSave: format, CNN config, LM config (HF config.json keys), bridge config,
+                       class names, prompt template, top_k, image size, normalisation, special token ids
+    <dir>/tokenizer/   the tokenizer's files (tokenizer.json, ...), as `save_pretrained` writes them
+
+`assemble_pipeline_checkpoint` builds one from a trained classifier (a train.py work directory) and a language
+model (a Hugging Face GPT-2 directory or hub name, e.g. one written by `imgllm.hf.save_gpt2`);
+`load_pipeline` reads it back as a `Pipeline` that makes the `PipelineSpec` for given decoding options. Loading
+uses the `tokenizers` library directly (not transformers): infer.py starts faster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from imgllm import pipeline
+
+FORMAT = "imgllm-pipeline/1"
+PARAMS_ITEM = "params"
+CONFIG_ITEM = "config"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class_names: Sequence[str],
+                         eos_id: int, pad_id: int, bos_id: int | None = None, bridge: Mapping[str, Any] | None = None,
+                         template: str = pipeline.DEFAULT_TEMPLATE, top_k: int = 1, image_size: int = 32,
+                         mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                         prepend_bos: bool = False, max_new_tokens: int = 20) -> dict[str, Any]:
+    """The JSON config of a pipeline checkpoint, checked (a wrong value is named here, not at inference).
+
+    cnn: `imgllm.models.cnn.cnn_from_config` dict; lm: GPT-2 `config.json` dict; bridge: PrefixMapper fields
+    (prefix_length, lm_dim, hidden) or None; prepend_bos: start every prompt with BOS (the visual-prefix
+    convention of `imgllm.models.bridge`); max_new_tokens: the default caption length.
+    """
+    class_names = [str(name) for name in class_names]
+    if not class_names or len(set(class_names)) != len(class_names):
+        raise ValueError(f"class_names must be non-empty and unique, got {class_names[:20]}")
+    if "preset" not in cnn:
+        raise ValueError(f"the CNN config needs a 'preset' key, got keys {sorted(cnn)}")
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither (CIFAR-10's are the default)")
+    if prepend_bos and bos_id is None:
+        raise ValueError("prepend_bos=True needs bos_id")
+    config = dict(format=FORMAT, cnn=dict(cnn), lm=dict(lm), bridge=None if bridge is None else dict(bridge),
+                  class_names=class_names, template=template, top_k=int(top_k), image_size=int(image_size),
+                  mean=None if mean is None else [float(m) for m in mean],
+                  std=None if std is None else [float(s) for s in std],
+                  eos_id=int(eos_id), pad_id=int(pad_id), bos_id=None if bos_id is None else int(bos_id),
+                  prepend_bos=bool(prepend_bos), max_new_tokens=int(max_new_tokens))
+    pipeline.parse_template(template, int(top_k)) if template else None
+    return json.loads(json.dumps(config))
+
+
+# ----------------------------------------------------------------------------------------------- save / load
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def save_pipeline_checkpoint(out_dir: str | os.PathLike, params: Mapping[str, Any], config: Mapping[str, Any],
+                             tokenizer: Any, *, overwrite: bool = False) -> str:
+    """Writes params, config and tokenizer files to `out_dir` (one directory); returns its absolute path.
+
+    tokenizer: a transformers tokenizer (saved with save_pretrained) or a directory holding tokenizer.json.
+    """
+    import orbax.checkpoint as ocp
+
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; choose another --out or pass overwrite=True")
+    missing = {"cnn", "lm"} - set(params)
+    if missing:
+        raise ValueError(f"pipeline params need keys 'cnn' and 'lm' (missing {sorted(missing)})")
+    if ("bridge" in params) != (config.get("bridge") is not None):
+        raise ValueError("params hold a 'bridge' exactly when the config describes one")
+    params = {key: value for key, value in params.items()}
+    _checkpointer().save(out_dir, args=ocp.args.Composite(
+        **{PARAMS_ITEM: ocp.args.StandardSave(params), CONFIG_ITEM: ocp.args.JsonSave(dict(config))}),
+        force=overwrite)
+    tokenizer_dir = os.path.join(out_dir, TOKENIZER_DIR)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        source = os.fspath(tokenizer)
+        if not os.path.isfile(os.path.join(source, TOKENIZER_FILE)):
+            raise FileNotFoundError(f"{source} has no {TOKENIZER_FILE} (a fast tokenizer's file)")
+        shutil.copytree(source, tokenizer_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.msgpack",
+                                                                              "*.h5", "config.json"))
+    else:
+        tokenizer.save_pretrained(tokenizer_dir)
+    if not os.path.isfile(os.path.join(tokenizer_dir, TOKENIZER_FILE)):
+        raise ValueError(f"the tokenizer did not write {TOKENIZER_FILE} (only fast tokenizers are supported)")
+    return out_dir
+
+
+def read_pipeline_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The config of a pipeline checkpoint, with a clear error when the directory is not one."""
+    path = os.path.join(os.fspath(checkpoint_dir), CONFIG_ITEM)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{checkpoint_dir} is not a pipeline checkpoint (no {CONFIG_ITEM}/ inside); make one "
+                                "with `python infer.py assemble --classifier WORKDIR --lm LM --out DIR`")
+    import orbax.checkpoint as ocp
+
+    restored = _checkpointer().restore(os.path.abspath(os.fspath(checkpoint_dir)),
+                                       args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
+    config = dict(restored[CONFIG_ITEM])
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{checkpoint_dir}: format {config.get('format')!r}, expected {FORMAT!r}")
+    return config
+
+
+def read_pipeline_params(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The parameter tree of a pipeline checkpoint, as arrays on the default device."""
+    import orbax.checkpoint as ocp
+
+    restored = _checkpointer().restore(os.path.abspath(os.fspath(checkpoint_dir)),
+                                       args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore()}))
+    return dict(restored[PARAMS_ITEM])
+
+
+# ----------------------------------------------------------------------------------------------- runtime
+
+
+class FastTokenizer:
+    """The checkpoint's tokenizer through the `tokenizers` library: encode without special tokens, decode."""
+
+    def __init__(self, path: str):
+        import tokenizers
+
+        self.path = path
+        self.backend = tokenizers.Tokenizer.from_file(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=True)
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """A loaded pipeline checkpoint: parameters, config, tokenizer; makes specs for decoding options."""
+
+    params: dict[str, Any]
+    config: dict[str, Any]
+    tokenizer: Any
+    directory: str | None = None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.config["class_names"])
+
+    def lm_config(self):
+        from imgllm.models.lm import GPT2Config
+
+        return GPT2Config.from_dict(self.config["lm"], source=f"{self.directory}: config lm")
+
+    def prompt_tables(self, template: str | None = None, top_k: int | None = None) -> pipeline.PromptTables:
+        """Tokenised prompt tables for the checkpoint's (or the given) template and top_k."""
+        config = self.config
+        return pipeline.build_prompt_tables(
+            self.tokenizer.encode, config["template"] if template is None else template, config["class_names"],
+            config["top_k"] if top_k is None else top_k, config["pad_id"],
+            bos_id=config["bos_id"] if config.get("prepend_bos") else None)
+
+    def spec(self, generation: Any = None, *, template: str | None = None, top_k: int | None = None,
+             flip_tta: bool = False) -> pipeline.PipelineSpec:
+        """The static `PipelineSpec`; generation: a `GenerationConfig` (default: greedy, the config's length)."""
+        from imgllm.generate import GenerationConfig
+        from imgllm.models.cnn import cnn_from_config
+
+        config = self.config
+        if generation is None:
+            generation = GenerationConfig(max_new_tokens=config["max_new_tokens"], eos_token_id=config["eos_id"],
+                                          pad_token_id=config["pad_id"])
+        bridge = None
+        if config.get("bridge") is not None:
+            from imgllm.models.bridge import PrefixMapper
+
+            bridge = PrefixMapper(**config["bridge"])
+        mean, std = config.get("mean"), config.get("std")
+        return pipeline.PipelineSpec(
+            cnn=cnn_from_config(config["cnn"]), lm_config=self.lm_config(),
+            prompts=self.prompt_tables(template, top_k), generation=generation, pad_id=config["pad_id"],
+            image_size=config["image_size"], mean=None if mean is None else tuple(mean),
+            std=None if std is None else tuple(std), bridge=bridge, flip_tta=flip_tta)
+
+    def decode_captions(self, caption_ids: np.ndarray) -> list[list[str]]:
+        return pipeline.decode_captions(self.tokenizer.decode, caption_ids, self.config["eos_id"],
+                                        self.config["pad_id"])
+
+
+def load_pipeline(checkpoint_dir: str | os.PathLike) -> Pipeline:
+    """Reads a pipeline checkpoint (config first, so a wrong directory fails before the big read)."""
+    checkpoint_dir = os.path.abspath(os.fspath(checkpoint_dir))
+    config = read_pipeline_config(checkpoint_dir)
+    tokenizer_path = os.path.join(checkpoint_dir, TOKENIZER_DIR, TOKENIZER_FILE)
+    if not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"{checkpoint_dir}: missing {TOKENIZER_DIR}/{TOKENIZER_FILE}")
+    tokenizer = FastTokenizer(tokenizer_path)
+    return Pipeline(params=read_pipeline_params(checkpoint_dir), config=config, tokenizer=tokenizer,
+                    directory=checkpoint_dir)
+
+
+# ----------------------------------------------------------------------------------------------- assemble
+
+
+def load_classifier(workdir: str | os.PathLike, step: int | None = None) -> tuple[dict, dict, dict]:
+    """(CNN variables, run config as a dict, checkpoint meta) of a train.py work directory's checkpoint.
+
+    Restores exactly what the run's own evaluation uses (`imgllm.train.loop.restore_for_eval`).
+    """
+    import jax
+
+    from imgllm.train.checkpoint import config_to_json
+    from imgllm.train.loop import restore_for_eval
+
+    config, meta, _, variables = restore_for_eval(os.fspath(workdir), step)
+    return jax.device_get(variables), config_to_json(config), dict(meta)
+
+
+def _lm_from_source(lm: str) -> tuple[Any, dict, Any]:
+    """(GPT2Config, params, tokenizer) from a Hugging Face GPT-2 directory or hub name."""
+    from imgllm import hf
+
+    config, params = hf.load_gpt2(lm)
+    return config, params, hf.load_tokenizer(lm)
+
+
+def assemble_pipeline_checkpoint(out_dir: str | os.PathLike, *, classifier: str | os.PathLike, lm: str,
+                                 tokenizer: str | None = None, template: str = pipeline.DEFAULT_TEMPLATE,
+                                 top_k: int = 1, max_new_tokens: int = 20, overwrite: bool = False) -> str:
+    """Builds a pipeline checkpoint from a train.py work directory and a GPT-2 (directory or hub name).
+
+    The tokenizer comes from `tokenizer` when given, else from the LM's directory. The class names, image size
+    and normalisation come from the classifier run's checkpoint (its config and meta).
+    """
+    from imgllm import hf
+
+    cnn_variables, run_config, meta = load_classifier(classifier)
+    lm_config, lm_params, lm_tokenizer = _lm_from_source(lm)
+    text_tokenizer = hf.load_tokenizer(tokenizer) if tokenizer is not None else lm_tokenizer
+    class_names = meta.get("task", {}).get("class_names")
+    if not class_names:
+        raise ValueError(f"{classifier}: the checkpoint's meta has no task.class_names (meta keys: {sorted(meta)})")
+    cnn_config = run_config.get("model")
+    if not cnn_config:
+        raise ValueError(f"{classifier}: the run config has no 'model' section (keys: {sorted(run_config)})")
+    normalization = run_config.get("normalization") or {}
+    mean, std = normalization.get("mean"), normalization.get("std")
+    config = make_pipeline_config(
+        cnn=cnn_config, lm=lm_config.to_dict(), class_names=class_names,
+        eos_id=text_tokenizer.eos_token_id, pad_id=text_tokenizer.pad_token_id,
+        bos_id=text_tokenizer.bos_token_id, template=template, top_k=top_k,
+        image_size=int(run_config.get("image_size") or 32), mean=mean, std=std, max_new_tokens=max_new_tokens)
+    check_vocabulary(text_tokenizer, lm_config.vocab_size, lm)
+    return save_pipeline_checkpoint(out_dir, {"cnn": cnn_variables, "lm": lm_params}, config, text_tokenizer,
+                                    overwrite=overwrite)
+
+
+def check_vocabulary(tokenizer: Any, vocab_size: int, source: str) -> None:
+    """Raises ValueError when the tokenizer can produce ids the LM has no embedding for."""
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {len(tokenizer)} tokens but the LM's vocab_size is "
+                         f"{vocab_size}")
+
+
+__all__ = [
+    "FORMAT", "FastTokenizer", "Pipeline", "assemble_pipeline_checkpoint", "check_vocabulary", "load_classifier",
+    "load_pipeline", "make_pipeline_config", "read_pipeline_config", "read_pipeline_params",
+    "save_pipeline_checkpoint",
+]

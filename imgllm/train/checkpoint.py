@@ -1,0 +1,118 @@
+"""Checkpoints in the work directory with orbax's CheckpointManager.
+
+Each checkpoint holds three items: "state" (the whole TrainState: params, optimizer, lookahead copy, base
+RNG key, step), "config" (the run's config as JSON) and "meta" (data position and what evaluation needs:
+step, epoch, step_in_epoch, steps_per_epoch, task metadata such as class names). Saves are asynchronous;
+the last `max_to_keep` are kept. The data position follows from the step alone (epoch permutations come
+from (seed, epoch)), so restoring the state is enough to continue exactly where the run stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+# Config keys that may change between a run and its resumption: they do not change what is computed.
+RESUME_SAFE_KEYS = frozenset({
+    "log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep", "progress_bar",
+    "eval_every_epochs", "eval_batch_size", "data_dir", "data_cache_dir",
+})
+
+
+class IncompatibleConfigError(ValueError):
+    """The work directory's checkpoint was made with a config this run cannot continue."""
+
+
+def config_to_json(config: ml_collections.ConfigDict | dict) -> dict:
+    """The config as plain JSON types (tuples become lists), for saving and comparing."""
+    raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+    return json.loads(json.dumps(raw))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_differences(saved: dict, current: dict, ignore=RESUME_SAFE_KEYS) -> list[str]:
+    """Human-readable 'key: checkpoint X, now Y' lines for every differing config entry (dotted keys)."""
+    a, b = _flatten(config_to_json(saved)), _flatten(config_to_json(current))
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key.split(".")[-1] in ignore or a.get(key, "<absent>") == b.get(key, "<absent>"):
+            continue
+        lines.append(f"{key}: checkpoint {a.get(key, '<absent>')!r}, now {b.get(key, '<absent>')!r}")
+    return lines
+
+
+def check_compatible(saved: dict, current: dict, workdir: str) -> None:
+    """Raises IncompatibleConfigError naming every differing entry, unless the configs agree."""
+    diffs = config_differences(saved, current)
+    if diffs:
+        raise IncompatibleConfigError(
+            f"{workdir} holds a checkpoint made with a different config, so this run cannot resume it:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse a new --workdir, or run with the checkpoint's values for these keys.")
+
+
+class Checkpointer:
+    """A CheckpointManager on <workdir>/checkpoints with save cadence, retention and typed restore."""
+
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, save_every_steps: int = 1000,
+                 asynchronous: bool = True, read_only: bool = False):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.save_every_steps = int(save_every_steps)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                               enable_async_checkpointing=asynchronous, read_only=read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "config", "meta"))
+
+    def latest_step(self) -> int | None:
+        """The step of the newest complete checkpoint, or None (half-written saves are not listed)."""
+        return self.manager.latest_step()
+
+    def should_save(self, step: int, *, last: bool) -> bool:
+        return last or (self.save_every_steps > 0 and step % self.save_every_steps == 0)
+
+    def save(self, step: int, state: Any, config: ml_collections.ConfigDict | dict, meta: dict) -> None:
+        """Starts an asynchronous save of (state, config, meta) at `step`."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(config_to_json(config)),
+            meta=ocp.args.JsonSave(json.loads(json.dumps(meta)))), force=True)
+
+    def restore_config_and_meta(self, step: int | None = None) -> tuple[dict, dict]:
+        """The (config, meta) JSON of checkpoint `step` (default: the latest)."""
+        step = self._step(step)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        return dict(restored["config"]), dict(restored["meta"])
+
+    def restore_state(self, template: Any, step: int | None = None) -> Any:
+        """The state of checkpoint `step`, with the shapes, dtypes and shardings of `template`."""
+        step = self._step(step)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        return restored["state"]
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def _step(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return step

@@ -1,0 +1,166 @@
+"""Image classification as a Task: the CNN, its data, augmentation, loss and test-time augmentation.
+
+Everything classifier-specific lives here; the loop, state, steps and checkpoints are shared with the
+language-model and captioning tasks.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from imgllm import data as data_lib
+from imgllm.data import augment
+from imgllm.data.folder import SPLIT_FOLDER_NAMES
+from imgllm.models import cnn as cnn_lib
+from imgllm.train.task import Metrics, metric
+
+
+def alternating_flip(images: jax.Array, indices: jax.Array, epoch: jax.Array, seed: int) -> jax.Array:
+    """airbench's alternating flip: each image has a fixed random orientation from (seed, index) and is
+    mirrored on odd epochs, so over two epochs every image is seen both ways (more diverse than coin flips)."""
+    base = jax.random.PRNGKey(seed)
+    coin = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(base, i)))(indices)
+    flip = jnp.logical_xor(coin, (epoch % 2) == 1)
+    return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
+
+
+def translate(images: jax.Array, dy: int, dx: int) -> jax.Array:
+    """Shifts images by (dy, dx) pixels with reflect padding (test-time augmentation views)."""
+    pad = max(abs(dy), abs(dx))
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    h, w = images.shape[1:3]
+    return padded[:, pad - dy:pad - dy + h, pad - dx:pad - dx + w, :]
+
+
+def remap_labels(labels: np.ndarray, names: tuple[str, ...], target_names: tuple[str, ...], where: str) -> np.ndarray:
+    """Labels indexed by `names` re-indexed by `target_names` (a checkpoint's classes); unknown classes fail."""
+    unknown = sorted(set(names) - set(target_names))
+    if unknown:
+        raise ValueError(f"{where}: classes {unknown} are not among the checkpoint's classes {list(target_names)}")
+    lookup = np.array([target_names.index(n) for n in names], np.int32)
+    return lookup[np.asarray(labels)]
+
+
+def folder_split(spec: str, split: str) -> str:
+    """The split to read so that "folder:<root>" may also name a folder of class folders to evaluate whole.
+
+    An image folder without split sub-folders is its own "train" split (minus a carved validation part);
+    when such a folder is given for evaluation, all of its images are wanted: split "train_full".
+    """
+    kind, _, root = spec.partition(":")
+    if kind != "folder" or split != "test" or not os.path.isdir(root):
+        return split
+    has_split_folders = any(os.path.isdir(os.path.join(root, name))
+                            for names in SPLIT_FOLDER_NAMES.values() for name in names)
+    return split if has_split_folders else "train_full"
+
+
+class ClassifierTask:
+    """Trains `cnn_from_config(config.model)` on `load_dataset(config.dataset, ...)` with label smoothing.
+
+    Config fields used: dataset, data_dir, train_split, eval_split, num_train_examples, num_eval_examples,
+    image_size, normalization.{mean,std}, augment.{translate,flip}, label_smoothing, whiten_init_examples,
+    tta, seed, model.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.model = cnn_lib.cnn_from_config(config.model)
+        self.class_names: tuple[str, ...] | None = None
+
+    # ---- data (host side) ----
+    def _load(self, spec: str, split: str, num: int | None):
+        return data_lib.load_dataset(spec, split, seed=self.config.seed, data_dir=self.config.data_dir,
+                                     image_size=self.config.image_size, num_examples=num,
+                                     cache_dir=self.config.get("data_cache_dir"))
+
+    def train_arrays(self) -> dict[str, np.ndarray]:
+        ds = self._load(self.config.dataset, self.config.train_split, self.config.num_train_examples)
+        self.class_names = tuple(ds.class_names)
+        return {"images": ds.images, "labels": ds.labels.astype(np.int32),
+                "index": np.arange(len(ds.labels), dtype=np.int32)}
+
+    def eval_arrays(self, split: str | None = None, source: str | None = None,
+                    metadata: Mapping[str, Any] | None = None) -> dict[str, np.ndarray] | None:
+        split = split or self.config.eval_split
+        if not split:
+            return None
+        spec = source or self.config.dataset
+        ds = self._load(spec, folder_split(spec, split), self.config.num_eval_examples if source is None else None)
+        labels = ds.labels.astype(np.int32)
+        known = tuple(metadata["class_names"]) if metadata else self.class_names
+        if known is not None and tuple(ds.class_names) != known:
+            labels = remap_labels(labels, tuple(ds.class_names), known, f"{spec} ({split})")
+        return {"images": ds.images, "labels": labels}
+
+    # ---- variables ----
+    def init_variables(self, rng: jax.Array) -> dict[str, Any]:
+        size = self.config.image_size
+        return dict(self.model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False))
+
+    def prepare_variables(self, variables: dict[str, Any], train_arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Initialises the whitening stem from the first `whiten_init_examples` training images, if any."""
+        n = self.config.get("whiten_init_examples", 0)
+        if not n:
+            return variables
+        images = np.asarray(self.normalize(jnp.asarray(train_arrays["images"][:n])))
+        kernel = cnn_lib.whitening_kernel(images, patch_size=self.model.whiten_kernel)
+        return {**variables, "params": cnn_lib.set_whitening(variables["params"], kernel)}
+
+    # ---- pure, traced ----
+    def normalize(self, images: jax.Array) -> jax.Array:
+        return augment.normalize(images, mean=tuple(self.config.normalization.mean),
+                                 std=tuple(self.config.normalization.std))
+
+    def augment(self, images: jax.Array, indices: jax.Array, rng: jax.Array, epoch: jax.Array) -> jax.Array:
+        """Random translate (reflect pad) and flip ("random", "alternating" or "none")."""
+        cfg = self.config.augment
+        images = augment.random_crop_flip(rng, images, pad=cfg.translate, flip=cfg.flip == "random")
+        if cfg.flip == "alternating":
+            images = alternating_flip(images, indices, epoch, self.config.seed)
+        return images
+
+    def loss(self, params, model_state, batch, rng, epoch) -> tuple[jax.Array, tuple[Metrics, dict]]:
+        x = self.normalize(self.augment(batch["images"], batch["index"], rng, epoch))
+        variables = {"params": params, **model_state}
+        mutable = list(model_state)
+        if mutable:
+            (logits, _), new_state = self.model.apply(variables, x, train=True, mutable=mutable)
+        else:
+            (logits, _), new_state = self.model.apply(variables, x, train=True), {}
+        labels = batch["labels"]
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), self.config.label_smoothing)
+        losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+        n = labels.shape[0]
+        metrics = {"loss": metric(losses.sum(), n),
+                   "accuracy": metric((jnp.argmax(logits, -1) == labels).sum(), n)}
+        return losses.mean(), (metrics, dict(new_state))
+
+    def logits(self, variables, images: jax.Array, *, tta: bool) -> jax.Array:
+        """Eval logits; with tta, averaged over the views of config.tta ("flip" or "flip_translate")."""
+        apply = lambda x: self.model.apply(variables, self.normalize(x), train=False)[0].astype(jnp.float32)
+        if not tta or self.config.tta == "none":
+            return apply(images)
+        mirror = lambda x: 0.5 * (apply(x) + apply(x[:, :, ::-1, :]))
+        logits = mirror(images)
+        if self.config.tta == "flip_translate":
+            shifted = 0.5 * (mirror(translate(images, 1, 1)) + mirror(translate(images, -1, -1)))
+            logits = 0.5 * (logits + shifted)
+        return logits
+
+    def eval_metrics(self, variables, batch, *, tta: bool) -> Metrics:
+        logits = self.logits(variables, batch["images"], tta=tta)
+        labels, mask = batch["labels"], batch["mask"]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        count = mask.sum()
+        return {"loss": metric((losses * mask).sum(), count),
+                "accuracy": metric(((jnp.argmax(logits, -1) == labels) * mask).sum(), count)}
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        return {"class_names": list(self.class_names or ())}

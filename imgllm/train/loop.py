@@ -1,0 +1,306 @@
+"""The generic training loop and checkpoint evaluation, shared by every Task.
+
+Data position: the global step alone fixes it (epoch, step_in_epoch = divmod(step, steps_per_epoch); the
+epoch's order comes from (seed, epoch)), and the step's random key is fold_in(base_key, step). So a run
+restored from its latest checkpoint continues exactly as if it had never stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from imgllm import parallel
+from imgllm.data import epoch_batch_indices
+from imgllm.train import checkpoint as ckpt_lib
+from imgllm.train import optim, steps
+from imgllm.train.state import TrainState, create_train_state
+from imgllm.train.task import Arrays, Task, add_metrics, summarize
+
+# config.task names -> "module:factory"; a factory takes the config and returns a Task.
+TASKS = {"classifier": "imgllm.train.classifier:ClassifierTask"}
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the message names the step."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    final_eval: dict[str, float] | None
+    steps_per_epoch: int
+    total_steps: int
+
+
+def build_task(config: ml_collections.ConfigDict) -> Task:
+    """The Task named by config.task: a key of TASKS or a 'module:factory' path."""
+    target = TASKS.get(config.task, config.task)
+    if ":" not in target:
+        raise ValueError(f"config.task={config.task!r}: expected one of {sorted(TASKS)} or 'module:factory'")
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)(config)
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to <workdir>/metrics.jsonl (only on process 0)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def num_examples(arrays: Arrays) -> int:
+    """The common leading dimension of `arrays` (error naming the keys when they disagree)."""
+    sizes = {k: len(v) for k, v in arrays.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"arrays have different lengths: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def take(arrays: Arrays, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows `rows` of every array."""
+    return {k: np.asarray(v[rows]) for k, v in arrays.items()}
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
+    """Fails fast (before any compile) on values the loop cannot run with."""
+    devices = parallel.global_batch_divisor(mesh)
+    for key in ("global_batch_size", "eval_batch_size"):
+        value = config.get(key)
+        if value is None or value <= 0 or value % devices:
+            raise ValueError(f"config.{key}={value!r} must be a positive multiple of the {devices} devices")
+    if not config.num_epochs > 0:
+        raise ValueError(f"config.num_epochs={config.num_epochs!r} must be > 0")
+
+
+def schedule_lengths(n_train: int, config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(steps_per_epoch, total_steps): full global batches per epoch; ceil of a fractional epoch count."""
+    steps_per_epoch = n_train // config.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{n_train} training examples are fewer than config.global_batch_size="
+                         f"{config.global_batch_size}")
+    return steps_per_epoch, int(math.ceil(steps_per_epoch * config.num_epochs))
+
+
+def initial_state(task: Task, config: ml_collections.ConfigDict, train_arrays: Arrays, mesh, *,
+                  total_steps: int, steps_per_epoch: int):
+    """(fresh replicated TrainState, optimizer) from config.seed: model init, data-dependent init, optimizer."""
+    init_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    variables = jax.device_get(jax.jit(task.init_variables)(init_key))
+    variables = task.prepare_variables(variables, train_arrays)
+    tx = optim.make_optimizer(config.optimizer, variables["params"], total_steps=total_steps,
+                              steps_per_epoch=steps_per_epoch)
+    use_lookahead = bool(config.get("lookahead") and config.lookahead.get("enabled", False))
+    init = lambda: create_train_state(variables, tx, state_key, use_lookahead=use_lookahead)
+    return steps.jit_init_state(init, mesh)(), tx
+
+
+def evaluate_arrays(task: Task, variables: Any, arrays: Arrays, mesh, *, batch_size: int, tta: bool,
+                    eval_fn: Callable | None = None) -> dict[str, float]:
+    """Summarised metrics of `task` over all of `arrays` (padded to whole batches, padding masked out).
+
+    Every process holds all of `arrays` and feeds its own slice of each global batch.
+    """
+    eval_fn = eval_fn or steps.jit_eval_step(task, mesh, tta=tta)
+    n = num_examples(arrays)
+    num_batches = -(-n // batch_size)
+    per_host = batch_size // jax.process_count()
+    totals = None
+    for b in range(num_batches):
+        first = b * batch_size + jax.process_index() * per_host
+        rows = np.arange(first, first + per_host)
+        mask = (rows < n).astype(np.float32)
+        batch = take(arrays, np.minimum(rows, n - 1))
+        batch["mask"] = mask
+        metrics = eval_fn(variables, parallel.host_to_global(batch, mesh))
+        totals = add_metrics(totals, jax.device_get(metrics))
+    return summarize(totals)
+
+
+class _StepMetrics:
+    """Host-side handling of each step's metrics, one step behind the device so dispatch stays ahead.
+
+    check() fetches a step's metrics, stops on a non-finite loss (naming the step), and adds them up
+    for the next log line.
+    """
+
+    def __init__(self, steps_per_epoch: int):
+        self.steps_per_epoch = steps_per_epoch
+        self.pending: tuple[int, Any] | None = None
+        self.totals = None
+
+    def push(self, step: int, metrics: Any) -> None:
+        self.flush()
+        self.pending = (step, metrics)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        metrics = jax.device_get(metrics)
+        loss_sum, loss_count = metrics["objective"]
+        loss = float(loss_sum) / max(float(loss_count), 1.0)
+        if not math.isfinite(loss):
+            epoch, index = divmod(step - 1, self.steps_per_epoch)
+            raise NonFiniteLossError(f"training loss is {loss} at step {step} (epoch {epoch}, batch {index} of "
+                                     f"the epoch); stopping without saving this step")
+        self.totals = add_metrics(self.totals, metrics)
+
+    def take_summary(self) -> dict[str, float]:
+        self.flush()
+        summary, self.totals = summarize(self.totals or {}), None
+        return summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task: Task | None = None,
+                       mesh=None) -> TrainResult:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state and eval.
+
+    Writes metrics.jsonl (train: loss, accuracy, l2_grads, l2_params, steps/s, examples/s; eval per epoch;
+    final_eval with test-time augmentation) and checkpoints (every config.checkpoint_every_steps and at
+    the end). A checkpoint made with a different config is refused with the list of differences.
+    """
+    mesh = mesh or parallel.make_mesh()
+    validate_config(config, mesh)
+    task = task or build_task(config)
+    checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
+                                         save_every_steps=config.checkpoint_every_steps)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        saved_config, _ = checkpointer.restore_config_and_meta(latest)
+        ckpt_lib.check_compatible(saved_config, config, workdir)
+
+    train_arrays = task.train_arrays()
+    eval_arrays = task.eval_arrays()
+    n_train = num_examples(train_arrays)
+    steps_per_epoch, total_steps = schedule_lengths(n_train, config)
+    state, tx = initial_state(task, config, train_arrays, mesh, total_steps=total_steps,
+                              steps_per_epoch=steps_per_epoch)
+    if latest is not None:
+        state = checkpointer.restore_state(state, latest)
+    start = int(jax.device_get(state.step))
+
+    train_step = steps.jit_train_step(
+        task, tx, mesh, steps_per_epoch=steps_per_epoch,
+        lookahead=optim.lookahead_fn(config.get("lookahead"), steps_per_epoch=steps_per_epoch,
+                                     total_steps=total_steps))
+    eval_fn = steps.jit_eval_step(task, mesh, tta=False)
+    writer = MetricsWriter(workdir)
+    step_metrics = _StepMetrics(steps_per_epoch)
+    meta = lambda s: {"step": s, "epoch": s // steps_per_epoch, "step_in_epoch": s % steps_per_epoch,
+                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                      "task": task.checkpoint_metadata()}
+    bar = tqdm.tqdm(total=total_steps, initial=start, disable=not config.progress_bar or jax.process_index() != 0,
+                    unit="step", dynamic_ncols=True)
+    order, order_epoch = None, None
+    last_log_time, last_log_step = time.perf_counter(), start
+    try:
+        for step in range(start, total_steps):
+            epoch, index = divmod(step, steps_per_epoch)
+            if order_epoch != epoch:
+                order, order_epoch = epoch_batch_indices(
+                    n_train, config.global_batch_size, seed=config.seed, epoch=epoch,
+                    process_index=jax.process_index(), process_count=jax.process_count()), epoch
+            state, metrics = train_step(state, parallel.host_to_global(take(train_arrays, order[index]), mesh))
+            step_metrics.push(step + 1, metrics)
+            bar.update(1)
+            done = step + 1
+            last = done == total_steps
+            epoch_end = done % steps_per_epoch == 0 or last
+            if done % config.log_every_steps == 0 or epoch_end or step == start:
+                now = time.perf_counter()
+                rate = (done - last_log_step) / max(now - last_log_time, 1e-9)
+                record = {"step": done, "epoch": done / steps_per_epoch, "split": "train",
+                          **step_metrics.take_summary(), "steps_per_second": rate,
+                          "examples_per_second": rate * config.global_batch_size}
+                writer.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', 0):.3f}",
+                                img_s=f"{record['examples_per_second']:.0f}")
+                last_log_time, last_log_step = now, done
+            if checkpointer.should_save(done, last=last):
+                step_metrics.flush()
+                checkpointer.save(done, state, config, meta(done))
+            if eval_arrays is not None and epoch_end and not last and config.eval_every_epochs and \
+                    (done // steps_per_epoch) % config.eval_every_epochs == 0:
+                step_metrics.flush()
+                record = evaluate_arrays(task, state.variables, eval_arrays, mesh,
+                                         batch_size=config.eval_batch_size, tta=False, eval_fn=eval_fn)
+                writer.write({"step": done, "epoch": done / steps_per_epoch, "split": "eval", **record})
+                bar.write(f"epoch {done / steps_per_epoch:.2f}: eval " +
+                          " ".join(f"{k}={v:.4f}" for k, v in record.items()))
+        step_metrics.flush()
+    finally:
+        bar.close()
+        checkpointer.close()
+
+    final_eval = None
+    if eval_arrays is not None:
+        final_eval = evaluate_arrays(task, state.variables, eval_arrays, mesh, batch_size=config.eval_batch_size,
+                                     tta=bool(config.get("tta", True)))
+        writer.write({"step": total_steps, "epoch": total_steps / steps_per_epoch, "split": "final_eval",
+                      "tta": bool(config.get("tta", True)), **final_eval})
+    return TrainResult(state=state, final_eval=final_eval, steps_per_epoch=steps_per_epoch,
+                       total_steps=total_steps)
+
+
+def restore_for_eval(workdir: str, step: int | None = None, mesh=None):
+    """(config, meta, task, variables) of a saved checkpoint; the config comes from the checkpoint itself."""
+    mesh = mesh or parallel.make_mesh()
+    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True, asynchronous=False)
+    try:
+        saved_config, meta = checkpointer.restore_config_and_meta(step)
+        config = ml_collections.ConfigDict(saved_config)
+        task = build_task(config)
+        template = jax.eval_shape(lambda: _abstract_state(task, config, meta))
+        sharding = parallel.replicated_sharding(mesh)
+        template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)
+        state = checkpointer.restore_state(template, meta["step"])
+    finally:
+        checkpointer.close()
+    return config, meta, task, state.variables
+
+
+def _abstract_state(task: Task, config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> TrainState:
+    """The state's structure for restoring (traced under eval_shape: no data is read)."""
+    variables = task.init_variables(jax.random.PRNGKey(0))
+    tx = optim.make_optimizer(config.optimizer, variables["params"], total_steps=meta["total_steps"],
+                              steps_per_epoch=meta["steps_per_epoch"])
+    use_lookahead = bool(config.get("lookahead") and config.lookahead.get("enabled", False))
+    return create_train_state(variables, tx, jax.random.PRNGKey(0), use_lookahead=use_lookahead)
+
+
+def evaluate_checkpoint(workdir: str, data: str | None = None, *, split: str = "test", step: int | None = None,
+                        batch_size: int | None = None, tta: bool | None = None, mesh=None) -> dict[str, float]:
+    """Metrics (top-1 accuracy for classifiers) of the checkpoint in `workdir` on a data source.
+
+    `data` is any load_dataset spec ("cifar10", "folder:/path/test", "demo"); None uses the checkpoint's own
+    dataset and `split`. Model, normalisation and test-time augmentation come from the saved config.
+    """
+    mesh = mesh or parallel.make_mesh()
+    config, meta, task, variables = restore_for_eval(workdir, step, mesh)
+    arrays = task.eval_arrays(split=split, source=data, metadata=meta["task"])
+    batch_size = batch_size or config.eval_batch_size
+    devices = parallel.global_batch_divisor(mesh)
+    batch_size = -(-batch_size // devices) * devices
+    tta = bool(config.get("tta", True)) if tta is None else tta
+    result = evaluate_arrays(task, variables, arrays, mesh, batch_size=batch_size, tta=tta)
+    return {"step": meta["step"], "num_examples": num_examples(arrays), "tta": tta, **result}

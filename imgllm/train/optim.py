@@ -1,0 +1,125 @@
+"""Optimizer and learning-rate schedule from a config, with per-parameter groups.
+
+Groups (config.optimizer.groups, name -> {pattern, lr_scale, weight_decay_scale, train_epochs}) select
+parameters by a regular expression on their '/'-joined path, e.g. airbench's BatchNorm biases (64x learning
+rate, same decay strength) or a whitening stem that is frozen, or trained only for its first epochs.
+Parameters matching no group are in the "default" group.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+DEFAULT_GROUP = "default"
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    """Learning rate as a function of the update count.
+
+    cfg.schedule: "constant"; "triangle" (airbench: linear from start_factor to 1 at peak_fraction of
+    training, then linear to end_factor); "warmup_cosine" (linear warm-up for warmup_epochs, cosine to 0).
+    """
+    lr = cfg.learning_rate
+    if cfg.schedule == "constant":
+        return optax.constant_schedule(lr)
+    if cfg.schedule == "triangle":
+        xp = jnp.array([0.0, float(int(cfg.peak_fraction * total_steps)), float(total_steps)])
+        fp = jnp.array([cfg.start_factor, 1.0, cfg.end_factor])
+        return lambda count: lr * jnp.interp(count.astype(jnp.float32), xp, fp)
+    if cfg.schedule == "warmup_cosine":
+        warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=max(warmup, 1),
+                                                  decay_steps=max(total_steps, warmup + 1))
+    raise ValueError(f"config.optimizer.schedule={cfg.schedule!r}: expected 'constant', 'triangle' or 'warmup_cosine'")
+
+
+def param_labels(params: Any, groups: ml_collections.ConfigDict) -> Any:
+    """Tree of group names matching `params`: the first group (in config order) whose pattern matches."""
+    compiled = [(name, re.compile(g.pattern)) for name, g in groups.items()]
+
+    def label(path, _):
+        key = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+        return next((name for name, rx in compiled if rx.search(key)), DEFAULT_GROUP)
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _base_transform(cfg: ml_collections.ConfigDict, schedule: optax.Schedule, lr_scale: float,
+                    weight_decay_scale: float) -> optax.GradientTransformation:
+    """The optimizer proper for one group (weight decay coupled to the learning rate, as in SGD)."""
+    scaled = lambda count: schedule(count) * lr_scale
+    if cfg.name == "sgd":
+        return optax.chain(optax.add_decayed_weights(cfg.weight_decay * weight_decay_scale),
+                           optax.sgd(scaled, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+    if cfg.name == "adamw":
+        return optax.adamw(scaled, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay * weight_decay_scale)
+    raise ValueError(f"config.optimizer.name={cfg.name!r}: expected 'sgd' or 'adamw'")
+
+
+def _stop_after(steps: int) -> optax.GradientTransformation:
+    """Zeroes updates from update number `steps` on (a parameter trained only for its first epochs)."""
+    return optax.scale_by_schedule(lambda count: (count < steps).astype(jnp.float32))
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, *, total_steps: int,
+                   steps_per_epoch: int) -> optax.GradientTransformation:
+    """The full optax transformation for `params` (only its tree structure and names are used)."""
+    schedule = make_schedule(cfg, total_steps, steps_per_epoch)
+    groups = cfg.get("groups", ml_collections.ConfigDict())
+    transforms: dict[str, optax.GradientTransformation] = {DEFAULT_GROUP: _base_transform(cfg, schedule, 1.0, 1.0)}
+    for name, g in groups.items():
+        if g.lr_scale == 0:
+            transforms[name] = optax.set_to_zero()
+            continue
+        tx = _base_transform(cfg, schedule, g.lr_scale, g.get("weight_decay_scale", 1.0))
+        if g.get("train_epochs") is not None:
+            tx = optax.chain(tx, _stop_after(int(math.ceil(g.train_epochs * steps_per_epoch))))
+        transforms[name] = tx
+    tx = optax.multi_transform(transforms, param_labels(params, groups))
+    if cfg.get("grad_clip_norm"):
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+    return tx
+
+
+def lookahead_update(new: dict[str, Any], slow: dict[str, Any], step: jax.Array, cfg: ml_collections.ConfigDict,
+                     *, steps_per_epoch: int, total_steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """airbench's lookahead / EMA: returns (fast, slow) weights after update number `step` (1-based).
+
+    From epoch cfg.start_epochs on, every cfg.every_n_steps updates the slow copy moves towards the fast one,
+    slow <- rho*slow + (1-rho)*fast with rho = decay_base**every_n_steps * (step/total)**decay_pow (so it
+    averages more strongly towards the end), and the fast weights restart from it; at each epoch end the fast
+    weights are reset to the slow ones. Before that the slow copy follows the fast one. `new`/`slow` are
+    {"params", "model_state"} trees (BatchNorm statistics are averaged too).
+    """
+    start_step = int(cfg.start_epochs * steps_per_epoch)
+    every = int(cfg.every_n_steps)
+    first = (start_step // every + 1) * every             # first update count that is a lookahead step
+    qualifies = (step % every == 0) & (step >= first)
+    rho = jnp.where(step == first, 0.0,
+                    cfg.decay_base ** every * (step.astype(jnp.float32) / total_steps) ** cfg.decay_pow)
+    following = step < first
+    epoch_end = ((step % steps_per_epoch) == 0) | (step == total_steps)
+
+    def slow_leaf(f, s):
+        moved = s + (1.0 - rho).astype(s.dtype) * (f - s)
+        return jnp.where(following, f, jnp.where(qualifies, moved, s))
+
+    new_slow = jax.tree.map(slow_leaf, new, slow)
+    reset = ~following & (qualifies | epoch_end)
+    new_fast = jax.tree.map(lambda f, s: jnp.where(reset, s, f), new, new_slow)
+    return new_fast, new_slow
+
+
+def lookahead_fn(cfg: ml_collections.ConfigDict | None, *, steps_per_epoch: int,
+                 total_steps: int) -> Callable | None:
+    """`lookahead_update` bound to its schedule, or None when cfg is missing or disabled."""
+    if cfg is None or not cfg.get("enabled", False):
+        return None
+    return lambda new, slow, step: lookahead_update(new, slow, step, cfg, steps_per_epoch=steps_per_epoch,
+                                                    total_steps=total_steps)

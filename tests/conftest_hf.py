@@ -1,0 +1,60 @@
+"""Shared fixtures for the Hugging Face tests: a tiny GPT-2 checkpoint directory made offline.
+
+`tiny_hf_dir` holds what ``GPT2LMHeadModel.save_pretrained`` and a tokenizer's ``save_pretrained``
+write (config.json, model.safetensors, tokenizer files) for a randomly initialised two-layer model
+whose vocabulary is a byte-level BPE trained here. Every parameter, LayerNorms included, is drawn
+at random so that a mixed-up mapping (ln_1 vs ln_2, kernel vs bias) changes the logits.
+
+Import the fixtures into a test module with ``from conftest_hf import tiny_hf_dir, tiny_tokenizer``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+CORPUS = [
+    "the cat sat on the mat.",
+    "a dog ran in the park, and the cat watched.",
+    "an airplane flew over the ship on the sea.",
+    "the red truck stopped next to a small frog.",
+    "birds sing in the morning; deer drink at the river.",
+]
+# Sizes of the tiny model (vocab_size and eos come from the tokenizer).
+TINY_SIZES = dict(n_positions=64, n_embd=32, n_layer=2, n_head=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2 conventions: one <|endoftext|> token that is eos and pad)."""
+    from imgllm.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(CORPUS, vocab_size=320)
+
+
+def randomize_torch_gpt2(model, seed: int = 0):
+    """Redraw every parameter of a transformers GPT-2 (LayerNorm scales around 1), deterministically."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            is_ln_scale = name.endswith(".weight") and param.ndim == 1
+            param.copy_(1.0 + 0.1 * noise if is_ln_scale else 0.1 * noise)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, tiny_tokenizer):
+    """Path of a tiny Hugging Face GPT-2 directory written by transformers itself."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(vocab_size=len(tiny_tokenizer), bos_token_id=tiny_tokenizer.eos_token_id,
+                                        eos_token_id=tiny_tokenizer.eos_token_id, **TINY_SIZES)
+    model = randomize_torch_gpt2(transformers.GPT2LMHeadModel(hf_config))
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,179 @@
+"""Tests for imgllm.models.cnn: shapes, sizes, conv implementations agree, BatchNorm, whitening."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from imgllm.models import cnn
+
+jax.config.update("jax_enable_x64", False)
+
+
+def _images(batch=4, size=32, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((batch, size, size, 3), np.float32))
+
+
+def _init(model, x):
+    return model.init(jax.random.key(0), x, train=False)
+
+
+def test_tiny_shapes_and_variables():
+    model = cnn.cnn_preset("tiny", num_classes=7)
+    x = _images()
+    variables = _init(model, x)
+    assert set(variables) == {"params", "batch_stats"}
+    logits, features = model.apply(variables, x, train=False)
+    assert logits.shape == (4, 7) and logits.dtype == jnp.float32
+    assert features.shape == (4, 16)
+    # features are the input of the head: logits = features @ head * 1/9
+    np.testing.assert_allclose(logits, features @ variables["params"]["head"]["kernel"] / 9, rtol=1e-5, atol=1e-6)
+
+
+def test_full_size_parameter_count_and_shapes():
+    model = cnn.cnn_preset("airbench94")
+    variables = jax.eval_shape(lambda: _init(model, jnp.zeros((2, 32, 32, 3))))
+    n_params = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+    # whiten 2*2*3*24+24, convs 9*(24*64+64*64+64*256+3*256*256), BN biases 2*(64+256+256), head 256*10
+    expected = 2 * 2 * 3 * 24 + 24 + 9 * (24 * 64 + 64 * 64 + 64 * 256 + 3 * 256 * 256) + 2 * (64 + 256 + 256) + 2560
+    assert n_params == expected == 1_971_640
+    out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 32, 32, 3)), train=False), variables)
+    assert out[0].shape == (2, 10) and out[1].shape == (2, 256)
+
+
+@pytest.mark.parametrize("padding,kernel_size", [("SAME", 3), ("VALID", 2)])
+def test_im2col_conv_matches_xla_conv_forward_and_gradients(padding, kernel_size):
+    x = _images(batch=2, size=9)
+    kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 3, 5))
+
+    def loss(impl):
+        return lambda x, k: jnp.sum(jnp.sin(cnn.conv2d(x, k, padding=padding, impl=impl)))
+
+    np.testing.assert_allclose(cnn.conv2d(x, kernel, padding=padding, impl="im2col"),
+                               cnn.conv2d(x, kernel, padding=padding, impl="xla"), rtol=1e-4, atol=1e-4)
+    grads_im2col = jax.grad(loss("im2col"), argnums=(0, 1))(x, kernel)
+    grads_xla = jax.grad(loss("xla"), argnums=(0, 1))(x, kernel)
+    for a, b in zip(grads_im2col, grads_xla):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_model_im2col_matches_xla_forward_and_gradients():
+    x = _images(batch=8)
+    im2col, xla = (cnn.cnn_preset("tiny", conv_impl=impl) for impl in ("im2col", "xla"))
+    variables = _init(im2col, x)
+
+    def loss(model):
+        def f(params):
+            (logits, features), _ = model.apply({**variables, "params": params}, x, train=True,
+                                                mutable=["batch_stats"])
+            return jnp.sum(logits ** 2) + jnp.sum(features)
+        return f
+
+    np.testing.assert_allclose(loss(im2col)(variables["params"]), loss(xla)(variables["params"]), rtol=1e-4)
+    grads_im2col = jax.grad(loss(im2col))(variables["params"])
+    grads_xla = jax.grad(loss(xla))(variables["params"])
+    assert jnp.all(grads_im2col["whiten_kernel"] == 0)  # frozen stem
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4), grads_im2col, grads_xla)
+    assert float(jnp.abs(grads_im2col["block2"]["conv1"]["kernel"]).sum()) > 0
+
+
+def test_batch_stats_update_in_train_mode_only():
+    model = cnn.cnn_preset("tiny")
+    x = _images(batch=8) * 3 + 1
+    variables = _init(model, x)
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    before, after = variables["batch_stats"]["block1"]["norm1"], updates["batch_stats"]["block1"]["norm1"]
+    assert not np.allclose(before["mean"], after["mean"])
+    assert not np.allclose(before["var"], after["var"])
+    # eval mode reads the running stats and leaves them alone
+    logits_eval, _ = model.apply(variables, x, train=False)
+    _, unchanged = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    jax.tree.map(np.testing.assert_array_equal, unchanged["batch_stats"], variables["batch_stats"])
+    logits_train, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])[0], None
+    assert not np.allclose(logits_eval, logits_train[0])
+
+
+def test_batch_stats_momentum_follows_airbench():
+    model = cnn.cnn_preset("tiny")
+    x = _images(batch=8)
+    variables = _init(model, x)
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    # running mean starts at 0: after one step it is (1 - 0.6) * batch mean, so non-zero and bounded
+    mean = updates["batch_stats"]["block1"]["norm2"]["mean"]
+    assert float(jnp.abs(mean).max()) > 0
+
+
+def test_dirac_init_passes_input_through():
+    kernel = cnn.dirac_init()(jax.random.key(0), (3, 3, 4, 6))
+    x = _images(batch=1, size=5)[..., :3]
+    x = jnp.concatenate([x, x[..., :1]], axis=-1)
+    y = cnn.conv2d(x, kernel, impl="xla")
+    np.testing.assert_allclose(y[..., :4], x, atol=1e-6)
+    assert float(jnp.abs(kernel[..., 4:]).sum()) > 0  # the other outputs keep a random init
+
+
+def test_max_pool_floor_mode():
+    x = jnp.arange(2 * 5 * 5 * 1, dtype=jnp.float32).reshape(2, 5, 5, 1)
+    y = cnn.max_pool(x, 2)
+    assert y.shape == (2, 2, 2, 1)
+    np.testing.assert_array_equal(y[0, :, :, 0], [[6, 8], [16, 18]])
+
+
+def test_whitening_kernel_whitens_patches():
+    rng = np.random.default_rng(0)
+    # correlated images: smooth noise with unequal channel scales
+    raw = rng.standard_normal((64, 16, 16, 3)).astype(np.float32)
+    images = (raw + np.roll(raw, 1, axis=1) + np.roll(raw, 1, axis=2)) * np.array([1.0, 0.5, 2.0], np.float32)
+    kernel = cnn.whitening_kernel(images, patch_size=2, eps=1e-6)
+    assert kernel.shape == (2, 2, 3, 24) and kernel.dtype == np.float32
+    np.testing.assert_allclose(kernel[..., 12:], -kernel[..., :12])
+    patches = np.asarray(cnn.im2col_patches(jnp.asarray(images), 2, "VALID")).reshape(-1, 12)
+    covariance_before = patches.T @ patches / len(patches)
+    assert np.abs(covariance_before - np.eye(12)).max() > 0.5
+    whitened = patches @ kernel.reshape(12, 24)[:, :12]
+    covariance = whitened.T @ whitened / len(whitened)
+    np.testing.assert_allclose(covariance, np.eye(12), atol=1e-3)
+
+
+def test_set_whitening_and_param_groups():
+    model = cnn.cnn_preset("tiny")
+    variables = _init(model, _images())
+    kernel = np.ones((2, 2, 3, 24), np.float32)
+    params = cnn.set_whitening(variables["params"], kernel)
+    np.testing.assert_array_equal(params["whiten_kernel"], kernel)
+    with pytest.raises(ValueError, match="whitening kernel has shape"):
+        cnn.set_whitening(variables["params"], kernel[..., :12])
+    groups = cnn.param_groups(params)
+    assert groups["whiten_kernel"] == "frozen" and groups["whiten_bias"] == "whiten_bias"
+    assert groups["block1"]["norm1"]["bias"] == "norm_bias"
+    assert groups["block1"]["conv1"]["kernel"] == "weight" and groups["head"]["kernel"] == "weight"
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model = cnn.cnn_preset("tiny", dtype="bfloat16")
+    x = _images()
+    variables = _init(model, x)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+    (logits, features), _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert logits.dtype == jnp.float32 and features.dtype == jnp.bfloat16
+    reference, _ = cnn.cnn_preset("tiny").apply(variables, x, train=False)
+    logits_eval, _ = model.apply(variables, x, train=False)
+    np.testing.assert_allclose(logits_eval, reference, rtol=0.1, atol=0.05)
+
+
+def test_config_and_errors():
+    model = cnn.cnn_from_config(ml_collections.ConfigDict(dict(preset="tiny", num_classes=3, conv_impl="xla")))
+    assert model.widths == (8, 16, 16) and model.num_classes == 3 and model.conv_impl == "xla"
+    with pytest.raises(ValueError, match="unknown CNN preset 'huge'"):
+        cnn.cnn_from_config({"preset": "huge"})
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['widht'\]"):
+        cnn.cnn_from_config({"preset": "tiny", "widht": 3})
+    with pytest.raises(ValueError, match="conv_impl='cudnn'"):
+        cnn.cnn_from_config({"preset": "tiny", "conv_impl": "cudnn"})
+    with pytest.raises(ValueError, match="needs a 'preset' key"):
+        cnn.cnn_from_config({"widths": (8, 8, 8)})
+    with pytest.raises(ValueError, match=r"images \[B,H,W,3\]"):
+        model.init(jax.random.key(0), jnp.zeros((2, 32, 32)), train=False)
+    assert cnn.resolve_conv_impl("auto", backend="cpu") == "im2col"
+    assert cnn.resolve_conv_impl("auto", backend="gpu") == "xla"

@@ -1,0 +1,196 @@
+"""infer.py end to end on a tiny pipeline checkpoint: bad files, resuming, determinism, CSV/HTML, tfds inputs,
+and 8 simulated devices giving the same captions as one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgllm import pipeline_checkpoint as pc
+from test_pipeline import tiny_pipeline_parts, tiny_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import infer  # noqa: E402  (the CLI module at the repository root)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    params, config = tiny_pipeline_parts(top_k=2, max_new_tokens=5)
+    return pc.save_pipeline_checkpoint(tmp_path_factory.mktemp("pipeline") / "ckpt", params, config,
+                                       tiny_tokenizer())
+
+
+def write_images(folder, count: int, seed: int = 0) -> list[str]:
+    """`count` good RGB PNGs of assorted sizes."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(count):
+        size = (32, 32) if i % 3 else (int(rng.integers(20, 90)), int(rng.integers(20, 90)))
+        path = os.path.join(folder, f"img_{i:03d}.png")
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def messy_folder(tmp_path_factory) -> dict[str, str]:
+    """Good images plus greyscale, RGBA, 16-bit, corrupt, truncated and non-image files (one in a subfolder)."""
+    root = tmp_path_factory.mktemp("messy")
+    rng = np.random.default_rng(1)
+    files = {"good": write_images(root, 3)[0]}
+    files["grey"] = str(root / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (40, 30), dtype=np.uint8), "L").save(files["grey"])
+    files["rgba"] = str(root / "sub" / "rgba.png")
+    os.makedirs(root / "sub")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8), "RGBA").save(files["rgba"])
+    files["jpeg"] = str(root / "photo.jpg")
+    Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)).save(files["jpeg"], quality=80)
+    files["corrupt"] = str(root / "corrupt.jpg")
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" + bytes(rng.integers(0, 256, 100)))
+    files["truncated"] = str(root / "truncated.png")
+    data = (root / "img_001.png").read_bytes()
+    (root / "truncated.png").write_bytes(data[: len(data) // 2])
+    files["text_as_png"] = str(root / "notes.png")
+    (root / "notes.png").write_text("hello, I am text")
+    (root / "README.txt").write_text("not an image, and not named like one")
+    return {key: str(value) for key, value in files.items()} | {"root": str(root)}
+
+
+def run_infer(*args) -> int:
+    return infer.main([*map(str, args), "--quiet", "--compilation-cache", ""])
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_messy_folder_gives_one_record_per_image_and_errors_for_bad_files(checkpoint, messy_folder, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run_infer(messy_folder["root"], "--checkpoint", checkpoint, "--output", out, "--batch-size", 4) == 0
+    records = {r["path"]: r for r in read_jsonl(out)}
+    images = [messy_folder[k] for k in ("good", "grey", "rgba", "jpeg")]
+    bad = [messy_folder[k] for k in ("corrupt", "truncated", "text_as_png")]
+    assert len(read_jsonl(out)) == len(records) == 3 + len(images) - 1 + len(bad)  # 3 img_*.png, good is one
+    for path in images:
+        assert "error" not in records[path]
+        assert len(records[path]["labels"]) == 2 and len(records[path]["captions"]) == 1
+        probs = [entry["prob"] for entry in records[path]["labels"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+        assert {entry["label"] for entry in records[path]["labels"]} <= set(
+            json.loads(json.dumps(pc.read_pipeline_config(checkpoint)["class_names"])))
+    for path in bad:
+        assert path in records[path]["error"] and "captions" not in records[path]
+    assert not any(path.endswith("README.txt") for path in records)
+
+
+def test_nothing_captionable_exits_non_zero(checkpoint, messy_folder, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run_infer(messy_folder["corrupt"], messy_folder["truncated"], tmp_path / "missing.png",
+                     "--checkpoint", checkpoint, "--output", out) == 1
+    assert all("error" in r for r in read_jsonl(out)) and len(read_jsonl(out)) == 3
+
+
+def test_interrupted_run_resumes_with_each_record_once(checkpoint, tmp_path):
+    paths = write_images(tmp_path / "imgs", 11)
+    args = [tmp_path / "imgs", "--checkpoint", checkpoint, "--batch-size", 3, "--decoding", "sample", "--seed", 7]
+    full = tmp_path / "full.jsonl"
+    assert run_infer(*args, "--output", full) == 0
+    full_records = read_jsonl(full)
+    assert [r["path"] for r in full_records] == paths
+
+    # An interrupted run: four records on disk and half of the fifth line.
+    lines = full.read_text().splitlines(keepends=True)
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(lines[:4]) + lines[4][: len(lines[4]) // 2])
+    assert run_infer(*args, "--output", partial) == 0
+    resumed = read_jsonl(partial)
+    assert sorted(r["path"] for r in resumed) == paths  # every image exactly once
+    assert {r["path"]: r for r in resumed} == {r["path"]: r for r in full_records}  # same captions as unbroken
+
+
+def test_same_seed_same_captions_other_seed_others(checkpoint, tmp_path):
+    write_images(tmp_path / "imgs", 4)
+    outputs = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        outputs[name] = tmp_path / f"{name}.jsonl"
+        assert run_infer(tmp_path / "imgs", "--checkpoint", checkpoint, "--output", outputs[name], "--decoding",
+                         "sample", "--temperature", "2.0", "--num-captions", 2, "--seed", seed) == 0
+    a, b, c = (read_jsonl(outputs[name]) for name in "abc")
+    assert a == b
+    assert [r["captions"] for r in a] != [r["captions"] for r in c]
+    assert all(len(r["captions"]) == 2 for r in a)
+
+
+def test_csv_and_html_outputs(checkpoint, messy_folder, tmp_path):
+    out, page = tmp_path / "out.csv", tmp_path / "page.html"
+    assert run_infer(messy_folder["good"], messy_folder["corrupt"], "--checkpoint", checkpoint, "--output", out,
+                     "--html", page) == 0
+    import csv
+
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["path"] for row in rows] == [messy_folder["good"], messy_folder["corrupt"]]
+    assert rows[0]["label_1"] and float(rows[0]["prob_1"]) >= float(rows[0]["prob_2"]) and not rows[0]["error"]
+    assert rows[1]["error"] and not rows[1]["label_1"]
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 1 and rows[0]["label_1"] in text and "corrupt.jpg" in text
+    # A rerun finds everything done: nothing is added, and the page still lists both.
+    assert run_infer(messy_folder["good"], messy_folder["corrupt"], "--checkpoint", checkpoint, "--output", out) == 0
+    with open(out, newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+
+def test_tfds_split_input(checkpoint, tmp_path):
+    import tensorflow_datasets as tfds
+
+    out = tmp_path / "out.jsonl"
+    with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+        assert run_infer("tfds:cifar10:test", "--checkpoint", checkpoint, "--output", out, "--batch-size", 2) == 0
+    records = read_jsonl(out)
+    assert [r["path"] for r in records] == [f"tfds:cifar10:test:{i}" for i in range(5)]
+    assert all("captions" in r for r in records)
+
+
+def _subprocess_env(**extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), **extra}
+    return env
+
+
+@pytest.mark.slow
+def test_eight_devices_give_the_same_captions_as_one(checkpoint, tmp_path):
+    write_images(tmp_path / "imgs", 12)
+    args = [str(tmp_path / "imgs"), "--checkpoint", checkpoint, "--batch-size", "8", "--decoding", "sample",
+            "--seed", "5", "--quiet", "--compilation-cache", ""]
+    one = tmp_path / "one.jsonl"
+    assert run_infer(*args[:-3], "--output", one) == 0
+    eight = tmp_path / "eight.jsonl"
+    script = ("import sys, jax; assert jax.device_count() == 8, jax.devices(); import infer; "
+              "sys.exit(infer.main(sys.argv[1:]))")
+    subprocess.run([sys.executable, "-c", script, *args, "--output", str(eight)], check=True, cwd=REPO, timeout=300,
+                   env=_subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert read_jsonl(eight) == read_jsonl(one)
+
+
+@pytest.mark.slow
+def test_second_process_uses_the_compilation_cache(checkpoint, tmp_path):
+    write_images(tmp_path / "imgs", 2)
+    cache = tmp_path / "cache"
+    command = [sys.executable, os.path.join(REPO, "infer.py"), str(tmp_path / "imgs"), "--checkpoint", checkpoint,
+               "--quiet", "--compilation-cache", str(cache), "--no-resume", "--output"]
+    subprocess.run([*command, str(tmp_path / "a.jsonl")], check=True, timeout=300, env=_subprocess_env())
+    entries = sorted(os.listdir(cache))
+    assert entries, "the first run wrote nothing to the compilation cache"
+    logged = subprocess.run([*command, str(tmp_path / "b.jsonl")], check=True, timeout=300, capture_output=True,
+                            text=True, env=_subprocess_env(JAX_LOG_COMPILES="0", JAX_DEBUG_LOG_MODULES="jax._src.compiler"))
+    assert sorted(os.listdir(cache)) == entries  # nothing new compiled and written
+    assert "Persistent compilation cache hit" in logged.stderr
+    assert read_jsonl(tmp_path / "a.jsonl") == read_jsonl(tmp_path / "b.jsonl")

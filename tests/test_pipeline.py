@@ -1,0 +1,243 @@
+"""The image → caption pipeline: prompt assembly inside jit, equality with the stages run one by one, the visual
+prefix branch, one compilation per shape, and the pipeline checkpoint round trip."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imgllm import pipeline
+from imgllm import pipeline_checkpoint as pc
+
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+TOKENIZER_TEXTS = [f"A photo of a {name}." for name in CLASS_NAMES] + [
+    "This image shows a cat (93%), a dog (5%) and a frog (2%).", "maybe a horse? 100% sure"]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer():
+    """A byte-level BPE trained offline on a few sentences (ids fit the tiny LM's vocabulary)."""
+    from imgllm.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(TOKENIZER_TEXTS, vocab_size=300)
+
+
+def tokenizer_dir(root) -> str:
+    path = os.path.join(os.fspath(root), "tokenizer")
+    if not os.path.isdir(path):
+        tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_pipeline_parts(seed: int = 0, *, bridge: bool = False, template: str = "A photo of a {label}.",
+                        top_k: int = 2, max_new_tokens: int = 6):
+    """(params, config) of a tiny pipeline: the test CNN preset and a two-layer GPT-2 over the BPE's ids.
+
+    Cached (tests share the arrays; they only read them)."""
+    from imgllm.models.cnn import cnn_preset
+    from imgllm.models.lm import GPT2Config, init_params
+
+    tok = tiny_tokenizer()
+    cnn_config = {"preset": "tiny", "num_classes": len(CLASS_NAMES)}
+    cnn = cnn_preset("tiny", num_classes=len(CLASS_NAMES))
+    cnn_variables = jax.jit(lambda key: cnn.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(
+        jax.random.PRNGKey(seed))
+    # A wide init (0.5, not 0.02): a near-zero random GPT-2 only repeats its last token, which would make the
+    # caption comparisons below vacuous.
+    lm_config = GPT2Config.tiny(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                initializer_range=0.5)
+    lm_params = jax.jit(init_params, static_argnums=0)(lm_config, jax.random.PRNGKey(seed + 1))
+    params = {"cnn": dict(cnn_variables), "lm": lm_params}
+    bridge_config = None
+    if bridge:
+        from imgllm.models.bridge import PrefixMapper
+
+        bridge_config = {"prefix_length": 2, "lm_dim": lm_config.n_embd, "hidden": 16}
+        mapper = PrefixMapper(**bridge_config)
+        features = jnp.zeros((1, 16))  # the tiny preset's last width
+        params["bridge"] = jax.jit(mapper.init)(jax.random.PRNGKey(seed + 2), features)["params"]
+    config = pc.make_pipeline_config(
+        cnn=cnn_config, lm=lm_config.to_dict(), bridge=bridge_config, class_names=CLASS_NAMES,
+        eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, template=template,
+        top_k=top_k, prepend_bos=bridge, max_new_tokens=max_new_tokens)
+    return jax.device_get(params), config
+
+
+def tiny_pipeline(tmp_path, **kwargs) -> pc.Pipeline:
+    params, config = tiny_pipeline_parts(**kwargs)
+    tokenizer = pc.FastTokenizer(os.path.join(tokenizer_dir(tmp_path), pc.TOKENIZER_FILE))
+    return pc.Pipeline(params=params, config=config, tokenizer=tokenizer)
+
+
+def random_images(seed: int, batch: int, size: int = 32) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+
+
+@pytest.mark.parametrize("template", ["A photo of a {label}.", "This image shows {topk}.",
+                                      "{label2}, maybe {label}? {prob}% sure", "a {label} ({prob1}%)"])
+def test_prompt_assembly_equals_tokenizing_the_filled_in_prompt(template):
+    tok = tiny_tokenizer()
+    encode = lambda text: tok.encode(text, add_special_tokens=False)
+    tables = pipeline.build_prompt_tables(encode, template, CLASS_NAMES, 3, tok.pad_token_id)
+    label_ids = np.array([[3, 5, 1], [9, 0, 2], [7, 8, 6]], np.int32)
+    percents = np.array([[93, 5, 0], [100, 0, 7], [40, 35, 25]], np.int32)
+    ids, mask = jax.jit(lambda a, b: pipeline.assemble_prompts(tables, a, b, tok.pad_token_id))(label_ids, percents)
+    ids, mask = np.asarray(ids), np.asarray(mask)
+    assert ids.shape == mask.shape == (3, tables.width)
+    for row in range(3):
+        text = pipeline.fill_template(template, [CLASS_NAMES[c] for c in label_ids[row]], percents[row])
+        expected = encode(text)
+        assert ids[row][mask[row] == 1].tolist() == expected, text
+        # left padding: the mask is 0...0 1...1 and padded slots hold the pad id
+        assert mask[row].tolist() == [0] * (tables.width - len(expected)) + [1] * len(expected)
+        assert set(ids[row][mask[row] == 0].tolist()) <= {tok.pad_token_id}
+
+
+def test_prompt_with_bos_and_empty_template_is_just_bos():
+    tables = pipeline.build_prompt_tables(lambda text: [ord(c) for c in text], "", CLASS_NAMES, 1, 0, bos_id=7)
+    ids, mask = pipeline.assemble_prompts(tables, jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1), jnp.int32), 0)
+    assert np.asarray(ids).tolist() == [[7], [7]] and np.asarray(mask).tolist() == [[1], [1]]
+
+
+@pytest.mark.parametrize("template, message", [("A {colour} photo", "unknown slot {colour}"),
+                                                ("A photo of a {label3}.", "needs top_k >= 3"),
+                                                ("{label:>10}", "unknown slot")])
+def test_bad_template_is_named(template, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline.build_prompt_tables(lambda text: [1], template, CLASS_NAMES, 2, 0)
+
+
+def test_percentages_round_and_clip():
+    probs = jnp.array([0.0, 0.004, 0.005001, 0.5, 0.999, 1.0])
+    assert np.asarray(pipeline.probability_percents(probs)).tolist() == [0, 0, 1, 50, 100, 100]
+
+
+# ----------------------------------------------------------------------------------------------- the pipeline
+
+
+def stage_by_stage(loaded: pc.Pipeline, spec: pipeline.PipelineSpec, images: np.ndarray, rng) -> dict:
+    """The reference: every stage run on its own (CNN, softmax + top-k on the host, prompts from the filled-in
+    strings through the tokenizer, then generate_tokens)."""
+    from imgllm.data import augment
+    from imgllm.generate import generate_tokens
+
+    logits, features = jax.jit(lambda v, x: spec.cnn.apply(v, x, train=False))(
+        loaded.params["cnn"], augment.normalize(jnp.asarray(images)))
+    probs = np.asarray(jax.nn.softmax(logits))
+    label_ids = np.argsort(-probs, axis=1, kind="stable")[:, :spec.top_k]
+    label_probs = np.take_along_axis(probs, label_ids, axis=1)
+    width, pad = spec.prompts.width, loaded.config["pad_id"]
+    prompt_ids = np.full((len(images), width), pad, np.int32)
+    prompt_mask = np.zeros((len(images), width), np.int32)
+    for row in range(len(images)):
+        text = pipeline.fill_template(spec.prompts.template, [CLASS_NAMES[c] for c in label_ids[row]],
+                                      np.round(label_probs[row] * 100).astype(int))
+        ids = ([loaded.config["bos_id"]] if loaded.config["prepend_bos"] else []) + \
+            (loaded.tokenizer.encode(text) if spec.prompts.template else [])
+        prompt_ids[row, width - len(ids):], prompt_mask[row, width - len(ids):] = ids, 1
+    prefix = None
+    if "bridge" in loaded.params:
+        prefix = spec.bridge.apply({"params": loaded.params["bridge"]}, features)
+    tokens, _ = jax.jit(lambda p, i, m, r, x: generate_tokens(p, spec.lm_config, i, m, r, spec.generation,
+                                                              prefix_embeds=x))(
+        loaded.params["lm"], prompt_ids, prompt_mask, rng, prefix)
+    return dict(logits=np.asarray(logits), label_ids=label_ids, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                caption_ids=np.asarray(tokens).reshape(len(images), -1, tokens.shape[-1]))
+
+
+@pytest.mark.parametrize("bridge", [False, True], ids=["prompt", "visual_prefix"])
+def test_pipeline_equals_stages_and_compiles_once(tmp_path, bridge):
+    loaded = tiny_pipeline(tmp_path, bridge=bridge, template="" if bridge else "A photo of a {label}, not {label2}.")
+    spec = loaded.spec()
+    captioner = pipeline.make_captioner(spec)
+    rng = jax.random.PRNGKey(3)
+    first = jax.device_get(captioner(loaded.params, random_images(0, 4), rng))
+    out = jax.device_get(captioner(loaded.params, random_images(1, 4), rng))
+    assert captioner._cache_size() == 1  # a second batch of the same shape does not compile again
+    assert not np.array_equal(first["logits"], out["logits"])
+
+    reference = stage_by_stage(loaded, spec, random_images(1, 4), rng)
+    np.testing.assert_allclose(out["logits"], reference["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["label_ids"], reference["label_ids"])
+    np.testing.assert_array_equal(out["prompt_ids"], reference["prompt_ids"])
+    np.testing.assert_array_equal(out["prompt_mask"], reference["prompt_mask"])
+    np.testing.assert_array_equal(out["caption_ids"], reference["caption_ids"])
+    assert out["caption_ids"].shape == (4, 1, loaded.config["max_new_tokens"])
+    assert np.all(np.diff(out["label_probs"], axis=1) <= 0)
+
+
+def test_visual_prefix_changes_the_captions(tmp_path):
+    """The bridge branch is really taken: zeroing the mapper's output layer changes what is generated."""
+    loaded = tiny_pipeline(tmp_path, bridge=True, template="")
+    spec = loaded.spec()
+    images, rng = random_images(2, 4), jax.random.PRNGKey(0)
+    captioner = pipeline.make_captioner(spec)
+    with_prefix = jax.device_get(captioner(loaded.params, images, rng))["caption_ids"]
+    zeroed = jax.tree.map(np.zeros_like, loaded.params["bridge"])
+    without = jax.device_get(captioner({**loaded.params, "bridge": zeroed}, images, rng))["caption_ids"]
+    assert not np.array_equal(with_prefix, without)
+
+
+def test_bridge_params_without_bridge_module_is_an_error(tmp_path):
+    loaded = tiny_pipeline(tmp_path)
+    params = {**loaded.params, "bridge": {"fc": np.zeros(3)}}
+    with pytest.raises(ValueError, match="PipelineSpec.bridge"):
+        pipeline.caption_images(params, random_images(0, 2), jax.random.PRNGKey(0), spec=loaded.spec())
+
+
+def test_other_image_sizes_are_resized_inside_jit(tmp_path):
+    loaded = tiny_pipeline(tmp_path)
+    spec = loaded.spec()
+    def smooth_images(size):  # low-frequency colour waves: resizing changes them little
+        y, x = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
+        waves = [np.sin(2 * np.pi * (a * y + b * x) + c) for a, b, c in ((1, 0.5, 0), (0.5, 1, 1), (1, 1, 2))]
+        image = 127.5 + 120 * np.stack(waves, axis=-1)
+        return np.stack([image, image[::-1]]).round().astype(np.uint8)
+
+    fn = jax.jit(lambda p, x: pipeline.classify(p["cnn"], x, spec)[0])
+    small, big = fn(loaded.params, smooth_images(32)), fn(loaded.params, smooth_images(96))
+    other = fn(loaded.params, smooth_images(32)[::-1])
+    assert np.abs(big - small).max() < 0.2 * np.abs(other - small).max()
+
+
+def test_decode_captions_cuts_at_eos():
+    ids = np.array([[[5, 6, 0, 7], [8, 0, 0, 0]]])
+    decoded = pipeline.decode_captions(lambda t: ",".join(map(str, t)), ids, eos_id=0, pad_id=0)
+    assert decoded == [["5,6", "8"]]
+
+
+# ----------------------------------------------------------------------------------------------- checkpoint
+
+
+def test_pipeline_checkpoint_round_trip(tmp_path):
+    params, config = tiny_pipeline_parts(bridge=True, template="")
+    out = pc.save_pipeline_checkpoint(tmp_path / "ckpt", params, config, tiny_tokenizer())
+    loaded = pc.load_pipeline(out)
+    assert loaded.config == config
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.params), params)
+    assert loaded.tokenizer.encode("A photo of a cat.") == tiny_tokenizer().encode("A photo of a cat.",
+                                                                                 add_special_tokens=False)
+    with pytest.raises(FileExistsError):
+        pc.save_pipeline_checkpoint(tmp_path / "ckpt", params, config, tiny_tokenizer())
+
+
+def test_not_a_pipeline_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a pipeline checkpoint"):
+        pc.load_pipeline(tmp_path)
+
+
+def test_config_errors_are_named():
+    with pytest.raises(ValueError, match="unique"):
+        pc.make_pipeline_config(cnn={"preset": "tiny"}, lm={}, class_names=["a", "a"], eos_id=0, pad_id=0)
+    with pytest.raises(ValueError, match="unknown slot"):
+        pc.make_pipeline_config(cnn={"preset": "tiny"}, lm={}, class_names=["a", "b"], eos_id=0, pad_id=0,
+                                template="{what}")

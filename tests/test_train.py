@@ -1,0 +1,189 @@
+"""Training loop, optimizer, lookahead and classifier task on the tiny CNN and demo data (CPU, 1 device)."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgllm import data as data_lib
+from imgllm.configs import cifar10, cnn_tiny
+from imgllm.configs.common import airbench_param_groups, resolve_config_arg
+from imgllm.models import cnn as cnn_lib
+from imgllm.train import loop, optim
+from imgllm.train.classifier import ClassifierTask, alternating_flip, folder_split, translate
+from imgllm.train.task import metric
+
+
+def read_metrics(workdir, split):
+    with open(os.path.join(workdir, loop.METRICS_FILE)) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run shared by the tests below: (config, workdir, result)."""
+    workdir = str(tmp_path_factory.mktemp("tiny"))
+    config = cnn_tiny.get_config()
+    return config, workdir, loop.train_and_evaluate(config, workdir)
+
+
+def test_training_reduces_loss(trained):
+    config, workdir, result = trained
+    train = read_metrics(workdir, "train")
+    first, last = train[0], train[-1]
+    assert first["step"] == 1 and last["step"] == result.total_steps == int(result.state.step) == 16
+    assert last["loss"] < first["loss"] - 0.05, (first, last)
+
+
+def test_metrics_file_has_train_eval_and_tta_final(trained):
+    config, workdir, result = trained
+    train = read_metrics(workdir, "train")
+    assert [r["step"] for r in train] == [1, 4, 8, 12, 16]
+    for key in ("loss", "accuracy", "l2_grads", "l2_params", "steps_per_second", "examples_per_second"):
+        assert all(np.isfinite(r[key]) for r in train), key
+    assert [r["step"] for r in read_metrics(workdir, "eval")] == [8]
+    (final,) = read_metrics(workdir, "final_eval")
+    assert final["tta"] is True and final["accuracy"] == pytest.approx(result.final_eval["accuracy"])
+
+
+def test_checkpoints_keep_last_n_with_metadata(trained):
+    config, workdir, result = trained
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert steps == [8, 12, 16]   # every 4 steps, max 3 kept
+    _, meta, _, variables = loop.restore_for_eval(workdir)
+    assert meta["step"] == 16 and meta["epoch"] == 2 and meta["steps_per_epoch"] == 8
+    assert tuple(meta["task"]["class_names"]) == data_lib.load_dataset("demo", "validation", num_examples=1).class_names
+    restored = jax.tree.leaves(variables)
+    for a, b in zip(restored, jax.tree.leaves(result.state.variables)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_eval_checkpoint_on_image_folder(trained, tmp_path):
+    """--mode=eval on a folder of class folders: same accuracy as on the arrays the images came from."""
+    config, workdir, result = trained
+    ds = data_lib.load_dataset("demo", "validation", num_examples=64)
+    for i, (image, label) in enumerate(zip(ds.images, ds.labels)):
+        folder = tmp_path / "test" / ds.class_names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    spec = f"folder:{tmp_path / 'test'}"
+    assert folder_split(spec, "test") == "train_full"
+    got = loop.evaluate_checkpoint(workdir, spec, split="test")
+    assert got["num_examples"] == 64 and got["tta"] is True
+    assert got["accuracy"] == pytest.approx(result.final_eval["accuracy"], abs=1e-6)
+
+
+def test_incompatible_config_is_refused(trained):
+    config, workdir, _ = trained
+    changed = ml_collections.ConfigDict(config.to_dict())
+    changed.optimizer.learning_rate = 0.5
+    changed.global_batch_size = 16
+    changed.log_every_steps = 1    # resume-safe: not reported
+    with pytest.raises(loop.ckpt_lib.IncompatibleConfigError) as error:
+        loop.train_and_evaluate(changed, workdir)
+    message = str(error.value)
+    assert f"optimizer.learning_rate: checkpoint {config.optimizer.learning_rate}, now 0.5" in message
+    assert "global_batch_size: checkpoint 32, now 16" in message
+    assert "log_every_steps" not in message
+
+
+class NaNAtExample(ClassifierTask):
+    """The tiny classifier, with a NaN loss on any batch that holds training example `bad_index`."""
+    bad_index = 100
+
+    def loss(self, params, model_state, batch, rng, epoch):
+        loss, aux = super().loss(params, model_state, batch, rng, epoch)
+        poisoned = jnp.any(batch["index"] == self.bad_index)
+        return jnp.where(poisoned, jnp.nan, loss), aux
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path):
+    config = cnn_tiny.get_config()
+    config.checkpoint_every_steps = 1
+    config.eval_split = ""
+    task = NaNAtExample(config)
+    order = data_lib.epoch_batch_indices(config.num_train_examples, config.global_batch_size, seed=config.seed, epoch=0)
+    bad_step = int(np.flatnonzero((order == task.bad_index).any(axis=1))[0]) + 1
+    with pytest.raises(loop.NonFiniteLossError, match=rf"at step {bad_step} \(epoch 0, batch {bad_step - 1} "):
+        loop.train_and_evaluate(config, str(tmp_path), task=task)
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert max(saved, default=0) < bad_step
+
+
+def test_optimizer_groups_follow_airbench():
+    """Frozen whitening kernel, whitening bias stops after its epochs, BatchNorm biases at 64x lr."""
+    model = cnn_lib.cnn_preset("tiny")
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    cfg = ml_collections.ConfigDict(dict(name="sgd", learning_rate=0.1, momentum=0.0, nesterov=False,
+                                         weight_decay=0.0, schedule="constant", groups=airbench_param_groups(2.0, 64.0)))
+    labels = optim.param_labels(params, cfg.groups)
+    assert labels["whiten_kernel"] == "frozen" and labels["whiten_bias"] == "whiten_bias"
+    assert labels["block1"]["norm1"]["bias"] == "norm_bias" and labels["head"]["kernel"] == "default"
+    tx = optim.make_optimizer(cfg, params, total_steps=10, steps_per_epoch=3)
+    grads = jax.tree.map(jnp.ones_like, params)
+    opt_state = tx.init(params)
+    for step in range(7):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        if step == 0:
+            np.testing.assert_allclose(updates["head"]["kernel"], -0.1)
+            np.testing.assert_allclose(updates["block2"]["norm2"]["bias"], -6.4, rtol=1e-6)
+        np.testing.assert_array_equal(updates["whiten_kernel"], 0.0)
+        expected_bias = -0.1 if step < 6 else 0.0         # 2 epochs x 3 steps
+        np.testing.assert_allclose(updates["whiten_bias"], expected_bias)
+
+
+def test_airbench_lr_and_decay_conversion():
+    lr, wd = cifar10.airbench_sgd_values(1024)
+    assert lr == pytest.approx(11.5 / (1 + 1 / 0.15))       # 1.5
+    assert wd == pytest.approx(0.0153 / 11.5)
+    config = cifar10.get_config()
+    assert config.global_batch_size == 1024 and config.num_epochs == 9.9 and config.label_smoothing == 0.2
+
+
+def test_triangle_schedule():
+    cfg = ml_collections.ConfigDict(dict(learning_rate=2.0, schedule="triangle", start_factor=0.2,
+                                         peak_fraction=0.5, end_factor=0.0))
+    schedule = optim.make_schedule(cfg, total_steps=10, steps_per_epoch=5)
+    values = [float(schedule(jnp.asarray(i))) for i in (0, 5, 10)]
+    np.testing.assert_allclose(values, [0.4, 2.0, 0.0], atol=1e-6)
+
+
+def test_lookahead_follows_then_averages_then_resets():
+    cfg = ml_collections.ConfigDict(dict(start_epochs=1.0, every_n_steps=2, decay_base=0.5, decay_pow=1.0))
+    update = lambda fast, slow, step: optim.lookahead_update(
+        {"params": jnp.float32(fast), "model_state": {}}, {"params": jnp.float32(slow), "model_state": {}},
+        jnp.int32(step), cfg, steps_per_epoch=4, total_steps=8)
+    fast, slow = update(3.0, 1.0, 3)                 # before the start: slow follows fast
+    assert (float(fast["params"]), float(slow["params"])) == (3.0, 3.0)
+    fast, slow = update(5.0, 3.0, 6)                 # first lookahead step (first multiple of 2 after 4)
+    assert (float(fast["params"]), float(slow["params"])) == (5.0, 5.0)
+    fast, slow = update(9.0, 5.0, 7)                 # not a lookahead step, not an epoch end
+    assert (float(fast["params"]), float(slow["params"])) == (9.0, 5.0)
+    fast, slow = update(9.0, 5.0, 8)                 # rho = 0.25 * (8/8): slow = 0.25*5 + 0.75*9; fast reset
+    assert float(slow["params"]) == pytest.approx(8.0) and float(fast["params"]) == pytest.approx(8.0)
+
+
+def test_alternating_flip_mirrors_on_odd_epochs():
+    images = jnp.arange(4 * 2 * 3 * 3, dtype=jnp.uint8).reshape(4, 2, 3, 3)
+    indices = jnp.arange(4)
+    even, odd = (alternating_flip(images, indices, jnp.int32(e), seed=0) for e in (0, 1))
+    np.testing.assert_array_equal(np.asarray(odd), np.asarray(even)[:, :, ::-1, :])
+    np.testing.assert_array_equal(alternating_flip(images, indices, jnp.int32(2), seed=0), even)
+
+
+def test_translate_shifts_with_reflection():
+    image = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    shifted = translate(image, 1, 1)
+    np.testing.assert_array_equal(shifted[0, 1:, 1:, 0], image[0, :3, :3, 0])
+
+
+def test_metric_sums_and_config_names():
+    total, count = metric(3, 4)
+    assert total.dtype == jnp.float32 and float(count) == 4.0
+    (arg,) = resolve_config_arg(["--config=cnn_tiny"])
+    assert arg.endswith(os.path.join("imgllm", "configs", "cnn_tiny.py"))
+    assert resolve_config_arg(["--config=does/not/exist.py"]) == ["--config=does/not/exist.py"]

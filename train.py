@@ -1,0 +1,52 @@
+"""Train a model from a config, or evaluate a saved checkpoint. Logic lives in imgllm.train.
+
+Train (resumes automatically from the work directory's latest checkpoint):
+    python train.py --config=demo --workdir=runs/demo
+    python train.py --config=cifar10 --config.dataset=folder:/tmp/cifar --config.num_epochs=9.9 --workdir=runs/c10
+Evaluate a checkpoint (config and normalisation come from the checkpoint) on any data source:
+    python train.py --mode=eval --workdir=runs/c10 --data=folder:/path/test
+Multi-host: --coordinator_address=host:port --num_processes=N --process_id=i (or $IMGLLM_COORDINATOR_ADDRESS,
+$IMGLLM_NUM_PROCESSES, $IMGLLM_PROCESS_ID), or --distributed to let JAX detect the cluster.
+"""
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from imgllm.configs.common import CONFIG_DIR, resolve_config_arg
+
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(CONFIG_DIR, "demo.py"),
+                                          "config file or name in imgllm/configs (demo, cifar10, cnn_tiny)",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "work directory: checkpoints and metrics.jsonl", required=True)
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and resume), or eval a checkpoint")
+_DATA = flags.DEFINE_string("data", None, "eval: data source, e.g. folder:/path/test, cifar10, demo "
+                                          "(default: the checkpoint's dataset)")
+_SPLIT = flags.DEFINE_string("split", "test", "eval: split of --data to evaluate")
+_STEP = flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: coordinator host:port")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host: auto-detect the cluster")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from imgllm import parallel
+    parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                          auto=_DISTRIBUTED.value)
+    from imgllm.train import loop
+    if _MODE.value == "eval":
+        result = loop.evaluate_checkpoint(_WORKDIR.value, _DATA.value, split=_SPLIT.value, step=_STEP.value)
+        print(json.dumps(result))
+        return
+    result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if result.final_eval is not None:
+        print(json.dumps({"final_eval": result.final_eval}))
+
+
+if __name__ == "__main__":
+    app.run(main, argv=resolve_config_arg(sys.argv))
