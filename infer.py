@@ -196,7 +196,7 @@ class RecordFile:
             raise ValueError(f"--format must be jsonl or csv, got {fmt!r}")
         self.path, self.format = path, fmt
         self.columns = (["path"] + [f"{kind}_{n}" for n in range(1, top_labels + 1) for kind in ("label", "prob")]
-                        + [f"caption_{n}" for n in range(1, num_captions + 1)] + ["error"])
+                        + [f"caption_{n}" for n in range(1, num_captions + 1)] + ["lm_label", "error"])
         self.stream = None
 
     def existing_records(self) -> list[dict]:
@@ -235,7 +235,7 @@ class RecordFile:
         self.stream = None
 
     def _to_row(self, record: dict) -> list[str]:
-        row = {"path": record["path"], "error": record.get("error", "")}
+        row = {"path": record["path"], "error": record.get("error", ""), "lm_label": record.get("lm_label", "")}
         for n, entry in enumerate(record.get("labels", ()), 1):
             row[f"label_{n}"], row[f"prob_{n}"] = entry["label"], f"{entry['prob']:.4f}"
         for n, caption in enumerate(record.get("captions", ()), 1):
@@ -249,7 +249,10 @@ class RecordFile:
         labels = [{"label": row[f"label_{n}"], "prob": float(row[f"prob_{n}"])}
                   for n in range(1, len(row)) if row.get(f"label_{n}")]
         captions = [row[f"caption_{n}"] for n in range(1, len(row)) if f"caption_{n}" in row]
-        return {"path": row["path"], "labels": labels, "captions": captions}
+        record = {"path": row["path"], "labels": labels, "captions": captions}
+        if row.get("lm_label"):
+            record["lm_label"] = row["lm_label"]
+        return record
 
 
 def truncate_partial_line(path: str) -> None:
@@ -284,7 +287,10 @@ def make_records(batch: Batch, outputs: dict, class_names: Sequence[str], captio
             continue
         labels = [{"label": class_names[int(c)], "prob": round(float(p), 4)}
                   for c, p in zip(outputs["label_ids"][row], outputs["label_probs"][row])]
-        records.append({"path": item.key, "labels": labels, "captions": captions[row]})
+        record = {"path": item.key, "labels": labels, "captions": captions[row]}
+        if "lm_label_ids" in outputs:  # the LM's own classification, beside the CNN's
+            record["lm_label"] = class_names[int(outputs["lm_label_ids"][row])]
+        records.append(record)
     return records
 
 
@@ -372,16 +378,18 @@ def run_captions(args: argparse.Namespace) -> int:
         print("infer.py: no input images found", file=sys.stderr)
         return 2
 
+    import concurrent.futures
+
     import jax
     import numpy as np
 
     from imgllm import parallel, pipeline_checkpoint
-    from imgllm.pipeline import make_captioner
+    from imgllm.pipeline import compile_captioner, place_images, place_params
 
-    loaded = pipeline_checkpoint.load_pipeline(args.checkpoint)
+    loaded = pipeline_checkpoint.load_pipeline(args.checkpoint, read_params=False)
     config = loaded.config
     spec = loaded.spec(generation_config(args, config), template=args.template, top_k=args.top_labels,
-                       flip_tta=args.tta)
+                       flip_tta=args.tta, lm_classify=args.lm_classify)
     output = RecordFile(args.output, args.format, spec.top_k, args.num_captions)
     previous = output.existing_records() if args.resume else []
     if args.output is not None and not args.resume and os.path.exists(args.output):
@@ -394,9 +402,14 @@ def run_captions(args: argparse.Namespace) -> int:
     batch_size = -(-args.batch_size // devices) * devices
     pending = plan_batches(items, done, batch_size)
     todo = sum(item.key not in done for _, chunk in pending for item in chunk)
-    captioner = make_captioner(spec, mesh)
-    params = jax.device_put(loaded.params, parallel.replicated_sharding(mesh))
     base_key = jax.random.PRNGKey(args.seed)
+    if pending:
+        # Read the weights in a thread while compiling against their shapes (a cache hit after the first run).
+        with concurrent.futures.ThreadPoolExecutor(1) as reader:
+            params_future = reader.submit(pipeline_checkpoint.read_pipeline_params, args.checkpoint)
+            captioner = compile_captioner(spec, mesh, pipeline_checkpoint.read_params_shapes(args.checkpoint),
+                                          batch_size)
+            params = place_params(params_future.result(), mesh)
 
     from tqdm import tqdm
 
@@ -404,11 +417,15 @@ def run_captions(args: argparse.Namespace) -> int:
     output.open()
     new_records: list[dict] = []
 
-    def finish(batch: Batch, result: dict) -> None:
+    def finish(batch: Batch, result: dict | None) -> None:
         nonlocal succeeded
-        result = jax.device_get(result)
-        captions = loaded.decode_captions(np.asarray(result["caption_ids"]))
-        records = [r for r in make_records(batch, result, loaded.class_names, captions) if r["path"] not in done]
+        if result is None:  # every file of the batch failed to load: nothing was computed
+            records = make_records(batch, {}, (), [])
+        else:
+            result = jax.device_get(result)
+            captions = loaded.decode_captions(np.asarray(result["caption_ids"]))
+            records = make_records(batch, result, loaded.class_names, captions)
+        records = [r for r in records if r["path"] not in done]
         output.write(records)
         done.update(r["path"] for r in records)
         succeeded += sum("error" not in r for r in records)
@@ -419,7 +436,10 @@ def run_captions(args: argparse.Namespace) -> int:
     try:
         in_flight = None  # the previous batch, finished on the host while the device runs the next one
         for batch in prefetch_batches(pending, batch_size, spec.image_size, workers=args.workers):
-            result = captioner(params, batch.images, jax.random.fold_in(base_key, batch.index))
+            result = None
+            if len(batch.errors) < len(batch.items):
+                key = place_params(jax.random.fold_in(base_key, batch.index), mesh)
+                result = captioner(params, place_images(batch.images, mesh), key)
             if in_flight is not None:
                 finish(*in_flight)
             in_flight = (batch, result)
@@ -473,6 +493,8 @@ def caption_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", default=None,
                         help="prompt template, e.g. 'A photo of a {label}.' or 'This shows {topk}.'")
     parser.add_argument("--tta", action="store_true", help="average the CNN over the image and its mirror")
+    parser.add_argument("--lm-classify", action="store_true",
+                        help="also report the LM's classification by prompt likelihood (checkpoints with a bridge)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
                         help="overwrite the output instead of skipping the images already in it")
     parser.add_argument("--data-dir", default=None, help="tfds data directory for tfds: inputs")
@@ -484,14 +506,13 @@ def caption_parser() -> argparse.ArgumentParser:
 
 
 def assemble_parser() -> argparse.ArgumentParser:
-    from_default = "A photo of a {label}."
     parser = argparse.ArgumentParser(prog="infer.py assemble",
                                      description="Build a pipeline checkpoint from a classifier and a GPT-2.")
     parser.add_argument("--classifier", required=True, help="train.py work directory of the CNN")
     parser.add_argument("--lm", required=True, help="GPT-2 directory (config.json + model.safetensors) or hub name")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or name (default: the LM's)")
     parser.add_argument("--out", required=True, help="the pipeline checkpoint directory to write")
-    parser.add_argument("--template", default=from_default, help="default prompt template")
+    parser.add_argument("--template", default="A photo of a {label}.", help="default prompt template")
     parser.add_argument("--top-labels", type=int, default=1, help="default number of labels per image")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="default caption length")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from imgllm.configs.common import CONFIG_DIR, resolve_config_arg
@@ -35,6 +35,8 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host: auto-detect 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)   # quiet orbax/absl INFO lines; --verbosity=0 shows them
     from imgllm import parallel
     parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                           auto=_DISTRIBUTED.value)

@@ -26,6 +26,8 @@ from imgllm.models.lm import GPT2, GPT2Config, KVCache, init_cache
 
 # transformers' "very low score" for finished / impossible beams (kept identical so that ties resolve alike).
 _BEAM_NEG = -1.0e9
+# Decode batches up to this many rows read the tied head from a transposed [D, V] copy (see _make_decoder).
+_HEAD_TRANSPOSE_MAX_ROWS = 4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -179,8 +181,6 @@ def _make_decoder(params, config: GPT2Config, decode_rows: int) -> _Decoder:
     head = embedding.T if transpose else embedding
     return _Decoder(config=config, params=params, head=head, head_is_transposed=transpose)
 
-
-_HEAD_TRANSPOSE_MAX_ROWS = 4
 
 
 def _prompt_layout(attention_mask, prefix_len: int, max_new_tokens: int):

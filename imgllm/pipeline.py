@@ -205,6 +205,33 @@ def assemble_prompts(tables: PromptTables, topk_ids: jax.Array, percents: jax.Ar
     return jnp.where(mask, ids, pad_id).astype(jnp.int32), mask.astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class LMClassPrompts:
+    """`imgllm.scoring.PromptTable` as nested tuples (hashable, so it can live in the static spec).
+
+    With it, the pipeline also classifies each image by the LM: the class whose prompts are most likely after the
+    image's visual prefix (`imgllm.scoring.classify_by_lm`), reported beside the CNN's labels.
+    """
+
+    input_ids: tuple
+    target_mask: tuple
+
+    @classmethod
+    def from_table(cls, table) -> "LMClassPrompts":
+        return cls(input_ids=_nested_tuple(np.asarray(table.input_ids)),
+                   target_mask=_nested_tuple(np.asarray(table.target_mask)))
+
+    def to_table(self):
+        from imgllm.scoring import PromptTable
+
+        return PromptTable(input_ids=jnp.asarray(self.input_ids, jnp.int32),
+                           target_mask=jnp.asarray(self.target_mask, jnp.float32))
+
+
+def _nested_tuple(array: np.ndarray):
+    return tuple(_nested_tuple(row) for row in array) if array.ndim > 1 else tuple(array.tolist())
+
+
 # ----------------------------------------------------------------------------------------------- the pipeline
 
 
@@ -215,8 +242,9 @@ class PipelineSpec:
     cnn: the classifier module (`imgllm.models.cnn.CNN`); lm_config: the `GPT2Config`; prompts: the tokenised
     template (`build_prompt_tables`); generation: a `GenerationConfig`; bridge: the visual-prefix module used
     when the parameters hold "bridge" (None otherwise); image_size: the CNN's input resolution (other sizes are
-    resized inside jit); mean/std: per-channel normalisation of [0, 1] pixels... as `imgllm.data.augment`
-    expects (None: its CIFAR-10 defaults); flip_tta: average the CNN's logits over the image and its mirror.
+    resized inside jit); mean/std: per-channel normalisation as `imgllm.data.augment.normalize` takes it (None:
+    its CIFAR-10 defaults); flip_tta: average the CNN's logits over the image and its mirror; lm_class_prompts:
+    also classify by LM likelihood after the visual prefix (needs a bridge).
     """
 
     cnn: Any
@@ -229,6 +257,7 @@ class PipelineSpec:
     std: tuple[float, float, float] | None = None
     bridge: Any = None
     flip_tta: bool = False
+    lm_class_prompts: LMClassPrompts | None = None
 
     @property
     def top_k(self) -> int:
@@ -276,12 +305,15 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
     Returns (B images, k = top_k, n = num_return_sequences, T = max_new_tokens):
       logits [B, C] float32, label_ids [B, k] int32, label_probs [B, k] float32 (descending),
       prompt_ids / prompt_mask [B, P] int32 (left-padded), caption_ids [B, n, T] int32 (pad after EOS),
-      caption_scores [B, n] float32.
+      caption_scores [B, n] float32; with spec.lm_class_prompts also lm_label_ids [B] and lm_scores [B, C].
     """
     from imgllm.generate import generate_tokens
 
     if "bridge" in params and spec.bridge is None:
         raise ValueError('pipeline params hold "bridge" but PipelineSpec.bridge (the PrefixMapper module) is None')
+    if spec.lm_class_prompts is not None and "bridge" not in params:
+        raise ValueError("LM classification (PipelineSpec.lm_class_prompts) needs a visual prefix: params have no "
+                         '"bridge"')
     logits, features = classify(params["cnn"], images, spec)
     probs = jax.nn.softmax(logits, axis=-1)
     label_probs, label_ids = jax.lax.top_k(probs, spec.top_k)
@@ -291,7 +323,14 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
     tokens, scores = generate_tokens(params["lm"], spec.lm_config, prompt_ids, prompt_mask, rng, spec.generation,
                                      prefix_embeds=prefix)
     batch = images.shape[0]
-    return dict(logits=logits, label_ids=label_ids.astype(jnp.int32), label_probs=label_probs,
+    extra = {}
+    if spec.lm_class_prompts is not None:
+        from imgllm.scoring import classify_by_lm
+
+        lm_label_ids, lm_scores = classify_by_lm(params["lm"], spec.lm_config, spec.lm_class_prompts.to_table(),
+                                                 prefix)
+        extra = dict(lm_label_ids=lm_label_ids.astype(jnp.int32), lm_scores=lm_scores.astype(jnp.float32))
+    return dict(**extra, logits=logits, label_ids=label_ids.astype(jnp.int32), label_probs=label_probs,
                 prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                 caption_ids=tokens.reshape(batch, -1, tokens.shape[-1]).astype(jnp.int32),
                 caption_scores=jnp.asarray(scores, jnp.float32).reshape(batch, -1))
@@ -316,6 +355,46 @@ def _jitted_captioner(spec: PipelineSpec, mesh) -> Callable[[Any, Any, jax.Array
     data, replicated = parallel.data_sharding(mesh), parallel.replicated_sharding(mesh)
     return jax.jit(functools.partial(caption_images, spec=spec), in_shardings=(replicated, data, replicated),
                    out_shardings=data)
+
+
+def compile_captioner(spec: PipelineSpec, mesh, params_shapes: Any, batch_size: int, image_size: int | None = None):
+    """Ahead-of-time compiled captioner for parameter *shapes* (ShapeDtypeStructs) and a batch of uint8 images.
+
+    Compiling needs no weights, so a caller can compile while the weights are still being read (infer.py does).
+    Call the result as compiled(params, images, rng) with params placed by `place_params` and images by
+    `place_images`. Cached per (spec, mesh, shapes), like `make_captioner`.
+    """
+    leaves, treedef = jax.tree.flatten(params_shapes)
+    key = (spec, mesh, treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves), int(batch_size),
+           int(image_size or spec.image_size))
+    if key not in _COMPILED:
+        from imgllm import parallel
+
+        replicated = parallel.replicated_sharding(mesh)
+        size = image_size or spec.image_size
+        abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                       params_shapes)
+        images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8, sharding=parallel.data_sharding(mesh))
+        rng = jax.ShapeDtypeStruct(jax.random.PRNGKey(0).shape, jnp.uint32, sharding=replicated)
+        _COMPILED[key] = make_captioner(spec, mesh).lower(abstract_params, images, rng).compile()
+    return _COMPILED[key]
+
+
+_COMPILED: dict[Any, Any] = {}
+
+
+def place_params(params: Any, mesh) -> Any:
+    """The parameters replicated on every device of the mesh."""
+    from imgllm import parallel
+
+    return jax.device_put(params, parallel.replicated_sharding(mesh))
+
+
+def place_images(images: np.ndarray, mesh) -> jax.Array:
+    """A batch of images split over the mesh's 'data' axis."""
+    from imgllm import parallel
+
+    return jax.device_put(images, parallel.data_sharding(mesh))
 
 
 # ----------------------------------------------------------------------------------------------- after jit
@@ -343,8 +422,8 @@ def decode_captions(decode: Callable[[Sequence[int]], str], caption_ids: np.ndar
 
 
 __all__ = [
-    "DEFAULT_TEMPLATE", "PipelineSpec", "PromptPiece", "PromptTables", "TokenTable", "assemble_prompts",
-    "build_prompt_tables", "caption_images", "caption_token_lists", "classify", "decode_captions",
+    "DEFAULT_TEMPLATE", "LMClassPrompts", "PipelineSpec", "PromptPiece", "PromptTables", "TokenTable", "assemble_prompts",
+    "build_prompt_tables", "caption_images", "compile_captioner", "place_images", "place_params", "caption_token_lists", "classify", "decode_captions",
     "expand_template", "fill_template", "make_captioner", "parse_template", "preprocess", "probability_percents",
     "token_table", "visual_prefix",
 ]

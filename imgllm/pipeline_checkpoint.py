@@ -59,7 +59,8 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
                   std=None if std is None else [float(s) for s in std],
                   eos_id=int(eos_id), pad_id=int(pad_id), bos_id=None if bos_id is None else int(bos_id),
                   prepend_bos=bool(prepend_bos), max_new_tokens=int(max_new_tokens))
-    pipeline.parse_template(template, int(top_k)) if template else None
+    if template:
+        pipeline.parse_template(template, int(top_k))  # a bad slot is named now, not at inference
     return json.loads(json.dumps(config))
 
 
@@ -131,6 +132,18 @@ def read_pipeline_params(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     return dict(restored[PARAMS_ITEM])
 
 
+def read_params_shapes(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The parameter tree's shapes and dtypes (jax.ShapeDtypeStruct leaves), from metadata only (fast)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(os.path.abspath(os.fspath(checkpoint_dir)), PARAMS_ITEM)
+    metadata = ocp.StandardCheckpointer().metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), dict(tree))
+
+
 # ----------------------------------------------------------------------------------------------- runtime
 
 
@@ -177,8 +190,11 @@ class Pipeline:
             bos_id=config["bos_id"] if config.get("prepend_bos") else None)
 
     def spec(self, generation: Any = None, *, template: str | None = None, top_k: int | None = None,
-             flip_tta: bool = False) -> pipeline.PipelineSpec:
-        """The static `PipelineSpec`; generation: a `GenerationConfig` (default: greedy, the config's length)."""
+             flip_tta: bool = False, lm_classify: bool = False) -> pipeline.PipelineSpec:
+        """The static `PipelineSpec`; generation: a `GenerationConfig` (default: greedy, the config's length).
+
+        lm_classify: also classify by LM likelihood after the visual prefix (`imgllm.scoring`'s default prompts);
+        needs a checkpoint with a bridge."""
         from imgllm.generate import GenerationConfig
         from imgllm.models.cnn import cnn_from_config
 
@@ -191,28 +207,40 @@ class Pipeline:
             from imgllm.models.bridge import PrefixMapper
 
             bridge = PrefixMapper(**config["bridge"])
+        lm_prompts = None
+        if lm_classify:
+            if bridge is None:
+                raise ValueError(f"{self.directory}: LM classification needs a visual prefix, and this pipeline "
+                                 "checkpoint has no bridge")
+            from imgllm.scoring import build_prompt_table
+
+            lm_prompts = pipeline.LMClassPrompts.from_table(
+                build_prompt_table(self.tokenizer.encode, config["eos_id"], config["class_names"]))
         mean, std = config.get("mean"), config.get("std")
         return pipeline.PipelineSpec(
             cnn=cnn_from_config(config["cnn"]), lm_config=self.lm_config(),
             prompts=self.prompt_tables(template, top_k), generation=generation, pad_id=config["pad_id"],
             image_size=config["image_size"], mean=None if mean is None else tuple(mean),
-            std=None if std is None else tuple(std), bridge=bridge, flip_tta=flip_tta)
+            std=None if std is None else tuple(std), bridge=bridge, flip_tta=flip_tta, lm_class_prompts=lm_prompts)
 
     def decode_captions(self, caption_ids: np.ndarray) -> list[list[str]]:
         return pipeline.decode_captions(self.tokenizer.decode, caption_ids, self.config["eos_id"],
                                         self.config["pad_id"])
 
 
-def load_pipeline(checkpoint_dir: str | os.PathLike) -> Pipeline:
-    """Reads a pipeline checkpoint (config first, so a wrong directory fails before the big read)."""
+def load_pipeline(checkpoint_dir: str | os.PathLike, *, read_params: bool = True) -> Pipeline:
+    """Reads a pipeline checkpoint (config first, so a wrong directory fails before the big read).
+
+    read_params=False leaves `params` None, for callers that read them separately (`read_pipeline_params`),
+    e.g. in a thread while they compile against `read_params_shapes`."""
     checkpoint_dir = os.path.abspath(os.fspath(checkpoint_dir))
     config = read_pipeline_config(checkpoint_dir)
     tokenizer_path = os.path.join(checkpoint_dir, TOKENIZER_DIR, TOKENIZER_FILE)
     if not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"{checkpoint_dir}: missing {TOKENIZER_DIR}/{TOKENIZER_FILE}")
     tokenizer = FastTokenizer(tokenizer_path)
-    return Pipeline(params=read_pipeline_params(checkpoint_dir), config=config, tokenizer=tokenizer,
-                    directory=checkpoint_dir)
+    params = read_pipeline_params(checkpoint_dir) if read_params else None
+    return Pipeline(params=params, config=config, tokenizer=tokenizer, directory=checkpoint_dir)
 
 
 # ----------------------------------------------------------------------------------------------- assemble
@@ -280,6 +308,6 @@ def check_vocabulary(tokenizer: Any, vocab_size: int, source: str) -> None:
 
 __all__ = [
     "FORMAT", "FastTokenizer", "Pipeline", "assemble_pipeline_checkpoint", "check_vocabulary", "load_classifier",
-    "load_pipeline", "make_pipeline_config", "read_pipeline_config", "read_pipeline_params",
+    "load_pipeline", "make_pipeline_config", "read_params_shapes", "read_pipeline_config", "read_pipeline_params",
     "save_pipeline_checkpoint",
 ]

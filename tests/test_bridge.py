@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from imgllm.models import cnn as cnn_lib
-from imgllm.models.bridge import (PrefixMapper, check_mapper_fits, cnn_outputs, embed_tokens,
-                                  prefixed_token_log_probs, prefixed_token_stats)
+from imgllm.models.bridge import (PrefixMapper, check_mapper_fits, cnn_outputs, embed_tokens, max_pool_to_grid,
+                                  prefixed_token_log_probs, prefixed_token_stats,
+                                  whitening_stem_output)
 from imgllm.models.lm import GPT2, GPT2Config, init_params
 
 jax.config.update("jax_enable_x64", False)
@@ -16,9 +17,9 @@ jax.config.update("jax_enable_x64", False)
 def parts():
   cnn = cnn_lib.CNN(num_classes=4, widths=(8, 16, 16), conv_impl="xla")
   images = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
-  cnn_variables = cnn.init(jax.random.key(1), images, train=False)
+  cnn_variables = jax.jit(lambda key: cnn.init(key, images, train=False))(jax.random.key(1))
   lm_config = GPT2Config.tiny(vocab_size=24, bos_token_id=0, eos_token_id=0)
-  lm_params = init_params(lm_config, jax.random.key(2))
+  lm_params = jax.jit(lambda key: init_params(lm_config, key))(jax.random.key(2))
   return cnn, cnn_variables, images, lm_config, lm_params
 
 
@@ -45,6 +46,20 @@ def test_feature_sources(parts):
   # The last block's map is 3x3x16 for 32x32 inputs; its global max is the pooled feature vector.
   assert spatial.shape == (3, 3 * 3 * 16)
   np.testing.assert_allclose(spatial.reshape(3, 9, 16).max(1), pooled, rtol=1e-6)
+  _, pyramid = cnn_outputs(cnn, cnn_variables, images, "pyramid")
+  assert pyramid.shape == (3, 3 * 3 * (24 + 8 + 16 + 16))                 # stem + the three blocks
+  np.testing.assert_array_equal(pyramid[:, -spatial.shape[1]:], spatial)   # the last block's grid, unpooled
+  stem = whitening_stem_output(cnn, cnn_variables, images)
+  assert stem.shape == (3, 31, 31, 24)
+  np.testing.assert_array_equal(pyramid[:, :3 * 3 * 24], max_pool_to_grid(stem, (3, 3)).reshape(3, -1))
+  # The recomputed stem is what the CNN feeds block1: at init block1's first conv is the identity on its first
+  # 8 channels (dirac init), so its output there is the stem's.
+  _, captured = cnn.apply(cnn_variables, images, train=False, mutable=["intermediates"],
+                          capture_intermediates=lambda module, _: module.path == ("block1", "conv1"))
+  conv1 = captured["intermediates"]["block1"]["conv1"]["__call__"][0]
+  np.testing.assert_allclose(conv1[..., :8], stem[..., :8], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(max_pool_to_grid(jnp.arange(16.0).reshape(1, 4, 4, 1), (2, 2))[0, ..., 0],
+                                [[5.0, 7.0], [13.0, 15.0]])
   with pytest.raises(ValueError, match="feature_source='mean'"):
     cnn_outputs(cnn, cnn_variables, images, "mean")
 

@@ -64,6 +64,11 @@ def messy_folder(tmp_path_factory) -> dict[str, str]:
     return {key: str(value) for key, value in files.items()} | {"root": str(root)}
 
 
+# Tests share these options where they can, so that one compiled program serves several tests.
+BATCH = ("--batch-size", 4)
+SAMPLING = ("--decoding", "sample", "--temperature", "2.0", "--num-captions", 2)
+
+
 def run_infer(*args) -> int:
     return infer.main([*map(str, args), "--quiet", "--compilation-cache", ""])
 
@@ -75,7 +80,7 @@ def read_jsonl(path) -> list[dict]:
 
 def test_messy_folder_gives_one_record_per_image_and_errors_for_bad_files(checkpoint, messy_folder, tmp_path):
     out = tmp_path / "out.jsonl"
-    assert run_infer(messy_folder["root"], "--checkpoint", checkpoint, "--output", out, "--batch-size", 4) == 0
+    assert run_infer(messy_folder["root"], "--checkpoint", checkpoint, "--output", out, *BATCH) == 0
     records = {r["path"]: r for r in read_jsonl(out)}
     images = [messy_folder[k] for k in ("good", "grey", "rgba", "jpeg")]
     bad = [messy_folder[k] for k in ("corrupt", "truncated", "text_as_png")]
@@ -95,22 +100,22 @@ def test_messy_folder_gives_one_record_per_image_and_errors_for_bad_files(checkp
 def test_nothing_captionable_exits_non_zero(checkpoint, messy_folder, tmp_path):
     out = tmp_path / "out.jsonl"
     assert run_infer(messy_folder["corrupt"], messy_folder["truncated"], tmp_path / "missing.png",
-                     "--checkpoint", checkpoint, "--output", out) == 1
+                     "--checkpoint", checkpoint, "--output", out, *BATCH) == 1
     assert all("error" in r for r in read_jsonl(out)) and len(read_jsonl(out)) == 3
 
 
 def test_interrupted_run_resumes_with_each_record_once(checkpoint, tmp_path):
     paths = write_images(tmp_path / "imgs", 11)
-    args = [tmp_path / "imgs", "--checkpoint", checkpoint, "--batch-size", 3, "--decoding", "sample", "--seed", 7]
+    args = [tmp_path / "imgs", "--checkpoint", checkpoint, *BATCH, *SAMPLING, "--seed", 7]
     full = tmp_path / "full.jsonl"
     assert run_infer(*args, "--output", full) == 0
     full_records = read_jsonl(full)
     assert [r["path"] for r in full_records] == paths
 
-    # An interrupted run: four records on disk and half of the fifth line.
+    # An interrupted run: six records on disk (the second batch half done) and half of the seventh line.
     lines = full.read_text().splitlines(keepends=True)
     partial = tmp_path / "partial.jsonl"
-    partial.write_text("".join(lines[:4]) + lines[4][: len(lines[4]) // 2])
+    partial.write_text("".join(lines[:6]) + lines[6][: len(lines[6]) // 2])
     assert run_infer(*args, "--output", partial) == 0
     resumed = read_jsonl(partial)
     assert sorted(r["path"] for r in resumed) == paths  # every image exactly once
@@ -122,8 +127,8 @@ def test_same_seed_same_captions_other_seed_others(checkpoint, tmp_path):
     outputs = {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         outputs[name] = tmp_path / f"{name}.jsonl"
-        assert run_infer(tmp_path / "imgs", "--checkpoint", checkpoint, "--output", outputs[name], "--decoding",
-                         "sample", "--temperature", "2.0", "--num-captions", 2, "--seed", seed) == 0
+        assert run_infer(tmp_path / "imgs", "--checkpoint", checkpoint, "--output", outputs[name], *BATCH,
+                         *SAMPLING, "--seed", seed) == 0
     a, b, c = (read_jsonl(outputs[name]) for name in "abc")
     assert a == b
     assert [r["captions"] for r in a] != [r["captions"] for r in c]
@@ -133,7 +138,7 @@ def test_same_seed_same_captions_other_seed_others(checkpoint, tmp_path):
 def test_csv_and_html_outputs(checkpoint, messy_folder, tmp_path):
     out, page = tmp_path / "out.csv", tmp_path / "page.html"
     assert run_infer(messy_folder["good"], messy_folder["corrupt"], "--checkpoint", checkpoint, "--output", out,
-                     "--html", page) == 0
+                     "--html", page, *BATCH) == 0
     import csv
 
     with open(out, newline="") as f:
@@ -144,7 +149,8 @@ def test_csv_and_html_outputs(checkpoint, messy_folder, tmp_path):
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 1 and rows[0]["label_1"] in text and "corrupt.jpg" in text
     # A rerun finds everything done: nothing is added, and the page still lists both.
-    assert run_infer(messy_folder["good"], messy_folder["corrupt"], "--checkpoint", checkpoint, "--output", out) == 0
+    assert run_infer(messy_folder["good"], messy_folder["corrupt"], "--checkpoint", checkpoint, "--output", out,
+                     *BATCH) == 0
     with open(out, newline="") as f:
         assert len(list(csv.DictReader(f))) == 2
 
@@ -154,7 +160,7 @@ def test_tfds_split_input(checkpoint, tmp_path):
 
     out = tmp_path / "out.jsonl"
     with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
-        assert run_infer("tfds:cifar10:test", "--checkpoint", checkpoint, "--output", out, "--batch-size", 2) == 0
+        assert run_infer("tfds:cifar10:test", "--checkpoint", checkpoint, "--output", out, *BATCH) == 0
     records = read_jsonl(out)
     assert [r["path"] for r in records] == [f"tfds:cifar10:test:{i}" for i in range(5)]
     assert all("captions" in r for r in records)
@@ -194,3 +200,28 @@ def test_second_process_uses_the_compilation_cache(checkpoint, tmp_path):
     assert sorted(os.listdir(cache)) == entries  # nothing new compiled and written
     assert "Persistent compilation cache hit" in logged.stderr
     assert read_jsonl(tmp_path / "a.jsonl") == read_jsonl(tmp_path / "b.jsonl")
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_with_each_record_once(checkpoint, tmp_path):
+    """A real interruption: SIGKILL once the first batch is on disk, then the same command again."""
+    import signal
+    import time
+
+    paths = write_images(tmp_path / "imgs", 60)
+    out = tmp_path / "out.jsonl"
+    command = [sys.executable, os.path.join(REPO, "infer.py"), str(tmp_path / "imgs"), "--checkpoint", checkpoint,
+               "--batch-size", "2", "--quiet", "--compilation-cache", "", "--output", str(out)]
+    process = subprocess.Popen(command, env=_subprocess_env(), stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 1) and process.poll() is None:
+            assert time.monotonic() < deadline, "infer.py wrote nothing in 300 s"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    written = out.read_bytes().count(b"\n")
+    assert 1 <= written < len(paths), f"the kill came too late to test anything ({written} records)"
+    subprocess.run(command, check=True, timeout=300, env=_subprocess_env(), stderr=subprocess.DEVNULL)
+    assert [r["path"] for r in read_jsonl(out)] == paths  # each exactly once, in order

@@ -35,38 +35,50 @@ def tokenizer_dir(root) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_pipeline_parts(seed: int = 0, *, bridge: bool = False, template: str = "A photo of a {label}.",
-                        top_k: int = 2, max_new_tokens: int = 6):
-    """(params, config) of a tiny pipeline: the test CNN preset and a two-layer GPT-2 over the BPE's ids.
-
-    Cached (tests share the arrays; they only read them)."""
+def tiny_params(seed: int = 0, bridge: bool = False) -> dict:
+    """Parameters of a tiny pipeline: the test CNN preset, a two-layer GPT-2 over the BPE's ids and, when asked,
+    a PrefixMapper. Cached: tests share the (numpy) arrays and only read them."""
     from imgllm.models.cnn import cnn_preset
-    from imgllm.models.lm import GPT2Config, init_params
+    from imgllm.models.lm import init_params
 
-    tok = tiny_tokenizer()
-    cnn_config = {"preset": "tiny", "num_classes": len(CLASS_NAMES)}
-    cnn = cnn_preset("tiny", num_classes=len(CLASS_NAMES))
-    cnn_variables = jax.jit(lambda key: cnn.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(
-        jax.random.PRNGKey(seed))
-    # A wide init (0.5, not 0.02): a near-zero random GPT-2 only repeats its last token, which would make the
-    # caption comparisons below vacuous.
-    lm_config = GPT2Config.tiny(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                                initializer_range=0.5)
-    lm_params = jax.jit(init_params, static_argnums=0)(lm_config, jax.random.PRNGKey(seed + 1))
-    params = {"cnn": dict(cnn_variables), "lm": lm_params}
-    bridge_config = None
     if bridge:
         from imgllm.models.bridge import PrefixMapper
 
-        bridge_config = {"prefix_length": 2, "lm_dim": lm_config.n_embd, "hidden": 16}
-        mapper = PrefixMapper(**bridge_config)
         features = jnp.zeros((1, 16))  # the tiny preset's last width
-        params["bridge"] = jax.jit(mapper.init)(jax.random.PRNGKey(seed + 2), features)["params"]
+        mapper = jax.jit(PrefixMapper(**tiny_bridge_config()).init)(jax.random.PRNGKey(seed + 2), features)
+        return {**tiny_params(seed), "bridge": jax.device_get(mapper["params"])}
+    cnn = cnn_preset("tiny", num_classes=len(CLASS_NAMES))
+    cnn_variables = jax.jit(lambda key: cnn.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(
+        jax.random.PRNGKey(seed))
+    lm_config = tiny_lm_config()
+    lm_params = jax.jit(init_params, static_argnums=0)(lm_config, jax.random.PRNGKey(seed + 1))
+    return jax.device_get({"cnn": dict(cnn_variables), "lm": lm_params})
+
+
+def tiny_lm_config():
+    from imgllm.models.lm import GPT2Config
+
+    tok = tiny_tokenizer()
+    # A wide init (0.5, not 0.02): a near-zero random GPT-2 only repeats its last token, which would make the
+    # caption comparisons below vacuous.
+    return GPT2Config.tiny(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                           initializer_range=0.5)
+
+
+def tiny_bridge_config() -> dict:
+    return {"prefix_length": 2, "lm_dim": tiny_lm_config().n_embd, "hidden": 16}
+
+
+def tiny_pipeline_parts(seed: int = 0, *, bridge: bool = False, template: str = "A photo of a {label}.",
+                        top_k: int = 2, max_new_tokens: int = 6):
+    """(params, config) of a tiny pipeline (see `tiny_params`)."""
+    tok = tiny_tokenizer()
     config = pc.make_pipeline_config(
-        cnn=cnn_config, lm=lm_config.to_dict(), bridge=bridge_config, class_names=CLASS_NAMES,
-        eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, template=template,
-        top_k=top_k, prepend_bos=bridge, max_new_tokens=max_new_tokens)
-    return jax.device_get(params), config
+        cnn={"preset": "tiny", "num_classes": len(CLASS_NAMES)}, lm=tiny_lm_config().to_dict(),
+        bridge=tiny_bridge_config() if bridge else None, class_names=CLASS_NAMES, eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, template=template, top_k=top_k, prepend_bos=bridge,
+        max_new_tokens=max_new_tokens)
+    return tiny_params(seed, bridge), config
 
 
 def tiny_pipeline(tmp_path, **kwargs) -> pc.Pipeline:
@@ -144,20 +156,24 @@ def stage_by_stage(loaded: pc.Pipeline, spec: pipeline.PipelineSpec, images: np.
         ids = ([loaded.config["bos_id"]] if loaded.config["prepend_bos"] else []) + \
             (loaded.tokenizer.encode(text) if spec.prompts.template else [])
         prompt_ids[row, width - len(ids):], prompt_mask[row, width - len(ids):] = ids, 1
-    prefix = None
+    prefix, lm_scores = None, None
     if "bridge" in loaded.params:
+        from imgllm.scoring import build_prompt_table, score_class_prompts
+
         prefix = spec.bridge.apply({"params": loaded.params["bridge"]}, features)
+        table = build_prompt_table(loaded.tokenizer.encode, loaded.config["eos_id"], CLASS_NAMES)
+        lm_scores = np.asarray(score_class_prompts(loaded.params["lm"], spec.lm_config, table, prefix))
     tokens, _ = jax.jit(lambda p, i, m, r, x: generate_tokens(p, spec.lm_config, i, m, r, spec.generation,
                                                               prefix_embeds=x))(
         loaded.params["lm"], prompt_ids, prompt_mask, rng, prefix)
-    return dict(logits=np.asarray(logits), label_ids=label_ids, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+    return dict(logits=np.asarray(logits), label_ids=label_ids, lm_scores=lm_scores, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                 caption_ids=np.asarray(tokens).reshape(len(images), -1, tokens.shape[-1]))
 
 
 @pytest.mark.parametrize("bridge", [False, True], ids=["prompt", "visual_prefix"])
 def test_pipeline_equals_stages_and_compiles_once(tmp_path, bridge):
     loaded = tiny_pipeline(tmp_path, bridge=bridge, template="" if bridge else "A photo of a {label}, not {label2}.")
-    spec = loaded.spec()
+    spec = loaded.spec(lm_classify=bridge)
     captioner = pipeline.make_captioner(spec)
     rng = jax.random.PRNGKey(3)
     first = jax.device_get(captioner(loaded.params, random_images(0, 4), rng))
@@ -172,13 +188,18 @@ def test_pipeline_equals_stages_and_compiles_once(tmp_path, bridge):
     np.testing.assert_array_equal(out["prompt_mask"], reference["prompt_mask"])
     np.testing.assert_array_equal(out["caption_ids"], reference["caption_ids"])
     assert out["caption_ids"].shape == (4, 1, loaded.config["max_new_tokens"])
+    if bridge:  # the LM's classification by prompt likelihood, computed in the same jitted function
+        np.testing.assert_allclose(out["lm_scores"], reference["lm_scores"], rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(out["lm_label_ids"], reference["lm_scores"].argmax(-1))
+    else:
+        assert "lm_label_ids" not in out
     assert np.all(np.diff(out["label_probs"], axis=1) <= 0)
 
 
 def test_visual_prefix_changes_the_captions(tmp_path):
     """The bridge branch is really taken: zeroing the mapper's output layer changes what is generated."""
     loaded = tiny_pipeline(tmp_path, bridge=True, template="")
-    spec = loaded.spec()
+    spec = loaded.spec(lm_classify=True)  # the spec of the test above: its compiled function is reused
     images, rng = random_images(2, 4), jax.random.PRNGKey(0)
     captioner = pipeline.make_captioner(spec)
     with_prefix = jax.device_get(captioner(loaded.params, images, rng))["caption_ids"]
@@ -228,6 +249,11 @@ def test_pipeline_checkpoint_round_trip(tmp_path):
                                                                                  add_special_tokens=False)
     with pytest.raises(FileExistsError):
         pc.save_pipeline_checkpoint(tmp_path / "ckpt", params, config, tiny_tokenizer())
+
+
+def test_lm_classification_without_bridge_is_named(tmp_path):
+    with pytest.raises(ValueError, match="no bridge"):
+        tiny_pipeline(tmp_path).spec(lm_classify=True)
 
 
 def test_not_a_pipeline_checkpoint_is_named(tmp_path):

@@ -16,7 +16,7 @@ def captioner_config() -> ml_collections.ConfigDict:
   c.bridge = ml_collections.ConfigDict(dict(
       prefix_length=4,                # K visual prefix embeddings before [BOS] caption
       hidden=0,                       # mapper hidden width (0: ClipCap's K * n_embd // 2)
-      feature_source="pooled",        # "pooled" (CNN features) | "spatial" (last block's feature map)
+      feature_source="pooled",        # "pooled" (CNN features) | "spatial" (last block map) | "pyramid" (all blocks)
   ))
   c.lm = ml_collections.ConfigDict(dict(
       pretrained=config_dict.placeholder(str),  # Hugging Face GPT-2 directory or hub name (None: random init)

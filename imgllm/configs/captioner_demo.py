@@ -3,8 +3,10 @@
 Run (after the classifier, `python train.py --config=demo --workdir=runs/demo/classifier`):
     python train.py --config=captioner_demo --config.classifier_workdir=runs/demo/classifier \
         --workdir=runs/demo/captioner
-About 2 minutes on 2 CPU cores; on fresh validation images: caption_exact (greedy decoding reproduces the
-ground-truth caption) >= 0.9 and lm_accuracy (classification by the LM's class-prompt likelihood) >= 0.95.
+Measured (8 min wall on 2 shared cores at load ~10; 500 fresh validation images): lm_accuracy (classification by
+the LM's class-prompt likelihood) 1.000, CNN accuracy 1.000, token_accuracy 0.875, caption_exact 0.108: size,
+shape and position are right, the colour word is not (the frozen shape classifier keeps little colour: a linear
+probe on its "pyramid" features reads the colour of 60% of images, of its pooled features 23%).
 """
 from imgllm.configs.captioner_common import captioner_config
 
@@ -15,7 +17,7 @@ def get_config():
   c.num_train_examples = 8000          # generated images (one exact caption each)
   c.num_eval_examples = 500            # fresh validation images
   c.bridge.prefix_length = 4
-  c.bridge.feature_source = "spatial"  # captions name positions: keep the CNN's feature map, not its max-pool
+  c.bridge.feature_source = "pyramid"  # captions name positions and colours: every block's map, not the max-pool
   c.lm.n_embd = 128
   c.lm.n_layer = 2
   c.lm.n_head = 4

@@ -341,4 +341,4 @@ class GPT2(nn.Module):
 def init_params(config: GPT2Config, rng: jax.Array) -> dict:
     """Randomly initialised parameters (GPT-2's init: normal(0.02), scaled residual projections)."""
     dummy = jnp.zeros((1, 1), jnp.int32)
-    return GPT2(config).init(rng, dummy)["params"]
+    return jax.jit(GPT2(config).init)(rng, dummy)["params"]

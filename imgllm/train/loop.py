@@ -109,8 +109,8 @@ def initial_state(task: Task, config: ml_collections.ConfigDict, train_arrays: A
     tx = optim.make_optimizer(config.optimizer, variables["params"], total_steps=total_steps,
                               steps_per_epoch=steps_per_epoch)
     use_lookahead = bool(config.get("lookahead") and config.lookahead.get("enabled", False))
-    init = lambda: create_train_state(variables, tx, state_key, use_lookahead=use_lookahead)
-    return steps.jit_init_state(init, mesh)(), tx
+    init = lambda v, key: create_train_state(v, tx, key, use_lookahead=use_lookahead)
+    return steps.jit_init_state(init, mesh)(variables, state_key), tx
 
 
 def evaluate_arrays(task: Task, variables: Any, arrays: Arrays, mesh, *, batch_size: int, tta: bool,
@@ -138,8 +138,8 @@ def evaluate_arrays(task: Task, variables: Any, arrays: Arrays, mesh, *, batch_s
 class _StepMetrics:
     """Host-side handling of each step's metrics, one step behind the device so dispatch stays ahead.
 
-    check() fetches a step's metrics, stops on a non-finite loss (naming the step), and adds them up
-    for the next log line.
+    push() queues a step's metrics and flushes the previous step's: flush() fetches them, stops on a
+    non-finite loss (naming the step), and adds them up for the next log line.
     """
 
     def __init__(self, steps_per_epoch: int):

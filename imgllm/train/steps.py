@@ -65,7 +65,7 @@ def jit_eval_step(task: Task, mesh: Mesh, *, tta: bool) -> Callable:
                    in_shardings=(replicated, parallel.data_sharding(mesh)), out_shardings=replicated)
 
 
-def jit_init_state(init: Callable[[], TrainState], mesh: Mesh) -> Callable[[], TrainState]:
-    """A state initialiser whose output is placed replicated on the mesh."""
+def jit_init_state(init: Callable[..., TrainState], mesh: Mesh) -> Callable[..., TrainState]:
+    """A state initialiser (from host arrays) whose output is placed replicated on the mesh."""
     return jax.jit(init, out_shardings=parallel.replicated_sharding(mesh))
 

@@ -1,0 +1,221 @@
+"""Captions per second, image → caption strings, with the full-size CNN and a GPT-2-small-shaped LM (random init).
+
+    python benchmarks/bench_captions.py                       # 1,024 CIFAR-size images, 20 new tokens
+    python benchmarks/bench_captions.py --num-images 256 --torch-images 128 --repeats 3
+
+Prints, side by side, medians over --repeats runs (compilation excluded; a warm-up call first):
+  * imgllm: `make_captioner` (CNN → top-k → prompt → generate, one jitted function) + decoding the strings,
+    greedy and top-p sampling (p = 0.9);
+  * the PyTorch reference: the same CNN in torch, then transformers' `generate` on batches of 64 prompts;
+  * the whole-process time of a second `infer.py` run on 8 images with a GPT-2-small-shaped pipeline checkpoint
+    (persistent compilation cache warm).
+Targets (owners' issue): greedy >= 50 images/s, top-p >= 25 images/s, second infer.py run <= 10 s. The figures
+depend on the machine's load: `uptime` is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+TEMPLATE = "A photo of a {label}."
+TORCH_BATCH = 64
+
+
+def tokenizer():
+    """A byte-level BPE trained here (ids < 50257: only ids matter to a randomly initialised LM)."""
+    from imgllm.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer([TEMPLATE.format(label=name) for name in CLASS_NAMES], vocab_size=300)
+
+
+def jax_parts(tok):
+    """(params, pipeline config) with the airbench94 CNN and GPT-2 small, randomly initialised."""
+    import jax
+    import jax.numpy as jnp
+
+    from imgllm.models.cnn import cnn_preset
+    from imgllm.models.lm import GPT2Config, init_params
+    from imgllm.pipeline_checkpoint import make_pipeline_config
+
+    cnn = cnn_preset("airbench94", num_classes=len(CLASS_NAMES))
+    cnn_variables = jax.jit(lambda k: cnn.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.PRNGKey(0))
+    lm_config = GPT2Config.small()
+    lm_params = jax.jit(init_params, static_argnums=0)(lm_config, jax.random.PRNGKey(1))
+    config = make_pipeline_config(cnn={"preset": "airbench94", "num_classes": len(CLASS_NAMES)},
+                                  lm=lm_config.to_dict(), class_names=CLASS_NAMES, eos_id=tok.eos_token_id,
+                                  pad_id=tok.pad_token_id, template=TEMPLATE, top_k=1, max_new_tokens=20)
+    return jax.device_get({"cnn": dict(cnn_variables), "lm": lm_params}), config
+
+
+def time_jax(loaded, images: np.ndarray, batch: int, sample: bool, repeats: int) -> list[float]:
+    """Seconds per full pass over `images` (uint8 → caption strings), after one warm-up pass."""
+    import jax
+
+    from imgllm import pipeline
+    from imgllm.generate import GenerationConfig
+
+    generation = GenerationConfig(max_new_tokens=20, do_sample=sample, top_p=0.9 if sample else 1.0,
+                                  eos_token_id=loaded.config["eos_id"], pad_token_id=loaded.config["pad_id"])
+    captioner = pipeline.make_captioner(loaded.spec(generation))
+    params = jax.device_put(loaded.params)
+
+    def one_pass():
+        captions, in_flight = [], None
+        for index, start in enumerate(range(0, len(images), batch)):
+            result = captioner(params, images[start:start + batch], jax.random.PRNGKey(index))
+            if in_flight is not None:
+                captions += loaded.decode_captions(np.asarray(jax.device_get(in_flight)["caption_ids"]))
+            in_flight = result
+        captions += loaded.decode_captions(np.asarray(jax.device_get(in_flight)["caption_ids"]))
+        return captions
+
+    one_pass()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        captions = one_pass()
+        times.append(time.perf_counter() - start)
+    assert len(captions) == len(images)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------- PyTorch
+
+
+def torch_cnn(num_classes: int):
+    """airbench94 in PyTorch (2x2 whitening stem, three conv blocks 64/256/256), random init, eval mode."""
+    import torch
+    from torch import nn
+
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2),
+                             nn.BatchNorm2d(cout), nn.GELU(), nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                             nn.BatchNorm2d(cout), nn.GELU())
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 24, 2)
+            self.blocks = nn.Sequential(block(24, 64), block(64, 256), block(256, 256))
+            self.head = nn.Linear(256, num_classes, bias=False)
+
+        def forward(self, x):
+            x = self.blocks(nn.functional.gelu(self.stem(x)))
+            return self.head(torch.amax(x, dim=(2, 3))) / 9
+
+    return Net().eval().to(memory_format=torch.channels_last)
+
+
+def time_torch(tok, images: np.ndarray, sample: bool, repeats: int) -> list[float]:
+    """The reference: torch CNN on the batch, then transformers' generate per 64 prompts, then decode."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    cnn = torch_cnn(len(CLASS_NAMES))
+    lm = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+    tok.padding_side = "left"
+
+    def one_pass():
+        captions = []
+        with torch.inference_mode():
+            for start in range(0, len(images), TORCH_BATCH):
+                x = torch.from_numpy(images[start:start + TORCH_BATCH]).permute(0, 3, 1, 2).float() / 255
+                x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+                labels = cnn(x).softmax(-1).argmax(-1).tolist()
+                prompts = [TEMPLATE.format(label=CLASS_NAMES[c]) for c in labels]
+                encoded = tok(prompts, return_tensors="pt", padding=True)
+                out = lm.generate(**encoded, max_new_tokens=20, do_sample=sample, top_p=0.9 if sample else 1.0,
+                                  top_k=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                captions += tok.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        return captions
+
+    one_pass() if len(images) <= TORCH_BATCH else None  # warm-up (small inputs only: it is slow)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------- infer.py
+
+
+def time_second_infer_run(checkpoint: str, workdir: str, repeats: int) -> list[float]:
+    """Whole-process seconds of infer.py on 8 images, after a first run has filled the compilation cache."""
+    from PIL import Image
+
+    folder = os.path.join(workdir, "images")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
+    command = [sys.executable, os.path.join(REPO, "infer.py"), folder, "--checkpoint", checkpoint, "--quiet",
+               "--batch-size", "8", "--no-resume", "--compilation-cache", os.path.join(workdir, "jax_cache"),
+               "--output", os.path.join(workdir, "out.jsonl")]
+    subprocess.run(command, check=True)  # first run: compiles and fills the cache
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=256, help="imgllm images per jitted call")
+    parser.add_argument("--torch-images", type=int, default=256,
+                        help="images for the PyTorch reference (its speed is per image; 0 skips it)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-infer", action="store_true", help="skip the second-infer.py-run measurement")
+    args = parser.parse_args()
+
+    from imgllm import pipeline_checkpoint as pc
+
+    tok = tokenizer()
+    images = np.random.default_rng(0).integers(0, 256, (args.num_images, 32, 32, 3), dtype=np.uint8)
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        params, config = jax_parts(tok)
+        checkpoint = pc.save_pipeline_checkpoint(os.path.join(workdir, "ckpt"), params, config, tok)
+        loaded = pc.load_pipeline(checkpoint)
+        for name, sample, target, reference in (("greedy", False, 50, 23.5), ("top-p 0.9", True, 25, 13.6)):
+            jax_rate = args.num_images / statistics.median(time_jax(loaded, images, args.batch_size, sample,
+                                                                    args.repeats))
+            torch_rate = float("nan")
+            if args.torch_images:
+                torch_rate = args.torch_images / statistics.median(
+                    time_torch(tok, images[:args.torch_images], sample, args.repeats))
+            rows.append((name, jax_rate, torch_rate, reference, target))
+            print(f"{name}: imgllm {jax_rate:.1f} img/s, PyTorch {torch_rate:.1f} img/s", flush=True)
+        infer_seconds = None if args.skip_infer else statistics.median(
+            time_second_infer_run(checkpoint, workdir, args.repeats))
+
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"\n{args.num_images} CIFAR-size images, airbench94 CNN + GPT-2-small shape (random), 20 new tokens; "
+          f"medians of {args.repeats}; PyTorch on {args.torch_images} images; load: {load}")
+    print(f"{'decoding':<12}{'imgllm img/s':>14}{'PyTorch img/s':>15}{'PyTorch (issue)':>17}{'target':>8}")
+    for name, jax_rate, torch_rate, reference, target in rows:
+        print(f"{name:<12}{jax_rate:>14.1f}{torch_rate:>15.1f}{reference:>17.1f}{target:>8}")
+    if infer_seconds is not None:
+        print(f"second infer.py run on 8 images (whole process, cache warm): {infer_seconds:.2f} s (target <= 10 s)")
+
+
+if __name__ == "__main__":
+    main()
