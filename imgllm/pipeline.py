@@ -422,8 +422,8 @@ def decode_captions(decode: Callable[[Sequence[int]], str], caption_ids: np.ndar
 
 
 __all__ = [
-    "DEFAULT_TEMPLATE", "LMClassPrompts", "PipelineSpec", "PromptPiece", "PromptTables", "TokenTable", "assemble_prompts",
-    "build_prompt_tables", "caption_images", "compile_captioner", "place_images", "place_params", "caption_token_lists", "classify", "decode_captions",
-    "expand_template", "fill_template", "make_captioner", "parse_template", "preprocess", "probability_percents",
-    "token_table", "visual_prefix",
+    "DEFAULT_TEMPLATE", "LMClassPrompts", "PipelineSpec", "PromptPiece", "PromptTables", "TokenTable",
+    "assemble_prompts", "build_prompt_tables", "caption_images", "caption_token_lists", "classify",
+    "compile_captioner", "decode_captions", "expand_template", "fill_template", "make_captioner", "parse_template",
+    "place_images", "place_params", "preprocess", "probability_percents", "token_table", "visual_prefix",
 ]

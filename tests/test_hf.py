@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest_hf import tiny_hf_dir, tiny_tokenizer  # noqa: F401  (pytest fixtures)
 from imgllm import hf
 from imgllm.models.lm import GPT2Config
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest_hf import CORPUS
+from conftest import CORPUS
 from imgllm import hf
 from imgllm.configs import lm_tiny
 from imgllm.train import loop

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest_hf import tiny_hf_dir, tiny_tokenizer  # noqa: F401  (pytest fixtures)
 from imgllm import generate, hf
 from imgllm.models.lm import GPT2
 

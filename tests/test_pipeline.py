@@ -166,7 +166,8 @@ def stage_by_stage(loaded: pc.Pipeline, spec: pipeline.PipelineSpec, images: np.
     tokens, _ = jax.jit(lambda p, i, m, r, x: generate_tokens(p, spec.lm_config, i, m, r, spec.generation,
                                                               prefix_embeds=x))(
         loaded.params["lm"], prompt_ids, prompt_mask, rng, prefix)
-    return dict(logits=np.asarray(logits), label_ids=label_ids, lm_scores=lm_scores, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+    return dict(logits=np.asarray(logits), label_ids=label_ids, lm_scores=lm_scores, prompt_ids=prompt_ids,
+                prompt_mask=prompt_mask,
                 caption_ids=np.asarray(tokens).reshape(len(images), -1, tokens.shape[-1]))
 
 
@@ -267,3 +268,38 @@ def test_config_errors_are_named():
     with pytest.raises(ValueError, match="unknown slot"):
         pc.make_pipeline_config(cnn={"preset": "tiny"}, lm={}, class_names=["a", "b"], eos_id=0, pad_id=0,
                                 template="{what}")
+
+
+@pytest.mark.slow
+def test_assemble_from_a_train_workdir_and_a_gpt2_directory(tmp_path):
+    """infer.py assemble: a classifier trained by train.py's loop + a Hugging Face GPT-2 directory → one checkpoint
+    holding exactly their weights, the run's class names and normalisation, and the tokenizer."""
+    import sys
+
+    from imgllm import hf
+    from imgllm.configs import cnn_tiny
+    from imgllm.train.loop import restore_for_eval, train_and_evaluate
+
+    config = cnn_tiny.get_config()
+    config.num_epochs, config.eval_split = 0.25, ""  # two steps, no evaluation: only the checkpoint matters
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(config, workdir)
+    params, _ = tiny_pipeline_parts()
+    lm_dir = hf.save_gpt2(tmp_path / "gpt2", tiny_lm_config(), params["lm"], tokenizer=tiny_tokenizer())
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import infer
+
+    out = tmp_path / "ckpt"
+    assert infer.main(["assemble", "--classifier", workdir, "--lm", lm_dir, "--out", str(out), "--top-labels", "2",
+                       "--template", "This is {topk}."]) == 0
+    loaded = pc.load_pipeline(out)
+    _, meta, _, variables = restore_for_eval(workdir)
+    assert loaded.class_names == tuple(meta["task"]["class_names"])
+    jax.tree.map(np.testing.assert_array_equal, loaded.params["cnn"], jax.device_get(variables))
+    jax.tree.map(np.testing.assert_array_equal, loaded.params["lm"], params["lm"])
+    assert loaded.config["mean"] == list(config.normalization.mean)
+    assert loaded.config["template"] == "This is {topk}." and loaded.config["top_k"] == 2
+    spec = loaded.spec()
+    assert spec.prompts.top_k == 2 and spec.lm_config == tiny_lm_config()
+    assert "bridge" not in loaded.params

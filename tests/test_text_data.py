@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest_hf import CORPUS, tiny_tokenizer  # noqa: F401  (pytest fixture)
+from conftest import CORPUS
 from imgllm.data import text
 
 EOS, PAD = 9, 7

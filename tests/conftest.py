@@ -1,11 +1,11 @@
-"""Shared fixtures for the Hugging Face tests: a tiny GPT-2 checkpoint directory made offline.
+"""Shared test fixtures. Hugging Face: a tiny GPT-2 checkpoint directory made offline.
 
 `tiny_hf_dir` holds what ``GPT2LMHeadModel.save_pretrained`` and a tokenizer's ``save_pretrained``
 write (config.json, model.safetensors, tokenizer files) for a randomly initialised two-layer model
 whose vocabulary is a byte-level BPE trained here. Every parameter, LayerNorms included, is drawn
 at random so that a mixed-up mapping (ln_1 vs ln_2, kernel vs bias) changes the logits.
 
-Import the fixtures into a test module with ``from conftest_hf import tiny_hf_dir, tiny_tokenizer``.
+Fixtures are found by pytest; plain helpers are imported with ``from conftest import CORPUS``.
 """
 
 from __future__ import annotations
