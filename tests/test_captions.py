@@ -3,6 +3,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -106,42 +107,73 @@ def test_coco_captions_through_tfds_mock_data():
 
 
 @pytest.fixture(scope="module")
-def classifier_workdir(tmp_path_factory):
-  """A tiny demo classifier trained by the real loop (its checkpoint is the captioner's frozen CNN)."""
-  from imgllm.configs import cnn_tiny
-  from imgllm.train import loop
-  workdir = str(tmp_path_factory.mktemp("classifier"))
-  config = cnn_tiny.get_config()
-  config.num_epochs = 1.0
-  config.eval_split = ""
-  loop.train_and_evaluate(config, workdir)
-  return workdir
+def tiny_demo(tmp_path_factory):
+  """The demo recipe (classifier, captioner, pipeline export, evaluation) run end to end on tiny configs."""
+  from imgllm.configs import captioner_tiny, cnn_tiny
+  from imgllm.train import demo_recipe
+  workdir = str(tmp_path_factory.mktemp("demo"))
+  classifier_config = cnn_tiny.get_config()
+  classifier_config.num_epochs = 1.0
+  classifier_config.eval_split = ""
+  captioner_config = captioner_tiny.get_config()
+  captioner_config.eval_split = ""           # the recipe's own evaluation runs the exported pipeline
+  logs = []
+  results = demo_recipe.run_demo(workdir, classifier_config=classifier_config, captioner_config=captioner_config,
+                                 num_eval_examples=16, log=logs.append)
+  return workdir, classifier_config, captioner_config, results, logs
 
 
-def test_short_captioner_training_improves_caption_scores(classifier_workdir, tmp_path):
-  from imgllm import parallel
-  from imgllm.configs import captioner_tiny
-  from imgllm.train import loop
-  config = captioner_tiny.get_config()
-  config.classifier_workdir = classifier_workdir
-  task = captioner.CaptionerTask(config)
-  train_arrays = task.train_arrays()
-  eval_arrays = task.eval_arrays()
-  mesh = parallel.make_mesh()
-  initial = task.prepare_variables(jax.device_get(jax.jit(task.init_variables)(jax.random.PRNGKey(0))),
-                                   train_arrays)
-  before = loop.evaluate_arrays(task, initial, eval_arrays, mesh, batch_size=config.eval_batch_size, tta=False)
-  result = loop.train_and_evaluate(config, str(tmp_path / "captioner"), task=task)
-  after = result.final_eval
-  assert set(after) >= {"loss", "token_accuracy", "caption_exact", "accuracy", "lm_accuracy"}
-  assert after["loss"] < before["loss"] - 1.0
-  assert after["token_accuracy"] > before["token_accuracy"] + 0.2
-  # The CNN is frozen: its accuracy is the same before and after.
-  assert after["accuracy"] == pytest.approx(before["accuracy"])
-  # The checkpoint exports as a pipeline checkpoint with the bridge and the trained tokenizer.
-  out = captioner.export_pipeline_checkpoint(str(tmp_path / "captioner"), str(tmp_path / "pipeline"))
-  from imgllm.pipeline_checkpoint import load_pipeline
-  pipeline = load_pipeline(out)
+def _metrics_records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_short_captioner_training_improves_caption_scores(tiny_demo):
+  workdir, _, captioner_config, _, logs = tiny_demo
+  records = [r for r in _metrics_records(os.path.join(workdir, "captioner")) if r["split"] == "train"]
+  first, last = records[0], records[-1]
+  assert first["step"] == 1 and last["step"] > 30
+  # Next-token loss and token accuracy on the training captions, at the first step and over the last steps.
+  assert last["loss"] < first["loss"] - 1.0
+  assert last["accuracy"] > first["accuracy"] + 0.2
+  assert any("classifier: trained" in line for line in logs) and any("captioner: trained" in line for line in logs)
+
+
+def test_demo_recipe_exports_a_pipeline_that_captions_and_classifies(tiny_demo):
+  from imgllm.pipeline_checkpoint import load_classifier, load_pipeline
+  workdir, _, captioner_config, results, _ = tiny_demo
+  assert set(results) == {"exact_match", "bleu4", "cider", "lm_accuracy", "cnn_accuracy"}
+  assert all(0.0 <= results[k] <= 1.0 for k in ("exact_match", "bleu4", "lm_accuracy", "cnn_accuracy"))
+  pipeline = load_pipeline(os.path.join(workdir, "pipeline"))
   assert set(pipeline.params) == {"cnn", "lm", "bridge"}
-  assert pipeline.config["bridge"]["feature_source"] == "spatial"
-  assert pipeline.config["class_prompt_templates"] == list(config.captions.templates)
+  assert pipeline.config["bridge"]["feature_source"] == captioner_config.bridge.feature_source
+  assert pipeline.config["class_prompt_templates"] == list(captioner_config.captions.templates)
+  # The CNN is frozen: the pipeline holds the classifier's variables unchanged ...
+  classifier_variables, run_config, _ = load_classifier(os.path.join(workdir, "classifier"))
+  jax.tree.map(np.testing.assert_array_equal, pipeline.params["cnn"], classifier_variables)
+  # ... and the evaluation's CNN accuracy is the classifier's own on the same fresh images (same preprocessing).
+  from imgllm.data import augment, load_dataset
+  from imgllm.models.cnn import cnn_from_config
+  from imgllm.train.demo_recipe import EVAL_SEED, EVAL_SPLIT
+  images = load_dataset("demo", EVAL_SPLIT, seed=EVAL_SEED, num_examples=16)
+  normalization = run_config["normalization"]
+  logits, _ = jax.jit(lambda v, x: cnn_from_config(run_config["model"]).apply(v, augment.normalize(
+      x, mean=tuple(normalization["mean"]), std=tuple(normalization["std"])), train=False))(
+          classifier_variables, images.images)
+  assert results["cnn_accuracy"] == pytest.approx(np.mean(np.argmax(logits, -1) == images.labels))
+
+
+def test_demo_recipe_stages_resume_and_refuse_other_configs(tiny_demo):
+  from imgllm.train import checkpoint as ckpt_lib
+  from imgllm.train import demo_recipe
+  workdir, classifier_config, captioner_config, _, _ = tiny_demo
+  classifier_dir = os.path.join(workdir, "classifier")
+  assert demo_recipe.stage_is_finished(classifier_dir, classifier_config)
+  captioner_config = ml_collections.ConfigDict(captioner_config.to_dict())
+  captioner_config.classifier_workdir = classifier_dir
+  assert demo_recipe.stage_is_finished(os.path.join(workdir, "captioner"), captioner_config)
+  assert not demo_recipe.stage_is_finished(os.path.join(workdir, "nothing_here"), classifier_config)
+  other = ml_collections.ConfigDict(classifier_config.to_dict())
+  other.num_epochs = 3.0
+  with pytest.raises(ckpt_lib.IncompatibleConfigError, match="num_epochs"):
+    demo_recipe.stage_is_finished(classifier_dir, other)

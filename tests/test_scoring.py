@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from imgllm import scoring
-from imgllm.models.bridge import PrefixMapper
 from imgllm.models.lm import GPT2, GPT2Config, init_params
+from test_bridge import random_variables   # seeded weights without compiling initialisers
 
 jax.config.update("jax_enable_x64", False)
 
@@ -24,11 +24,10 @@ def encode(text: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def model():
+  """A tiny GPT-2 with seeded random weights and 5 random visual prefixes of 3 embeddings."""
   config = GPT2Config.tiny(vocab_size=16, bos_token_id=0, eos_token_id=0)
-  params = init_params(config, jax.random.key(0))
-  mapper = PrefixMapper(prefix_length=3, lm_dim=config.n_embd)
-  bridge = mapper.init(jax.random.key(1), jnp.zeros((1, 8)))["params"]
-  prefix = mapper.apply({"params": bridge}, jax.random.normal(jax.random.key(2), (5, 8)))
+  params = random_variables(lambda: init_params(config, jax.random.key(0)), seed=0)
+  prefix = np.random.default_rng(2).standard_normal((5, 3, config.n_embd)).astype(np.float32)
   return config, params, prefix
 
 
@@ -60,12 +59,12 @@ def test_score_is_template_averaged_likelihood(model):
   got = float(scoring.score_class_prompts(params, config, table, prefix[:1])[0, 0])
   # Direct computation: run the LM on [prefix, BOS, prompt, EOS] and add up log-softmax of each next token.
   model_ = GPT2(config)
+  forward = jax.jit(lambda ids: jax.nn.log_softmax(model_.apply({"params": params}, inputs_embeds=jnp.concatenate(
+      [prefix[:1], model_.apply({"params": params}, ids, method=GPT2.embed_tokens)], 1))[0]))
   likelihoods = []
   for template in templates:
-    ids = jnp.array([[0] + encode(template.format(label="dog")) + [0]])
-    embeds = jnp.concatenate([prefix[:1], model_.apply({"params": params}, ids, method=GPT2.embed_tokens)], 1)
-    logits, _ = model_.apply({"params": params}, inputs_embeds=embeds)
-    log_probs = jax.nn.log_softmax(logits[0, prefix.shape[1]:-1])
+    ids = np.array([[0] + encode(template.format(label="dog")) + [0]])
+    log_probs = np.asarray(forward(ids)[0, prefix.shape[1]:-1])
     likelihoods.append(float(sum(log_probs[t, ids[0, t + 1]] for t in range(ids.shape[1] - 1))))
   expected = np.logaddexp.reduce(likelihoods) - math.log(len(templates))
   assert got == pytest.approx(expected, abs=1e-4)

@@ -255,9 +255,12 @@ class CaptionerTask:
 
   # ---- variables ----
   def init_variables(self, rng: jax.Array) -> dict[str, Any]:
-    cnn_key, lm_key, bridge_key = jax.random.split(rng, 3)
+    """Random bridge (and LM) parameters; the frozen CNN's are zeros of the right shapes, a placeholder that
+    `prepare_variables` replaces with the classifier checkpoint (zeros: no initialiser code to compile)."""
+    _, lm_key, bridge_key = jax.random.split(rng, 3)
     dummy = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
-    cnn_variables = dict(self.cnn.init(cnn_key, dummy, train=False))
+    cnn_shapes = jax.eval_shape(lambda: self.cnn.init(jax.random.PRNGKey(0), dummy, train=False))
+    cnn_variables = dict(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cnn_shapes))
     features = jax.eval_shape(lambda: cnn_outputs(self.cnn, cnn_variables, dummy, self.mapper.feature_source)[1])
     bridge = self.mapper.init(bridge_key, jnp.zeros(features.shape, jnp.float32))["params"]
     lm = init_params(self.lm_config, lm_key)
