@@ -294,6 +294,39 @@ def make_records(batch: Batch, outputs: dict, class_names: Sequence[str], captio
     return records
 
 
+# ----------------------------------------------------------------------------------------------- scores
+
+
+def score_records(records: Iterable[dict], references_path: str) -> dict:
+    """Caption metrics of `records` against a references file, over the images it lists that were captioned.
+
+    Scores each record's first caption (exact match, BLEU-4, CIDEr-D from `imgllm.captions`), and, where the
+    reference lines carry a "label", the accuracy of the CNN's top label and of the LM's label (--lm-classify).
+    """
+    from imgllm.captions import caption_metrics, group_captions, read_captions_file
+
+    paths, references, labels = group_captions(read_captions_file(references_path))
+    by_path = {os.path.abspath(path): (refs, label) for path, refs, label in zip(paths, references, labels)}
+    hypotheses, matched_refs, cnn_hits, lm_hits = [], [], [], []
+    for record in records:
+        reference = by_path.get(os.path.abspath(record["path"]))
+        if reference is None or "error" in record:
+            continue
+        refs, label = reference
+        hypotheses.append(record["captions"][0])
+        matched_refs.append(refs)
+        cnn_hits.append(record["labels"][0]["label"] == label)
+        if "lm_label" in record:
+            lm_hits.append(record["lm_label"] == label)
+    if not hypotheses:
+        return {"images": 0}
+    scores = {"images": len(hypotheses), **caption_metrics(hypotheses, matched_refs),
+              "cnn_accuracy": sum(cnn_hits) / len(cnn_hits)}
+    if lm_hits:
+        scores["lm_accuracy"] = sum(lm_hits) / len(lm_hits)
+    return scores
+
+
 # ----------------------------------------------------------------------------------------------- html
 
 
@@ -429,7 +462,7 @@ def run_captions(args: argparse.Namespace) -> int:
         output.write(records)
         done.update(r["path"] for r in records)
         succeeded += sum("error" not in r for r in records)
-        if args.html and args.output is None:
+        if (args.html or args.references) and args.output is None:
             new_records.extend(records)
         progress.update(len(records))
 
@@ -449,9 +482,12 @@ def run_captions(args: argparse.Namespace) -> int:
         progress.close()
         output.close()
 
-    if args.html:
+    if args.html or args.references:
         records = output.existing_records() if args.output is not None else new_records
+    if args.html:
         write_html(args.html, records, {item.key: item for item in items})
+    if args.references:
+        print(json.dumps({"scores": score_records(records, args.references)}), file=sys.stderr)
     if succeeded == 0:
         print("infer.py: no image could be captioned (see the error records)", file=sys.stderr)
         return 1
@@ -495,6 +531,10 @@ def caption_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true", help="average the CNN over the image and its mirror")
     parser.add_argument("--lm-classify", action="store_true",
                         help="also report the LM's classification by prompt likelihood (checkpoints with a bridge)")
+    parser.add_argument("--references", default=None,
+                        help='JSON lines of {"path", "caption"} (several per image allowed; e.g. written by '
+                             "python -m imgllm.data.demo): score the captions against them (exact match, BLEU-4, "
+                             "CIDEr-D; and label accuracy when lines have a label)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
                         help="overwrite the output instead of skipping the images already in it")
     parser.add_argument("--data-dir", default=None, help="tfds data directory for tfds: inputs")

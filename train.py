@@ -45,6 +45,10 @@ def main(argv):
         result = loop.evaluate_checkpoint(_WORKDIR.value, _DATA.value, split=_SPLIT.value, step=_STEP.value)
         print(json.dumps(result))
         return
+    if _CONFIG.value.get("recipe") == "demo":   # classifier, then captioner, pipeline export and scores
+        from imgllm.train import demo_recipe
+        demo_recipe.run_demo(_WORKDIR.value, classifier_config=_CONFIG.value)
+        return
     result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if result.final_eval is not None:
         print(json.dumps({"final_eval": result.final_eval}))

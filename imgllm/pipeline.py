@@ -280,8 +280,11 @@ def preprocess(images: jax.Array, spec: PipelineSpec) -> jax.Array:
 
 def classify(cnn_variables: Mapping[str, Any], images: jax.Array, spec: PipelineSpec) -> tuple[jax.Array, jax.Array]:
     """CNN inference: (logits [B, C] float32, features [B, F]); with flip_tta, logits averaged with the mirror."""
+    from imgllm.models.bridge import cnn_outputs
+
     x = preprocess(images, spec)
-    logits, features = spec.cnn.apply(cnn_variables, x, train=False)
+    source = "pooled" if spec.bridge is None else spec.bridge.feature_source   # what the visual prefix reads
+    logits, features = cnn_outputs(spec.cnn, cnn_variables, x, source)
     if spec.flip_tta:
         mirrored, _ = spec.cnn.apply(cnn_variables, x[:, :, ::-1, :], train=False)
         logits = (logits + mirrored) / 2

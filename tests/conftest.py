@@ -58,3 +58,22 @@ def tiny_hf_dir(tmp_path_factory, tiny_tokenizer):
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+def random_variables(init_fn, seed: int, scale: float = 0.3):
+    """Variables with init_fn's structure (traced only: jax.eval_shape), filled with seeded normal noise * scale.
+
+    BatchNorm variances are ones. Tests that compare two computations on the same weights need no real init,
+    and numpy noise avoids compiling the initialisers' random-number code (seconds each on XLA:CPU).
+    """
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        if jax.tree_util.keystr(path).endswith("['var']"):
+            return np.ones(leaf.shape, leaf.dtype)
+        return (scale * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, jax.eval_shape(init_fn))

@@ -9,22 +9,9 @@ from imgllm.models.bridge import (PrefixMapper, check_mapper_fits, cnn_outputs, 
                                   prefixed_token_log_probs, prefixed_token_stats,
                                   whitening_stem_output)
 from imgllm.models.lm import GPT2, GPT2Config, init_params
+from conftest import random_variables   # seeded weights without compiling initialisers
 
 jax.config.update("jax_enable_x64", False)
-
-
-def random_variables(init_fn, seed: int, scale: float = 0.3):
-  """Variables with init_fn's structure (traced only: jax.eval_shape), filled with seeded normal noise * scale
-  (BatchNorm variances: ones). Tests that compare two computations on the same weights need no real init, and
-  numpy noise avoids compiling the initialisers' random-number code (seconds each on XLA:CPU)."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    if jax.tree_util.keystr(path).endswith("['var']"):
-      return np.ones(leaf.shape, leaf.dtype)
-    return (scale * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, jax.eval_shape(init_fn))
 
 
 @pytest.fixture(scope="module")

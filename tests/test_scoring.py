@@ -9,7 +9,7 @@ import pytest
 
 from imgllm import scoring
 from imgllm.models.lm import GPT2, GPT2Config, init_params
-from test_bridge import random_variables   # seeded weights without compiling initialisers
+from conftest import random_variables   # seeded weights without compiling initialisers
 
 jax.config.update("jax_enable_x64", False)
 

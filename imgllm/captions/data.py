@@ -34,32 +34,36 @@ class CaptionFileError(ValueError):
 
 def read_captions_file(path: str) -> list[dict[str, str]]:
   """The records of a JSON-lines captions file: [{"path", "caption", "label"?}], paths made absolute."""
+  from imgllm.data.text import iter_json_lines
+
   if not os.path.isfile(path):
     raise CaptionFileError(f"captions file {path} does not exist")
   root = os.path.dirname(os.path.abspath(path))
   records = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as error:
-        raise CaptionFileError(f"{where}: not valid JSON ({error.msg})") from None
-      if not isinstance(record, dict):
-        raise CaptionFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
-      for key in ("path", "caption"):
-        if not isinstance(record.get(key), str) or not record[key].strip():
-          raise CaptionFileError(f"{where}: needs a non-empty string {key!r}, got {record.get(key)!r}")
-      if "label" in record and not isinstance(record["label"], str):
-        raise CaptionFileError(f"{where}: 'label' must be a string, got {record['label']!r}")
-      image_path = record["path"] if os.path.isabs(record["path"]) else os.path.join(root, record["path"])
-      records.append({"path": os.path.normpath(image_path), "caption": record["caption"].strip(),
-                      **({"label": record["label"]} if "label" in record else {})})
+  try:
+    for where, record in iter_json_lines(path):
+      records.append(_caption_record(record, where, root))
+  except CaptionFileError:
+    raise
+  except ValueError as error:   # invalid JSON, named by file and line
+    raise CaptionFileError(str(error)) from None
   if not records:
     raise CaptionFileError(f"captions file {path} has no records")
   return records
+
+
+def _caption_record(record: Any, where: str, root: str) -> dict[str, str]:
+  """One checked captions-file record, its image path made absolute against the file's folder."""
+  if not isinstance(record, dict):
+    raise CaptionFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
+  for key in ("path", "caption"):
+    if not isinstance(record.get(key), str) or not record[key].strip():
+      raise CaptionFileError(f"{where}: needs a non-empty string {key!r}, got {record.get(key)!r}")
+  if "label" in record and not isinstance(record["label"], str):
+    raise CaptionFileError(f"{where}: 'label' must be a string, got {record['label']!r}")
+  image_path = record["path"] if os.path.isabs(record["path"]) else os.path.join(root, record["path"])
+  return {"path": os.path.normpath(image_path), "caption": record["caption"].strip(),
+          **({"label": record["label"]} if "label" in record else {})}
 
 
 def group_captions(records: Iterable[Mapping[str, str]]) -> tuple[list[str], list[tuple[str, ...]], list[str]]:

@@ -16,7 +16,8 @@ def captioner_config() -> ml_collections.ConfigDict:
   c.bridge = ml_collections.ConfigDict(dict(
       prefix_length=4,                # K visual prefix embeddings before [BOS] caption
       hidden=0,                       # mapper hidden width (0: ClipCap's K * n_embd // 2)
-      feature_source="pooled",        # "pooled" (CNN features) | "spatial" (last block map) | "pyramid" (all blocks)
+      feature_source="pooled",        # "pooled" (CNN features) | "spatial" (last block map) |
+                                      # "pyramid" (whitening stem + every block, pooled to the last block's grid)
   ))
   c.lm = ml_collections.ConfigDict(dict(
       pretrained=config_dict.placeholder(str),  # Hugging Face GPT-2 directory or hub name (None: random init)

@@ -1,8 +1,10 @@
-"""Default config: a small CNN on the procedurally generated "demo" shapes (no download).
+"""Default config: the demo on procedurally generated "demo" shapes (no download).
 
 Run:  python train.py --workdir=runs/demo            (same as --config=demo)
-Takes about 1-2 minutes on 2 CPU cores (about 250 images/s) and reaches over 0.99 validation accuracy
-on the 10 shape classes (0.998 after 2 epochs in our runs).
+Stage 1 trains this small CNN on the 10 shape classes (about 1.5 min on 2 CPU cores; 0.998 validation accuracy
+after 2 epochs in our runs); `recipe = "demo"` then trains the captioner on the frozen CNN (captioner_demo),
+exports <workdir>/pipeline for infer.py, and scores it on 500 fresh images: 0.97 exact-match captions and 1.00
+LM-classification accuracy in our runs, about 7.5 min in all on 2 shared cores (imgllm/train/demo_recipe.py).
 """
 from imgllm.configs.common import base_config
 
@@ -22,4 +24,6 @@ def get_config():
     c.augment.translate = 2
     c.augment.flip = "none"             # left/right matters for some shapes' captions; keep images as drawn
     c.tta = "none"                      # and so no flipped views at test time either
+    c.recipe = "demo"                   # train.py then also trains the captioner (captioner_demo) on this CNN,
+                                        # exports <workdir>/pipeline and scores it (imgllm/train/demo_recipe.py)
     return c

@@ -246,3 +246,46 @@ def generate_demo(split: str, *, seed: int = 0, num_examples: int | None = None,
         class_names=SHAPES,
         captions=tuple((scene.caption,) for _, scene in examples),
     )
+
+
+def write_demo_images(out_dir: str, *, num_examples: int, seed: int = 1, split: str = "test",
+                      image_size: int = 32) -> str:
+    """Writes demo images as ``out_dir/<shape>/<index>.png`` plus ``out_dir/captions.jsonl`` (references).
+
+    The captions file has one ``{"path", "caption", "label"}`` line per image, paths relative to ``out_dir``:
+    the "captions:" folder format of `imgllm.captions`, and what ``infer.py --references`` scores against.
+    Returns the captions file's path.
+    """
+    import json
+    import os
+
+    lines = []
+    for index in range(num_examples):
+        image, scene = generate_example(seed, split, index, image_size)
+        relative = os.path.join(SHAPES[scene.label], f"{index:05d}.png")
+        os.makedirs(os.path.join(out_dir, SHAPES[scene.label]), exist_ok=True)
+        Image.fromarray(image).save(os.path.join(out_dir, relative))
+        lines.append(json.dumps({"path": relative, "caption": scene.caption, "label": SHAPES[scene.label]}))
+    captions_path = os.path.join(out_dir, "captions.jsonl")
+    with open(captions_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return captions_path
+
+
+def main(argv=None) -> None:
+    """``python -m imgllm.data.demo --out DIR [--num N] [--seed S]``: fresh demo images to caption."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", required=True, help="folder to write <shape>/<index>.png and captions.jsonl into")
+    parser.add_argument("--num", type=int, default=16, help="number of images")
+    parser.add_argument("--seed", type=int, default=1, help="seed (training uses seed 0)")
+    parser.add_argument("--split", default="test", help="demo split the images are drawn from")
+    parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
+    args = parser.parse_args(argv)
+    print(write_demo_images(args.out, num_examples=args.num, seed=args.seed, split=args.split,
+                            image_size=args.image_size))
+
+
+if __name__ == "__main__":
+    main()
