@@ -18,163 +18,163 @@ TEMPLATES = ("a photo of a {label}.", "a picture of a {label}.")
 
 
 def test_caption_rows_mix_dataset_and_template_captions():
-  captions = (("a red circle", "a round red thing"), ("a blue square",), ("a green circle",))
-  labels = np.array([0, 1, 0])
-  rows, texts = captioner.caption_rows(captions, labels, CLASSES, TEMPLATES, 0.2, seed=0)
-  assert texts[:4] == ["a red circle", "a round red thing", "a blue square", "a green circle"]
-  assert list(rows[:4]) == [0, 0, 1, 2]
-  assert len(texts) == 5                                   # 4 caption rows + 1 template row = 20%
-  assert texts[4] == TEMPLATES[0].format(label=CLASSES[labels[rows[4]]]) or \
-      texts[4] == TEMPLATES[1].format(label=CLASSES[labels[rows[4]]])
-  again = captioner.caption_rows(captions, labels, CLASSES, TEMPLATES, 0.2, seed=0)
-  assert again[1] == texts and list(again[0]) == list(rows)
-  # No captions (e.g. CIFAR-10): one template caption per image, naming its class.
-  rows, texts = captioner.caption_rows(None, labels, CLASSES, TEMPLATES, 0.25, seed=1)
-  assert list(rows) == [0, 1, 2] and all(CLASSES[l] in t for l, t in zip(labels, texts))
-  with pytest.raises(ValueError, match="template_fraction=1.5"):
-    captioner.caption_rows(captions, labels, CLASSES, TEMPLATES, 1.5, seed=0)
+    captions = (("a red circle", "a round red thing"), ("a blue square",), ("a green circle",))
+    labels = np.array([0, 1, 0])
+    rows, texts = captioner.caption_rows(captions, labels, CLASSES, TEMPLATES, 0.2, seed=0)
+    assert texts[:4] == ["a red circle", "a round red thing", "a blue square", "a green circle"]
+    assert list(rows[:4]) == [0, 0, 1, 2]
+    assert len(texts) == 5                                   # 4 caption rows + 1 template row = 20%
+    assert texts[4] == TEMPLATES[0].format(label=CLASSES[labels[rows[4]]]) or \
+        texts[4] == TEMPLATES[1].format(label=CLASSES[labels[rows[4]]])
+    again = captioner.caption_rows(captions, labels, CLASSES, TEMPLATES, 0.2, seed=0)
+    assert again[1] == texts and list(again[0]) == list(rows)
+    # No captions (e.g. CIFAR-10): one template caption per image, naming its class.
+    rows, texts = captioner.caption_rows(None, labels, CLASSES, TEMPLATES, 0.25, seed=1)
+    assert list(rows) == [0, 1, 2] and all(CLASSES[l] in t for l, t in zip(labels, texts))
+    with pytest.raises(ValueError, match="template_fraction=1.5"):
+        captioner.caption_rows(captions, labels, CLASSES, TEMPLATES, 1.5, seed=0)
 
 
 def test_encode_captions_layout_and_length_error():
-  encode = lambda text: [ord(c) - 96 for c in text]
-  ids, mask = captioner.encode_captions(encode, 0, ["ab", "c"], max_tokens=3)
-  np.testing.assert_array_equal(ids, [[0, 1, 2, 0, 0], [0, 3, 0, 0, 0]])
-  np.testing.assert_array_equal(mask, [[1, 1, 1, 0], [1, 1, 0, 0]])
-  with pytest.raises(ValueError, match="'abcd' has 4 tokens"):
-    captioner.encode_captions(encode, 0, ["abcd"], max_tokens=3)
+    encode = lambda text: [ord(c) - 96 for c in text]
+    ids, mask = captioner.encode_captions(encode, 0, ["ab", "c"], max_tokens=3)
+    np.testing.assert_array_equal(ids, [[0, 1, 2, 0, 0], [0, 3, 0, 0, 0]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 0], [1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="'abcd' has 4 tokens"):
+        captioner.encode_captions(encode, 0, ["abcd"], max_tokens=3)
 
 
 def _write_caption_folder(root, records):
-  for i, (path, _, _) in enumerate(records):
-    full = os.path.join(root, path)
-    os.makedirs(os.path.dirname(full), exist_ok=True)
-    if not os.path.exists(full):
-      Image.fromarray(np.full((12, 10, 3), 20 * i, np.uint8)).save(full)
-  with open(os.path.join(root, "train.jsonl"), "w") as f:
-    for path, caption, label in records:
-      f.write(json.dumps({"path": path, "caption": caption, **({"label": label} if label else {})}) + "\n")
+    for i, (path, _, _) in enumerate(records):
+        full = os.path.join(root, path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        if not os.path.exists(full):
+            Image.fromarray(np.full((12, 10, 3), 20 * i, np.uint8)).save(full)
+    with open(os.path.join(root, "train.jsonl"), "w") as f:
+        for path, caption, label in records:
+            f.write(json.dumps({"path": path, "caption": caption, **({"label": label} if label else {})}) + "\n")
 
 
 def test_caption_folder_groups_references_and_carves_validation(tmp_path):
-  records = [(f"{cls}/{i}.png", f"a {cls} number {i}", None) for cls in CLASSES for i in range(3)]
-  records.append(("circle/0.png", "another caption of circle 0", None))
-  _write_caption_folder(tmp_path, records)
-  train = caption_data.load_caption_dataset(f"captions:{tmp_path}", "train", image_size=8)
-  validation = caption_data.load_caption_dataset(f"captions:{tmp_path}", "validation", image_size=8)
-  assert train.class_names == CLASSES and train.images.shape == (4, 8, 8, 3)
-  assert len(validation) == 2 and sorted(validation.labels.tolist()) == [0, 1]   # last file of each class
-  first = train.paths.index(os.path.join(str(tmp_path), "circle", "0.png"))
-  assert train.captions[first] == ("a circle number 0", "another caption of circle 0")
-  assert not set(train.paths) & set(validation.paths)
+    records = [(f"{cls}/{i}.png", f"a {cls} number {i}", None) for cls in CLASSES for i in range(3)]
+    records.append(("circle/0.png", "another caption of circle 0", None))
+    _write_caption_folder(tmp_path, records)
+    train = caption_data.load_caption_dataset(f"captions:{tmp_path}", "train", image_size=8)
+    validation = caption_data.load_caption_dataset(f"captions:{tmp_path}", "validation", image_size=8)
+    assert train.class_names == CLASSES and train.images.shape == (4, 8, 8, 3)
+    assert len(validation) == 2 and sorted(validation.labels.tolist()) == [0, 1]   # last file of each class
+    first = train.paths.index(os.path.join(str(tmp_path), "circle", "0.png"))
+    assert train.captions[first] == ("a circle number 0", "another caption of circle 0")
+    assert not set(train.paths) & set(validation.paths)
 
 
 def test_caption_file_errors_name_file_and_line(tmp_path):
-  (tmp_path / "train.jsonl").write_text('{"path": "a.png", "caption": "x"}\n{"path": "b.png"}\n')
-  with pytest.raises(caption_data.CaptionFileError, match=r"train.jsonl:2: needs a non-empty string 'caption'"):
-    caption_data.read_captions_file(str(tmp_path / "train.jsonl"))
-  (tmp_path / "train.jsonl").write_text('{"path": "a.png", "caption": "x", "label": "cat"}\n'
-                                        '{"path": "a.png", "caption": "y", "label": "dog"}\n')
-  with pytest.raises(caption_data.CaptionFileError, match="two labels"):
-    caption_data.group_captions(caption_data.read_captions_file(str(tmp_path / "train.jsonl")))
-  with pytest.raises(caption_data.CaptionFileError, match="does not exist"):
-    caption_data.load_caption_dataset(f"captions:{tmp_path}/missing", "train")
+    (tmp_path / "train.jsonl").write_text('{"path": "a.png", "caption": "x"}\n{"path": "b.png"}\n')
+    with pytest.raises(caption_data.CaptionFileError, match=r"train.jsonl:2: needs a non-empty string 'caption'"):
+        caption_data.read_captions_file(str(tmp_path / "train.jsonl"))
+    (tmp_path / "train.jsonl").write_text('{"path": "a.png", "caption": "x", "label": "cat"}\n'
+                                          '{"path": "a.png", "caption": "y", "label": "dog"}\n')
+    with pytest.raises(caption_data.CaptionFileError, match="two labels"):
+        caption_data.group_captions(caption_data.read_captions_file(str(tmp_path / "train.jsonl")))
+    with pytest.raises(caption_data.CaptionFileError, match="does not exist"):
+        caption_data.load_caption_dataset(f"captions:{tmp_path}/missing", "train")
 
 
 def test_demo_source_has_one_exact_caption_per_image():
-  dataset = caption_data.load_caption_dataset("demo", "validation", num_examples=6)
-  assert len(dataset.captions) == 6 and all(len(refs) == 1 for refs in dataset.captions)
-  for refs, label in zip(dataset.captions, dataset.labels):
-    assert dataset.class_names[label] in refs[0]
+    dataset = caption_data.load_caption_dataset("demo", "validation", num_examples=6)
+    assert len(dataset.captions) == 6 and all(len(refs) == 1 for refs in dataset.captions)
+    for refs, label in zip(dataset.captions, dataset.labels):
+        assert dataset.class_names[label] in refs[0]
 
 
 def test_coco_example_label_is_largest_object():
-  example = {"image": np.zeros((5, 6, 3), np.uint8),
-             "captions": {"text": np.array([b"a cat on a mat", b"a mat with a cat"]), "id": np.array([1, 2])},
-             "objects": {"label": np.array([3, 7]), "bbox": np.array([[0, 0, .1, .1], [0, 0, .5, .5]])}}
-  image, captions, label = caption_data.coco_example_to_record(example)
-  assert captions == ("a cat on a mat", "a mat with a cat") and label == 7 and image.shape == (5, 6, 3)
-  example["objects"] = {"label": np.zeros(0, np.int64), "bbox": np.zeros((0, 4))}
-  assert caption_data.coco_example_to_record(example)[2] == -1
+    example = {"image": np.zeros((5, 6, 3), np.uint8),
+               "captions": {"text": np.array([b"a cat on a mat", b"a mat with a cat"]), "id": np.array([1, 2])},
+               "objects": {"label": np.array([3, 7]), "bbox": np.array([[0, 0, .1, .1], [0, 0, .5, .5]])}}
+    image, captions, label = caption_data.coco_example_to_record(example)
+    assert captions == ("a cat on a mat", "a mat with a cat") and label == 7 and image.shape == (5, 6, 3)
+    example["objects"] = {"label": np.zeros(0, np.int64), "bbox": np.zeros((0, 4))}
+    assert caption_data.coco_example_to_record(example)[2] == -1
 
 
 def test_coco_captions_through_tfds_mock_data():
-  pytest.importorskip("tensorflow", reason="the coco_captions builder's feature spec needs TensorFlow")
-  import tensorflow_datasets as tfds
-  with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
-    dataset = caption_data.load_caption_dataset("tfds:coco_captions", "validation", image_size=16)
-  assert dataset.images.shape[1:] == (16, 16, 3) and len(dataset.class_names) == 80
-  assert all(len(refs) >= 1 for refs in dataset.captions)
+    pytest.importorskip("tensorflow", reason="the coco_captions builder's feature spec needs TensorFlow")
+    import tensorflow_datasets as tfds
+    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+        dataset = caption_data.load_caption_dataset("tfds:coco_captions", "validation", image_size=16)
+    assert dataset.images.shape[1:] == (16, 16, 3) and len(dataset.class_names) == 80
+    assert all(len(refs) >= 1 for refs in dataset.captions)
 
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
-  """The demo recipe (classifier, captioner, pipeline export, evaluation) run end to end on tiny configs."""
-  from imgllm.configs import captioner_tiny, cnn_tiny
-  from imgllm.train import demo_recipe
-  workdir = str(tmp_path_factory.mktemp("demo"))
-  classifier_config = cnn_tiny.get_config()
-  classifier_config.num_epochs = 1.0
-  classifier_config.eval_split = ""
-  captioner_config = captioner_tiny.get_config()
-  logs = []
-  results = demo_recipe.run_demo(workdir, classifier_config=classifier_config, captioner_config=captioner_config,
-                                 num_eval_examples=16, log=logs.append)
-  return workdir, classifier_config, captioner_config, results, logs
+    """The demo recipe (classifier, captioner, pipeline export, evaluation) run end to end on tiny configs."""
+    from imgllm.configs import captioner_tiny, cnn_tiny
+    from imgllm.train import demo_recipe
+    workdir = str(tmp_path_factory.mktemp("demo"))
+    classifier_config = cnn_tiny.get_config()
+    classifier_config.num_epochs = 1.0
+    classifier_config.eval_split = ""
+    captioner_config = captioner_tiny.get_config()
+    logs = []
+    results = demo_recipe.run_demo(workdir, classifier_config=classifier_config, captioner_config=captioner_config,
+                                   num_eval_examples=16, log=logs.append)
+    return workdir, classifier_config, captioner_config, results, logs
 
 
 def _metrics_records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def test_short_captioner_training_improves_caption_scores(tiny_demo):
-  workdir, _, captioner_config, _, logs = tiny_demo
-  records = _metrics_records(os.path.join(workdir, "captioner"))
-  first = records[0]                  # the first training step: the untrained model on a training batch
-  final = records[-1]                 # the trained model on the validation images
-  assert first["split"] == "train" and first["step"] == 1 and final["split"] == "final_eval"
-  assert set(final) >= {"loss", "token_accuracy", "caption_exact", "accuracy", "lm_accuracy"}
-  # Next-token loss and token accuracy of the reference captions.
-  assert final["loss"] < first["loss"] - 1.0
-  assert final["token_accuracy"] > first["accuracy"] + 0.2
-  assert any("classifier: trained" in line for line in logs) and any("captioner: trained" in line for line in logs)
+    workdir, _, captioner_config, _, logs = tiny_demo
+    records = _metrics_records(os.path.join(workdir, "captioner"))
+    first = records[0]                  # the first training step: the untrained model on a training batch
+    final = records[-1]                 # the trained model on the validation images
+    assert first["split"] == "train" and first["step"] == 1 and final["split"] == "final_eval"
+    assert set(final) >= {"loss", "token_accuracy", "caption_exact", "accuracy", "lm_accuracy"}
+    # Next-token loss and token accuracy of the reference captions.
+    assert final["loss"] < first["loss"] - 1.0
+    assert final["token_accuracy"] > first["accuracy"] + 0.2
+    assert any("classifier: trained" in line for line in logs) and any("captioner: trained" in line for line in logs)
 
 
 def test_demo_recipe_exports_a_pipeline_that_captions_and_classifies(tiny_demo):
-  from imgllm.pipeline_checkpoint import load_classifier, load_pipeline
-  workdir, _, captioner_config, results, _ = tiny_demo
-  assert set(results) == {"exact_match", "bleu4", "cider", "lm_accuracy", "cnn_accuracy"}
-  assert all(0.0 <= results[k] <= 1.0 for k in ("exact_match", "bleu4", "lm_accuracy", "cnn_accuracy"))
-  pipeline = load_pipeline(os.path.join(workdir, "pipeline"))
-  assert set(pipeline.params) == {"cnn", "lm", "bridge"}
-  assert pipeline.config["bridge"]["feature_source"] == captioner_config.bridge.feature_source
-  assert pipeline.config["class_prompt_templates"] == list(captioner_config.captions.templates)
-  # The CNN is frozen: the pipeline holds the classifier's variables unchanged ...
-  classifier_variables, run_config, _ = load_classifier(os.path.join(workdir, "classifier"))
-  jax.tree.map(np.testing.assert_array_equal, pipeline.params["cnn"], classifier_variables)
-  # ... and the evaluation's CNN accuracy is the classifier's own on the same fresh images (same preprocessing).
-  from imgllm.data import augment, load_dataset
-  from imgllm.models.cnn import cnn_from_config
-  from imgllm.train.demo_recipe import EVAL_SEED, EVAL_SPLIT
-  images = load_dataset("demo", EVAL_SPLIT, seed=EVAL_SEED, num_examples=16)
-  normalization = run_config["normalization"]
-  logits, _ = jax.jit(lambda v, x: cnn_from_config(run_config["model"]).apply(v, augment.normalize(
-      x, mean=tuple(normalization["mean"]), std=tuple(normalization["std"])), train=False))(
-          classifier_variables, images.images)
-  assert results["cnn_accuracy"] == pytest.approx(np.mean(np.argmax(logits, -1) == images.labels))
+    from imgllm.pipeline_checkpoint import load_classifier, load_pipeline
+    workdir, _, captioner_config, results, _ = tiny_demo
+    assert set(results) == {"exact_match", "bleu4", "cider", "lm_accuracy", "cnn_accuracy"}
+    assert all(0.0 <= results[k] <= 1.0 for k in ("exact_match", "bleu4", "lm_accuracy", "cnn_accuracy"))
+    pipeline = load_pipeline(os.path.join(workdir, "pipeline"))
+    assert set(pipeline.params) == {"cnn", "lm", "bridge"}
+    assert pipeline.config["bridge"]["feature_source"] == captioner_config.bridge.feature_source
+    assert pipeline.config["class_prompt_templates"] == list(captioner_config.captions.templates)
+    # The CNN is frozen: the pipeline holds the classifier's variables unchanged ...
+    classifier_variables, run_config, _ = load_classifier(os.path.join(workdir, "classifier"))
+    jax.tree.map(np.testing.assert_array_equal, pipeline.params["cnn"], classifier_variables)
+    # ... and the evaluation's CNN accuracy is the classifier's own on the same fresh images (same preprocessing).
+    from imgllm.data import augment, load_dataset
+    from imgllm.models.cnn import cnn_from_config
+    from imgllm.train.demo_recipe import EVAL_SEED, EVAL_SPLIT
+    images = load_dataset("demo", EVAL_SPLIT, seed=EVAL_SEED, num_examples=16)
+    normalization = run_config["normalization"]
+    logits, _ = jax.jit(lambda v, x: cnn_from_config(run_config["model"]).apply(v, augment.normalize(
+        x, mean=tuple(normalization["mean"]), std=tuple(normalization["std"])), train=False))(
+            classifier_variables, images.images)
+    assert results["cnn_accuracy"] == pytest.approx(np.mean(np.argmax(logits, -1) == images.labels))
 
 
 def test_demo_recipe_stages_resume_and_refuse_other_configs(tiny_demo):
-  from imgllm.train import checkpoint as ckpt_lib
-  from imgllm.train import demo_recipe
-  workdir, classifier_config, captioner_config, _, _ = tiny_demo
-  classifier_dir = os.path.join(workdir, "classifier")
-  assert demo_recipe.stage_is_finished(classifier_dir, classifier_config)
-  captioner_config = ml_collections.ConfigDict(captioner_config.to_dict())
-  captioner_config.classifier_workdir = classifier_dir
-  assert demo_recipe.stage_is_finished(os.path.join(workdir, "captioner"), captioner_config)
-  assert not demo_recipe.stage_is_finished(os.path.join(workdir, "nothing_here"), classifier_config)
-  other = ml_collections.ConfigDict(classifier_config.to_dict())
-  other.num_epochs = 3.0
-  with pytest.raises(ckpt_lib.IncompatibleConfigError, match="num_epochs"):
-    demo_recipe.stage_is_finished(classifier_dir, other)
+    from imgllm.train import checkpoint as ckpt_lib
+    from imgllm.train import demo_recipe
+    workdir, classifier_config, captioner_config, _, _ = tiny_demo
+    classifier_dir = os.path.join(workdir, "classifier")
+    assert demo_recipe.stage_is_finished(classifier_dir, classifier_config)
+    captioner_config = ml_collections.ConfigDict(captioner_config.to_dict())
+    captioner_config.classifier_workdir = classifier_dir
+    assert demo_recipe.stage_is_finished(os.path.join(workdir, "captioner"), captioner_config)
+    assert not demo_recipe.stage_is_finished(os.path.join(workdir, "nothing_here"), classifier_config)
+    other = ml_collections.ConfigDict(classifier_config.to_dict())
+    other.num_epochs = 3.0
+    with pytest.raises(ckpt_lib.IncompatibleConfigError, match="num_epochs"):
+        demo_recipe.stage_is_finished(classifier_dir, other)

@@ -225,3 +225,24 @@ def test_killed_process_resumes_with_each_record_once(checkpoint, tmp_path):
     assert 1 <= written < len(paths), f"the kill came too late to test anything ({written} records)"
     subprocess.run(command, check=True, timeout=300, env=_subprocess_env(), stderr=subprocess.DEVNULL)
     assert [r["path"] for r in read_jsonl(out)] == paths  # each exactly once, in order
+
+
+def test_references_score_captions_and_labels(tmp_path):
+    from imgllm.data.demo import write_demo_images
+
+    references = write_demo_images(str(tmp_path), num_examples=3, seed=5)
+    lines = [json.loads(line) for line in open(references)]
+    assert [os.path.isfile(tmp_path / line["path"]) for line in lines] == [True] * 3
+    records = [
+        {"path": str(tmp_path / lines[0]["path"]), "captions": [lines[0]["caption"]],
+         "labels": [{"label": lines[0]["label"], "prob": 0.9}], "lm_label": lines[0]["label"]},
+        {"path": str(tmp_path / lines[1]["path"]), "captions": ["something else entirely"],
+         "labels": [{"label": "not-a-shape", "prob": 0.9}], "lm_label": lines[1]["label"]},
+        {"path": str(tmp_path / lines[2]["path"]), "error": "cannot read"},      # errors are not scored
+        {"path": str(tmp_path / "unlisted.png"), "captions": ["x"], "labels": [{"label": "x", "prob": 1.0}]},
+    ]
+    scores = infer.score_records(records, references)
+    assert scores["images"] == 2
+    assert scores["exact_match"] == 0.5
+    assert scores["cnn_accuracy"] == 0.5 and scores["lm_accuracy"] == 1.0
+    assert 0.0 < scores["bleu4"] < 1.0

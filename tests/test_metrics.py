@@ -32,48 +32,48 @@ BLEU4_EXAMPLE = 0.29776134861292014
 
 
 def test_corpus_bleu_matches_nltk_docstring():
-  refs = [[REF1A, REF1B, REF1C], [REF2A]]
-  assert metrics.bleu4([HYP1, HYP2], refs) == pytest.approx(0.5920778868801042, abs=1e-12)
-  # The sentence-level value is the one-hypothesis corpus.
-  assert metrics.bleu4([HYP1], [[REF1A, REF1B, REF1C]]) == pytest.approx(0.5045666840058485, abs=1e-12)
+    refs = [[REF1A, REF1B, REF1C], [REF2A]]
+    assert metrics.bleu4([HYP1, HYP2], refs) == pytest.approx(0.5920778868801042, abs=1e-12)
+    # The sentence-level value is the one-hypothesis corpus.
+    assert metrics.bleu4([HYP1], [[REF1A, REF1B, REF1C]]) == pytest.approx(0.5045666840058485, abs=1e-12)
 
 
 def test_bleu_on_strings_tokenises_like_coco():
-  assert metrics.bleu4(HYPS, REFS) == pytest.approx(BLEU4_EXAMPLE, abs=1e-12)
-  # Case and punctuation are ignored, as after coco-caption's PTB tokenisation step.
-  shouted = [h.upper() + "." for h in HYPS]
-  assert metrics.bleu4(shouted, REFS) == pytest.approx(BLEU4_EXAMPLE, abs=1e-12)
+    assert metrics.bleu4(HYPS, REFS) == pytest.approx(BLEU4_EXAMPLE, abs=1e-12)
+    # Case and punctuation are ignored, as after coco-caption's PTB tokenisation step.
+    shouted = [h.upper() + "." for h in HYPS]
+    assert metrics.bleu4(shouted, REFS) == pytest.approx(BLEU4_EXAMPLE, abs=1e-12)
 
 
 def test_bleu_zero_without_four_gram_match_and_brevity_penalty():
-  assert metrics.bleu4(["a b c"], [["a b c d e f"]]) == 0.0
-  # Perfect n-gram precision, half the reference length: BLEU = exp(1 - 2).
-  assert metrics.bleu4(["a b c d e"], [["a b c d e a b c d e"]]) == pytest.approx(math.exp(-1.0))
+    assert metrics.bleu4(["a b c"], [["a b c d e f"]]) == 0.0
+    # Perfect n-gram precision, half the reference length: BLEU = exp(1 - 2).
+    assert metrics.bleu4(["a b c d e"], [["a b c d e a b c d e"]]) == pytest.approx(math.exp(-1.0))
 
 
 def test_cider_d_matches_coco_caption_reference():
-  assert metrics.cider_d(HYPS, REFS) == pytest.approx(COCO_CIDER_D, abs=1e-9)
-  assert metrics.cider_d_scores(HYPS, REFS) == pytest.approx(COCO_CIDER_D_PER_IMAGE, abs=1e-9)
+    assert metrics.cider_d(HYPS, REFS) == pytest.approx(COCO_CIDER_D, abs=1e-9)
+    assert metrics.cider_d_scores(HYPS, REFS) == pytest.approx(COCO_CIDER_D_PER_IMAGE, abs=1e-9)
 
 
 def test_cider_d_rewards_consensus():
-  refs = [["a red circle on the left"], ["a blue square at the top"], ["a green star in the center"]]
-  perfect = metrics.cider_d([r[0] for r in refs], refs)
-  swapped = metrics.cider_d(["a red circle at the top", "a blue square on the left", "a green star in the center"],
-                            refs)
-  assert perfect > swapped > 0.0
+    refs = [["a red circle on the left"], ["a blue square at the top"], ["a green star in the center"]]
+    perfect = metrics.cider_d([r[0] for r in refs], refs)
+    swapped = metrics.cider_d(["a red circle at the top", "a blue square on the left", "a green star in the center"],
+                              refs)
+    assert perfect > swapped > 0.0
 
 
 def test_exact_match_ignores_case_spacing_and_punctuation():
-  refs = [["a small red circle on the left"], ["a large blue square at the top", "a big blue square"]]
-  assert metrics.exact_match(["A small red circle  on the left.", "a big blue square"], refs) == 1.0
-  assert metrics.exact_match(["a small red circle on the right", "a big blue square"], refs) == 0.5
+    refs = [["a small red circle on the left"], ["a large blue square at the top", "a big blue square"]]
+    assert metrics.exact_match(["A small red circle  on the left.", "a big blue square"], refs) == 1.0
+    assert metrics.exact_match(["a small red circle on the right", "a big blue square"], refs) == 0.5
 
 
 def test_bad_input_is_named():
-  with pytest.raises(ValueError, match="2 hypotheses but 1"):
-    metrics.bleu4(["a", "b"], [["a"]])
-  with pytest.raises(ValueError, match=r"references\[0\]"):
-    metrics.cider_d(["a"], [[]])
-  with pytest.raises(TypeError, match="single string"):
-    metrics.exact_match("a cat", [["a cat"]])
+    with pytest.raises(ValueError, match="2 hypotheses but 1"):
+        metrics.bleu4(["a", "b"], [["a"]])
+    with pytest.raises(ValueError, match=r"references\[0\]"):
+        metrics.cider_d(["a"], [[]])
+    with pytest.raises(TypeError, match="single string"):
+        metrics.exact_match("a cat", [["a cat"]])

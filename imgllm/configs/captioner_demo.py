@@ -14,22 +14,22 @@ from imgllm.configs.captioner_common import captioner_config
 
 
 def get_config():
-  c = captioner_config()
-  c.dataset = "demo"
-  c.num_train_examples = 12000         # generated images (one exact caption each)
-  c.num_eval_examples = 500            # fresh validation images
-  c.bridge.prefix_length = 4
-  c.bridge.feature_source = "pyramid"  # captions name positions and colours: stem + every block's map
-  c.lm.n_embd = 128
-  c.lm.n_layer = 2
-  c.lm.n_head = 4
-  c.lm.n_positions = 32
-  c.lm.vocab_size = 512
-  c.lm.train = True                    # the tiny LM starts from random weights: train it with the mapper
-  c.tokenizer.vocab_size = 512
-  c.captions.template_fraction = 0.25  # a quarter of the rows are "a photo of a {shape}." (LM classification)
-  c.captions.max_tokens = 16
-  c.global_batch_size = 128
-  c.num_epochs = 6.0
-  c.optimizer.learning_rate = 2e-3
-  return c
+    c = captioner_config()
+    c.dataset = "demo"
+    c.num_train_examples = 12000         # generated images (one exact caption each)
+    c.num_eval_examples = 500            # fresh validation images
+    c.bridge.prefix_length = 4
+    c.bridge.feature_source = "pyramid"  # captions name positions and colours: stem + every block's map
+    c.lm.n_embd = 128
+    c.lm.n_layer = 2
+    c.lm.n_head = 4
+    c.lm.n_positions = 32
+    c.lm.vocab_size = 512
+    c.lm.train = True                    # the tiny LM starts from random weights: train it with the mapper
+    c.tokenizer.vocab_size = 512
+    c.captions.template_fraction = 0.25  # a quarter of the rows are "a photo of a {shape}." (LM classification)
+    c.captions.max_tokens = 16
+    c.global_batch_size = 128
+    c.num_epochs = 6.0
+    c.optimizer.learning_rate = 2e-3
+    return c

@@ -47,304 +47,305 @@ FROZEN = "frozen"   # model_state collection holding the frozen CNN variables (a
 
 def caption_rows(captions: Sequence[Sequence[str]] | None, labels: np.ndarray, class_names: Sequence[str],
                  templates: Sequence[str], template_fraction: float, seed: int) -> tuple[np.ndarray, list[str]]:
-  """(image index per row, caption text per row) of the training captions; deterministic from `seed`.
+    """(image index per row, caption text per row) of the training captions; deterministic from `seed`.
 
-  Every (image, reference) pair is a row; template rows (a random template filled with the image's class name,
-  on random images) are added so that they make up `template_fraction` of all rows. Without captions, or with
-  template_fraction >= 1, each image gets exactly one template row.
-  """
-  if not 0.0 <= template_fraction <= 1.0:
-    raise ValueError(f"config.captions.template_fraction={template_fraction} must be in [0, 1]")
-  filled = scoring.fill_templates(class_names, templates)
-  rng = np.random.default_rng(seed)
-  if captions is None or template_fraction >= 1.0:
-    choice = rng.integers(len(templates), size=len(labels))
-    return np.arange(len(labels)), [filled[label][t] for label, t in zip(labels, choice)]
-  images = [i for i, refs in enumerate(captions) for _ in refs]
-  texts = [text for refs in captions for text in refs]
-  num_templates = int(round(len(texts) * template_fraction / (1.0 - template_fraction)))
-  extra_images = rng.integers(len(labels), size=num_templates)
-  extra_choice = rng.integers(len(templates), size=num_templates)
-  images += extra_images.tolist()
-  texts += [filled[labels[i]][t] for i, t in zip(extra_images, extra_choice)]
-  return np.asarray(images, np.int64), texts
+    Every (image, reference) pair is a row; template rows (a random template filled with the image's class name,
+    on random images) are added so that they make up `template_fraction` of all rows. Without captions, or with
+    template_fraction >= 1, each image gets exactly one template row.
+    """
+    if not 0.0 <= template_fraction <= 1.0:
+        raise ValueError(f"config.captions.template_fraction={template_fraction} must be in [0, 1]")
+    filled = scoring.fill_templates(class_names, templates)
+    rng = np.random.default_rng(seed)
+    if captions is None or template_fraction >= 1.0:
+        choice = rng.integers(len(templates), size=len(labels))
+        return np.arange(len(labels)), [filled[label][t] for label, t in zip(labels, choice)]
+    images = [i for i, refs in enumerate(captions) for _ in refs]
+    texts = [text for refs in captions for text in refs]
+    num_templates = int(round(len(texts) * template_fraction / (1.0 - template_fraction)))
+    extra_images = rng.integers(len(labels), size=num_templates)
+    extra_choice = rng.integers(len(templates), size=num_templates)
+    images += extra_images.tolist()
+    texts += [filled[labels[i]][t] for i, t in zip(extra_images, extra_choice)]
+    return np.asarray(images, np.int64), texts
 
 
 def encode_captions(encode, eos_id: int, texts: Sequence[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-  """(input_ids int32 [N, T], target_mask float32 [N, T-1]) of [BOS] text [EOS] rows, right-padded with EOS.
+    """(input_ids int32 [N, T], target_mask float32 [N, T-1]) of [BOS] text [EOS] rows, right-padded with EOS.
 
-  T = max_tokens + 2 (BOS and EOS); target_mask marks the text tokens and the EOS. Raises naming the first
-  caption that is longer than max_tokens.
-  """
-  ids = [list(encode(text)) for text in texts]
-  for text, tokens in zip(texts, ids):
-    if len(tokens) > max_tokens:
-      raise ValueError(f"caption {text!r} has {len(tokens)} tokens, more than config.captions.max_tokens="
-                       f"{max_tokens}")
-  input_ids = np.full((len(texts), max_tokens + 2), eos_id, np.int32)
-  target_mask = np.zeros((len(texts), max_tokens + 1), np.float32)
-  for row, tokens in enumerate(ids):
-    input_ids[row, 1:1 + len(tokens)] = tokens
-    target_mask[row, :len(tokens) + 1] = 1.0
-  return input_ids, target_mask
+    T = max_tokens + 2 (BOS and EOS); target_mask marks the text tokens and the EOS. Raises naming the first
+    caption that is longer than max_tokens.
+    """
+    ids = [list(encode(text)) for text in texts]
+    for text, tokens in zip(texts, ids):
+        if len(tokens) > max_tokens:
+            raise ValueError(f"caption {text!r} has {len(tokens)} tokens, more than config.captions.max_tokens="
+                             f"{max_tokens}")
+    input_ids = np.full((len(texts), max_tokens + 2), eos_id, np.int32)
+    target_mask = np.zeros((len(texts), max_tokens + 1), np.float32)
+    for row, tokens in enumerate(ids):
+        input_ids[row, 1:1 + len(tokens)] = tokens
+        target_mask[row, :len(tokens) + 1] = 1.0
+    return input_ids, target_mask
 
 
 def lm_config_from(config: ml_collections.ConfigDict) -> GPT2Config:
-  """The LM's GPT2Config: config.lm.pretrained's config.json, or the sizes in config.lm."""
-  lm = config.lm
-  dropout = dict(embd_pdrop=lm.dropout, attn_pdrop=lm.dropout, resid_pdrop=lm.dropout)
-  if lm.get("pretrained"):
-    from imgllm import hf
-    return dataclasses.replace(hf.read_config(hf.resolve_model_dir(lm.pretrained)), **dropout)
-  return GPT2Config(vocab_size=lm.vocab_size, n_positions=lm.n_positions, n_embd=lm.n_embd, n_layer=lm.n_layer,
-                    n_head=lm.n_head, bos_token_id=0, eos_token_id=0, **dropout)
+    """The LM's GPT2Config: config.lm.pretrained's config.json, or the sizes in config.lm."""
+    lm = config.lm
+    dropout = dict(embd_pdrop=lm.dropout, attn_pdrop=lm.dropout, resid_pdrop=lm.dropout)
+    if lm.get("pretrained"):
+        from imgllm import hf
+        return dataclasses.replace(hf.read_config(hf.resolve_model_dir(lm.pretrained)), **dropout)
+    return GPT2Config(vocab_size=lm.vocab_size, n_positions=lm.n_positions, n_embd=lm.n_embd, n_layer=lm.n_layer,
+                      n_head=lm.n_head, bos_token_id=0, eos_token_id=0, **dropout)
 
 
 def reference_captions(dataset, class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
-  """One reference per image for teacher-forced evaluation: its first caption, or its first class template."""
-  if dataset.captions is not None:
-    return [refs[0] for refs in dataset.captions]
-  return [scoring.fill_templates([class_names[label]], templates[:1])[0][0] for label in dataset.labels]
+    """One reference per image for teacher-forced evaluation: its first caption, or its first class template."""
+    if dataset.captions is not None:
+        return [refs[0] for refs in dataset.captions]
+    return [scoring.fill_templates([class_names[label]], templates[:1])[0][0] for label in dataset.labels]
 
 
 @dataclasses.dataclass(frozen=True)
 class Classifier:
-  """A trained classifier run: CNN module and variables, its config (a dict) and class names."""
+    """A trained classifier run: CNN module and variables, its config (a dict) and class names."""
 
-  model: Any
-  variables: Any
-  run_config: dict
-  class_names: tuple[str, ...]
+    model: Any
+    variables: Any
+    run_config: dict
+    class_names: tuple[str, ...]
 
 
 @functools.lru_cache(maxsize=4)
 def _classifier_config(workdir: str) -> tuple[dict, dict]:
-  """(run config, meta) of a classifier work directory's latest checkpoint, read once."""
-  from imgllm.train.checkpoint import Checkpointer
-  if not workdir or not os.path.isdir(workdir):
-    raise FileNotFoundError(f"config.classifier_workdir={workdir!r} is not a train.py work directory")
-  checkpointer = Checkpointer(workdir, read_only=True, asynchronous=False)
-  try:
-    return checkpointer.restore_config_and_meta(None)
-  finally:
-    checkpointer.close()
+    """(run config, meta) of a classifier work directory's latest checkpoint, read once."""
+    from imgllm.train.checkpoint import Checkpointer
+    if not workdir or not os.path.isdir(workdir):
+        raise FileNotFoundError(f"config.classifier_workdir={workdir!r} is not a train.py work directory")
+    checkpointer = Checkpointer(workdir, read_only=True, asynchronous=False)
+    try:
+        return checkpointer.restore_config_and_meta(None)
+    finally:
+        checkpointer.close()
 
 
 # ----------------------------------------------------------------------------------------------- the task
 
 
 class CaptionerTask:
-  """Trains a PrefixMapper (and optionally the LM) on image–caption pairs with a frozen, trained CNN.
+    """Trains a PrefixMapper (and optionally the LM) on image–caption pairs with a frozen, trained CNN.
 
-  Config fields: dataset, data_dir, train_split, eval_split, num_train_examples, num_eval_examples, seed,
-  classifier_workdir, bridge.{prefix_length, hidden, feature_source}, lm.{pretrained, vocab_size, n_positions,
-  n_embd, n_layer, n_head, dropout, train}, tokenizer.{path, vocab_size}, captions.{templates,
-  template_fraction, max_tokens}, feature_batch_size.
-  """
+    Config fields: dataset, data_dir, train_split, eval_split, num_train_examples, num_eval_examples, seed,
+    classifier_workdir, bridge.{prefix_length, hidden, feature_source}, lm.{pretrained, vocab_size, n_positions,
+    n_embd, n_layer, n_head, dropout, train}, tokenizer.{path, vocab_size}, captions.{templates,
+    template_fraction, max_tokens}, feature_batch_size.
+    """
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    self.config = config
-    run_config, meta = _classifier_config(os.path.abspath(config.classifier_workdir or ""))
-    self.classifier_config = run_config
-    self.class_names = tuple(meta.get("task", {}).get("class_names") or ())
-    if not self.class_names:
-      raise ValueError(f"{config.classifier_workdir}: the classifier checkpoint's meta has no class names")
-    self.cnn = cnn_lib.cnn_from_config(ml_collections.ConfigDict(run_config["model"]))
-    self.image_size = int(run_config.get("image_size") or 32)
-    self.normalization = run_config.get("normalization") or {}
-    self.lm_config = lm_config_from(config)
-    self.templates = tuple(config.captions.templates)
-    self.mapper = PrefixMapper(prefix_length=config.bridge.prefix_length, lm_dim=self.lm_config.n_embd,
-                               hidden=config.bridge.hidden, feature_source=config.bridge.feature_source)
-    check_mapper_fits(self.mapper, self.lm_config)
-    if config.bridge.prefix_length + config.captions.max_tokens + 2 > self.lm_config.n_positions:
-      raise ValueError(f"prefix_length + captions.max_tokens + 2 exceeds the LM's n_positions="
-                       f"{self.lm_config.n_positions}")
-    self.tokenizer = None
-    self._cnn_variables = None
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        run_config, meta = _classifier_config(os.path.abspath(config.classifier_workdir or ""))
+        self.classifier_config = run_config
+        self.class_names = tuple(meta.get("task", {}).get("class_names") or ())
+        if not self.class_names:
+            raise ValueError(f"{config.classifier_workdir}: the classifier checkpoint's meta has no class names")
+        self.cnn = cnn_lib.cnn_from_config(ml_collections.ConfigDict(run_config["model"]))
+        self.image_size = int(run_config.get("image_size") or 32)
+        self.normalization = run_config.get("normalization") or {}
+        self.lm_config = lm_config_from(config)
+        self.templates = tuple(config.captions.templates)
+        self.mapper = PrefixMapper(prefix_length=config.bridge.prefix_length, lm_dim=self.lm_config.n_embd,
+                                   hidden=config.bridge.hidden, feature_source=config.bridge.feature_source)
+        check_mapper_fits(self.mapper, self.lm_config)
+        if config.bridge.prefix_length + config.captions.max_tokens + 2 > self.lm_config.n_positions:
+            raise ValueError(f"prefix_length + captions.max_tokens + 2 exceeds the LM's n_positions="
+                             f"{self.lm_config.n_positions}")
+        self.tokenizer = None
+        self._cnn_variables = None
 
-  # ---- text ----
-  def encode(self, text: str) -> list[int]:
-    return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    # ---- text ----
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-  def _build_tokenizer(self, texts: Sequence[str]):
-    """The configured tokenizer (config.tokenizer.path), or a byte-level BPE trained on the training texts."""
-    cfg = self.config.tokenizer
-    if cfg.get("path"):
-      from imgllm import hf
-      tokenizer = hf.load_tokenizer(cfg.path)
-    else:
-      from imgllm.tokenizer import train_bpe_tokenizer
-      tokenizer = train_bpe_tokenizer(texts, vocab_size=min(cfg.vocab_size, self.lm_config.vocab_size))
-    if len(tokenizer) > self.lm_config.vocab_size:
-      raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LM's vocab_size is "
-                       f"{self.lm_config.vocab_size}")
-    return tokenizer
+    def _build_tokenizer(self, texts: Sequence[str]):
+        """The configured tokenizer (config.tokenizer.path), or a byte-level BPE trained on the training texts."""
+        cfg = self.config.tokenizer
+        if cfg.get("path"):
+            from imgllm import hf
+            tokenizer = hf.load_tokenizer(cfg.path)
+        else:
+            from imgllm.tokenizer import train_bpe_tokenizer
+            tokenizer = train_bpe_tokenizer(texts, vocab_size=min(cfg.vocab_size, self.lm_config.vocab_size))
+        if len(tokenizer) > self.lm_config.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LM's vocab_size is "
+                             f"{self.lm_config.vocab_size}")
+        return tokenizer
 
-  def _tokenizer_from_metadata(self, metadata: Mapping[str, Any]):
-    if metadata.get("tokenizer_json"):
-      import tokenizers
-      from imgllm.tokenizer import wrap_tokenizer
-      return wrap_tokenizer(tokenizers.Tokenizer.from_str(metadata["tokenizer_json"]))
-    from imgllm import hf
-    return hf.load_tokenizer(metadata["tokenizer_path"])
+    def _tokenizer_from_metadata(self, metadata: Mapping[str, Any]):
+        if metadata.get("tokenizer_json"):
+            import tokenizers
+            from imgllm.tokenizer import wrap_tokenizer
+            return wrap_tokenizer(tokenizers.Tokenizer.from_str(metadata["tokenizer_json"]))
+        from imgllm import hf
+        return hf.load_tokenizer(metadata["tokenizer_path"])
 
-  def prompt_table(self) -> scoring.PromptTable:
-    """The class-prompt table the LM classification scores (built once per tokenizer)."""
-    return scoring.build_prompt_table(self.encode, self.tokenizer.eos_token_id, self.class_names, self.templates)
+    def prompt_table(self) -> scoring.PromptTable:
+        """The class-prompt table the LM classification scores (built once per tokenizer)."""
+        return scoring.build_prompt_table(self.encode, self.tokenizer.eos_token_id, self.class_names, self.templates)
 
-  # ---- data (host side) ----
-  def _load(self, spec: str, split: str, num: int | None):
-    return load_caption_dataset(spec, split, seed=self.config.seed, data_dir=self.config.data_dir,
-                                image_size=self.image_size, num_examples=num)
+    # ---- data (host side) ----
+    def _load(self, spec: str, split: str, num: int | None):
+        return load_caption_dataset(spec, split, seed=self.config.seed, data_dir=self.config.data_dir,
+                                    image_size=self.image_size, num_examples=num)
 
-  def _labels_in_classifier_order(self, dataset, where: str) -> np.ndarray:
-    from imgllm.train.classifier import remap_labels
-    if tuple(dataset.class_names) == self.class_names:
-      return dataset.labels.astype(np.int32)
-    return remap_labels(dataset.labels, tuple(dataset.class_names), self.class_names, where)
+    def _labels_in_classifier_order(self, dataset, where: str) -> np.ndarray:
+        from imgllm.train.classifier import remap_labels
+        if tuple(dataset.class_names) == self.class_names:
+            return dataset.labels.astype(np.int32)
+        return remap_labels(dataset.labels, tuple(dataset.class_names), self.class_names, where)
 
-  def classifier_variables(self):
-    """The frozen CNN's variables, restored from config.classifier_workdir (once)."""
-    if self._cnn_variables is None:
-      from imgllm.pipeline_checkpoint import load_classifier
-      self._cnn_variables, _, _ = load_classifier(os.path.abspath(self.config.classifier_workdir))
-    return self._cnn_variables
+    def classifier_variables(self):
+        """The frozen CNN's variables, restored from config.classifier_workdir (once)."""
+        if self._cnn_variables is None:
+            from imgllm.pipeline_checkpoint import load_classifier
+            self._cnn_variables, _, _ = load_classifier(os.path.abspath(self.config.classifier_workdir))
+        return self._cnn_variables
 
-  def normalize(self, images: jax.Array) -> jax.Array:
-    from imgllm.data import augment
-    if not self.normalization:
-      return augment.normalize(images)
-    return augment.normalize(images, mean=tuple(self.normalization["mean"]), std=tuple(self.normalization["std"]))
+    def normalize(self, images: jax.Array) -> jax.Array:
+        from imgllm.data import augment
+        if not self.normalization:
+            return augment.normalize(images)
+        return augment.normalize(images, mean=tuple(self.normalization["mean"]), std=tuple(self.normalization["std"]))
 
-  def image_features(self, cnn_variables, images: np.ndarray) -> np.ndarray:
-    """Bridge input features [N, F] of uint8 images, in batches of config.feature_batch_size (one compile)."""
-    fn = jax.jit(lambda v, x: cnn_outputs(self.cnn, v, self.normalize(x), self.mapper.feature_source)[1])
-    size = self.config.feature_batch_size
-    padded = np.concatenate([images, np.zeros((-len(images) % size,) + images.shape[1:], images.dtype)])
-    out = [np.asarray(fn(cnn_variables, padded[i:i + size])) for i in range(0, len(padded), size)]
-    return np.concatenate(out)[:len(images)].astype(np.float32)
+    def image_features(self, cnn_variables, images: np.ndarray) -> np.ndarray:
+        """Bridge input features [N, F] of uint8 images, in batches of config.feature_batch_size (one compile)."""
+        fn = jax.jit(lambda v, x: cnn_outputs(self.cnn, v, self.normalize(x), self.mapper.feature_source)[1])
+        size = self.config.feature_batch_size
+        padded = np.concatenate([images, np.zeros((-len(images) % size,) + images.shape[1:], images.dtype)])
+        out = [np.asarray(fn(cnn_variables, padded[i:i + size])) for i in range(0, len(padded), size)]
+        return np.concatenate(out)[:len(images)].astype(np.float32)
 
-  def train_arrays(self) -> dict[str, np.ndarray]:
-    cfg = self.config
-    dataset = self._load(cfg.dataset, cfg.train_split, cfg.num_train_examples)
-    labels = self._labels_in_classifier_order(dataset, f"{cfg.dataset} ({cfg.train_split})")
-    rows, texts = caption_rows(dataset.captions, labels, self.class_names, self.templates,
-                               cfg.captions.template_fraction, cfg.seed)
-    all_prompts = [p for row in scoring.fill_templates(self.class_names, self.templates) for p in row]
-    self.tokenizer = self._build_tokenizer(texts + all_prompts)
-    input_ids, target_mask = encode_captions(self.encode, self.tokenizer.eos_token_id, texts,
-                                             cfg.captions.max_tokens)
-    features = self.image_features(self.classifier_variables(), dataset.images)
-    return {"features": features[rows], "input_ids": input_ids, "target_mask": target_mask}
+    def train_arrays(self) -> dict[str, np.ndarray]:
+        cfg = self.config
+        dataset = self._load(cfg.dataset, cfg.train_split, cfg.num_train_examples)
+        labels = self._labels_in_classifier_order(dataset, f"{cfg.dataset} ({cfg.train_split})")
+        rows, texts = caption_rows(dataset.captions, labels, self.class_names, self.templates,
+                                   cfg.captions.template_fraction, cfg.seed)
+        all_prompts = [p for row in scoring.fill_templates(self.class_names, self.templates) for p in row]
+        self.tokenizer = self._build_tokenizer(texts + all_prompts)
+        input_ids, target_mask = encode_captions(self.encode, self.tokenizer.eos_token_id, texts,
+                                                 cfg.captions.max_tokens)
+        features = self.image_features(self.classifier_variables(), dataset.images)
+        return {"features": features[rows], "input_ids": input_ids, "target_mask": target_mask}
 
-  def eval_arrays(self, split: str | None = None, source: str | None = None,
-                  metadata: Mapping[str, Any] | None = None) -> dict[str, np.ndarray] | None:
-    split = split or self.config.eval_split
-    if not split:
-      return None
-    if metadata:
-      self.tokenizer = self._tokenizer_from_metadata(metadata)
-    spec = source or self.config.dataset
-    dataset = self._load(spec, split, self.config.num_eval_examples if source is None else None)
-    labels = self._labels_in_classifier_order(dataset, f"{spec} ({split})")
-    texts = reference_captions(dataset, self.class_names, self.templates)
-    input_ids, target_mask = encode_captions(self.encode, self.tokenizer.eos_token_id, texts,
-                                             self.config.captions.max_tokens)
-    return {"images": dataset.images, "labels": labels, "input_ids": input_ids, "target_mask": target_mask}
+    def eval_arrays(self, split: str | None = None, source: str | None = None,
+                    metadata: Mapping[str, Any] | None = None) -> dict[str, np.ndarray] | None:
+        split = split or self.config.eval_split
+        if not split:
+            return None
+        if metadata:
+            self.tokenizer = self._tokenizer_from_metadata(metadata)
+        spec = source or self.config.dataset
+        dataset = self._load(spec, split, self.config.num_eval_examples if source is None else None)
+        labels = self._labels_in_classifier_order(dataset, f"{spec} ({split})")
+        texts = reference_captions(dataset, self.class_names, self.templates)
+        input_ids, target_mask = encode_captions(self.encode, self.tokenizer.eos_token_id, texts,
+                                                 self.config.captions.max_tokens)
+        return {"images": dataset.images, "labels": labels, "input_ids": input_ids, "target_mask": target_mask}
 
-  # ---- variables ----
-  def init_variables(self, rng: jax.Array) -> dict[str, Any]:
-    """Random bridge (and LM) parameters; the frozen CNN's are zeros of the right shapes, a placeholder that
-    `prepare_variables` replaces with the classifier checkpoint (zeros: no initialiser code to compile)."""
-    _, lm_key, bridge_key = jax.random.split(rng, 3)
-    dummy = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
-    cnn_shapes = jax.eval_shape(lambda: self.cnn.init(jax.random.PRNGKey(0), dummy, train=False))
-    cnn_variables = dict(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cnn_shapes))
-    features = jax.eval_shape(lambda: cnn_outputs(self.cnn, cnn_variables, dummy, self.mapper.feature_source)[1])
-    bridge = self.mapper.init(bridge_key, jnp.zeros(features.shape, jnp.float32))["params"]
-    lm = init_params(self.lm_config, lm_key)
-    params, frozen = {"bridge": bridge}, {"cnn": cnn_variables}
-    (params if self.config.lm.train else frozen)["lm"] = lm
-    return {"params": params, FROZEN: frozen}
+    # ---- variables ----
+    def init_variables(self, rng: jax.Array) -> dict[str, Any]:
+        """Random bridge (and LM) parameters; the frozen CNN's are zeros of the right shapes, a placeholder that
+        `prepare_variables` replaces with the classifier checkpoint (zeros: no initialiser code to compile)."""
+        _, lm_key, bridge_key = jax.random.split(rng, 3)
+        dummy = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+        cnn_shapes = jax.eval_shape(lambda: self.cnn.init(jax.random.PRNGKey(0), dummy, train=False))
+        cnn_variables = dict(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cnn_shapes))
+        features = jax.eval_shape(lambda: cnn_outputs(self.cnn, cnn_variables, dummy, self.mapper.feature_source)[1])
+        bridge = self.mapper.init(bridge_key, jnp.zeros(features.shape, jnp.float32))["params"]
+        lm = init_params(self.lm_config, lm_key)
+        params, frozen = {"bridge": bridge}, {"cnn": cnn_variables}
+        (params if self.config.lm.train else frozen)["lm"] = lm
+        return {"params": params, FROZEN: frozen}
 
-  def prepare_variables(self, variables: dict[str, Any], train_arrays) -> dict[str, Any]:
-    """Puts the trained classifier's CNN (and config.lm.pretrained's weights, if any) in place."""
-    frozen = dict(variables[FROZEN], cnn=self.classifier_variables())
-    params = dict(variables["params"])
-    if self.config.lm.get("pretrained"):
-      from imgllm import hf
-      _, lm = hf.load_gpt2(self.config.lm.pretrained)
-      (params if "lm" in params else frozen)["lm"] = lm
-    _check_same_structure(variables, {"params": params, FROZEN: frozen})
-    return {"params": params, FROZEN: frozen}
+    def prepare_variables(self, variables: dict[str, Any], train_arrays) -> dict[str, Any]:
+        """Puts the trained classifier's CNN (and config.lm.pretrained's weights, if any) in place."""
+        frozen = dict(variables[FROZEN], cnn=self.classifier_variables())
+        params = dict(variables["params"])
+        if self.config.lm.get("pretrained"):
+            from imgllm import hf
+            _, lm = hf.load_gpt2(self.config.lm.pretrained)
+            (params if "lm" in params else frozen)["lm"] = lm
+        _check_same_structure(variables, {"params": params, FROZEN: frozen})
+        return {"params": params, FROZEN: frozen}
 
-  # ---- pure, traced ----
-  def _lm_params(self, params, model_state):
-    return params["lm"] if "lm" in params else model_state[FROZEN]["lm"]
+    # ---- pure, traced ----
+    def _lm_params(self, params, model_state):
+        return params["lm"] if "lm" in params else model_state[FROZEN]["lm"]
 
-  def _token_metrics(self, lm_params, prefix, batch, weights) -> tuple[jax.Array, Metrics]:
-    """(mean token loss, metric sums) of the reference captions after `prefix`; weights [B] per example."""
-    log_probs, is_argmax = prefixed_token_stats(lm_params, self.lm_config, prefix, batch["input_ids"])
-    mask = batch["target_mask"] * weights[:, None]
-    tokens = mask.sum()
-    exact = jnp.all(is_argmax | (batch["target_mask"] == 0), axis=-1)
-    loss = -(log_probs * mask).sum()
-    return loss / jnp.maximum(tokens, 1.0), {
-        "loss": metric(loss, tokens),
-        "token_accuracy": metric((is_argmax * mask).sum(), tokens),
-        "caption_exact": metric((exact * weights).sum(), weights.sum())}
+    def _token_metrics(self, lm_params, prefix, batch, weights) -> tuple[jax.Array, Metrics]:
+        """(mean token loss, metric sums) of the reference captions after `prefix`; weights [B] per example."""
+        log_probs, is_argmax = prefixed_token_stats(lm_params, self.lm_config, prefix, batch["input_ids"])
+        mask = batch["target_mask"] * weights[:, None]
+        tokens = mask.sum()
+        exact = jnp.all(is_argmax | (batch["target_mask"] == 0), axis=-1)
+        loss = -(log_probs * mask).sum()
+        return loss / jnp.maximum(tokens, 1.0), {
+            "loss": metric(loss, tokens),
+            "token_accuracy": metric((is_argmax * mask).sum(), tokens),
+            "caption_exact": metric((exact * weights).sum(), weights.sum())}
 
-  def loss(self, params, model_state, batch, rng, epoch) -> tuple[jax.Array, tuple[Metrics, dict]]:
-    prefix = self.mapper.apply({"params": params["bridge"]}, batch["features"])
-    lm_params = self._lm_params(params, model_state)
-    deterministic = self.config.lm.dropout == 0
-    log_probs, is_argmax = prefixed_token_stats(lm_params, self.lm_config, prefix, batch["input_ids"],
-                                                deterministic=deterministic, dropout_rng=rng)
-    mask = batch["target_mask"]
-    tokens = mask.sum()
-    total = -(log_probs * mask).sum()
-    metrics = {"loss": metric(total, tokens), "accuracy": metric((is_argmax * mask).sum(), tokens)}
-    return total / tokens, (metrics, model_state)
+    def loss(self, params, model_state, batch, rng, epoch) -> tuple[jax.Array, tuple[Metrics, dict]]:
+        prefix = self.mapper.apply({"params": params["bridge"]}, batch["features"])
+        lm_params = self._lm_params(params, model_state)
+        deterministic = self.config.lm.dropout == 0
+        log_probs, is_argmax = prefixed_token_stats(lm_params, self.lm_config, prefix, batch["input_ids"],
+                                                    deterministic=deterministic, dropout_rng=rng)
+        mask = batch["target_mask"]
+        tokens = mask.sum()
+        total = -(log_probs * mask).sum()
+        metrics = {"loss": metric(total, tokens), "accuracy": metric((is_argmax * mask).sum(), tokens)}
+        return total / tokens, (metrics, model_state)
 
-  def eval_metrics(self, variables, batch, *, tta: bool) -> Metrics:
-    params, frozen = variables["params"], variables[FROZEN]
-    logits, features = cnn_outputs(self.cnn, frozen["cnn"], self.normalize(batch["images"]),
-                                   self.mapper.feature_source)
-    prefix = self.mapper.apply({"params": params["bridge"]}, features)
-    lm_params = self._lm_params(params, variables)
-    weights = batch["mask"]
-    _, metrics = self._token_metrics(lm_params, prefix, batch, weights)
-    lm_scores = scoring.score_class_prompts(lm_params, self.lm_config, self.prompt_table(), prefix)
-    labels, count = batch["labels"], weights.sum()
-    metrics["accuracy"] = metric(((jnp.argmax(logits, -1) == labels) * weights).sum(), count)
-    metrics["lm_accuracy"] = metric(((jnp.argmax(lm_scores, -1) == labels) * weights).sum(), count)
-    return metrics
+    def eval_metrics(self, variables, batch, *, tta: bool) -> Metrics:
+        params, frozen = variables["params"], variables[FROZEN]
+        logits, features = cnn_outputs(self.cnn, frozen["cnn"], self.normalize(batch["images"]),
+                                       self.mapper.feature_source)
+        prefix = self.mapper.apply({"params": params["bridge"]}, features)
+        lm_params = self._lm_params(params, variables)
+        weights = batch["mask"]
+        _, metrics = self._token_metrics(lm_params, prefix, batch, weights)
+        lm_scores = scoring.score_class_prompts(lm_params, self.lm_config, self.prompt_table(), prefix)
+        labels, count = batch["labels"], weights.sum()
+        metrics["accuracy"] = metric(((jnp.argmax(logits, -1) == labels) * weights).sum(), count)
+        metrics["lm_accuracy"] = metric(((jnp.argmax(lm_scores, -1) == labels) * weights).sum(), count)
+        return metrics
 
-  def checkpoint_metadata(self) -> dict[str, Any]:
-    tokenizer_path = self.config.tokenizer.get("path")
-    return {"class_names": list(self.class_names), "templates": list(self.templates),
-            "tokenizer_json": None if tokenizer_path or self.tokenizer is None
-            else self.tokenizer.backend_tokenizer.to_str(),
-            "tokenizer_path": tokenizer_path, "lm_config": self.lm_config.to_dict(),
-            "bridge": bridge_fields(self.mapper), "classifier_workdir": os.path.abspath(self.config.classifier_workdir)}
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        tokenizer_path = self.config.tokenizer.get("path")
+        return {"class_names": list(self.class_names), "templates": list(self.templates),
+                "tokenizer_json": None if tokenizer_path or self.tokenizer is None
+                else self.tokenizer.backend_tokenizer.to_str(),
+                "tokenizer_path": tokenizer_path, "lm_config": self.lm_config.to_dict(),
+                "bridge": bridge_fields(self.mapper),
+                "classifier_workdir": os.path.abspath(self.config.classifier_workdir)}
 
 
 def bridge_fields(mapper: PrefixMapper) -> dict[str, Any]:
-  """The PrefixMapper's constructor fields as JSON (a pipeline checkpoint's "bridge" config)."""
-  return {"prefix_length": mapper.prefix_length, "lm_dim": mapper.lm_dim, "hidden": mapper.hidden,
-          "feature_source": mapper.feature_source}
+    """The PrefixMapper's constructor fields as JSON (a pipeline checkpoint's "bridge" config)."""
+    return {"prefix_length": mapper.prefix_length, "lm_dim": mapper.lm_dim, "hidden": mapper.hidden,
+            "feature_source": mapper.feature_source}
 
 
 def _check_same_structure(expected, actual) -> None:
-  """Raises ValueError naming the first leaf whose shape differs between two variable trees."""
-  shapes = lambda tree: {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-  want, got = shapes(expected), shapes(actual)
-  if want.keys() != got.keys():
-    raise ValueError(f"loaded variables differ in keys: {sorted(set(want) ^ set(got))[:5]}")
-  for key, shape in want.items():
-    if got[key] != shape:
-      raise ValueError(f"loaded variable {key} has shape {got[key]}, the model expects {shape}")
+    """Raises ValueError naming the first leaf whose shape differs between two variable trees."""
+    shapes = lambda tree: {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+    want, got = shapes(expected), shapes(actual)
+    if want.keys() != got.keys():
+        raise ValueError(f"loaded variables differ in keys: {sorted(set(want) ^ set(got))[:5]}")
+    for key, shape in want.items():
+        if got[key] != shape:
+            raise ValueError(f"loaded variable {key} has shape {got[key]}, the model expects {shape}")
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -352,28 +353,28 @@ def _check_same_structure(expected, actual) -> None:
 
 def export_pipeline_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, max_new_tokens: int = 0,
                                overwrite: bool = False) -> str:
-  """Writes the pipeline checkpoint (imgllm.pipeline_checkpoint format) of a captioner run in `workdir`.
+    """Writes the pipeline checkpoint (imgllm.pipeline_checkpoint format) of a captioner run in `workdir`.
 
-  params {"cnn", "lm", "bridge"}; config: the classifier's CNN and normalisation, the LM's config.json, the
-  bridge fields, prompt = [BOS] only (empty template, prepend_bos) and "class_prompt_templates" for LM
-  classification. max_new_tokens=0: captions.max_tokens + 1.
-  """
-  from imgllm import pipeline_checkpoint
-  from imgllm.train.loop import restore_for_eval
+    params {"cnn", "lm", "bridge"}; config: the classifier's CNN and normalisation, the LM's config.json, the
+    bridge fields, prompt = [BOS] only (empty template, prepend_bos) and "class_prompt_templates" for LM
+    classification. max_new_tokens=0: captions.max_tokens + 1.
+    """
+    from imgllm import pipeline_checkpoint
+    from imgllm.train.loop import restore_for_eval
 
-  config, meta, task, variables = restore_for_eval(workdir, step)
-  variables = jax.device_get(variables)
-  task_meta = meta["task"]
-  tokenizer = task._tokenizer_from_metadata(task_meta)
-  params = {"cnn": variables[FROZEN]["cnn"], "lm": task._lm_params(variables["params"], variables),
-            "bridge": variables["params"]["bridge"]}
-  normalization = task.normalization
-  pipeline_config = pipeline_checkpoint.make_pipeline_config(
-      cnn=task.classifier_config["model"], lm=task.lm_config.to_dict(), class_names=task.class_names,
-      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, bos_id=tokenizer.eos_token_id,
-      bridge=task_meta["bridge"], template="", top_k=1, image_size=task.image_size,
-      mean=normalization.get("mean"), std=normalization.get("std"), prepend_bos=True,
-      max_new_tokens=max_new_tokens or config.captions.max_tokens + 1)
-  pipeline_config["class_prompt_templates"] = list(task_meta["templates"])
-  return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, params, pipeline_config, tokenizer,
-                                                      overwrite=overwrite)
+    config, meta, task, variables = restore_for_eval(workdir, step)
+    variables = jax.device_get(variables)
+    task_meta = meta["task"]
+    tokenizer = task._tokenizer_from_metadata(task_meta)
+    params = {"cnn": variables[FROZEN]["cnn"], "lm": task._lm_params(variables["params"], variables),
+              "bridge": variables["params"]["bridge"]}
+    normalization = task.normalization
+    pipeline_config = pipeline_checkpoint.make_pipeline_config(
+        cnn=task.classifier_config["model"], lm=task.lm_config.to_dict(), class_names=task.class_names,
+        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, bos_id=tokenizer.eos_token_id,
+        bridge=task_meta["bridge"], template="", top_k=1, image_size=task.image_size,
+        mean=normalization.get("mean"), std=normalization.get("std"), prepend_bos=True,
+        max_new_tokens=max_new_tokens or config.captions.max_tokens + 1)
+    pipeline_config["class_prompt_templates"] = list(task_meta["templates"])
+    return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, params, pipeline_config, tokenizer,
+                                                        overwrite=overwrite)

@@ -28,125 +28,125 @@ EVAL_SEED = 1           # ... with its own seed: images that no training or vali
 
 
 def stage_is_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
-  """Whether `workdir` holds a finished run of `config` (last checkpoint at the final step).
+    """Whether `workdir` holds a finished run of `config` (last checkpoint at the final step).
 
-  Raises IncompatibleConfigError when the work directory holds a run of a different config.
-  """
-  from imgllm.train import checkpoint as ckpt_lib
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    return False
-  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True, asynchronous=False)
-  try:
-    if checkpointer.latest_step() is None:
-      return False
-    saved_config, meta = checkpointer.restore_config_and_meta(None)
-  finally:
-    checkpointer.close()
-  ckpt_lib.check_compatible(saved_config, config, workdir)
-  return meta["step"] >= meta["total_steps"]
+    Raises IncompatibleConfigError when the work directory holds a run of a different config.
+    """
+    from imgllm.train import checkpoint as ckpt_lib
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return False
+    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True, asynchronous=False)
+    try:
+        if checkpointer.latest_step() is None:
+            return False
+        saved_config, meta = checkpointer.restore_config_and_meta(None)
+    finally:
+        checkpointer.close()
+    ckpt_lib.check_compatible(saved_config, config, workdir)
+    return meta["step"] >= meta["total_steps"]
 
 
 def _run_stage(name: str, workdir: str, config: ml_collections.ConfigDict, log: Callable[[str], None]) -> bool:
-  """Trains `config` in `workdir` unless already finished; returns whether it trained."""
-  from imgllm.train import loop
-  if stage_is_finished(workdir, config):
-    log(f"[demo] {name}: finished run found in {workdir}, skipped")
-    return False
-  clock = _Clock()
-  result = loop.train_and_evaluate(config, workdir)
-  summary = "" if result.final_eval is None else " " + " ".join(
-      f"{k}={v:.4f}" for k, v in result.final_eval.items() if isinstance(v, float))
-  log(f"[demo] {name}: trained in {clock}{summary}")
-  return True
+    """Trains `config` in `workdir` unless already finished; returns whether it trained."""
+    from imgllm.train import loop
+    if stage_is_finished(workdir, config):
+        log(f"[demo] {name}: finished run found in {workdir}, skipped")
+        return False
+    clock = _Clock()
+    result = loop.train_and_evaluate(config, workdir)
+    summary = "" if result.final_eval is None else " " + " ".join(
+        f"{k}={v:.4f}" for k, v in result.final_eval.items() if isinstance(v, float))
+    log(f"[demo] {name}: trained in {clock}{summary}")
+    return True
 
 
 class _Clock:
-  """Wall and CPU (user + system, all threads) seconds since creation, as text: "12 s (CPU 20 s)"."""
+    """Wall and CPU (user + system, all threads) seconds since creation, as text: "12 s (CPU 20 s)"."""
 
-  def __init__(self):
-    self.wall, self.cpu = time.perf_counter(), time.process_time()
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
 
-  def __str__(self) -> str:
-    return f"{time.perf_counter() - self.wall:.0f} s (CPU {time.process_time() - self.cpu:.0f} s)"
+    def __str__(self) -> str:
+        return f"{time.perf_counter() - self.wall:.0f} s (CPU {time.process_time() - self.cpu:.0f} s)"
 
 
 def default_configs() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-  """The (classifier, captioner) configs of the demo: configs/demo.py and configs/captioner_demo.py."""
-  from imgllm.configs import captioner_demo, demo
-  return demo.get_config(), captioner_demo.get_config()
+    """The (classifier, captioner) configs of the demo: configs/demo.py and configs/captioner_demo.py."""
+    from imgllm.configs import captioner_demo, demo
+    return demo.get_config(), captioner_demo.get_config()
 
 
 def run_demo(workdir: str, *, classifier_config: ml_collections.ConfigDict | None = None,
              captioner_config: ml_collections.ConfigDict | None = None, num_eval_examples: int = 500,
              log: Callable[[str], None] = print) -> dict[str, float]:
-  """Trains the demo classifier and captioner in `workdir`, exports and evaluates the pipeline checkpoint.
+    """Trains the demo classifier and captioner in `workdir`, exports and evaluates the pipeline checkpoint.
 
-  classifier_config / captioner_config default to `default_configs()`; the captioner's classifier_workdir is
-  set to <workdir>/classifier. Returns the evaluation of `evaluate_pipeline` on fresh images.
-  """
-  from imgllm.train.captioner import export_pipeline_checkpoint
-  default_classifier, default_captioner = default_configs()
-  classifier_config = classifier_config or default_classifier
-  captioner_config = ml_collections.ConfigDict((captioner_config or default_captioner).to_dict())
-  workdir = os.path.abspath(workdir)
-  classifier_dir, captioner_dir, pipeline_dir = (os.path.join(workdir, name)
-                                                 for name in ("classifier", "captioner", "pipeline"))
-  captioner_config.classifier_workdir = classifier_dir
-  clock = _Clock()
-  _run_stage("classifier", classifier_dir, classifier_config, log)
-  trained = _run_stage("captioner", captioner_dir, captioner_config, log)
-  if trained or not os.path.isdir(pipeline_dir):
-    export_clock = _Clock()
-    export_pipeline_checkpoint(captioner_dir, pipeline_dir, overwrite=True)
-    log(f"[demo] pipeline checkpoint {pipeline_dir} written in {export_clock}")
-  eval_clock = _Clock()
-  results = evaluate_pipeline(pipeline_dir, num_examples=num_eval_examples)
-  log(f"[demo] evaluated in {eval_clock}")
-  log(f"[demo] {num_eval_examples} fresh demo images ({EVAL_SPLIT!r} split, seed {EVAL_SEED}): " +
-      " ".join(f"{k}={v:.4f}" for k, v in results.items()))
-  log(f"[demo] total {clock}; caption images with: "
-      f"python infer.py --checkpoint={pipeline_dir} <images>")
-  return results
+    classifier_config / captioner_config default to `default_configs()`; the captioner's classifier_workdir is
+    set to <workdir>/classifier. Returns the evaluation of `evaluate_pipeline` on fresh images.
+    """
+    from imgllm.train.captioner import export_pipeline_checkpoint
+    default_classifier, default_captioner = default_configs()
+    classifier_config = classifier_config or default_classifier
+    captioner_config = ml_collections.ConfigDict((captioner_config or default_captioner).to_dict())
+    workdir = os.path.abspath(workdir)
+    classifier_dir, captioner_dir, pipeline_dir = (os.path.join(workdir, name)
+                                                   for name in ("classifier", "captioner", "pipeline"))
+    captioner_config.classifier_workdir = classifier_dir
+    clock = _Clock()
+    _run_stage("classifier", classifier_dir, classifier_config, log)
+    trained = _run_stage("captioner", captioner_dir, captioner_config, log)
+    if trained or not os.path.isdir(pipeline_dir):
+        export_clock = _Clock()
+        export_pipeline_checkpoint(captioner_dir, pipeline_dir, overwrite=True)
+        log(f"[demo] pipeline checkpoint {pipeline_dir} written in {export_clock}")
+    eval_clock = _Clock()
+    results = evaluate_pipeline(pipeline_dir, num_examples=num_eval_examples)
+    log(f"[demo] evaluated in {eval_clock}")
+    log(f"[demo] {num_eval_examples} fresh demo images ({EVAL_SPLIT!r} split, seed {EVAL_SEED}): " +
+        " ".join(f"{k}={v:.4f}" for k, v in results.items()))
+    log(f"[demo] total {clock}; caption images with: "
+        f"python infer.py --checkpoint={pipeline_dir} <images>")
+    return results
 
 
 def evaluate_pipeline(pipeline_dir: str, *, num_examples: int = 500, split: str = EVAL_SPLIT,
                       seed: int = EVAL_SEED) -> dict[str, float]:
-  """Greedy captions, LM classification and CNN accuracy of a pipeline checkpoint on demo images.
+    """Greedy captions, LM classification and CNN accuracy of a pipeline checkpoint on demo images.
 
-  Captions come from `imgllm.pipeline.caption_images` (what infer.py runs); the LM classification scores the
-  checkpoint's class_prompt_templates after each image's visual prefix (`imgllm.scoring.classify_by_lm`).
-  """
-  from imgllm.captions.metrics import caption_metrics
-  from imgllm.data import load_dataset
-  from imgllm.pipeline_checkpoint import load_pipeline
-  pipe = load_pipeline(pipeline_dir)
-  dataset = load_dataset("demo", split, seed=seed, num_examples=num_examples,
-                         image_size=pipe.config["image_size"])
-  if tuple(dataset.class_names) != pipe.class_names:
-    raise ValueError(f"{pipeline_dir}: class names {pipe.class_names} are not the demo's {dataset.class_names}")
-  outputs = caption_and_classify(pipe, dataset.images)
-  hypotheses = [captions[0] for captions in pipe.decode_captions(outputs["caption_ids"])]
-  results = caption_metrics(hypotheses, dataset.captions)
-  results["lm_accuracy"] = float(np.mean(outputs["lm_label_ids"] == dataset.labels))
-  results["cnn_accuracy"] = float(np.mean(outputs["label_ids"][:, 0] == dataset.labels))
-  return results
+    Captions come from `imgllm.pipeline.caption_images` (what infer.py runs); the LM classification scores the
+    checkpoint's class_prompt_templates after each image's visual prefix (`imgllm.scoring.classify_by_lm`).
+    """
+    from imgllm.captions.metrics import caption_metrics
+    from imgllm.data import load_dataset
+    from imgllm.pipeline_checkpoint import load_pipeline
+    pipe = load_pipeline(pipeline_dir)
+    dataset = load_dataset("demo", split, seed=seed, num_examples=num_examples,
+                           image_size=pipe.config["image_size"])
+    if tuple(dataset.class_names) != pipe.class_names:
+        raise ValueError(f"{pipeline_dir}: class names {pipe.class_names} are not the demo's {dataset.class_names}")
+    outputs = caption_and_classify(pipe, dataset.images)
+    hypotheses = [captions[0] for captions in pipe.decode_captions(outputs["caption_ids"])]
+    results = caption_metrics(hypotheses, dataset.captions)
+    results["lm_accuracy"] = float(np.mean(outputs["lm_label_ids"] == dataset.labels))
+    results["cnn_accuracy"] = float(np.mean(outputs["label_ids"][:, 0] == dataset.labels))
+    return results
 
 
 def caption_and_classify(pipe: Any, images: np.ndarray) -> dict[str, np.ndarray]:
-  """`caption_images` outputs plus lm_label_ids [B] (LM classification), in one jitted call over all images."""
-  from imgllm import pipeline, scoring
-  spec = pipe.spec()
-  if spec.bridge is None:
-    raise ValueError(f"{pipe.directory}: the pipeline checkpoint has no bridge (visual prefix) to evaluate")
-  table = scoring.build_prompt_table(pipe.tokenizer.encode, pipe.config["eos_id"], pipe.class_names,
-                                     pipe.config["class_prompt_templates"])
+    """`caption_images` outputs plus lm_label_ids [B] (LM classification), in one jitted call over all images."""
+    from imgllm import pipeline, scoring
+    spec = pipe.spec()
+    if spec.bridge is None:
+        raise ValueError(f"{pipe.directory}: the pipeline checkpoint has no bridge (visual prefix) to evaluate")
+    table = scoring.build_prompt_table(pipe.tokenizer.encode, pipe.config["eos_id"], pipe.class_names,
+                                       pipe.config["class_prompt_templates"])
 
-  @jax.jit
-  def run(params, images, rng):
-    outputs = pipeline.caption_images(params, images, rng, spec=spec)
-    _, features = pipeline.classify(params["cnn"], images, spec)
-    prefix = pipeline.visual_prefix(params, features, spec)
-    outputs["lm_label_ids"], _ = scoring.classify_by_lm(params["lm"], spec.lm_config, table, prefix)
-    return outputs
+    @jax.jit
+    def run(params, images, rng):
+        outputs = pipeline.caption_images(params, images, rng, spec=spec)
+        _, features = pipeline.classify(params["cnn"], images, spec)
+        prefix = pipeline.visual_prefix(params, features, spec)
+        outputs["lm_label_ids"], _ = scoring.classify_by_lm(params["lm"], spec.lm_config, table, prefix)
+        return outputs
 
-  return jax.device_get(run(pipe.params, jnp.asarray(images), jax.random.PRNGKey(0)))
+    return jax.device_get(run(pipe.params, jnp.asarray(images), jax.random.PRNGKey(0)))
