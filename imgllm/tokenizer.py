@@ -46,3 +46,8 @@ def wrap_tokenizer(tokenizer: tokenizers.Tokenizer) -> transformers.PreTrainedTo
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT,
         unk_token=END_OF_TEXT, padding_side="left", model_max_length=1024, clean_up_tokenization_spaces=False)
+
+
+def tokenizer_from_json(tokenizer_json: str) -> transformers.PreTrainedTokenizerFast:
+    """A tokenizer stored in a checkpoint as `tokenizers` JSON (Tokenizer.to_str()), wrapped like train_bpe_tokenizer's."""
+    return wrap_tokenizer(tokenizers.Tokenizer.from_str(tokenizer_json))

@@ -36,7 +36,8 @@ from imgllm import scoring
 from imgllm.captions.data import load_caption_dataset
 from imgllm.models import cnn as cnn_lib
 from imgllm.models.bridge import PrefixMapper, check_mapper_fits, cnn_outputs, prefixed_token_stats
-from imgllm.models.lm import GPT2Config, init_params
+from imgllm.models.lm import init_params
+from imgllm.train.lm_task import lm_config_from
 from imgllm.train.task import Metrics, metric
 
 FROZEN = "frozen"   # model_state collection holding the frozen CNN variables (and the LM when not trained)
@@ -87,17 +88,6 @@ def encode_captions(encode, eos_id: int, texts: Sequence[str], max_tokens: int) 
         input_ids[row, 1:1 + len(tokens)] = tokens
         target_mask[row, :len(tokens) + 1] = 1.0
     return input_ids, target_mask
-
-
-def lm_config_from(config: ml_collections.ConfigDict) -> GPT2Config:
-    """The LM's GPT2Config: config.lm.pretrained's config.json, or the sizes in config.lm."""
-    lm = config.lm
-    dropout = dict(embd_pdrop=lm.dropout, attn_pdrop=lm.dropout, resid_pdrop=lm.dropout)
-    if lm.get("pretrained"):
-        from imgllm import hf
-        return dataclasses.replace(hf.read_config(hf.resolve_model_dir(lm.pretrained)), **dropout)
-    return GPT2Config(vocab_size=lm.vocab_size, n_positions=lm.n_positions, n_embd=lm.n_embd, n_layer=lm.n_layer,
-                      n_head=lm.n_head, bos_token_id=0, eos_token_id=0, **dropout)
 
 
 def reference_captions(dataset, class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -152,7 +142,7 @@ class CaptionerTask:
         self.cnn = cnn_lib.cnn_from_config(ml_collections.ConfigDict(run_config["model"]))
         self.image_size = int(run_config.get("image_size") or 32)
         self.normalization = run_config.get("normalization") or {}
-        self.lm_config = lm_config_from(config)
+        self.lm_config = lm_config_from(config, eos_token_id=0)   # the captioner's tokenizers: eos = id 0
         self.templates = tuple(config.captions.templates)
         self.mapper = PrefixMapper(prefix_length=config.bridge.prefix_length, lm_dim=self.lm_config.n_embd,
                                    hidden=config.bridge.hidden, feature_source=config.bridge.feature_source)
@@ -183,9 +173,8 @@ class CaptionerTask:
 
     def _tokenizer_from_metadata(self, metadata: Mapping[str, Any]):
         if metadata.get("tokenizer_json"):
-            import tokenizers
-            from imgllm.tokenizer import wrap_tokenizer
-            return wrap_tokenizer(tokenizers.Tokenizer.from_str(metadata["tokenizer_json"]))
+            from imgllm.tokenizer import tokenizer_from_json
+            return tokenizer_from_json(metadata["tokenizer_json"])
         from imgllm import hf
         return hf.load_tokenizer(metadata["tokenizer_path"])
 

@@ -39,7 +39,7 @@ def lm_config_from(config: ml_collections.ConfigDict, eos_token_id: int) -> GPT2
     """The LM's GPT2Config: config.lm.pretrained's config.json, or the sizes in config.lm; dropout and compute
     dtype always from config.lm. A random-init LM uses `eos_token_id` (the tokenizer's) as BOS and EOS."""
     lm = config.lm
-    runtime = dict(embd_pdrop=lm.dropout, attn_pdrop=lm.dropout, resid_pdrop=lm.dropout, dtype=jnp.dtype(lm.dtype))
+    runtime = dict(embd_pdrop=lm.dropout, attn_pdrop=lm.dropout, resid_pdrop=lm.dropout, dtype=jnp.dtype(lm.get("dtype", "float32")))
     if lm.get("pretrained"):
         return dataclasses.replace(hf.read_config(hf.resolve_model_dir(lm.pretrained)), **runtime)
     return GPT2Config(vocab_size=lm.vocab_size, n_positions=lm.n_positions, n_embd=lm.n_embd, n_layer=lm.n_layer,
@@ -47,11 +47,10 @@ def lm_config_from(config: ml_collections.ConfigDict, eos_token_id: int) -> GPT2
 
 
 def _tokenizer_from_json(tokenizer_json: str):
-    import tokenizers
+    """imgllm.tokenizer.tokenizer_from_json, imported when needed (transformers is slow to import)."""
+    from imgllm.tokenizer import tokenizer_from_json
 
-    from imgllm.tokenizer import wrap_tokenizer
-
-    return wrap_tokenizer(tokenizers.Tokenizer.from_str(tokenizer_json))
+    return tokenizer_from_json(tokenizer_json)
 
 
 def _record_texts(records: Sequence[text_lib.TextRecord]) -> list[str]:
