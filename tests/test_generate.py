@@ -130,6 +130,23 @@ def test_process_logits_applies_temperature_top_k_top_p():
     np.testing.assert_array_equal(process_logits(logits, _config(top_k=1)), logits)  # no-op unless sampling
 
 
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    """The bisection filter keeps what the sorted-cumsum definition keeps (float64 reference in numpy)."""
+    logits = np.asarray(jax.random.normal(jax.random.key(3), (6, 500)) * 2.5, np.float64)
+    logits[5, 7] = 40.0                                  # one token holds nearly all the mass: kept alone
+    for top_p in (0.2, 0.7, 0.95):
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        order = np.argsort(-probs, axis=-1)
+        sorted_probs = np.take_along_axis(probs, order, -1)
+        kept_sorted = np.cumsum(sorted_probs, -1) - sorted_probs < top_p
+        expected = np.zeros_like(kept_sorted)
+        np.put_along_axis(expected, order, kept_sorted, -1)
+        filtered = process_logits(jnp.asarray(logits, jnp.float32), _config(do_sample=True, top_p=top_p))
+        np.testing.assert_array_equal(np.isfinite(np.asarray(filtered)), expected, err_msg=f"top_p={top_p}")
+        assert np.isfinite(np.asarray(filtered))[5].sum() == 1
+
+
 def test_beam_search_with_one_beam_equals_greedy(params, prompts):
     ids, mask = prompts
     greedy, _ = _run(params, ids, mask, _config())
