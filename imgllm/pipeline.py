@@ -323,8 +323,12 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
     prompt_ids, prompt_mask = assemble_prompts(spec.prompts, label_ids, probability_percents(label_probs),
                                                spec.pad_id)
     prefix = visual_prefix(params, features, spec)
-    tokens, scores = generate_tokens(params["lm"], spec.lm_config, prompt_ids, prompt_mask, rng, spec.generation,
-                                     prefix_embeds=prefix)
+    if caption_depends_on_label_only(spec, prefix is not None, num_classes=logits.shape[-1],
+                                     batch=images.shape[0]):
+        tokens, scores = _captions_per_class(params["lm"], spec, label_ids[:, 0], logits.shape[-1], rng)
+    else:
+        tokens, scores = generate_tokens(params["lm"], spec.lm_config, prompt_ids, prompt_mask, rng,
+                                         spec.generation, prefix_embeds=prefix)
     batch = images.shape[0]
     extra = {}
     if spec.lm_class_prompts is not None:
@@ -337,6 +341,35 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
                 prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                 caption_ids=tokens.reshape(batch, -1, tokens.shape[-1]).astype(jnp.int32),
                 caption_scores=jnp.asarray(scores, jnp.float32).reshape(batch, -1))
+
+
+def caption_depends_on_label_only(spec: PipelineSpec, has_prefix: bool, *, num_classes: int, batch: int) -> bool:
+    """Whether each caption is a function of the top label alone, and cheaper to make once per class.
+
+    True for deterministic decoding (greedy or beam) with no visual prefix and a prompt that names only the top
+    label (no lower-ranked label, no probability): the prompt, hence the caption, is then one of `num_classes`. Generating those few
+    captions and gathering them per image saves the LM work of every repeated class (the common case: a
+    batch of 1024 CIFAR images has 10 distinct prompts), and gives the same tokens.
+    """
+    deterministic = not spec.generation.do_sample
+    label_only_prompt = all(piece.kind == "text" or (piece.kind == "label" and piece.rank == 0)
+                            for piece in spec.prompts.pieces)
+    return deterministic and not has_prefix and label_only_prompt and num_classes < batch
+
+
+def _captions_per_class(lm_params: Any, spec: PipelineSpec, top_labels: jax.Array, num_classes: int,
+                        rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Caption tokens [B * n, T] and scores [B * n] for images whose prompt is their top label's, generated once
+    per class (see `caption_depends_on_label_only`) and gathered per image."""
+    from imgllm.generate import generate_tokens
+
+    class_ids = jnp.arange(num_classes, dtype=jnp.int32)[:, None]
+    class_prompts, class_masks = assemble_prompts(spec.prompts, class_ids, jnp.zeros_like(class_ids), spec.pad_id)
+    tokens, scores = generate_tokens(lm_params, spec.lm_config, class_prompts, class_masks, rng, spec.generation)
+    per_class = tokens.shape[0] // num_classes            # num_return_sequences rows per prompt
+    tokens = tokens.reshape(num_classes, per_class, -1)[top_labels]
+    scores = jnp.asarray(scores).reshape(num_classes, per_class)[top_labels]
+    return tokens.reshape(-1, tokens.shape[-1]), scores.reshape(-1)
 
 
 def make_captioner(spec: PipelineSpec, mesh=None) -> Callable[[Any, Any, jax.Array], dict[str, jax.Array]]:

@@ -197,6 +197,24 @@ def test_pipeline_equals_stages_and_compiles_once(tmp_path, bridge):
     assert np.all(np.diff(out["label_probs"], axis=1) <= 0)
 
 
+@pytest.mark.parametrize("num_beams", [1, 2], ids=["greedy", "beam"])
+def test_label_only_prompts_are_captioned_once_per_class_with_the_same_tokens(tmp_path, num_beams):
+    from imgllm.generate import GenerationConfig
+
+    loaded = tiny_pipeline(tmp_path, template="A photo of a {label}.")
+    generation = GenerationConfig(max_new_tokens=loaded.config["max_new_tokens"], num_beams=num_beams,
+                                  eos_token_id=loaded.config["eos_id"], pad_token_id=loaded.config["pad_id"])
+    spec = loaded.spec(generation)
+    images = random_images(5, 16)                     # more images than the 10 classes: one caption per class
+    assert pipeline.caption_depends_on_label_only(spec, False, num_classes=len(CLASS_NAMES), batch=len(images))
+    out = jax.device_get(pipeline.make_captioner(spec)(loaded.params, images, jax.random.PRNGKey(0)))
+    reference = stage_by_stage(loaded, spec, images, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(out["label_ids"], reference["label_ids"])
+    assert len(set(reference["label_ids"][:, 0])) >= 3      # several classes, so the gather is really tested
+    assert len({tuple(c) for c in reference["caption_ids"][:, 0]}) >= 2
+    np.testing.assert_array_equal(out["caption_ids"], reference["caption_ids"])
+
+
 def test_visual_prefix_changes_the_captions(tmp_path):
     """The bridge branch is really taken: zeroing the mapper's output layer changes what is generated."""
     loaded = tiny_pipeline(tmp_path, bridge=True, template="")
