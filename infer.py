@@ -51,24 +51,11 @@ class Item:
 
     def load(self, size: int | None):
         """uint8 [size, size, 3] pixels (native size when None); raises ImageDecodeError naming the input."""
-        from imgllm.data.images import decode_image
+        from imgllm.data.images import array_to_rgb, as_size, decode_image
 
         if self.tfds_source is None:
             return decode_image(self.key, size)
-        return _array_to_rgb(self.tfds_source[self.tfds_index]["image"], size)
-
-
-def _array_to_rgb(array, size: int | None):
-    """A decoded tfds image (H, W, 1 or 3) → uint8 RGB, resized to size x size."""
-    import numpy as np
-    from PIL import Image
-
-    array = np.asarray(array, np.uint8)
-    if array.ndim == 2 or array.shape[-1] == 1:
-        array = np.repeat(array.reshape(array.shape[0], array.shape[1], 1), 3, axis=-1)
-    if size is not None and array.shape[:2] != (size, size):
-        array = np.asarray(Image.fromarray(array[..., :3]).resize((size, size), Image.Resampling.BICUBIC))
-    return array[..., :3]
+        return array_to_rgb(self.tfds_source[self.tfds_index]["image"], as_size(size), resize="stretch")
 
 
 def tfds_items(spec: str, data_dir: str | None) -> list[Item]:
