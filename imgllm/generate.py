@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from imgllm.models.lm import GPT2, GPT2Config, KVCache, init_cache
 
@@ -480,15 +480,6 @@ def _check_traced_inputs(model_config: GPT2Config, input_ids, attention_mask, ge
 _generate_jit = jax.jit(generate_tokens, static_argnames=("model_config", "gen_config"))
 
 
-def default_mesh() -> Mesh:
-    """The team's data-parallel mesh (imgllm.parallel.make_mesh), or one 'data' axis over all local devices."""
-    try:
-        from imgllm.parallel import make_mesh
-    except ImportError:
-        return Mesh(np.asarray(jax.devices()), ("data",))
-    return make_mesh()
-
-
 def bucket_prompts(input_ids, attention_mask, length_bucket: int, pad_token_id: int):
     """Left-pads (or trims all-padding columns of) host prompts to the next multiple of ``length_bucket`` that
     holds the longest prompt, so that calls with similar prompt lengths share one compiled program."""
@@ -537,16 +528,17 @@ def generate(params, model_config: GPT2Config, input_ids, attention_mask=None, r
             raise ValueError("sampling (do_sample=True) needs an explicit rng key")
         rng = jax.random.key(0)
     ids, mask = bucket_prompts(input_ids, attention_mask, length_bucket, gen_config.pad_token_id)
-    mesh = mesh or default_mesh()
-    num_shards = mesh.shape["data"]
+    from imgllm import parallel
+
+    mesh = mesh or parallel.make_mesh()
     batch = ids.shape[0]
-    extra = -batch % num_shards  # filler rows (copies of row 0), dropped from the result
+    extra = -batch % parallel.global_batch_divisor(mesh)  # filler rows (copies of row 0), dropped from the result
     rows = np.concatenate([np.arange(batch), np.zeros(extra, np.int64)])
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    batch_sharding = parallel.data_sharding(mesh)
     ids, mask = (jax.device_put(x[rows], batch_sharding) for x in (ids, mask))
     if prefix_embeds is not None:
         prefix_embeds = jax.device_put(np.asarray(prefix_embeds)[rows], batch_sharding)
-    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    params = jax.device_put(params, parallel.replicated_sharding(mesh))
     tokens, scores = _generate_jit(params, model_config, ids, mask, rng, gen_config, prefix_embeds=prefix_embeds)
     keep = batch * gen_config.num_return_sequences
     return np.asarray(tokens)[:keep], np.asarray(scores)[:keep]
