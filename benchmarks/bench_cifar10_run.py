@@ -7,10 +7,12 @@ temporary folder; validation = the last 10% of every class, carved from train (t
     python benchmarks/bench_cifar10_run.py                        # 9.9 epochs, 1 run (GPU: seconds; CPU: ~1.5 h)
     python benchmarks/bench_cifar10_run.py --runs=3               # median of 3 runs
     python benchmarks/bench_cifar10_run.py --epochs=1 --train_examples=5000   # smoke run
+    python benchmarks/bench_cifar10_run.py --workdir=runs/cifar10_val  # keep the checkpoint (e.g. for captioning)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -55,7 +57,9 @@ def one_run(args, data_root: str, seed: int) -> dict:
     config.progress_bar = not args.no_progress
     if args.batch_size:
         config.global_batch_size = args.batch_size
-    with tempfile.TemporaryDirectory() as workdir:
+    with contextlib.ExitStack() as stack:
+        workdir = (os.path.join(args.workdir, f"seed{seed}") if args.workdir
+                   else stack.enter_context(tempfile.TemporaryDirectory()))
         start = time.perf_counter()
         result = loop.train_and_evaluate(config, workdir)
         wall = time.perf_counter() - start
@@ -79,6 +83,9 @@ def main():
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--runs", type=int, default=1, help="report the median over this many seeds")
     parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--workdir", default=None,
+                        help="keep each run's checkpoints in WORKDIR/seed<N> (default: a temporary folder); "
+                             "rerunning resumes an unfinished run")
     args = parser.parse_args()
 
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())

@@ -96,25 +96,40 @@ def process_logits(logits: jax.Array, gen_config: GenerationConfig) -> jax.Array
     """
     if not gen_config.do_sample:
         return logits
+    logits = _temperature_top_k(logits, gen_config)
+    if gen_config.top_p < 1.0:
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        logits = jnp.where(probs >= _top_p_threshold(probs, gen_config.top_p), logits, -jnp.inf)
+    return logits
+
+
+def sampling_weights(logits: jax.Array, gen_config: GenerationConfig) -> jax.Array:
+    """The distribution sampling draws from, as float32 weights [B, V]: softmax(process_logits(logits)) up to a
+    per-row factor (removed tokens weigh 0; the kept ones are not renormalised, `draw_categorical` needs not)."""
+    probs = jax.nn.softmax(_temperature_top_k(logits, gen_config).astype(jnp.float32), axis=-1)
+    if gen_config.top_p < 1.0:
+        probs = jnp.where(probs >= _top_p_threshold(probs, gen_config.top_p), probs, 0.0)
+    return probs
+
+
+def _temperature_top_k(logits: jax.Array, gen_config: GenerationConfig) -> jax.Array:
     if gen_config.temperature != 1.0:
         logits = logits / jnp.float32(gen_config.temperature)
     if gen_config.top_k > 0:
         kth_largest = jax.lax.top_k(logits, gen_config.top_k)[0][..., -1:]
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
-    if gen_config.top_p < 1.0:
-        logits = _top_p_filter(logits, gen_config.top_p)
     return logits
 
 
-def _top_p_filter(logits: jax.Array, top_p: float, iterations: int = 32) -> jax.Array:
-    """Keeps the smallest set of most likely tokens whose probability reaches top_p (at least one token).
+def _top_p_threshold(probs: jax.Array, top_p: float, iterations: int = 32) -> jax.Array:
+    """Threshold [B, 1] such that {probs >= threshold} is the smallest set of most likely tokens holding top_p of
+    the mass (at least one token).
 
     That set is {tokens with probability >= t} for the largest threshold t whose set still holds top_p of the
     mass, found by bisection on t: a few dozen masked sums over the vocabulary, where sorting 50,257 logits per
     row (the textbook way) costs seconds a step on XLA:CPU. 32 halvings reach float32 resolution, so the set
     equals the sorted one except for tokens whose probabilities tie within rounding at the boundary.
     """
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
     def halve(_, bounds):
         feasible_t, infeasible_t = bounds  # mass(probs >= feasible_t) >= top_p > mass(probs >= infeasible_t)
@@ -122,20 +137,48 @@ def _top_p_filter(logits: jax.Array, top_p: float, iterations: int = 32) -> jax.
         reaches = jnp.sum(jnp.where(probs >= middle, probs, 0.0), axis=-1, keepdims=True) >= top_p
         return jnp.where(reaches, middle, feasible_t), jnp.where(reaches, infeasible_t, middle)
 
-    start = (jnp.zeros(probs.shape[:-1] + (1,), jnp.float32),
-             jnp.full(probs.shape[:-1] + (1,), jnp.inf, jnp.float32))
     # The most likely token alone may already reach top_p: then it is the set (at least one token is kept).
     top = jnp.max(probs, axis=-1, keepdims=True)
-    start = (jnp.where(top >= top_p, top, start[0]), jnp.where(top >= top_p, jnp.inf, top))
+    start = (jnp.where(top >= top_p, top, 0.0), jnp.where(top >= top_p, jnp.inf, top))
     threshold, _ = jax.lax.fori_loop(0, iterations, halve, start)
-    return jnp.where(probs >= threshold, logits, -jnp.inf)
+    return threshold
+
+
+def draw_categorical(weights: jax.Array, rng: jax.Array, block: int = 256) -> jax.Array:
+    """One index per row of non-negative weights [B, V], drawn with probability weight / row sum. int32 [B].
+
+    Inverts the cumulative distribution at one uniform number per row, in two levels: the CDF of the sums of
+    blocks of ``block`` weights picks a block, then the CDF inside that block picks the index. That costs one pass
+    over the weights, where ``jax.random.categorical`` (Gumbel noise for every logit, then an argmax) costs a
+    random number per vocabulary entry: 10x more time on XLA:CPU at 256 x 50,257. Only indices of positive
+    weight are ever drawn (the index is clamped to the last such one against rounding). Rows need a positive sum.
+    """
+    batch, size = weights.shape
+    num_blocks = -(-size // block)
+    blocks = jnp.pad(weights, ((0, 0), (0, num_blocks * block - size))).reshape(batch, num_blocks, block)
+    block_mass = jnp.sum(blocks, axis=-1)                                                  # [B, nb]
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    target = (1.0 - jax.random.uniform(rng, (batch, 1))) * block_cdf[:, -1:]               # in (0, total]
+    chosen = _first_reaching(block_cdf, target, block_mass > 0)                            # [B]
+    mass_before = jnp.where(chosen > 0, jnp.take_along_axis(block_cdf, jnp.maximum(chosen - 1, 0)[:, None], 1)[:, 0],
+                            0.0)
+    inside = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]             # [B, block]
+    inside_cdf = mass_before[:, None] + jnp.cumsum(inside, axis=-1)
+    return (chosen * block + _first_reaching(inside_cdf, target, inside > 0)).astype(jnp.int32)
+
+
+def _first_reaching(cdf: jax.Array, target: jax.Array, positive: jax.Array) -> jax.Array:
+    """Per row, the first index whose cdf reaches target, clamped to the last index with positive weight."""
+    first = jnp.sum(cdf < target, axis=-1)
+    last_positive = cdf.shape[-1] - 1 - jnp.argmax(positive[:, ::-1], axis=-1)
+    return jnp.minimum(first, last_positive)
 
 
 def select_tokens(logits: jax.Array, rng: jax.Array, gen_config: GenerationConfig) -> jax.Array:
     """Next token per row [B]: argmax when greedy, else a sample from the processed distribution."""
     if not gen_config.do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, process_logits(logits, gen_config), axis=-1).astype(jnp.int32)
+    return draw_categorical(sampling_weights(logits, gen_config), rng)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,7 +304,7 @@ def _choose_next(state: _SampleState, logits, rng, gen_config: GenerationConfig)
     """Chooses token number ``state.step`` for every row; finished rows get pad_token_id (as transformers)."""
     token = select_tokens(logits, jax.random.fold_in(rng, state.step), gen_config)
     token = jnp.where(state.finished, jnp.int32(gen_config.pad_token_id), token)
-    log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    log_prob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
     scores = state.scores + jnp.where(state.finished, 0.0, log_prob)
     tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], state.step, axis=1)
     finished = state.finished
@@ -270,16 +313,48 @@ def _choose_next(state: _SampleState, logits, rng, gen_config: GenerationConfig)
     return state._replace(step=state.step + 1, last_token=token, tokens=tokens, finished=finished, scores=scores)
 
 
+class Prefilled(NamedTuple):
+    """Prompts run through the model, ready for decoding: what :func:`prefill` returns. Rows can be gathered
+    (``gather_prefilled``): a prompt shared by many rows (a class prompt) is prefilled once."""
+
+    logits: jax.Array  # [R, V] float32: next-token logits after the prompt
+    cache: KVCache  # k, v [L, R, S, H, Dh], S = prefix + prompt + max_new_tokens slots
+    mask: jax.Array  # [R, S] int32: valid cache slots (prompt padding is 0)
+    positions: jax.Array  # [R, S] int32: position ids of the slots
+
+
+def prefill(params, model_config: GPT2Config, input_ids, attention_mask, max_new_tokens: int, *,
+            prefix_embeds=None) -> Prefilled:
+    """Runs left-padded prompts (and an optional prefix) through a fresh cache with room for max_new_tokens."""
+    decoder = _make_decoder(params, model_config, input_ids.shape[0])
+    return Prefilled(*_prefill(decoder, input_ids, attention_mask, prefix_embeds, max_new_tokens))
+
+
+def gather_prefilled(prefilled: Prefilled, rows: jax.Array) -> Prefilled:
+    """The prefilled rows ``rows`` [R'] (int indices, repeats allowed), in that order."""
+    return Prefilled(logits=prefilled.logits[rows], mask=prefilled.mask[rows], positions=prefilled.positions[rows],
+                     cache=prefilled.cache.replace(k=jnp.take(prefilled.cache.k, rows, axis=1),
+                                                   v=jnp.take(prefilled.cache.v, rows, axis=1)))
+
+
 def sample_tokens(params, model_config: GPT2Config, input_ids, attention_mask, rng, gen_config: GenerationConfig,
                   *, prefix_embeds=None):
     """Greedy decoding or sampling. Same arguments and results as :func:`generate_tokens` (num_beams ignored)."""
     _check_traced_inputs(model_config, input_ids, attention_mask, gen_config, prefix_embeds)
+    prompts = prefill(params, model_config, input_ids, attention_mask, gen_config.max_new_tokens,
+                      prefix_embeds=prefix_embeds)
+    return sample_after_prefill(params, model_config, prompts, rng, gen_config)
+
+
+def sample_after_prefill(params, model_config: GPT2Config, prompts: Prefilled, rng, gen_config: GenerationConfig):
+    """Greedy decoding or sampling from prefilled prompts: num_return_sequences rows per prompt, as
+    :func:`generate_tokens` returns them. The random draws depend only on rng and the row count, so prefilling
+    shared prompts once and gathering them (``gather_prefilled``) gives the same tokens as prefilling every row."""
     copies, max_new = gen_config.num_return_sequences, gen_config.max_new_tokens
-    rows = input_ids.shape[0] * copies
+    rows = prompts.logits.shape[0] * copies
     decoder = _make_decoder(params, model_config, rows)
-    logits, cache, mask, positions = _prefill(decoder, input_ids, attention_mask, prefix_embeds, max_new)
-    logits, mask, positions = _repeat_rows((logits, mask, positions), copies)
-    cache = _repeat_cache(cache, copies)
+    logits, mask, positions = _repeat_rows((prompts.logits, prompts.mask, prompts.positions), copies)
+    cache = _repeat_cache(prompts.cache, copies)
     state = _SampleState(
         step=jnp.zeros((), jnp.int32), last_token=jnp.zeros((rows,), jnp.int32),
         tokens=jnp.full((rows, max_new), gen_config.pad_token_id, jnp.int32),

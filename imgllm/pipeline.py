@@ -323,9 +323,12 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
     prompt_ids, prompt_mask = assemble_prompts(spec.prompts, label_ids, probability_percents(label_probs),
                                                spec.pad_id)
     prefix = visual_prefix(params, features, spec)
-    if caption_depends_on_label_only(spec, prefix is not None, num_classes=logits.shape[-1],
-                                     batch=images.shape[0]):
+    shared_prompts = prompts_are_per_class(spec, prefix is not None, num_classes=logits.shape[-1],
+                                           batch=images.shape[0])
+    if shared_prompts and not spec.generation.do_sample:
         tokens, scores = _captions_per_class(params["lm"], spec, label_ids[:, 0], logits.shape[-1], rng)
+    elif shared_prompts and spec.generation.num_beams == 1:
+        tokens, scores = _sample_from_class_prefills(params["lm"], spec, label_ids[:, 0], logits.shape[-1], rng)
     else:
         tokens, scores = generate_tokens(params["lm"], spec.lm_config, prompt_ids, prompt_mask, rng,
                                          spec.generation, prefix_embeds=prefix)
@@ -343,33 +346,51 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
                 caption_scores=jnp.asarray(scores, jnp.float32).reshape(batch, -1))
 
 
-def caption_depends_on_label_only(spec: PipelineSpec, has_prefix: bool, *, num_classes: int, batch: int) -> bool:
-    """Whether each caption is a function of the top label alone, and cheaper to make once per class.
+def prompts_are_per_class(spec: PipelineSpec, has_prefix: bool, *, num_classes: int, batch: int) -> bool:
+    """Whether each image's LM input is one of `num_classes` class prompts, so the LM work per prompt can be shared.
 
-    True for deterministic decoding (greedy or beam) with no visual prefix and a prompt that names only the top
-    label (no lower-ranked label, no probability): the prompt, hence the caption, is then one of `num_classes`. Generating those few
-    captions and gathering them per image saves the LM work of every repeated class (the common case: a
-    batch of 1024 CIFAR images has 10 distinct prompts), and gives the same tokens.
+    True with no visual prefix and a prompt that names only the top label (no lower-ranked label, no probability),
+    when the batch holds more images than there are classes (the common case: a batch of 1024 CIFAR images has
+    10 distinct prompts). Then greedy or beam captions are a function of the class: they are made once per class
+    and gathered per image (`_captions_per_class`). Sampled captions differ per image, but the prompts' prefill
+    (the LM pass over the prompt tokens) is still done once per class and gathered (`_sample_from_class_prefills`;
+    beam sampling is not shared). Both give the same tokens as running every image's prompt.
     """
-    deterministic = not spec.generation.do_sample
     label_only_prompt = all(piece.kind == "text" or (piece.kind == "label" and piece.rank == 0)
                             for piece in spec.prompts.pieces)
-    return deterministic and not has_prefix and label_only_prompt and num_classes < batch
+    return not has_prefix and label_only_prompt and num_classes < batch
+
+
+def _class_prompts(spec: PipelineSpec, num_classes: int) -> tuple[jax.Array, jax.Array]:
+    """The prompt ids and mask [C, P] of every class as the top label."""
+    class_ids = jnp.arange(num_classes, dtype=jnp.int32)[:, None]
+    return assemble_prompts(spec.prompts, class_ids, jnp.zeros_like(class_ids), spec.pad_id)
 
 
 def _captions_per_class(lm_params: Any, spec: PipelineSpec, top_labels: jax.Array, num_classes: int,
                         rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Caption tokens [B * n, T] and scores [B * n] for images whose prompt is their top label's, generated once
-    per class (see `caption_depends_on_label_only`) and gathered per image."""
+    """Caption tokens [B * n, T] and scores [B * n] of deterministic decoding, made once per class prompt and
+    gathered per image (see `prompts_are_per_class`)."""
     from imgllm.generate import generate_tokens
 
-    class_ids = jnp.arange(num_classes, dtype=jnp.int32)[:, None]
-    class_prompts, class_masks = assemble_prompts(spec.prompts, class_ids, jnp.zeros_like(class_ids), spec.pad_id)
+    class_prompts, class_masks = _class_prompts(spec, num_classes)
     tokens, scores = generate_tokens(lm_params, spec.lm_config, class_prompts, class_masks, rng, spec.generation)
     per_class = tokens.shape[0] // num_classes            # num_return_sequences rows per prompt
     tokens = tokens.reshape(num_classes, per_class, -1)[top_labels]
     scores = jnp.asarray(scores).reshape(num_classes, per_class)[top_labels]
     return tokens.reshape(-1, tokens.shape[-1]), scores.reshape(-1)
+
+
+def _sample_from_class_prefills(lm_params: Any, spec: PipelineSpec, top_labels: jax.Array, num_classes: int,
+                                rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sampled caption tokens [B * n, T] and scores [B * n]: the class prompts are prefilled once, gathered per
+    image, then every image samples its own caption (see `prompts_are_per_class`)."""
+    from imgllm.generate import gather_prefilled, prefill, sample_after_prefill
+
+    class_prompts, class_masks = _class_prompts(spec, num_classes)
+    prefilled = prefill(lm_params, spec.lm_config, class_prompts, class_masks, spec.generation.max_new_tokens)
+    return sample_after_prefill(lm_params, spec.lm_config, gather_prefilled(prefilled, top_labels), rng,
+                                spec.generation)
 
 
 def make_captioner(spec: PipelineSpec, mesh=None) -> Callable[[Any, Any, jax.Array], dict[str, jax.Array]]:

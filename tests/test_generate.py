@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from imgllm import generate as gen
-from imgllm.generate import GenerationConfig, beam_search_tokens, generate, generate_tokens, process_logits
+from imgllm.generate import (GenerationConfig, beam_search_tokens, draw_categorical, generate, generate_tokens,
+                             process_logits, sampling_weights)
 from imgllm.models.lm import GPT2, GPT2Config, init_params
 
 CONFIG = GPT2Config.tiny()
@@ -250,3 +251,24 @@ def test_generate_shards_the_batch_over_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_draw_categorical_matches_the_weights():
+    # Weights over 3 blocks of 4, with zero-weight entries inside blocks, at block ends and a whole empty block.
+    weights = np.array([0.0, 3.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.5, 0.0, 0.5], np.float32)
+    draws = 60_000
+    tokens = jax.jit(lambda key: draw_categorical(jnp.broadcast_to(weights, (draws, weights.size)), key, block=4))(
+        jax.random.key(0))
+    frequencies = np.bincount(np.asarray(tokens), minlength=weights.size) / draws
+    np.testing.assert_array_equal(frequencies[weights == 0], 0.0)
+    np.testing.assert_allclose(frequencies, weights / weights.sum(), atol=0.01)  # > 4 standard deviations
+
+
+def test_top_p_sampling_draws_only_from_the_nucleus():
+    probs = np.array([[0.4, 0.25, 0.2, 0.1, 0.05]], np.float32)
+    config = _config(do_sample=True, top_p=0.8)
+    weights = np.asarray(sampling_weights(jnp.log(probs), config))
+    np.testing.assert_allclose(weights, [[0.4, 0.25, 0.2, 0.0, 0.0]], rtol=1e-6)
+    tokens = draw_categorical(jnp.broadcast_to(jnp.asarray(weights), (20_000, 5)), jax.random.key(1))
+    frequencies = np.bincount(np.asarray(tokens), minlength=5) / 20_000
+    np.testing.assert_allclose(frequencies, [0.4 / 0.85, 0.25 / 0.85, 0.2 / 0.85, 0, 0], atol=0.015)

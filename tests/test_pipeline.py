@@ -197,16 +197,18 @@ def test_pipeline_equals_stages_and_compiles_once(tmp_path, bridge):
     assert np.all(np.diff(out["label_probs"], axis=1) <= 0)
 
 
-@pytest.mark.parametrize("num_beams", [1, 2], ids=["greedy", "beam"])
-def test_label_only_prompts_are_captioned_once_per_class_with_the_same_tokens(tmp_path, num_beams):
+@pytest.mark.parametrize("decoding", [dict(num_beams=1), dict(num_beams=2), dict(do_sample=True, top_p=0.9)],
+                         ids=["greedy", "beam", "top_p"])
+def test_label_only_prompts_share_the_lm_work_per_class_with_the_same_tokens(tmp_path, decoding):
+    """Greedy and beam captions are made once per class; sampled ones share the class prompts' prefill."""
     from imgllm.generate import GenerationConfig
 
     loaded = tiny_pipeline(tmp_path, template="A photo of a {label}.")
-    generation = GenerationConfig(max_new_tokens=loaded.config["max_new_tokens"], num_beams=num_beams,
+    generation = GenerationConfig(max_new_tokens=loaded.config["max_new_tokens"], **decoding,
                                   eos_token_id=loaded.config["eos_id"], pad_token_id=loaded.config["pad_id"])
     spec = loaded.spec(generation)
-    images = random_images(5, 16)                     # more images than the 10 classes: one caption per class
-    assert pipeline.caption_depends_on_label_only(spec, False, num_classes=len(CLASS_NAMES), batch=len(images))
+    images = random_images(5, 16)                     # more images than the 10 classes
+    assert pipeline.prompts_are_per_class(spec, False, num_classes=len(CLASS_NAMES), batch=len(images))
     out = jax.device_get(pipeline.make_captioner(spec)(loaded.params, images, jax.random.PRNGKey(0)))
     reference = stage_by_stage(loaded, spec, images, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(out["label_ids"], reference["label_ids"])
