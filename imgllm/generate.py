@@ -318,7 +318,7 @@ class Prefilled(NamedTuple):
     (``gather_prefilled``): a prompt shared by many rows (a class prompt) is prefilled once."""
 
     logits: jax.Array  # [R, V] float32: next-token logits after the prompt
-    cache: KVCache  # k, v [L, R, S, H, Dh], S = prefix + prompt + max_new_tokens slots
+    cache: KVCache  # k, v [L, R, H, S, Dh], S = prefix + prompt + max_new_tokens slots
     mask: jax.Array  # [R, S] int32: valid cache slots (prompt padding is 0)
     positions: jax.Array  # [R, S] int32: position ids of the slots
 

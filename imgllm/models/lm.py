@@ -153,8 +153,10 @@ class GPT2Config:
 class KVCache:
     """Keys and values of every layer for ``S`` slots, and how many slots are filled.
 
-    k, v: [n_layer, batch, S, n_head, head_dim]; index: int32 scalar, the first free slot. A pytree, so it can be
-    a ``lax.while_loop`` carry (updated in place by XLA) and passed through ``jit``.
+    k, v: [n_layer, batch, n_head, S, head_dim]; index: int32 scalar, the first free slot. A pytree, so it can be
+    a ``lax.while_loop`` carry (updated in place by XLA) and passed through ``jit``. Heads come before slots so
+    that a layer's [batch, n_head, S, head_dim] slice is what both attention matmuls read, with no transpose
+    copy of the cache at each decoding step.
     """
 
     k: jax.Array
@@ -163,14 +165,14 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(config: GPT2Config, batch: int, max_len: int, dtype: Any = None) -> KVCache:
     """An empty cache of ``max_len`` slots (zeros; slots are only read once written and unmasked)."""
     if max_len > config.n_positions:
         raise ValueError(f"cache length {max_len} exceeds the model's n_positions={config.n_positions}")
-    shape = (config.n_layer, batch, max_len, config.n_head, config.head_dim)
+    shape = (config.n_layer, batch, config.n_head, max_len, config.head_dim)
     dtype = config.dtype if dtype is None else dtype
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.zeros((), jnp.int32))
 
@@ -210,25 +212,25 @@ class GPT2Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, bias, kv=None, index=None, deterministic=True):
-        """x [B,T,D]; bias [B,1,T,S]; kv: None, or (layer, k, v): the whole cache [L,B,S,H,Dh] and this layer's
+        """x [B,T,D]; bias [B,1,T,S]; kv: None, or (layer, k, v): the whole cache [L,B,H,S,Dh] and this layer's
         index; the T new keys/values are written at slots [index, index + T) of that layer, in place (one
         dynamic_update_slice into the stacked array, no per-layer copy). Returns (output [B,T,D], (k, v) or None)."""
         cfg = self.config
         batch, length, _ = x.shape
         qkv = _dense(3 * cfg.n_embd, cfg, "c_attn")(x)
         q, k, v = jnp.split(qkv.reshape(batch, length, 3, cfg.n_head, cfg.head_dim), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        q, k, v = (t[:, :, 0].transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, Dh]
         if kv is not None:
             layer, k_all, v_all = kv
-            start = (layer, 0, index, 0, 0)
+            start = (layer, 0, 0, index, 0)
             k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
             k, v, kv = k_all[layer], v_all[layer], (k_all, v_all)
-        scores = jnp.einsum("bthd,bshd->bhts", q, k.astype(q.dtype)).astype(jnp.float32)
+        scores = jnp.einsum("bhtd,bhsd->bhts", q, k.astype(q.dtype)).astype(jnp.float32)
         scores = scores / jnp.float32(math.sqrt(cfg.head_dim)) + bias
         weights = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
         weights = nn.Dropout(cfg.attn_pdrop)(weights, deterministic=deterministic)
-        out = jnp.einsum("bhts,bshd->bthd", weights, v.astype(cfg.dtype)).reshape(batch, length, cfg.n_embd)
+        out = jnp.einsum("bhts,bhsd->bthd", weights, v.astype(cfg.dtype)).reshape(batch, length, cfg.n_embd)
         out = _dense(cfg.n_embd, cfg, "c_proj", _projection_std(cfg))(out)
         return nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), kv
 
