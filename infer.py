@@ -5,6 +5,7 @@
     python infer.py --checkpoint CKPT photos/ --format csv --output captions.csv --html captions.html \\
         --decoding sample --top-p 0.9 --num-captions 3 --seed 1
     python infer.py assemble --classifier runs/cifar10 --lm path/to/gpt2 --out CKPT [--tokenizer DIR]
+    python infer.py assemble --captioner runs/mycaptioner --out CKPT
 
 Inputs are image files, folders (searched recursively; files without an image extension are skipped with a
 warning), glob patterns, or a tfds split written tfds:NAME:SPLIT. Each image gives one record (a JSON line, or a
@@ -482,11 +483,23 @@ def run_captions(args: argparse.Namespace) -> int:
 
 
 def run_assemble(args: argparse.Namespace) -> int:
-    from imgllm.pipeline_checkpoint import assemble_pipeline_checkpoint
+    """Writes a pipeline checkpoint from a captioner run, or from a classifier run and a GPT-2."""
+    if args.captioner:
+        if args.classifier or args.lm or args.tokenizer:
+            raise SystemExit("infer.py assemble: --captioner holds its CNN, LM and tokenizer; "
+                             "drop --classifier/--lm/--tokenizer")
+        from imgllm.train.captioner import export_pipeline_checkpoint
 
-    out = assemble_pipeline_checkpoint(args.out, classifier=args.classifier, lm=args.lm, tokenizer=args.tokenizer,
-                                       template=args.template, top_k=args.top_labels,
-                                       max_new_tokens=args.max_new_tokens, overwrite=args.overwrite)
+        out = export_pipeline_checkpoint(args.captioner, args.out, max_new_tokens=args.max_new_tokens or 0,
+                                         overwrite=args.overwrite)
+    else:
+        if not (args.classifier and args.lm):
+            raise SystemExit("infer.py assemble: give --captioner WORKDIR, or both --classifier and --lm")
+        from imgllm.pipeline_checkpoint import assemble_pipeline_checkpoint
+
+        out = assemble_pipeline_checkpoint(args.out, classifier=args.classifier, lm=args.lm,
+                                           tokenizer=args.tokenizer, template=args.template, top_k=args.top_labels,
+                                           max_new_tokens=args.max_new_tokens or 20, overwrite=args.overwrite)
     print(out)
     return 0
 
@@ -534,14 +547,18 @@ def caption_parser() -> argparse.ArgumentParser:
 
 def assemble_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infer.py assemble",
-                                     description="Build a pipeline checkpoint from a classifier and a GPT-2.")
-    parser.add_argument("--classifier", required=True, help="train.py work directory of the CNN")
-    parser.add_argument("--lm", required=True, help="GPT-2 directory (config.json + model.safetensors) or hub name")
+                                     description="Build a pipeline checkpoint from a captioner run "
+                                                 "(--captioner), or from a classifier and a GPT-2.")
+    parser.add_argument("--captioner", default=None,
+                        help="train.py work directory of a captioner (CNN, visual prefix, LM and tokenizer)")
+    parser.add_argument("--classifier", default=None, help="train.py work directory of the CNN")
+    parser.add_argument("--lm", default=None, help="GPT-2 directory (config.json + model.safetensors) or hub name")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or name (default: the LM's)")
     parser.add_argument("--out", required=True, help="the pipeline checkpoint directory to write")
     parser.add_argument("--template", default="A photo of a {label}.", help="default prompt template")
     parser.add_argument("--top-labels", type=int, default=1, help="default number of labels per image")
-    parser.add_argument("--max-new-tokens", type=int, default=20, help="default caption length")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default caption length (20; a captioner's: its longest caption + 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
 

@@ -164,6 +164,21 @@ def test_demo_recipe_exports_a_pipeline_that_captions_and_classifies(tiny_demo):
     assert results["cnn_accuracy"] == pytest.approx(np.mean(np.argmax(logits, -1) == images.labels))
 
 
+def test_infer_assemble_from_a_captioner_workdir_equals_the_recipes_export(tiny_demo, tmp_path):
+    import infer
+    from imgllm.pipeline_checkpoint import load_pipeline
+    workdir = tiny_demo[0]
+    out = str(tmp_path / "pipeline")
+    assert infer.main(["assemble", "--captioner", os.path.join(workdir, "captioner"), "--out", out]) == 0
+    assembled, exported = load_pipeline(out), load_pipeline(os.path.join(workdir, "pipeline"))
+    assert assembled.config == exported.config
+    jax.tree.map(np.testing.assert_array_equal, assembled.params, exported.params)
+    with pytest.raises(SystemExit, match="--captioner"):
+        infer.main(["assemble", "--captioner", os.path.join(workdir, "captioner"), "--lm", "gpt2", "--out", out])
+    with pytest.raises(SystemExit, match="--classifier and --lm"):
+        infer.main(["assemble", "--classifier", os.path.join(workdir, "classifier"), "--out", out])
+
+
 def test_demo_recipe_stages_resume_and_refuse_other_configs(tiny_demo):
     from imgllm.train import checkpoint as ckpt_lib
     from imgllm.train import demo_recipe
