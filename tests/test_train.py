@@ -154,19 +154,24 @@ def test_triangle_schedule():
     np.testing.assert_allclose(values, [0.4, 2.0, 0.0], atol=1e-6)
 
 
-def test_lookahead_follows_then_averages_then_resets():
+def test_lookahead_follows_then_averages_then_ends_on_the_slow_weights():
     cfg = ml_collections.ConfigDict(dict(start_epochs=1.0, every_n_steps=2, decay_base=0.5, decay_pow=1.0))
     update = lambda fast, slow, step: optim.lookahead_update(
         {"params": jnp.float32(fast), "model_state": {}}, {"params": jnp.float32(slow), "model_state": {}},
-        jnp.int32(step), cfg, steps_per_epoch=4, total_steps=8)
+        jnp.int32(step), cfg, steps_per_epoch=3, total_steps=11)
     fast, slow = update(3.0, 1.0, 3)                 # before the start: slow follows fast
     assert (float(fast["params"]), float(slow["params"])) == (3.0, 3.0)
-    fast, slow = update(5.0, 3.0, 6)                 # first lookahead step (first multiple of 2 after 4)
+    fast, slow = update(5.0, 3.0, 4)                 # first lookahead step (first multiple of 2 after 3)
     assert (float(fast["params"]), float(slow["params"])) == (5.0, 5.0)
-    fast, slow = update(9.0, 5.0, 7)                 # not a lookahead step, not an epoch end
+    fast, slow = update(9.0, 5.0, 5)                 # not a lookahead step
     assert (float(fast["params"]), float(slow["params"])) == (9.0, 5.0)
-    fast, slow = update(9.0, 5.0, 8)                 # rho = 0.25 * (8/8): slow = 0.25*5 + 0.75*9; fast reset
-    assert float(slow["params"]) == pytest.approx(8.0) and float(fast["params"]) == pytest.approx(8.0)
+    fast, slow = update(9.0, 5.0, 9)                 # an epoch end is no lookahead step: fast weights kept
+    assert (float(fast["params"]), float(slow["params"])) == (9.0, 5.0)
+    fast, slow = update(9.0, 5.0, 10)                # rho = 0.25 * (10/11): slow moves towards fast; fast reset
+    expected = 0.25 * 10 / 11 * 5.0 + (1 - 0.25 * 10 / 11) * 9.0
+    assert float(slow["params"]) == pytest.approx(expected) and float(fast["params"]) == pytest.approx(expected)
+    fast, slow = update(12.0, 7.0, 11)               # the last update, not a lookahead step: ends on the slow ones
+    assert (float(fast["params"]), float(slow["params"])) == (7.0, 7.0)
 
 
 def test_alternating_flip_mirrors_on_odd_epochs():

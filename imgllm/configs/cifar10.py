@@ -11,8 +11,8 @@ Time: a few seconds on one modern GPU; about 1-1.5 hours on 2 CPU cores (~90 ima
 
 Recipe: batch 1024; Nesterov SGD, momentum 0.85, airbench's decoupled lr 11.5 and weight decay 0.0153 per
 1024 examples, converted below to optax's mean-loss form; BatchNorm biases at 64x lr (same decay
-strength); triangular lr 0.2 -> 1 (at 23%) -> 0.07; label smoothing 0.2; lookahead/EMA from epoch 3 every
-5 steps; whitening stem from 5000 images, frozen, its bias trained for 3 epochs; alternating flip +
+strength); triangular lr 0.2 -> 1 (at 23%) -> 0.07; label smoothing 0.2; lookahead/EMA every 5 steps
+(slow weights restart the fast ones; the run ends on the slow weights); whitening stem from 5000 images, frozen, its bias trained for 3 epochs; alternating flip +
 2-pixel translate; TTA with flips and 1-pixel translations.
 """
 from imgllm.configs.common import airbench_param_groups, base_config
@@ -59,7 +59,7 @@ def get_config():
     c.optimizer.end_factor = 0.07
     c.optimizer.groups = airbench_param_groups(whiten_bias_epochs=3.0, norm_bias_lr_scale=64.0)
     c.lookahead.enabled = True
-    c.lookahead.start_epochs = 3.0
+    c.lookahead.start_epochs = 0.0         # airbench94: from the first steps (rho ~ 0 early anyway)
     c.lookahead.every_n_steps = 5
     c.lookahead.decay_base = 0.95
     c.lookahead.decay_pow = 3.0

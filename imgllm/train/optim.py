@@ -93,9 +93,10 @@ def lookahead_update(new: dict[str, Any], slow: dict[str, Any], step: jax.Array,
 
     From epoch cfg.start_epochs on, every cfg.every_n_steps updates the slow copy moves towards the fast one,
     slow <- rho*slow + (1-rho)*fast with rho = decay_base**every_n_steps * (step/total)**decay_pow (so it
-    averages more strongly towards the end), and the fast weights restart from it; at each epoch end the fast
-    weights are reset to the slow ones. Before that the slow copy follows the fast one. `new`/`slow` are
-    {"params", "model_state"} trees (BatchNorm statistics are averaged too).
+    averages more strongly towards the end), and the fast weights restart from it; after the last update the fast
+    weights become the slow ones (what is evaluated and saved), as airbench94's final `update(decay=1.0)`.
+    Before cfg.start_epochs the slow copy follows the fast one. `new`/`slow` are {"params", "model_state"} trees
+    (BatchNorm statistics are averaged too).
     """
     start_step = int(cfg.start_epochs * steps_per_epoch)
     every = int(cfg.every_n_steps)
@@ -104,14 +105,13 @@ def lookahead_update(new: dict[str, Any], slow: dict[str, Any], step: jax.Array,
     rho = jnp.where(step == first, 0.0,
                     cfg.decay_base ** every * (step.astype(jnp.float32) / total_steps) ** cfg.decay_pow)
     following = step < first
-    epoch_end = ((step % steps_per_epoch) == 0) | (step == total_steps)
 
     def slow_leaf(f, s):
         moved = s + (1.0 - rho).astype(s.dtype) * (f - s)
         return jnp.where(following, f, jnp.where(qualifies, moved, s))
 
     new_slow = jax.tree.map(slow_leaf, new, slow)
-    reset = ~following & (qualifies | epoch_end)
+    reset = ~following & (qualifies | (step == total_steps))
     new_fast = jax.tree.map(lambda f, s: jnp.where(reset, s, f), new, new_slow)
     return new_fast, new_slow
 
