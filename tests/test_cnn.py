@@ -56,9 +56,13 @@ def test_full_size_parameter_count_and_shapes():
     assert out[0].shape == (2, 10) and out[1].shape == (2, 256)
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole_batch", "batch_chunks"])
 @pytest.mark.parametrize("padding,kernel_size", [("SAME", 3), ("VALID", 2)])
-def test_im2col_conv_matches_xla_conv_forward_and_gradients(padding, kernel_size):
-    x = _images(batch=2, size=9)
+def test_im2col_conv_matches_xla_conv_forward_and_gradients(padding, kernel_size, chunked, monkeypatch):
+    x = _images(batch=6, size=9)
+    if chunked:  # patches over 8 kB are built a chunk of the batch at a time (strided rows, lax.map / scan)
+        monkeypatch.setattr(cnn, "PATCH_CHUNK_BYTES", 8000)
+        assert cnn._batch_chunks(x, kernel_size, padding) in (3, 6)
     kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 3, 5))
 
     def loss(impl):

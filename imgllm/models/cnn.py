@@ -92,14 +92,45 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, padding: str = "SAME", impl: str 
                        kernel_size, padding)
 
 
+# Largest im2col patch tensor built at once; bigger convolutions run over strided chunks of the batch.
+PATCH_CHUNK_BYTES = 256 * 2**20
+
+
+def _batch_chunks(x: jax.Array, kernel_size: int, padding: str) -> int:
+    """How many chunks of the batch keep each chunk's patches under PATCH_CHUNK_BYTES (a divisor of the batch)."""
+    batch, height, width, channels = x.shape
+    if padding == "VALID":
+        height, width = height - kernel_size + 1, width - kernel_size + 1
+    patch_bytes = batch * height * width * kernel_size * kernel_size * channels * x.dtype.itemsize
+    wanted = -(-patch_bytes // PATCH_CHUNK_BYTES)
+    return next(n for n in range(min(wanted, batch), batch + 1) if batch % n == 0)
+
+
+def _over_chunks(arrays, chunks: int):
+    """[B, ...] arrays -> [chunks, B/chunks, ...]: chunk c holds rows c, c + chunks, ... (strided, so that a
+    batch sharded over devices in contiguous blocks keeps every chunk split the same way)."""
+    return [a.reshape(a.shape[0] // chunks, chunks, *a.shape[1:]).swapaxes(0, 1) for a in arrays]
+
+
+def _from_chunks(a: jax.Array) -> jax.Array:
+    """Inverse of `_over_chunks` for one array."""
+    return a.swapaxes(0, 1).reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def im2col_conv(x: jax.Array, kernel_matrix: jax.Array, kernel_size: int, padding: str) -> jax.Array:
     """`im2col_patches(x) @ kernel_matrix` [k*k*C, O], with a gradient that keeps only x.
 
     Autodiff would save the patches (k*k times the input: 2.9 GB of a 1024-image airbench94 step);
-    `_im2col_conv_bwd` rebuilds them from x instead, which costs a few copies and no matmul.
+    `_im2col_conv_bwd` rebuilds them from x instead, which costs a few copies and no matmul. Patches larger
+    than PATCH_CHUNK_BYTES are built and multiplied one chunk of the batch at a time (`lax.map`), forward and
+    backward, which bounds the step's peak memory at little cost: each chunk's matmul is still large.
     """
-    return jnp.dot(im2col_patches(x, kernel_size, padding), kernel_matrix)
+    chunks = _batch_chunks(x, kernel_size, padding)
+    conv = lambda v: jnp.dot(im2col_patches(v, kernel_size, padding), kernel_matrix)
+    if chunks == 1:
+        return conv(x)
+    return _from_chunks(lax.map(conv, *_over_chunks([x], chunks)))
 
 
 def _im2col_conv_fwd(x, kernel_matrix, kernel_size, padding):
@@ -107,7 +138,7 @@ def _im2col_conv_fwd(x, kernel_matrix, kernel_size, padding):
 
 
 def _im2col_conv_bwd(kernel_size, padding, residuals, grad_out):
-    """Gradients as two plain matmuls; the input gradient is folded back by im2col's transpose.
+    """Gradients as two plain matmuls per chunk; the input gradient is folded back by im2col's transpose.
 
     grad_out goes behind an optimisation barrier: otherwise XLA:CPU fuses its producer (max-pool
     or BatchNorm backward) into the transpose that the weight-gradient matmul needs, and that
@@ -115,10 +146,22 @@ def _im2col_conv_bwd(kernel_size, padding, residuals, grad_out):
     """
     x, kernel_matrix = residuals
     x, grad_out = lax.optimization_barrier((x, grad_out))   # also stops CSE with the forward patches
-    patches, patches_transpose = jax.vjp(lambda v: im2col_patches(v, kernel_size, padding), x)
-    grad_x, = patches_transpose(jnp.dot(grad_out, kernel_matrix.T))
-    flat_patches = patches.reshape(-1, patches.shape[-1])
-    grad_kernel = jnp.dot(flat_patches.T, grad_out.reshape(-1, grad_out.shape[-1]))
+
+    def chunk_gradients(grad_kernel, x_and_grad):
+        x_chunk, grad_chunk = x_and_grad
+        patches, patches_transpose = jax.vjp(lambda v: im2col_patches(v, kernel_size, padding), x_chunk)
+        grad_x, = patches_transpose(jnp.dot(grad_chunk, kernel_matrix.T))
+        flat_patches = patches.reshape(-1, patches.shape[-1])
+        grad_kernel = grad_kernel + jnp.dot(flat_patches.T, grad_chunk.reshape(-1, grad_chunk.shape[-1]))
+        return grad_kernel, grad_x
+
+    zeros = jnp.zeros(kernel_matrix.shape, jnp.result_type(x, kernel_matrix))
+    chunks = _batch_chunks(x, kernel_size, padding)
+    if chunks == 1:
+        grad_kernel, grad_x = chunk_gradients(zeros, (x, grad_out))
+    else:
+        grad_kernel, grad_x = lax.scan(chunk_gradients, zeros, _over_chunks([x, grad_out], chunks))
+        grad_x = _from_chunks(grad_x)
     return grad_x, grad_kernel.astype(kernel_matrix.dtype)
 
 
