@@ -16,8 +16,9 @@ Time: a few seconds on one modern GPU.
 Recipe: batch 1024; Nesterov SGD, momentum 0.85, airbench's decoupled lr 11.5 and weight decay 0.0153 per
 1024 examples, converted below to optax's mean-loss form; BatchNorm biases at 64x lr (same decay
 strength); triangular lr 0.2 -> 1 (at 23%) -> 0.07; label smoothing 0.2; lookahead/EMA every 5 steps
-(slow weights restart the fast ones; the run ends on the slow weights); whitening stem from 5000 images, frozen, its bias trained for 3 epochs; alternating flip +
-2-pixel translate; TTA with flips and 1-pixel translations.
+(slow weights restart the fast ones; the run ends on the slow weights); whitening stem from 5000 images,
+frozen, its bias trained for 3 epochs; alternating flip + 2-pixel translate; TTA with flips and 1-pixel
+translations.
 """
 from imgllm.configs.common import airbench_param_groups, base_config
 
