@@ -1,6 +1,10 @@
 """Tests for imgllm.models.cnn: shapes, sizes, conv implementations agree, BatchNorm, whitening."""
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -184,3 +188,28 @@ def test_config_and_errors():
         model.init(jax.random.key(0), jnp.zeros((2, 32, 32)), train=False)
     assert cnn.resolve_conv_impl("auto", backend="cpu") == "im2col"
     assert cnn.resolve_conv_impl("auto", backend="gpu") == "xla"
+
+
+def test_chunked_im2col_on_a_sharded_batch_matches_one_device():
+    """Batch chunks are strided, so a batch sharded over 4 devices gives the same conv and gradients as one."""
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from imgllm.models import cnn
+        cnn.PATCH_CHUNK_BYTES = 40000                     # patches of 8 9x9x3 images: 70 kB, 2 chunks of 4
+        x = np.random.default_rng(0).standard_normal((8, 9, 9, 3)).astype(np.float32)
+        k = np.random.default_rng(1).standard_normal((3, 3, 3, 5)).astype(np.float32)
+        assert cnn._batch_chunks(jnp.asarray(x), 3, "SAME") == 2
+        loss = lambda x, k: jnp.sum(jnp.sin(cnn.conv2d(x, k, impl="im2col")))
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        assert mesh.shape["data"] == 4
+        sharded = step(jax.device_put(x, NamedSharding(mesh, P("data"))), jax.device_put(k, NamedSharding(mesh, P())))
+        single = step(jax.device_put(x, jax.devices()[0]), jax.device_put(k, jax.devices()[0]))
+        for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        print("OK")
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
