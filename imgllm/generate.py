@@ -160,8 +160,8 @@ def draw_categorical(weights: jax.Array, rng: jax.Array, block: int = 256) -> ja
     block_cdf = jnp.cumsum(block_mass, axis=-1)
     target = (1.0 - jax.random.uniform(rng, (batch, 1))) * block_cdf[:, -1:]               # in (0, total]
     chosen = _first_reaching(block_cdf, target, block_mass > 0)                            # [B]
-    mass_before = jnp.where(chosen > 0, jnp.take_along_axis(block_cdf, jnp.maximum(chosen - 1, 0)[:, None], 1)[:, 0],
-                            0.0)
+    cdf_before_block = jnp.pad(block_cdf[:, :-1], ((0, 0), (1, 0)))                        # 0, cdf[0], ...
+    mass_before = jnp.take_along_axis(cdf_before_block, chosen[:, None], axis=1)[:, 0]
     inside = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]             # [B, block]
     inside_cdf = mass_before[:, None] + jnp.cumsum(inside, axis=-1)
     return (chosen * block + _first_reaching(inside_cdf, target, inside > 0)).astype(jnp.int32)
