@@ -177,8 +177,19 @@ def _first_reaching(cdf: jax.Array, target: jax.Array, positive: jax.Array) -> j
 def select_tokens(logits: jax.Array, rng: jax.Array, gen_config: GenerationConfig) -> jax.Array:
     """Next token per row [B]: argmax when greedy, else a sample from the processed distribution."""
     if not gen_config.do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax_first(logits)
     return draw_categorical(sampling_weights(logits, gen_config), rng)
+
+
+def argmax_first(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits, axis=-1)`` as int32 (the first index of each row's maximum), computed as a max and
+    then the smallest index that equals it: two plain reductions, where XLA:CPU's argmax (one reduction carrying
+    value and index) took 3x longer at 16 x 50,257, 2 ms of a 65 ms decoding step. Rows holding NaN give an index
+    in range (the last) instead of NaN's."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    size = logits.shape[-1]
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.minimum(jnp.min(jnp.where(logits == top, index, size), axis=-1), size - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from imgllm import generate as gen
-from imgllm.generate import (GenerationConfig, beam_search_tokens, draw_categorical, generate, generate_tokens,
-                             process_logits, sampling_weights)
+from imgllm.generate import (GenerationConfig, argmax_first, beam_search_tokens, draw_categorical, generate,
+                             generate_tokens, process_logits, sampling_weights)
 from imgllm.models.lm import GPT2, GPT2Config, init_params
 
 CONFIG = GPT2Config.tiny()
@@ -251,6 +251,17 @@ def test_generate_shards_the_batch_over_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_argmax_first_equals_argmax_with_ties_and_infinities():
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-3, 3, size=(64, 1000)).astype(np.float32)    # many ties per row
+    logits[0] = -np.inf
+    logits[1, 5:] = np.inf
+    np.testing.assert_array_equal(argmax_first(jnp.asarray(logits)), np.argmax(logits, axis=-1))
+    with_nan = np.zeros((1, 10), np.float32)
+    with_nan[0, 3] = np.nan
+    assert 0 <= int(argmax_first(jnp.asarray(with_nan))[0]) < 10
 
 
 def test_draw_categorical_matches_the_weights():
