@@ -93,27 +93,11 @@ def time_jax(loaded, images: np.ndarray, batch: int, sample: bool, repeats: int)
 
 
 def torch_cnn(num_classes: int):
-    """airbench94 in PyTorch (2x2 whitening stem, three conv blocks 64/256/256), random init, eval mode."""
+    """airbench94 in PyTorch (reference_airbench94_torch.make_net), random init, eval mode, channels_last."""
     import torch
-    from torch import nn
+    from reference_airbench94_torch import make_net
 
-    def block(cin, cout):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2),
-                             nn.BatchNorm2d(cout), nn.GELU(), nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-                             nn.BatchNorm2d(cout), nn.GELU())
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Conv2d(3, 24, 2)
-            self.blocks = nn.Sequential(block(24, 64), block(64, 256), block(256, 256))
-            self.head = nn.Linear(256, num_classes, bias=False)
-
-        def forward(self, x):
-            x = self.blocks(nn.functional.gelu(self.stem(x)))
-            return self.head(torch.amax(x, dim=(2, 3))) / 9
-
-    return Net().eval().to(memory_format=torch.channels_last)
+    return make_net(num_classes=num_classes).eval().to(memory_format=torch.channels_last)
 
 
 def time_torch(tok, images: np.ndarray, sample: bool, repeats: int) -> list[float]:

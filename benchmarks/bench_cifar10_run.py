@@ -8,6 +8,7 @@ temporary folder; validation = the last 10% of every class, carved from train (t
     python benchmarks/bench_cifar10_run.py --runs=3               # median of 3 runs
     python benchmarks/bench_cifar10_run.py --epochs=1 --train_examples=5000   # smoke run
     python benchmarks/bench_cifar10_run.py --workdir=runs/cifar10_val  # keep the checkpoint (e.g. for captioning)
+    python benchmarks/bench_cifar10_run.py --torch_reference      # + airbench94 in PyTorch on the same data
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import resource
 import statistics
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -73,6 +75,20 @@ def one_run(args, data_root: str, seed: int) -> dict:
             **peak_memory_gib()}
 
 
+def torch_reference(args, data_root: str) -> dict:
+    """airbench94 in PyTorch on the same training and validation images, in a child process (one seed)."""
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_airbench94_torch.py"),
+               f"--data_root={data_root}", f"--epochs={args.epochs}"]
+    command += [f"--cache_dir={args.cache_dir}"] if args.cache_dir else []
+    command += [f"--train_examples={args.train_examples}"] if args.train_examples else []
+    start = time.perf_counter()
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    wall = time.perf_counter() - start
+    print(out.strip())
+    result = json.loads(out.strip().splitlines()[-1])
+    return {"epochs": args.epochs, "tta_accuracy": result["final_tta_accuracy"], "seconds": wall}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tarball", default=DEFAULT_TARBALL)
@@ -83,6 +99,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--runs", type=int, default=1, help="report the median over this many seeds")
     parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--torch_reference", action="store_true",
+                        help="also run airbench94 in PyTorch on the same split (reference_airbench94_torch.py)")
     parser.add_argument("--workdir", default=None,
                         help="keep each run's checkpoints in WORKDIR/seed<N> (default: a temporary folder); "
                              "rerunning resumes an unfinished run")
@@ -100,10 +118,13 @@ def main():
             print(f"run {seed}: final TTA acc {run['final_tta_accuracy']:.4f}  wall {run['wall_seconds']:.1f}s  "
                   f"{run['train_images_per_second']:.0f} img/s  peak RSS {run['host_peak_rss_gib']:.2f} GiB"
                   + (f"  device peak {run['device_peak_gib']:.2f} GiB" if "device_peak_gib" in run else ""))
+        references = dict(REFERENCE)
+        if args.torch_reference:
+            references["airbench94 (torch, this data)"] = torch_reference(args, data_root)
     median = lambda key: statistics.median(r[key] for r in runs)
     print()
     print(f"{'':28s} {'epochs':>7s} {'TTA acc':>8s} {'wall s':>9s}")
-    for name, ref in REFERENCE.items():
+    for name, ref in references.items():
         print(f"{name:28s} {ref['epochs']:7.1f} {ref['tta_accuracy']:8.4f} {ref['seconds']:9.2f}")
     print(f"{'imgllm (median of ' + str(len(runs)) + ')':28s} {args.epochs:7.1f} {median('final_tta_accuracy'):8.4f} "
           f"{median('wall_seconds'):9.2f}   (validation carved from train; devices: {jax.device_count()})")

@@ -91,40 +91,16 @@ def bench_jax(args, impl):
     return rate, compile_s, times
 
 
-def torch_net(widths):
-    """The airbench94 network in PyTorch (same layers and sizes as imgllm's CNN)."""
-    from torch import nn
-
-    def conv(cin, cout, k=3, padding="same", bias=False):
-        return nn.Conv2d(cin, cout, k, padding=padding, bias=bias)
-
-    def block(cin, cout):
-        return nn.Sequential(conv(cin, cout), nn.MaxPool2d(2), nn.BatchNorm2d(cout, eps=1e-12, momentum=0.4),
-                             nn.GELU(), conv(cout, cout), nn.BatchNorm2d(cout, eps=1e-12, momentum=0.4), nn.GELU())
-
-    layers = [conv(3, 24, k=2, padding=0, bias=True), nn.GELU()]
-    channels = 24
-    for width in widths:
-        layers.append(block(channels, width))
-        channels = width
-    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(channels, 10, bias=False)]
-    net = nn.Sequential(*layers)
-    net[0].weight.requires_grad = False
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.requires_grad = False
-    return net
-
-
 def bench_torch(args):
     """images/s of the same training step in PyTorch (channels_last, args.threads threads)."""
     import torch
+    from reference_airbench94_torch import make_net   # the same network as the full PyTorch reference run
 
     from imgllm.models.cnn import PRESETS
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    net = torch_net(PRESETS[args.preset]["widths"]).to(memory_format=torch.channels_last)
+    net = make_net(PRESETS[args.preset]["widths"]).to(memory_format=torch.channels_last)
     images = torch.randn(args.batch, 3, 32, 32).to(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (args.batch,))
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.85,
@@ -133,7 +109,7 @@ def bench_torch(args):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(net(images) / 9, labels)
+        loss = loss_fn(net(images), labels)
         loss.backward()
         optimizer.step()
 

@@ -1,0 +1,237 @@
+"""The airbench94 recipe in PyTorch, trained on exactly the data that imgllm's CIFAR-10 run sees.
+
+This is the reference for `bench_cifar10_run.py`: it answers "what does the original recipe reach on *this*
+data" (the JPEG-compressed training images of ../shared/data, 45,000 for training and the 5,000 carved for
+validation), so that the gap between imgllm and airbench94's published 94.01% can be split into what the data
+costs and what the implementation costs. Written from the recipe of Jordan (2024, arXiv 2404.00498):
+
+  net: 2x2 whitening conv (frozen, from the patch covariance of 5,000 images; bias trained for 3 epochs), GELU,
+       3 blocks (conv3x3 -> maxpool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU), widths 64/256/256, convs without
+       bias and dirac-initialised, BN without scale (momentum 0.6, eps 1e-12), global max-pool, linear x 1/9;
+  opt: batch 1024 (last partial batch dropped), Nesterov SGD momentum 0.85 on the summed loss with label
+       smoothing 0.2, lr 11.5 and weight decay 0.0153 per 1024 examples (decoupled), BN biases at 64x lr,
+       triangular schedule 0.2 -> 1 (23%) -> 0.07; lookahead every 5 steps with decay 0.95^5 (t/T)^3,
+       ending on the slow weights; alternating flip and 2-pixel reflect translate; 9.9 epochs;
+  eval: flips and 1-pixel translations (airbench's TTA level 2).
+
+It runs on the CPU in float32 and channels_last with `--threads` threads (GPU: add --device cuda).
+
+    python benchmarks/reference_airbench94_torch.py --data_root=/tmp/cifar --cache_dir=/tmp/cifar_cache
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+
+
+def make_net(widths=(64, 256, 256), num_classes=10):
+    import torch
+    from torch import nn
+
+    class Scale(nn.Module):
+        def __init__(self, factor):
+            super().__init__()
+            self.factor = factor
+
+        def forward(self, x):
+            return x * self.factor
+
+    def conv(cin, cout):
+        layer = nn.Conv2d(cin, cout, 3, padding="same", bias=False)
+        with torch.no_grad():
+            nn.init.dirac_(layer.weight[:cin])      # identity on the first `cin` output channels
+        return layer
+
+    def norm(channels):
+        layer = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4)   # torch's momentum = 1 - airbench's 0.6
+        layer.weight.requires_grad = False
+        return layer
+
+    def block(cin, cout):
+        return nn.Sequential(conv(cin, cout), nn.MaxPool2d(2), norm(cout), nn.GELU(),
+                             conv(cout, cout), norm(cout), nn.GELU())
+
+    whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
+    whiten.weight.requires_grad = False
+    layers, channels = [whiten, nn.GELU()], 24
+    for width in widths:
+        layers.append(block(channels, width))
+        channels = width
+    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes, bias=False), Scale(1 / 9)]
+    return nn.Sequential(*layers)
+
+
+def init_whitening(layer, images, eps=5e-4):
+    """Sets the 2x2 stem to ± the eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue + eps)."""
+    import torch
+
+    c, k = images.shape[1], layer.weight.shape[-1]
+    patches = images.unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.T.flip(0)
+    filters = (eigenvectors / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, c, k, k).float()
+    with torch.no_grad():
+        layer.weight.copy_(torch.cat([filters, -filters]))
+
+
+def normalise(images_uint8, mean, std):
+    """uint8 [N,H,W,3] numpy -> float32 NCHW torch tensor, normalised per channel."""
+    import torch
+
+    x = torch.from_numpy(images_uint8).float().div_(255).permute(0, 3, 1, 2)
+    return ((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)).contiguous()
+
+
+def random_crops(padded, size, generator):
+    """One random size x size crop per image of padded [N,C,H,W] (airbench's batch_crop)."""
+    import torch
+
+    n, _, height, width = padded.shape
+    dy = torch.randint(0, height - size + 1, (n,), generator=generator)
+    dx = torch.randint(0, width - size + 1, (n,), generator=generator)
+    out = torch.empty(n, padded.shape[1], size, size)
+    for y in range(height - size + 1):
+        for x in range(width - size + 1):
+            chosen = (dy == y) & (dx == x)
+            out[chosen] = padded[chosen, :, y:y + size, x:x + size]
+    return out
+
+
+def tta_logits(net, images, batch_size=1000):
+    """airbench's TTA level 2: mean over flips, then half original view and half ±1-pixel reflect shifts."""
+    import torch
+    import torch.nn.functional as F
+
+    def mirror(x):
+        return 0.5 * net(x) + 0.5 * net(x.flip(-1))
+
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].contiguous(memory_format=torch.channels_last)
+            padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+            shifted = 0.5 * mirror(padded[:, :, :-2, :-2]) + 0.5 * mirror(padded[:, :, 2:, 2:])
+            outputs.append(0.5 * mirror(x) + 0.5 * shifted)
+    return torch.cat(outputs)
+
+
+def accuracy(net, images, labels, tta=False, batch_size=1000):
+    import torch
+
+    net.eval()
+    with torch.no_grad():
+        if tta:
+            logits = tta_logits(net, images, batch_size)
+        else:
+            logits = torch.cat([net(images[s:s + batch_size].contiguous(memory_format=torch.channels_last))
+                                for s in range(0, len(images), batch_size)])
+    net.train()
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def train(train_images, train_labels, val_images, val_labels, *, epochs=9.9, batch_size=1024, seed=0,
+          mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), log=print) -> dict:
+    """airbench94's training run on uint8 arrays; returns per-epoch and final TTA validation accuracy."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    train_x, val_x = normalise(train_images, mean, std), normalise(val_images, mean, std)
+    train_y, val_y = torch.from_numpy(train_labels).long(), torch.from_numpy(val_labels).long()
+    flipped = torch.rand(len(train_x), generator=generator) < 0.5          # each image's fixed orientation
+    train_x = torch.where(flipped[:, None, None, None], train_x.flip(-1), train_x)
+    padded = nn.functional.pad(train_x, (2, 2, 2, 2), mode="reflect")
+
+    net = make_net(num_classes=int(train_y.max()) + 1).to(memory_format=torch.channels_last)
+    init_whitening(net[0], train_x[:5000])
+
+    momentum, steps_per_epoch = 0.85, len(train_x) // batch_size
+    total_steps = math.ceil(steps_per_epoch * epochs)
+    kilostep_scale = 1024 * (1 + 1 / (1 - momentum))
+    lr = 11.5 / kilostep_scale
+    weight_decay = 0.0153 * batch_size / kilostep_scale
+    norm_biases = [p for name, p in net.named_parameters() if p.requires_grad and "." in name
+                   and isinstance(net.get_submodule(name.rsplit(".", 1)[0]), nn.BatchNorm2d)]
+    others = [p for p in net.parameters() if p.requires_grad and all(p is not q for q in norm_biases)]
+    optimizer = torch.optim.SGD([dict(params=norm_biases, lr=64 * lr, weight_decay=weight_decay / (64 * lr)),
+                                 dict(params=others, lr=lr, weight_decay=weight_decay / lr)],
+                                momentum=momentum, nesterov=True)
+    schedule = np.interp(np.arange(total_steps + 1), [0, int(0.23 * total_steps), total_steps], [0.2, 1, 0.07])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: schedule[i])
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2, reduction="sum")
+    slow = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def lookahead(decay):
+        for key, value in net.state_dict().items():
+            if value.is_floating_point():
+                slow[key].lerp_(value, 1 - decay)
+                value.copy_(slow[key])
+
+    step, per_epoch, start = 0, [], time.perf_counter()
+    for epoch in range(math.ceil(epochs)):
+        net[0].bias.requires_grad = epoch < 3
+        crops = random_crops(padded, 32, generator)
+        if epoch % 2 == 1:
+            crops = crops.flip(-1)
+        order = torch.randperm(len(crops), generator=generator)
+        for b in range(steps_per_epoch):
+            batch = order[b * batch_size:(b + 1) * batch_size]
+            loss = loss_fn(net(crops[batch].contiguous(memory_format=torch.channels_last)), train_y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step % 5 == 0:
+                lookahead(0.95 ** 5 * (step / total_steps) ** 3)
+            if step >= total_steps:
+                lookahead(1.0)
+                break
+        per_epoch.append(accuracy(net, val_x, val_y))
+        log(f"epoch {epoch}: step {step}  val acc {per_epoch[-1]:.4f}  {time.perf_counter() - start:.0f}s")
+    train_seconds = time.perf_counter() - start
+    return {"per_epoch_val_accuracy": per_epoch, "final_tta_accuracy": accuracy(net, val_x, val_y, tta=True),
+            "train_seconds": train_seconds, "steps": step,
+            "train_images_per_second": step * batch_size / train_seconds}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_root", required=True, help="extracted image folder (holds train/<class>/...)")
+    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--epochs", type=float, default=9.9)
+    parser.add_argument("--train_examples", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    from imgllm.configs import cifar10
+    from imgllm.train.classifier import ClassifierTask
+
+    torch.set_num_threads(args.threads)
+    config = cifar10.get_config()
+    config.dataset = f"folder:{args.data_root}"
+    config.data_cache_dir = args.cache_dir
+    config.num_train_examples = args.train_examples
+    task = ClassifierTask(config)           # the very arrays (and split) that imgllm's run trains and validates on
+    train_arrays, val_arrays = task.train_arrays(), task.eval_arrays()
+    print(f"torch {torch.__version__}, {args.threads} threads; train {len(train_arrays['labels'])}, "
+          f"validation {len(val_arrays['labels'])}")
+    result = train(train_arrays["images"], train_arrays["labels"], val_arrays["images"], val_arrays["labels"],
+                   epochs=args.epochs, seed=args.seed, mean=tuple(config.normalization.mean),
+                   std=tuple(config.normalization.std))
+    print(f"airbench94 (torch): final TTA acc {result['final_tta_accuracy']:.4f}  "
+          f"train {result['train_seconds']:.0f}s  {result['train_images_per_second']:.0f} img/s")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
