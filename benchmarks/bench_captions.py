@@ -104,21 +104,22 @@ def time_torch(tok, images: np.ndarray, sample: bool, repeats: int) -> list[floa
     """The reference: torch CNN on the batch, then transformers' generate per 64 prompts, then decode."""
     import torch
     import transformers
+    from reference_airbench94_torch import normalise
+
+    from imgllm.data.augment import CIFAR10_MEAN, CIFAR10_STD
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     cnn = torch_cnn(len(CLASS_NAMES))
     lm = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
-    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
-    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
     tok.padding_side = "left"
 
     def one_pass():
         captions = []
         with torch.inference_mode():
             for start in range(0, len(images), TORCH_BATCH):
-                x = torch.from_numpy(images[start:start + TORCH_BATCH]).permute(0, 3, 1, 2).float() / 255
-                x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+                x = normalise(images[start:start + TORCH_BATCH], CIFAR10_MEAN, CIFAR10_STD)
+                x = x.contiguous(memory_format=torch.channels_last)
                 labels = cnn(x).softmax(-1).argmax(-1).tolist()
                 prompts = [TEMPLATE.format(label=CLASS_NAMES[c]) for c in labels]
                 encoded = tok(prompts, return_tensors="pt", padding=True)

@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from imgllm.data.augment import CIFAR10_MEAN, CIFAR10_STD
+
 
 def make_net(widths=(64, 256, 256), num_classes=10):
     import torch
@@ -135,7 +137,7 @@ def accuracy(net, images, labels, tta=False, batch_size=1000):
 
 
 def train(train_images, train_labels, val_images, val_labels, *, epochs=9.9, batch_size=1024, seed=0,
-          mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), log=print) -> dict:
+          mean=CIFAR10_MEAN, std=CIFAR10_STD, log=print) -> dict:
     """airbench94's training run on uint8 arrays; returns per-epoch and final TTA validation accuracy."""
     import torch
     from torch import nn
