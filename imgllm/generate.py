@@ -104,12 +104,14 @@ def process_logits(logits: jax.Array, gen_config: GenerationConfig) -> jax.Array
 
 
 def sampling_weights(logits: jax.Array, gen_config: GenerationConfig) -> jax.Array:
-    """The distribution sampling draws from, as float32 weights [B, V]: softmax(process_logits(logits)) up to a
-    per-row factor (removed tokens weigh 0; the kept ones are not renormalised, `draw_categorical` needs not)."""
-    probs = jax.nn.softmax(_temperature_top_k(logits, gen_config).astype(jnp.float32), axis=-1)
+    """The distribution `select_tokens` samples from, as float32 weights [B, V]: softmax(process_logits(logits)) up
+    to a per-row factor (removed tokens weigh 0; the kept ones are not renormalised, `draw_categorical` needs not).
+    Sampling itself does not build it for top-p (`draw_top_p` is faster); it is the explicit form, for analysis."""
+    weights, _ = _shifted_exp(_temperature_top_k(logits, gen_config))
     if gen_config.top_p < 1.0:
-        probs = jnp.where(probs >= _top_p_threshold(probs, gen_config.top_p), probs, 0.0)
-    return probs
+        probs = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        weights = jnp.where(probs >= _top_p_threshold(probs, gen_config.top_p), weights, 0.0)
+    return weights
 
 
 def _temperature_top_k(logits: jax.Array, gen_config: GenerationConfig) -> jax.Array:
@@ -119,6 +121,25 @@ def _temperature_top_k(logits: jax.Array, gen_config: GenerationConfig) -> jax.A
         kth_largest = jax.lax.top_k(logits, gen_config.top_k)[0][..., -1:]
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
     return logits
+
+
+def _shifted_exp(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(exp(logits - row max) [B, V] float32, row max [B, 1]): softmax without its division.
+
+    Sampling needs the probabilities only up to a factor per row, and the decoding loop scores tokens from the same
+    max and exponentials (`_log_probs`), which XLA then computes once for both: passes over [B, 50,257] are what a
+    sampling step costs on CPU besides the model.
+    """
+    logits = logits.astype(jnp.float32)
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    return jnp.exp(logits - top), top
+
+
+def _log_probs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log softmax(logits)[row, tokens[row]] [B], from `_shifted_exp`'s max and sum."""
+    weights, top = _shifted_exp(logits)
+    total = jnp.sum(weights, axis=-1)
+    return jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - top[:, 0] - jnp.log(total)
 
 
 def _top_p_threshold(probs: jax.Array, top_p: float, iterations: int = 32) -> jax.Array:
@@ -144,41 +165,138 @@ def _top_p_threshold(probs: jax.Array, top_p: float, iterations: int = 32) -> ja
     return threshold
 
 
-def draw_categorical(weights: jax.Array, rng: jax.Array, block: int = 256) -> jax.Array:
+def draw_categorical(weights: jax.Array, rng: jax.Array) -> jax.Array:
     """One index per row of non-negative weights [B, V], drawn with probability weight / row sum. int32 [B].
 
-    Inverts the cumulative distribution at one uniform number per row, in two levels: the CDF of the sums of
-    blocks of ``block`` weights picks a block, then the CDF inside that block picks the index. That costs one pass
-    over the weights, where ``jax.random.categorical`` (Gumbel noise for every logit, then an argmax) costs a
+    Inverts the cumulative distribution at one uniform number per row, by blocks (`_BlockCDF`). That costs one
+    pass over the weights, where ``jax.random.categorical`` (Gumbel noise for every logit, then an argmax) costs a
     random number per vocabulary entry: 10x more time on XLA:CPU at 256 x 50,257. Only indices of positive
-    weight are ever drawn (the index is clamped to the last such one against rounding). Rows need a positive sum.
+    weight are ever drawn. Rows need a positive sum.
     """
+    return _BlockCDF.of(weights).draw(rng)
+
+
+class _BlockCDF(NamedTuple):
+    """The cumulative distribution of weights [B, V] by blocks, for drawing indices by inverting it.
+
+    The CDF of the block sums picks a block, then the CDF inside that block (`_index_reaching`) picks the index.
+    Building it is one pass over the weights; each draw reads one block per row, so drawing again from the same
+    weights (rejection sampling, `draw_top_p`) costs next to nothing.
+    """
+
+    blocks: jax.Array  # [B, nb, block]: the weights, zero-padded to whole blocks (see `_as_blocks`)
+    block_mass: jax.Array  # [B, nb]
+    block_cdf: jax.Array  # [B, nb]
+
+    @classmethod
+    def of(cls, weights: jax.Array) -> _BlockCDF:
+        blocks = _as_blocks(weights)
+        block_mass = jnp.sum(blocks, axis=-1)
+        return cls(blocks, block_mass, jnp.cumsum(block_mass, axis=-1))
+
+    @property
+    def total(self) -> jax.Array:
+        """The sum of each row's weights [B]."""
+        return self.block_cdf[:, -1]
+
+    def draw(self, rng: jax.Array) -> jax.Array:
+        """One index per row, int32 [B]."""
+        batch, _, block = self.blocks.shape
+        target = (1.0 - jax.random.uniform(rng, (batch,))) * self.total                       # in (0, total]
+        chosen = _first_reaching(self.block_cdf, target, self.block_mass > 0)                   # [B]
+        cdf_before_block = jnp.pad(self.block_cdf[:, :-1], ((0, 0), (1, 0)))                    # 0, cdf[0], ...
+        mass_before = jnp.take_along_axis(cdf_before_block, chosen[:, None], axis=1)[:, 0]
+        inside = jnp.take_along_axis(self.blocks, chosen[:, None, None], axis=1)[:, 0]         # [B, block]
+        return (chosen * block + _index_reaching(inside, target - mass_before)).astype(jnp.int32)
+
+
+_SCAN_BLOCK = 256  # blocks of at most this many weights get a plain cumulative sum
+
+
+def _as_blocks(weights: jax.Array) -> jax.Array:
+    """weights [B, V] as [B, V / d, d] blocks: a free reshape when V has a divisor d between 64 and 4,096 with at
+    most 4,096 blocks (GPT-2's 50,257 = 29 x 1,733), else zero-padded to blocks of 256 (a copy of the weights)."""
+    size = weights.shape[-1]
+    divisors = [d for d in range(64, 4097) if size % d == 0 and size // d <= 4096]
+    if divisors:
+        block = min(divisors, key=lambda d: abs(np.log(d) - 0.5 * np.log(size)))
+        return weights.reshape(weights.shape[0], size // block, block)
+    num_blocks = -(-size // _SCAN_BLOCK)
+    padded = jnp.pad(weights, ((0, 0), (0, num_blocks * _SCAN_BLOCK - size)))
+    return padded.reshape(weights.shape[0], num_blocks, _SCAN_BLOCK)
+
+
+def _index_reaching(weights: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row of small weights [B, n], the first index whose running sum reaches target [B] (> 0), clamped to
+    the last index of positive weight against rounding. Rows longer than 256 go by blocks of 256, so that no
+    cumulative sum is longer (XLA:CPU's cumsum is a reduce-window: quadratic in the length)."""
     batch, size = weights.shape
-    num_blocks = -(-size // block)
-    blocks = jnp.pad(weights, ((0, 0), (0, num_blocks * block - size))).reshape(batch, num_blocks, block)
-    block_mass = jnp.sum(blocks, axis=-1)                                                  # [B, nb]
+    if size <= _SCAN_BLOCK:
+        return _first_reaching(jnp.cumsum(weights, axis=-1), target, weights > 0)
+    num_blocks = -(-size // _SCAN_BLOCK)
+    blocks = jnp.pad(weights, ((0, 0), (0, num_blocks * _SCAN_BLOCK - size))).reshape(batch, num_blocks, -1)
+    block_mass = jnp.sum(blocks, axis=-1)
     block_cdf = jnp.cumsum(block_mass, axis=-1)
-    target = (1.0 - jax.random.uniform(rng, (batch, 1))) * block_cdf[:, -1:]               # in (0, total]
-    chosen = _first_reaching(block_cdf, target, block_mass > 0)                            # [B]
-    cdf_before_block = jnp.pad(block_cdf[:, :-1], ((0, 0), (1, 0)))                        # 0, cdf[0], ...
-    mass_before = jnp.take_along_axis(cdf_before_block, chosen[:, None], axis=1)[:, 0]
-    inside = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]             # [B, block]
-    inside_cdf = mass_before[:, None] + jnp.cumsum(inside, axis=-1)
-    return (chosen * block + _first_reaching(inside_cdf, target, inside > 0)).astype(jnp.int32)
+    chosen = _first_reaching(block_cdf, target, block_mass > 0)
+    mass_before = jnp.take_along_axis(block_cdf, chosen[:, None], axis=1)[:, 0] - jnp.take_along_axis(
+        block_mass, chosen[:, None], axis=1)[:, 0]
+    inside = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]
+    return chosen * _SCAN_BLOCK + _index_reaching(inside, target - mass_before)
 
 
 def _first_reaching(cdf: jax.Array, target: jax.Array, positive: jax.Array) -> jax.Array:
-    """Per row, the first index whose cdf reaches target, clamped to the last index with positive weight."""
-    first = jnp.sum(cdf < target, axis=-1)
+    """Per row, the first index whose cdf [B, n] reaches target [B], clamped to the last index with positive
+    weight."""
+    first = jnp.sum(cdf < target[:, None], axis=-1)
     last_positive = cdf.shape[-1] - 1 - jnp.argmax(positive[:, ::-1], axis=-1)
     return jnp.minimum(first, last_positive)
+
+
+def draw_top_p(weights: jax.Array, top_p: float, rng: jax.Array, max_rounds: int = 8) -> jax.Array:
+    """One token per row of non-negative weights [B, V] (probabilities up to a factor per row), drawn from the
+    top-p nucleus (the smallest set of most likely tokens holding top_p of the mass) in proportion to the
+    weights. int32 [B].
+
+    Rejection sampling, where finding the nucleus first (`_top_p_threshold`) costs 32 masked sums per step:
+    draw a token from the whole distribution, and keep it if it is in the nucleus, that is if the tokens strictly
+    more likely than it hold less than top_p of the mass. A kept draw is distributed exactly as a draw from the
+    nucleus; a row keeps a draw with probability >= top_p per round, so a round costs one masked sum and most
+    batches finish in 2-4 rounds at top_p = 0.9 (re-drawing from the same CDF is nearly free). Rows still without
+    a token after ``max_rounds`` (small top_p, flat distributions) draw from the nucleus found by bisection, so the
+    result is exact in every case; that fallback runs only when some row needs it.
+    """
+    cdf = _BlockCDF.of(weights)
+    mass_to_reach = top_p * cdf.total
+
+    def in_nucleus(token):
+        weight = jnp.take_along_axis(weights, token[:, None], axis=1)
+        return jnp.sum(jnp.where(weights > weight, weights, 0.0), axis=-1) < mass_to_reach
+
+    def draw_round(carry):
+        round_index, token, done = carry
+        candidate = cdf.draw(jax.random.fold_in(rng, round_index))
+        return round_index + 1, jnp.where(done, token, candidate), done | in_nucleus(candidate)
+
+    batch = weights.shape[0]
+    start = (jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
+    _, token, done = jax.lax.while_loop(lambda c: (c[0] < max_rounds) & ~jnp.all(c[2]), draw_round, start)
+
+    def from_bisected_nucleus(token):
+        probs = weights / cdf.total[:, None]
+        nucleus = jnp.where(probs >= _top_p_threshold(probs, top_p), weights, 0.0)
+        return jnp.where(done, token, draw_categorical(nucleus, jax.random.fold_in(rng, max_rounds)))
+
+    return jax.lax.cond(jnp.all(done), lambda token: token, from_bisected_nucleus, token)
 
 
 def select_tokens(logits: jax.Array, rng: jax.Array, gen_config: GenerationConfig) -> jax.Array:
     """Next token per row [B]: argmax when greedy, else a sample from the processed distribution."""
     if not gen_config.do_sample:
         return argmax_first(logits)
-    return draw_categorical(sampling_weights(logits, gen_config), rng)
+    weights, _ = _shifted_exp(_temperature_top_k(logits, gen_config))
+    if gen_config.top_p < 1.0:
+        return draw_top_p(weights, gen_config.top_p, rng)
+    return draw_categorical(weights, rng)
 
 
 def argmax_first(logits: jax.Array) -> jax.Array:
@@ -292,7 +410,7 @@ def _repeat_cache(cache: KVCache, times: int) -> KVCache:
     """The cache with every batch row repeated ``times`` times (prefill once per prompt, decode per copy/beam)."""
     if times == 1:
         return cache
-    return cache.replace(k=jnp.repeat(cache.k, times, axis=1), v=jnp.repeat(cache.v, times, axis=1))
+    return cache.map_rows(lambda a: jnp.repeat(a, times, axis=0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,8 +433,7 @@ def _choose_next(state: _SampleState, logits, rng, gen_config: GenerationConfig)
     """Chooses token number ``state.step`` for every row; finished rows get pad_token_id (as transformers)."""
     token = select_tokens(logits, jax.random.fold_in(rng, state.step), gen_config)
     token = jnp.where(state.finished, jnp.int32(gen_config.pad_token_id), token)
-    log_prob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
-    scores = state.scores + jnp.where(state.finished, 0.0, log_prob)
+    scores = state.scores + jnp.where(state.finished, 0.0, _log_probs(logits, token))
     tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], state.step, axis=1)
     finished = state.finished
     if gen_config.eos_token_id is not None:
@@ -329,7 +446,7 @@ class Prefilled(NamedTuple):
     (``gather_prefilled``): a prompt shared by many rows (a class prompt) is prefilled once."""
 
     logits: jax.Array  # [R, V] float32: next-token logits after the prompt
-    cache: KVCache  # k, v [L, R, H, S, Dh], S = prefix + prompt + max_new_tokens slots
+    cache: KVCache  # k, v: per layer [R, H, S, Dh], S = prefix + prompt + max_new_tokens slots
     mask: jax.Array  # [R, S] int32: valid cache slots (prompt padding is 0)
     positions: jax.Array  # [R, S] int32: position ids of the slots
 
@@ -344,8 +461,7 @@ def prefill(params, model_config: GPT2Config, input_ids, attention_mask, max_new
 def gather_prefilled(prefilled: Prefilled, rows: jax.Array) -> Prefilled:
     """The prefilled rows ``rows`` [R'] (int indices, repeats allowed), in that order."""
     return Prefilled(logits=prefilled.logits[rows], mask=prefilled.mask[rows], positions=prefilled.positions[rows],
-                     cache=prefilled.cache.replace(k=jnp.take(prefilled.cache.k, rows, axis=1),
-                                                   v=jnp.take(prefilled.cache.v, rows, axis=1)))
+                     cache=prefilled.cache.map_rows(lambda a: jnp.take(a, rows, axis=0)))
 
 
 def sample_tokens(params, model_config: GPT2Config, input_ids, attention_mask, rng, gen_config: GenerationConfig,
@@ -503,8 +619,7 @@ def beam_search_tokens(params, model_config: GPT2Config, input_ids, attention_ma
     state = _beam_step(state, logits, rng, gen_config, divisors)
 
     def decode_one(state):
-        cache = state.cache.replace(k=jnp.take(state.cache.k, state.parents, axis=1),
-                                    v=jnp.take(state.cache.v, state.parents, axis=1))
+        cache = state.cache.map_rows(lambda a: jnp.take(a, state.parents, axis=0))
         last = jax.lax.dynamic_index_in_dim(state.running_tokens, state.step - 1, axis=2, keepdims=False)
         logits, cache = decoder.step(last.reshape(rows), mask, _step_positions(positions, cache), cache)
         return _beam_step(state._replace(cache=cache), logits, rng, gen_config, divisors)

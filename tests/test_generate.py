@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from imgllm import generate as gen
-from imgllm.generate import (GenerationConfig, argmax_first, beam_search_tokens, draw_categorical, generate,
-                             generate_tokens, process_logits, sampling_weights)
+from imgllm.generate import (GenerationConfig, argmax_first, beam_search_tokens, draw_categorical, draw_top_p,
+                             generate, generate_tokens, process_logits, sampling_weights, select_tokens)
 from imgllm.models.lm import GPT2, GPT2Config, init_params
 
 CONFIG = GPT2Config.tiny()
@@ -264,22 +264,60 @@ def test_argmax_first_equals_argmax_with_ties_and_infinities():
     assert 0 <= int(argmax_first(jnp.asarray(with_nan))[0]) < 10
 
 
-def test_draw_categorical_matches_the_weights():
-    # Weights over 3 blocks of 4, with zero-weight entries inside blocks, at block ends and a whole empty block.
-    weights = np.array([0.0, 3.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.5, 0.0, 0.5], np.float32)
-    draws = 60_000
-    tokens = jax.jit(lambda key: draw_categorical(jnp.broadcast_to(weights, (draws, weights.size)), key, block=4))(
-        jax.random.key(0))
-    frequencies = np.bincount(np.asarray(tokens), minlength=weights.size) / draws
+@pytest.mark.parametrize("size", [12, 1031, 2062])
+def test_draw_categorical_matches_the_weights(size):
+    """Sizes that take each blocking: one padded block (12), padded blocks of 256 (1031, a prime), and a free
+    reshape into 2 blocks of 1,031 each split again into padded sub-blocks of 256 (2062 = 2 x 1031). Zero weights
+    sit inside blocks, at block ends and fill whole blocks; they are never drawn."""
+    weights = np.zeros(size, np.float32)
+    positive = sorted({1, 3, size - 1} | ({255, 256, 700, 1030, 1031, 1500} & set(range(size))))
+    weights[positive] = np.linspace(1.0, 2.0, len(positive))
+    draws = 30_000
+    tokens = jax.jit(lambda key: draw_categorical(jnp.broadcast_to(weights, (draws, size)), key))(jax.random.key(0))
+    frequencies = np.bincount(np.asarray(tokens), minlength=size) / draws
     np.testing.assert_array_equal(frequencies[weights == 0], 0.0)
-    np.testing.assert_allclose(frequencies, weights / weights.sum(), atol=0.01)  # > 4 standard deviations
+    np.testing.assert_allclose(frequencies, weights / weights.sum(), atol=0.012)  # > 4 standard deviations
 
 
 def test_top_p_sampling_draws_only_from_the_nucleus():
     probs = np.array([[0.4, 0.25, 0.2, 0.1, 0.05]], np.float32)
     config = _config(do_sample=True, top_p=0.8)
     weights = np.asarray(sampling_weights(jnp.log(probs), config))
-    np.testing.assert_allclose(weights, [[0.4, 0.25, 0.2, 0.0, 0.0]], rtol=1e-6)
-    tokens = draw_categorical(jnp.broadcast_to(jnp.asarray(weights), (20_000, 5)), jax.random.key(1))
+    np.testing.assert_allclose(weights / weights.sum(), [[0.4 / 0.85, 0.25 / 0.85, 0.2 / 0.85, 0.0, 0.0]], rtol=1e-6)
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs)), (20_000, 5))
+    tokens = jax.jit(lambda key: select_tokens(logits, key, config))(jax.random.key(1))
     frequencies = np.bincount(np.asarray(tokens), minlength=5) / 20_000
     np.testing.assert_allclose(frequencies, [0.4 / 0.85, 0.25 / 0.85, 0.2 / 0.85, 0, 0], atol=0.015)
+
+
+@pytest.mark.parametrize("max_rounds", [0, 1, 8])
+def test_draw_top_p_is_exact_with_and_without_the_bisection_fallback(max_rounds):
+    """Rejection rounds, the bisection fallback (max_rounds=0: every row), and their mix (1 round: a quarter of
+    the rows fall back) all draw from the nucleus in proportion to the probabilities."""
+    probs = np.array([0.05, 0.3, 0.1, 0.2, 0.25, 0.1], np.float32)  # top_p 0.7: {0.3, 0.25, 0.2}, mass 0.75
+    draws = 40_000
+    tokens = jax.jit(lambda key: draw_top_p(jnp.broadcast_to(probs, (draws, probs.size)), 0.7, key,
+                                            max_rounds=max_rounds))(jax.random.key(2))
+    frequencies = np.bincount(np.asarray(tokens), minlength=probs.size) / draws
+    nucleus = np.where(probs >= 0.2, probs, 0.0)
+    np.testing.assert_array_equal(frequencies[nucleus == 0], 0.0)
+    np.testing.assert_allclose(frequencies, nucleus / nucleus.sum(), atol=0.01)  # > 4 standard deviations
+
+
+def test_draw_top_p_stays_in_the_sorted_cumsum_nucleus():
+    """Every draw lies in the nucleus of the sorted-cumsum definition (float64 reference), for small and large top_p,
+    a row where one token holds nearly all the mass, and few rounds (the fallback runs for some rows)."""
+    logits = np.asarray(jax.random.normal(jax.random.key(4), (8, 300)) * 2.0, np.float64)
+    logits[7, 11] = 40.0
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    order = np.argsort(-probs, axis=-1)
+    sorted_probs = np.take_along_axis(probs, order, -1)
+    for top_p in (0.1, 0.6, 0.95):
+        kept_sorted = np.cumsum(sorted_probs, -1) - sorted_probs < top_p
+        nucleus = np.zeros_like(kept_sorted)
+        np.put_along_axis(nucleus, order, kept_sorted, -1)
+        repeated = jnp.asarray(np.repeat(probs, 500, axis=0), jnp.float32)
+        tokens = np.asarray(draw_top_p(repeated, top_p, jax.random.key(5), max_rounds=2)).reshape(8, 500)
+        assert np.take_along_axis(nucleus, tokens, -1).all(), f"top_p={top_p}"
+        assert (tokens[7] == 11).all()
