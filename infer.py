@@ -405,7 +405,7 @@ def run_captions(args: argparse.Namespace) -> int:
     import numpy as np
 
     from imgllm import parallel, pipeline_checkpoint
-    from imgllm.pipeline import compile_captioner, place_images, place_params
+    from imgllm.pipeline import compile_captioner, inference_params, place_images, place_params
 
     loaded = pipeline_checkpoint.load_pipeline(args.checkpoint, read_params=False)
     config = loaded.config
@@ -428,9 +428,9 @@ def run_captions(args: argparse.Namespace) -> int:
         # Read the weights in a thread while compiling against their shapes (a cache hit after the first run).
         with concurrent.futures.ThreadPoolExecutor(1) as reader:
             params_future = reader.submit(pipeline_checkpoint.read_pipeline_params, args.checkpoint)
-            captioner = compile_captioner(spec, mesh, pipeline_checkpoint.read_params_shapes(args.checkpoint),
-                                          batch_size)
-            params = place_params(params_future.result(), mesh)
+            shapes = jax.eval_shape(inference_params, pipeline_checkpoint.read_params_shapes(args.checkpoint))
+            captioner = compile_captioner(spec, mesh, shapes, batch_size)
+            params = place_params(inference_params(params_future.result()), mesh)
 
     from tqdm import tqdm
 

@@ -67,7 +67,7 @@ def time_jax(loaded, images: np.ndarray, batch: int, sample: bool, repeats: int)
     generation = GenerationConfig(max_new_tokens=20, do_sample=sample, top_p=0.9 if sample else 1.0,
                                   eos_token_id=loaded.config["eos_id"], pad_token_id=loaded.config["pad_id"])
     captioner = pipeline.make_captioner(loaded.spec(generation))
-    params = jax.device_put(loaded.params)
+    params = jax.device_put(pipeline.inference_params(loaded.params))
 
     def one_pass():
         captions, in_flight = [], None

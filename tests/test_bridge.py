@@ -54,6 +54,7 @@ def test_feature_sources(parts):
     out = all_sources(cnn_variables, images)
     (reference_logits, reference_features), (logits, pooled) = out["reference"], out["pooled"]
     np.testing.assert_array_equal(pooled, reference_features)
+    np.testing.assert_array_equal(logits, reference_logits)
     spatial_logits, spatial = out["spatial"]
     np.testing.assert_array_equal(spatial_logits, reference_logits)
     # The last block's map is 3x3x16 for 32x32 inputs; its global max is the pooled feature vector.

@@ -13,7 +13,7 @@ import pytest
 from imgllm import generate as gen
 from imgllm.generate import (GenerationConfig, argmax_first, beam_search_tokens, draw_categorical, draw_top_p,
                              generate, generate_tokens, process_logits, sampling_weights, select_tokens)
-from imgllm.models.lm import GPT2, GPT2Config, init_params
+from imgllm.models.lm import GPT2, GPT2Config, init_params, kernels_out_in
 
 CONFIG = GPT2Config.tiny()
 PAD = CONFIG.eos_token_id
@@ -95,6 +95,15 @@ def test_stops_at_eos_and_pads_afterwards(params, prompts):
         np.testing.assert_array_equal(tokens[row, :end], free[row, :end])
         assert (tokens[row, end:] == PAD).all()
     assert (tokens[1, stop_at + 1:] == PAD).all() and stop_at + 1 < NEW
+
+
+@pytest.mark.parametrize("gen", [dict(), dict(do_sample=True, top_p=0.8), dict(num_beams=3)])
+def test_kernels_out_in_params_generate_the_same_tokens(params, prompts, gen):
+    ids, mask = prompts
+    tokens, scores = _run(params, ids, mask, _config(**gen))
+    out_in_tokens, out_in_scores = _run(kernels_out_in(params), ids, mask, _config(**gen))
+    np.testing.assert_array_equal(out_in_tokens, tokens)
+    np.testing.assert_allclose(out_in_scores, scores, atol=1e-4)
 
 
 def test_sampling_is_reproducible_from_the_key(params, prompts):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imgllm.models.lm import GPT2, GPT2Config, attention_bias, init_cache, init_params
+from imgllm.models.lm import (GPT2, GPT2Config, OutInParams, attention_bias, bind, init_cache, init_params,
+                              kernels_out_in)
 
 CONFIG = GPT2Config.tiny()
 
@@ -104,6 +105,23 @@ def test_cached_chunks_equal_full_forward(params):
     assert int(cache.index) == 9
     real = mask.astype(bool)
     np.testing.assert_allclose(np.concatenate(pieces, axis=1)[real], np.asarray(full)[real], rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_out_in_computes_the_same_logits(params):
+    """The [out, in] kernel layout is a storage choice: same logits, transposed kernels, other leaves untouched,
+    and shapes convert through jax.eval_shape (how infer.py compiles before the weights are read)."""
+    converted = kernels_out_in(params)
+    assert isinstance(converted, OutInParams)
+    c_fc = params["h_0"]["mlp"]["c_fc"]["kernel"]
+    np.testing.assert_array_equal(converted.params["h_0"]["mlp"]["c_fc"]["kernel"], c_fc.T)
+    np.testing.assert_array_equal(converted.params["wte"]["embedding"], params["wte"]["embedding"])
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 7)), jnp.int32)
+    model, raw = bind(converted, CONFIG)
+    assert model.kernel_out_in and bind(params, CONFIG)[0] == GPT2(CONFIG)
+    out_in_logits = jax.jit(lambda p: model.apply({"params": p}, ids)[0])(raw)
+    np.testing.assert_allclose(out_in_logits, _apply(params, ids)[0], atol=1e-5)
+    shapes = jax.eval_shape(kernels_out_in, params)
+    assert shapes.params["h_1"]["attn"]["c_attn"]["kernel"].shape == (3 * CONFIG.n_embd, CONFIG.n_embd)
 
 
 def test_attention_bias_is_causal_and_masked():

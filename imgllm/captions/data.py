@@ -15,7 +15,6 @@ Sources (`load_caption_dataset(spec, split, ...)`):
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from imgllm.models.cnn import conv2d
-from imgllm.models.lm import GPT2, GPT2Config
+from imgllm.models.lm import GPT2, GPT2Config, bind
 
 
 FEATURE_SOURCES = ("pooled", "spatial", "pyramid")
@@ -111,7 +111,8 @@ def check_mapper_fits(mapper: PrefixMapper, lm_config: GPT2Config) -> None:
 
 def embed_tokens(lm_params: Any, lm_config: GPT2Config, input_ids: jax.Array) -> jax.Array:
     """Token embeddings [B, T, D] from the LM's wte table."""
-    return GPT2(lm_config).apply({"params": lm_params}, input_ids, method=GPT2.embed_tokens)
+    model, lm_params = bind(lm_params, lm_config)
+    return model.apply({"params": lm_params}, input_ids, method=GPT2.embed_tokens)
 
 
 def prefixed_token_log_probs(lm_params: Any, lm_config: GPT2Config, prefix_embeds: jax.Array | None,
@@ -137,8 +138,8 @@ def prefixed_token_stats(lm_params: Any, lm_config: GPT2Config, prefix_embeds: j
     """
     if input_ids.ndim != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [batch, length >= 2] (BOS + tokens), got shape {input_ids.shape}")
-    model = GPT2(lm_config)
     embeds = embed_tokens(lm_params, lm_config, input_ids)
+    model, lm_params = bind(lm_params, lm_config)
     prefix_length = 0
     if prefix_embeds is not None:
         if prefix_embeds.ndim != 3 or prefix_embeds.shape[0] != input_ids.shape[0]:

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,9 +199,56 @@ def attention_bias(attention_mask: jax.Array, query_positions: jax.Array) -> jax
     return jnp.where(allowed, 0.0, _MASK_BIAS).astype(jnp.float32)[:, None, :, :]
 
 
-def _dense(features: int, config: GPT2Config, name: str, std: float | None = None) -> nn.Dense:
-    return nn.Dense(features, dtype=config.dtype, param_dtype=jnp.float32, name=name,
-                    kernel_init=nn.initializers.normal(std or config.initializer_range))
+class Linear(nn.Module):
+    """Hugging Face's ``Conv1D``, y = x @ kernel + bias, with the kernel stored [in, out] as checkpoints hold it,
+    or [out, in] when ``kernel_out_in`` (the faster layout of `kernels_out_in`)."""
+
+    features: int
+    config: GPT2Config
+    std: float
+    kernel_out_in: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        dtype = self.config.dtype
+        shape = (self.features, x.shape[-1]) if self.kernel_out_in else (x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.normal(self.std), shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        contracted = 1 if self.kernel_out_in else 0
+        y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (contracted,)), ((), ())))
+        return y + bias.astype(dtype)
+
+
+@flax.struct.dataclass
+class OutInParams:
+    """GPT-2 parameters whose transformer-block kernels are stored [out, in]: what `kernels_out_in` returns.
+
+    Generation and scoring accept them wherever they accept the parameters (`bind`). Make them once per set of
+    weights (after loading, not per call): XLA:CPU transposes at about 1 GB/s, 0.3 s for GPT-2 small.
+    """
+
+    params: Any
+
+
+def kernels_out_in(params: Mapping[str, Any]) -> OutInParams:
+    """The parameters with every block kernel transposed to [out, in], the layout XLA:CPU's matmuls read fastest:
+    10-18% faster at 1 to 256 rows on GPT-2 small's four kernel shapes, 30% faster for a whole decoding step at
+    one row. Works on arrays and on ShapeDtypeStructs (through ``jax.eval_shape``)."""
+    flat = flax.traverse_util.flatten_dict(dict(params))
+    return OutInParams(flax.traverse_util.unflatten_dict(
+        {path: value.T if path[-1] == "kernel" else value for path, value in flat.items()}))
+
+
+def bind(params: Any, config: GPT2Config) -> tuple[GPT2, Any]:
+    """(the GPT2 module for ``params``, the parameter tree to apply it with), for parameters as stored (Hugging
+    Face layout) or from `kernels_out_in`."""
+    if isinstance(params, OutInParams):
+        return GPT2(config, kernel_out_in=True), params.params
+    return GPT2(config), params
+
+
+def _dense(features: int, config: GPT2Config, name: str, kernel_out_in: bool, std: float | None = None) -> Linear:
+    return Linear(features, config, std or config.initializer_range, kernel_out_in, name=name)
 
 
 def _layer_norm(config: GPT2Config, name: str | None = None) -> nn.LayerNorm:
@@ -218,6 +266,7 @@ class GPT2Attention(nn.Module):
     """Causal multi-head self-attention that writes its new keys/values into this layer's cache."""
 
     config: GPT2Config
+    kernel_out_in: bool = False
 
     @nn.compact
     def __call__(self, x, bias, kv=None, index=None, deterministic=True):
@@ -225,7 +274,7 @@ class GPT2Attention(nn.Module):
         values are written at slots [index, index + T), in place. Returns (output [B,T,D], new (k, v) or None)."""
         cfg = self.config
         batch, length, _ = x.shape
-        qkv = _dense(3 * cfg.n_embd, cfg, "c_attn")(x)
+        qkv = _dense(3 * cfg.n_embd, cfg, "c_attn", self.kernel_out_in)(x)
         q, k, v = jnp.split(qkv.reshape(batch, length, 3, cfg.n_head, cfg.head_dim), 3, axis=2)
         q, k, v = (t[:, :, 0].transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, Dh]
         if kv is not None:
@@ -239,7 +288,7 @@ class GPT2Attention(nn.Module):
         weights = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
         weights = nn.Dropout(cfg.attn_pdrop)(weights, deterministic=deterministic)
         out = jnp.einsum("bhts,bhsd->bthd", weights, v.astype(cfg.dtype)).reshape(batch, length, cfg.n_embd)
-        out = _dense(cfg.n_embd, cfg, "c_proj", _projection_std(cfg))(out)
+        out = _dense(cfg.n_embd, cfg, "c_proj", self.kernel_out_in, _projection_std(cfg))(out)
         return nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), kv
 
 
@@ -247,12 +296,13 @@ class GPT2MLP(nn.Module):
     """The position-wise feed-forward layer: D -> 4D -> gelu_new -> D."""
 
     config: GPT2Config
+    kernel_out_in: bool = False
 
     @nn.compact
     def __call__(self, x, deterministic=True):
         cfg = self.config
-        hidden = nn.gelu(_dense(4 * cfg.n_embd, cfg, "c_fc")(x), approximate=True)
-        out = _dense(cfg.n_embd, cfg, "c_proj", _projection_std(cfg))(hidden)
+        hidden = nn.gelu(_dense(4 * cfg.n_embd, cfg, "c_fc", self.kernel_out_in)(x), approximate=True)
+        out = _dense(cfg.n_embd, cfg, "c_proj", self.kernel_out_in, _projection_std(cfg))(hidden)
         return nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
 
 
@@ -260,13 +310,15 @@ class GPT2Block(nn.Module):
     """A pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     config: GPT2Config
+    kernel_out_in: bool = False
 
     @nn.compact
     def __call__(self, x, bias, kv=None, index=None, deterministic=True):
-        attn_out, kv = GPT2Attention(self.config, name="attn")(
+        attn_out, kv = GPT2Attention(self.config, self.kernel_out_in, name="attn")(
             _layer_norm(self.config, "ln_1")(x), bias, kv, index, deterministic)
         x = x + attn_out
-        x = x + GPT2MLP(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x), deterministic)
+        x = x + GPT2MLP(self.config, self.kernel_out_in, name="mlp")(_layer_norm(self.config, "ln_2")(x),
+                                                                      deterministic)
         return x, kv
 
 
@@ -277,9 +329,11 @@ class GPT2(nn.Module):
     Without a cache, attention is causal over the T inputs and masked by attention_mask [B, T] (1 = real token).
     With a cache of S slots, the T inputs are written at slots [index, index + T) and attend to every slot that
     is causally before them and has attention_mask[B, S] == 1; the returned cache has index + T.
+    ``kernel_out_in``: the block kernels are stored [out, in] (params from `kernels_out_in`).
     """
 
     config: GPT2Config
+    kernel_out_in: bool = False
 
     def setup(self):
         cfg = self.config
@@ -289,7 +343,7 @@ class GPT2(nn.Module):
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=jnp.float32,
                             embedding_init=init)
         # A list attribute set in setup names its modules h_0 .. h_{L-1}, as Hugging Face's transformer.h.{i}.
-        self.h = [GPT2Block(cfg) for _ in range(cfg.n_layer)]
+        self.h = [GPT2Block(cfg, self.kernel_out_in) for _ in range(cfg.n_layer)]
         self.ln_f = _layer_norm(cfg)
         self.drop = nn.Dropout(cfg.embd_pdrop)
 
