@@ -111,7 +111,7 @@ def test_kernels_out_in_computes_the_same_logits(params):
     """The [out, in] kernel layout is a storage choice: same logits, transposed kernels, other leaves untouched,
     and shapes convert through jax.eval_shape (how infer.py compiles before the weights are read)."""
     converted = kernels_out_in(params)
-    assert isinstance(converted, OutInParams)
+    assert isinstance(converted, OutInParams) and kernels_out_in(converted) is converted
     c_fc = params["h_0"]["mlp"]["c_fc"]["kernel"]
     np.testing.assert_array_equal(converted.params["h_0"]["mlp"]["c_fc"]["kernel"], c_fc.T)
     np.testing.assert_array_equal(converted.params["wte"]["embedding"], params["wte"]["embedding"])
