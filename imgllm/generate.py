@@ -188,7 +188,10 @@ class _BlockCDF(NamedTuple):
 
     @classmethod
     def of(cls, weights: jax.Array) -> _BlockCDF:
-        blocks = _as_blocks(weights)
+        return cls.of_blocks(_as_blocks(weights))
+
+    @classmethod
+    def of_blocks(cls, blocks: jax.Array) -> _BlockCDF:
         block_mass = jnp.sum(blocks, axis=-1)
         return cls(blocks, block_mass, jnp.cumsum(block_mass, axis=-1))
 
@@ -199,13 +202,18 @@ class _BlockCDF(NamedTuple):
 
     def draw(self, rng: jax.Array) -> jax.Array:
         """One index per row, int32 [B]."""
-        batch, _, block = self.blocks.shape
-        target = (1.0 - jax.random.uniform(rng, (batch,))) * self.total                       # in (0, total]
+        target = (1.0 - jax.random.uniform(rng, (self.blocks.shape[0],))) * self.total       # in (0, total]
+        return self.index_reaching(target).astype(jnp.int32)
+
+    def index_reaching(self, target: jax.Array) -> jax.Array:
+        """Per row, the first index whose running sum reaches target [B] (> 0), clamped to the last index of
+        positive weight against rounding."""
+        block = self.blocks.shape[-1]
         chosen = _first_reaching(self.block_cdf, target, self.block_mass > 0)                   # [B]
         cdf_before_block = jnp.pad(self.block_cdf[:, :-1], ((0, 0), (1, 0)))                    # 0, cdf[0], ...
         mass_before = jnp.take_along_axis(cdf_before_block, chosen[:, None], axis=1)[:, 0]
         inside = jnp.take_along_axis(self.blocks, chosen[:, None, None], axis=1)[:, 0]         # [B, block]
-        return (chosen * block + _index_reaching(inside, target - mass_before)).astype(jnp.int32)
+        return chosen * block + _index_reaching(inside, target - mass_before)
 
 
 _SCAN_BLOCK = 256  # blocks of at most this many weights get a plain cumulative sum
@@ -219,27 +227,23 @@ def _as_blocks(weights: jax.Array) -> jax.Array:
     if divisors:
         block = min(divisors, key=lambda d: abs(np.log(d) - 0.5 * np.log(size)))
         return weights.reshape(weights.shape[0], size // block, block)
-    num_blocks = -(-size // _SCAN_BLOCK)
-    padded = jnp.pad(weights, ((0, 0), (0, num_blocks * _SCAN_BLOCK - size)))
+    return _padded_blocks(weights)
+
+
+def _padded_blocks(weights: jax.Array) -> jax.Array:
+    """weights [B, n] zero-padded to whole blocks of 256: [B, ceil(n / 256), 256]."""
+    num_blocks = -(-weights.shape[-1] // _SCAN_BLOCK)
+    padded = jnp.pad(weights, ((0, 0), (0, num_blocks * _SCAN_BLOCK - weights.shape[-1])))
     return padded.reshape(weights.shape[0], num_blocks, _SCAN_BLOCK)
 
 
 def _index_reaching(weights: jax.Array, target: jax.Array) -> jax.Array:
-    """Per row of small weights [B, n], the first index whose running sum reaches target [B] (> 0), clamped to
-    the last index of positive weight against rounding. Rows longer than 256 go by blocks of 256, so that no
+    """Per row of weights [B, n], the first index whose running sum reaches target [B] (> 0), clamped to the last
+    index of positive weight against rounding. Rows longer than 256 go by blocks of 256 (`_BlockCDF`), so that no
     cumulative sum is longer (XLA:CPU's cumsum is a reduce-window: quadratic in the length)."""
-    batch, size = weights.shape
-    if size <= _SCAN_BLOCK:
+    if weights.shape[-1] <= _SCAN_BLOCK:
         return _first_reaching(jnp.cumsum(weights, axis=-1), target, weights > 0)
-    num_blocks = -(-size // _SCAN_BLOCK)
-    blocks = jnp.pad(weights, ((0, 0), (0, num_blocks * _SCAN_BLOCK - size))).reshape(batch, num_blocks, -1)
-    block_mass = jnp.sum(blocks, axis=-1)
-    block_cdf = jnp.cumsum(block_mass, axis=-1)
-    chosen = _first_reaching(block_cdf, target, block_mass > 0)
-    mass_before = jnp.take_along_axis(block_cdf, chosen[:, None], axis=1)[:, 0] - jnp.take_along_axis(
-        block_mass, chosen[:, None], axis=1)[:, 0]
-    inside = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]
-    return chosen * _SCAN_BLOCK + _index_reaching(inside, target - mass_before)
+    return _BlockCDF.of_blocks(_padded_blocks(weights)).index_reaching(target)
 
 
 def _first_reaching(cdf: jax.Array, target: jax.Array, positive: jax.Array) -> jax.Array:
