@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imgllm.models.lm import (GPT2, GPT2Config, OutInParams, attention_bias, bind, init_cache, init_params,
-                              kernels_out_in)
+from imgllm.models.lm import (GPT2, KERNEL_FIRST_ROWS, GPT2Config, Linear, OutInParams, attention_bias, bind,
+                              few_rows_times_out_in, init_cache, init_params, kernels_out_in)
 
 CONFIG = GPT2Config.tiny()
 
@@ -122,6 +122,24 @@ def test_kernels_out_in_computes_the_same_logits(params):
     np.testing.assert_allclose(out_in_logits, _apply(params, ids)[0], atol=1e-5)
     shapes = jax.eval_shape(kernels_out_in, params)
     assert shapes.params["h_1"]["attn"]["c_attn"]["kernel"].shape == (3 * CONFIG.n_embd, CONFIG.n_embd)
+
+
+@pytest.mark.parametrize("lead_shape", [(1,), (2,), (3, 5), (KERNEL_FIRST_ROWS[1],), (KERNEL_FIRST_ROWS[1] + 1,)])
+def test_linear_gives_the_same_product_in_both_layouts_at_any_row_count(lead_shape):
+    """Linear on [out, in] kernels switches to kernel-first products (few_rows_times_out_in) for few rows: the
+    same numbers as the stored [in, out] layout, on each side of the switch."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((*lead_shape, 12)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((12, 20)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(20), jnp.float32)
+    expected = np.asarray(x) @ np.asarray(kernel) + np.asarray(bias)
+    for out_in, stored in ((False, kernel), (True, kernel.T)):
+        layer = Linear(20, CONFIG, std=0.02, kernel_out_in=out_in)
+        y = jax.jit(layer.apply)({"params": {"kernel": stored, "bias": bias}}, x)
+        assert y.shape == (*lead_shape, 20)
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(few_rows_times_out_in)(x, kernel.T), expected - np.asarray(bias),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_attention_bias_is_causal_and_masked():

@@ -199,6 +199,30 @@ def attention_bias(attention_mask: jax.Array, query_positions: jax.Array) -> jax
     return jnp.where(allowed, 0.0, _MASK_BIAS).astype(jnp.float32)[:, None, :, :]
 
 
+# Row counts for which XLA:CPU multiplies faster with the kernel as the left operand (few_rows_times_out_in).
+KERNEL_FIRST_ROWS = (2, 64)
+
+
+def _kernel_first_is_faster(x: jax.Array) -> bool:
+    """Whether ``few_rows_times_out_in`` is the faster form for x [..., in]: on CPU, for 2 to 64 rows."""
+    rows = math.prod(x.shape[:-1])
+    return KERNEL_FIRST_ROWS[0] <= rows <= KERNEL_FIRST_ROWS[1] and jax.default_backend() == "cpu"
+
+
+def few_rows_times_out_in(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., in] times the transpose of kernel [out, in], computed as kernel · xᵀ [out, rows], then transposed.
+
+    The same product as contracting both last axes, but XLA:CPU's YNNPACK dot reads a large [out, in] kernel
+    faster when it is the left operand and the few rows the right one: on GPT-2 small's four kernel shapes,
+    10-40% faster at 4 to 64 rows, equal at 1, slower from about 128 (hence ``KERNEL_FIRST_ROWS``). Decoding
+    at batch 16 took 8-10% less time per token. The optimisation barrier keeps XLA's simplifier from folding
+    the transpose back into the dot, which would undo the swap; the transpose itself is of a small array.
+    """
+    rows = math.prod(x.shape[:-1])
+    kernel_first = jax.lax.dot_general(kernel, x.reshape(rows, x.shape[-1]), (((1,), (1,)), ((), ())))
+    return jax.lax.optimization_barrier(kernel_first).T.reshape(*x.shape[:-1], kernel.shape[0])
+
+
 class Linear(nn.Module):
     """Hugging Face's ``Conv1D``, y = x @ kernel + bias, with the kernel stored [in, out] as checkpoints hold it,
     or [out, in] when ``kernel_out_in`` (the faster layout of `kernels_out_in`)."""
@@ -214,8 +238,11 @@ class Linear(nn.Module):
         shape = (self.features, x.shape[-1]) if self.kernel_out_in else (x.shape[-1], self.features)
         kernel = self.param("kernel", nn.initializers.normal(self.std), shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        if self.kernel_out_in and _kernel_first_is_faster(x):
+            return few_rows_times_out_in(x, kernel) + bias.astype(dtype)
         contracted = 1 if self.kernel_out_in else 0
-        y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (contracted,)), ((), ())))
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (contracted,)), ((), ())))
         return y + bias.astype(dtype)
 
 
