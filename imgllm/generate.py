@@ -254,6 +254,10 @@ def _first_reaching(cdf: jax.Array, target: jax.Array, positive: jax.Array) -> j
     return jnp.minimum(first, last_positive)
 
 
+# Rejection rounds after the first test only the undecided rows when they are at most 1/_RETEST_FRACTION of the batch.
+_RETEST_FRACTION = 8
+
+
 def draw_top_p(weights: jax.Array, top_p: float, rng: jax.Array, max_rounds: int = 8) -> jax.Array:
     """One token per row of non-negative weights [B, V] (probabilities up to a factor per row), drawn from the
     top-p nucleus (the smallest set of most likely tokens holding top_p of the mass) in proportion to the
@@ -263,23 +267,36 @@ def draw_top_p(weights: jax.Array, top_p: float, rng: jax.Array, max_rounds: int
     draw a token from the whole distribution, and keep it if it is in the nucleus, that is if the tokens strictly
     more likely than it hold less than top_p of the mass. A kept draw is distributed exactly as a draw from the
     nucleus; a row keeps a draw with probability >= top_p per round, so a round costs one masked sum and most
-    batches finish in 2-4 rounds at top_p = 0.9 (re-drawing from the same CDF is nearly free). Rows still without
-    a token after ``max_rounds`` (small top_p, flat distributions) draw from the nucleus found by bisection, so the
-    result is exact in every case; that fallback runs only when some row needs it.
+    batches finish in 2-4 rounds at top_p = 0.9 (re-drawing from the same CDF is nearly free). Once at most an
+    eighth of the rows are undecided, a round tests only those rows, gathered: at top_p = 0.9 that is every round
+    after the first. Which rows a round tests never depends on their new draws, so kept draws stay exact. Rows
+    still without a token after ``max_rounds`` (small top_p, flat distributions) draw from the nucleus found by
+    bisection, so the result is exact in every case; that fallback runs only when some row needs it.
     """
     cdf = _BlockCDF.of(weights)
     mass_to_reach = top_p * cdf.total
+    batch = weights.shape[0]
+    few = max(1, batch // _RETEST_FRACTION)
 
-    def in_nucleus(token):
-        weight = jnp.take_along_axis(weights, token[:, None], axis=1)
-        return jnp.sum(jnp.where(weights > weight, weights, 0.0), axis=-1) < mass_to_reach
+    def in_nucleus(row_weights, token, mass):
+        """Whether token [R] is in the nucleus of its row: the strictly more likely tokens hold less than mass."""
+        weight = jnp.take_along_axis(row_weights, token[:, None], axis=1)
+        return jnp.sum(jnp.where(row_weights > weight, row_weights, 0.0), axis=-1) < mass
+
+    def in_nucleus_if_undecided(token, done):
+        """in_nucleus for up to `few` undecided rows, gathered; False for the other rows (they draw again)."""
+        rows = jnp.nonzero(~done, size=few, fill_value=batch)[0]
+        gather = lambda a: jnp.take(a, rows, axis=0, mode="clip")
+        kept = in_nucleus(gather(weights), gather(token), gather(mass_to_reach))
+        return jnp.zeros((batch,), bool).at[rows].set(kept, mode="drop")
 
     def draw_round(carry):
         round_index, token, done = carry
         candidate = cdf.draw(jax.random.fold_in(rng, round_index))
-        return round_index + 1, jnp.where(done, token, candidate), done | in_nucleus(candidate)
+        kept = jax.lax.cond(jnp.sum(~done) > few, lambda token, _: in_nucleus(weights, token, mass_to_reach),
+                            in_nucleus_if_undecided, candidate, done)
+        return round_index + 1, jnp.where(done, token, candidate), done | kept
 
-    batch = weights.shape[0]
     start = (jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
     _, token, done = jax.lax.while_loop(lambda c: (c[0] < max_rounds) & ~jnp.all(c[2]), draw_round, start)
 
