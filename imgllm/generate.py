@@ -107,8 +107,7 @@ def sampling_weights(logits: jax.Array, gen_config: GenerationConfig) -> jax.Arr
     Sampling itself does not build it for top-p (`draw_top_p` is faster); it is the explicit form, for analysis."""
     weights, _ = _shifted_exp(_temperature_top_k(logits, gen_config))
     if gen_config.top_p < 1.0:
-        probs = weights / jnp.sum(weights, axis=-1, keepdims=True)
-        weights = jnp.where(probs >= _top_p_threshold(probs, gen_config.top_p), weights, 0.0)
+        weights = _bisected_nucleus(weights, jnp.sum(weights, axis=-1, keepdims=True), gen_config.top_p)
     return weights
 
 
@@ -161,6 +160,12 @@ def _top_p_threshold(probs: jax.Array, top_p: float, iterations: int = 32) -> ja
     start = (jnp.where(top >= top_p, top, 0.0), jnp.where(top >= top_p, jnp.inf, top))
     threshold, _ = jax.lax.fori_loop(0, iterations, halve, start)
     return threshold
+
+
+def _bisected_nucleus(weights: jax.Array, total: jax.Array, top_p: float) -> jax.Array:
+    """weights [B, V] (row sums ``total`` [B, 1]) with 0 outside the top-p nucleus found by `_top_p_threshold`."""
+    probs = weights / total
+    return jnp.where(probs >= _top_p_threshold(probs, top_p), weights, 0.0)
 
 
 def draw_categorical(weights: jax.Array, rng: jax.Array) -> jax.Array:
@@ -301,8 +306,7 @@ def draw_top_p(weights: jax.Array, top_p: float, rng: jax.Array, max_rounds: int
     _, token, done = jax.lax.while_loop(lambda c: (c[0] < max_rounds) & ~jnp.all(c[2]), draw_round, start)
 
     def from_bisected_nucleus(token):
-        probs = weights / cdf.total[:, None]
-        nucleus = jnp.where(probs >= _top_p_threshold(probs, top_p), weights, 0.0)
+        nucleus = _bisected_nucleus(weights, cdf.total[:, None], top_p)
         return jnp.where(done, token, draw_categorical(nucleus, jax.random.fold_in(rng, max_rounds)))
 
     return jax.lax.cond(jnp.all(done), lambda token: token, from_bisected_nucleus, token)
