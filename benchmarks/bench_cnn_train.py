@@ -29,7 +29,7 @@ def parse_args():
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--impls", default="im2col", help="comma-separated JAX conv_impl values to time")
+    parser.add_argument("--impls", default="hybrid,im2col", help="comma-separated JAX conv_impl values to time")
     parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
     parser.add_argument("--xla_flags", default=None, help="XLA_FLAGS for the JAX runs (default: none)")

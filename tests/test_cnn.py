@@ -80,9 +80,38 @@ def test_im2col_conv_matches_xla_conv_forward_and_gradients(padding, kernel_size
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_model_im2col_matches_xla_forward_and_gradients():
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole_batch", "batch_chunks"])
+@pytest.mark.parametrize("padding,kernel_size", [("SAME", 3), ("VALID", 2), ("SAME", 2)])
+def test_hybrid_conv_matches_xla_conv_forward_and_gradients(padding, kernel_size, chunked, monkeypatch):
+    """lax.conv forward, input gradient as a conv with the flipped kernel (asymmetric SAME padding at k=2),
+    kernel gradient by im2col, whole or over batch chunks."""
+    x = jax.random.normal(jax.random.key(0), (6, 9, 9, cnn.HYBRID_MIN_IN_CHANNELS))
+    if chunked:
+        monkeypatch.setattr(cnn, "PATCH_CHUNK_BYTES", 40000)
+        assert cnn._batch_chunks(x, kernel_size, padding) in (2, 3, 6)
+    kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, x.shape[-1], 5))
+    loss = lambda impl: lambda x, k: jnp.sum(jnp.sin(cnn.conv2d(x, k, padding=padding, impl=impl)))
+    assert "conv_general_dilated" in str(jax.make_jaxpr(loss("hybrid"))(x, kernel))   # not the im2col fallback
+    np.testing.assert_allclose(cnn.conv2d(x, kernel, padding=padding, impl="hybrid"),
+                               cnn.conv2d(x, kernel, padding=padding, impl="xla"), rtol=1e-4, atol=1e-4)
+    grads_hybrid = jax.jit(jax.grad(loss("hybrid"), argnums=(0, 1)))(x, kernel)
+    grads_xla = jax.jit(jax.grad(loss("xla"), argnums=(0, 1)))(x, kernel)
+    for a, b in zip(grads_hybrid, grads_xla):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_hybrid_uses_im2col_below_min_in_channels():
+    """XLA:CPU's convolution is slow on few input channels (the RGB stem): "hybrid" is im2col there."""
+    kernel = jnp.ones((2, 2, 3, 4))
+    jaxpr = str(jax.make_jaxpr(lambda x: cnn.conv2d(x, kernel, padding="VALID", impl="hybrid"))(_images(batch=2)))
+    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+
+
+@pytest.mark.parametrize("impl", ["im2col", "hybrid"])
+def test_model_matches_xla_forward_and_gradients(impl):
     x = _images(batch=8, size=16)  # 16x16 is the smallest input the three pooling stages accept
-    im2col, xla = (cnn.cnn_preset("tiny", conv_impl=impl) for impl in ("im2col", "xla"))
+    model, xla = (cnn.cnn_preset("tiny", conv_impl=i) for i in (impl, "xla"))
     variables = _tiny_variables()
 
     def loss_and_grads(model):
@@ -92,12 +121,12 @@ def test_model_im2col_matches_xla_forward_and_gradients():
             return jnp.sum(logits ** 2) + jnp.sum(features)
         return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
-    loss_im2col, grads_im2col = loss_and_grads(im2col)
+    loss, grads = loss_and_grads(model)
     loss_xla, grads_xla = loss_and_grads(xla)
-    np.testing.assert_allclose(loss_im2col, loss_xla, rtol=1e-4)
-    assert jnp.all(grads_im2col["whiten_kernel"] == 0)  # frozen stem
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4), grads_im2col, grads_xla)
-    assert float(jnp.abs(grads_im2col["block2"]["conv1"]["kernel"]).sum()) > 0
+    np.testing.assert_allclose(loss, loss_xla, rtol=1e-4)
+    assert jnp.all(grads["whiten_kernel"] == 0)  # frozen stem
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4), grads, grads_xla)
+    assert float(jnp.abs(grads["block2"]["conv1"]["kernel"]).sum()) > 0
 
 
 def test_batch_stats_update_in_train_mode_only():
@@ -186,7 +215,7 @@ def test_config_and_errors():
         cnn.cnn_from_config({"widths": (8, 8, 8)})
     with pytest.raises(ValueError, match=r"images \[B,H,W,3\]"):
         model.init(jax.random.key(0), jnp.zeros((2, 32, 32)), train=False)
-    assert cnn.resolve_conv_impl("auto", backend="cpu") == "im2col"
+    assert cnn.resolve_conv_impl("auto", backend="cpu") == "hybrid"
     assert cnn.resolve_conv_impl("auto", backend="gpu") == "xla"
 
 
@@ -196,18 +225,20 @@ def test_chunked_im2col_on_a_sharded_batch_matches_one_device():
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         from imgllm.models import cnn
-        cnn.PATCH_CHUNK_BYTES = 40000                     # patches of 8 9x9x3 images: 70 kB, 2 chunks of 4
-        x = np.random.default_rng(0).standard_normal((8, 9, 9, 3)).astype(np.float32)
-        k = np.random.default_rng(1).standard_normal((3, 3, 3, 5)).astype(np.float32)
+        cnn.PATCH_CHUNK_BYTES = 200000                    # patches of 8 9x9x16 images: 373 kB, 2 chunks of 4
+        x = np.random.default_rng(0).standard_normal((8, 9, 9, 16)).astype(np.float32)
+        k = np.random.default_rng(1).standard_normal((3, 3, 16, 5)).astype(np.float32)
         assert cnn._batch_chunks(jnp.asarray(x), 3, "SAME") == 2
-        loss = lambda x, k: jnp.sum(jnp.sin(cnn.conv2d(x, k, impl="im2col")))
-        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         mesh = Mesh(np.array(jax.devices()), ("data",))
         assert mesh.shape["data"] == 4
-        sharded = step(jax.device_put(x, NamedSharding(mesh, P("data"))), jax.device_put(k, NamedSharding(mesh, P())))
-        single = step(jax.device_put(x, jax.devices()[0]), jax.device_put(k, jax.devices()[0]))
-        for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        for impl in ("im2col", "hybrid"):
+            loss = lambda x, k: jnp.sum(jnp.sin(cnn.conv2d(x, k, impl=impl)))
+            step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+            sharded = step(jax.device_put(x, NamedSharding(mesh, P("data"))),
+                           jax.device_put(k, NamedSharding(mesh, P())))
+            single = step(jax.device_put(x, jax.devices()[0]), jax.device_put(k, jax.devices()[0]))
+            for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
         print("OK")
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}

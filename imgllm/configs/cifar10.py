@@ -47,7 +47,7 @@ def get_config():
     c.model.preset = "airbench94"
     c.whiten_init_examples = 5000
     c.global_batch_size = 1024
-    c.eval_batch_size = 500             # TTA's 6 views: ~3 GiB of CPU im2col buffers at 500 (12 GiB at 2000)
+    c.eval_batch_size = 500             # images per eval batch; TTA runs 6 views of each
     c.num_epochs = 9.9
     c.label_smoothing = 0.2
     c.augment.translate = 2

@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         preset="tiny",                  # "airbench94" | "tiny"; the other keys override its fields
         num_classes=10,                 # classes of the dataset
-        conv_impl="auto",               # "auto" (im2col on CPU, lax.conv on GPU/TPU) | "im2col" | "xla"
+        conv_impl="auto",               # "auto" (hybrid on CPU, xla on GPU/TPU) | "hybrid" | "im2col" | "xla"
         dtype="float32",                # compute dtype: "float32" | "bfloat16" (params stay float32)
     ))
 

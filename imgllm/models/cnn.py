@@ -13,11 +13,13 @@ The whitening kernel is computed from data (`whitening_kernel`) and frozen; Batc
 scale (only a trained bias), momentum 0.6 and eps 1e-12; convs have no bias and are
 identity-("dirac"-)initialised on the first min(in, out) output channels, as in airbench.
 
-Speed. XLA:CPU's native convolution is slow, its backward especially, so on CPU every conv is
-written as im2col: the k*k shifted views of the padded input are concatenated on the channel axis
-and multiplied by the reshaped kernel in one matmul, whose gradients are again plain matmuls.
-On GPU/TPU the native `lax.conv` is faster; `conv_impl="auto"` picks by platform, and both give
-the same numbers up to float32 rounding. Max-pooling is a reshape + max, which XLA fuses.
+Speed. On CPU, XLA hands a forward convolution to YNNPACK, 1.5-2x faster than im2col (the k*k shifted
+views of the padded input concatenated on the channel axis, times the reshaped kernel in one matmul); the
+input gradient is such a convolution too. The kernel gradient is not: XLA:CPU runs it 2-3x slower than
+im2col's matmul. So `conv_impl="hybrid"` (`hybrid_conv`) takes lax.conv forward and for the input gradient,
+im2col for the kernel gradient, and im2col throughout for the RGB stem, where lax.conv is slow. On GPU/TPU
+the native `lax.conv` is fastest everywhere; `conv_impl="auto"` picks by platform, and all give the same
+numbers up to float32 rounding. Max-pooling is a reshape + max, which XLA fuses.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-CONV_IMPLS = ("auto", "im2col", "xla")
+CONV_IMPLS = ("auto", "hybrid", "im2col", "xla")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -42,13 +44,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
-    """Returns "im2col" or "xla" for `conv_impl`; "auto" means im2col on CPU, lax.conv elsewhere."""
+    """Returns "hybrid", "im2col" or "xla" for `conv_impl`; "auto" means hybrid on CPU, xla elsewhere."""
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}")
     if conv_impl != "auto":
         return conv_impl
     backend = backend or jax.default_backend()
-    return "im2col" if backend == "cpu" else "xla"
+    return "hybrid" if backend == "cpu" else "xla"
 
 
 def _same_padding(kernel_size: int) -> tuple[int, int]:
@@ -77,19 +79,40 @@ def im2col_patches(x: jax.Array, kernel_size: int, padding: str) -> jax.Array:
 def conv2d(x: jax.Array, kernel: jax.Array, *, padding: str = "SAME", impl: str = "auto") -> jax.Array:
     """Stride-1 2-D convolution of x [B,H,W,C] with an HWIO kernel [k,k,C,O], no bias.
 
-    impl "im2col" is one matmul over `im2col_patches` (fast on CPU, forward and backward);
-    "xla" is `lax.conv_general_dilated` (fast on GPU/TPU); "auto" picks by platform.
+    impl "hybrid" is `lax.conv` forward and for the input gradient, im2col for the kernel gradient
+    (`hybrid_conv`, the fastest on CPU), or im2col throughout for fewer than HYBRID_MIN_IN_CHANNELS
+    input channels, where XLA:CPU's convolution is slow (3-4x slower than im2col for the RGB stem); "im2col" is one matmul over `im2col_patches`, forward and backward; "xla" is
+    `lax.conv_general_dilated` with its own gradients (fast on GPU/TPU); "auto" picks by platform.
     """
     impl = resolve_conv_impl(impl)
     kernel_size, _, in_channels, out_channels = kernel.shape
     if x.shape[-1] != in_channels:
         raise ValueError(f"conv2d: input has {x.shape[-1]} channels, kernel expects {in_channels}")
+    if padding not in ("SAME", "VALID"):
+        raise ValueError(f"padding={padding!r}: expected 'SAME' or 'VALID'")
     if impl == "xla":
-        return lax.conv_general_dilated(
-            x, kernel, window_strides=(1, 1), padding=padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return native_conv(x, kernel, padding)
+    if impl == "hybrid" and in_channels >= HYBRID_MIN_IN_CHANNELS:
+        return hybrid_conv(x, kernel, padding)
     return im2col_conv(x, kernel.reshape(kernel_size * kernel_size * in_channels, out_channels),
                        kernel_size, padding)
+
+
+# Below this many input channels "hybrid" uses im2col: measured here, the 2x2 stem on RGB (3 channels) runs 3-4x
+# faster as im2col, the 3x3 conv on the stem's 24 channels 1.5x slower.
+HYBRID_MIN_IN_CHANNELS = 16
+
+
+def native_conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+    """`lax.conv_general_dilated`, stride 1, NHWC input, HWIO kernel; padding "SAME", "VALID" or pairs."""
+    return lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _padding_pairs(kernel_size: int, padding: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Explicit (low, high) padding of both spatial axes for "SAME" or "VALID"."""
+    pair = _same_padding(kernel_size) if padding == "SAME" else (0, 0)
+    return pair, pair
 
 
 # Largest im2col patch tensor built at once; bigger convolutions run over strided chunks of the batch.
@@ -137,22 +160,24 @@ def _im2col_conv_fwd(x, kernel_matrix, kernel_size, padding):
     return im2col_conv(x, kernel_matrix, kernel_size, padding), (x, kernel_matrix)
 
 
-def _im2col_conv_bwd(kernel_size, padding, residuals, grad_out):
-    """Gradients as two plain matmuls per chunk; the input gradient is folded back by im2col's transpose.
+def _im2col_gradients(x, grad_out, kernel_matrix, kernel_size: int, padding: str, with_input_gradient: bool):
+    """(grad_x or None, grad_kernel) of `im2col_patches(x) @ kernel_matrix`, as plain matmuls per chunk.
 
-    grad_out goes behind an optimisation barrier: otherwise XLA:CPU fuses its producer (max-pool
-    or BatchNorm backward) into the transpose that the weight-gradient matmul needs, and that
-    fused transpose alone took 15% of a training step; materialised first, it is a fast copy.
+    The input gradient folds `grad_out @ kernel_matrix.T` back by im2col's transpose. grad_out goes behind
+    an optimisation barrier: otherwise XLA:CPU fuses its producer (max-pool or BatchNorm backward) into
+    the transpose that the weight-gradient matmul needs, and that fused transpose alone took 15% of a
+    training step; materialised first, it is a fast copy.
     """
-    x, kernel_matrix = residuals
     x, grad_out = lax.optimization_barrier((x, grad_out))   # also stops CSE with the forward patches
 
     def chunk_gradients(grad_kernel, x_and_grad):
         x_chunk, grad_chunk = x_and_grad
         patches, patches_transpose = jax.vjp(lambda v: im2col_patches(v, kernel_size, padding), x_chunk)
-        grad_x, = patches_transpose(jnp.dot(grad_chunk, kernel_matrix.T))
         flat_patches = patches.reshape(-1, patches.shape[-1])
         grad_kernel = grad_kernel + jnp.dot(flat_patches.T, grad_chunk.reshape(-1, grad_chunk.shape[-1]))
+        if not with_input_gradient:
+            return grad_kernel, None
+        grad_x, = patches_transpose(jnp.dot(grad_chunk, kernel_matrix.T))
         return grad_kernel, grad_x
 
     zeros = jnp.zeros(kernel_matrix.shape, jnp.result_type(x, kernel_matrix))
@@ -161,11 +186,51 @@ def _im2col_conv_bwd(kernel_size, padding, residuals, grad_out):
         grad_kernel, grad_x = chunk_gradients(zeros, (x, grad_out))
     else:
         grad_kernel, grad_x = lax.scan(chunk_gradients, zeros, _over_chunks([x, grad_out], chunks))
-        grad_x = _from_chunks(grad_x)
+        grad_x = None if grad_x is None else _from_chunks(grad_x)
     return grad_x, grad_kernel.astype(kernel_matrix.dtype)
 
 
+def _im2col_conv_bwd(kernel_size, padding, residuals, grad_out):
+    x, kernel_matrix = residuals
+    return _im2col_gradients(x, grad_out, kernel_matrix, kernel_size, padding, with_input_gradient=True)
+
+
 im2col_conv.defvjp(_im2col_conv_fwd, _im2col_conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def hybrid_conv(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
+    """`native_conv(x, kernel [k,k,C,O], padding)`, whose gradients each take the faster of two routes on CPU.
+
+    XLA:CPU hands a forward convolution to YNNPACK, which runs it 1.5-2x faster than im2col (it never
+    builds the patches); the input gradient is again such a convolution (`_input_gradient`). The kernel
+    gradient is not: as a convolution it runs 2-3x slower than im2col, so it is im2col's matmul.
+    """
+    return native_conv(x, kernel, padding)
+
+
+def _input_gradient(grad_out: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
+    """d(native_conv)/dx applied to grad_out: a convolution of grad_out with the spatially flipped,
+    in/out-swapped kernel, padded by kernel_size - 1 - the forward padding on each side."""
+    kernel_size = kernel.shape[0]
+    pairs = tuple((kernel_size - 1 - low, kernel_size - 1 - high)
+                  for low, high in _padding_pairs(kernel_size, padding))
+    return native_conv(grad_out, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), pairs)
+
+
+def _hybrid_conv_fwd(x, kernel, padding):
+    return hybrid_conv(x, kernel, padding), (x, kernel)
+
+
+def _hybrid_conv_bwd(padding, residuals, grad_out):
+    x, kernel = residuals
+    kernel_size, _, in_channels, out_channels = kernel.shape
+    kernel_matrix = kernel.reshape(kernel_size * kernel_size * in_channels, out_channels)
+    _, grad_kernel = _im2col_gradients(x, grad_out, kernel_matrix, kernel_size, padding, with_input_gradient=False)
+    return _input_gradient(grad_out, kernel, padding), grad_kernel.reshape(kernel.shape)
+
+
+hybrid_conv.defvjp(_hybrid_conv_fwd, _hybrid_conv_bwd)
 
 
 def max_pool(x: jax.Array, window: int) -> jax.Array:
