@@ -244,3 +244,67 @@ def test_chunked_im2col_on_a_sharded_batch_matches_one_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def _reference_airbench94_torch():
+    """benchmarks/reference_airbench94_torch.py (airbench94 in PyTorch, written from the paper) as a module."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "reference_airbench94_torch.py")
+    spec = importlib.util.spec_from_file_location("reference_airbench94_torch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_into_torch(net, params):
+    """Copies flax CNN params into the reference's torch Sequential (HWIO -> OIHW, [in, out] -> [out, in])."""
+    import torch
+    oihw = lambda k: torch.tensor(np.asarray(k).transpose(3, 2, 0, 1))
+    with torch.no_grad():
+        net[0].weight.copy_(oihw(params["whiten_kernel"]))
+        net[0].bias.copy_(torch.tensor(np.asarray(params["whiten_bias"])))
+        for i in range(3):
+            block, ours = net[2 + i], params[f"block{i + 1}"]
+            for conv, norm, name in ((block[0], block[2], "1"), (block[4], block[5], "2")):
+                conv.weight.copy_(oihw(ours["conv" + name]["kernel"]))
+                norm.bias.copy_(torch.tensor(np.asarray(ours["norm" + name]["bias"])))
+        net[-2].weight.copy_(torch.tensor(np.asarray(params["head"]["kernel"]).T))
+
+
+@pytest.mark.parametrize("impl", ["hybrid", "xla"])
+def test_airbench94_matches_the_pytorch_reference_in_train_mode(impl):
+    """Same weights: train-mode logits (batch statistics), running statistics and gradients of every trained
+    parameter agree with the PyTorch airbench94 of benchmarks/reference_airbench94_torch.py."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = cnn.cnn_preset("airbench94", conv_impl=impl)
+    x = _images(batch=6)
+    variables = _init(model, x)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(3), p.shape), variables["params"])
+    net = _reference_airbench94_torch().make_net()
+    _load_into_torch(net, params)
+    labels = np.arange(6) % 10
+
+    def loss(params):
+        (logits, _), updates = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(6), labels]), (logits, updates["batch_stats"])
+
+    (_, (logits, batch_stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    torch_logits = net.train()(torch.tensor(np.asarray(x).transpose(0, 3, 1, 2)))
+    torch.nn.functional.cross_entropy(torch_logits, torch.tensor(labels)).backward()
+    np.testing.assert_allclose(logits, torch_logits.detach().numpy(), rtol=1e-4, atol=1e-5)
+    norm = net[4][5]                              # block 3's second BatchNorm
+    np.testing.assert_allclose(batch_stats["block3"]["norm2"]["mean"], norm.running_mean.numpy(), rtol=1e-4, atol=1e-6)
+    # torch updates running_var with the unbiased batch variance (x n/(n-1), n = 6 images x 3 x 3), flax the biased
+    n, momentum = 6 * 3 * 3, 0.6
+    torch_biased = momentum + (norm.running_var.numpy() - momentum) * (n - 1) / n
+    np.testing.assert_allclose(batch_stats["block3"]["norm2"]["var"], torch_biased, rtol=1e-4, atol=1e-6)
+    to_hwio = lambda t: t.grad.numpy().transpose(2, 3, 1, 0)
+    for i in range(3):
+        block, ours = net[2 + i], grads[f"block{i + 1}"]
+        for conv, bn, name in ((block[0], block[2], "1"), (block[4], block[5], "2")):
+            scale = np.abs(to_hwio(conv.weight)).max()
+            np.testing.assert_allclose(ours["conv" + name]["kernel"], to_hwio(conv.weight), atol=1e-4 * scale)
+            np.testing.assert_allclose(ours["norm" + name]["bias"], bn.bias.grad.numpy(), rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(grads["whiten_bias"], net[0].bias.grad.numpy(), rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(grads["head"]["kernel"], net[-2].weight.grad.numpy().T, rtol=1e-3, atol=1e-6)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from imgllm import data as data_lib
-from imgllm.configs import cifar10, cnn_tiny
+from imgllm.configs import cifar10, cifar10_muon, cnn_tiny
 from imgllm.configs.common import airbench_param_groups, resolve_config_arg
 from imgllm.models import cnn as cnn_lib
 from imgllm.train import loop, optim
@@ -194,3 +194,78 @@ def test_metric_sums_and_config_names():
     (arg,) = resolve_config_arg(["--config=cnn_tiny"])
     assert arg.endswith(os.path.join("imgllm", "configs", "cnn_tiny.py"))
     assert resolve_config_arg(["--config=does/not/exist.py"]) == ["--config=does/not/exist.py"]
+
+
+@pytest.mark.parametrize("shape", [(16, 40), (40, 16)], ids=["wide", "tall"])
+def test_orthogonalize_keeps_singular_vectors_and_evens_singular_values(shape):
+    matrix = np.asarray(jax.random.normal(jax.random.key(0), shape)) * 30.0   # singular values 50-190
+    out = np.asarray(optim.orthogonalize(jnp.asarray(matrix, jnp.float32)))
+    singular_values = np.linalg.svd(out, compute_uv=False)
+    assert out.shape == shape and 0.5 < singular_values.min() and singular_values.max() < 1.25
+    u, _, vt = np.linalg.svd(matrix, full_matrices=False)
+    polar = u @ vt                                              # the exact orthogonal factor
+    assert np.sum(out * polar) / (np.linalg.norm(out) * np.linalg.norm(polar)) > 0.97
+
+
+def _torch_muon_steps(weight, grads, lr, momentum, ns_steps=3):
+    """airbench94_muon's Muon step, written here in PyTorch (float32) from the recipe: Nesterov momentum, weight
+    rescaled to norm sqrt(out), Newton-Schulz-orthogonalised update of the [out, in*kh*kw] matrix."""
+    import torch
+    a, b, c = optim.NEWTON_SCHULZ_COEFFICIENTS
+    weight, buf = torch.tensor(weight), torch.zeros(weight.shape)
+    for grad in map(torch.tensor, grads):
+        buf = momentum * buf + grad
+        g = (grad + momentum * buf).reshape(len(grad), -1)
+        x = g / (g.norm() + 1e-7)
+        for _ in range(ns_steps):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        weight = weight * (len(weight) ** 0.5 / weight.norm()) - lr * x.reshape(weight.shape)
+    return weight.numpy()
+
+
+def test_muon_matches_a_pytorch_reference_on_a_conv_kernel():
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal((3, 3, 8, 12)).astype(np.float32)           # flax HWIO
+    grads = [rng.standard_normal(kernel.shape).astype(np.float32) for _ in range(3)]
+    tx = optim.muon(0.24, momentum=0.6, nesterov=True)
+    params, state = jnp.asarray(kernel), tx.init(jnp.asarray(kernel))
+    for grad in grads:
+        updates, state = tx.update(jnp.asarray(grad), state, params)
+        params = params + updates
+    to_torch = lambda hwio: np.ascontiguousarray(hwio.transpose(3, 2, 0, 1))  # torch's [out, in, kh, kw]
+    expected = _torch_muon_steps(to_torch(kernel), [to_torch(g) for g in grads], lr=0.24, momentum=0.6)
+    np.testing.assert_allclose(to_torch(np.asarray(params)), expected, rtol=1e-4, atol=1e-5)
+    assert np.linalg.norm(np.asarray(params)) == pytest.approx(np.sqrt(12), rel=0.1)
+
+
+def test_muon_refuses_a_bias_naming_it():
+    params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}}
+    cfg = ml_collections.ConfigDict(dict(name="muon", learning_rate=0.1, momentum=0.5, nesterov=True,
+                                         weight_decay=0.0, schedule="constant", groups={}))
+    tx = optim.make_optimizer(cfg, params, total_steps=4, steps_per_epoch=2)
+    with pytest.raises(ValueError, match=r"\['dense'\]\['bias'\] has shape \(3,\)"):
+        tx.update(params, tx.init(params), params)
+
+
+def test_muon_config_groups_and_learning_rates():
+    """cifar10_muon: conv kernels on Muon at lr 0.24, biases at 64x the head's SGD lr (as in airbench94)."""
+    config = cifar10_muon.get_config()
+    assert config.global_batch_size == 2000 and config.num_epochs == 8 and not config.lookahead.enabled
+    model = cnn_lib.cnn_preset("tiny")
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    labels = optim.param_labels(params, config.optimizer.groups)
+    assert labels["block2"]["conv1"]["kernel"] == "conv" and labels["head"]["kernel"] == "default"
+    assert labels["block1"]["norm2"]["bias"] == "norm_bias" and labels["whiten_kernel"] == "frozen"
+    groups = config.optimizer.groups
+    assert groups.norm_bias.lr_scale == pytest.approx(64.0, rel=1e-4)
+    assert groups.conv.lr_scale * config.optimizer.learning_rate == pytest.approx(0.24)
+    schedule = optim.make_schedule(config.optimizer, total_steps=10, steps_per_epoch=5)
+    np.testing.assert_allclose([float(schedule(jnp.asarray(i))) / config.optimizer.learning_rate for i in (0, 5, 10)],
+                               [1.0, 0.5, 0.0], atol=1e-6)
+    tx = optim.make_optimizer(config.optimizer, params, total_steps=10, steps_per_epoch=5)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new_kernel = params["block2"]["conv1"]["kernel"] + updates["block2"]["conv1"]["kernel"]
+    assert float(jnp.linalg.norm(new_kernel)) == pytest.approx(np.sqrt(16 + 0.24 ** 2 * 1), rel=0.2)

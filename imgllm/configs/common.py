@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 500             # examples per eval batch, over all devices
     c.num_epochs = 5.0                  # training length; fractional epochs allowed (airbench: 9.9)
     c.optimizer = ml_collections.ConfigDict(dict(
-        name="sgd",                     # "sgd" (with momentum / Nesterov) | "adamw"
+        name="sgd",                     # "sgd" (with momentum / Nesterov) | "adamw" | "muon" (groups may differ)
         learning_rate=0.2,              # peak learning rate for the mean loss over the batch
         momentum=0.9,                   # SGD momentum (0: none)
         nesterov=True,                  # Nesterov momentum

@@ -1,9 +1,15 @@
 """Optimizer and learning-rate schedule from a config, with per-parameter groups.
 
-Groups (config.optimizer.groups, name -> {pattern, lr_scale, weight_decay_scale, train_epochs}) select
-parameters by a regular expression on their '/'-joined path, e.g. airbench's BatchNorm biases (64x learning
-rate, same decay strength) or a whitening stem that is frozen, or trained only for its first epochs.
-Parameters matching no group are in the "default" group.
+Groups (config.optimizer.groups, name -> {pattern, lr_scale, weight_decay_scale, train_epochs, and optionally
+optimizer and momentum}) select parameters by a regular expression on their '/'-joined path, e.g. airbench's
+BatchNorm biases (64x learning rate, same decay strength), a whitening stem that is frozen or trained only for
+its first epochs, or conv kernels trained with Muon while the rest uses SGD. Parameters matching no group
+are in the "default" group.
+
+Muon (Jordan et al. 2024, used by airbench94_muon): Nesterov momentum, then each kernel's update, as a matrix
+[out, fan_in], replaced by an approximately orthogonal one (`orthogonalize`, a Newton-Schulz iteration), and
+each kernel rescaled to a fixed norm sqrt(out) before the step, so that the learning rate alone sets how fast
+the kernels turn.
 """
 from __future__ import annotations
 
@@ -50,16 +56,89 @@ def param_labels(params: Any, groups: ml_collections.ConfigDict) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+OPTIMIZERS = ("sgd", "adamw", "muon")
+
+# Quintic Newton-Schulz coefficients of Muon / airbench94_muon: chosen for the steepest slope at zero, so that a
+# few steps take every singular value into about [0.7, 1.2] (not exactly 1, which does not hurt training).
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(matrix: jax.Array, steps: int = 3, eps: float = 1e-7) -> jax.Array:
+    """An approximately orthogonal matrix with the singular vectors of `matrix` [m, n] (roughly U Vᵀ of its SVD).
+
+    Newton-Schulz: x <- a x + (b A + c A²) x with A = x xᵀ, after scaling to Frobenius norm 1 (so every singular
+    value is at most 1). Works on the wide orientation (m <= n), so that A is the smaller Gram matrix.
+    """
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    tall = matrix.shape[0] > matrix.shape[1]
+    x = matrix.T if tall else matrix
+    x = x / (jnp.linalg.norm(x) + eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def _as_matrix(kernel: jax.Array) -> jax.Array:
+    """A kernel as [out, fan_in]: the output features are the last axis (flax's HWIO conv and [in, out] dense)."""
+    return kernel.reshape(-1, kernel.shape[-1]).T
+
+
+def _orthogonalized_updates(ns_steps: int) -> optax.GradientTransformation:
+    """Replaces each update (a kernel of >= 2 dims) by `orthogonalize` of its [out, fan_in] matrix."""
+
+    def orthogonalized(path, u):
+        if u.ndim < 2:
+            raise ValueError(f"Muon needs kernels of 2 or more dims; {jax.tree_util.keystr(path)} has shape {u.shape}: "
+                             "give it another optimizer group")
+        return orthogonalize(_as_matrix(u), ns_steps).T.reshape(u.shape)
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(orthogonalized, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _normalized_weights() -> optax.GradientTransformation:
+    """Adds to each update what rescales its kernel to Frobenius norm sqrt(out) first (airbench94_muon's
+    `p *= sqrt(len(p)) / |p|`): new = p * sqrt(out) / |p| + update."""
+
+    def update(updates, state, params):
+        if params is None:
+            raise ValueError("Muon's weight normalisation needs params: call tx.update(grads, state, params)")
+        rescale = lambda p: p * (jnp.sqrt(jnp.float32(p.shape[-1])) / jnp.linalg.norm(p) - 1.0)
+        return jax.tree.map(lambda u, p: u + rescale(p).astype(u.dtype), updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def muon(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.6, nesterov: bool = True,
+         ns_steps: int = 3) -> optax.GradientTransformation:
+    """airbench94_muon's Muon for conv kernels: momentum, orthogonalised update, weights kept at norm sqrt(out)."""
+    return optax.chain(optax.trace(momentum, nesterov=nesterov), _orthogonalized_updates(ns_steps),
+                       optax.scale_by_learning_rate(learning_rate), _normalized_weights())
+
+
 def _base_transform(cfg: ml_collections.ConfigDict, schedule: optax.Schedule, lr_scale: float,
-                    weight_decay_scale: float) -> optax.GradientTransformation:
-    """The optimizer proper for one group (weight decay coupled to the learning rate, as in SGD)."""
+                    weight_decay_scale: float, name: str | None = None,
+                    momentum: float | None = None) -> optax.GradientTransformation:
+    """The optimizer proper for one group: `name` (default cfg.name) with the group's lr and momentum.
+
+    Weight decay is coupled to the learning rate for SGD, decoupled for AdamW; Muon has none (its kernels keep a
+    fixed norm instead).
+    """
+    name = name or cfg.name
+    momentum = cfg.momentum if momentum is None else momentum
     scaled = lambda count: schedule(count) * lr_scale
-    if cfg.name == "sgd":
+    if name == "sgd":
         return optax.chain(optax.add_decayed_weights(cfg.weight_decay * weight_decay_scale),
-                           optax.sgd(scaled, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
-    if cfg.name == "adamw":
+                           optax.sgd(scaled, momentum=momentum or None, nesterov=cfg.nesterov))
+    if name == "adamw":
         return optax.adamw(scaled, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay * weight_decay_scale)
-    raise ValueError(f"config.optimizer.name={cfg.name!r}: expected 'sgd' or 'adamw'")
+    if name == "muon":
+        return muon(scaled, momentum=momentum, nesterov=cfg.nesterov, ns_steps=cfg.get("ns_steps", 3))
+    raise ValueError(f"optimizer {name!r}: expected one of {OPTIMIZERS}")
 
 
 def _stop_after(steps: int) -> optax.GradientTransformation:
@@ -77,7 +156,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, *, total_steps: 
         if g.lr_scale == 0:
             transforms[name] = optax.set_to_zero()
             continue
-        tx = _base_transform(cfg, schedule, g.lr_scale, g.get("weight_decay_scale", 1.0))
+        tx = _base_transform(cfg, schedule, g.lr_scale, g.get("weight_decay_scale", 1.0), g.get("optimizer"),
+                             g.get("momentum"))
         if g.get("train_epochs") is not None:
             tx = optax.chain(tx, _stop_after(int(math.ceil(g.train_epochs * steps_per_epoch))))
         transforms[name] = tx
