@@ -2,8 +2,9 @@
 
 One training step = forward + backward + Nesterov-SGD update, BatchNorm in train mode, fp32,
 batch 1024 (airbench's). Prints images/s (median over --steps timed steps after warm-up) for
-each JAX conv implementation and for the same network in PyTorch (channels_last, 2 threads),
-plus JAX compile time.
+each JAX conv implementation (all in one process, their steps interleaved, so that the shared
+machine's slow spells hit them alike) and for the same network in PyTorch (channels_last, 2 threads,
+its own process), plus JAX compile time.
 
     python benchmarks/bench_cnn_train.py                      # full size, the reference figures
     python benchmarks/bench_cnn_train.py --preset tiny --batch 64 --steps 3   # smoke run
@@ -36,20 +37,23 @@ def parse_args():
     return parser.parse_args()
 
 
-def median_rate(step, batch, warmup, steps):
-    """Runs `step` warmup + steps times; returns the median images/s of the timed steps."""
-    for _ in range(warmup):
-        step()
-    times = []
+def median_rates(steps_by_name, batch, warmup, steps):
+    """Times the callables of {name: step} in interleaved rounds (each round runs every step once, so a slow
+    spell of the shared machine hits all alike); returns {name: (median images/s, step times)}."""
+    for step in steps_by_name.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps_by_name}
     for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times), times
+        for name, step in steps_by_name.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: (batch / statistics.median(t), t) for name, t in times.items()}
 
 
-def bench_jax(args, impl):
-    """(images/s, compile seconds, step times) of imgllm's CNN training step with conv_impl=impl."""
+def jax_train_step(args, impl):
+    """(step callable, compile seconds) of imgllm's CNN training step with conv_impl=impl."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -87,8 +91,7 @@ def bench_jax(args, impl):
         state[0], state[1], state[2], loss = compiled(*state, images, labels)
         loss.block_until_ready()
 
-    rate, times = median_rate(step, args.batch, args.warmup, args.steps)
-    return rate, compile_s, times
+    return step, compile_s
 
 
 def bench_torch(args):
@@ -113,19 +116,22 @@ def bench_torch(args):
         loss.backward()
         optimizer.step()
 
-    rate, times = median_rate(step, args.batch, args.warmup, args.steps)
-    return rate, times
+    return median_rates({"torch": step}, args.batch, args.warmup, args.steps)["torch"]
 
 
 def main():
     args = parse_args()
     if os.environ.get("_BENCH_CNN_CHILD") == "torch":
         rate, times = bench_torch(args)
-        print(f"RESULT {rate:.1f} {' '.join(f'{t:.3f}' for t in times)}")
+        print(f"RESULT torch {rate:.1f} {' '.join(f'{t:.3f}' for t in times)}")
         return
     if os.environ.get("_BENCH_CNN_CHILD") == "jax":
-        rate, compile_s, times = bench_jax(args, os.environ["_BENCH_CNN_IMPL"])
-        print(f"RESULT {rate:.1f} {compile_s:.1f} {' '.join(f'{t:.3f}' for t in times)}")
+        impls = list(filter(None, args.impls.split(",")))
+        steps, compile_s = zip(*(jax_train_step(args, impl) for impl in impls))
+        rates = median_rates(dict(zip(impls, steps)), args.batch, args.warmup, args.steps)
+        for impl, seconds in zip(impls, compile_s):
+            rate, times = rates[impl]
+            print(f"RESULT {impl} {rate:.1f} {seconds:.1f} {' '.join(f'{t:.3f}' for t in times)}")
         return
     # Each measurement runs in a fresh process: XLA_FLAGS must be set before jax is imported, and
     # PyTorch's and XLA's thread pools must not compete for the 2 cores.
@@ -134,27 +140,24 @@ def main():
           f"median of {args.steps} steps after {args.warmup} warm-up; load: {os.getloadavg()}")
     print(f"XLA_FLAGS={xla_flags!r}")
     rows = []
-    for impl in filter(None, args.impls.split(",")):
-        env = {**os.environ, "_BENCH_CNN_CHILD": "jax", "_BENCH_CNN_IMPL": impl, "XLA_FLAGS": xla_flags}
-        out = run_child(env)
-        rate, compile_s, *times = out
-        rows.append((f"imgllm JAX conv_impl={impl}", rate, f"compile {compile_s:.1f} s, steps {times}"))
-        print(f"  {rows[-1][0]:<32} {rate:8.1f} images/s   ({rows[-1][2]})", flush=True)
+    if args.impls:      # all JAX impls in one process, their steps interleaved
+        for impl, rate, compile_s, *times in run_child({**os.environ, "_BENCH_CNN_CHILD": "jax", "XLA_FLAGS": xla_flags}):
+            rows.append((f"imgllm JAX conv_impl={impl}", rate, f"compile {compile_s:.1f} s, steps {times}"))
+            print(f"  {rows[-1][0]:<32} {rate:8.1f} images/s   ({rows[-1][2]})", flush=True)
     if args.torch:
-        out = run_child({**os.environ, "_BENCH_CNN_CHILD": "torch"})
-        rate, *times = out
+        (_, rate, *times), = run_child({**os.environ, "_BENCH_CNN_CHILD": "torch"})
         rows.append((f"PyTorch channels_last {args.threads} thr", rate, f"steps {times}"))
         print(f"  {rows[-1][0]:<32} {rate:8.1f} images/s   ({rows[-1][2]})", flush=True)
     print(f"load after: {os.getloadavg()}")
 
 
 def run_child(env):
-    """Runs this script as a child with `env`; returns the floats of its RESULT line."""
+    """Runs this script as a child with `env`; returns its RESULT lines as [name, float, float, ...] each."""
     proc = subprocess.run([sys.executable, *sys.argv], env=env, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [l.split()[1:] for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark child failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
-    return [float(v) for v in lines[-1].split()[1:]]
+    return [[name, *map(float, values)] for name, *values in lines]
 
 
 if __name__ == "__main__":
