@@ -20,6 +20,7 @@ The whitening bias trains for 3 epochs as in the reference; here it follows the 
 where the reference decays it to 0 over those 3 epochs.
 """
 from imgllm.configs import cifar10
+from imgllm.configs.common import airbench_param_groups
 
 BATCH_SIZE = 2000
 EPOCHS = 8.0
@@ -45,7 +46,7 @@ def get_config():
     c.num_epochs = EPOCHS
     c.lookahead.enabled = False
     head_lr, head_decay = mean_loss_sgd(HEAD_LR / HEAD_REPARAMETRISATION, DECAY_PER_STEP, BATCH_SIZE)
-    bias_lr, bias_decay = mean_loss_sgd(BIAS_LR, DECAY_PER_STEP, BATCH_SIZE)
+    bias_lr, _ = mean_loss_sgd(BIAS_LR, DECAY_PER_STEP, BATCH_SIZE)   # decay strength: the head's (1/lr scale)
     c.optimizer.name = "sgd"                # the default group: the head
     c.optimizer.learning_rate = head_lr     # 1.66
     c.optimizer.weight_decay = head_decay   # 0.0024
@@ -55,12 +56,10 @@ def get_config():
     c.optimizer.start_factor = 1.0
     c.optimizer.peak_fraction = 0.0
     c.optimizer.end_factor = 0.0
-    bias = dict(lr_scale=bias_lr / head_lr, weight_decay_scale=bias_decay / head_decay)
-    c.optimizer.groups = dict(
-        frozen=dict(pattern=r"(^|/)whiten_kernel$", lr_scale=0.0),
-        whiten_bias=dict(pattern=r"(^|/)whiten_bias$", train_epochs=3.0, **bias),
-        norm_bias=dict(pattern=r"(^|/)norm\d*/bias$", train_epochs=None, **bias),
-        conv=dict(pattern=r"(^|/)conv\d*/kernel$", optimizer="muon", momentum=MUON_MOMENTUM,
-                  lr_scale=MUON_LR / head_lr, weight_decay_scale=0.0, train_epochs=None),
-    )
+    groups = airbench_param_groups(whiten_bias_epochs=3.0, norm_bias_lr_scale=bias_lr / head_lr)
+    groups.whiten_bias.update(lr_scale=groups.norm_bias.lr_scale,     # the reference trains it like the
+                              weight_decay_scale=groups.norm_bias.weight_decay_scale)  # BatchNorm biases
+    groups.conv = dict(pattern=r"(^|/)conv\d*/kernel$", optimizer="muon", momentum=MUON_MOMENTUM,
+                       lr_scale=MUON_LR / head_lr, weight_decay_scale=0.0, train_epochs=None)
+    c.optimizer.groups = groups
     return c

@@ -65,11 +65,9 @@ def im2col_patches(x: jax.Array, kernel_size: int, padding: str) -> jax.Array:
     Returns [B, H', W', kh*kw*C] ordered (kh, kw, C), the order of an HWIO kernel reshaped to
     [kh*kw*C, O], so that `patches @ kernel.reshape(-1, O)` is the stride-1 convolution.
     """
+    _check_padding(padding)
     if padding == "SAME":
-        low, high = _same_padding(kernel_size)
-        x = jnp.pad(x, ((0, 0), (low, high), (low, high), (0, 0)))
-    elif padding != "VALID":
-        raise ValueError(f"padding={padding!r}: expected 'SAME' or 'VALID'")
+        x = jnp.pad(x, ((0, 0), *_padding_pairs(kernel_size, padding), (0, 0)))
     out_h = x.shape[1] - kernel_size + 1
     out_w = x.shape[2] - kernel_size + 1
     views = [x[:, i:i + out_h, j:j + out_w, :] for i in range(kernel_size) for j in range(kernel_size)]
@@ -81,21 +79,20 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, padding: str = "SAME", impl: str 
 
     impl "hybrid" is `lax.conv` forward and for the input gradient, im2col for the kernel gradient
     (`hybrid_conv`, the fastest on CPU), or im2col throughout for fewer than HYBRID_MIN_IN_CHANNELS
-    input channels, where XLA:CPU's convolution is slow (3-4x slower than im2col for the RGB stem); "im2col" is one matmul over `im2col_patches`, forward and backward; "xla" is
+    input channels, where XLA:CPU's convolution is slow (3-4x slower than im2col for the RGB stem);
+    "im2col" is one matmul over `im2col_patches`, forward and backward; "xla" is
     `lax.conv_general_dilated` with its own gradients (fast on GPU/TPU); "auto" picks by platform.
     """
     impl = resolve_conv_impl(impl)
-    kernel_size, _, in_channels, out_channels = kernel.shape
+    kernel_size, _, in_channels, _ = kernel.shape
     if x.shape[-1] != in_channels:
         raise ValueError(f"conv2d: input has {x.shape[-1]} channels, kernel expects {in_channels}")
-    if padding not in ("SAME", "VALID"):
-        raise ValueError(f"padding={padding!r}: expected 'SAME' or 'VALID'")
+    _check_padding(padding)
     if impl == "xla":
         return native_conv(x, kernel, padding)
     if impl == "hybrid" and in_channels >= HYBRID_MIN_IN_CHANNELS:
         return hybrid_conv(x, kernel, padding)
-    return im2col_conv(x, kernel.reshape(kernel_size * kernel_size * in_channels, out_channels),
-                       kernel_size, padding)
+    return im2col_conv(x, _kernel_matrix(kernel), kernel_size, padding)
 
 
 # Below this many input channels "hybrid" uses im2col: measured here, the 2x2 stem on RGB (3 channels) runs 3-4x
@@ -109,10 +106,20 @@ def native_conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _check_padding(padding: str) -> None:
+    if padding not in ("SAME", "VALID"):
+        raise ValueError(f"padding={padding!r}: expected 'SAME' or 'VALID'")
+
+
 def _padding_pairs(kernel_size: int, padding: str) -> tuple[tuple[int, int], tuple[int, int]]:
     """Explicit (low, high) padding of both spatial axes for "SAME" or "VALID"."""
     pair = _same_padding(kernel_size) if padding == "SAME" else (0, 0)
     return pair, pair
+
+
+def _kernel_matrix(kernel: jax.Array) -> jax.Array:
+    """An HWIO kernel [k,k,C,O] as the [k*k*C, O] matrix that multiplies `im2col_patches`."""
+    return kernel.reshape(-1, kernel.shape[-1])
 
 
 # Largest im2col patch tensor built at once; bigger convolutions run over strided chunks of the batch.
@@ -224,9 +231,8 @@ def _hybrid_conv_fwd(x, kernel, padding):
 
 def _hybrid_conv_bwd(padding, residuals, grad_out):
     x, kernel = residuals
-    kernel_size, _, in_channels, out_channels = kernel.shape
-    kernel_matrix = kernel.reshape(kernel_size * kernel_size * in_channels, out_channels)
-    _, grad_kernel = _im2col_gradients(x, grad_out, kernel_matrix, kernel_size, padding, with_input_gradient=False)
+    _, grad_kernel = _im2col_gradients(x, grad_out, _kernel_matrix(kernel), kernel.shape[0], padding,
+                                       with_input_gradient=False)
     return _input_gradient(grad_out, kernel, padding), grad_kernel.reshape(kernel.shape)
 
 

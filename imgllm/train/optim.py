@@ -137,7 +137,7 @@ def _base_transform(cfg: ml_collections.ConfigDict, schedule: optax.Schedule, lr
     if name == "adamw":
         return optax.adamw(scaled, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay * weight_decay_scale)
     if name == "muon":
-        return muon(scaled, momentum=momentum, nesterov=cfg.nesterov, ns_steps=cfg.get("ns_steps", 3))
+        return muon(scaled, momentum=momentum, nesterov=cfg.nesterov)
     raise ValueError(f"optimizer {name!r}: expected one of {OPTIMIZERS}")
 
 
