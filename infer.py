@@ -372,7 +372,7 @@ def enable_compilation_cache(directory: str | None) -> None:
 
 def generation_config(args: argparse.Namespace, pipeline_config: dict):
     """The `GenerationConfig` for the decoding flags."""
-    from imgllm.generate import GenerationConfig
+    from imgllm.language.decoding import GenerationConfig
 
     sample = args.decoding == "sample"
     return GenerationConfig(
@@ -404,7 +404,8 @@ def run_captions(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from imgllm import parallel, pipeline_checkpoint
+    from imgllm import parallel
+    from imgllm.pipeline import checkpoint as pipeline_checkpoint
     from imgllm.pipeline import compile_captioner, inference_params, place_images, place_params
 
     loaded = pipeline_checkpoint.load_pipeline(args.checkpoint, read_params=False)
@@ -488,14 +489,14 @@ def run_assemble(args: argparse.Namespace) -> int:
         if args.classifier or args.lm or args.tokenizer:
             raise SystemExit("infer.py assemble: --captioner holds its CNN, LM and tokenizer; "
                              "drop --classifier/--lm/--tokenizer")
-        from imgllm.train.captioner import export_pipeline_checkpoint
+        from imgllm.train.export import export_pipeline_checkpoint
 
         out = export_pipeline_checkpoint(args.captioner, args.out, max_new_tokens=args.max_new_tokens or 0,
                                          overwrite=args.overwrite)
     else:
         if not (args.classifier and args.lm):
             raise SystemExit("infer.py assemble: give --captioner WORKDIR, or both --classifier and --lm")
-        from imgllm.pipeline_checkpoint import assemble_pipeline_checkpoint
+        from imgllm.train.export import assemble_pipeline_checkpoint
 
         out = assemble_pipeline_checkpoint(args.out, classifier=args.classifier, lm=args.lm,
                                            tokenizer=args.tokenizer, template=args.template, top_k=args.top_labels,

@@ -33,7 +33,7 @@ TORCH_BATCH = 64
 
 def tokenizer():
     """A byte-level BPE trained here (ids < 50257: only ids matter to a randomly initialised LM)."""
-    from imgllm.tokenizer import train_bpe_tokenizer
+    from imgllm.language.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer([TEMPLATE.format(label=name) for name in CLASS_NAMES], vocab_size=300)
 
@@ -43,9 +43,9 @@ def jax_parts(tok):
     import jax
     import jax.numpy as jnp
 
-    from imgllm.models.cnn import cnn_preset
-    from imgllm.models.lm import GPT2Config, init_params
-    from imgllm.pipeline_checkpoint import make_pipeline_config
+    from imgllm.vision.cnn import cnn_preset
+    from imgllm.language.gpt2 import GPT2Config, init_params
+    from imgllm.pipeline.checkpoint import make_pipeline_config
 
     cnn = cnn_preset("airbench94", num_classes=len(CLASS_NAMES))
     cnn_variables = jax.jit(lambda k: cnn.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.PRNGKey(0))
@@ -62,7 +62,7 @@ def time_jax(loaded, images: np.ndarray, batch: int, sample: bool, repeats: int)
     import jax
 
     from imgllm import pipeline
-    from imgllm.generate import GenerationConfig
+    from imgllm.language.decoding import GenerationConfig
 
     generation = GenerationConfig(max_new_tokens=20, do_sample=sample, top_p=0.9 if sample else 1.0,
                                   eos_token_id=loaded.config["eos_id"], pad_token_id=loaded.config["pad_id"])
@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--skip-infer", action="store_true", help="skip the second-infer.py-run measurement")
     args = parser.parse_args()
 
-    from imgllm import pipeline_checkpoint as pc
+    from imgllm.pipeline import checkpoint as pc
 
     tok = tokenizer()
     images = np.random.default_rng(0).integers(0, 256, (args.num_images, 32, 32, 3), dtype=np.uint8)

@@ -59,7 +59,7 @@ def jax_train_step(args, impl):
     import numpy as np
     import optax
 
-    from imgllm.models.cnn import cnn_preset
+    from imgllm.vision.cnn import cnn_preset
 
     model = cnn_preset(args.preset, conv_impl=impl)
     rng = np.random.default_rng(0)
@@ -99,7 +99,7 @@ def bench_torch(args):
     import torch
     from reference_airbench94_torch import make_net   # the same network as the full PyTorch reference run
 
-    from imgllm.models.cnn import PRESETS
+    from imgllm.vision.cnn import PRESETS
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

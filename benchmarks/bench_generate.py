@@ -24,8 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from imgllm.generate import GenerationConfig, _generate_jit, generate  # noqa: E402
-from imgllm.models.lm import GPT2Config, kernels_out_in  # noqa: E402
+from imgllm.language.decoding import GenerationConfig, _generate_jit, generate  # noqa: E402
+from imgllm.language.gpt2 import GPT2Config, kernels_out_in  # noqa: E402
 
 
 def torch_gpt2_small(seed: int):

@@ -26,7 +26,7 @@ TINY_SIZES = dict(n_positions=64, n_embd=32, n_layer=2, n_head=4)
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer (GPT-2 conventions: one <|endoftext|> token that is eos and pad)."""
-    from imgllm.tokenizer import train_bpe_tokenizer
+    from imgllm.language.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(CORPUS, vocab_size=320)
 

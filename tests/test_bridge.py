@@ -4,11 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imgllm.models import cnn as cnn_lib
-from imgllm.models.bridge import (PrefixMapper, check_mapper_fits, cnn_outputs, embed_tokens, max_pool_to_grid,
-                                  prefixed_token_log_probs, prefixed_token_stats,
-                                  whitening_stem_output)
-from imgllm.models.lm import GPT2, GPT2Config, init_params
+from imgllm.vision import cnn as cnn_lib
+from imgllm.bridge import PrefixMapper, check_mapper_fits
+from imgllm.language.scoring import embed_tokens, prefixed_token_log_probs, prefixed_token_stats
+from imgllm.vision.features import cnn_outputs, max_pool_to_grid, whitening_stem_output
+from imgllm.language.gpt2 import GPT2, GPT2Config, init_params
 from conftest import random_variables   # seeded weights without compiling initialisers
 
 jax.config.update("jax_enable_x64", False)

@@ -141,7 +141,8 @@ def test_short_captioner_training_improves_caption_scores(tiny_demo):
 
 
 def test_demo_recipe_exports_a_pipeline_that_captions_and_classifies(tiny_demo):
-    from imgllm.pipeline_checkpoint import load_classifier, load_pipeline
+    from imgllm.pipeline.checkpoint import load_pipeline
+    from imgllm.train.checkpoint import load_classifier
     workdir, _, captioner_config, results, _ = tiny_demo
     assert set(results) == {"exact_match", "bleu4", "cider", "lm_accuracy", "cnn_accuracy"}
     assert all(0.0 <= results[k] <= 1.0 for k in ("exact_match", "bleu4", "lm_accuracy", "cnn_accuracy"))
@@ -154,7 +155,7 @@ def test_demo_recipe_exports_a_pipeline_that_captions_and_classifies(tiny_demo):
     jax.tree.map(np.testing.assert_array_equal, pipeline.params["cnn"], classifier_variables)
     # ... and the evaluation's CNN accuracy is the classifier's own on the same fresh images (same preprocessing).
     from imgllm.data import augment, load_dataset
-    from imgllm.models.cnn import cnn_from_config
+    from imgllm.vision.cnn import cnn_from_config
     from imgllm.train.demo_recipe import EVAL_SEED, EVAL_SPLIT
     images = load_dataset("demo", EVAL_SPLIT, seed=EVAL_SEED, num_examples=16)
     normalization = run_config["normalization"]
@@ -166,7 +167,7 @@ def test_demo_recipe_exports_a_pipeline_that_captions_and_classifies(tiny_demo):
 
 def test_infer_assemble_from_a_captioner_workdir_equals_the_recipes_export(tiny_demo, tmp_path):
     import infer
-    from imgllm.pipeline_checkpoint import load_pipeline
+    from imgllm.pipeline.checkpoint import load_pipeline
     workdir = tiny_demo[0]
     out = str(tmp_path / "pipeline")
     assert infer.main(["assemble", "--captioner", os.path.join(workdir, "captioner"), "--out", out]) == 0

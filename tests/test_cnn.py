@@ -1,4 +1,4 @@
-"""Tests for imgllm.models.cnn: shapes, sizes, conv implementations agree, BatchNorm, whitening."""
+"""Tests for imgllm.vision.cnn: shapes, sizes, conv implementations agree, BatchNorm, whitening."""
 
 import functools
 import os
@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from imgllm.models import cnn
+from imgllm.vision import cnn
 
 jax.config.update("jax_enable_x64", False)
 
@@ -224,7 +224,7 @@ def test_chunked_im2col_on_a_sharded_batch_matches_one_device():
     script = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from imgllm.models import cnn
+        from imgllm.vision import cnn
         cnn.PATCH_CHUNK_BYTES = 200000                    # patches of 8 9x9x16 images: 373 kB, 2 chunks of 4
         x = np.random.default_rng(0).standard_normal((8, 9, 9, 16)).astype(np.float32)
         k = np.random.default_rng(1).standard_normal((3, 3, 16, 5)).astype(np.float32)

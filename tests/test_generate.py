@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imgllm import generate as gen
-from imgllm.generate import (GenerationConfig, argmax_first, beam_search_tokens, draw_categorical, draw_top_p,
+from imgllm.language import decoding as gen
+from imgllm.language.decoding import (GenerationConfig, argmax_first, beam_search_tokens, draw_categorical, draw_top_p,
                              generate, generate_tokens, process_logits, sampling_weights, select_tokens)
-from imgllm.models.lm import GPT2, GPT2Config, init_params, kernels_out_in
+from imgllm.language.gpt2 import GPT2, GPT2Config, init_params, kernels_out_in
 
 CONFIG = GPT2Config.tiny()
 PAD = CONFIG.eos_token_id
@@ -242,8 +242,8 @@ def test_generate_shards_the_batch_over_devices():
     script = textwrap.dedent("""
         import jax, numpy as np
         from jax.sharding import Mesh
-        from imgllm.generate import GenerationConfig, generate
-        from imgllm.models.lm import GPT2Config, init_params
+        from imgllm.language.decoding import GenerationConfig, generate
+        from imgllm.language.gpt2 import GPT2Config, init_params
         config = GPT2Config.tiny()
         params = jax.tree.map(lambda p: p * 4.0, init_params(config, jax.random.key(0)))
         ids = np.random.default_rng(0).integers(0, 127, (6, 5))

@@ -1,4 +1,4 @@
-"""imgllm.hf: key mapping, every load/save error by name, round trips, tokenizer, hub cache path (offline)."""
+"""imgllm.language.hf: key mapping, every load/save error by name, round trips, tokenizer, hub cache path (offline)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from imgllm import hf
-from imgllm.models.lm import GPT2Config
+from imgllm.language import hf
+from imgllm.language.gpt2 import GPT2Config
 
 jax.config.update("jax_enable_x64", False)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgllm import pipeline_checkpoint as pc
+from imgllm.pipeline import checkpoint as pc
 from test_pipeline import tiny_pipeline_parts, tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imgllm.models.lm import (GPT2, KERNEL_FIRST_ROWS, GPT2Config, Linear, OutInParams, attention_bias, bind,
+from imgllm.language.gpt2 import (GPT2, KERNEL_FIRST_ROWS, GPT2Config, Linear, OutInParams, attention_bias, bind,
                               few_rows_times_out_in, init_cache, init_params, kernels_out_in)
 
 CONFIG = GPT2Config.tiny()

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import CORPUS
-from imgllm import hf
+from imgllm.language import hf
 from imgllm.configs import lm_tiny
 from imgllm.train import loop
-from imgllm.train.lm_task import LMTask, export_hf
+from imgllm.train.export import export_hf
+from imgllm.train.lm_task import LMTask
 
 jax.config.update("jax_enable_x64", False)
 

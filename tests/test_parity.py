@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imgllm import generate, hf
-from imgllm.models.lm import GPT2
+from imgllm.language import decoding as generate, hf
+from imgllm.language.gpt2 import GPT2
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

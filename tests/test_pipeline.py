@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from imgllm import pipeline
-from imgllm import pipeline_checkpoint as pc
+from imgllm.pipeline import checkpoint as pc
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TOKENIZER_TEXTS = [f"A photo of a {name}." for name in CLASS_NAMES] + [
@@ -22,7 +22,7 @@ TOKENIZER_TEXTS = [f"A photo of a {name}." for name in CLASS_NAMES] + [
 @functools.lru_cache(maxsize=None)
 def tiny_tokenizer():
     """A byte-level BPE trained offline on a few sentences (ids fit the tiny LM's vocabulary)."""
-    from imgllm.tokenizer import train_bpe_tokenizer
+    from imgllm.language.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(TOKENIZER_TEXTS, vocab_size=300)
 
@@ -38,11 +38,11 @@ def tokenizer_dir(root) -> str:
 def tiny_params(seed: int = 0, bridge: bool = False) -> dict:
     """Parameters of a tiny pipeline: the test CNN preset, a two-layer GPT-2 over the BPE's ids and, when asked,
     a PrefixMapper. Cached: tests share the (numpy) arrays and only read them."""
-    from imgllm.models.cnn import cnn_preset
-    from imgllm.models.lm import init_params
+    from imgllm.vision.cnn import cnn_preset
+    from imgllm.language.gpt2 import init_params
 
     if bridge:
-        from imgllm.models.bridge import PrefixMapper
+        from imgllm.bridge import PrefixMapper
 
         features = jnp.zeros((1, 16))  # the tiny preset's last width
         mapper = jax.jit(PrefixMapper(**tiny_bridge_config()).init)(jax.random.PRNGKey(seed + 2), features)
@@ -56,7 +56,7 @@ def tiny_params(seed: int = 0, bridge: bool = False) -> dict:
 
 
 def tiny_lm_config():
-    from imgllm.models.lm import GPT2Config
+    from imgllm.language.gpt2 import GPT2Config
 
     tok = tiny_tokenizer()
     # A wide init (0.5, not 0.02): a near-zero random GPT-2 only repeats its last token, which would make the
@@ -140,7 +140,7 @@ def stage_by_stage(loaded: pc.Pipeline, spec: pipeline.PipelineSpec, images: np.
     """The reference: every stage run on its own (CNN, softmax + top-k on the host, prompts from the filled-in
     strings through the tokenizer, then generate_tokens)."""
     from imgllm.data import augment
-    from imgllm.generate import generate_tokens
+    from imgllm.language.decoding import generate_tokens
 
     logits, features = jax.jit(lambda v, x: spec.cnn.apply(v, x, train=False))(
         loaded.params["cnn"], augment.normalize(jnp.asarray(images)))
@@ -158,7 +158,7 @@ def stage_by_stage(loaded: pc.Pipeline, spec: pipeline.PipelineSpec, images: np.
         prompt_ids[row, width - len(ids):], prompt_mask[row, width - len(ids):] = ids, 1
     prefix, lm_scores = None, None
     if "bridge" in loaded.params:
-        from imgllm.scoring import build_prompt_table, score_class_prompts
+        from imgllm.language.scoring import build_prompt_table, score_class_prompts
 
         prefix = spec.bridge.apply({"params": loaded.params["bridge"]}, features)
         table = build_prompt_table(loaded.tokenizer.encode, loaded.config["eos_id"], CLASS_NAMES)
@@ -206,7 +206,7 @@ def test_pipeline_equals_stages_and_compiles_once(tmp_path, bridge):
                          ids=["greedy", "beam", "top_p"])
 def test_label_only_prompts_share_the_lm_work_per_class_with_the_same_tokens(tmp_path, decoding):
     """Greedy and beam captions are made once per class; sampled ones share the class prompts' prefill."""
-    from imgllm.generate import GenerationConfig
+    from imgllm.language.decoding import GenerationConfig
 
     loaded = tiny_pipeline(tmp_path, template="A photo of a {label}.")
     generation = GenerationConfig(max_new_tokens=loaded.config["max_new_tokens"], **decoding,
@@ -250,7 +250,7 @@ def test_other_image_sizes_are_resized_inside_jit(tmp_path):
         image = 127.5 + 120 * np.stack(waves, axis=-1)
         return np.stack([image, image[::-1]]).round().astype(np.uint8)
 
-    fn = jax.jit(lambda p, x: pipeline.classify(p["cnn"], x, spec)[0])
+    fn = jax.jit(lambda p, x: pipeline.cnn_logits_and_features(p["cnn"], x, spec)[0])
     small, big = fn(loaded.params, smooth_images(32)), fn(loaded.params, smooth_images(96))
     other = fn(loaded.params, smooth_images(32)[::-1])
     assert np.abs(big - small).max() < 0.2 * np.abs(other - small).max()
@@ -301,7 +301,7 @@ def test_assemble_from_a_train_workdir_and_a_gpt2_directory(tmp_path):
     holding exactly their weights, the run's class names and normalisation, and the tokenizer."""
     import sys
 
-    from imgllm import hf
+    from imgllm.language import hf
     from imgllm.configs import cnn_tiny
     from imgllm.train.loop import restore_for_eval, train_and_evaluate
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imgllm import scoring
-from imgllm.models.lm import GPT2, GPT2Config, init_params
+from imgllm.language import scoring
+from imgllm.language.gpt2 import GPT2, GPT2Config, init_params
 from conftest import random_variables   # seeded weights without compiling initialisers
 
 jax.config.update("jax_enable_x64", False)

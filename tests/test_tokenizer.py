@@ -2,7 +2,7 @@
 import pytest
 import transformers
 
-from imgllm.tokenizer import END_OF_TEXT, train_bpe_tokenizer
+from imgllm.language.tokenizer import END_OF_TEXT, train_bpe_tokenizer
 
 TEXTS = ["a small red circle on the left", "a large blue square at the top",
          "a small green star above a large white ring", "a photo of a triangle."]

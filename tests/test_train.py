@@ -12,7 +12,7 @@ from PIL import Image
 from imgllm import data as data_lib
 from imgllm.configs import cifar10, cifar10_muon, cnn_tiny
 from imgllm.configs.common import airbench_param_groups, resolve_config_arg
-from imgllm.models import cnn as cnn_lib
+from imgllm.vision import cnn as cnn_lib
 from imgllm.train import loop, optim
 from imgllm.train.classifier import ClassifierTask, alternating_flip, folder_split, translate
 from imgllm.train.task import metric

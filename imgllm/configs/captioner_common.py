@@ -3,13 +3,13 @@ import ml_collections
 from ml_collections import config_dict
 
 from imgllm.configs.common import base_config
-from imgllm.scoring import DEFAULT_TEMPLATES
+from imgllm.language.scoring import DEFAULT_TEMPLATES
 
 
 def captioner_config() -> ml_collections.ConfigDict:
     """Base training fields plus the captioner's: frozen classifier, bridge, LM, tokenizer, caption rows."""
     c = base_config()
-    c.task = "imgllm.train.captioner:CaptionerTask"   # the captioning Task (module:factory)
+    c.task = "captioner"                   # the captioning Task (imgllm.train.tasks.TASKS)
     c.classifier_workdir = config_dict.placeholder(str)  # train.py workdir of the trained classifier (frozen CNN)
     c.feature_batch_size = 500          # images per batch when the frozen CNN's features are precomputed
     c.tta = "none"                      # no test-time augmentation for captions

@@ -18,7 +18,7 @@ CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 def base_config() -> ml_collections.ConfigDict:
     """Fields used by the training loop and the classifier task, with defaults for a small CPU run."""
     c = ml_collections.ConfigDict()
-    c.task = "classifier"               # Task: a name in imgllm.train.loop.TASKS or "module:factory"
+    c.task = "classifier"               # Task: a name in imgllm.train.tasks.TASKS
     c.seed = 0                          # seeds init, data order, augmentation: same seed, same run
 
     # ---- data ----
@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0             # label smoothing of the cross-entropy targets
     c.tta = "flip"                      # final-eval test-time augmentation: "none" | "flip" | "flip_translate"
 
-    # ---- model (imgllm.models.cnn.cnn_from_config) ----
+    # ---- model (imgllm.vision.cnn.cnn_from_config) ----
     c.model = ml_collections.ConfigDict(dict(
         preset="tiny",                  # "airbench94" | "tiny"; the other keys override its fields
         num_classes=10,                 # classes of the dataset

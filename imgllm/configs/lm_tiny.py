@@ -5,7 +5,7 @@ Corpus: plain text (one document per file, packed into seq_len rows) or JSON lin
 "prompt"/"completion" fields (see imgllm/data/text.py). The tokenizer is a byte-level BPE trained on
 the corpus unless --config.tokenizer.path is given. Fine-tune a Hugging Face GPT-2 instead with
 --config.lm.pretrained=<dir or hub name>. Export for transformers:
-  python -c "from imgllm.train.lm_task import export_hf; export_hf('/tmp/lm_tiny', '/tmp/lm_tiny_hf')"
+  python -c "from imgllm.train.export import export_hf; export_hf('/tmp/lm_tiny', '/tmp/lm_tiny_hf')"
 Used by tests/test_lm_task.py (a few steps reduce the loss on a corpus the test writes).
 """
 import ml_collections
@@ -16,7 +16,7 @@ from imgllm.configs.common import base_config
 
 def get_config():
     c = base_config()
-    c.task = "imgllm.train.lm_task:LMTask"  # the next-token LM Task (module:factory)
+    c.task = "lm"                          # the next-token LM Task (imgllm.train.tasks.TASKS)
     c.corpus = config_dict.placeholder(str)  # training corpus file(s), comma-separated (.txt or .jsonl)
     c.eval_corpus = config_dict.placeholder(str)  # held-out corpus evaluated each epoch (None: no evaluation)
     c.eval_split = ""                   # a text corpus has no splits (eval_corpus instead)

@@ -16,10 +16,12 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-def normalize(images_uint8: jax.Array, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> jax.Array:
-    """uint8 [..., 3] pixels -> float32 ``(pixels / 255 - mean) / std`` per channel."""
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
+def normalize(images_uint8: jax.Array, mean=None, std=None) -> jax.Array:
+    """uint8 [..., 3] pixels -> float32 ``(pixels / 255 - mean) / std`` per channel (None: CIFAR-10's).
+
+    The one normalisation of imgllm: training, evaluation, captioner features and inference all call it."""
+    mean = jnp.asarray(CIFAR10_MEAN if mean is None else mean, jnp.float32)
+    std = jnp.asarray(CIFAR10_STD if std is None else std, jnp.float32)
     return (images_uint8.astype(jnp.float32) / 255.0 - mean) / std
 
 

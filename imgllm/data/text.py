@@ -188,7 +188,7 @@ def tokenize_records(records: Sequence[TextRecord], tokenizer, *, seq_len: int, 
     """Tokenise records into examples: documents are packed, prompt/completion pairs padded (see module doc).
 
     A corpus must be all documents or all pairs: mixing the two is an error naming the first record
-    of each kind. `tokenizer` is a Hugging Face tokenizer (e.g. `imgllm.hf.load_tokenizer`).
+    of each kind. `tokenizer` is a Hugging Face tokenizer (e.g. `imgllm.language.hf.load_tokenizer`).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (an input and a target), got {seq_len}")

@@ -11,18 +11,18 @@ uint8 images (so `train.py --mode=eval --data=...` works on any data source) and
                          the argmax under teacher forcing: equivalent to running greedy decoding),
   accuracy               the CNN head's top-1 accuracy,
   lm_accuracy            classification by the LM: argmax over classes of the prompt-ensemble likelihood
-                         (`imgllm.scoring.score_class_prompts`).
+                         (`imgllm.language.scoring.score_class_prompts`).
 
 Caption rows: every (image, reference caption) pair of the dataset, plus class-template captions
 ("a photo of a {label}.", the same templates the LM classification scores) making up
 config.captions.template_fraction of the rows; a dataset without captions (CIFAR-10) trains on templates only.
 Greedy captions stay descriptive as long as that fraction is below one half.
 
-`export_pipeline_checkpoint(workdir, out_dir)` writes the PIPE pipeline checkpoint (CNN, LM, bridge, tokenizer).
+`imgllm.train.export.export_pipeline_checkpoint(workdir, out_dir)` writes its pipeline checkpoint (CNN, LM, bridge,
+tokenizer).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from typing import Any, Mapping, Sequence
@@ -32,12 +32,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from imgllm import scoring
+from imgllm.language import scoring
 from imgllm.captions.data import load_caption_dataset
-from imgllm.models import cnn as cnn_lib
-from imgllm.models.bridge import PrefixMapper, check_mapper_fits, cnn_outputs, prefixed_token_stats
-from imgllm.models.lm import init_params
+from imgllm.vision import cnn as cnn_lib
+from imgllm.bridge import PrefixMapper, check_mapper_fits
+from imgllm.language.scoring import prefixed_token_stats
+from imgllm.vision.features import cnn_outputs
+from imgllm.language.gpt2 import init_params
 from imgllm.train.lm_task import lm_config_from
+from imgllm.train.checkpoint import Checkpointer, load_classifier
 from imgllm.train.task import Metrics, metric
 
 FROZEN = "frozen"   # model_state collection holding the frozen CNN variables (and the LM when not trained)
@@ -97,20 +100,9 @@ def reference_captions(dataset, class_names: Sequence[str], templates: Sequence[
     return [scoring.fill_templates([class_names[label]], templates[:1])[0][0] for label in dataset.labels]
 
 
-@dataclasses.dataclass(frozen=True)
-class Classifier:
-    """A trained classifier run: CNN module and variables, its config (a dict) and class names."""
-
-    model: Any
-    variables: Any
-    run_config: dict
-    class_names: tuple[str, ...]
-
-
 @functools.lru_cache(maxsize=4)
 def _classifier_config(workdir: str) -> tuple[dict, dict]:
     """(run config, meta) of a classifier work directory's latest checkpoint, read once."""
-    from imgllm.train.checkpoint import Checkpointer
     if not workdir or not os.path.isdir(workdir):
         raise FileNotFoundError(f"config.classifier_workdir={workdir!r} is not a train.py work directory")
     checkpointer = Checkpointer(workdir, read_only=True, asynchronous=False)
@@ -161,10 +153,10 @@ class CaptionerTask:
         """The configured tokenizer (config.tokenizer.path), or a byte-level BPE trained on the training texts."""
         cfg = self.config.tokenizer
         if cfg.get("path"):
-            from imgllm import hf
+            from imgllm.language import hf
             tokenizer = hf.load_tokenizer(cfg.path)
         else:
-            from imgllm.tokenizer import train_bpe_tokenizer
+            from imgllm.language.tokenizer import train_bpe_tokenizer
             tokenizer = train_bpe_tokenizer(texts, vocab_size=min(cfg.vocab_size, self.lm_config.vocab_size))
         if len(tokenizer) > self.lm_config.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LM's vocab_size is "
@@ -173,9 +165,9 @@ class CaptionerTask:
 
     def _tokenizer_from_metadata(self, metadata: Mapping[str, Any]):
         if metadata.get("tokenizer_json"):
-            from imgllm.tokenizer import tokenizer_from_json
+            from imgllm.language.tokenizer import tokenizer_from_json
             return tokenizer_from_json(metadata["tokenizer_json"])
-        from imgllm import hf
+        from imgllm.language import hf
         return hf.load_tokenizer(metadata["tokenizer_path"])
 
     def prompt_table(self) -> scoring.PromptTable:
@@ -196,7 +188,6 @@ class CaptionerTask:
     def classifier_variables(self):
         """The frozen CNN's variables, restored from config.classifier_workdir (once)."""
         if self._cnn_variables is None:
-            from imgllm.pipeline_checkpoint import load_classifier
             self._cnn_variables, _, _ = load_classifier(os.path.abspath(self.config.classifier_workdir))
         return self._cnn_variables
 
@@ -262,7 +253,7 @@ class CaptionerTask:
         frozen = dict(variables[FROZEN], cnn=self.classifier_variables())
         params = dict(variables["params"])
         if self.config.lm.get("pretrained"):
-            from imgllm import hf
+            from imgllm.language import hf
             _, lm = hf.load_gpt2(self.config.lm.pretrained)
             (params if "lm" in params else frozen)["lm"] = lm
         _check_same_structure(variables, {"params": params, FROZEN: frozen})
@@ -335,35 +326,3 @@ def _check_same_structure(expected, actual) -> None:
     for key, shape in want.items():
         if got[key] != shape:
             raise ValueError(f"loaded variable {key} has shape {got[key]}, the model expects {shape}")
-
-
-# ----------------------------------------------------------------------------------------------- export
-
-
-def export_pipeline_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, max_new_tokens: int = 0,
-                               overwrite: bool = False) -> str:
-    """Writes the pipeline checkpoint (imgllm.pipeline_checkpoint format) of a captioner run in `workdir`.
-
-    params {"cnn", "lm", "bridge"}; config: the classifier's CNN and normalisation, the LM's config.json, the
-    bridge fields, prompt = [BOS] only (empty template, prepend_bos) and "class_prompt_templates" for LM
-    classification. max_new_tokens=0: captions.max_tokens + 1.
-    """
-    from imgllm import pipeline_checkpoint
-    from imgllm.train.loop import restore_for_eval
-
-    config, meta, task, variables = restore_for_eval(workdir, step)
-    variables = jax.device_get(variables)
-    task_meta = meta["task"]
-    tokenizer = task._tokenizer_from_metadata(task_meta)
-    params = {"cnn": variables[FROZEN]["cnn"], "lm": task._lm_params(variables["params"], variables),
-              "bridge": variables["params"]["bridge"]}
-    normalization = task.normalization
-    pipeline_config = pipeline_checkpoint.make_pipeline_config(
-        cnn=task.classifier_config["model"], lm=task.lm_config.to_dict(), class_names=task.class_names,
-        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, bos_id=tokenizer.eos_token_id,
-        bridge=task_meta["bridge"], template="", top_k=1, image_size=task.image_size,
-        mean=normalization.get("mean"), std=normalization.get("std"), prepend_bos=True,
-        max_new_tokens=max_new_tokens or config.captions.max_tokens + 1)
-    pipeline_config["class_prompt_templates"] = list(task_meta["templates"])
-    return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, params, pipeline_config, tokenizer,
-                                                        overwrite=overwrite)

@@ -103,6 +103,13 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         return restored["state"]
 
+    def restore_arrays(self, step: int | None = None) -> dict[str, Any]:
+        """The saved state of checkpoint `step` as nested dicts of arrays, read without a template: no model or
+        task is built (what exporting a trained classifier into a pipeline needs)."""
+        step = self._step(step)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return dict(restored["state"])
+
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
         self.manager.wait_until_finished()
@@ -116,3 +123,21 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         return step
+
+
+def load_classifier(workdir: str, step: int | None = None) -> tuple[dict, dict, dict]:
+    """(CNN variables, run config, checkpoint meta) of a classifier run's checkpoint (default: the latest).
+
+    The variables are {"params": ..., **model_state} as the run's own evaluation applies them, read as arrays
+    from the saved train state; nothing named in the checkpoint is imported or called.
+    """
+    if not workdir or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"{workdir!r} is not a train.py work directory (no checkpoints/ inside)")
+    checkpointer = Checkpointer(workdir, read_only=True, asynchronous=False)
+    try:
+        config, meta = checkpointer.restore_config_and_meta(step)
+        state = checkpointer.restore_arrays(meta["step"])
+    finally:
+        checkpointer.close()
+    variables = {"params": state["params"], **(state.get("model_state") or {})}
+    return jax.device_get(variables), config, meta

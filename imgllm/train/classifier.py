@@ -17,7 +17,7 @@ import optax
 from imgllm import data as data_lib
 from imgllm.data import augment
 from imgllm.data.folder import SPLIT_FOLDER_NAMES
-from imgllm.models import cnn as cnn_lib
+from imgllm.vision import cnn as cnn_lib
 from imgllm.train.task import Metrics, metric
 
 

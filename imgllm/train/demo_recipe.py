@@ -84,7 +84,7 @@ def run_demo(workdir: str, *, classifier_config: ml_collections.ConfigDict | Non
     classifier_config / captioner_config default to `default_configs()`; the captioner's classifier_workdir is
     set to <workdir>/classifier. Returns the evaluation of `evaluate_pipeline` on fresh images.
     """
-    from imgllm.train.captioner import export_pipeline_checkpoint
+    from imgllm.train.export import export_pipeline_checkpoint
     default_classifier, default_captioner = default_configs()
     classifier_config = classifier_config or default_classifier
     captioner_config = ml_collections.ConfigDict((captioner_config or default_captioner).to_dict())
@@ -114,11 +114,11 @@ def evaluate_pipeline(pipeline_dir: str, *, num_examples: int = 500, split: str 
     """Greedy captions, LM classification and CNN accuracy of a pipeline checkpoint on demo images.
 
     Captions come from `imgllm.pipeline.caption_images` (what infer.py runs); the LM classification scores the
-    checkpoint's class_prompt_templates after each image's visual prefix (`imgllm.scoring.classify_by_lm`).
+    checkpoint's class_prompt_templates after each image's visual prefix (`imgllm.language.scoring.classify_by_lm`).
     """
     from imgllm.captions.metrics import caption_metrics
     from imgllm.data import load_dataset
-    from imgllm.pipeline_checkpoint import load_pipeline
+    from imgllm.pipeline.checkpoint import load_pipeline
     pipe = load_pipeline(pipeline_dir)
     dataset = load_dataset("demo", split, seed=seed, num_examples=num_examples,
                            image_size=pipe.config["image_size"])
@@ -134,7 +134,8 @@ def evaluate_pipeline(pipeline_dir: str, *, num_examples: int = 500, split: str 
 
 def caption_and_classify(pipe: Any, images: np.ndarray) -> dict[str, np.ndarray]:
     """`caption_images` outputs plus lm_label_ids [B] (LM classification), in one jitted call over all images."""
-    from imgllm import pipeline, scoring
+    from imgllm import pipeline
+    from imgllm.language import scoring
     spec = pipe.spec()
     if spec.bridge is None:
         raise ValueError(f"{pipe.directory}: the pipeline checkpoint has no bridge (visual prefix) to evaluate")
@@ -144,7 +145,7 @@ def caption_and_classify(pipe: Any, images: np.ndarray) -> dict[str, np.ndarray]
     @jax.jit
     def run(params, images, rng):
         outputs = pipeline.caption_images(params, images, rng, spec=spec)
-        _, features = pipeline.classify(params["cnn"], images, spec)
+        _, features = pipeline.cnn_logits_and_features(params["cnn"], images, spec)
         prefix = pipeline.visual_prefix(params, features, spec)
         outputs["lm_label_ids"], _ = scoring.classify_by_lm(params["lm"], spec.lm_config, table, prefix)
         return outputs

@@ -7,7 +7,8 @@ The model is a random-init GPT-2 of the sizes in config.lm, or a Hugging Face ch
 (config.lm.pretrained: a directory or hub name) to fine-tune. The tokenizer is config.tokenizer.path,
 else the pretrained checkpoint's, else a byte-level BPE trained on the corpus (stored in the checkpoint
 metadata, so evaluation and export need no corpus). `export_hf(workdir, out_dir)` writes a trained
-checkpoint as a Hugging Face GPT-2 directory (weights, config and tokenizer) that transformers loads.
+checkpoint as a Hugging Face GPT-2 directory (weights, config and tokenizer) that transformers loads
+(`imgllm.train.export.export_hf`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from imgllm import hf
+from imgllm.language import hf
 from imgllm.data import text as text_lib
-from imgllm.models.bridge import prefixed_token_stats
-from imgllm.models.lm import GPT2Config, init_params
+from imgllm.language.scoring import prefixed_token_stats
+from imgllm.language.gpt2 import GPT2Config, init_params
 from imgllm.train.task import Metrics, metric
 
 
@@ -47,8 +48,8 @@ def lm_config_from(config: ml_collections.ConfigDict, eos_token_id: int) -> GPT2
 
 
 def _tokenizer_from_json(tokenizer_json: str):
-    """imgllm.tokenizer.tokenizer_from_json, imported when needed (transformers is slow to import)."""
-    from imgllm.tokenizer import tokenizer_from_json
+    """imgllm.language.tokenizer.tokenizer_from_json, imported when needed (transformers is slow to import)."""
+    from imgllm.language.tokenizer import tokenizer_from_json
 
     return tokenizer_from_json(tokenizer_json)
 
@@ -72,7 +73,7 @@ class LMTask:
         tokenizer_source = config.tokenizer.get("path") or config.lm.get("pretrained")
         if tokenizer_source:
             self.tokenizer = hf.load_tokenizer(tokenizer_source)
-        # A BPE trained on the corpus has <|endoftext|> at id 0 (imgllm.tokenizer), known before it exists.
+        # A BPE trained on the corpus has <|endoftext|> at id 0 (imgllm.language.tokenizer), known before it exists.
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else 0
         self.lm_config = lm_config_from(config, eos)
         if config.seq_len > self.lm_config.n_positions:
@@ -81,7 +82,7 @@ class LMTask:
     # ---- data (host side) ----
     def _ensure_tokenizer(self, records: Sequence[text_lib.TextRecord]) -> None:
         if self.tokenizer is None:
-            from imgllm.tokenizer import train_bpe_tokenizer
+            from imgllm.language.tokenizer import train_bpe_tokenizer
 
             vocab_size = min(self.config.tokenizer.vocab_size, self.lm_config.vocab_size)
             self.tokenizer = train_bpe_tokenizer(_record_texts(records), vocab_size=vocab_size)
@@ -148,13 +149,3 @@ class LMTask:
                 "tokenizer_path": self.config.tokenizer.get("path") or self.config.lm.get("pretrained"),
                 "lm_config": self.lm_config.to_dict()}
 
-
-def export_hf(workdir: str, out_dir: str, *, step: int | None = None) -> str:
-    """Write the LM checkpoint in `workdir` (latest, or `step`) as a Hugging Face GPT-2 directory with its tokenizer."""
-    from imgllm.train.loop import restore_for_eval
-
-    _, meta, task, variables = restore_for_eval(workdir, step)
-    task_meta = meta["task"]
-    tokenizer = (_tokenizer_from_json(task_meta["tokenizer_json"]) if task_meta.get("tokenizer_json")
-                 else hf.load_tokenizer(task_meta["tokenizer_path"]))
-    return hf.save_gpt2(out_dir, task.lm_config, jax.device_get(variables["params"]), tokenizer=tokenizer)

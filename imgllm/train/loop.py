@@ -7,7 +7,6 @@ restored from its latest checkpoint continues exactly as if it had never stopped
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -25,9 +24,8 @@ from imgllm.train import checkpoint as ckpt_lib
 from imgllm.train import optim, steps
 from imgllm.train.state import TrainState, create_train_state
 from imgllm.train.task import Arrays, Task, add_metrics, summarize
+from imgllm.train.tasks import build_task
 
-# config.task names -> "module:factory"; a factory takes the config and returns a Task.
-TASKS = {"classifier": "imgllm.train.classifier:ClassifierTask"}
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -41,15 +39,6 @@ class TrainResult:
     final_eval: dict[str, float] | None
     steps_per_epoch: int
     total_steps: int
-
-
-def build_task(config: ml_collections.ConfigDict) -> Task:
-    """The Task named by config.task: a key of TASKS or a 'module:factory' path."""
-    target = TASKS.get(config.task, config.task)
-    if ":" not in target:
-        raise ValueError(f"config.task={config.task!r}: expected one of {sorted(TASKS)} or 'module:factory'")
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)(config)
 
 
 class MetricsWriter:

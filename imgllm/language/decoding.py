@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from imgllm.models.lm import GPT2, GPT2Config, KVCache, bind, init_cache
+from imgllm.language.gpt2 import GPT2, GPT2Config, KVCache, bind, init_cache
 
 # transformers' "very low score" for finished / impossible beams (kept identical so that ties resolve alike).
 _BEAM_NEG = -1.0e9
@@ -641,7 +641,7 @@ def generate_tokens(params, model_config: GPT2Config, input_ids, attention_mask,
     """Generates up to gen_config.max_new_tokens tokens after each left-padded prompt. Pure and jit-traceable.
 
     Args:
-      params: GPT-2 parameters (``GPT2(model_config).init(...)["params"]`` or ``imgllm.hf.load_gpt2``).
+      params: GPT-2 parameters (``GPT2(model_config).init(...)["params"]`` or ``imgllm.language.hf.load_gpt2``).
       model_config: the model's sizes and compute dtype (static).
       input_ids: [B, P] int prompts, left-padded; attention_mask: [B, P], 1 for real tokens.
       rng: a PRNG key (used only when sampling; results are a function of it).
@@ -722,7 +722,7 @@ def generate(params, model_config: GPT2Config, input_ids, attention_mask=None, r
     multiple of the mesh's 'data' axis and sharded over it, so calls with the same batch size, bucket and configs
     reuse one compiled program. ``rng`` may be omitted for greedy and beam search.
 
-    On CPU, pass ``imgllm.models.lm.kernels_out_in(params)`` (made once) for repeated calls: the same results,
+    On CPU, pass ``imgllm.language.gpt2.kernels_out_in(params)`` (made once) for repeated calls: the same results,
     10-30% faster decoding.
     """
     gen_config = gen_config or GenerationConfig(max_new_tokens=32, eos_token_id=model_config.eos_token_id,

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgllm.models.lm import GPT2Config, init_params
+from imgllm.language.gpt2 import GPT2Config, init_params
 
 # File names of a Hugging Face model directory.
 CONFIG_FILE = "config.json"

@@ -4,7 +4,7 @@ Byte-level BPE (GPT-2's scheme) decodes back to exactly the input text, so gener
 with their references verbatim; on a small caption vocabulary (the demo's) every word ends up a single token.
 The result is a Hugging Face `PreTrainedTokenizerFast` with GPT-2's conventions: one special token
 `<|endoftext|>` that is BOS, EOS and PAD, left padding for generation. `save_pretrained(dir)` writes it so that
-`transformers.AutoTokenizer.from_pretrained(dir)` (and `imgllm.hf.load_tokenizer`) load it from a checkpoint.
+`transformers.AutoTokenizer.from_pretrained(dir)` (and `imgllm.language.hf.load_tokenizer`) load it from a checkpoint.
 """
 
 from __future__ import annotations

@@ -23,8 +23,56 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgllm.models.bridge import prefixed_token_log_probs
-from imgllm.models.lm import GPT2Config
+from imgllm.language.gpt2 import GPT2, GPT2Config, bind
+
+
+def embed_tokens(lm_params: Any, lm_config: GPT2Config, input_ids: jax.Array) -> jax.Array:
+    """Token embeddings [B, T, D] from the LM's wte table."""
+    model, lm_params = bind(lm_params, lm_config)
+    return model.apply({"params": lm_params}, input_ids, method=GPT2.embed_tokens)
+
+
+def prefixed_token_log_probs(lm_params: Any, lm_config: GPT2Config, prefix_embeds: jax.Array | None,
+                             input_ids: jax.Array, *, deterministic: bool = True,
+                             dropout_rng: jax.Array | None = None) -> jax.Array:
+    """log p(input_ids[:, t] | prefix, input_ids[:, :t]) for t = 1..T-1, as float32 [B, T-1] (see
+    `prefixed_token_stats`)."""
+    return prefixed_token_stats(lm_params, lm_config, prefix_embeds, input_ids, deterministic=deterministic,
+                                dropout_rng=dropout_rng)[0]
+
+
+def prefixed_token_stats(lm_params: Any, lm_config: GPT2Config, prefix_embeds: jax.Array | None,
+                         input_ids: jax.Array, *, deterministic: bool = True,
+                         dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(log p(input_ids[:, t] | prefix, input_ids[:, :t]), whether that token is the argmax), each [B, T-1].
+
+    The argmax flags give greedy-decoding agreement under teacher forcing: greedy decoding after [prefix][BOS]
+    reproduces a reference exactly iff every one of its tokens (and its EOS) is the argmax.
+
+    input_ids [B, T] start with BOS and are right-padded (pads only follow real tokens, so causal attention never
+    lets a real token see them; callers mask the pad positions' values). prefix_embeds [B, K, D] or None (K = 0:
+    plain text). The LM head is applied only to the text positions, never to the prefix.
+    """
+    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [batch, length >= 2] (BOS + tokens), got shape {input_ids.shape}")
+    embeds = embed_tokens(lm_params, lm_config, input_ids)
+    model, lm_params = bind(lm_params, lm_config)
+    prefix_length = 0
+    if prefix_embeds is not None:
+        if prefix_embeds.ndim != 3 or prefix_embeds.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"prefix_embeds must be [{input_ids.shape[0]}, K, D], got shape {prefix_embeds.shape}")
+        prefix_length = prefix_embeds.shape[1]
+        embeds = jnp.concatenate([prefix_embeds.astype(embeds.dtype), embeds], axis=1)
+    rngs = {} if deterministic else {"dropout": dropout_rng}
+    hidden, _ = model.apply({"params": lm_params}, inputs_embeds=embeds, deterministic=deterministic,
+                            return_hidden=True, rngs=rngs)
+    predicting = hidden[:, prefix_length:-1]           # text positions 0..T-2 predict tokens 1..T-1
+    logits = model.apply({"params": lm_params}, predicting, method=GPT2.logits_from_hidden)
+    targets = input_ids[:, 1:]
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    is_argmax = jnp.argmax(logits, axis=-1) == targets
+    return target_logits - jax.nn.logsumexp(logits, axis=-1), is_argmax
+
 
 DEFAULT_TEMPLATES = ("a photo of a {label}.", "a picture of a {label}.", "an image of a {label}.")
 DEFAULT_TEXT_CONNECTOR = " This is "
@@ -79,7 +127,7 @@ def build_prompt_table(encode: Encoder, eos_id: int, class_names: Sequence[str],
 
     encode: text -> token ids without special tokens (e.g. a `tokenizers.Tokenizer`'s encode(...).ids, or
     `lambda s: hf_tokenizer(s, add_special_tokens=False)["input_ids"]`); eos_id: GPT-2's <|endoftext|>, which is
-    also BOS and pad (the visual-prefix convention of `imgllm.models.bridge`).
+    also BOS and pad (the visual-prefix convention of `imgllm.bridge`).
     """
     prompts = fill_templates(class_names, templates)
     pieces = [[([], list(encode(prompt))) for prompt in row] for row in prompts]

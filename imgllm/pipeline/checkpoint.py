@@ -5,8 +5,7 @@
                        class names, prompt template, top_k, image size, normalisation, special token ids
     <dir>/tokenizer/   the tokenizer's files (tokenizer.json, ...), as `save_pretrained` writes them
 
-`assemble_pipeline_checkpoint` builds one from a trained classifier (a train.py work directory) and a language
-model (a Hugging Face GPT-2 directory or hub name, e.g. one written by `imgllm.hf.save_gpt2`);
+`imgllm.train.export` writes one from training runs (a classifier and a GPT-2, or a captioner);
 `load_pipeline` reads it back as a `Pipeline` that makes the `PipelineSpec` for given decoding options. Loading
 uses the `tokenizers` library directly (not transformers): infer.py starts faster.
 """
@@ -19,9 +18,17 @@ import os
 import shutil
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import tokenizers
 
-from imgllm import pipeline
+from imgllm.bridge import PrefixMapper
+from imgllm.language.decoding import GenerationConfig
+from imgllm.language.gpt2 import GPT2Config
+from imgllm.language.scoring import build_prompt_table
+from imgllm.pipeline import caption, prompts
+from imgllm.vision.cnn import cnn_from_config
 
 FORMAT = "imgllm-pipeline/1"
 PARAMS_ITEM = "params"
@@ -35,14 +42,14 @@ TOKENIZER_FILE = "tokenizer.json"
 
 def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class_names: Sequence[str],
                          eos_id: int, pad_id: int, bos_id: int | None = None, bridge: Mapping[str, Any] | None = None,
-                         template: str = pipeline.DEFAULT_TEMPLATE, top_k: int = 1, image_size: int = 32,
+                         template: str = prompts.DEFAULT_TEMPLATE, top_k: int = 1, image_size: int = 32,
                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                          prepend_bos: bool = False, max_new_tokens: int = 20) -> dict[str, Any]:
     """The JSON config of a pipeline checkpoint, checked (a wrong value is named here, not at inference).
 
-    cnn: `imgllm.models.cnn.cnn_from_config` dict; lm: GPT-2 `config.json` dict; bridge: PrefixMapper fields
+    cnn: `imgllm.vision.cnn.cnn_from_config` dict; lm: GPT-2 `config.json` dict; bridge: PrefixMapper fields
     (prefix_length, lm_dim, hidden) or None; prepend_bos: start every prompt with BOS (the visual-prefix
-    convention of `imgllm.models.bridge`); max_new_tokens: the default caption length.
+    convention of `imgllm.bridge`); max_new_tokens: the default caption length.
     """
     class_names = [str(name) for name in class_names]
     if not class_names or len(set(class_names)) != len(class_names):
@@ -60,7 +67,7 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
                   eos_id=int(eos_id), pad_id=int(pad_id), bos_id=None if bos_id is None else int(bos_id),
                   prepend_bos=bool(prepend_bos), max_new_tokens=int(max_new_tokens))
     if template:
-        pipeline.parse_template(template, int(top_k))  # a bad slot is named now, not at inference
+        prompts.parse_template(template, int(top_k))  # a bad slot is named now, not at inference
     return json.loads(json.dumps(config))
 
 
@@ -68,8 +75,6 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
 
 
 def _checkpointer():
-    import orbax.checkpoint as ocp
-
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
@@ -79,8 +84,6 @@ def save_pipeline_checkpoint(out_dir: str | os.PathLike, params: Mapping[str, An
 
     tokenizer: a transformers tokenizer (saved with save_pretrained) or a directory holding tokenizer.json.
     """
-    import orbax.checkpoint as ocp
-
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; choose another --out or pass overwrite=True")
@@ -113,8 +116,6 @@ def read_pipeline_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{checkpoint_dir} is not a pipeline checkpoint (no {CONFIG_ITEM}/ inside); make one "
                                 "with `python infer.py assemble --classifier WORKDIR --lm LM --out DIR`")
-    import orbax.checkpoint as ocp
-
     restored = _checkpointer().restore(os.path.abspath(os.fspath(checkpoint_dir)),
                                        args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
     config = dict(restored[CONFIG_ITEM])
@@ -125,8 +126,6 @@ def read_pipeline_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
 
 def read_pipeline_params(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     """The parameter tree of a pipeline checkpoint, as arrays on the default device."""
-    import orbax.checkpoint as ocp
-
     restored = _checkpointer().restore(os.path.abspath(os.fspath(checkpoint_dir)),
                                        args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore()}))
     return dict(restored[PARAMS_ITEM])
@@ -134,9 +133,6 @@ def read_pipeline_params(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
 
 def read_params_shapes(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     """The parameter tree's shapes and dtypes (jax.ShapeDtypeStruct leaves), from metadata only (fast)."""
-    import jax
-    import orbax.checkpoint as ocp
-
     path = os.path.join(os.path.abspath(os.fspath(checkpoint_dir)), PARAMS_ITEM)
     metadata = ocp.StandardCheckpointer().metadata(path)
     tree = getattr(metadata, "item_metadata", metadata)
@@ -151,8 +147,6 @@ class FastTokenizer:
     """The checkpoint's tokenizer through the `tokenizers` library: encode without special tokens, decode."""
 
     def __init__(self, path: str):
-        import tokenizers
-
         self.path = path
         self.backend = tokenizers.Tokenizer.from_file(path)
 
@@ -177,26 +171,22 @@ class Pipeline:
         return tuple(self.config["class_names"])
 
     def lm_config(self):
-        from imgllm.models.lm import GPT2Config
-
         return GPT2Config.from_dict(self.config["lm"], source=f"{self.directory}: config lm")
 
-    def prompt_tables(self, template: str | None = None, top_k: int | None = None) -> pipeline.PromptTables:
+    def prompt_tables(self, template: str | None = None, top_k: int | None = None) -> prompts.PromptTables:
         """Tokenised prompt tables for the checkpoint's (or the given) template and top_k."""
         config = self.config
-        return pipeline.build_prompt_tables(
+        return prompts.build_prompt_tables(
             self.tokenizer.encode, config["template"] if template is None else template, config["class_names"],
             config["top_k"] if top_k is None else top_k, config["pad_id"],
             bos_id=config["bos_id"] if config.get("prepend_bos") else None)
 
     def spec(self, generation: Any = None, *, template: str | None = None, top_k: int | None = None,
-             flip_tta: bool = False, lm_classify: bool = False) -> pipeline.PipelineSpec:
+             flip_tta: bool = False, lm_classify: bool = False) -> caption.PipelineSpec:
         """The static `PipelineSpec`; generation: a `GenerationConfig` (default: greedy, the config's length).
 
-        lm_classify: also classify by LM likelihood after the visual prefix (`imgllm.scoring`'s default prompts);
+        lm_classify: also classify by LM likelihood after the visual prefix (`imgllm.language.scoring`'s default prompts);
         needs a checkpoint with a bridge."""
-        from imgllm.generate import GenerationConfig
-        from imgllm.models.cnn import cnn_from_config
 
         config = self.config
         if generation is None:
@@ -204,27 +194,23 @@ class Pipeline:
                                           pad_token_id=config["pad_id"])
         bridge = None
         if config.get("bridge") is not None:
-            from imgllm.models.bridge import PrefixMapper
-
             bridge = PrefixMapper(**config["bridge"])
         lm_prompts = None
         if lm_classify:
             if bridge is None:
                 raise ValueError(f"{self.directory}: LM classification needs a visual prefix, and this pipeline "
                                  "checkpoint has no bridge")
-            from imgllm.scoring import build_prompt_table
-
-            lm_prompts = pipeline.LMClassPrompts.from_table(
+            lm_prompts = prompts.LMClassPrompts.from_table(
                 build_prompt_table(self.tokenizer.encode, config["eos_id"], config["class_names"]))
         mean, std = config.get("mean"), config.get("std")
-        return pipeline.PipelineSpec(
+        return caption.PipelineSpec(
             cnn=cnn_from_config(config["cnn"]), lm_config=self.lm_config(),
             prompts=self.prompt_tables(template, top_k), generation=generation, pad_id=config["pad_id"],
             image_size=config["image_size"], mean=None if mean is None else tuple(mean),
             std=None if std is None else tuple(std), bridge=bridge, flip_tta=flip_tta, lm_class_prompts=lm_prompts)
 
     def decode_captions(self, caption_ids: np.ndarray) -> list[list[str]]:
-        return pipeline.decode_captions(self.tokenizer.decode, caption_ids, self.config["eos_id"],
+        return caption.decode_captions(self.tokenizer.decode, caption_ids, self.config["eos_id"],
                                         self.config["pad_id"])
 
 
@@ -243,71 +229,7 @@ def load_pipeline(checkpoint_dir: str | os.PathLike, *, read_params: bool = True
     return Pipeline(params=params, config=config, tokenizer=tokenizer, directory=checkpoint_dir)
 
 
-# ----------------------------------------------------------------------------------------------- assemble
-
-
-def load_classifier(workdir: str | os.PathLike, step: int | None = None) -> tuple[dict, dict, dict]:
-    """(CNN variables, run config as a dict, checkpoint meta) of a train.py work directory's checkpoint.
-
-    Restores exactly what the run's own evaluation uses (`imgllm.train.loop.restore_for_eval`).
-    """
-    import jax
-
-    from imgllm.train.checkpoint import config_to_json
-    from imgllm.train.loop import restore_for_eval
-
-    config, meta, _, variables = restore_for_eval(os.fspath(workdir), step)
-    return jax.device_get(variables), config_to_json(config), dict(meta)
-
-
-def _lm_from_source(lm: str) -> tuple[Any, dict, Any]:
-    """(GPT2Config, params, tokenizer) from a Hugging Face GPT-2 directory or hub name."""
-    from imgllm import hf
-
-    config, params = hf.load_gpt2(lm)
-    return config, params, hf.load_tokenizer(lm)
-
-
-def assemble_pipeline_checkpoint(out_dir: str | os.PathLike, *, classifier: str | os.PathLike, lm: str,
-                                 tokenizer: str | None = None, template: str = pipeline.DEFAULT_TEMPLATE,
-                                 top_k: int = 1, max_new_tokens: int = 20, overwrite: bool = False) -> str:
-    """Builds a pipeline checkpoint from a train.py work directory and a GPT-2 (directory or hub name).
-
-    The tokenizer comes from `tokenizer` when given, else from the LM's directory. The class names, image size
-    and normalisation come from the classifier run's checkpoint (its config and meta).
-    """
-    from imgllm import hf
-
-    cnn_variables, run_config, meta = load_classifier(classifier)
-    lm_config, lm_params, lm_tokenizer = _lm_from_source(lm)
-    text_tokenizer = hf.load_tokenizer(tokenizer) if tokenizer is not None else lm_tokenizer
-    class_names = meta.get("task", {}).get("class_names")
-    if not class_names:
-        raise ValueError(f"{classifier}: the checkpoint's meta has no task.class_names (meta keys: {sorted(meta)})")
-    cnn_config = run_config.get("model")
-    if not cnn_config:
-        raise ValueError(f"{classifier}: the run config has no 'model' section (keys: {sorted(run_config)})")
-    normalization = run_config.get("normalization") or {}
-    mean, std = normalization.get("mean"), normalization.get("std")
-    config = make_pipeline_config(
-        cnn=cnn_config, lm=lm_config.to_dict(), class_names=class_names,
-        eos_id=text_tokenizer.eos_token_id, pad_id=text_tokenizer.pad_token_id,
-        bos_id=text_tokenizer.bos_token_id, template=template, top_k=top_k,
-        image_size=int(run_config.get("image_size") or 32), mean=mean, std=std, max_new_tokens=max_new_tokens)
-    check_vocabulary(text_tokenizer, lm_config.vocab_size, lm)
-    return save_pipeline_checkpoint(out_dir, {"cnn": cnn_variables, "lm": lm_params}, config, text_tokenizer,
-                                    overwrite=overwrite)
-
-
-def check_vocabulary(tokenizer: Any, vocab_size: int, source: str) -> None:
-    """Raises ValueError when the tokenizer can produce ids the LM has no embedding for."""
-    if len(tokenizer) > vocab_size:
-        raise ValueError(f"{source}: the tokenizer has {len(tokenizer)} tokens but the LM's vocab_size is "
-                         f"{vocab_size}")
-
-
 __all__ = [
-    "FORMAT", "FastTokenizer", "Pipeline", "assemble_pipeline_checkpoint", "check_vocabulary", "load_classifier",
-    "load_pipeline", "make_pipeline_config", "read_params_shapes", "read_pipeline_config", "read_pipeline_params",
-    "save_pipeline_checkpoint",
+    "FORMAT", "FastTokenizer", "Pipeline", "load_pipeline", "make_pipeline_config", "read_params_shapes",
+    "read_pipeline_config", "read_pipeline_params", "save_pipeline_checkpoint",
 ]

@@ -1,0 +1,219 @@
+"""Prompt templates tokenised once, before jit, into small tables that jitted code gathers rows from.
+
+Templates use slots: ``{label}``/``{labelN}`` (the N-th most probable class name, N = 1..top_k),
+``{prob}``/``{probN}`` (its probability as a whole percentage) and ``{topk}`` (shorthand for
+``{label1} ({prob1}%), {label2} ({prob2}%), ...`` over all top_k labels); ``{{``/``}}`` are literal braces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import string
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imgllm.language.scoring import PromptTable
+
+DEFAULT_TEMPLATE = "A photo of a {label}."
+
+# Percentages are phrased as whole numbers 0..100; their token ids come from one table of 101 rows.
+_PERCENT_VALUES = 101
+_SLOT = re.compile(r"^(label|prob)(\d*)$")
+
+
+# ----------------------------------------------------------------------------------------------- prompt tables
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenTable:
+    """Token ids of a list of strings, right-padded: ids[i][:lengths[i]] tokenises string i.
+
+    Tuples, not arrays, so that a `PipelineSpec` holding tables stays hashable (a static jit argument).
+    """
+
+    ids: tuple[tuple[int, ...], ...]
+    lengths: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return len(self.ids[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptPiece:
+    """One piece of a template: literal token ids (kind "text"), or a slot filled per image from a table.
+
+    kind "label" takes row `topk_ids[:, rank]` of `tables[table]`; kind "prob" takes row `percent[:, rank]`.
+    """
+
+    kind: str
+    ids: tuple[int, ...] = ()
+    rank: int = 0
+    table: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTables:
+    """A tokenised template: the pieces in order and the tables their slots select rows from."""
+
+    template: str
+    pieces: tuple[PromptPiece, ...]
+    tables: tuple[TokenTable, ...]
+    num_classes: int
+    top_k: int
+
+    @property
+    def width(self) -> int:
+        """Static prompt length (the longest possible prompt; shorter ones are left-padded to it)."""
+        return sum(len(p.ids) if p.kind == "text" else self.tables[p.table].width for p in self.pieces)
+
+
+def expand_template(template: str, top_k: int) -> str:
+    """Replaces the ``{topk}`` shorthand by explicit ``{labelN} ({probN}%)`` slots joined with ", "."""
+    listing = ", ".join(f"{{label{n}}} ({{prob{n}}}%)" for n in range(1, top_k + 1))
+    return template.replace("{topk}", listing)
+
+
+def parse_template(template: str, top_k: int) -> list[tuple[str, Any]]:
+    """Splits a template into [("text", str) | ("label", rank) | ("prob", rank)], ranks counted from 0.
+
+    Raises ValueError naming the template and the slot when a slot is unknown or asks for a rank above top_k.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    parts: list[tuple[str, Any]] = []
+    for literal, field, spec, conversion in string.Formatter().parse(expand_template(template, top_k)):
+        if literal:
+            parts.append(("text", literal))
+        if field is None:
+            continue
+        match = _SLOT.match(field)
+        if match is None or spec or conversion:
+            raise ValueError(f"prompt template {template!r}: unknown slot {{{field}}}; use {{label}}, {{labelN}}, "
+                             "{prob}, {probN} or {topk}")
+        rank = int(match.group(2) or 1) - 1
+        if not 0 <= rank < top_k:
+            raise ValueError(f"prompt template {template!r}: slot {{{field}}} needs top_k >= {rank + 1}, "
+                             f"but top_k={top_k}")
+        parts.append((match.group(1), rank))
+    if not parts:
+        raise ValueError("prompt template is empty; the language model needs at least one prompt token")
+    return parts
+
+
+def token_table(encode: Callable[[str], Sequence[int]], texts: Sequence[str], pad_id: int) -> TokenTable:
+    """Tokenises every text once into a right-padded table (pad_id fills, lengths say what is real)."""
+    rows = [tuple(int(i) for i in encode(text)) for text in texts]
+    empty = [text for text, row in zip(texts, rows) if not row]
+    if empty:
+        raise ValueError(f"these prompt values tokenise to nothing: {empty[:5]}")
+    width = max(len(row) for row in rows)
+    return TokenTable(ids=tuple(row + (pad_id,) * (width - len(row)) for row in rows),
+                      lengths=tuple(len(row) for row in rows))
+
+
+def build_prompt_tables(encode: Callable[[str], Sequence[int]], template: str, class_names: Sequence[str],
+                        top_k: int, pad_id: int, *, bos_id: int | None = None) -> PromptTables:
+    """Tokenises a template's pieces once: literal segments, class names and percentages.
+
+    Byte-level BPE (GPT-2) attaches a space to the word after it (" cat" is one token, "cat" another), and its
+    pre-tokeniser never merges across a space or punctuation boundary. So a space just before a slot moves into
+    the slot's values (the table of " cat", " dog", ...), and tokenising the pieces separately gives the same ids
+    as tokenising the whole filled-in prompt. `encode` maps a string to ids without special tokens.
+    bos_id: start every prompt with this token (the visual-prefix convention: [prefix][BOS][text]); the
+    template may then be empty.
+    """
+    if not class_names:
+        raise ValueError("build_prompt_tables needs at least one class name")
+    if top_k > len(class_names):
+        raise ValueError(f"top_k={top_k} exceeds the number of classes ({len(class_names)})")
+    values = {"label": list(class_names), "prob": [str(n) for n in range(_PERCENT_VALUES)]}
+    tables: list[TokenTable] = []
+    table_index: dict[tuple[str, str], int] = {}
+    pieces = [PromptPiece("text", ids=(int(bos_id),))] if bos_id is not None else []
+    parts = parse_template(template, top_k) if template or bos_id is None else []
+    for position, (kind, value) in enumerate(parts):
+        if kind == "text":
+            followed_by_slot = position + 1 < len(parts) and parts[position + 1][0] != "text"
+            text = value[:-1] if followed_by_slot and value.endswith(" ") else value
+            if text:
+                pieces.append(PromptPiece("text", ids=tuple(int(i) for i in encode(text))))
+            continue
+        previous = parts[position - 1] if position else None
+        space = " " if previous is not None and previous[0] == "text" and previous[1].endswith(" ") else ""
+        if (kind, space) not in table_index:
+            table_index[kind, space] = len(tables)
+            tables.append(token_table(encode, [space + v for v in values[kind]], pad_id))
+        pieces.append(PromptPiece(kind, rank=value, table=table_index[kind, space]))
+    return PromptTables(template=template, pieces=tuple(pieces), tables=tuple(tables),
+                        num_classes=len(class_names), top_k=top_k)
+
+
+def fill_template(template: str, labels: Sequence[str], percents: Sequence[int]) -> str:
+    """The prompt string for one image (what `assemble_prompts` builds as ids); for checks and display."""
+    top_k = len(labels)
+    values = {f"label{n + 1}": labels[n] for n in range(top_k)}
+    values.update({f"prob{n + 1}": str(int(percents[n])) for n in range(top_k)})
+    values.update(label=labels[0], prob=str(int(percents[0])))
+    return expand_template(template, top_k).format(**values)
+
+
+def probability_percents(probs: jax.Array) -> jax.Array:
+    """Probabilities in [0, 1] → whole percentages 0..100 (int32), rounded to nearest."""
+    return jnp.clip(jnp.round(probs * 100.0), 0, _PERCENT_VALUES - 1).astype(jnp.int32)
+
+
+def assemble_prompts(tables: PromptTables, topk_ids: jax.Array, percents: jax.Array,
+                     pad_id: int) -> tuple[jax.Array, jax.Array]:
+    """Builds left-padded prompt ids and mask [B, P] from the tables, inside jit.
+
+    Each piece contributes a fixed-width block (a literal, or the selected table row with its padding marked
+    invalid); concatenating the blocks gives the prompt with holes. A stable sort on the validity bit then moves
+    the holes to the left while keeping the real tokens in order: the left-padded prompt generation expects.
+    """
+    batch = topk_ids.shape[0]
+    blocks, valid = [], []
+    for piece in tables.pieces:
+        if piece.kind == "text":
+            blocks.append(jnp.broadcast_to(jnp.asarray(piece.ids, jnp.int32), (batch, len(piece.ids))))
+            valid.append(jnp.ones((batch, len(piece.ids)), bool))
+            continue
+        table = tables.tables[piece.table]
+        rows = (topk_ids if piece.kind == "label" else percents)[:, piece.rank]
+        blocks.append(jnp.asarray(table.ids, jnp.int32)[rows])
+        lengths = jnp.asarray(table.lengths, jnp.int32)[rows]
+        valid.append(jnp.arange(table.width)[None, :] < lengths[:, None])
+    ids, valid = jnp.concatenate(blocks, axis=1), jnp.concatenate(valid, axis=1)
+    order = jnp.argsort(valid.astype(jnp.int32), axis=1, stable=True)
+    ids = jnp.take_along_axis(ids, order, axis=1)
+    mask = jnp.take_along_axis(valid, order, axis=1)
+    return jnp.where(mask, ids, pad_id).astype(jnp.int32), mask.astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMClassPrompts:
+    """`imgllm.language.scoring.PromptTable` as nested tuples (hashable, so it can live in the static spec).
+
+    With it, the pipeline also classifies each image by the LM: the class whose prompts are most likely after the
+    image's visual prefix (`imgllm.language.scoring.classify_by_lm`), reported beside the CNN's labels.
+    """
+
+    input_ids: tuple
+    target_mask: tuple
+
+    @classmethod
+    def from_table(cls, table) -> "LMClassPrompts":
+        return cls(input_ids=_nested_tuple(np.asarray(table.input_ids)),
+                   target_mask=_nested_tuple(np.asarray(table.target_mask)))
+
+    def to_table(self) -> PromptTable:
+        return PromptTable(input_ids=jnp.asarray(self.input_ids, jnp.int32),
+                           target_mask=jnp.asarray(self.target_mask, jnp.float32))
+
+
+def _nested_tuple(array: np.ndarray):
+    return tuple(_nested_tuple(row) for row in array) if array.ndim > 1 else tuple(array.tolist())

@@ -1,0 +1,95 @@
+"""From training runs to what inference reads: pipeline checkpoints and Hugging Face GPT-2 directories.
+
+    assemble_pipeline_checkpoint   a classifier run (its CNN, class names, normalisation) + a GPT-2 → pipeline
+    export_pipeline_checkpoint     a captioner run (CNN, visual prefix, LM, tokenizer, class-prompt templates)
+    export_hf                      an LM run → a directory transformers' GPT2LMHeadModel loads
+
+These live on the trainer's side so that inference (`imgllm.pipeline`) never imports training code: a pipeline
+checkpoint is self-contained (format in `imgllm.pipeline.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from imgllm.language import hf
+from imgllm.language.tokenizer import tokenizer_from_json
+from imgllm.pipeline import checkpoint as pipeline_checkpoint
+from imgllm.pipeline.prompts import DEFAULT_TEMPLATE
+from imgllm.train.captioner import FROZEN
+from imgllm.train.checkpoint import load_classifier
+from imgllm.train.loop import restore_for_eval
+
+
+def check_vocabulary(tokenizer: Any, vocab_size: int, source: str) -> None:
+    """Raises ValueError when the tokenizer can produce ids the LM has no embedding for."""
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {len(tokenizer)} tokens but the LM's vocab_size is "
+                         f"{vocab_size}")
+
+
+def assemble_pipeline_checkpoint(out_dir: str | os.PathLike, *, classifier: str | os.PathLike, lm: str,
+                                 tokenizer: str | None = None, template: str = DEFAULT_TEMPLATE,
+                                 top_k: int = 1, max_new_tokens: int = 20, overwrite: bool = False) -> str:
+    """Builds a pipeline checkpoint from a classifier's train.py work directory and a GPT-2 (directory or hub name).
+
+    The tokenizer comes from `tokenizer` when given, else from the LM's directory. The class names, image size
+    and normalisation come from the classifier run's checkpoint (its config and meta).
+    """
+    cnn_variables, run_config, meta = load_classifier(os.fspath(classifier))
+    lm_config, lm_params = hf.load_gpt2(lm)
+    text_tokenizer = hf.load_tokenizer(tokenizer if tokenizer is not None else lm)
+    class_names = meta.get("task", {}).get("class_names")
+    if not class_names:
+        raise ValueError(f"{classifier}: the checkpoint's meta has no task.class_names (meta keys: {sorted(meta)})")
+    cnn_config = run_config.get("model")
+    if not cnn_config:
+        raise ValueError(f"{classifier}: the run config has no 'model' section (keys: {sorted(run_config)})")
+    normalization = run_config.get("normalization") or {}
+    config = pipeline_checkpoint.make_pipeline_config(
+        cnn=cnn_config, lm=lm_config.to_dict(), class_names=class_names,
+        eos_id=text_tokenizer.eos_token_id, pad_id=text_tokenizer.pad_token_id,
+        bos_id=text_tokenizer.bos_token_id, template=template, top_k=top_k,
+        image_size=int(run_config.get("image_size") or 32), mean=normalization.get("mean"),
+        std=normalization.get("std"), max_new_tokens=max_new_tokens)
+    check_vocabulary(text_tokenizer, lm_config.vocab_size, lm)
+    return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, {"cnn": cnn_variables, "lm": lm_params}, config,
+                                                        text_tokenizer, overwrite=overwrite)
+
+
+def export_pipeline_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, max_new_tokens: int = 0,
+                               overwrite: bool = False) -> str:
+    """Writes the pipeline checkpoint (imgllm.pipeline.checkpoint format) of a captioner run in `workdir`.
+
+    params {"cnn", "lm", "bridge"}; config: the classifier's CNN and normalisation, the LM's config.json, the
+    bridge fields, prompt = [BOS] only (empty template, prepend_bos) and "class_prompt_templates" for LM
+    classification. max_new_tokens=0: captions.max_tokens + 1.
+    """
+    config, meta, task, variables = restore_for_eval(workdir, step)
+    variables = jax.device_get(variables)
+    task_meta = meta["task"]
+    tokenizer = task._tokenizer_from_metadata(task_meta)
+    params = {"cnn": variables[FROZEN]["cnn"], "lm": task._lm_params(variables["params"], variables),
+              "bridge": variables["params"]["bridge"]}
+    normalization = task.normalization
+    pipeline_config = pipeline_checkpoint.make_pipeline_config(
+        cnn=task.classifier_config["model"], lm=task.lm_config.to_dict(), class_names=task.class_names,
+        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, bos_id=tokenizer.eos_token_id,
+        bridge=task_meta["bridge"], template="", top_k=1, image_size=task.image_size,
+        mean=normalization.get("mean"), std=normalization.get("std"), prepend_bos=True,
+        max_new_tokens=max_new_tokens or config.captions.max_tokens + 1)
+    pipeline_config["class_prompt_templates"] = list(task_meta["templates"])
+    return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, params, pipeline_config, tokenizer,
+                                                        overwrite=overwrite)
+
+
+def export_hf(workdir: str, out_dir: str, *, step: int | None = None) -> str:
+    """Write the LM checkpoint in `workdir` (latest, or `step`) as a Hugging Face GPT-2 directory with its tokenizer."""
+    _, meta, task, variables = restore_for_eval(workdir, step)
+    task_meta = meta["task"]
+    tokenizer = (tokenizer_from_json(task_meta["tokenizer_json"]) if task_meta.get("tokenizer_json")
+                 else hf.load_tokenizer(task_meta["tokenizer_path"]))
+    return hf.save_gpt2(out_dir, task.lm_config, jax.device_get(variables["params"]), tokenizer=tokenizer)
