@@ -21,6 +21,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from imgllm.data.dataset import ImageDataset, balanced_prefix_indices, carve_validation_indices
+from imgllm.data.images import array_to_rgb, decode_image_files
+from imgllm.data.load import load_dataset
+from imgllm.data.text import iter_json_lines
 
 CAPTIONS_PREFIX = "captions:"
 COCO_SPEC = "tfds:coco_captions"
@@ -33,8 +36,6 @@ class CaptionFileError(ValueError):
 
 def read_captions_file(path: str) -> list[dict[str, str]]:
     """The records of a JSON-lines captions file: [{"path", "caption", "label"?}], paths made absolute."""
-    from imgllm.data.text import iter_json_lines
-
     if not os.path.isfile(path):
         raise CaptionFileError(f"captions file {path} does not exist")
     root = os.path.dirname(os.path.abspath(path))
@@ -85,8 +86,6 @@ def group_captions(records: Iterable[Mapping[str, str]]) -> tuple[list[str], lis
 def load_caption_folder(root: str, split: str, *, image_size: int | None = None,
                         class_names: Sequence[str] | None = None) -> ImageDataset:
     """The `split` of a captions folder (see the module docstring) with every image decoded once."""
-    from imgllm.data.images import decode_image_files
-
     split_file = os.path.join(root, f"{split}.jsonl")
     carve = split in ("train", "validation") and not os.path.isfile(os.path.join(root, "validation.jsonl"))
     source_file = os.path.join(root, "train.jsonl") if carve else split_file
@@ -129,8 +128,6 @@ def load_coco_captions(split: str, *, data_dir: str | None = None, image_size: i
     Images without any object are dropped (they have no class for the LM-classification metric).
     """
     import tensorflow_datasets as tfds
-    from imgllm.data.images import array_to_rgb
-
     if split not in _COCO_SPLITS:
         raise ValueError(f"coco_captions split {split!r}: expected one of {tuple(_COCO_SPLITS)}")
     source = tfds.data_source("coco_captions", split=_COCO_SPLITS[split], data_dir=data_dir)
@@ -158,7 +155,6 @@ def load_caption_dataset(spec: str, split: str, *, seed: int = 0, data_dir: str 
     elif spec == COCO_SPEC:
         return load_coco_captions(split, data_dir=data_dir, image_size=image_size or 32, num_examples=num_examples)
     else:
-        from imgllm.data import load_dataset
         return load_dataset(spec, split, seed=seed, data_dir=data_dir, image_size=image_size, num_examples=num_examples)
     if num_examples is not None:
         dataset = dataset.subset(balanced_prefix_indices(dataset.labels, num_examples))

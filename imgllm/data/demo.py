@@ -18,11 +18,16 @@ asking for more examples extends a split without changing its first images.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import os
 import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from imgllm.data.dataset import ImageDataset
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "heart", "crescent", "bar")
 # Very distinct, saturated colours; backgrounds stay dark and low in saturation so all of them stand out.
@@ -227,8 +232,6 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 32) ->
 
 def generate_demo(split: str, *, seed: int = 0, num_examples: int | None = None, image_size: int | None = None):
     """The demo split as an `ImageDataset` with one reference caption per image."""
-    from imgllm.data.dataset import ImageDataset  # local: keeps this module importable on its own
-
     image_size = 32 if image_size is None else int(image_size)
     if image_size < 16:
         raise ValueError(f"demo image_size must be at least 16 pixels, got {image_size}")
@@ -256,9 +259,6 @@ def write_demo_images(out_dir: str, *, num_examples: int, seed: int = 1, split: 
     the "captions:" folder format of `imgllm.captions`, and what ``infer.py --references`` scores against.
     Returns the captions file's path.
     """
-    import json
-    import os
-
     lines = []
     for index in range(num_examples):
         image, scene = generate_example(seed, split, index, image_size)
@@ -274,8 +274,6 @@ def write_demo_images(out_dir: str, *, num_examples: int, seed: int = 1, split: 
 
 def main(argv=None) -> None:
     """``python -m imgllm.data.demo --out DIR [--num N] [--seed S]``: fresh demo images to caption."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--out", required=True, help="folder to write <shape>/<index>.png and captions.jsonl into")
     parser.add_argument("--num", type=int, default=16, help="number of images")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 from imgllm.data.dataset import DEFAULT_VALIDATION_FRACTION, ImageDataset
+from imgllm.data.demo import generate_demo
+from imgllm.data.folder import load_image_folder
+from imgllm.data.tfds_source import load_tfds
 
 SPEC_FORMS = ('"cifar10"', '"tfds:<name>"', '"folder:<root>"', '"demo"')
 
@@ -35,12 +38,8 @@ def load_dataset(
     """
     kind, _, argument = spec.partition(":")
     if spec == "demo":
-        from imgllm.data.demo import generate_demo
-
         return generate_demo(split, seed=seed, num_examples=num_examples, image_size=image_size)
     if spec == "cifar10" or (kind == "tfds" and argument):
-        from imgllm.data.tfds_source import load_tfds
-
         return load_tfds(
             argument or spec,
             split,
@@ -50,8 +49,6 @@ def load_dataset(
             validation_fraction=validation_fraction,
         )
     if kind == "folder" and argument:
-        from imgllm.data.folder import load_image_folder
-
         root = os.path.join(data_dir, argument) if data_dir else argument
         return load_image_folder(
             root,
