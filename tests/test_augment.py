@@ -5,7 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imgllm.data.augment import CIFAR10_MEAN, CIFAR10_STD, normalize, random_crop_flip, random_translate
+from imgllm.data.augment import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    alternating_flip,
+    normalize,
+    random_crop_flip,
+    random_translate,
+    translate,
+)
 
 jax.config.update("jax_enable_x64", False)
 
@@ -65,3 +73,17 @@ def test_translate_is_a_crop_of_the_reflect_padded_image_at_every_offset():
 def test_translate_rejects_a_pad_as_large_as_the_image():
     with pytest.raises(ValueError, match="pad"):
         random_translate(jax.random.key(0), jnp.zeros((1, 4, 4, 3)), 4)
+
+
+def test_alternating_flip_mirrors_on_odd_epochs():
+    images = jnp.arange(4 * 2 * 3 * 3, dtype=jnp.uint8).reshape(4, 2, 3, 3)
+    indices = jnp.arange(4)
+    even, odd = (alternating_flip(images, indices, jnp.int32(e), seed=0) for e in (0, 1))
+    np.testing.assert_array_equal(np.asarray(odd), np.asarray(even)[:, :, ::-1, :])
+    np.testing.assert_array_equal(alternating_flip(images, indices, jnp.int32(2), seed=0), even)
+
+
+def test_translate_shifts_with_reflection():
+    image = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    shifted = translate(image, 1, 1)
+    np.testing.assert_array_equal(shifted[0, 1:, 1:, 0], image[0, :3, :3, 0])

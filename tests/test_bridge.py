@@ -3,15 +3,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_variables  # seeded weights without compiling initialisers
+from jax import lax
 
-from imgllm.vision import cnn as cnn_lib
 from imgllm.bridge import PrefixMapper, check_mapper_fits
-from imgllm.language.scoring import embed_tokens, prefixed_token_log_probs, prefixed_token_stats
-from imgllm.vision.features import cnn_outputs, max_pool_to_grid, whitening_stem_output
 from imgllm.language.gpt2 import GPT2, GPT2Config, init_params
-from conftest import random_variables   # seeded weights without compiling initialisers
+from imgllm.language.scoring import embed_tokens, prefixed_token_log_probs, prefixed_token_stats
+from imgllm.vision import cnn as cnn_lib
+from imgllm.vision.features import cnn_outputs, max_pool_to_grid
 
 jax.config.update("jax_enable_x64", False)
+
+
+def whitening_stem(params, x):
+    """The CNN's whitening stem as airbench defines it, GELU(conv2x2 VALID (x, whiten_kernel) + whiten_bias), written
+    here with lax as the oracle of the stem the CNN gives in its "pyramid" features: [B, H-1, W-1, whiten_width]."""
+    stem = lax.conv_general_dilated(x, params["whiten_kernel"], (1, 1), "VALID",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.nn.gelu(stem + params["whiten_bias"], approximate=False)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +57,7 @@ def test_feature_sources(parts):
                                 capture_intermediates=lambda module, _: module.path == ("block1", "conv1"))
         return dict(reference=cnn.apply(variables, x, train=False),
                     **{source: cnn_outputs(cnn, variables, x, source) for source in ("pooled", "spatial", "pyramid")},
-                    stem=whitening_stem_output(cnn, variables, x),
+                    stem=whitening_stem(variables["params"], x),
                     conv1=captured["intermediates"]["block1"]["conv1"]["__call__"][0])
 
     out = all_sources(cnn_variables, images)
@@ -65,7 +74,7 @@ def test_feature_sources(parts):
     np.testing.assert_array_equal(pyramid[:, -spatial.shape[1]:], spatial)   # the last block's grid, unpooled
     assert stem.shape == (3, 31, 31, 24)
     np.testing.assert_allclose(pyramid[:, :3 * 3 * 24], max_pool_to_grid(stem, (3, 3)).reshape(3, -1), rtol=1e-6)
-    # The recomputed stem is what the CNN feeds block1: with block1's first conv set to the identity on its 8
+    # The oracle stem is what the CNN feeds block1: with block1's first conv set to the identity on its 8
     # output channels (airbench's dirac init), its output is the stem's first 8 channels.
     identity = np.zeros((3, 3, 24, 8), np.float32)
     identity[1, 1, np.arange(8), np.arange(8)] = 1

@@ -1,4 +1,5 @@
-"""Tests for imgllm.vision.cnn: shapes, sizes, conv implementations agree, BatchNorm, whitening."""
+"""Tests for imgllm.vision.cnn and .conv: shapes, sizes, the CPU conv fast paths against the plain lax.conv path,
+BatchNorm, whitening, the CNN's own features."""
 
 import functools
 import os
@@ -12,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from imgllm.vision import cnn
+from imgllm.vision import cnn, conv, conv_cpu
 
 jax.config.update("jax_enable_x64", False)
 
@@ -62,18 +63,18 @@ def test_full_size_parameter_count_and_shapes():
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole_batch", "batch_chunks"])
 @pytest.mark.parametrize("padding,kernel_size", [("SAME", 3), ("VALID", 2)])
-def test_im2col_conv_matches_xla_conv_forward_and_gradients(padding, kernel_size, chunked, monkeypatch):
+def test_im2col_conv_matches_lax_conv_forward_and_gradients(padding, kernel_size, chunked, monkeypatch):
     x = _images(batch=6, size=9)
     if chunked:  # patches over 8 kB are built a chunk of the batch at a time (strided rows, lax.map / scan)
-        monkeypatch.setattr(cnn, "PATCH_CHUNK_BYTES", 8000)
-        assert cnn._batch_chunks(x, kernel_size, padding) in (3, 6)
+        monkeypatch.setattr(conv_cpu, "PATCH_CHUNK_BYTES", 8000)
+        assert conv_cpu._batch_chunks(x, kernel_size, padding) in (3, 6)
     kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 3, 5))
 
     def loss(impl):
-        return lambda x, k: jnp.sum(jnp.sin(cnn.conv2d(x, k, padding=padding, impl=impl)))
+        return lambda x, k: jnp.sum(jnp.sin(conv.conv2d(x, k, padding=padding, impl=impl)))
 
-    np.testing.assert_allclose(cnn.conv2d(x, kernel, padding=padding, impl="im2col"),
-                               cnn.conv2d(x, kernel, padding=padding, impl="xla"), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(conv.conv2d(x, kernel, padding=padding, impl="im2col"),
+                               conv.lax_conv(x, kernel, padding), rtol=1e-4, atol=1e-4)
     grads_im2col = jax.jit(jax.grad(loss("im2col"), argnums=(0, 1)))(x, kernel)
     grads_xla = jax.jit(jax.grad(loss("xla"), argnums=(0, 1)))(x, kernel)
     for a, b in zip(grads_im2col, grads_xla):
@@ -82,18 +83,18 @@ def test_im2col_conv_matches_xla_conv_forward_and_gradients(padding, kernel_size
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole_batch", "batch_chunks"])
 @pytest.mark.parametrize("padding,kernel_size", [("SAME", 3), ("VALID", 2), ("SAME", 2)])
-def test_hybrid_conv_matches_xla_conv_forward_and_gradients(padding, kernel_size, chunked, monkeypatch):
+def test_hybrid_conv_matches_lax_conv_forward_and_gradients(padding, kernel_size, chunked, monkeypatch):
     """lax.conv forward, input gradient as a conv with the flipped kernel (asymmetric SAME padding at k=2),
     kernel gradient by im2col, whole or over batch chunks."""
-    x = jax.random.normal(jax.random.key(0), (6, 9, 9, cnn.HYBRID_MIN_IN_CHANNELS))
+    x = jax.random.normal(jax.random.key(0), (6, 9, 9, conv_cpu.HYBRID_MIN_IN_CHANNELS))
     if chunked:
-        monkeypatch.setattr(cnn, "PATCH_CHUNK_BYTES", 40000)
-        assert cnn._batch_chunks(x, kernel_size, padding) in (2, 3, 6)
+        monkeypatch.setattr(conv_cpu, "PATCH_CHUNK_BYTES", 40000)
+        assert conv_cpu._batch_chunks(x, kernel_size, padding) in (2, 3, 6)
     kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, x.shape[-1], 5))
-    loss = lambda impl: lambda x, k: jnp.sum(jnp.sin(cnn.conv2d(x, k, padding=padding, impl=impl)))
+    loss = lambda impl: lambda x, k: jnp.sum(jnp.sin(conv.conv2d(x, k, padding=padding, impl=impl)))
     assert "conv_general_dilated" in str(jax.make_jaxpr(loss("hybrid"))(x, kernel))   # not the im2col fallback
-    np.testing.assert_allclose(cnn.conv2d(x, kernel, padding=padding, impl="hybrid"),
-                               cnn.conv2d(x, kernel, padding=padding, impl="xla"), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(conv.conv2d(x, kernel, padding=padding, impl="hybrid"),
+                               conv.lax_conv(x, kernel, padding), rtol=1e-4, atol=1e-4)
     grads_hybrid = jax.jit(jax.grad(loss("hybrid"), argnums=(0, 1)))(x, kernel)
     grads_xla = jax.jit(jax.grad(loss("xla"), argnums=(0, 1)))(x, kernel)
     for a, b in zip(grads_hybrid, grads_xla):
@@ -101,15 +102,29 @@ def test_hybrid_conv_matches_xla_conv_forward_and_gradients(padding, kernel_size
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
+def test_xla_impl_is_the_plain_lax_conv_and_conv2d_checks_its_inputs():
+    """impl "xla" (what "auto" runs on GPU/TPU) is `lax_conv` alone: the oracle of the CPU fast paths."""
+    x, kernel = _images(batch=2, size=8), jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    jaxpr = str(jax.make_jaxpr(lambda x: conv.conv2d(x, kernel, impl="xla"))(x))
+    assert "conv_general_dilated" in jaxpr and "dot_general" not in jaxpr
+    np.testing.assert_array_equal(conv.conv2d(x, kernel, impl="xla"), conv.lax_conv(x, kernel, "SAME"))
+    with pytest.raises(ValueError, match="padding='FULL'"):
+        conv.conv2d(x, kernel, padding="FULL", impl="xla")
+    with pytest.raises(ValueError, match="kernel expects 3"):
+        conv.conv2d(x[..., :2], kernel)
+    with pytest.raises(ValueError, match="impl='xla'"):
+        conv_cpu.cpu_conv(x, kernel, "SAME", "xla")
+
+
 def test_hybrid_uses_im2col_below_min_in_channels():
     """XLA:CPU's convolution is slow on few input channels (the RGB stem): "hybrid" is im2col there."""
     kernel = jnp.ones((2, 2, 3, 4))
-    jaxpr = str(jax.make_jaxpr(lambda x: cnn.conv2d(x, kernel, padding="VALID", impl="hybrid"))(_images(batch=2)))
+    jaxpr = str(jax.make_jaxpr(lambda x: conv.conv2d(x, kernel, padding="VALID", impl="hybrid"))(_images(batch=2)))
     assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
 
 
 @pytest.mark.parametrize("impl", ["im2col", "hybrid"])
-def test_model_matches_xla_forward_and_gradients(impl):
+def test_model_matches_lax_conv_model_forward_and_gradients(impl):
     x = _images(batch=8, size=16)  # 16x16 is the smallest input the three pooling stages accept
     model, xla = (cnn.cnn_preset("tiny", conv_impl=i) for i in (impl, "xla"))
     variables = _tiny_variables()
@@ -127,6 +142,36 @@ def test_model_matches_xla_forward_and_gradients(impl):
     assert jnp.all(grads["whiten_kernel"] == 0)  # frozen stem
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4), grads, grads_xla)
     assert float(jnp.abs(grads["block2"]["conv1"]["kernel"]).sum()) > 0
+
+
+def test_cnn_features_come_from_the_network():
+    """CNN.features and the feature_source argument of __call__ give the same features; the logits do not
+    depend on which features are asked for."""
+    model = cnn.cnn_preset("tiny", conv_impl="xla")
+    variables, x = _tiny_variables(), _images()
+
+    @jax.jit
+    def outputs(variables, x):
+        calls = {source: model.apply(variables, x, train=False, feature_source=source)
+                 for source in cnn.FEATURE_SOURCES}
+        methods = {source: model.apply(variables, x, train=False, source=source, method=cnn.CNN.features)
+                   for source in cnn.FEATURE_SOURCES}
+        return calls, methods
+
+    calls, methods = outputs(variables, x)
+    widths = model.widths
+    # 32x32 images: the stem's 31x31 map is halved by each block to 15, 7 and 3
+    expected = {"pooled": widths[-1], "spatial": 3 * 3 * widths[-1], "pyramid": 3 * 3 * (24 + sum(widths))}
+    for source in cnn.FEATURE_SOURCES:
+        logits, features = calls[source]
+        assert features.shape == methods[source].shape == (4, expected[source])
+        np.testing.assert_allclose(methods[source], features, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(logits, calls["pooled"][0], rtol=1e-6, atol=1e-6)
+    # The pooled features are the global max of the spatial map, which is the pyramid's last part.
+    np.testing.assert_allclose(calls["spatial"][1].reshape(4, 9, widths[-1]).max(1), calls["pooled"][1], rtol=1e-6)
+    np.testing.assert_array_equal(calls["pyramid"][1][:, -expected["spatial"]:], calls["spatial"][1])
+    with pytest.raises(ValueError, match="feature_source='mean'"):
+        model.apply(variables, x, train=False, feature_source="mean")
 
 
 def test_batch_stats_update_in_train_mode_only():
@@ -147,7 +192,7 @@ def test_dirac_init_passes_input_through():
     kernel = jax.jit(cnn.dirac_init(), static_argnums=1)(jax.random.key(0), (3, 3, 4, 6))
     x = _images(batch=1, size=5)[..., :3]
     x = jnp.concatenate([x, x[..., :1]], axis=-1)
-    y = jax.jit(functools.partial(cnn.conv2d, impl="xla"))(x, kernel)
+    y = jax.jit(functools.partial(conv.conv2d, impl="xla"))(x, kernel)
     np.testing.assert_allclose(y[..., :4], x, atol=1e-6)
     assert float(jnp.abs(kernel[..., 4:]).sum()) > 0  # the other outputs keep a random init
 
@@ -167,7 +212,7 @@ def test_whitening_kernel_whitens_patches():
     kernel = cnn.whitening_kernel(images, patch_size=2, eps=1e-6)
     assert kernel.shape == (2, 2, 3, 24) and kernel.dtype == np.float32
     np.testing.assert_allclose(kernel[..., 12:], -kernel[..., :12])
-    patches = np.asarray(cnn.im2col_patches(jnp.asarray(images), 2, "VALID")).reshape(-1, 12)
+    patches = np.asarray(conv_cpu.im2col_patches(jnp.asarray(images), 2, "VALID")).reshape(-1, 12)
     covariance_before = patches.T @ patches / len(patches)
     assert np.abs(covariance_before - np.eye(12)).max() > 0.5
     whitened = patches @ kernel.reshape(12, 24)[:, :12]
@@ -175,17 +220,13 @@ def test_whitening_kernel_whitens_patches():
     np.testing.assert_allclose(covariance, np.eye(12), atol=1e-3)
 
 
-def test_set_whitening_and_param_groups():
+def test_set_whitening():
     variables = _tiny_variables()
     kernel = np.ones((2, 2, 3, 24), np.float32)
     params = cnn.set_whitening(variables["params"], kernel)
     np.testing.assert_array_equal(params["whiten_kernel"], kernel)
     with pytest.raises(ValueError, match="whitening kernel has shape"):
         cnn.set_whitening(variables["params"], kernel[..., :12])
-    groups = cnn.param_groups(params)
-    assert groups["whiten_kernel"] == "frozen" and groups["whiten_bias"] == "whiten_bias"
-    assert groups["block1"]["norm1"]["bias"] == "norm_bias"
-    assert groups["block1"]["conv1"]["kernel"] == "weight" and groups["head"]["kernel"] == "weight"
 
 
 def test_bfloat16_compute_keeps_float32_params():
@@ -215,8 +256,8 @@ def test_config_and_errors():
         cnn.cnn_from_config({"widths": (8, 8, 8)})
     with pytest.raises(ValueError, match=r"images \[B,H,W,3\]"):
         model.init(jax.random.key(0), jnp.zeros((2, 32, 32)), train=False)
-    assert cnn.resolve_conv_impl("auto", backend="cpu") == "hybrid"
-    assert cnn.resolve_conv_impl("auto", backend="gpu") == "xla"
+    assert conv.resolve_conv_impl("auto", backend="cpu") == "hybrid"
+    assert conv.resolve_conv_impl("auto", backend="gpu") == "xla"
 
 
 def test_chunked_im2col_on_a_sharded_batch_matches_one_device():
@@ -224,15 +265,15 @@ def test_chunked_im2col_on_a_sharded_batch_matches_one_device():
     script = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from imgllm.vision import cnn
-        cnn.PATCH_CHUNK_BYTES = 200000                    # patches of 8 9x9x16 images: 373 kB, 2 chunks of 4
+        from imgllm.vision import conv, conv_cpu
+        conv_cpu.PATCH_CHUNK_BYTES = 200000               # patches of 8 9x9x16 images: 373 kB, 2 chunks of 4
         x = np.random.default_rng(0).standard_normal((8, 9, 9, 16)).astype(np.float32)
         k = np.random.default_rng(1).standard_normal((3, 3, 16, 5)).astype(np.float32)
-        assert cnn._batch_chunks(jnp.asarray(x), 3, "SAME") == 2
+        assert conv_cpu._batch_chunks(jnp.asarray(x), 3, "SAME") == 2
         mesh = Mesh(np.array(jax.devices()), ("data",))
         assert mesh.shape["data"] == 4
         for impl in ("im2col", "hybrid"):
-            loss = lambda x, k: jnp.sum(jnp.sin(cnn.conv2d(x, k, impl=impl)))
+            loss = lambda x, k: jnp.sum(jnp.sin(conv.conv2d(x, k, impl=impl)))
             step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
             sharded = step(jax.device_put(x, NamedSharding(mesh, P("data"))),
                            jax.device_put(k, NamedSharding(mesh, P())))
@@ -265,8 +306,8 @@ def _load_into_torch(net, params):
         net[0].bias.copy_(torch.tensor(np.asarray(params["whiten_bias"])))
         for i in range(3):
             block, ours = net[2 + i], params[f"block{i + 1}"]
-            for conv, norm, name in ((block[0], block[2], "1"), (block[4], block[5], "2")):
-                conv.weight.copy_(oihw(ours["conv" + name]["kernel"]))
+            for torch_conv, norm, name in ((block[0], block[2], "1"), (block[4], block[5], "2")):
+                torch_conv.weight.copy_(oihw(ours["conv" + name]["kernel"]))
                 norm.bias.copy_(torch.tensor(np.asarray(ours["norm" + name]["bias"])))
         net[-2].weight.copy_(torch.tensor(np.asarray(params["head"]["kernel"]).T))
 
@@ -302,9 +343,9 @@ def test_airbench94_matches_the_pytorch_reference_in_train_mode(impl):
     to_hwio = lambda t: t.grad.numpy().transpose(2, 3, 1, 0)
     for i in range(3):
         block, ours = net[2 + i], grads[f"block{i + 1}"]
-        for conv, bn, name in ((block[0], block[2], "1"), (block[4], block[5], "2")):
-            scale = np.abs(to_hwio(conv.weight)).max()
-            np.testing.assert_allclose(ours["conv" + name]["kernel"], to_hwio(conv.weight), atol=1e-4 * scale)
+        for torch_conv, bn, name in ((block[0], block[2], "1"), (block[4], block[5], "2")):
+            scale = np.abs(to_hwio(torch_conv.weight)).max()
+            np.testing.assert_allclose(ours["conv" + name]["kernel"], to_hwio(torch_conv.weight), atol=1e-4 * scale)
             np.testing.assert_allclose(ours["norm" + name]["bias"], bn.bias.grad.numpy(), rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(grads["whiten_bias"], net[0].bias.grad.numpy(), rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(grads["head"]["kernel"], net[-2].weight.grad.numpy().T, rtol=1e-3, atol=1e-6)

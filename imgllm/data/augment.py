@@ -1,5 +1,10 @@
 """Device-side image augmentation and normalisation: pure `jax.numpy`, meant to run inside `jit`.
 
+    normalize                      uint8 pixels -> the CNN's normalised float32 input (the one normalisation)
+    random_translate, random_flip  per-image random shift (reflect padding) and mirror; random_crop_flip: both
+    alternating_flip               airbench's flip: a fixed orientation per image, mirrored on odd epochs
+    translate                      a fixed shift of every image (test-time augmentation views)
+
 Batches travel to the device as uint8 (4x less host-to-device traffic than float32) and are
 augmented and normalised there, as part of the jitted train step. Randomness comes only from the
 explicit key, so the same key gives the same batch.
@@ -56,3 +61,20 @@ def random_crop_flip(rng: jax.Array, images: jax.Array, *, pad: int = 2, flip: b
     translate_key, flip_key = jax.random.split(rng)
     images = random_translate(translate_key, images, pad)
     return random_flip(flip_key, images) if flip else images
+
+
+def alternating_flip(images: jax.Array, indices: jax.Array, epoch: jax.Array, seed: int) -> jax.Array:
+    """airbench's alternating flip: each image has a fixed random orientation from (seed, index) and is
+    mirrored on odd epochs, so over two epochs every image is seen both ways (more diverse than coin flips)."""
+    base = jax.random.PRNGKey(seed)
+    coin = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(base, i)))(indices)
+    flip = jnp.logical_xor(coin, (epoch % 2) == 1)
+    return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
+
+
+def translate(images: jax.Array, dy: int, dx: int) -> jax.Array:
+    """Shifts images by (dy, dx) pixels with reflect padding (test-time augmentation views)."""
+    pad = max(abs(dy), abs(dx))
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    h, w = images.shape[1:3]
+    return padded[:, pad - dy:pad - dy + h, pad - dx:pad - dx + w, :]

@@ -6,7 +6,8 @@ language-model and captioning tasks.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,25 +18,8 @@ import optax
 from imgllm import data as data_lib
 from imgllm.data import augment
 from imgllm.data.folder import SPLIT_FOLDER_NAMES
-from imgllm.vision import cnn as cnn_lib
 from imgllm.train.task import Metrics, metric
-
-
-def alternating_flip(images: jax.Array, indices: jax.Array, epoch: jax.Array, seed: int) -> jax.Array:
-    """airbench's alternating flip: each image has a fixed random orientation from (seed, index) and is
-    mirrored on odd epochs, so over two epochs every image is seen both ways (more diverse than coin flips)."""
-    base = jax.random.PRNGKey(seed)
-    coin = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(base, i)))(indices)
-    flip = jnp.logical_xor(coin, (epoch % 2) == 1)
-    return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
-
-
-def translate(images: jax.Array, dy: int, dx: int) -> jax.Array:
-    """Shifts images by (dy, dx) pixels with reflect padding (test-time augmentation views)."""
-    pad = max(abs(dy), abs(dx))
-    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    h, w = images.shape[1:3]
-    return padded[:, pad - dy:pad - dy + h, pad - dx:pad - dx + w, :]
+from imgllm.vision import cnn as cnn_lib
 
 
 def remap_labels(labels: np.ndarray, names: tuple[str, ...], target_names: tuple[str, ...], where: str) -> np.ndarray:
@@ -123,7 +107,7 @@ class ClassifierTask:
         cfg = self.config.augment
         images = augment.random_crop_flip(rng, images, pad=cfg.translate, flip=cfg.flip == "random")
         if cfg.flip == "alternating":
-            images = alternating_flip(images, indices, epoch, self.config.seed)
+            images = augment.alternating_flip(images, indices, epoch, self.config.seed)
         return images
 
     def loss(self, params, model_state, batch, rng, epoch) -> tuple[jax.Array, tuple[Metrics, dict]]:
@@ -150,7 +134,7 @@ class ClassifierTask:
         mirror = lambda x: 0.5 * (apply(x) + apply(x[:, :, ::-1, :]))
         logits = mirror(images)
         if self.config.tta == "flip_translate":
-            shifted = 0.5 * (mirror(translate(images, 1, 1)) + mirror(translate(images, -1, -1)))
+            shifted = 0.5 * (mirror(augment.translate(images, 1, 1)) + mirror(augment.translate(images, -1, -1)))
             logits = 0.5 * (logits + shifted)
         return logits
 
