@@ -43,9 +43,9 @@ def jax_parts(tok):
     import jax
     import jax.numpy as jnp
 
-    from imgllm.vision.cnn import cnn_preset
     from imgllm.language.gpt2 import GPT2Config, init_params
     from imgllm.pipeline.checkpoint import make_pipeline_config
+    from imgllm.vision.cnn import cnn_preset
 
     cnn = cnn_preset("airbench94", num_classes=len(CLASS_NAMES))
     cnn_variables = jax.jit(lambda k: cnn.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.PRNGKey(0))

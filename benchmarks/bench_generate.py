@@ -25,12 +25,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from imgllm.language.decoding import GenerationConfig, _generate_jit, generate  # noqa: E402
-from imgllm.language.gpt2 import GPT2Config, kernels_out_in  # noqa: E402
+from imgllm.language.gpt2 import GPT2Config  # noqa: E402
+from imgllm.language.matmul_cpu import kernels_out_in  # noqa: E402
 
 
 def torch_gpt2_small(seed: int):
     import torch
-    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
 
     torch.manual_seed(seed)
     return GPT2LMHeadModel(HFConfig()).eval()

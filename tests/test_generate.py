@@ -1,4 +1,5 @@
-"""Tests of KV-cache generation (imgllm/generate.py) on a tiny GPT-2."""
+"""Tests of KV-cache generation (imgllm/language/decoding.py, beam.py) on a tiny GPT-2. Token selection itself:
+tests/test_sampling.py."""
 
 import os
 import subprocess
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 
 from imgllm.language import decoding as gen
-from imgllm.language.decoding import (GenerationConfig, argmax_first, beam_search_tokens, draw_categorical, draw_top_p,
-                             generate, generate_tokens, process_logits, sampling_weights, select_tokens)
-from imgllm.language.gpt2 import GPT2, GPT2Config, init_params, kernels_out_in
+from imgllm.language.decoding import GenerationConfig, beam_search_tokens, generate, generate_tokens
+from imgllm.language.gpt2 import GPT2, GPT2Config, init_params
+from imgllm.language.matmul_cpu import kernels_out_in
 
 CONFIG = GPT2Config.tiny()
 PAD = CONFIG.eos_token_id
@@ -106,6 +107,34 @@ def test_kernels_out_in_params_generate_the_same_tokens(params, prompts, gen):
     np.testing.assert_allclose(out_in_scores, scores, atol=1e-4)
 
 
+@pytest.mark.parametrize("gen", [dict(), dict(num_beams=3, num_return_sequences=2)])
+def test_the_cpu_fast_paths_decode_what_the_plain_paths_decode(params, prompts, gen):
+    """Plain sampler on the stored [in, out] parameters (what GPU/TPU run) against the CPU sampler on the
+    kernels_out_in parameters: greedy and beam search agree token for token, scores within float tolerance."""
+    ids, mask = prompts
+    plain, plain_scores = _run(params, ids, mask, _config(sampler="plain", **gen))
+    fast, fast_scores = _run(kernels_out_in(params), ids, mask, _config(sampler="cpu", **gen))
+    np.testing.assert_array_equal(fast, plain)
+    np.testing.assert_allclose(fast_scores, plain_scores, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["plain", "cpu"])
+def test_sampled_tokens_stay_in_the_top_p_nucleus_on_both_samplers(params, prompts, sampler):
+    """Sampled decoding with top-p (tokens and their scores) through the whole loop: every token lies in the
+    nucleus of the model's next-token distribution given the tokens before it (recomputed without cache)."""
+    ids, mask = prompts
+    config = _config(do_sample=True, top_p=0.5, temperature=1.5, sampler=sampler)
+    tokens, _ = _run(params, ids[:1], mask[:1], config, jax.random.key(7))
+    sequence = np.concatenate([ids[0], tokens[0]])
+    logits = np.asarray(jax.jit(lambda p, x: GPT2(CONFIG).apply({"params": p}, x)[0][0])(params, sequence[None]),
+                        np.float64) / 1.5
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    for step, token in enumerate(tokens[0]):
+        row = probs[len(ids[0]) - 1 + step]
+        assert row[row > row[token]].sum() < 0.5 + 1e-5, (step, token)
+
+
 def test_sampling_is_reproducible_from_the_key(params, prompts):
     ids, mask = prompts
     config = _config(do_sample=True, max_new_tokens=16)
@@ -116,10 +145,12 @@ def test_sampling_is_reproducible_from_the_key(params, prompts):
     assert (first != other).any()
 
 
-def test_top_k_1_sampling_equals_greedy(params, prompts):
+@pytest.mark.parametrize("sampler", ["plain", "cpu"])
+def test_top_k_1_sampling_equals_greedy(params, prompts, sampler):
     ids, mask = prompts
     greedy, _ = _run(params, ids, mask, _config())
-    top1, _ = _run(params, ids, mask, _config(do_sample=True, top_k=1, temperature=0.7), jax.random.key(3))
+    top1, _ = _run(params, ids, mask, _config(do_sample=True, top_k=1, temperature=0.7, sampler=sampler),
+                   jax.random.key(3))
     np.testing.assert_array_equal(top1, greedy)
 
 
@@ -128,33 +159,6 @@ def test_num_return_sequences_draws_independent_samples(params, prompts):
     tokens, scores = _run(params, ids, mask, _config(do_sample=True, num_return_sequences=3, temperature=2.0))
     assert tokens.shape == (9, NEW) and scores.shape == (9,)
     assert len({tuple(t) for t in tokens[:3]}) > 1  # three draws for prompt 0 differ
-
-
-def test_process_logits_applies_temperature_top_k_top_p():
-    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    assert jnp.isinf(process_logits(logits, _config(do_sample=True, top_k=2))[0, 2:]).all()
-    kept = ~jnp.isinf(process_logits(logits, _config(do_sample=True, top_p=0.7))[0])
-    np.testing.assert_array_equal(kept, [True, True, False, False])  # 0.5 < 0.7 needs the 0.3 token too
-    hot = process_logits(logits, _config(do_sample=True, temperature=2.0))
-    np.testing.assert_allclose(hot, logits / 2.0)
-    np.testing.assert_array_equal(process_logits(logits, _config(top_k=1)), logits)  # no-op unless sampling
-
-
-def test_top_p_keeps_the_smallest_set_reaching_the_mass():
-    """The bisection filter keeps what the sorted-cumsum definition keeps (float64 reference in numpy)."""
-    logits = np.asarray(jax.random.normal(jax.random.key(3), (6, 500)) * 2.5, np.float64)
-    logits[5, 7] = 40.0                                  # one token holds nearly all the mass: kept alone
-    for top_p in (0.2, 0.7, 0.95):
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        order = np.argsort(-probs, axis=-1)
-        sorted_probs = np.take_along_axis(probs, order, -1)
-        kept_sorted = np.cumsum(sorted_probs, -1) - sorted_probs < top_p
-        expected = np.zeros_like(kept_sorted)
-        np.put_along_axis(expected, order, kept_sorted, -1)
-        filtered = process_logits(jnp.asarray(logits, jnp.float32), _config(do_sample=True, top_p=top_p))
-        np.testing.assert_array_equal(np.isfinite(np.asarray(filtered)), expected, err_msg=f"top_p={top_p}")
-        assert np.isfinite(np.asarray(filtered))[5].sum() == 1
 
 
 def test_beam_search_with_one_beam_equals_greedy(params, prompts):
@@ -260,73 +264,3 @@ def test_generate_shards_the_batch_over_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
-
-
-def test_argmax_first_equals_argmax_with_ties_and_infinities():
-    rng = np.random.default_rng(0)
-    logits = rng.integers(-3, 3, size=(64, 1000)).astype(np.float32)    # many ties per row
-    logits[0] = -np.inf
-    logits[1, 5:] = np.inf
-    np.testing.assert_array_equal(argmax_first(jnp.asarray(logits)), np.argmax(logits, axis=-1))
-    with_nan = np.zeros((1, 10), np.float32)
-    with_nan[0, 3] = np.nan
-    assert 0 <= int(argmax_first(jnp.asarray(with_nan))[0]) < 10
-
-
-@pytest.mark.parametrize("size", [12, 1031, 2062])
-def test_draw_categorical_matches_the_weights(size):
-    """Sizes that take each blocking: one padded block (12), padded blocks of 256 (1031, a prime), and a free
-    reshape into 2 blocks of 1,031 each split again into padded sub-blocks of 256 (2062 = 2 x 1031). Zero weights
-    sit inside blocks, at block ends and fill whole blocks; they are never drawn."""
-    weights = np.zeros(size, np.float32)
-    positive = sorted({1, 3, size - 1} | ({255, 256, 700, 1030, 1031, 1500} & set(range(size))))
-    weights[positive] = np.linspace(1.0, 2.0, len(positive))
-    draws = 30_000
-    tokens = jax.jit(lambda key: draw_categorical(jnp.broadcast_to(weights, (draws, size)), key))(jax.random.key(0))
-    frequencies = np.bincount(np.asarray(tokens), minlength=size) / draws
-    np.testing.assert_array_equal(frequencies[weights == 0], 0.0)
-    np.testing.assert_allclose(frequencies, weights / weights.sum(), atol=0.012)  # > 4 standard deviations
-
-
-def test_top_p_sampling_draws_only_from_the_nucleus():
-    probs = np.array([[0.4, 0.25, 0.2, 0.1, 0.05]], np.float32)
-    config = _config(do_sample=True, top_p=0.8)
-    weights = np.asarray(sampling_weights(jnp.log(probs), config))
-    np.testing.assert_allclose(weights / weights.sum(), [[0.4 / 0.85, 0.25 / 0.85, 0.2 / 0.85, 0.0, 0.0]], rtol=1e-6)
-    logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs)), (20_000, 5))
-    tokens = jax.jit(lambda key: select_tokens(logits, key, config))(jax.random.key(1))
-    frequencies = np.bincount(np.asarray(tokens), minlength=5) / 20_000
-    np.testing.assert_allclose(frequencies, [0.4 / 0.85, 0.25 / 0.85, 0.2 / 0.85, 0, 0], atol=0.015)
-
-
-@pytest.mark.parametrize("max_rounds", [0, 1, 8])
-def test_draw_top_p_is_exact_with_and_without_the_bisection_fallback(max_rounds):
-    """Rejection rounds, the bisection fallback (max_rounds=0: every row), and their mix (1 round: a quarter of
-    the rows fall back) all draw from the nucleus in proportion to the probabilities."""
-    probs = np.array([0.05, 0.3, 0.1, 0.2, 0.25, 0.1], np.float32)  # top_p 0.7: {0.3, 0.25, 0.2}, mass 0.75
-    draws = 40_000
-    tokens = jax.jit(lambda key: draw_top_p(jnp.broadcast_to(probs, (draws, probs.size)), 0.7, key,
-                                            max_rounds=max_rounds))(jax.random.key(2))
-    frequencies = np.bincount(np.asarray(tokens), minlength=probs.size) / draws
-    nucleus = np.where(probs >= 0.2, probs, 0.0)
-    np.testing.assert_array_equal(frequencies[nucleus == 0], 0.0)
-    np.testing.assert_allclose(frequencies, nucleus / nucleus.sum(), atol=0.01)  # > 4 standard deviations
-
-
-def test_draw_top_p_stays_in_the_sorted_cumsum_nucleus():
-    """Every draw lies in the nucleus of the sorted-cumsum definition (float64 reference), for small and large top_p,
-    a row where one token holds nearly all the mass, and few rounds (the fallback runs for some rows)."""
-    logits = np.asarray(jax.random.normal(jax.random.key(4), (8, 300)) * 2.0, np.float64)
-    logits[7, 11] = 40.0
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    order = np.argsort(-probs, axis=-1)
-    sorted_probs = np.take_along_axis(probs, order, -1)
-    for top_p in (0.1, 0.6, 0.95):
-        kept_sorted = np.cumsum(sorted_probs, -1) - sorted_probs < top_p
-        nucleus = np.zeros_like(kept_sorted)
-        np.put_along_axis(nucleus, order, kept_sorted, -1)
-        repeated = jnp.asarray(np.repeat(probs, 500, axis=0), jnp.float32)
-        tokens = np.asarray(draw_top_p(repeated, top_p, jax.random.key(5), max_rounds=2)).reshape(8, 500)
-        assert np.take_along_axis(nucleus, tokens, -1).all(), f"top_p={top_p}"
-        assert (tokens[7] == 11).all()

@@ -133,12 +133,14 @@ def test_load_matches_the_torch_state_dict(tiny_hf_dir):
     config, params = hf.load_gpt2(tiny_hf_dir)
     assert (config.n_layer, config.n_embd, config.n_head, config.n_positions) == (2, 32, 4, 64)
     tensors = load_file(os.path.join(tiny_hf_dir, hf.SAFETENSORS_FILE))
-    np.testing.assert_array_equal(params["h_1"]["attn"]["c_attn"]["kernel"], tensors["transformer.h.1.attn.c_attn.weight"])
+    np.testing.assert_array_equal(params["h_1"]["attn"]["c_attn"]["kernel"],
+                                  tensors["transformer.h.1.attn.c_attn.weight"])
     np.testing.assert_array_equal(params["h_0"]["ln_2"]["scale"], tensors["transformer.h.0.ln_2.weight"])
     np.testing.assert_array_equal(params["wte"]["embedding"], tensors["transformer.wte.weight"])
     abstract = hf.abstract_params(config)
     assert jax.tree.structure(params) == jax.tree.structure(abstract)
-    assert all(p.shape == a.shape and p.dtype == a.dtype for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(abstract)))
+    assert all(p.shape == a.shape and p.dtype == a.dtype
+               for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(abstract)))
 
 
 def test_unprefixed_keys_buffers_and_tied_head_load_the_same(tiny_hf_dir, tmp_path):

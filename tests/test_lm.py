@@ -1,12 +1,14 @@
-"""Tests of the GPT-2 flax model (imgllm/models/lm.py) on a tiny configuration."""
+"""Tests of the GPT-2 flax model (imgllm/language/gpt2.py) and its CPU matmul path (imgllm/language/matmul_cpu.py)
+on a tiny configuration."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imgllm.language.gpt2 import (GPT2, KERNEL_FIRST_ROWS, GPT2Config, Linear, OutInParams, attention_bias, bind,
-                              few_rows_times_out_in, init_cache, init_params, kernels_out_in)
+from imgllm.language.gpt2 import GPT2, GPT2Config, attention_bias, init_cache, init_params, model_and_params
+from imgllm.language.matmul_cpu import KERNEL_FIRST_ROWS, OutInDense, OutInParams, few_rows_times_out_in, kernels_out_in
 
 CONFIG = GPT2Config.tiny()
 
@@ -116,8 +118,8 @@ def test_kernels_out_in_computes_the_same_logits(params):
     np.testing.assert_array_equal(converted.params["h_0"]["mlp"]["c_fc"]["kernel"], c_fc.T)
     np.testing.assert_array_equal(converted.params["wte"]["embedding"], params["wte"]["embedding"])
     ids = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 7)), jnp.int32)
-    model, raw = bind(converted, CONFIG)
-    assert model.kernel_out_in and bind(params, CONFIG)[0] == GPT2(CONFIG)
+    model, raw = model_and_params(converted, CONFIG)
+    assert model.kernel_out_in and model_and_params(params, CONFIG)[0] == GPT2(CONFIG)
     out_in_logits = jax.jit(lambda p: model.apply({"params": p}, ids)[0])(raw)
     np.testing.assert_allclose(out_in_logits, _apply(params, ids)[0], atol=1e-5)
     shapes = jax.eval_shape(kernels_out_in, params)
@@ -126,20 +128,36 @@ def test_kernels_out_in_computes_the_same_logits(params):
 
 @pytest.mark.parametrize("lead_shape", [(1,), (2,), (3, 5), (KERNEL_FIRST_ROWS[1],), (KERNEL_FIRST_ROWS[1] + 1,)])
 def test_linear_gives_the_same_product_in_both_layouts_at_any_row_count(lead_shape):
-    """Linear on [out, in] kernels switches to kernel-first products (few_rows_times_out_in) for few rows: the
-    same numbers as the stored [in, out] layout, on each side of the switch."""
+    """OutInDense ([out, in] kernels) switches to kernel-first products (few_rows_times_out_in) for few rows: the
+    same numbers as the plain nn.Dense on the stored [in, out] layout, on each side of the switch."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((*lead_shape, 12)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((12, 20)), jnp.float32)
     bias = jnp.asarray(rng.standard_normal(20), jnp.float32)
     expected = np.asarray(x) @ np.asarray(kernel) + np.asarray(bias)
-    for out_in, stored in ((False, kernel), (True, kernel.T)):
-        layer = Linear(20, CONFIG, std=0.02, kernel_out_in=out_in)
+    for layer, stored in ((nn.Dense(20), kernel), (OutInDense(20), kernel.T)):
         y = jax.jit(layer.apply)({"params": {"kernel": stored, "bias": bias}}, x)
         assert y.shape == (*lead_shape, 20)
         np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jax.jit(few_rows_times_out_in)(x, kernel.T), expected - np.asarray(bias),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_the_matmul_path_is_chosen_by_the_parameters_not_the_backend(params, monkeypatch):
+    """Tracing either layout never asks jax for the backend (the choice is made outside traced code, by
+    converting the parameters); the converted model multiplies kernel-first (an optimisation barrier keeps the
+    swap) exactly at the row counts of KERNEL_FIRST_ROWS, and the plain one never does."""
+    def no_backend_question(*args, **kwargs):
+        raise AssertionError("jax.default_backend() called while tracing the model")
+
+    monkeypatch.setattr(jax, "default_backend", no_backend_question)
+    assert KERNEL_FIRST_ROWS == (2, 64)
+    for shape, kernel_first in (((1, 1), False), ((1, 4), True), ((8, 8), True), ((5, 13), False)):
+        ids = jnp.zeros(shape, jnp.int32)
+        for layout, expect in ((params, False), (kernels_out_in(params), kernel_first)):
+            model, tree = model_and_params(layout, CONFIG)
+            jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, ids)[0])(tree))
+            assert ("optimization_barrier" in jaxpr) == expect, (shape, type(layout).__name__)
 
 
 def test_attention_bias_is_causal_and_masked():

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imgllm.language import decoding as generate, hf
+from imgllm.language import decoding as generate
+from imgllm.language import hf
 from imgllm.language.gpt2 import GPT2
 
 torch = pytest.importorskip("torch")
@@ -109,8 +110,8 @@ def hf_generate(model, input_ids, attention_mask, **settings):
                   constant_values=settings["pad_token_id"])
 
 
-def our_generate(config, params, input_ids, attention_mask, **settings):
-    gen_config = generate.GenerationConfig(**settings)
+def our_generate(config, params, input_ids, attention_mask, sampler="auto", **settings):
+    gen_config = generate.GenerationConfig(sampler=sampler, **settings)
     run = jax.jit(generate.generate_tokens, static_argnums=(1, 5))
     tokens, _ = run(params, config, jnp.asarray(input_ids), jnp.asarray(attention_mask), jax.random.key(0), gen_config)
     return np.asarray(tokens)
@@ -128,8 +129,9 @@ def frequent_generated_token(model, input_ids, attention_mask, **settings):
     (True, 1, 1, 1.0),
     (True, 3, 1, 0.5),  # a length penalty below 1 lets short finished beams win, so EOS really ends some
 ], ids=["greedy", "beam3-return2", "greedy-early-eos", "beam3-early-eos"])
+@pytest.mark.parametrize("sampler", ["plain", "cpu"])
 def test_generation_is_token_identical(torch_model, ours, prompt_batch, early_eos, num_beams, num_return_sequences,
-                                       length_penalty):
+                                       length_penalty, sampler):
     config, params = ours
     input_ids, attention_mask = prompt_batch
     # A pad id other than 0 and other than EOS: transformers' beam search fills with `pad_token_id or eos`,
@@ -142,5 +144,5 @@ def test_generation_is_token_identical(torch_model, ours, prompt_batch, early_eo
     want = hf_generate(torch_model, input_ids, attention_mask, **settings)
     if early_eos:  # the case under test really happens: some row stops before max_new_tokens
         assert (want[:, :-1] == settings["eos_token_id"]).any() and (want == settings["pad_token_id"]).any()
-    got = our_generate(config, params, input_ids, attention_mask, **settings)
+    got = our_generate(config, params, input_ids, attention_mask, sampler=sampler, **settings)
     np.testing.assert_array_equal(got, want)

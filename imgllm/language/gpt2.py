@@ -1,6 +1,6 @@
 """GPT-2 decoder-only transformer in flax.linen, with a parameter tree that mirrors Hugging Face GPT-2.
 
-The parameter tree is a rename of a Hugging Face ``GPT2LMHeadModel`` state dict (``imgllm/hf.py`` does it):
+The parameter tree is a rename of a Hugging Face ``GPT2LMHeadModel`` state dict (``imgllm/language/hf.py`` does it):
 
     wte/embedding [V, D]               transformer.wte.weight
     wpe/embedding [N, D]               transformer.wpe.weight
@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from imgllm.language.matmul_cpu import OutInDense, OutInParams
 
 # Large negative (finite) additive bias for masked attention slots: finite so that a query with every key masked
 # (a left-padding position) gets a uniform softmax instead of NaN. Its output is never used.
@@ -87,12 +89,12 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
     @classmethod
-    def small(cls, **overrides) -> "GPT2Config":
+    def small(cls, **overrides) -> GPT2Config:
         """GPT-2 small (124M parameters), the sizes of the ``gpt2`` checkpoint."""
         return cls(**overrides)
 
     @classmethod
-    def tiny(cls, **overrides) -> "GPT2Config":
+    def tiny(cls, **overrides) -> GPT2Config:
         """A two-layer model with a 128-token vocabulary, for tests (EOS is the last token, as in GPT-2)."""
         sizes = dict(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=127,
                      eos_token_id=127)
@@ -122,7 +124,7 @@ class GPT2Config:
         }
 
     @classmethod
-    def from_dict(cls, hf_config: Mapping[str, Any], *, source: str = "config", **overrides) -> "GPT2Config":
+    def from_dict(cls, hf_config: Mapping[str, Any], *, source: str = "config", **overrides) -> GPT2Config:
         """Builds a config from a Hugging Face GPT-2 ``config.json`` dictionary.
 
         Raises ValueError naming ``source`` and the offending key when the dictionary describes a model this
@@ -157,10 +159,9 @@ class KVCache:
     k, v: one [batch, n_head, S, head_dim] array per layer; index: int32 scalar, the first free slot. A pytree, so
     it can be a ``lax.while_loop`` carry (updated in place by XLA) and passed through ``jit``.
 
-    The layout is what the decoding step reads fastest on XLA:CPU. Heads come before slots, so both attention
-    matmuls read a layer's array as it is (no transpose copy). One array per layer, not one stacked
-    [n_layer, ...] array: XLA copies a layer's slice out of a stacked array before the matmul reads it, which cost
-    90 of 560 ms per GPT-2-small step at batch 256 (two 22 MB copies per layer).
+    The layout is what the decoding step reads fastest. Heads come before slots, so both attention matmuls read
+    a layer's array as it is (no transpose copy). One array per layer, not one stacked [n_layer, ...] array: XLA
+    copies a layer's slice out of a stacked array before the matmul reads it.
     """
 
     k: tuple[jax.Array, ...]
@@ -171,7 +172,7 @@ class KVCache:
     def max_length(self) -> int:
         return self.k[0].shape[2]
 
-    def map_rows(self, fn) -> "KVCache":
+    def map_rows(self, fn) -> KVCache:
         """The cache with ``fn`` applied to every layer's keys and values (batch first), e.g. to gather rows."""
         return self.replace(k=tuple(fn(k) for k in self.k), v=tuple(fn(v) for v in self.v))
 
@@ -199,86 +200,22 @@ def attention_bias(attention_mask: jax.Array, query_positions: jax.Array) -> jax
     return jnp.where(allowed, 0.0, _MASK_BIAS).astype(jnp.float32)[:, None, :, :]
 
 
-# Row counts for which XLA:CPU multiplies faster with the kernel as the left operand (few_rows_times_out_in).
-KERNEL_FIRST_ROWS = (2, 64)
-
-
-def _kernel_first_is_faster(x: jax.Array) -> bool:
-    """Whether ``few_rows_times_out_in`` is the faster form for x [..., in]: on CPU, for 2 to 64 rows."""
-    rows = math.prod(x.shape[:-1])
-    return KERNEL_FIRST_ROWS[0] <= rows <= KERNEL_FIRST_ROWS[1] and jax.default_backend() == "cpu"
-
-
-def few_rows_times_out_in(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [..., in] times the transpose of kernel [out, in], computed as kernel · xᵀ [out, rows], then transposed.
-
-    The same product as contracting both last axes, but XLA:CPU's YNNPACK dot reads a large [out, in] kernel
-    faster when it is the left operand and the few rows the right one: on GPT-2 small's four kernel shapes,
-    10-40% faster at 4 to 64 rows, equal at 1, slower from about 128 (hence ``KERNEL_FIRST_ROWS``). Decoding
-    at batch 16 took 8-10% less time per token. The optimisation barrier keeps XLA's simplifier from folding
-    the transpose back into the dot, which would undo the swap; the transpose itself is of a small array.
-    """
-    rows = math.prod(x.shape[:-1])
-    kernel_first = jax.lax.dot_general(kernel, x.reshape(rows, x.shape[-1]), (((1,), (1,)), ((), ())))
-    return jax.lax.optimization_barrier(kernel_first).T.reshape(*x.shape[:-1], kernel.shape[0])
-
-
-class Linear(nn.Module):
-    """Hugging Face's ``Conv1D``, y = x @ kernel + bias, with the kernel stored [in, out] as checkpoints hold it,
-    or [out, in] when ``kernel_out_in`` (the faster layout of `kernels_out_in`)."""
-
-    features: int
-    config: GPT2Config
-    std: float
-    kernel_out_in: bool = False
-
-    @nn.compact
-    def __call__(self, x):
-        dtype = self.config.dtype
-        shape = (self.features, x.shape[-1]) if self.kernel_out_in else (x.shape[-1], self.features)
-        kernel = self.param("kernel", nn.initializers.normal(self.std), shape, jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        x, kernel = x.astype(dtype), kernel.astype(dtype)
-        if self.kernel_out_in and _kernel_first_is_faster(x):
-            return few_rows_times_out_in(x, kernel) + bias.astype(dtype)
-        contracted = 1 if self.kernel_out_in else 0
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (contracted,)), ((), ())))
-        return y + bias.astype(dtype)
-
-
-@flax.struct.dataclass
-class OutInParams:
-    """GPT-2 parameters whose transformer-block kernels are stored [out, in]: what `kernels_out_in` returns.
-
-    Generation and scoring accept them wherever they accept the parameters (`bind`). Make them once per set of
-    weights (after loading, not per call): XLA:CPU transposes at about 1 GB/s, 0.4-0.7 s for GPT-2 small.
-    """
-
-    params: Any
-
-
-def kernels_out_in(params: Mapping[str, Any]) -> OutInParams:
-    """The parameters with every block kernel transposed to [out, in], the layout XLA:CPU's matmuls read fastest:
-    10-18% faster at 1 to 256 rows on GPT-2 small's four kernel shapes, 30% faster for a whole decoding step at
-    one row. Works on arrays and on ShapeDtypeStructs (through ``jax.eval_shape``); converted parameters are
-    returned as they are."""
-    if isinstance(params, OutInParams):
-        return params
-    flat = flax.traverse_util.flatten_dict(dict(params))
-    return OutInParams(flax.traverse_util.unflatten_dict(
-        {path: value.T if path[-1] == "kernel" else value for path, value in flat.items()}))
-
-
-def bind(params: Any, config: GPT2Config) -> tuple[GPT2, Any]:
-    """(the GPT2 module for ``params``, the parameter tree to apply it with), for parameters as stored (Hugging
-    Face layout) or from `kernels_out_in`."""
+def model_and_params(params: Any, config: GPT2Config) -> tuple[GPT2, Any]:
+    """(the GPT2 module that reads ``params``, the parameter tree to apply it with): ``GPT2(config)`` and the tree
+    for parameters as stored (Hugging Face's [in, out] layout), ``GPT2(config, kernel_out_in=True)`` and the
+    unwrapped tree for `imgllm.language.matmul_cpu.kernels_out_in` parameters (XLA:CPU's fast path)."""
     if isinstance(params, OutInParams):
         return GPT2(config, kernel_out_in=True), params.params
     return GPT2(config), params
 
 
-def _dense(features: int, config: GPT2Config, name: str, kernel_out_in: bool, std: float | None = None) -> Linear:
-    return Linear(features, config, std or config.initializer_range, kernel_out_in, name=name)
+def _dense(features: int, config: GPT2Config, name: str, kernel_out_in: bool,
+           std: float | None = None) -> nn.Module:
+    """Hugging Face's ``Conv1D``, y = x @ kernel + bias: an ``nn.Dense`` with its kernel [in, out] as checkpoints
+    store it (the plain path), or `matmul_cpu.OutInDense` for [out, in] kernels (`kernels_out_in`)."""
+    layer = OutInDense if kernel_out_in else nn.Dense
+    return layer(features, dtype=config.dtype, kernel_init=nn.initializers.normal(std or config.initializer_range),
+                 name=name)
 
 
 def _layer_norm(config: GPT2Config, name: str | None = None) -> nn.LayerNorm:
@@ -359,7 +296,8 @@ class GPT2(nn.Module):
     Without a cache, attention is causal over the T inputs and masked by attention_mask [B, T] (1 = real token).
     With a cache of S slots, the T inputs are written at slots [index, index + T) and attend to every slot that
     is causally before them and has attention_mask[B, S] == 1; the returned cache has index + T.
-    ``kernel_out_in``: the block kernels are stored [out, in] (params from `kernels_out_in`).
+    ``kernel_out_in``: the block kernels are stored [out, in] (params from `matmul_cpu.kernels_out_in`, XLA:CPU's
+    fast path; `model_and_params` sets it from the parameters).
     """
 
     config: GPT2Config
@@ -385,8 +323,8 @@ class GPT2(nn.Module):
         """The tied output head: final hidden states [..., D] -> float32 logits [..., V].
 
         A dot_general over the last axis of both operands, which reads the [V, D] embedding as it is stored. Flax's
-        ``Embed.attend`` (a dot with the embedding's transpose) became, on XLA:CPU at one row, a fused transposing
-        loop that took twice as long: 11 of 31 ms per GPT-2-small decoding step.
+        ``Embed.attend`` (a dot with the embedding's transpose) became, on XLA:CPU at one row, a slower fused
+        transposing loop.
         """
         dtype = self.config.dtype
         logits = jax.lax.dot_general(hidden.astype(dtype), self.wte.embedding.astype(dtype),

@@ -120,8 +120,10 @@ def describe_mismatches(
     found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
 ) -> list[str]:
     """One line per missing key, unexpected key and shape mismatch between two {name: shape} maps."""
-    lines = [f"missing key {name!r} (expected shape {tuple(shape)})" for name, shape in expected.items() if name not in found]
-    lines += [f"unexpected key {name!r} (shape {tuple(shape)})" for name, shape in found.items() if name not in expected]
+    lines = [f"missing key {name!r} (expected shape {tuple(shape)})"
+             for name, shape in expected.items() if name not in found]
+    lines += [f"unexpected key {name!r} (shape {tuple(shape)})"
+              for name, shape in found.items() if name not in expected]
     lines += [
         f"shape mismatch for {name!r}: found {tuple(found[name])}, expected {tuple(shape)}"
         for name, shape in expected.items()
@@ -266,7 +268,8 @@ def _read_tensors(locations: Mapping[str, tuple[str, str]]) -> dict[str, jax.Arr
     return tensors
 
 
-def _model_keys(index: Mapping[str, tuple[str, str, tuple[int, ...]]], source: str) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+def _model_keys(index: Mapping[str, tuple[str, str, tuple[int, ...]]],
+                source: str) -> dict[str, tuple[str, str, tuple[int, ...]]]:
     """Checkpoint index re-keyed by unprefixed HF name, without attention buffers and the tied head."""
     model_keys: dict[str, tuple[str, str, tuple[int, ...]]] = {}
     for key, entry in index.items():
@@ -308,7 +311,8 @@ def load_gpt2(
     tensor is read, and all differences are reported by name. Tensors are cast to the model's
     parameter dtype (float32), so float16/bfloat16 checkpoints load too.
     """
-    model_dir = resolve_model_dir(path_or_hub_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    model_dir = resolve_model_dir(path_or_hub_name, revision=revision, cache_dir=cache_dir,
+                                  local_files_only=local_files_only)
     files = safetensors_files(model_dir)
     config = read_config(model_dir)
     index = _tensor_index(files)
@@ -379,7 +383,8 @@ def load_tokenizer(
     """
     from transformers import AutoTokenizer
 
-    model_dir = resolve_model_dir(path_or_hub_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    model_dir = resolve_model_dir(path_or_hub_name, revision=revision, cache_dir=cache_dir,
+                                  local_files_only=local_files_only)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

@@ -9,11 +9,11 @@ The result is a Hugging Face `PreTrainedTokenizerFast` with GPT-2's conventions:
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 import transformers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -49,5 +49,6 @@ def wrap_tokenizer(tokenizer: tokenizers.Tokenizer) -> transformers.PreTrainedTo
 
 
 def tokenizer_from_json(tokenizer_json: str) -> transformers.PreTrainedTokenizerFast:
-    """A tokenizer stored in a checkpoint as `tokenizers` JSON (Tokenizer.to_str()), wrapped like train_bpe_tokenizer's."""
+    """A tokenizer stored in a checkpoint as `tokenizers` JSON (Tokenizer.to_str()), wrapped like
+    train_bpe_tokenizer's."""
     return wrap_tokenizer(tokenizers.Tokenizer.from_str(tokenizer_json))
