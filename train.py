@@ -15,7 +15,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from imgllm import parallel
 from imgllm.configs.common import CONFIG_DIR, resolve_config_arg
+from imgllm.train import demo_recipe, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(CONFIG_DIR, "demo.py"),
                                           "config file or name in imgllm/configs (demo, cifar10, cnn_tiny)",
@@ -37,16 +39,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)   # quiet orbax/absl INFO lines; --verbosity=0 shows them
-    from imgllm import parallel
     parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                           auto=_DISTRIBUTED.value)
-    from imgllm.train import loop
     if _MODE.value == "eval":
         result = loop.evaluate_checkpoint(_WORKDIR.value, _DATA.value, split=_SPLIT.value, step=_STEP.value)
         print(json.dumps(result))
         return
     if _CONFIG.value.get("recipe") == "demo":   # classifier, then captioner, pipeline export and scores
-        from imgllm.train import demo_recipe
         demo_recipe.run_demo(_WORKDIR.value, classifier_config=_CONFIG.value)
         return
     result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

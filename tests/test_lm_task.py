@@ -7,10 +7,10 @@ import json
 import jax
 import numpy as np
 import pytest
-
 from conftest import CORPUS
-from imgllm.language import hf
+
 from imgllm.configs import lm_tiny
+from imgllm.language import hf
 from imgllm.train import loop
 from imgllm.train.export import export_hf
 from imgllm.train.lm_task import LMTask

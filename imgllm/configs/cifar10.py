@@ -3,6 +3,7 @@
 Run (the CIFAR-10 training images as an image folder, validation carved from train):
     tar -xzf ../shared/data/cifar10-train-jpeg.tar.gz -C /tmp/cifar
     python train.py --config=cifar10 --config.dataset=folder:/tmp/cifar --workdir=runs/cifar10
+(--config.global_batch_size=512 keeps the recipe: the trainer scales the learning rates to the batch size)
 or with tfds:  python train.py --config=cifar10 --workdir=runs/cifar10   (dataset "cifar10")
 Evaluate a checkpoint on any folder of class sub-directories:
     python train.py --mode=eval --workdir=runs/cifar10 --data=folder:/path/test
@@ -15,7 +16,9 @@ the data (JPEG artefacts, 10% fewer images), or from something both ports share,
 Time: a few seconds on one modern GPU.
 
 Recipe: batch 1024; Nesterov SGD, momentum 0.85, airbench's decoupled lr 11.5 and weight decay 0.0153 per
-1024 examples, converted below to optax's mean-loss form; BatchNorm biases at 64x lr (same decay
+1024 examples, converted below to optax's mean-loss form at the reference batch of 1024; the trainer scales the
+learning rates linearly to --config.global_batch_size (512 halves them; the decay coefficient stays, so each
+step's decay halves too, as airbench's per-example rates say); BatchNorm biases at 64x lr (same decay
 strength); triangular lr 0.2 -> 1 (at 23%) -> 0.07; label smoothing 0.2; lookahead/EMA every 5 steps
 (slow weights restart the fast ones; the run ends on the slow weights); whitening stem from 5000 images,
 frozen, its bias trained for 3 epochs; alternating flip + 2-pixel translate; TTA with flips and 1-pixel
@@ -23,6 +26,7 @@ translations.
 """
 from imgllm.configs.common import airbench_param_groups, base_config
 
+REFERENCE_BATCH_SIZE = 1024         # learning rates below are for this batch (optim.batch_scale)
 AIRBENCH_LR = 11.5                  # per 1024 examples, decoupled from momentum (airbench hyp['opt']['lr'])
 AIRBENCH_WEIGHT_DECAY = 0.0153      # per 1024 examples, decoupled from the lr (hyp['opt']['weight_decay'])
 MOMENTUM = 0.85
@@ -46,17 +50,18 @@ def get_config():
     c.image_size = 32
     c.model.preset = "airbench94"
     c.whiten_init_examples = 5000
-    c.global_batch_size = 1024
+    c.global_batch_size = REFERENCE_BATCH_SIZE
     c.eval_batch_size = 500             # images per eval batch; TTA runs 6 views of each
     c.num_epochs = 9.9
     c.label_smoothing = 0.2
     c.augment.translate = 2
     c.augment.flip = "alternating"
     c.tta = "flip_translate"
-    lr, wd = airbench_sgd_values(c.global_batch_size)
+    lr, wd = airbench_sgd_values(REFERENCE_BATCH_SIZE)
     c.optimizer.name = "sgd"
-    c.optimizer.learning_rate = lr          # 1.5 for batch 1024
-    c.optimizer.weight_decay = wd           # 0.00133
+    c.optimizer.reference_batch_size = REFERENCE_BATCH_SIZE
+    c.optimizer.learning_rate = lr          # 1.5 at batch 1024
+    c.optimizer.weight_decay = wd           # 0.00133 at any batch
     c.optimizer.momentum = MOMENTUM
     c.optimizer.nesterov = True
     c.optimizer.schedule = "triangle"

@@ -57,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         name="sgd",                     # "sgd" (with momentum / Nesterov) | "adamw" | "muon" (groups may differ)
         learning_rate=0.2,              # peak learning rate for the mean loss over the batch
+        reference_batch_size=config_dict.placeholder(int),  # learning rates are for this batch size and scale
+                                        # linearly to global_batch_size at run time (None: used as given)
         momentum=0.9,                   # SGD momentum (0: none)
         nesterov=True,                  # Nesterov momentum
         b1=0.9,                         # adamw beta1
@@ -87,7 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def airbench_param_groups(whiten_bias_epochs: float = 3.0, norm_bias_lr_scale: float = 64.0) -> ml_collections.ConfigDict:
+def airbench_param_groups(whiten_bias_epochs: float = 3.0,
+                          norm_bias_lr_scale: float = 64.0) -> ml_collections.ConfigDict:
     """Optimizer groups for the airbench CNN: frozen whitening kernel, whitening bias trained only for
     its first epochs, BatchNorm biases with a larger lr but the same decay strength (disjoint patterns)."""
     return ml_collections.ConfigDict(dict(

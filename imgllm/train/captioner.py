@@ -25,23 +25,26 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from imgllm.language import scoring
-from imgllm.captions.data import load_caption_dataset
-from imgllm.vision import cnn as cnn_lib
 from imgllm.bridge import PrefixMapper, check_mapper_fits
-from imgllm.language.scoring import prefixed_token_stats
-from imgllm.vision.features import cnn_outputs
+from imgllm.captions.data import load_caption_dataset
+from imgllm.language import hf, scoring
 from imgllm.language.gpt2 import init_params
-from imgllm.train.lm_task import lm_config_from
+from imgllm.language.scoring import prefixed_token_stats
+from imgllm.language.tokenizer import train_bpe_tokenizer
 from imgllm.train.checkpoint import Checkpointer, load_classifier
+from imgllm.train.classifier import remap_labels
+from imgllm.train.lm_task import lm_config_from, tokenizer_from_metadata
 from imgllm.train.task import Metrics, metric
+from imgllm.vision import cnn as cnn_lib
+from imgllm.vision.features import image_logits_and_features
 
 FROZEN = "frozen"   # model_state collection holding the frozen CNN variables (and the LM when not trained)
 
@@ -153,24 +156,15 @@ class CaptionerTask:
         """The configured tokenizer (config.tokenizer.path), or a byte-level BPE trained on the training texts."""
         cfg = self.config.tokenizer
         if cfg.get("path"):
-            from imgllm.language import hf
             tokenizer = hf.load_tokenizer(cfg.path)
         else:
-            from imgllm.language.tokenizer import train_bpe_tokenizer
             tokenizer = train_bpe_tokenizer(texts, vocab_size=min(cfg.vocab_size, self.lm_config.vocab_size))
         if len(tokenizer) > self.lm_config.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LM's vocab_size is "
                              f"{self.lm_config.vocab_size}")
         return tokenizer
 
-    def _tokenizer_from_metadata(self, metadata: Mapping[str, Any]):
-        if metadata.get("tokenizer_json"):
-            from imgllm.language.tokenizer import tokenizer_from_json
-            return tokenizer_from_json(metadata["tokenizer_json"])
-        from imgllm.language import hf
-        return hf.load_tokenizer(metadata["tokenizer_path"])
-
-    def prompt_table(self) -> scoring.PromptTable:
+    def prompt_table(self) -> scoring.ClassPromptTable:
         """The class-prompt table the LM classification scores (built once per tokenizer)."""
         return scoring.build_prompt_table(self.encode, self.tokenizer.eos_token_id, self.class_names, self.templates)
 
@@ -180,7 +174,6 @@ class CaptionerTask:
                                     image_size=self.image_size, num_examples=num)
 
     def _labels_in_classifier_order(self, dataset, where: str) -> np.ndarray:
-        from imgllm.train.classifier import remap_labels
         if tuple(dataset.class_names) == self.class_names:
             return dataset.labels.astype(np.int32)
         return remap_labels(dataset.labels, tuple(dataset.class_names), self.class_names, where)
@@ -191,15 +184,16 @@ class CaptionerTask:
             self._cnn_variables, _, _ = load_classifier(os.path.abspath(self.config.classifier_workdir))
         return self._cnn_variables
 
-    def normalize(self, images: jax.Array) -> jax.Array:
-        from imgllm.data import augment
-        if not self.normalization:
-            return augment.normalize(images)
-        return augment.normalize(images, mean=tuple(self.normalization["mean"]), std=tuple(self.normalization["std"]))
+    def cnn_logits_and_features(self, cnn_variables, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(CNN logits, bridge input features) of uint8 images: the pipeline's one image → features chain
+        (`imgllm.vision.features.image_logits_and_features`) with the classifier run's size and normalisation."""
+        return image_logits_and_features(self.cnn, cnn_variables, images, image_size=self.image_size,
+                                         mean=self.normalization.get("mean"), std=self.normalization.get("std"),
+                                         feature_source=self.mapper.feature_source)
 
     def image_features(self, cnn_variables, images: np.ndarray) -> np.ndarray:
         """Bridge input features [N, F] of uint8 images, in batches of config.feature_batch_size (one compile)."""
-        fn = jax.jit(lambda v, x: cnn_outputs(self.cnn, v, self.normalize(x), self.mapper.feature_source)[1])
+        fn = jax.jit(lambda v, x: self.cnn_logits_and_features(v, x)[1])
         size = self.config.feature_batch_size
         padded = np.concatenate([images, np.zeros((-len(images) % size,) + images.shape[1:], images.dtype)])
         out = [np.asarray(fn(cnn_variables, padded[i:i + size])) for i in range(0, len(padded), size)]
@@ -224,7 +218,7 @@ class CaptionerTask:
         if not split:
             return None
         if metadata:
-            self.tokenizer = self._tokenizer_from_metadata(metadata)
+            self.tokenizer = tokenizer_from_metadata(metadata)
         spec = source or self.config.dataset
         dataset = self._load(spec, split, self.config.num_eval_examples if source is None else None)
         labels = self._labels_in_classifier_order(dataset, f"{spec} ({split})")
@@ -241,7 +235,8 @@ class CaptionerTask:
         dummy = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
         cnn_shapes = jax.eval_shape(lambda: self.cnn.init(jax.random.PRNGKey(0), dummy, train=False))
         cnn_variables = dict(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cnn_shapes))
-        features = jax.eval_shape(lambda: cnn_outputs(self.cnn, cnn_variables, dummy, self.mapper.feature_source)[1])
+        images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.uint8)
+        features = jax.eval_shape(lambda: self.cnn_logits_and_features(cnn_variables, images)[1])
         bridge = self.mapper.init(bridge_key, jnp.zeros(features.shape, jnp.float32))["params"]
         lm = init_params(self.lm_config, lm_key)
         params, frozen = {"bridge": bridge}, {"cnn": cnn_variables}
@@ -253,14 +248,14 @@ class CaptionerTask:
         frozen = dict(variables[FROZEN], cnn=self.classifier_variables())
         params = dict(variables["params"])
         if self.config.lm.get("pretrained"):
-            from imgllm.language import hf
             _, lm = hf.load_gpt2(self.config.lm.pretrained)
             (params if "lm" in params else frozen)["lm"] = lm
         _check_same_structure(variables, {"params": params, FROZEN: frozen})
         return {"params": params, FROZEN: frozen}
 
     # ---- pure, traced ----
-    def _lm_params(self, params, model_state):
+    def lm_params(self, params, model_state):
+        """The LM's parameters: trained ones in params, or the frozen ones in model_state."""
         return params["lm"] if "lm" in params else model_state[FROZEN]["lm"]
 
     def _token_metrics(self, lm_params, prefix, batch, weights) -> tuple[jax.Array, Metrics]:
@@ -277,7 +272,7 @@ class CaptionerTask:
 
     def loss(self, params, model_state, batch, rng, epoch) -> tuple[jax.Array, tuple[Metrics, dict]]:
         prefix = self.mapper.apply({"params": params["bridge"]}, batch["features"])
-        lm_params = self._lm_params(params, model_state)
+        lm_params = self.lm_params(params, model_state)
         deterministic = self.config.lm.dropout == 0
         log_probs, is_argmax = prefixed_token_stats(lm_params, self.lm_config, prefix, batch["input_ids"],
                                                     deterministic=deterministic, dropout_rng=rng)
@@ -289,10 +284,9 @@ class CaptionerTask:
 
     def eval_metrics(self, variables, batch, *, tta: bool) -> Metrics:
         params, frozen = variables["params"], variables[FROZEN]
-        logits, features = cnn_outputs(self.cnn, frozen["cnn"], self.normalize(batch["images"]),
-                                       self.mapper.feature_source)
+        logits, features = self.cnn_logits_and_features(frozen["cnn"], batch["images"])
         prefix = self.mapper.apply({"params": params["bridge"]}, features)
-        lm_params = self._lm_params(params, variables)
+        lm_params = self.lm_params(params, variables)
         weights = batch["mask"]
         _, metrics = self._token_metrics(lm_params, prefix, batch, weights)
         lm_scores = scoring.score_class_prompts(lm_params, self.lm_config, self.prompt_table(), prefix)

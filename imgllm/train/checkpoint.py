@@ -110,11 +110,8 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
         return dict(restored["state"])
 
-    def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
+        """Waits for pending asynchronous saves to be on disk, then releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
 

@@ -16,11 +16,11 @@ from typing import Any
 import jax
 
 from imgllm.language import hf
-from imgllm.language.tokenizer import tokenizer_from_json
 from imgllm.pipeline import checkpoint as pipeline_checkpoint
 from imgllm.pipeline.prompts import DEFAULT_TEMPLATE
 from imgllm.train.captioner import FROZEN
 from imgllm.train.checkpoint import load_classifier
+from imgllm.train.lm_task import tokenizer_from_metadata
 from imgllm.train.loop import restore_for_eval
 
 
@@ -71,8 +71,8 @@ def export_pipeline_checkpoint(workdir: str, out_dir: str, *, step: int | None =
     config, meta, task, variables = restore_for_eval(workdir, step)
     variables = jax.device_get(variables)
     task_meta = meta["task"]
-    tokenizer = task._tokenizer_from_metadata(task_meta)
-    params = {"cnn": variables[FROZEN]["cnn"], "lm": task._lm_params(variables["params"], variables),
+    tokenizer = tokenizer_from_metadata(task_meta)
+    params = {"cnn": variables[FROZEN]["cnn"], "lm": task.lm_params(variables["params"], variables),
               "bridge": variables["params"]["bridge"]}
     normalization = task.normalization
     pipeline_config = pipeline_checkpoint.make_pipeline_config(
@@ -89,7 +89,5 @@ def export_pipeline_checkpoint(workdir: str, out_dir: str, *, step: int | None =
 def export_hf(workdir: str, out_dir: str, *, step: int | None = None) -> str:
     """Write the LM checkpoint in `workdir` (latest, or `step`) as a Hugging Face GPT-2 directory with its tokenizer."""
     _, meta, task, variables = restore_for_eval(workdir, step)
-    task_meta = meta["task"]
-    tokenizer = (tokenizer_from_json(task_meta["tokenizer_json"]) if task_meta.get("tokenizer_json")
-                 else hf.load_tokenizer(task_meta["tokenizer_path"]))
+    tokenizer = tokenizer_from_metadata(meta["task"])
     return hf.save_gpt2(out_dir, task.lm_config, jax.device_get(variables["params"]), tokenizer=tokenizer)

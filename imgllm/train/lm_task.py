@@ -14,24 +14,27 @@ checkpoint as a Hugging Face GPT-2 directory (weights, config and tokenizer) tha
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from imgllm.language import hf
 from imgllm.data import text as text_lib
-from imgllm.language.scoring import prefixed_token_stats
+from imgllm.language import hf
 from imgllm.language.gpt2 import GPT2Config, init_params
+from imgllm.language.scoring import prefixed_token_stats
+from imgllm.language.tokenizer import tokenizer_from_json, train_bpe_tokenizer
 from imgllm.train.task import Metrics, metric
 
 
 def corpus_paths(spec: str | Sequence[str] | None, field: str) -> list[str]:
     """Corpus files from a config value: one path, comma-separated paths, or a list."""
     if not spec:
-        raise ValueError(f"config.{field} is not set: give a text or JSON-lines corpus file (comma-separate several)")
+        raise ValueError(f"config.{field} is not set: give a text or JSON-lines corpus file "
+                         "(comma-separate several)")
     paths = spec.split(",") if isinstance(spec, str) else list(spec)
     return [path.strip() for path in paths if path.strip()]
 
@@ -40,18 +43,19 @@ def lm_config_from(config: ml_collections.ConfigDict, eos_token_id: int) -> GPT2
     """The LM's GPT2Config: config.lm.pretrained's config.json, or the sizes in config.lm; dropout and compute
     dtype always from config.lm. A random-init LM uses `eos_token_id` (the tokenizer's) as BOS and EOS."""
     lm = config.lm
-    runtime = dict(embd_pdrop=lm.dropout, attn_pdrop=lm.dropout, resid_pdrop=lm.dropout, dtype=jnp.dtype(lm.get("dtype", "float32")))
+    runtime = dict(embd_pdrop=lm.dropout, attn_pdrop=lm.dropout, resid_pdrop=lm.dropout,
+                   dtype=jnp.dtype(lm.get("dtype", "float32")))
     if lm.get("pretrained"):
         return dataclasses.replace(hf.read_config(hf.resolve_model_dir(lm.pretrained)), **runtime)
     return GPT2Config(vocab_size=lm.vocab_size, n_positions=lm.n_positions, n_embd=lm.n_embd, n_layer=lm.n_layer,
                       n_head=lm.n_head, bos_token_id=eos_token_id, eos_token_id=eos_token_id, **runtime)
 
 
-def _tokenizer_from_json(tokenizer_json: str):
-    """imgllm.language.tokenizer.tokenizer_from_json, imported when needed (transformers is slow to import)."""
-    from imgllm.language.tokenizer import tokenizer_from_json
-
-    return tokenizer_from_json(tokenizer_json)
+def tokenizer_from_metadata(metadata: Mapping[str, Any]):
+    """The tokenizer a checkpoint's task metadata names: its stored BPE (tokenizer_json) or tokenizer_path."""
+    if metadata.get("tokenizer_json"):
+        return tokenizer_from_json(metadata["tokenizer_json"])
+    return hf.load_tokenizer(metadata["tokenizer_path"])
 
 
 def _record_texts(records: Sequence[text_lib.TextRecord]) -> list[str]:
@@ -77,13 +81,12 @@ class LMTask:
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else 0
         self.lm_config = lm_config_from(config, eos)
         if config.seq_len > self.lm_config.n_positions:
-            raise ValueError(f"config.seq_len={config.seq_len} exceeds the LM's n_positions={self.lm_config.n_positions}")
+            raise ValueError(f"config.seq_len={config.seq_len} exceeds the LM's n_positions="
+                             f"{self.lm_config.n_positions}")
 
     # ---- data (host side) ----
     def _ensure_tokenizer(self, records: Sequence[text_lib.TextRecord]) -> None:
         if self.tokenizer is None:
-            from imgllm.language.tokenizer import train_bpe_tokenizer
-
             vocab_size = min(self.config.tokenizer.vocab_size, self.lm_config.vocab_size)
             self.tokenizer = train_bpe_tokenizer(_record_texts(records), vocab_size=vocab_size)
             self.tokenizer_json = self.tokenizer.backend_tokenizer.to_str()
@@ -108,7 +111,7 @@ class LMTask:
         `split` is accepted for the loop's interface; a text corpus has no splits.
         """
         if metadata and metadata.get("tokenizer_json") and self.tokenizer is None:
-            self.tokenizer = _tokenizer_from_json(metadata["tokenizer_json"])
+            self.tokenizer = tokenizer_from_json(metadata["tokenizer_json"])
         spec = source or self.config.get("eval_corpus")
         return self._examples(corpus_paths(spec, "eval_corpus")) if spec else None
 

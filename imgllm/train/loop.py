@@ -11,7 +11,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -24,7 +25,7 @@ from imgllm.train import checkpoint as ckpt_lib
 from imgllm.train import optim, steps
 from imgllm.train.state import TrainState, create_train_state
 from imgllm.train.task import Arrays, Task, add_metrics, summarize
-from imgllm.train.tasks import build_task
+from imgllm.train.tasks import build_task, canonical_task_name, task_name
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -69,6 +70,13 @@ def take(arrays: Arrays, rows: np.ndarray) -> dict[str, np.ndarray]:
     return {k: np.asarray(v[rows]) for k, v in arrays.items()}
 
 
+def with_canonical_task(config: ml_collections.ConfigDict | dict) -> dict:
+    """The config as JSON with its task under today's name, so that a checkpoint's legacy "module:factory" name
+    and today's TASKS key compare equal when resuming (an unknown name is left as it is)."""
+    raw = ckpt_lib.config_to_json(config)
+    return {**raw, "task": canonical_task_name(raw.get("task"))}
+
+
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     """Fails fast (before any compile) on values the loop cannot run with."""
     devices = parallel.global_batch_divisor(mesh)
@@ -96,7 +104,7 @@ def initial_state(task: Task, config: ml_collections.ConfigDict, train_arrays: A
     variables = jax.device_get(jax.jit(task.init_variables)(init_key))
     variables = task.prepare_variables(variables, train_arrays)
     tx = optim.make_optimizer(config.optimizer, variables["params"], total_steps=total_steps,
-                              steps_per_epoch=steps_per_epoch)
+                              steps_per_epoch=steps_per_epoch, batch_size=config.global_batch_size)
     use_lookahead = bool(config.get("lookahead") and config.lookahead.get("enabled", False))
     init = lambda v, key: create_train_state(v, tx, key, use_lookahead=use_lookahead)
     return steps.jit_init_state(init, mesh)(variables, state_key), tx
@@ -176,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
     latest = checkpointer.latest_step()
     if latest is not None:
         saved_config, _ = checkpointer.restore_config_and_meta(latest)
-        ckpt_lib.check_compatible(saved_config, config, workdir)
+        ckpt_lib.check_compatible(with_canonical_task(saved_config), with_canonical_task(config), workdir)
 
     train_arrays = task.train_arrays()
     eval_arrays = task.eval_arrays()
@@ -257,6 +265,7 @@ def restore_for_eval(workdir: str, step: int | None = None, mesh=None):
     checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True, asynchronous=False)
     try:
         saved_config, meta = checkpointer.restore_config_and_meta(step)
+        task_name(saved_config.get("task"))     # a name outside TASKS is refused before anything else is read
         config = ml_collections.ConfigDict(saved_config)
         task = build_task(config)
         template = jax.eval_shape(lambda: _abstract_state(task, config, meta))
@@ -272,7 +281,7 @@ def _abstract_state(task: Task, config: ml_collections.ConfigDict, meta: Mapping
     """The state's structure for restoring (traced under eval_shape: no data is read)."""
     variables = task.init_variables(jax.random.PRNGKey(0))
     tx = optim.make_optimizer(config.optimizer, variables["params"], total_steps=meta["total_steps"],
-                              steps_per_epoch=meta["steps_per_epoch"])
+                              steps_per_epoch=meta["steps_per_epoch"], batch_size=config.global_batch_size)
     use_lookahead = bool(config.get("lookahead") and config.lookahead.get("enabled", False))
     return create_train_state(variables, tx, jax.random.PRNGKey(0), use_lookahead=use_lookahead)
 

@@ -1,10 +1,23 @@
 """Optimizer and learning-rate schedule from a config, with per-parameter groups.
 
-Groups (config.optimizer.groups, name -> {pattern, lr_scale, weight_decay_scale, train_epochs, and optionally
-optimizer and momentum}) select parameters by a regular expression on their '/'-joined path, e.g. airbench's
-BatchNorm biases (64x learning rate, same decay strength), a whitening stem that is frozen or trained only for
-its first epochs, or conv kernels trained with Muon while the rest uses SGD. Parameters matching no group
-are in the "default" group.
+Learning rates depend on the batch size, so a config gives them for `reference_batch_size` examples per update
+and `make_optimizer` scales them to the run's batch at run time (the linear scaling rule, as flax's imagenet
+example does with `config.learning_rate * config.batch_size / 256.`): overriding `global_batch_size` keeps the
+recipe. With no reference batch size the learning rates are used as given. Weight decay coefficients are not
+scaled: SGD adds them to the gradient, so each step's shrink (lr x decay) already follows the learning rate.
+
+Groups (config.optimizer.groups, name -> fields below) select parameters by a regular expression on their
+'/'-joined path, e.g. airbench's BatchNorm biases (64x learning rate, same decay strength), a whitening stem that
+is frozen or trained only for its first epochs, or conv kernels trained with Muon while the rest uses SGD.
+Parameters matching no group are in the "default" group. A group's fields:
+    pattern             regular expression on the parameter path (the first matching group, in config order, wins)
+    lr_scale            its learning rate is the default group's times this (0: frozen), or
+    learning_rate       its own peak learning rate (at the reference batch size), instead of lr_scale
+    scale_with_batch    False: its learning rate stays as given for any batch size (default True; Muon's
+                        orthogonalised update has no loss scale, so its lr does not follow the batch)
+    weight_decay_scale  its decay is config.optimizer.weight_decay times this (default 1)
+    train_epochs        updates stop after this many epochs (None: never)
+    optimizer, momentum its own optimizer ("sgd" | "adamw" | "muon") and momentum (default: the config's)
 
 Muon (Jordan et al. 2024, used by airbench94_muon): Nesterov momentum, then each kernel's update, as a matrix
 [out, fan_in], replaced by an approximately orthogonal one (`orthogonalize`, a Newton-Schulz iteration), and
@@ -13,9 +26,11 @@ the kernels turn.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +40,14 @@ import optax
 DEFAULT_GROUP = "default"
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
-    """Learning rate as a function of the update count.
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int,
+                  learning_rate: float | None = None) -> optax.Schedule:
+    """Learning rate as a function of the update count, peaking at `learning_rate` (default cfg.learning_rate).
 
     cfg.schedule: "constant"; "triangle" (airbench: linear from start_factor to 1 at peak_fraction of
     training, then linear to end_factor); "warmup_cosine" (linear warm-up for warmup_epochs, cosine to 0).
     """
-    lr = cfg.learning_rate
+    lr = cfg.learning_rate if learning_rate is None else learning_rate
     if cfg.schedule == "constant":
         return optax.constant_schedule(lr)
     if cfg.schedule == "triangle":
@@ -120,10 +136,56 @@ def muon(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.6, nesterov:
                        optax.scale_by_learning_rate(learning_rate), _normalized_weights())
 
 
+def batch_scale(cfg: ml_collections.ConfigDict, batch_size: int | None) -> float:
+    """The factor learning rates given for cfg.reference_batch_size take at `batch_size` examples per update
+    (batch_size / reference_batch_size); 1 when the config gives no reference batch size."""
+    reference = cfg.get("reference_batch_size")
+    if reference is None:
+        return 1.0
+    if batch_size is None:
+        raise ValueError(f"config.optimizer.reference_batch_size={reference}: the optimizer needs the run's "
+                         "batch size to scale the learning rates")
+    return batch_size / reference
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupRates:
+    """One group's learning rate and weight decay at the run's batch size.
+
+    Its learning rate is a schedule peaking at `schedule_peak`, times `lr_scale` (kept apart so that a group tied
+    to the default group's schedule computes exactly as that schedule times its scale).
+    """
+    schedule_peak: float
+    lr_scale: float
+    weight_decay: float
+
+    @property
+    def peak_learning_rate(self) -> float:
+        return self.schedule_peak * self.lr_scale
+
+
+def group_rates(cfg: ml_collections.ConfigDict, batch_size: int | None = None) -> dict[str, GroupRates]:
+    """GroupRates of the "default" group and of every group in cfg.groups, at `batch_size` examples per update."""
+    scale = batch_scale(cfg, batch_size)
+    default_peak = cfg.learning_rate * scale
+    rates = {DEFAULT_GROUP: GroupRates(default_peak, 1.0, cfg.weight_decay)}
+    for name, g in cfg.get("groups", ml_collections.ConfigDict()).items():
+        follows_batch = g.get("scale_with_batch", True)
+        weight_decay = cfg.weight_decay * g.get("weight_decay_scale", 1.0)
+        if g.get("learning_rate") is not None:
+            if g.get("lr_scale") is not None:
+                raise ValueError(f"config.optimizer.groups.{name} gives both learning_rate and lr_scale: keep one")
+            rates[name] = GroupRates(g.learning_rate * (scale if follows_batch else 1.0), 1.0, weight_decay)
+        else:
+            lr_scale = g.get("lr_scale", 1.0) * (1.0 if follows_batch else 1.0 / scale)
+            rates[name] = GroupRates(default_peak, lr_scale, weight_decay)
+    return rates
+
+
 def _base_transform(cfg: ml_collections.ConfigDict, schedule: optax.Schedule, lr_scale: float,
-                    weight_decay_scale: float, name: str | None = None,
+                    weight_decay: float, name: str | None = None,
                     momentum: float | None = None) -> optax.GradientTransformation:
-    """The optimizer proper for one group: `name` (default cfg.name) with the group's lr and momentum.
+    """The optimizer proper for one group: `name` (default cfg.name) with the group's lr, decay and momentum.
 
     Weight decay is coupled to the learning rate for SGD, decoupled for AdamW; Muon has none (its kernels keep a
     fixed norm instead).
@@ -132,10 +194,10 @@ def _base_transform(cfg: ml_collections.ConfigDict, schedule: optax.Schedule, lr
     momentum = cfg.momentum if momentum is None else momentum
     scaled = lambda count: schedule(count) * lr_scale
     if name == "sgd":
-        return optax.chain(optax.add_decayed_weights(cfg.weight_decay * weight_decay_scale),
+        return optax.chain(optax.add_decayed_weights(weight_decay),
                            optax.sgd(scaled, momentum=momentum or None, nesterov=cfg.nesterov))
     if name == "adamw":
-        return optax.adamw(scaled, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay * weight_decay_scale)
+        return optax.adamw(scaled, b1=cfg.b1, b2=cfg.b2, weight_decay=weight_decay)
     if name == "muon":
         return muon(scaled, momentum=momentum, nesterov=cfg.nesterov)
     raise ValueError(f"optimizer {name!r}: expected one of {OPTIMIZERS}")
@@ -146,18 +208,29 @@ def _stop_after(steps: int) -> optax.GradientTransformation:
     return optax.scale_by_schedule(lambda count: (count < steps).astype(jnp.float32))
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, *, total_steps: int,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
-    """The full optax transformation for `params` (only its tree structure and names are used)."""
-    schedule = make_schedule(cfg, total_steps, steps_per_epoch)
+def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, *, total_steps: int, steps_per_epoch: int,
+                   batch_size: int | None = None) -> optax.GradientTransformation:
+    """The full optax transformation for `params` (only its tree structure and names are used).
+
+    `batch_size` is the run's global batch size, which the learning rates scale to (see `group_rates`).
+    """
     groups = cfg.get("groups", ml_collections.ConfigDict())
-    transforms: dict[str, optax.GradientTransformation] = {DEFAULT_GROUP: _base_transform(cfg, schedule, 1.0, 1.0)}
-    for name, g in groups.items():
-        if g.lr_scale == 0:
+    rates = group_rates(cfg, batch_size)
+    schedules: dict[float, optax.Schedule] = {}
+
+    def schedule_peaking_at(peak: float) -> optax.Schedule:
+        if peak not in schedules:
+            schedules[peak] = make_schedule(cfg, total_steps, steps_per_epoch, learning_rate=peak)
+        return schedules[peak]
+
+    transforms: dict[str, optax.GradientTransformation] = {}
+    for name, r in rates.items():
+        g = groups[name] if name in groups else ml_collections.ConfigDict()
+        if g.get("lr_scale") == 0 or g.get("learning_rate") == 0:     # a frozen group: no optimizer state
             transforms[name] = optax.set_to_zero()
             continue
-        tx = _base_transform(cfg, schedule, g.lr_scale, g.get("weight_decay_scale", 1.0), g.get("optimizer"),
-                             g.get("momentum"))
+        tx = _base_transform(cfg, schedule_peaking_at(r.schedule_peak), r.lr_scale, r.weight_decay,
+                             g.get("optimizer"), g.get("momentum"))
         if g.get("train_epochs") is not None:
             tx = optax.chain(tx, _stop_after(int(math.ceil(g.train_epochs * steps_per_epoch))))
         transforms[name] = tx

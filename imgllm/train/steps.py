@@ -5,8 +5,9 @@ is a mean over the global batch, so XLA all-reduces gradients and BatchNorm stat
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 import optax

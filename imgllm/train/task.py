@@ -10,7 +10,8 @@ so they add up exactly across steps, devices and hosts and are divided only when
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,7 @@ versions stored ("module:factory" strings) are mapped to the same entries by `LE
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import ml_collections
 
@@ -32,9 +32,14 @@ class UnknownTaskError(ValueError):
     """config.task is not a name in TASKS (a checkpoint's config is refused before anything is built)."""
 
 
+def canonical_task_name(name: str) -> str:
+    """Today's name for a config's task name: earlier "module:factory" names mapped, any other name unchanged."""
+    return LEGACY_TASK_NAMES.get(name, name)
+
+
 def task_name(name: str) -> str:
     """The TASKS key for a config's task name (earlier "module:factory" names included); raises otherwise."""
-    canonical = LEGACY_TASK_NAMES.get(name, name)
+    canonical = canonical_task_name(name)
     if canonical not in TASKS:
         raise UnknownTaskError(f"config.task={name!r} is not an imgllm task; expected one of {sorted(TASKS)}")
     return canonical
