@@ -85,7 +85,8 @@ def one_run(args, data_root: str, seed: int) -> dict:
 
 def torch_reference(args, data_root: str) -> dict:
     """airbench94 in PyTorch on the same training and validation images, in a child process (one seed)."""
-    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_airbench94_torch.py"),
+    reference_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_airbench94_torch.py")
+    command = [sys.executable, reference_script,
                f"--data_root={data_root}", f"--epochs={args.epochs}"]
     command += [f"--cache_dir={args.cache_dir}"] if args.cache_dir else []
     command += [f"--train_examples={args.train_examples}"] if args.train_examples else []

@@ -97,7 +97,7 @@ def jax_train_step(args, impl):
 def bench_torch(args):
     """images/s of the same training step in PyTorch (channels_last, args.threads threads)."""
     import torch
-    from reference_airbench94_torch import make_net   # the same network as the full PyTorch reference run
+    from reference_airbench94_torch import make_net  # the same network as the full PyTorch reference run
 
     from imgllm.vision.cnn import PRESETS
 
@@ -141,7 +141,8 @@ def main():
     print(f"XLA_FLAGS={xla_flags!r}")
     rows = []
     if args.impls:      # all JAX impls in one process, their steps interleaved
-        for impl, rate, compile_s, *times in run_child({**os.environ, "_BENCH_CNN_CHILD": "jax", "XLA_FLAGS": xla_flags}):
+        child_env = {**os.environ, "_BENCH_CNN_CHILD": "jax", "XLA_FLAGS": xla_flags}
+        for impl, rate, compile_s, *times in run_child(child_env):
             rows.append((f"imgllm JAX conv_impl={impl}", rate, f"compile {compile_s:.1f} s, steps {times}"))
             print(f"  {rows[-1][0]:<32} {rate:8.1f} images/s   ({rows[-1][2]})", flush=True)
     if args.torch:
@@ -154,7 +155,7 @@ def main():
 def run_child(env):
     """Runs this script as a child with `env`; returns its RESULT lines as [name, float, float, ...] each."""
     proc = subprocess.run([sys.executable, *sys.argv], env=env, capture_output=True, text=True)
-    lines = [l.split()[1:] for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark child failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
     return [[name, *map(float, values)] for name, *values in lines]

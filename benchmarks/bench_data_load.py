@@ -40,14 +40,16 @@ def timed(fn, runs):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tarball", default=os.path.join(os.path.dirname(__file__), "../../shared/data/cifar10-train-jpeg.tar.gz"))
+    parser.add_argument("--tarball", default=os.path.join(os.path.dirname(__file__),
+                                                         "../../shared/data/cifar10-train-jpeg.tar.gz"))
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     print("load average:", os.getloadavg())
     with tempfile.TemporaryDirectory() as tmp:
         extract, _ = timed(lambda: subprocess.run(["tar", "-xzf", args.tarball, "-C", tmp], check=True), 1)
         spec = f"folder:{tmp}"
-        files = [f for c in sorted(os.listdir(os.path.join(tmp, "train"))) for f in list_image_files(os.path.join(tmp, "train", c))]
+        class_dirs = [os.path.join(tmp, "train", c) for c in sorted(os.listdir(os.path.join(tmp, "train")))]
+        files = [f for class_dir in class_dirs for f in list_image_files(class_dir)]
         plain, _ = timed(lambda: [np.asarray(Image.open(f).convert("RGB")) for f in files], args.runs)
         one, data = timed(lambda: load_dataset(spec, "train_full", num_workers=1), args.runs)
         workers = default_num_workers()

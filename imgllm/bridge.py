@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 from imgllm.language.gpt2 import GPT2Config
-from imgllm.vision.features import FEATURE_SOURCES
 
 
 class PrefixMapper(nn.Module):

@@ -15,12 +15,14 @@ from imgllm.data import (
     carve_validation_indices,
     decode_image,
     decode_image_files,
+    demo,
     epoch_batch_indices,
+    folder,
     gather_batch,
     list_image_files,
     load_dataset,
 )
-from imgllm.data import demo, folder, images as images_module
+from imgllm.data import images as images_module
 from imgllm.data.folder import DataFolderError
 
 CLASSES = ("apple", "bus", "cat")

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import CORPUS
+
 from imgllm.data import text
 
 EOS, PAD = 9, 7
@@ -40,7 +40,8 @@ def test_prompt_completion_rows_mask_padding_and_optionally_the_prompt():
 
 
 def test_too_long_pair_is_named_unless_truncated():
-    with pytest.raises(ValueError, match=r"data.jsonl:2: prompt \+ completion \+ eos is 5 tokens, longer than seq_len=4"):
+    message = r"data.jsonl:2: prompt \+ completion \+ eos is 5 tokens, longer than seq_len=4"
+    with pytest.raises(ValueError, match=message):
         text.pad_prompt_completions([[1], [1, 2]], [[3], [3, 4]], seq_len=4, eos_id=EOS, pad_id=PAD, mask_prompt=True,
                                     sources=["data.jsonl:1", "data.jsonl:2"])
     examples = text.pad_prompt_completions([[1, 2]], [[3, 4]], seq_len=4, eos_id=EOS, pad_id=PAD, mask_prompt=True,

@@ -16,7 +16,8 @@ Sources (`load_caption_dataset(spec, split, ...)`):
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import collections
 import math
 import re
-from typing import Sequence, Union
+from collections.abc import Sequence
 
-Text = Union[str, Sequence[str]]
+Text = str | Sequence[str]
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 

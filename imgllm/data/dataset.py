@@ -44,7 +44,7 @@ class ImageDataset:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
 
-    def subset(self, indices) -> "ImageDataset":
+    def subset(self, indices) -> ImageDataset:
         """The examples at `indices` (in that order), with their captions and paths."""
         indices = np.asarray(indices, dtype=np.int64)
         pick = lambda values: None if values is None else tuple(values[i] for i in indices)  # noqa: E731

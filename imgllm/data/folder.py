@@ -32,9 +32,9 @@ from imgllm.data.dataset import (
 )
 from imgllm.data.images import (
     Size,
-    first_decodable_size,
     as_size,
     decode_image_files,
+    first_decodable_size,
     has_image_extension,
     list_image_files,
 )
@@ -70,7 +70,8 @@ def _class_folders(split_folder: str) -> list[str]:
         )
     loose = [e for e in entries if e not in classes and has_image_extension(e)]
     if loose:
-        warnings.warn(f"ignoring {len(loose)} image files outside class folders in {split_folder!r}, e.g. {loose[0]!r}")
+        warnings.warn(f"ignoring {len(loose)} image files outside class folders in {split_folder!r}, e.g. {loose[0]!r}",
+                      stacklevel=2)
     return classes
 
 
@@ -142,7 +143,8 @@ def _decode_cached(
         with np.load(cache_file) as cached:
             images, kept = cached["images"], cached["kept"]
         for path in (p for p, k in zip(paths, kept) if not k):
-            warnings.warn(f"skipping: cannot decode image file {path!r} (remembered in cache {cache_file!r})")
+            warnings.warn(f"skipping: cannot decode image file {path!r} (remembered in cache {cache_file!r})",
+                          stacklevel=2)
         return images, kept
     images, kept = decode_image_files(paths, size, resize=resize, num_workers=num_workers)
     os.makedirs(cache_dir, exist_ok=True)

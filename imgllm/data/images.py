@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
