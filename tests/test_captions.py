@@ -1,6 +1,8 @@
 """Caption data sources (demo, captions folders, tfds coco_captions) and the captioner task's rows and training."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -15,6 +17,10 @@ jax.config.update("jax_enable_x64", False)
 
 CLASSES = ("circle", "square")
 TEMPLATES = ("a photo of a {label}.", "a picture of a {label}.")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tiny demo's captioner trains with class prompts other than scoring's defaults, so that a path that scores the
+# defaults instead of the captioner's own templates is caught.
+DEMO_TEMPLATES = ("a drawing of a {label}.", "the shape is a {label}.")
 
 
 def test_caption_rows_mix_dataset_and_template_captions():
@@ -30,7 +36,7 @@ def test_caption_rows_mix_dataset_and_template_captions():
     assert again[1] == texts and list(again[0]) == list(rows)
     # No captions (e.g. CIFAR-10): one template caption per image, naming its class.
     rows, texts = captioner.caption_rows(None, labels, CLASSES, TEMPLATES, 0.25, seed=1)
-    assert list(rows) == [0, 1, 2] and all(CLASSES[l] in t for l, t in zip(labels, texts))
+    assert list(rows) == [0, 1, 2] and all(CLASSES[label] in t for label, t in zip(labels, texts))
     with pytest.raises(ValueError, match="template_fraction=1.5"):
         captioner.caption_rows(captions, labels, CLASSES, TEMPLATES, 1.5, seed=0)
 
@@ -116,6 +122,7 @@ def tiny_demo(tmp_path_factory):
     classifier_config.num_epochs = 1.0
     classifier_config.eval_split = ""
     captioner_config = captioner_tiny.get_config()
+    captioner_config.captions.templates = DEMO_TEMPLATES
     logs = []
     results = demo_recipe.run_demo(workdir, classifier_config=classifier_config, captioner_config=captioner_config,
                                    num_eval_examples=16, log=logs.append)
@@ -155,8 +162,8 @@ def test_demo_recipe_exports_a_pipeline_that_captions_and_classifies(tiny_demo):
     jax.tree.map(np.testing.assert_array_equal, pipeline.params["cnn"], classifier_variables)
     # ... and the evaluation's CNN accuracy is the classifier's own on the same fresh images (same preprocessing).
     from imgllm.data import augment, load_dataset
-    from imgllm.vision.cnn import cnn_from_config
     from imgllm.train.demo_recipe import EVAL_SEED, EVAL_SPLIT
+    from imgllm.vision.cnn import cnn_from_config
     images = load_dataset("demo", EVAL_SPLIT, seed=EVAL_SEED, num_examples=16)
     normalization = run_config["normalization"]
     logits, _ = jax.jit(lambda v, x: cnn_from_config(run_config["model"]).apply(v, augment.normalize(
@@ -165,19 +172,63 @@ def test_demo_recipe_exports_a_pipeline_that_captions_and_classifies(tiny_demo):
     assert results["cnn_accuracy"] == pytest.approx(np.mean(np.argmax(logits, -1) == images.labels))
 
 
+def _infer(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(REPO, "infer.py"), *args], capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_infer_assemble_from_a_captioner_workdir_equals_the_recipes_export(tiny_demo, tmp_path):
-    import infer
     from imgllm.pipeline.checkpoint import load_pipeline
     workdir = tiny_demo[0]
     out = str(tmp_path / "pipeline")
-    assert infer.main(["assemble", "--captioner", os.path.join(workdir, "captioner"), "--out", out]) == 0
+    run = _infer("assemble", "--captioner", os.path.join(workdir, "captioner"), "--out", out)
+    assert run.returncode == 0, run.stderr
     assembled, exported = load_pipeline(out), load_pipeline(os.path.join(workdir, "pipeline"))
     assert assembled.config == exported.config
     jax.tree.map(np.testing.assert_array_equal, assembled.params, exported.params)
-    with pytest.raises(SystemExit, match="--captioner"):
-        infer.main(["assemble", "--captioner", os.path.join(workdir, "captioner"), "--lm", "gpt2", "--out", out])
-    with pytest.raises(SystemExit, match="--classifier and --lm"):
-        infer.main(["assemble", "--classifier", os.path.join(workdir, "classifier"), "--out", out])
+    run = _infer("assemble", "--captioner", os.path.join(workdir, "captioner"), "--lm", "gpt2", "--out", out)
+    assert run.returncode != 0 and "--captioner" in run.stderr
+    run = _infer("assemble", "--classifier", os.path.join(workdir, "classifier"), "--out", out)
+    assert run.returncode != 0 and "--classifier and --lm" in run.stderr
+
+
+def test_lm_classify_scores_the_templates_the_captioner_was_trained_with(tiny_demo, tmp_path):
+    """infer.py --lm-classify (caption_files(lm_classify=True)) scores the class prompts the captioner was trained
+    with, which its export stores in the pipeline checkpoint, and agrees with the demo recipe's evaluation."""
+    from imgllm.data.demo import write_demo_images
+    from imgllm.language.scoring import DEFAULT_TEMPLATES, build_prompt_table, score_class_prompts
+    from imgllm.pipeline import (
+        Item,
+        caption_files,
+        cnn_logits_and_features,
+        load_pipeline,
+        score_records,
+        visual_prefix,
+    )
+    from imgllm.train.demo_recipe import EVAL_SEED, EVAL_SPLIT
+    workdir, _, _, results, _ = tiny_demo
+    pipe = load_pipeline(os.path.join(workdir, "pipeline"))
+    assert DEMO_TEMPLATES != DEFAULT_TEMPLATES and pipe.class_prompt_templates == DEMO_TEMPLATES
+
+    def prompt_table(templates):
+        return build_prompt_table(pipe.tokenizer.encode, pipe.config["eos_id"], pipe.class_names, templates)
+
+    assert pipe.spec(lm_classify=True).lm_class_prompts == prompt_table(DEMO_TEMPLATES)
+    # The recipe's evaluation images, as files: the LM's labels and accuracy are the recipe's.
+    references = write_demo_images(str(tmp_path), num_examples=16, seed=EVAL_SEED, split=EVAL_SPLIT)
+    records = list(caption_files(pipe, [str(tmp_path)], lm_classify=True, batch_size=16))
+    assert score_records(records, references)["lm_accuracy"] == pytest.approx(results["lm_accuracy"])
+    spec = pipe.spec()
+    images = np.stack([Item(record["path"]).load(spec.image_size) for record in records])
+    features = jax.jit(lambda v, x: cnn_logits_and_features(v, x, spec)[1])(pipe.params["cnn"], images)
+    prefix = visual_prefix(pipe.params, features, spec)
+
+    def lm_scores(templates) -> np.ndarray:
+        return np.asarray(score_class_prompts(pipe.params["lm"], spec.lm_config, prompt_table(templates), prefix))
+
+    scores = lm_scores(DEMO_TEMPLATES)
+    assert [record["lm_label"] for record in records] == [pipe.class_names[c] for c in scores.argmax(-1)]
+    assert not np.allclose(scores, lm_scores(DEFAULT_TEMPLATES), atol=0.1)  # the templates matter
 
 
 def test_demo_recipe_stages_resume_and_refuse_other_configs(tiny_demo):

@@ -1,5 +1,7 @@
-"""infer.py end to end on a tiny pipeline checkpoint: bad files, resuming, determinism, CSV/HTML, tfds inputs,
-and 8 simulated devices giving the same captions as one."""
+"""Batch captioning (`imgllm.pipeline.caption_files`, what infer.py runs) end to end on a tiny pipeline checkpoint:
+bad files, resuming, determinism, CSV/HTML, tfds inputs, LM classification with the checkpoint's templates; and
+infer.py itself in subprocesses: exit status and stdout, 8 simulated devices giving the same captions as one, the
+compilation cache, a SIGKILL and resume."""
 
 from __future__ import annotations
 
@@ -11,13 +13,12 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-
-from imgllm.pipeline import checkpoint as pc
 from test_pipeline import tiny_pipeline_parts, tiny_tokenizer
 
+from imgllm.pipeline import DecodingOptions, caption_files, score_records
+from imgllm.pipeline import checkpoint as pc
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import infer  # noqa: E402  (the CLI module at the repository root)
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +66,15 @@ def messy_folder(tmp_path_factory) -> dict[str, str]:
 
 
 # Tests share these options where they can, so that one compiled program serves several tests.
-BATCH = ("--batch-size", 4)
-SAMPLING = ("--decoding", "sample", "--temperature", "2.0", "--num-captions", 2)
+BATCH = dict(batch_size=4)
+SAMPLING = dict(decoding=DecodingOptions(method="sample", temperature=2.0, num_captions=2))
 
 
-def run_infer(*args) -> int:
-    return infer.main([*map(str, args), "--quiet", "--compilation-cache", ""])
+def caption(checkpoint, *inputs, **options) -> list[dict]:
+    """Every record `caption_files` yields (it writes `output` when given)."""
+    output = options.pop("output", None)
+    return list(caption_files(checkpoint, [str(path) for path in inputs],
+                              output=None if output is None else str(output), **options))
 
 
 def read_jsonl(path) -> list[dict]:
@@ -80,7 +84,8 @@ def read_jsonl(path) -> list[dict]:
 
 def test_messy_folder_gives_one_record_per_image_and_errors_for_bad_files(checkpoint, messy_folder, tmp_path):
     out = tmp_path / "out.jsonl"
-    assert run_infer(messy_folder["root"], "--checkpoint", checkpoint, "--output", out, *BATCH) == 0
+    yielded = caption(checkpoint, messy_folder["root"], output=out, **BATCH)
+    assert yielded == read_jsonl(out)  # what is yielded is what is written
     records = {r["path"]: r for r in read_jsonl(out)}
     images = [messy_folder[k] for k in ("good", "grey", "rgba", "jpeg")]
     bad = [messy_folder[k] for k in ("corrupt", "truncated", "text_as_png")]
@@ -97,18 +102,29 @@ def test_messy_folder_gives_one_record_per_image_and_errors_for_bad_files(checkp
     assert not any(path.endswith("README.txt") for path in records)
 
 
-def test_nothing_captionable_exits_non_zero(checkpoint, messy_folder, tmp_path):
+def test_nothing_captionable_gives_only_error_records(checkpoint, messy_folder, tmp_path):
     out = tmp_path / "out.jsonl"
-    assert run_infer(messy_folder["corrupt"], messy_folder["truncated"], tmp_path / "missing.png",
-                     "--checkpoint", checkpoint, "--output", out, *BATCH) == 1
+    caption(checkpoint, messy_folder["corrupt"], messy_folder["truncated"], tmp_path / "missing.png", output=out,
+            **BATCH)
     assert all("error" in r for r in read_jsonl(out)) and len(read_jsonl(out)) == 3
+
+
+def test_cli_prints_records_and_exits_non_zero_when_nothing_is_captioned(checkpoint, messy_folder, tmp_path):
+    """infer.py without --output writes the records to stdout; its exit status is 1 when no image was captioned."""
+    command = [sys.executable, os.path.join(REPO, "infer.py"), messy_folder["corrupt"], str(tmp_path / "missing.png"),
+               "--checkpoint", checkpoint, "--batch-size", "4", "--quiet", "--compilation-cache", ""]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_subprocess_env())
+    assert run.returncode == 1, run.stderr
+    records = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["path"] for r in records] == [messy_folder["corrupt"], str(tmp_path / "missing.png")]
+    assert all("error" in r for r in records) and "no image could be captioned" in run.stderr
 
 
 def test_interrupted_run_resumes_with_each_record_once(checkpoint, tmp_path):
     paths = write_images(tmp_path / "imgs", 11)
-    args = [tmp_path / "imgs", "--checkpoint", checkpoint, *BATCH, *SAMPLING, "--seed", 7]
+    options = dict(**BATCH, **SAMPLING, seed=7)
     full = tmp_path / "full.jsonl"
-    assert run_infer(*args, "--output", full) == 0
+    caption(checkpoint, tmp_path / "imgs", output=full, **options)
     full_records = read_jsonl(full)
     assert [r["path"] for r in full_records] == paths
 
@@ -116,8 +132,9 @@ def test_interrupted_run_resumes_with_each_record_once(checkpoint, tmp_path):
     lines = full.read_text().splitlines(keepends=True)
     partial = tmp_path / "partial.jsonl"
     partial.write_text("".join(lines[:6]) + lines[6][: len(lines[6]) // 2])
-    assert run_infer(*args, "--output", partial) == 0
+    yielded = caption(checkpoint, tmp_path / "imgs", output=partial, **options)
     resumed = read_jsonl(partial)
+    assert yielded == resumed  # the records already there, then the new ones
     assert sorted(r["path"] for r in resumed) == paths  # every image exactly once
     assert {r["path"]: r for r in resumed} == {r["path"]: r for r in full_records}  # same captions as unbroken
 
@@ -127,8 +144,7 @@ def test_same_seed_same_captions_other_seed_others(checkpoint, tmp_path):
     outputs = {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         outputs[name] = tmp_path / f"{name}.jsonl"
-        assert run_infer(tmp_path / "imgs", "--checkpoint", checkpoint, "--output", outputs[name], *BATCH,
-                         *SAMPLING, "--seed", seed) == 0
+        caption(checkpoint, tmp_path / "imgs", output=outputs[name], **BATCH, **SAMPLING, seed=seed)
     a, b, c = (read_jsonl(outputs[name]) for name in "abc")
     assert a == b
     assert [r["captions"] for r in a] != [r["captions"] for r in c]
@@ -137,8 +153,7 @@ def test_same_seed_same_captions_other_seed_others(checkpoint, tmp_path):
 
 def test_csv_and_html_outputs(checkpoint, messy_folder, tmp_path):
     out, page = tmp_path / "out.csv", tmp_path / "page.html"
-    assert run_infer(messy_folder["good"], messy_folder["corrupt"], "--checkpoint", checkpoint, "--output", out,
-                     "--html", page, *BATCH) == 0
+    caption(checkpoint, messy_folder["good"], messy_folder["corrupt"], output=out, html=page, **BATCH)
     import csv
 
     with open(out, newline="") as f:
@@ -149,8 +164,7 @@ def test_csv_and_html_outputs(checkpoint, messy_folder, tmp_path):
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 1 and rows[0]["label_1"] in text and "corrupt.jpg" in text
     # A rerun finds everything done: nothing is added, and the page still lists both.
-    assert run_infer(messy_folder["good"], messy_folder["corrupt"], "--checkpoint", checkpoint, "--output", out,
-                     *BATCH) == 0
+    assert len(caption(checkpoint, messy_folder["good"], messy_folder["corrupt"], output=out, **BATCH)) == 2
     with open(out, newline="") as f:
         assert len(list(csv.DictReader(f))) == 2
 
@@ -160,10 +174,40 @@ def test_tfds_split_input(checkpoint, tmp_path):
 
     out = tmp_path / "out.jsonl"
     with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
-        assert run_infer("tfds:cifar10:test", "--checkpoint", checkpoint, "--output", out, *BATCH) == 0
+        caption(checkpoint, "tfds:cifar10:test", output=out, **BATCH)
     records = read_jsonl(out)
     assert [r["path"] for r in records] == [f"tfds:cifar10:test:{i}" for i in range(5)]
     assert all("captions" in r for r in records)
+
+
+def test_lm_classify_scores_the_checkpoints_class_prompt_templates(tmp_path):
+    """caption_files(lm_classify=True) (infer.py --lm-classify) labels each image by the likelihood of the
+    class_prompt_templates stored in the checkpoint, not by scoring's default templates."""
+    import jax
+
+    from imgllm.language.scoring import DEFAULT_TEMPLATES, build_prompt_table, score_class_prompts
+    from imgllm.pipeline import Item, cnn_logits_and_features, visual_prefix
+
+    templates = ("{label}!", "look, a {label} here")
+    params, config = tiny_pipeline_parts(bridge=True, template="", class_prompt_templates=templates)
+    checkpoint = pc.save_pipeline_checkpoint(tmp_path / "ckpt", params, config, tiny_tokenizer())
+    paths = write_images(tmp_path / "imgs", 8, seed=3)
+    records = caption(checkpoint, tmp_path / "imgs", lm_classify=True, batch_size=8)
+
+    loaded = pc.load_pipeline(checkpoint)
+    spec = loaded.spec()
+    images = np.stack([Item(path).load(spec.image_size) for path in paths])
+    features = jax.jit(lambda p, x: cnn_logits_and_features(p["cnn"], x, spec)[1])(loaded.params, images)
+    prefix = visual_prefix(loaded.params, features, spec)
+
+    def lm_labels(templates) -> list[str]:
+        table = build_prompt_table(loaded.tokenizer.encode, config["eos_id"], config["class_names"], templates)
+        scores = np.asarray(score_class_prompts(loaded.params["lm"], spec.lm_config, table, prefix))
+        return [config["class_names"][c] for c in scores.argmax(-1)]
+
+    assert [r["path"] for r in records] == paths
+    assert [r["lm_label"] for r in records] == lm_labels(templates)
+    assert lm_labels(templates) != lm_labels(DEFAULT_TEMPLATES)  # so scoring the defaults would fail this test
 
 
 def _subprocess_env(**extra) -> dict:
@@ -177,7 +221,7 @@ def test_eight_devices_give_the_same_captions_as_one(checkpoint, tmp_path):
     args = [str(tmp_path / "imgs"), "--checkpoint", checkpoint, "--batch-size", "8", "--decoding", "sample",
             "--seed", "5", "--quiet", "--compilation-cache", ""]
     one = tmp_path / "one.jsonl"
-    assert run_infer(*args[:-3], "--output", one) == 0
+    caption(checkpoint, tmp_path / "imgs", output=one, batch_size=8, decoding=DecodingOptions(method="sample"), seed=5)
     eight = tmp_path / "eight.jsonl"
     script = ("import sys, jax; assert jax.device_count() == 8, jax.devices(); import infer; "
               "sys.exit(infer.main(sys.argv[1:]))")
@@ -241,7 +285,7 @@ def test_references_score_captions_and_labels(tmp_path):
         {"path": str(tmp_path / lines[2]["path"]), "error": "cannot read"},      # errors are not scored
         {"path": str(tmp_path / "unlisted.png"), "captions": ["x"], "labels": [{"label": "x", "prob": 1.0}]},
     ]
-    scores = infer.score_records(records, references)
+    scores = score_records(records, references)
     assert scores["images"] == 2
     assert scores["exact_match"] == 0.5
     assert scores["cnn_accuracy"] == 0.5 and scores["lm_accuracy"] == 1.0

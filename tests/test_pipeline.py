@@ -19,7 +19,7 @@ TOKENIZER_TEXTS = [f"A photo of a {name}." for name in CLASS_NAMES] + [
     "This image shows a cat (93%), a dog (5%) and a frog (2%).", "maybe a horse? 100% sure"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_tokenizer():
     """A byte-level BPE trained offline on a few sentences (ids fit the tiny LM's vocabulary)."""
     from imgllm.language.tokenizer import train_bpe_tokenizer
@@ -34,12 +34,12 @@ def tokenizer_dir(root) -> str:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_params(seed: int = 0, bridge: bool = False) -> dict:
     """Parameters of a tiny pipeline: the test CNN preset, a two-layer GPT-2 over the BPE's ids and, when asked,
     a PrefixMapper. Cached: tests share the (numpy) arrays and only read them."""
-    from imgllm.vision.cnn import cnn_preset
     from imgllm.language.gpt2 import init_params
+    from imgllm.vision.cnn import cnn_preset
 
     if bridge:
         from imgllm.bridge import PrefixMapper
@@ -70,21 +70,21 @@ def tiny_bridge_config() -> dict:
 
 
 def tiny_pipeline_parts(seed: int = 0, *, bridge: bool = False, template: str = "A photo of a {label}.",
-                        top_k: int = 2, max_new_tokens: int = 6):
+                        top_k: int = 2, max_new_tokens: int = 6, class_prompt_templates=None):
     """(params, config) of a tiny pipeline (see `tiny_params`)."""
     tok = tiny_tokenizer()
     config = pc.make_pipeline_config(
         cnn={"preset": "tiny", "num_classes": len(CLASS_NAMES)}, lm=tiny_lm_config().to_dict(),
         bridge=tiny_bridge_config() if bridge else None, class_names=CLASS_NAMES, eos_id=tok.eos_token_id,
         pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, template=template, top_k=top_k, prepend_bos=bridge,
-        max_new_tokens=max_new_tokens)
+        max_new_tokens=max_new_tokens, class_prompt_templates=class_prompt_templates)
     return tiny_params(seed, bridge), config
 
 
-def tiny_pipeline(tmp_path, **kwargs) -> pc.Pipeline:
+def tiny_pipeline(tmp_path, **kwargs) -> pc.PipelineCheckpoint:
     params, config = tiny_pipeline_parts(**kwargs)
     tokenizer = pc.FastTokenizer(os.path.join(tokenizer_dir(tmp_path), pc.TOKENIZER_FILE))
-    return pc.Pipeline(params=params, config=config, tokenizer=tokenizer)
+    return pc.PipelineCheckpoint(params=params, config=config, tokenizer=tokenizer)
 
 
 def random_images(seed: int, batch: int, size: int = 32) -> np.ndarray:
@@ -99,7 +99,7 @@ def random_images(seed: int, batch: int, size: int = 32) -> np.ndarray:
 def test_prompt_assembly_equals_tokenizing_the_filled_in_prompt(template):
     tok = tiny_tokenizer()
     encode = lambda text: tok.encode(text, add_special_tokens=False)
-    tables = pipeline.build_prompt_tables(encode, template, CLASS_NAMES, 3, tok.pad_token_id)
+    tables = pipeline.tokenize_template(encode, template, CLASS_NAMES, 3, tok.pad_token_id)
     label_ids = np.array([[3, 5, 1], [9, 0, 2], [7, 8, 6]], np.int32)
     percents = np.array([[93, 5, 0], [100, 0, 7], [40, 35, 25]], np.int32)
     ids, mask = jax.jit(lambda a, b: pipeline.assemble_prompts(tables, a, b, tok.pad_token_id))(label_ids, percents)
@@ -115,7 +115,7 @@ def test_prompt_assembly_equals_tokenizing_the_filled_in_prompt(template):
 
 
 def test_prompt_with_bos_and_empty_template_is_just_bos():
-    tables = pipeline.build_prompt_tables(lambda text: [ord(c) for c in text], "", CLASS_NAMES, 1, 0, bos_id=7)
+    tables = pipeline.tokenize_template(lambda text: [ord(c) for c in text], "", CLASS_NAMES, 1, 0, bos_id=7)
     ids, mask = pipeline.assemble_prompts(tables, jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1), jnp.int32), 0)
     assert np.asarray(ids).tolist() == [[7], [7]] and np.asarray(mask).tolist() == [[1], [1]]
 
@@ -125,7 +125,7 @@ def test_prompt_with_bos_and_empty_template_is_just_bos():
                                                 ("{label:>10}", "unknown slot")])
 def test_bad_template_is_named(template, message):
     with pytest.raises(ValueError, match=message):
-        pipeline.build_prompt_tables(lambda text: [1], template, CLASS_NAMES, 2, 0)
+        pipeline.tokenize_template(lambda text: [1], template, CLASS_NAMES, 2, 0)
 
 
 def test_percentages_round_and_clip():
@@ -136,7 +136,7 @@ def test_percentages_round_and_clip():
 # ----------------------------------------------------------------------------------------------- the pipeline
 
 
-def stage_by_stage(loaded: pc.Pipeline, spec: pipeline.PipelineSpec, images: np.ndarray, rng) -> dict:
+def stage_by_stage(loaded: pc.PipelineCheckpoint, spec: pipeline.PipelineSpec, images: np.ndarray, rng) -> dict:
     """The reference: every stage run on its own (CNN, softmax + top-k on the host, prompts from the filled-in
     strings through the tokenizer, then generate_tokens)."""
     from imgllm.data import augment
@@ -282,6 +282,25 @@ def test_lm_classification_without_bridge_is_named(tmp_path):
         tiny_pipeline(tmp_path).spec(lm_classify=True)
 
 
+def test_lm_classification_scores_the_checkpoints_class_prompt_templates(tmp_path):
+    """spec(lm_classify=True) scores the class_prompt_templates stored in the checkpoint (a captioner's export
+    writes the ones it was trained with); scoring's defaults only when the checkpoint has none."""
+    from imgllm.language.scoring import DEFAULT_TEMPLATES, build_prompt_table
+
+    templates = ("{label}!", "look, a {label} here")
+    loaded = tiny_pipeline(tmp_path, bridge=True, template="", class_prompt_templates=templates)
+    assert loaded.config["class_prompt_templates"] == list(templates)
+    table = loaded.spec(lm_classify=True).lm_class_prompts
+
+    def prompt_table(templates):
+        return build_prompt_table(loaded.tokenizer.encode, loaded.config["eos_id"], CLASS_NAMES, templates)
+
+    assert table == prompt_table(templates) and table != prompt_table(DEFAULT_TEMPLATES)
+    assert hash(table) == hash(prompt_table(templates))  # a static spec field: equal tables, one compilation
+    without = tiny_pipeline(tmp_path, bridge=True, template="")
+    assert without.spec(lm_classify=True).lm_class_prompts == prompt_table(DEFAULT_TEMPLATES)
+
+
 def test_not_a_pipeline_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a pipeline checkpoint"):
         pc.load_pipeline(tmp_path)
@@ -299,10 +318,11 @@ def test_config_errors_are_named():
 def test_assemble_from_a_train_workdir_and_a_gpt2_directory(tmp_path):
     """infer.py assemble: a classifier trained by train.py's loop + a Hugging Face GPT-2 directory → one checkpoint
     holding exactly their weights, the run's class names and normalisation, and the tokenizer."""
+    import subprocess
     import sys
 
-    from imgllm.language import hf
     from imgllm.configs import cnn_tiny
+    from imgllm.language import hf
     from imgllm.train.loop import restore_for_eval, train_and_evaluate
 
     config = cnn_tiny.get_config()
@@ -312,12 +332,11 @@ def test_assemble_from_a_train_workdir_and_a_gpt2_directory(tmp_path):
     params, _ = tiny_pipeline_parts()
     lm_dir = hf.save_gpt2(tmp_path / "gpt2", tiny_lm_config(), params["lm"], tokenizer=tiny_tokenizer())
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import infer
-
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "ckpt"
-    assert infer.main(["assemble", "--classifier", workdir, "--lm", lm_dir, "--out", str(out), "--top-labels", "2",
-                       "--template", "This is {topk}."]) == 0
+    subprocess.run([sys.executable, os.path.join(repo, "infer.py"), "assemble", "--classifier", workdir, "--lm",
+                    str(lm_dir), "--out", str(out), "--top-labels", "2", "--template", "This is {topk}."],
+                   check=True, timeout=300)
     loaded = pc.load_pipeline(out)
     _, meta, _, variables = restore_for_eval(workdir)
     assert loaded.class_names == tuple(meta["task"]["class_names"])

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent('''
     from imgllm.bridge import PrefixMapper
     from imgllm.language.decoding import GenerationConfig, generate_tokens
     from imgllm.language.gpt2 import GPT2Config, init_params
-    from imgllm.pipeline import PipelineSpec, build_prompt_tables, caption_images
+    from imgllm.pipeline import PipelineSpec, caption_images, tokenize_template
     from imgllm.vision.cnn import cnn_preset
 
     assert jax.device_count() == 8, jax.devices()
@@ -83,9 +83,9 @@ SCRIPT = textwrap.dedent('''
     encode = lambda text: [1 + (ord(c) % 60) for c in text]
     generation = GenerationConfig(max_new_tokens=5, eos_token_id=0, pad_token_id=0)
     cases = [
-        (build_prompt_tables(encode, "a {label} ({prob}%)", CLASSES, 2, 0), None,
+        (tokenize_template(encode, "a {label} ({prob}%)", CLASSES, 2, 0), None,
          {"cnn": cnn_variables, "lm": lm_params}),
-        (build_prompt_tables(encode, "", CLASSES, 1, 0, bos_id=0), mapper,
+        (tokenize_template(encode, "", CLASSES, 1, 0, bos_id=0), mapper,
          {"cnn": cnn_variables, "lm": lm_params, "bridge": bridge_params}),
     ]
     for prompt_tables, bridge, params in cases:

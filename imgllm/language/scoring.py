@@ -6,7 +6,7 @@ For an image with visual prefix P and classes c with prompt templates e ("a phot
 
 i.e. the log of the template-averaged likelihood (a prompt ensemble in probability space). All images x classes
 x templates are scored in one jitted call (`score_class_prompts`): the prompts are tokenised once, before jit,
-into a `PromptTable`; inside jit each image's prefix is paired with every prompt of the table.
+into a `ClassPromptTable`; inside jit each image's prefix is paired with every prompt of the table.
 
 A free-text description is classified the same way without an image (`classify_texts`): the table's sequences
 are BOS + description + a connector + the class prompt + EOS, and only the class-prompt tokens are scored.
@@ -14,21 +14,22 @@ are BOS + description + a connector + the class prompt + EOS, and only the class
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgllm.language.gpt2 import GPT2, GPT2Config, bind
+from imgllm.language.gpt2 import GPT2, GPT2Config, model_and_params
 
 
 def embed_tokens(lm_params: Any, lm_config: GPT2Config, input_ids: jax.Array) -> jax.Array:
     """Token embeddings [B, T, D] from the LM's wte table."""
-    model, lm_params = bind(lm_params, lm_config)
+    model, lm_params = model_and_params(lm_params, lm_config)
     return model.apply({"params": lm_params}, input_ids, method=GPT2.embed_tokens)
 
 
@@ -56,7 +57,7 @@ def prefixed_token_stats(lm_params: Any, lm_config: GPT2Config, prefix_embeds: j
     if input_ids.ndim != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [batch, length >= 2] (BOS + tokens), got shape {input_ids.shape}")
     embeds = embed_tokens(lm_params, lm_config, input_ids)
-    model, lm_params = bind(lm_params, lm_config)
+    model, lm_params = model_and_params(lm_params, lm_config)
     prefix_length = 0
     if prefix_embeds is not None:
         if prefix_embeds.ndim != 3 or prefix_embeds.shape[0] != input_ids.shape[0]:
@@ -78,17 +79,35 @@ DEFAULT_TEMPLATES = ("a photo of a {label}.", "a picture of a {label}.", "an ima
 DEFAULT_TEXT_CONNECTOR = " This is "
 
 
-@flax.struct.dataclass
-class PromptTable:
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClassPromptTable:
     """Tokenised class prompts. input_ids int32 [C, E, T]: BOS + tokens + EOS, right-padded with EOS.
-    target_mask float32 [C, E, T-1]: 1 where the token input_ids[..., t+1] counts in the score."""
+    target_mask float32 [C, E, T-1]: 1 where the token input_ids[..., t+1] counts in the score.
 
-    input_ids: jax.Array
-    target_mask: jax.Array
+    One type for both uses: a pytree of its two arrays (an argument of jitted functions such as
+    `score_class_prompts`), and, holding read-only numpy arrays as the builders make it, hashable and compared by
+    content, so it can also be a field of a static jit argument (`imgllm.pipeline.PipelineSpec.lm_class_prompts`).
+    """
+
+    input_ids: Any
+    target_mask: Any
 
     @property
     def num_classes(self) -> int:
         return self.input_ids.shape[0]
+
+    def __hash__(self) -> int:
+        ids, mask = np.asarray(self.input_ids), np.asarray(self.target_mask)
+        return hash((ids.shape, ids.tobytes(), mask.shape, mask.tobytes()))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ClassPromptTable):
+            return NotImplemented
+        return all(np.array_equal(np.asarray(a), np.asarray(b)) and np.asarray(a).dtype == np.asarray(b).dtype
+                   for a, b in ((self.input_ids, other.input_ids), (self.target_mask, other.target_mask)))
+
+
+jax.tree_util.register_dataclass(ClassPromptTable, data_fields=["input_ids", "target_mask"], meta_fields=[])
 
 
 def fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
@@ -103,8 +122,8 @@ def fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list
     return [[template.format(label=name.replace("_", " ")) for template in templates] for name in class_names]
 
 
-def _table_from_pieces(pieces: list[list[tuple[list[int], list[int]]]], bos_id: int, eos_id: int) -> PromptTable:
-    """Packs per-(class, template) (context ids, scored ids) into a right-padded PromptTable."""
+def _table_from_pieces(pieces: list[list[tuple[list[int], list[int]]]], bos_id: int, eos_id: int) -> ClassPromptTable:
+    """Packs per-(class, template) (context ids, scored ids) into a right-padded ClassPromptTable."""
     rows = [[[bos_id] + context + scored + [eos_id] for context, scored in row] for row in pieces]
     length = max(len(seq) for row in rows for seq in row)
     input_ids = np.full((len(rows), len(rows[0]), length), eos_id, np.int32)
@@ -115,14 +134,16 @@ def _table_from_pieces(pieces: list[list[tuple[list[int], list[int]]]], bos_id: 
             input_ids[c, e, :len(seq)] = seq
             # Targets are seq[1:]; the scored part (plus EOS) starts after BOS + context.
             target_mask[c, e, len(context):len(context) + len(scored) + 1] = 1.0
-    return PromptTable(input_ids=input_ids, target_mask=target_mask)
+    input_ids.setflags(write=False)
+    target_mask.setflags(write=False)
+    return ClassPromptTable(input_ids=input_ids, target_mask=target_mask)
 
 
 Encoder = Callable[[str], Sequence[int]]
 
 
 def build_prompt_table(encode: Encoder, eos_id: int, class_names: Sequence[str],
-                       templates: Sequence[str] = DEFAULT_TEMPLATES) -> PromptTable:
+                       templates: Sequence[str] = DEFAULT_TEMPLATES) -> ClassPromptTable:
     """Tokenises every class x template prompt once (host side): [BOS] prompt [EOS], every prompt token scored.
 
     encode: text -> token ids without special tokens (e.g. a `tokenizers.Tokenizer`'s encode(...).ids, or
@@ -136,7 +157,7 @@ def build_prompt_table(encode: Encoder, eos_id: int, class_names: Sequence[str],
 
 def build_text_prompt_table(encode: Encoder, eos_id: int, descriptions: Sequence[str], class_names: Sequence[str],
                             templates: Sequence[str] = ("{label}.",),
-                            connector: str = DEFAULT_TEXT_CONNECTOR) -> PromptTable:
+                            connector: str = DEFAULT_TEXT_CONNECTOR) -> ClassPromptTable:
     """Rows n * C + c: [BOS] description_n + connector (context, not scored), then prompt_c + [EOS] (scored)."""
     if isinstance(descriptions, str):
         raise TypeError("descriptions must be a list of strings, got a single string")
@@ -151,7 +172,7 @@ def build_text_prompt_table(encode: Encoder, eos_id: int, descriptions: Sequence
     return _table_from_pieces(pieces, eos_id, eos_id)
 
 
-def _score_one_image(lm_params, lm_config: GPT2Config, table: PromptTable, prefix: jax.Array | None) -> jax.Array:
+def _score_one_image(lm_params, lm_config: GPT2Config, table: ClassPromptTable, prefix: jax.Array | None) -> jax.Array:
     """[C] ensemble log-likelihoods of every prompt of `table` after one image's prefix [K, D] (or none)."""
     num_classes, num_templates, length = table.input_ids.shape
     flat_ids = table.input_ids.reshape(num_classes * num_templates, length)
@@ -163,7 +184,7 @@ def _score_one_image(lm_params, lm_config: GPT2Config, table: PromptTable, prefi
 
 
 @functools.partial(jax.jit, static_argnames=("lm_config", "images_per_chunk"))
-def score_class_prompts(lm_params: Any, lm_config: GPT2Config, prompt_table: PromptTable,
+def score_class_prompts(lm_params: Any, lm_config: GPT2Config, prompt_table: ClassPromptTable,
                         prefix_embeds: jax.Array | None, *, images_per_chunk: int = 8) -> jax.Array:
     """Log-likelihood [B, C] of each class's prompts under the LM conditioned on each image's prefix [B, K, D].
 
@@ -177,7 +198,7 @@ def score_class_prompts(lm_params: Any, lm_config: GPT2Config, prompt_table: Pro
                        prefix_embeds, batch_size=images_per_chunk)
 
 
-def classify_by_lm(lm_params: Any, lm_config: GPT2Config, prompt_table: PromptTable,
+def classify_by_lm(lm_params: Any, lm_config: GPT2Config, prompt_table: ClassPromptTable,
                    prefix_embeds: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(predicted class ids [B], class log-likelihoods [B, C]); traceable inside a larger jitted function."""
     scores = score_class_prompts(lm_params, lm_config, prompt_table, prefix_embeds)

@@ -1,22 +1,58 @@
-"""Caption inference: prompt tables, the jitted image → caption function and the pipeline checkpoint format.
+"""Caption inference: image → CNN → labels / visual prefix → LM → captions, and batch captioning of files.
 
-    prompts.py     templates tokenised once into tables that jitted code gathers from
-    caption.py     caption_images: uint8 images → labels, prompts, caption ids (pure, jit/pmap-able)
-    checkpoint.py  the pipeline checkpoint: save, read, Pipeline (makes the static PipelineSpec)
+    prompts.py     caption prompt templates tokenised once (TokenizedTemplate) for jitted code to gather from
+    caption.py     caption_images: uint8 images → labels, prompts, caption ids (pure, jit/pmap-able; PipelineSpec)
+    checkpoint.py  the pipeline checkpoint format: save, read, load_pipeline → PipelineCheckpoint (makes the spec)
+    inputs.py      files, folders, globs, tfds splits → items → batches read ahead in a thread
+    records.py     records, the JSON-lines/CSV output (resumable), scores against references, the HTML page
+    batch.py       caption_files: inputs → records, what infer.py runs
 """
 
-from imgllm.pipeline.caption import (PipelineSpec, caption_images, caption_token_lists, cnn_logits_and_features, compile_captioner,
-                                     decode_captions, inference_params, make_captioner, place_images, place_params,
-                                     preprocess, visual_prefix)
-from imgllm.pipeline.checkpoint import Pipeline, load_pipeline
-from imgllm.pipeline.prompts import (DEFAULT_TEMPLATE, LMClassPrompts, PromptPiece, PromptTables, TokenTable,
-                                     assemble_prompts, build_prompt_tables, expand_template, fill_template,
-                                     parse_template, probability_percents, token_table)
+from imgllm.pipeline.batch import (
+                                   DEFAULT_COMPILATION_CACHE,
+                                   DecodingOptions,
+                                   caption_files,
+                                   enable_compilation_cache,
+                                   generation_config,
+)
+from imgllm.pipeline.caption import (
+                                   PipelineSpec,
+                                   caption_images,
+                                   caption_token_lists,
+                                   cnn_logits_and_features,
+                                   compile_captioner,
+                                   decode_captions,
+                                   inference_params,
+                                   make_captioner,
+                                   place_images,
+                                   place_params,
+                                   preprocess,
+                                   prompts_are_per_class,
+                                   visual_prefix,
+)
+from imgllm.pipeline.checkpoint import PipelineCheckpoint, load_pipeline
+from imgllm.pipeline.inputs import Item, expand_inputs
+from imgllm.pipeline.prompts import (
+                                   DEFAULT_TEMPLATE,
+                                   PromptPiece,
+                                   SlotTable,
+                                   TokenizedTemplate,
+                                   assemble_prompts,
+                                   expand_template,
+                                   fill_template,
+                                   parse_template,
+                                   probability_percents,
+                                   slot_table,
+                                   tokenize_template,
+)
+from imgllm.pipeline.records import RecordFile, make_records, score_records, write_html
 
 __all__ = [
-    "DEFAULT_TEMPLATE", "LMClassPrompts", "Pipeline", "PipelineSpec", "PromptPiece", "PromptTables", "TokenTable",
-    "assemble_prompts", "build_prompt_tables", "caption_images", "caption_token_lists", "cnn_logits_and_features",
-    "compile_captioner", "decode_captions", "expand_template", "fill_template", "inference_params", "load_pipeline",
-    "make_captioner", "parse_template", "place_images", "place_params", "preprocess", "probability_percents",
-    "token_table", "visual_prefix",
+    "DEFAULT_COMPILATION_CACHE", "DEFAULT_TEMPLATE", "DecodingOptions", "Item", "PipelineCheckpoint", "PipelineSpec",
+    "PromptPiece", "RecordFile", "SlotTable", "TokenizedTemplate", "assemble_prompts", "caption_files",
+    "caption_images", "caption_token_lists", "cnn_logits_and_features", "compile_captioner", "decode_captions",
+    "enable_compilation_cache", "expand_inputs", "expand_template", "fill_template", "generation_config",
+    "inference_params", "load_pipeline", "make_captioner", "make_records", "parse_template", "place_images",
+    "place_params", "preprocess", "probability_percents", "prompts_are_per_class", "score_records", "slot_table",
+    "tokenize_template", "visual_prefix", "write_html",
 ]

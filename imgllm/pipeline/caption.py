@@ -6,7 +6,7 @@
         └─ visual prefix (optional, when the parameters hold a "bridge") → prefix embeddings
               └─ generate_tokens (prefill + cached decode) → caption token ids
 
-Text is handled outside jit, once: `build_prompt_tables` tokenises the template's literal pieces, every class
+Text is handled outside jit, once: `tokenize_template` tokenises the template's literal pieces, every class
 name and the percentages 0..100 into small padded tables before compilation; `decode_captions` turns ids into
 strings after. Everything in between is `caption_images`, a pure function of (parameters, images, RNG key,
 static `PipelineSpec`) that a researcher can `jax.jit`, `vmap` or shard; `make_captioner` jits it with the batch
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +28,10 @@ import numpy as np
 
 from imgllm import parallel
 from imgllm.language.decoding import gather_prefilled, generate_tokens, prefill, sample_after_prefill
-from imgllm.language.gpt2 import kernels_out_in
-from imgllm.language.scoring import classify_by_lm
-from imgllm.pipeline.prompts import (LMClassPrompts, PromptTables, assemble_prompts, probability_percents)
+from imgllm.language.matmul_cpu import kernels_out_in
+from imgllm.language.scoring import ClassPromptTable, classify_by_lm
+from imgllm.pipeline.prompts import TokenizedTemplate, assemble_prompts, probability_percents
 from imgllm.vision.features import image_logits_and_features, images_for_cnn
-
 
 # ----------------------------------------------------------------------------------------------- the pipeline
 
@@ -41,16 +41,18 @@ class PipelineSpec:
     """Everything static about a caption pipeline (hashable: a static argument of `caption_images`).
 
     cnn: the classifier module (`imgllm.vision.cnn.CNN`); lm_config: the `GPT2Config`; prompts: the tokenised
-    template (`build_prompt_tables`); generation: a `GenerationConfig`; bridge: the visual-prefix module used
+    template (`tokenize_template`); generation: a `GenerationConfig`; bridge: the visual-prefix module used
     when the parameters hold "bridge" (None otherwise); image_size: the CNN's input resolution (other sizes are
     resized inside jit); mean/std: per-channel normalisation as `imgllm.data.augment.normalize` takes it (None:
     its CIFAR-10 defaults); flip_tta: average the CNN's logits over the image and its mirror; lm_class_prompts:
-    also classify by LM likelihood after the visual prefix (needs a bridge).
+    the class prompts (`imgllm.language.scoring.build_prompt_table`) to also classify by LM likelihood after the
+    visual prefix (needs a bridge; `PipelineCheckpoint.spec(lm_classify=True)` builds them from the checkpoint's
+    class_prompt_templates).
     """
 
     cnn: Any
     lm_config: Any
-    prompts: PromptTables
+    prompts: TokenizedTemplate
     generation: Any
     pad_id: int
     image_size: int = 32
@@ -58,7 +60,7 @@ class PipelineSpec:
     std: tuple[float, float, float] | None = None
     bridge: Any = None
     flip_tta: bool = False
-    lm_class_prompts: LMClassPrompts | None = None
+    lm_class_prompts: ClassPromptTable | None = None
 
     @property
     def top_k(self) -> int:
@@ -121,8 +123,7 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
     batch = images.shape[0]
     extra = {}
     if spec.lm_class_prompts is not None:
-        lm_label_ids, lm_scores = classify_by_lm(params["lm"], spec.lm_config, spec.lm_class_prompts.to_table(),
-                                                 prefix)
+        lm_label_ids, lm_scores = classify_by_lm(params["lm"], spec.lm_config, spec.lm_class_prompts, prefix)
         extra = dict(lm_label_ids=lm_label_ids.astype(jnp.int32), lm_scores=lm_scores.astype(jnp.float32))
     return dict(**extra, logits=logits, label_ids=label_ids.astype(jnp.int32), label_probs=label_probs,
                 prompt_ids=prompt_ids, prompt_mask=prompt_mask,
@@ -216,7 +217,7 @@ _COMPILED: dict[Any, Any] = {}
 
 def inference_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """Pipeline params as captioning reads them fastest: on CPU the LM's block kernels in the [out, in] layout
-    (`imgllm.language.gpt2.kernels_out_in`). Convert once after loading; works on ShapeDtypeStructs through
+    (`imgllm.language.matmul_cpu.kernels_out_in`). Convert once after loading; works on ShapeDtypeStructs through
     ``jax.eval_shape``. The captions are the same either way."""
     if jax.default_backend() != "cpu":
         return dict(params)

@@ -1,13 +1,45 @@
-"""One pipeline checkpoint: a single orbax directory with everything caption inference needs.
+"""The pipeline checkpoint format: one directory with everything caption inference needs, and its loader.
 
-    <dir>/params/      orbax StandardSave of {"cnn": CNN variables, "lm": GPT-2 params, "bridge"?: mapper params}
-    <dir>/config/      orbax JsonSave: format, CNN config, LM config (HF config.json keys), bridge config,
-                       class names, prompt template, top_k, image size, normalisation, special token ids
-    <dir>/tokenizer/   the tokenizer's files (tokenizer.json, ...), as `save_pretrained` writes them
+A pipeline checkpoint is an orbax `CompositeCheckpointHandler` directory (items saved with orbax's
+`Checkpointer`, not a `CheckpointManager`, so there are no step subdirectories):
+
+    <dir>/params/           orbax StandardSave (an OCDBT array store) of the parameter tree
+                              "cnn":    the CNN's variables ({"params", "batch_stats"}), applied by
+                                        `imgllm.vision.cnn.cnn_from_config(config["cnn"])`
+                              "lm":     GPT-2 parameters (`imgllm.language.gpt2`, kernels in the [in, out] layout)
+                              "bridge": PrefixMapper parameters; present exactly when config["bridge"] is not None
+    <dir>/config/metadata   orbax JsonSave: the config dict below, as JSON (`make_pipeline_config` makes and checks it)
+    <dir>/tokenizer/        the tokenizer's files as `save_pretrained` writes them; tokenizer.json (a fast tokenizer)
+                            is required: inference reads it with the `tokenizers` library, not transformers
+    (plus orbax's bookkeeping: _CHECKPOINT_METADATA and commit_success.txt files)
+
+Config keys:
+
+    format             "imgllm-pipeline/1" (FORMAT); another value is refused
+    cnn                the CNN config: {"preset": name in `imgllm.vision.cnn.PRESETS`, other CNN fields that override
+                       the preset's, e.g. "num_classes", "conv_impl"}
+    lm                 the GPT-2 config, as Hugging Face's config.json keys (`GPT2Config.to_dict()`)
+    bridge             None (the prompt alone conditions the LM), or the PrefixMapper fields {"prefix_length",
+                       "lm_dim", "hidden", "feature_source"}: the CNN features become a visual prefix
+    class_names        the CNN's classes, in logit order (unique strings)
+    template           the default caption prompt template (`imgllm.pipeline.prompts`: {label}, {labelN}, {prob},
+                       {probN}, {topk}); "" with prepend_bos: the prompt is [BOS] alone (a captioner's)
+    top_k              the default number of labels per image (and the slots the template may use)
+    image_size         the CNN's input resolution S; images of other sizes are resized to S x S inside jit
+    mean, std          per-channel normalisation of pixels in [0, 1] (`imgllm.data.augment.normalize`); both None:
+                       CIFAR-10's
+    eos_id, pad_id     the tokenizer's end-of-text and padding ids (captions stop at EOS, pad after it)
+    bos_id             the beginning-of-text id (GPT-2: the same <|endoftext|> as eos_id), or None
+    prepend_bos        start every prompt with bos_id (the visual-prefix convention [prefix][BOS][text])
+    max_new_tokens     the default caption length in tokens
+    class_prompt_templates
+                       None, or the templates ("a photo of a {label}." ...) whose likelihood after the visual
+                       prefix classifies an image by the LM (`imgllm.language.scoring`); a captioner's export
+                       stores the templates it was trained with. `PipelineCheckpoint.spec(lm_classify=True)`
+                       scores these (scoring.DEFAULT_TEMPLATES when None or absent, as in older checkpoints)
 
 `imgllm.train.export` writes one from training runs (a classifier and a GPT-2, or a captioner);
-`load_pipeline` reads it back as a `Pipeline` that makes the `PipelineSpec` for given decoding options. Loading
-uses the `tokenizers` library directly (not transformers): infer.py starts faster.
+`load_pipeline` reads it back as a `PipelineCheckpoint` that makes the `PipelineSpec` for given decoding options.
 """
 
 from __future__ import annotations
@@ -16,7 +48,8 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,7 +59,7 @@ import tokenizers
 from imgllm.bridge import PrefixMapper
 from imgllm.language.decoding import GenerationConfig
 from imgllm.language.gpt2 import GPT2Config
-from imgllm.language.scoring import build_prompt_table
+from imgllm.language.scoring import DEFAULT_TEMPLATES, build_prompt_table, fill_templates
 from imgllm.pipeline import caption, prompts
 from imgllm.vision.cnn import cnn_from_config
 
@@ -44,12 +77,14 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
                          eos_id: int, pad_id: int, bos_id: int | None = None, bridge: Mapping[str, Any] | None = None,
                          template: str = prompts.DEFAULT_TEMPLATE, top_k: int = 1, image_size: int = 32,
                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                         prepend_bos: bool = False, max_new_tokens: int = 20) -> dict[str, Any]:
+                         prepend_bos: bool = False, max_new_tokens: int = 20,
+                         class_prompt_templates: Sequence[str] | None = None) -> dict[str, Any]:
     """The JSON config of a pipeline checkpoint, checked (a wrong value is named here, not at inference).
 
     cnn: `imgllm.vision.cnn.cnn_from_config` dict; lm: GPT-2 `config.json` dict; bridge: PrefixMapper fields
     (prefix_length, lm_dim, hidden) or None; prepend_bos: start every prompt with BOS (the visual-prefix
-    convention of `imgllm.bridge`); max_new_tokens: the default caption length.
+    convention of `imgllm.bridge`); max_new_tokens: the default caption length; class_prompt_templates: the
+    templates LM classification scores (None: scoring's defaults). The keys are described in the module docstring.
     """
     class_names = [str(name) for name in class_names]
     if not class_names or len(set(class_names)) != len(class_names):
@@ -65,7 +100,10 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
                   mean=None if mean is None else [float(m) for m in mean],
                   std=None if std is None else [float(s) for s in std],
                   eos_id=int(eos_id), pad_id=int(pad_id), bos_id=None if bos_id is None else int(bos_id),
-                  prepend_bos=bool(prepend_bos), max_new_tokens=int(max_new_tokens))
+                  prepend_bos=bool(prepend_bos), max_new_tokens=int(max_new_tokens),
+                  class_prompt_templates=None if class_prompt_templates is None else list(class_prompt_templates))
+    if class_prompt_templates is not None:
+        fill_templates(class_names, class_prompt_templates)  # a template without {label} is named now
     if template:
         prompts.parse_template(template, int(top_k))  # a bad slot is named now, not at inference
     return json.loads(json.dumps(config))
@@ -92,7 +130,7 @@ def save_pipeline_checkpoint(out_dir: str | os.PathLike, params: Mapping[str, An
         raise ValueError(f"pipeline params need keys 'cnn' and 'lm' (missing {sorted(missing)})")
     if ("bridge" in params) != (config.get("bridge") is not None):
         raise ValueError("params hold a 'bridge' exactly when the config describes one")
-    params = {key: value for key, value in params.items()}
+    params = dict(params)
     _checkpointer().save(out_dir, args=ocp.args.Composite(
         **{PARAMS_ITEM: ocp.args.StandardSave(params), CONFIG_ITEM: ocp.args.JsonSave(dict(config))}),
         force=overwrite)
@@ -158,8 +196,9 @@ class FastTokenizer:
 
 
 @dataclasses.dataclass
-class Pipeline:
-    """A loaded pipeline checkpoint: parameters, config, tokenizer; makes specs for decoding options."""
+class PipelineCheckpoint:
+    """A loaded pipeline checkpoint: parameters (None when not read yet), config, tokenizer; makes the static
+    `PipelineSpec` for given decoding options."""
 
     params: dict[str, Any]
     config: dict[str, Any]
@@ -173,10 +212,16 @@ class Pipeline:
     def lm_config(self):
         return GPT2Config.from_dict(self.config["lm"], source=f"{self.directory}: config lm")
 
-    def prompt_tables(self, template: str | None = None, top_k: int | None = None) -> prompts.PromptTables:
-        """Tokenised prompt tables for the checkpoint's (or the given) template and top_k."""
+    @property
+    def class_prompt_templates(self) -> tuple[str, ...]:
+        """The templates LM classification scores: the checkpoint's, else `imgllm.language.scoring`'s defaults."""
+        templates = self.config.get("class_prompt_templates")
+        return DEFAULT_TEMPLATES if templates is None else tuple(templates)
+
+    def tokenized_template(self, template: str | None = None, top_k: int | None = None) -> prompts.TokenizedTemplate:
+        """The caption prompt template (the checkpoint's, or the given one) and top_k, tokenised."""
         config = self.config
-        return prompts.build_prompt_tables(
+        return prompts.tokenize_template(
             self.tokenizer.encode, config["template"] if template is None else template, config["class_names"],
             config["top_k"] if top_k is None else top_k, config["pad_id"],
             bos_id=config["bos_id"] if config.get("prepend_bos") else None)
@@ -185,9 +230,8 @@ class Pipeline:
              flip_tta: bool = False, lm_classify: bool = False) -> caption.PipelineSpec:
         """The static `PipelineSpec`; generation: a `GenerationConfig` (default: greedy, the config's length).
 
-        lm_classify: also classify by LM likelihood after the visual prefix (`imgllm.language.scoring`'s default prompts);
-        needs a checkpoint with a bridge."""
-
+        lm_classify: also classify by LM likelihood after the visual prefix, scoring the checkpoint's
+        class_prompt_templates (`class_prompt_templates`); needs a checkpoint with a bridge."""
         config = self.config
         if generation is None:
             generation = GenerationConfig(max_new_tokens=config["max_new_tokens"], eos_token_id=config["eos_id"],
@@ -200,12 +244,12 @@ class Pipeline:
             if bridge is None:
                 raise ValueError(f"{self.directory}: LM classification needs a visual prefix, and this pipeline "
                                  "checkpoint has no bridge")
-            lm_prompts = prompts.LMClassPrompts.from_table(
-                build_prompt_table(self.tokenizer.encode, config["eos_id"], config["class_names"]))
+            lm_prompts = build_prompt_table(self.tokenizer.encode, config["eos_id"], config["class_names"],
+                                            self.class_prompt_templates)
         mean, std = config.get("mean"), config.get("std")
         return caption.PipelineSpec(
             cnn=cnn_from_config(config["cnn"]), lm_config=self.lm_config(),
-            prompts=self.prompt_tables(template, top_k), generation=generation, pad_id=config["pad_id"],
+            prompts=self.tokenized_template(template, top_k), generation=generation, pad_id=config["pad_id"],
             image_size=config["image_size"], mean=None if mean is None else tuple(mean),
             std=None if std is None else tuple(std), bridge=bridge, flip_tta=flip_tta, lm_class_prompts=lm_prompts)
 
@@ -214,7 +258,7 @@ class Pipeline:
                                         self.config["pad_id"])
 
 
-def load_pipeline(checkpoint_dir: str | os.PathLike, *, read_params: bool = True) -> Pipeline:
+def load_pipeline(checkpoint_dir: str | os.PathLike, *, read_params: bool = True) -> PipelineCheckpoint:
     """Reads a pipeline checkpoint (config first, so a wrong directory fails before the big read).
 
     read_params=False leaves `params` None, for callers that read them separately (`read_pipeline_params`),
@@ -226,10 +270,10 @@ def load_pipeline(checkpoint_dir: str | os.PathLike, *, read_params: bool = True
         raise FileNotFoundError(f"{checkpoint_dir}: missing {TOKENIZER_DIR}/{TOKENIZER_FILE}")
     tokenizer = FastTokenizer(tokenizer_path)
     params = read_pipeline_params(checkpoint_dir) if read_params else None
-    return Pipeline(params=params, config=config, tokenizer=tokenizer, directory=checkpoint_dir)
+    return PipelineCheckpoint(params=params, config=config, tokenizer=tokenizer, directory=checkpoint_dir)
 
 
 __all__ = [
-    "FORMAT", "FastTokenizer", "Pipeline", "load_pipeline", "make_pipeline_config", "read_params_shapes",
+    "FORMAT", "FastTokenizer", "PipelineCheckpoint", "load_pipeline", "make_pipeline_config", "read_params_shapes",
     "read_pipeline_config", "read_pipeline_params", "save_pipeline_checkpoint",
 ]

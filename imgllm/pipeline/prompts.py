@@ -1,8 +1,13 @@
-"""Prompt templates tokenised once, before jit, into small tables that jitted code gathers rows from.
+"""Caption prompt templates tokenised once, before jit, into small tables that jitted code gathers rows from.
 
 Templates use slots: ``{label}``/``{labelN}`` (the N-th most probable class name, N = 1..top_k),
 ``{prob}``/``{probN}`` (its probability as a whole percentage) and ``{topk}`` (shorthand for
 ``{label1} ({prob1}%), {label2} ({prob2}%), ...`` over all top_k labels); ``{{``/``}}`` are literal braces.
+
+    tokenize_template  template + class names → TokenizedTemplate (literal pieces, and one SlotTable per slot kind)
+    assemble_prompts   TokenizedTemplate + top-k label ids + percentages → left-padded prompt ids, inside jit
+
+(The prompts the LM *classification* scores are another thing: `imgllm.language.scoring.ClassPromptTable`.)
 """
 
 from __future__ import annotations
@@ -10,13 +15,11 @@ from __future__ import annotations
 import dataclasses
 import re
 import string
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from imgllm.language.scoring import PromptTable
 
 DEFAULT_TEMPLATE = "A photo of a {label}."
 
@@ -25,14 +28,15 @@ _PERCENT_VALUES = 101
 _SLOT = re.compile(r"^(label|prob)(\d*)$")
 
 
-# ----------------------------------------------------------------------------------------------- prompt tables
+# ----------------------------------------------------------------------------------------------- tokenised templates
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenTable:
-    """Token ids of a list of strings, right-padded: ids[i][:lengths[i]] tokenises string i.
+class SlotTable:
+    """Token ids of every value a template slot can take (class names, or percentages 0..100), right-padded:
+    ids[i][:lengths[i]] tokenises value i.
 
-    Tuples, not arrays, so that a `PipelineSpec` holding tables stays hashable (a static jit argument).
+    Tuples, not arrays, so that a `PipelineSpec` holding them stays hashable (a static jit argument).
     """
 
     ids: tuple[tuple[int, ...], ...]
@@ -45,9 +49,10 @@ class TokenTable:
 
 @dataclasses.dataclass(frozen=True)
 class PromptPiece:
-    """One piece of a template: literal token ids (kind "text"), or a slot filled per image from a table.
+    """One piece of a template: literal token ids (kind "text"), or a slot filled per image from a SlotTable.
 
-    kind "label" takes row `topk_ids[:, rank]` of `tables[table]`; kind "prob" takes row `percent[:, rank]`.
+    kind "label" takes row `topk_ids[:, rank]` of `slot_tables[table]`; kind "prob" takes row `percent[:, rank]`
+    of it.
     """
 
     kind: str
@@ -57,19 +62,20 @@ class PromptPiece:
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptTables:
-    """A tokenised template: the pieces in order and the tables their slots select rows from."""
+class TokenizedTemplate:
+    """A tokenised caption-prompt template: the pieces in order and the slot tables their slots select rows from
+    (`tokenize_template` makes it; hashable, a field of the static `PipelineSpec`)."""
 
     template: str
     pieces: tuple[PromptPiece, ...]
-    tables: tuple[TokenTable, ...]
+    slot_tables: tuple[SlotTable, ...]
     num_classes: int
     top_k: int
 
     @property
     def width(self) -> int:
         """Static prompt length (the longest possible prompt; shorter ones are left-padded to it)."""
-        return sum(len(p.ids) if p.kind == "text" else self.tables[p.table].width for p in self.pieces)
+        return sum(len(p.ids) if p.kind == "text" else self.slot_tables[p.table].width for p in self.pieces)
 
 
 def expand_template(template: str, top_k: int) -> str:
@@ -105,19 +111,19 @@ def parse_template(template: str, top_k: int) -> list[tuple[str, Any]]:
     return parts
 
 
-def token_table(encode: Callable[[str], Sequence[int]], texts: Sequence[str], pad_id: int) -> TokenTable:
+def slot_table(encode: Callable[[str], Sequence[int]], texts: Sequence[str], pad_id: int) -> SlotTable:
     """Tokenises every text once into a right-padded table (pad_id fills, lengths say what is real)."""
     rows = [tuple(int(i) for i in encode(text)) for text in texts]
     empty = [text for text, row in zip(texts, rows) if not row]
     if empty:
         raise ValueError(f"these prompt values tokenise to nothing: {empty[:5]}")
     width = max(len(row) for row in rows)
-    return TokenTable(ids=tuple(row + (pad_id,) * (width - len(row)) for row in rows),
-                      lengths=tuple(len(row) for row in rows))
+    return SlotTable(ids=tuple(row + (pad_id,) * (width - len(row)) for row in rows),
+                     lengths=tuple(len(row) for row in rows))
 
 
-def build_prompt_tables(encode: Callable[[str], Sequence[int]], template: str, class_names: Sequence[str],
-                        top_k: int, pad_id: int, *, bos_id: int | None = None) -> PromptTables:
+def tokenize_template(encode: Callable[[str], Sequence[int]], template: str, class_names: Sequence[str],
+                      top_k: int, pad_id: int, *, bos_id: int | None = None) -> TokenizedTemplate:
     """Tokenises a template's pieces once: literal segments, class names and percentages.
 
     Byte-level BPE (GPT-2) attaches a space to the word after it (" cat" is one token, "cat" another), and its
@@ -128,11 +134,11 @@ def build_prompt_tables(encode: Callable[[str], Sequence[int]], template: str, c
     template may then be empty.
     """
     if not class_names:
-        raise ValueError("build_prompt_tables needs at least one class name")
+        raise ValueError("tokenize_template needs at least one class name")
     if top_k > len(class_names):
         raise ValueError(f"top_k={top_k} exceeds the number of classes ({len(class_names)})")
     values = {"label": list(class_names), "prob": [str(n) for n in range(_PERCENT_VALUES)]}
-    tables: list[TokenTable] = []
+    tables: list[SlotTable] = []
     table_index: dict[tuple[str, str], int] = {}
     pieces = [PromptPiece("text", ids=(int(bos_id),))] if bos_id is not None else []
     parts = parse_template(template, top_k) if template or bos_id is None else []
@@ -147,10 +153,10 @@ def build_prompt_tables(encode: Callable[[str], Sequence[int]], template: str, c
         space = " " if previous is not None and previous[0] == "text" and previous[1].endswith(" ") else ""
         if (kind, space) not in table_index:
             table_index[kind, space] = len(tables)
-            tables.append(token_table(encode, [space + v for v in values[kind]], pad_id))
+            tables.append(slot_table(encode, [space + v for v in values[kind]], pad_id))
         pieces.append(PromptPiece(kind, rank=value, table=table_index[kind, space]))
-    return PromptTables(template=template, pieces=tuple(pieces), tables=tuple(tables),
-                        num_classes=len(class_names), top_k=top_k)
+    return TokenizedTemplate(template=template, pieces=tuple(pieces), slot_tables=tuple(tables),
+                             num_classes=len(class_names), top_k=top_k)
 
 
 def fill_template(template: str, labels: Sequence[str], percents: Sequence[int]) -> str:
@@ -167,9 +173,9 @@ def probability_percents(probs: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round(probs * 100.0), 0, _PERCENT_VALUES - 1).astype(jnp.int32)
 
 
-def assemble_prompts(tables: PromptTables, topk_ids: jax.Array, percents: jax.Array,
+def assemble_prompts(template: TokenizedTemplate, topk_ids: jax.Array, percents: jax.Array,
                      pad_id: int) -> tuple[jax.Array, jax.Array]:
-    """Builds left-padded prompt ids and mask [B, P] from the tables, inside jit.
+    """Builds left-padded prompt ids and mask [B, P] from the template's pieces and slot tables, inside jit.
 
     Each piece contributes a fixed-width block (a literal, or the selected table row with its padding marked
     invalid); concatenating the blocks gives the prompt with holes. A stable sort on the validity bit then moves
@@ -177,12 +183,12 @@ def assemble_prompts(tables: PromptTables, topk_ids: jax.Array, percents: jax.Ar
     """
     batch = topk_ids.shape[0]
     blocks, valid = [], []
-    for piece in tables.pieces:
+    for piece in template.pieces:
         if piece.kind == "text":
             blocks.append(jnp.broadcast_to(jnp.asarray(piece.ids, jnp.int32), (batch, len(piece.ids))))
             valid.append(jnp.ones((batch, len(piece.ids)), bool))
             continue
-        table = tables.tables[piece.table]
+        table = template.slot_tables[piece.table]
         rows = (topk_ids if piece.kind == "label" else percents)[:, piece.rank]
         blocks.append(jnp.asarray(table.ids, jnp.int32)[rows])
         lengths = jnp.asarray(table.lengths, jnp.int32)[rows]
@@ -192,28 +198,3 @@ def assemble_prompts(tables: PromptTables, topk_ids: jax.Array, percents: jax.Ar
     ids = jnp.take_along_axis(ids, order, axis=1)
     mask = jnp.take_along_axis(valid, order, axis=1)
     return jnp.where(mask, ids, pad_id).astype(jnp.int32), mask.astype(jnp.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class LMClassPrompts:
-    """`imgllm.language.scoring.PromptTable` as nested tuples (hashable, so it can live in the static spec).
-
-    With it, the pipeline also classifies each image by the LM: the class whose prompts are most likely after the
-    image's visual prefix (`imgllm.language.scoring.classify_by_lm`), reported beside the CNN's labels.
-    """
-
-    input_ids: tuple
-    target_mask: tuple
-
-    @classmethod
-    def from_table(cls, table) -> "LMClassPrompts":
-        return cls(input_ids=_nested_tuple(np.asarray(table.input_ids)),
-                   target_mask=_nested_tuple(np.asarray(table.target_mask)))
-
-    def to_table(self) -> PromptTable:
-        return PromptTable(input_ids=jnp.asarray(self.input_ids, jnp.int32),
-                           target_mask=jnp.asarray(self.target_mask, jnp.float32))
-
-
-def _nested_tuple(array: np.ndarray):
-    return tuple(_nested_tuple(row) for row in array) if array.ndim > 1 else tuple(array.tolist())

@@ -14,14 +14,22 @@ validated on) by greedy decoding and classifies them by LM likelihood; `run_demo
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from imgllm.captions.metrics import caption_metrics
+from imgllm.configs import captioner_demo, demo
+from imgllm.data import load_dataset
+from imgllm.pipeline import caption_images, load_pipeline
+from imgllm.train import checkpoint as ckpt_lib
+from imgllm.train import loop
+from imgllm.train.export import export_pipeline_checkpoint
 
 EVAL_SPLIT = "test"     # the demo split the final evaluation draws from (training uses "train", seed 0)
 EVAL_SEED = 1           # ... with its own seed: images that no training or validation run has seen
@@ -32,7 +40,6 @@ def stage_is_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
 
     Raises IncompatibleConfigError when the work directory holds a run of a different config.
     """
-    from imgllm.train import checkpoint as ckpt_lib
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         return False
     checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True, asynchronous=False)
@@ -48,7 +55,6 @@ def stage_is_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
 
 def _run_stage(name: str, workdir: str, config: ml_collections.ConfigDict, log: Callable[[str], None]) -> bool:
     """Trains `config` in `workdir` unless already finished; returns whether it trained."""
-    from imgllm.train import loop
     if stage_is_finished(workdir, config):
         log(f"[demo] {name}: finished run found in {workdir}, skipped")
         return False
@@ -72,7 +78,6 @@ class _Clock:
 
 def default_configs() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     """The (classifier, captioner) configs of the demo: configs/demo.py and configs/captioner_demo.py."""
-    from imgllm.configs import captioner_demo, demo
     return demo.get_config(), captioner_demo.get_config()
 
 
@@ -84,7 +89,6 @@ def run_demo(workdir: str, *, classifier_config: ml_collections.ConfigDict | Non
     classifier_config / captioner_config default to `default_configs()`; the captioner's classifier_workdir is
     set to <workdir>/classifier. Returns the evaluation of `evaluate_pipeline` on fresh images.
     """
-    from imgllm.train.export import export_pipeline_checkpoint
     default_classifier, default_captioner = default_configs()
     classifier_config = classifier_config or default_classifier
     captioner_config = ml_collections.ConfigDict((captioner_config or default_captioner).to_dict())
@@ -113,41 +117,20 @@ def evaluate_pipeline(pipeline_dir: str, *, num_examples: int = 500, split: str 
                       seed: int = EVAL_SEED) -> dict[str, float]:
     """Greedy captions, LM classification and CNN accuracy of a pipeline checkpoint on demo images.
 
-    Captions come from `imgllm.pipeline.caption_images` (what infer.py runs); the LM classification scores the
-    checkpoint's class_prompt_templates after each image's visual prefix (`imgllm.language.scoring.classify_by_lm`).
+    One jitted `imgllm.pipeline.caption_images` call over all images with the spec `infer.py --lm-classify` uses
+    (`PipelineCheckpoint.spec(lm_classify=True)`): the LM classification scores the checkpoint's
+    class_prompt_templates after each image's visual prefix.
     """
-    from imgllm.captions.metrics import caption_metrics
-    from imgllm.data import load_dataset
-    from imgllm.pipeline.checkpoint import load_pipeline
     pipe = load_pipeline(pipeline_dir)
     dataset = load_dataset("demo", split, seed=seed, num_examples=num_examples,
                            image_size=pipe.config["image_size"])
     if tuple(dataset.class_names) != pipe.class_names:
         raise ValueError(f"{pipeline_dir}: class names {pipe.class_names} are not the demo's {dataset.class_names}")
-    outputs = caption_and_classify(pipe, dataset.images)
+    spec = pipe.spec(lm_classify=True)
+    outputs = jax.device_get(jax.jit(functools.partial(caption_images, spec=spec))(
+        pipe.params, dataset.images, jax.random.PRNGKey(0)))
     hypotheses = [captions[0] for captions in pipe.decode_captions(outputs["caption_ids"])]
     results = caption_metrics(hypotheses, dataset.captions)
     results["lm_accuracy"] = float(np.mean(outputs["lm_label_ids"] == dataset.labels))
     results["cnn_accuracy"] = float(np.mean(outputs["label_ids"][:, 0] == dataset.labels))
     return results
-
-
-def caption_and_classify(pipe: Any, images: np.ndarray) -> dict[str, np.ndarray]:
-    """`caption_images` outputs plus lm_label_ids [B] (LM classification), in one jitted call over all images."""
-    from imgllm import pipeline
-    from imgllm.language import scoring
-    spec = pipe.spec()
-    if spec.bridge is None:
-        raise ValueError(f"{pipe.directory}: the pipeline checkpoint has no bridge (visual prefix) to evaluate")
-    table = scoring.build_prompt_table(pipe.tokenizer.encode, pipe.config["eos_id"], pipe.class_names,
-                                       pipe.config["class_prompt_templates"])
-
-    @jax.jit
-    def run(params, images, rng):
-        outputs = pipeline.caption_images(params, images, rng, spec=spec)
-        _, features = pipeline.cnn_logits_and_features(params["cnn"], images, spec)
-        prefix = pipeline.visual_prefix(params, features, spec)
-        outputs["lm_label_ids"], _ = scoring.classify_by_lm(params["lm"], spec.lm_config, table, prefix)
-        return outputs
-
-    return jax.device_get(run(pipe.params, jnp.asarray(images), jax.random.PRNGKey(0)))

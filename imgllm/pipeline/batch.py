@@ -1,0 +1,224 @@
+"""Batch captioning from Python: image files, folders, globs or tfds splits → records, written as they are made.
+
+    from imgllm.pipeline import DecodingOptions, caption_files
+
+    for record in caption_files("runs/demo/pipeline", ["photos/", "tfds:cifar10:test"], output="captions.jsonl"):
+        print(record["path"], record["labels"][0]["label"], record["captions"][0])
+
+`caption_files` is what ``infer.py`` runs (the script only parses flags and prints): it expands the inputs
+(`imgllm.pipeline.inputs`), reads batches in a background thread, runs the jitted `caption_images` over the
+device mesh, and turns each batch into records (`imgllm.pipeline.records`), appended to the output as each batch
+finishes. With an output file it resumes: images already in it are skipped, and with the same seed and batch size
+the records are the ones an uninterrupted run writes (batch i always holds the same images and draws the random key
+fold_in(seed, i)). A file that cannot be read gives an error record and the run goes on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from imgllm import parallel
+from imgllm.language.decoding import GenerationConfig
+from imgllm.pipeline.caption import PipelineSpec, compile_captioner, inference_params, place_images, place_params
+from imgllm.pipeline.checkpoint import PipelineCheckpoint, load_pipeline, read_params_shapes, read_pipeline_params
+from imgllm.pipeline.inputs import Batch, Item, expand_inputs, plan_batches, prefetch_batches
+from imgllm.pipeline.records import RECORD_FORMATS, RecordFile, format_for_path, make_records, write_html
+
+DEFAULT_COMPILATION_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                         "imgllm", "jax")
+STDOUT = "-"   # output=STDOUT writes the records to standard output (no resuming)
+DECODING_METHODS = ("greedy", "beam", "sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingOptions:
+    """How captions are decoded, independent of any checkpoint (`generation_config` resolves it against one).
+
+    method: "greedy", "beam" (num_beams) or "sample" (temperature, then top_k (0: off), then top_p);
+    num_captions: captions per image (at most num_beams with beam search); max_new_tokens: caption length in
+    tokens (None: the checkpoint's).
+    """
+
+    method: str = "greedy"
+    num_beams: int = 4
+    top_p: float = 0.9
+    top_k: int = 0
+    temperature: float = 1.0
+    num_captions: int = 1
+    max_new_tokens: int | None = None
+
+    def __post_init__(self):
+        if self.method not in DECODING_METHODS:
+            raise ValueError(f"decoding method must be one of {DECODING_METHODS}, got {self.method!r}")
+        if self.num_captions < 1:
+            raise ValueError(f"num_captions must be >= 1, got {self.num_captions}")
+        if self.method == "beam" and self.num_captions > self.num_beams:
+            raise ValueError(f"num_captions {self.num_captions} exceeds num_beams {self.num_beams}")
+
+
+def generation_config(decoding: DecodingOptions, pipeline_config: Mapping[str, Any]) -> GenerationConfig:
+    """The `GenerationConfig` of `decoding` for a pipeline checkpoint's config (its length and token ids)."""
+    sample = decoding.method == "sample"
+    return GenerationConfig(
+        max_new_tokens=decoding.max_new_tokens or pipeline_config["max_new_tokens"], do_sample=sample,
+        temperature=decoding.temperature, top_k=decoding.top_k if sample else 0,
+        top_p=decoding.top_p if sample else 1.0, num_beams=decoding.num_beams if decoding.method == "beam" else 1,
+        num_return_sequences=decoding.num_captions, eos_token_id=pipeline_config["eos_id"],
+        pad_token_id=pipeline_config["pad_id"])
+
+
+def enable_compilation_cache(directory: str | None) -> None:
+    """JAX's persistent compilation cache in `directory`, with thresholds at zero so every program is kept
+    (a second run then skips compiling). None or "": leave JAX's settings alone."""
+    if not directory:
+        return
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Sequence[str | Item], *,
+                  output: str | os.PathLike | None = None, fmt: str | None = None, html: str | None = None,
+                  resume: bool = True, batch_size: int = 64, seed: int = 0,
+                  decoding: DecodingOptions = DecodingOptions(), template: str | None = None,
+                  top_labels: int | None = None, tta: bool = False, lm_classify: bool = False, workers: int = 4,
+                  data_dir: str | None = None, compilation_cache: str | None = None,
+                  progress: bool = False) -> Iterator[dict]:
+    """Captions images; yields one record per image (`imgllm.pipeline.records`), in output order.
+
+    checkpoint: a pipeline checkpoint directory (its weights are read in a thread while the captioner compiles
+    against their shapes), or a loaded `PipelineCheckpoint`. inputs: files, folders (recursive), glob patterns,
+    tfds splits "tfds:NAME:SPLIT" (data_dir: their tfds data directory), or `Item`s.
+    output: None (records are only yielded), a JSON-lines or CSV file (fmt; default from the suffix), or "-"
+    (standard output). Each batch's records are appended and flushed before they are yielded.
+    resume: with an output file, first yield the records already in it (a partly written last line is dropped)
+    and caption only the images missing from it; resume=False deletes the file first.
+    html: when the iteration ends, write a page with thumbnails, labels and captions of every record.
+    batch_size: images per step, rounded up to a multiple of the devices; seed: batch i draws fold_in(seed, i).
+    decoding, template (the checkpoint's when None), top_labels (labels per image; the checkpoint's when None),
+    tta (average the CNN over the image and its mirror), lm_classify (also the LM's label, "lm_label", scoring the
+    checkpoint's class_prompt_templates; needs a bridge): what is computed. workers: threads decoding files.
+    compilation_cache: a directory for JAX's persistent compilation cache (`enable_compilation_cache`).
+    progress: a progress bar on stderr.
+
+    Nothing runs until the first record is asked for. A failed image gives {"path", "error"}; count the records
+    without "error" to know whether anything could be captioned.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if fmt is not None and fmt not in RECORD_FORMATS:
+        raise ValueError(f"fmt must be one of {RECORD_FORMATS}, got {fmt!r}")
+    return _caption_files(checkpoint, inputs, output=output, fmt=fmt, html=html, resume=resume,
+                          batch_size=batch_size, seed=seed, decoding=decoding, template=template,
+                          top_labels=top_labels, tta=tta, lm_classify=lm_classify, workers=workers,
+                          data_dir=data_dir, compilation_cache=compilation_cache, progress=progress)
+
+
+def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, batch_size, seed, decoding, template,
+                   top_labels, tta, lm_classify, workers, data_dir, compilation_cache, progress) -> Iterator[dict]:
+    enable_compilation_cache(compilation_cache)
+    items = expand_inputs(inputs, data_dir=data_dir)
+    if not items:
+        return
+    loaded = checkpoint if isinstance(checkpoint, PipelineCheckpoint) else load_pipeline(checkpoint,
+                                                                                         read_params=False)
+    spec = loaded.spec(generation_config(decoding, loaded.config), template=template, top_k=top_labels,
+                       flip_tta=tta, lm_classify=lm_classify)
+    record_file = None
+    if output is not None:
+        path = None if output == STDOUT else os.fspath(output)
+        record_file = RecordFile(path, fmt or format_for_path(path), spec.top_k, decoding.num_captions)
+    writes_file = record_file is not None and record_file.path is not None
+    previous = record_file.existing_records() if writes_file and resume else []
+    if writes_file and not resume and os.path.exists(record_file.path):
+        os.remove(record_file.path)
+    done = {record["path"] for record in previous}
+    new_records: list[dict] | None = [] if html and not writes_file else None
+    yield from previous
+
+    mesh = parallel.make_mesh()
+    devices = parallel.global_batch_divisor(mesh)
+    batch_size = -(-batch_size // devices) * devices
+    pending = plan_batches(items, done, batch_size)
+    captioner, params = compile_and_place(loaded, spec, mesh, batch_size) if pending else (None, None)
+    todo = sum(item.key not in done for _, chunk in pending for item in chunk)
+    bar = tqdm(total=todo, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    if record_file is not None:
+        record_file.open()
+    try:
+        batches = prefetch_batches(pending, batch_size, spec.image_size, workers=workers)
+        for records in captioned_batches(loaded, captioner, params, batches, jax.random.PRNGKey(seed), mesh):
+            records = [record for record in records if record["path"] not in done]
+            if record_file is not None:
+                record_file.write(records)
+            done.update(record["path"] for record in records)
+            if new_records is not None:
+                new_records.extend(records)
+            bar.update(len(records))
+            yield from records
+    finally:
+        bar.close()
+        if record_file is not None:
+            record_file.close()
+    if html:
+        records = record_file.existing_records() if writes_file else previous + new_records
+        write_html(html, records, {item.key: item for item in items})
+
+
+def compile_and_place(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, batch_size: int) -> tuple[Any, Any]:
+    """(the captioner compiled for uint8 [batch_size, S, S, 3] images, the parameters replicated on the mesh).
+
+    When the checkpoint's parameters are not read yet, they are read in a thread while the captioner compiles
+    against their shapes (a compilation-cache hit after the first run).
+    """
+    if loaded.params is not None:
+        shapes = jax.eval_shape(inference_params, loaded.params)
+        return compile_captioner(spec, mesh, shapes, batch_size), place_params(inference_params(loaded.params), mesh)
+    with concurrent.futures.ThreadPoolExecutor(1) as reader:
+        params_future = reader.submit(read_pipeline_params, loaded.directory)
+        shapes = jax.eval_shape(inference_params, read_params_shapes(loaded.directory))
+        captioner = compile_captioner(spec, mesh, shapes, batch_size)
+        params = place_params(inference_params(params_future.result()), mesh)
+    return captioner, params
+
+
+def captioned_batches(loaded: PipelineCheckpoint, captioner, params, batches: Iterator[Batch], base_key: jax.Array,
+                      mesh) -> Iterator[list[dict]]:
+    """Each batch's records: batch i is captioned with key fold_in(base_key, i), and its results are fetched and
+    decoded on the host while the device already runs batch i + 1. A batch whose files all failed computes nothing.
+    """
+    in_flight = None
+    for batch in batches:
+        result = None
+        if len(batch.errors) < len(batch.items):
+            key = place_params(jax.random.fold_in(base_key, batch.index), mesh)
+            result = captioner(params, place_images(batch.images, mesh), key)
+        if in_flight is not None:
+            yield batch_records(loaded, *in_flight)
+        in_flight = (batch, result)
+    if in_flight is not None:
+        yield batch_records(loaded, *in_flight)
+
+
+def batch_records(loaded: PipelineCheckpoint, batch: Batch, result: Mapping[str, jax.Array] | None) -> list[dict]:
+    """The records of one batch from the captioner's (device) outputs, or its error records when it has none."""
+    if result is None:  # every file of the batch failed to load: nothing was computed
+        return make_records(batch, {}, (), [])
+    result = jax.device_get(result)
+    captions = loaded.decode_captions(np.asarray(result["caption_ids"]))
+    return make_records(batch, result, loaded.class_names, captions)
+
+
+__all__ = ["DECODING_METHODS", "DEFAULT_COMPILATION_CACHE", "DecodingOptions", "STDOUT", "batch_records",
+           "caption_files", "captioned_batches", "compile_and_place", "enable_compilation_cache",
+           "generation_config"]
