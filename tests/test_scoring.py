@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_variables  # seeded weights without compiling initialisers
 
 from imgllm.language import scoring
 from imgllm.language.gpt2 import GPT2, GPT2Config, init_params
-from conftest import random_variables   # seeded weights without compiling initialisers
 
 jax.config.update("jax_enable_x64", False)
 

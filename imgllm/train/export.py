@@ -80,8 +80,8 @@ def export_pipeline_checkpoint(workdir: str, out_dir: str, *, step: int | None =
         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, bos_id=tokenizer.eos_token_id,
         bridge=task_meta["bridge"], template="", top_k=1, image_size=task.image_size,
         mean=normalization.get("mean"), std=normalization.get("std"), prepend_bos=True,
-        max_new_tokens=max_new_tokens or config.captions.max_tokens + 1)
-    pipeline_config["class_prompt_templates"] = list(task_meta["templates"])
+        max_new_tokens=max_new_tokens or config.captions.max_tokens + 1,
+        class_prompt_templates=task_meta["templates"])
     return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, params, pipeline_config, tokenizer,
                                                         overwrite=overwrite)
 
