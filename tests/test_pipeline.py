@@ -316,13 +316,13 @@ def test_config_errors_are_named():
 
 @pytest.mark.slow
 def test_assemble_from_a_train_workdir_and_a_gpt2_directory(tmp_path):
-    """infer.py assemble: a classifier trained by train.py's loop + a Hugging Face GPT-2 directory → one checkpoint
-    holding exactly their weights, the run's class names and normalisation, and the tokenizer."""
-    import subprocess
-    import sys
-
+    """assemble (what `infer.py assemble --classifier --lm` runs): a classifier trained by train.py's loop + a Hugging
+    Face GPT-2 directory → one checkpoint holding exactly their weights (read without building the training task:
+    the same arrays as the run's own evaluation restores), the run's class names and normalisation, the tokenizer.
+    The command line itself is run in tests/test_captions.py."""
     from imgllm.configs import cnn_tiny
     from imgllm.language import hf
+    from imgllm.train.export import assemble_pipeline_checkpoint
     from imgllm.train.loop import restore_for_eval, train_and_evaluate
 
     config = cnn_tiny.get_config()
@@ -332,11 +332,8 @@ def test_assemble_from_a_train_workdir_and_a_gpt2_directory(tmp_path):
     params, _ = tiny_pipeline_parts()
     lm_dir = hf.save_gpt2(tmp_path / "gpt2", tiny_lm_config(), params["lm"], tokenizer=tiny_tokenizer())
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / "ckpt"
-    subprocess.run([sys.executable, os.path.join(repo, "infer.py"), "assemble", "--classifier", workdir, "--lm",
-                    str(lm_dir), "--out", str(out), "--top-labels", "2", "--template", "This is {topk}."],
-                   check=True, timeout=300)
+    out = assemble_pipeline_checkpoint(tmp_path / "ckpt", classifier=workdir, lm=str(lm_dir), top_k=2,
+                                       template="This is {topk}.")
     loaded = pc.load_pipeline(out)
     _, meta, _, variables = restore_for_eval(workdir)
     assert loaded.class_names == tuple(meta["task"]["class_names"])
