@@ -1,9 +1,9 @@
 """The visual prefix: a mapping network from CNN features to k LM input embeddings (ClipCap, Mokady et al. 2021).
 
-Data flow (one jitted function from image to caption log-likelihoods or tokens):
-
     CNN features [B, F] -> PrefixMapper -> prefix [B, K, D]
-    [prefix ; embed(BOS, t_1, ..., t_n)] -> GPT2 -> log p(t_i | prefix, BOS, t_<i)
+
+The LM then reads [prefix ; embed(BOS, t_1, ..., t_n)] (`imgllm.language.scoring.prefixed_token_stats` for
+log p(t_i | prefix, BOS, t_<i), `imgllm.language.decoding.generate_tokens(..., prefix_embeds=)` for captions).
 
 Convention shared by training, scoring and generation: text after the prefix always starts with BOS (GPT-2's
 `<|endoftext|>`), so the model is trained on [prefix][BOS][caption][EOS] and generation is prompted with
@@ -26,7 +26,7 @@ class PrefixMapper(nn.Module):
 
     LayerNorm on the input (CNN features have an arbitrary scale), Dense(hidden) + tanh, Dense(K * D) reshaped to
     [K, D] (ClipCap's MLP mapper). hidden=0 means ClipCap's default K * D // 2.
-    feature_source names the CNN features it reads (see `cnn_outputs`): "pooled", the CNN's returned features
+    feature_source names the CNN features it reads (`imgllm.vision.features`): "pooled", the CNN's returned features
     (global max-pool: position-free); "spatial", its last block's feature map flattened (keeps where things
     are, which captions such as "on the left" need); or "pyramid", the whitening stem's output and every conv block's
     map, each max-pooled to the last block's grid and concatenated (the early stages keep what a shape classifier's

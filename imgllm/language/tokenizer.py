@@ -52,3 +52,10 @@ def tokenizer_from_json(tokenizer_json: str) -> transformers.PreTrainedTokenizer
     """A tokenizer stored in a checkpoint as `tokenizers` JSON (Tokenizer.to_str()), wrapped like
     train_bpe_tokenizer's."""
     return wrap_tokenizer(tokenizers.Tokenizer.from_str(tokenizer_json))
+
+
+def check_vocabulary(tokenizer, vocab_size: int, source: str) -> None:
+    """Raises ValueError, naming `source`, when the tokenizer can produce ids the LM has no embedding for."""
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {len(tokenizer)} tokens but the LM's vocab_size is "
+                         f"{vocab_size}")

@@ -169,13 +169,18 @@ def read_pipeline_params(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     return dict(restored[PARAMS_ITEM])
 
 
-def read_params_shapes(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """The parameter tree's shapes and dtypes (jax.ShapeDtypeStruct leaves), from metadata only (fast)."""
-    path = os.path.join(os.path.abspath(os.fspath(checkpoint_dir)), PARAMS_ITEM)
-    metadata = ocp.StandardCheckpointer().metadata(path)
+def saved_array_shapes(item_dir: str | os.PathLike, sharding: Any = None) -> dict[str, Any]:
+    """The tree of an orbax StandardSave item directory as jax.ShapeDtypeStruct leaves (with `sharding`, if given),
+    from its metadata only: a restore target that does not depend on the devices it was saved from."""
+    metadata = ocp.StandardCheckpointer().metadata(os.path.abspath(os.fspath(item_dir)))
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), dict(tree))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding), dict(tree))
+
+
+def read_params_shapes(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The parameter tree's shapes and dtypes (jax.ShapeDtypeStruct leaves), from metadata only (fast)."""
+    return saved_array_shapes(os.path.join(os.fspath(checkpoint_dir), PARAMS_ITEM))
 
 
 # ----------------------------------------------------------------------------------------------- runtime

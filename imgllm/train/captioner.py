@@ -38,7 +38,7 @@ from imgllm.captions.data import load_caption_dataset
 from imgllm.language import hf, scoring
 from imgllm.language.gpt2 import init_params
 from imgllm.language.scoring import prefixed_token_stats
-from imgllm.language.tokenizer import train_bpe_tokenizer
+from imgllm.language.tokenizer import check_vocabulary, train_bpe_tokenizer
 from imgllm.train.checkpoint import Checkpointer, load_classifier
 from imgllm.train.classifier import remap_labels
 from imgllm.train.lm_task import lm_config_from, tokenizer_from_metadata
@@ -159,9 +159,7 @@ class CaptionerTask:
             tokenizer = hf.load_tokenizer(cfg.path)
         else:
             tokenizer = train_bpe_tokenizer(texts, vocab_size=min(cfg.vocab_size, self.lm_config.vocab_size))
-        if len(tokenizer) > self.lm_config.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LM's vocab_size is "
-                             f"{self.lm_config.vocab_size}")
+        check_vocabulary(tokenizer, self.lm_config.vocab_size, "config.tokenizer")
         return tokenizer
 
     def prompt_table(self) -> scoring.ClassPromptTable:

@@ -16,6 +16,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from imgllm.pipeline.checkpoint import saved_array_shapes
+
 # Config keys that may change between a run and its resumption: they do not change what is computed.
 RESUME_SAFE_KEYS = frozenset({
     "log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep", "progress_bar",
@@ -104,10 +106,13 @@ class Checkpointer:
         return restored["state"]
 
     def restore_arrays(self, step: int | None = None) -> dict[str, Any]:
-        """The saved state of checkpoint `step` as nested dicts of arrays, read without a template: no model or
-        task is built (what exporting a trained classifier into a pipeline needs)."""
+        """The saved state of checkpoint `step` as nested dicts of arrays on this process's first device, with
+        the structure read from the checkpoint's metadata: no model or task is built (what exporting a trained
+        classifier into a pipeline needs), and a state saved from other devices (8 GPUs, say) reads the same."""
         step = self._step(step)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = saved_array_shapes(os.path.join(self.directory, str(step), "state"), device)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         return dict(restored["state"])
 
     def close(self) -> None:

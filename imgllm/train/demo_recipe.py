@@ -49,7 +49,7 @@ def stage_is_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
         saved_config, meta = checkpointer.restore_config_and_meta(None)
     finally:
         checkpointer.close()
-    ckpt_lib.check_compatible(saved_config, config, workdir)
+    loop.check_resumable(saved_config, config, workdir)
     return meta["step"] >= meta["total_steps"]
 
 

@@ -11,24 +11,17 @@ checkpoint is self-contained (format in `imgllm.pipeline.checkpoint`).
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import jax
 
 from imgllm.language import hf
+from imgllm.language.tokenizer import check_vocabulary
 from imgllm.pipeline import checkpoint as pipeline_checkpoint
 from imgllm.pipeline.prompts import DEFAULT_TEMPLATE
 from imgllm.train.captioner import FROZEN
 from imgllm.train.checkpoint import load_classifier
 from imgllm.train.lm_task import tokenizer_from_metadata
 from imgllm.train.loop import restore_for_eval
-
-
-def check_vocabulary(tokenizer: Any, vocab_size: int, source: str) -> None:
-    """Raises ValueError when the tokenizer can produce ids the LM has no embedding for."""
-    if len(tokenizer) > vocab_size:
-        raise ValueError(f"{source}: the tokenizer has {len(tokenizer)} tokens but the LM's vocab_size is "
-                         f"{vocab_size}")
 
 
 def assemble_pipeline_checkpoint(out_dir: str | os.PathLike, *, classifier: str | os.PathLike, lm: str,

@@ -26,7 +26,7 @@ from imgllm.data import text as text_lib
 from imgllm.language import hf
 from imgllm.language.gpt2 import GPT2Config, init_params
 from imgllm.language.scoring import prefixed_token_stats
-from imgllm.language.tokenizer import tokenizer_from_json, train_bpe_tokenizer
+from imgllm.language.tokenizer import check_vocabulary, tokenizer_from_json, train_bpe_tokenizer
 from imgllm.train.task import Metrics, metric
 
 
@@ -90,9 +90,7 @@ class LMTask:
             vocab_size = min(self.config.tokenizer.vocab_size, self.lm_config.vocab_size)
             self.tokenizer = train_bpe_tokenizer(_record_texts(records), vocab_size=vocab_size)
             self.tokenizer_json = self.tokenizer.backend_tokenizer.to_str()
-        if len(self.tokenizer) > self.lm_config.vocab_size:
-            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the LM's vocab_size is "
-                             f"{self.lm_config.vocab_size}")
+        check_vocabulary(self.tokenizer, self.lm_config.vocab_size, "config.tokenizer")
 
     def _examples(self, paths: Sequence[str]) -> dict[str, np.ndarray]:
         records = [record for path in paths for record in text_lib.read_text_records(path)]

@@ -70,11 +70,24 @@ def take(arrays: Arrays, rows: np.ndarray) -> dict[str, np.ndarray]:
     return {k: np.asarray(v[rows]) for k, v in arrays.items()}
 
 
-def with_canonical_task(config: ml_collections.ConfigDict | dict) -> dict:
-    """The config as JSON with its task under today's name, so that a checkpoint's legacy "module:factory" name
-    and today's TASKS key compare equal when resuming (an unknown name is left as it is)."""
+def comparable_config(config: ml_collections.ConfigDict | dict) -> dict:
+    """The config as JSON in the form resuming compares: what earlier versions stored, written as today's.
+
+    The task under today's TASKS name (a checkpoint's legacy "module:factory" name compares equal; an unknown name
+    is left as it is), and optimizer.reference_batch_size, absent from configs saved before learning rates scaled
+    with the batch, or None (rates used as given), as the run's own global_batch_size: the same rates either way.
+    """
     raw = ckpt_lib.config_to_json(config)
+    optimizer = raw.get("optimizer")
+    if isinstance(optimizer, dict) and optimizer.get("reference_batch_size") is None:
+        raw["optimizer"] = {**optimizer, "reference_batch_size": raw.get("global_batch_size")}
     return {**raw, "task": canonical_task_name(raw.get("task"))}
+
+
+def check_resumable(saved_config: Mapping[str, Any], config: ml_collections.ConfigDict | dict, workdir: str) -> None:
+    """Raises IncompatibleConfigError naming the differing keys unless a run of `config` may continue the
+    checkpoint made with `saved_config` (compared in `comparable_config` form)."""
+    ckpt_lib.check_compatible(comparable_config(saved_config), comparable_config(config), workdir)
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
@@ -184,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
     latest = checkpointer.latest_step()
     if latest is not None:
         saved_config, _ = checkpointer.restore_config_and_meta(latest)
-        ckpt_lib.check_compatible(with_canonical_task(saved_config), with_canonical_task(config), workdir)
+        check_resumable(saved_config, config, workdir)
 
     train_arrays = task.train_arrays()
     eval_arrays = task.eval_arrays()
