@@ -109,8 +109,8 @@ def caption_parser() -> argparse.ArgumentParser:
                              "prompt templates (checkpoints with a bridge)")
     parser.add_argument("--references", default=None,
                         help='JSON lines of {"path", "caption"} (several per image allowed; e.g. written by '
-                             "python -m imgllm.data.demo): score the captions against them (exact match, BLEU-4, "
-                             "CIDEr-D; and label accuracy when lines have a label)")
+                             "python -m imgllm.data.demo_images): score the captions against them (exact match, "
+                             "BLEU-4, CIDEr-D; and label accuracy when lines have a label)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
                         help="overwrite the output instead of skipping the images already in it")
     parser.add_argument("--data-dir", default=None, help="tfds data directory for tfds: inputs")

@@ -18,7 +18,6 @@ asking for more examples extends a split without changing its first images.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -271,19 +270,3 @@ def write_demo_images(out_dir: str, *, num_examples: int, seed: int = 1, split: 
         f.write("\n".join(lines) + "\n")
     return captions_path
 
-
-def main(argv=None) -> None:
-    """``python -m imgllm.data.demo --out DIR [--num N] [--seed S]``: fresh demo images to caption."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--out", required=True, help="folder to write <shape>/<index>.png and captions.jsonl into")
-    parser.add_argument("--num", type=int, default=16, help="number of images")
-    parser.add_argument("--seed", type=int, default=1, help="seed (training uses seed 0)")
-    parser.add_argument("--split", default="test", help="demo split the images are drawn from")
-    parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
-    args = parser.parse_args(argv)
-    print(write_demo_images(args.out, num_examples=args.num, seed=args.seed, split=args.split,
-                            image_size=args.image_size))
-
-
-if __name__ == "__main__":
-    main()
