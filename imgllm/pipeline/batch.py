@@ -143,7 +143,7 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, batch_size,
     if writes_file and not resume and os.path.exists(record_file.path):
         os.remove(record_file.path)
     done = {record["path"] for record in previous}
-    new_records: list[dict] | None = [] if html and not writes_file else None
+    new_records: list[dict] | None = [] if html else None   # the page shows previous + new records
     yield from previous
 
     mesh = parallel.make_mesh()
@@ -171,8 +171,7 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, batch_size,
         if record_file is not None:
             record_file.close()
     if html:
-        records = record_file.existing_records() if writes_file else previous + new_records
-        write_html(html, records, {item.key: item for item in items})
+        write_html(html, previous + new_records, {item.key: item for item in items})
 
 
 def compile_and_place(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, batch_size: int) -> tuple[Any, Any]:

@@ -39,7 +39,7 @@ from imgllm.language import hf, scoring
 from imgllm.language.gpt2 import init_params
 from imgllm.language.scoring import prefixed_token_stats
 from imgllm.language.tokenizer import check_vocabulary, train_bpe_tokenizer
-from imgllm.train.checkpoint import Checkpointer, load_classifier
+from imgllm.train.checkpoint import load_classifier, read_run_config
 from imgllm.train.classifier import remap_labels
 from imgllm.train.lm_task import lm_config_from, tokenizer_from_metadata
 from imgllm.train.task import Metrics, metric
@@ -105,14 +105,11 @@ def reference_captions(dataset, class_names: Sequence[str], templates: Sequence[
 
 @functools.lru_cache(maxsize=4)
 def _classifier_config(workdir: str) -> tuple[dict, dict]:
-    """(run config, meta) of a classifier work directory's latest checkpoint, read once."""
-    if not workdir or not os.path.isdir(workdir):
-        raise FileNotFoundError(f"config.classifier_workdir={workdir!r} is not a train.py work directory")
-    checkpointer = Checkpointer(workdir, read_only=True, asynchronous=False)
+    """(run config, meta) of a classifier work directory's latest checkpoint, read once per directory."""
     try:
-        return checkpointer.restore_config_and_meta(None)
-    finally:
-        checkpointer.close()
+        return read_run_config(workdir)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"config.classifier_workdir: {error}") from None
 
 
 # ----------------------------------------------------------------------------------------------- the task
@@ -130,6 +127,7 @@ class CaptionerTask:
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         run_config, meta = _classifier_config(os.path.abspath(config.classifier_workdir or ""))
+        self.classifier_step = meta["step"]   # the variables are read from this same checkpoint
         self.classifier_config = run_config
         self.class_names = tuple(meta.get("task", {}).get("class_names") or ())
         if not self.class_names:
@@ -179,7 +177,8 @@ class CaptionerTask:
     def classifier_variables(self):
         """The frozen CNN's variables, restored from config.classifier_workdir (once)."""
         if self._cnn_variables is None:
-            self._cnn_variables, _, _ = load_classifier(os.path.abspath(self.config.classifier_workdir))
+            self._cnn_variables, _, _ = load_classifier(os.path.abspath(self.config.classifier_workdir),
+                                                        self.classifier_step)
         return self._cnn_variables
 
     def cnn_logits_and_features(self, cnn_variables, images: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -127,15 +127,30 @@ class Checkpointer:
         return step
 
 
+def _read_only_checkpointer(workdir: str) -> Checkpointer:
+    """A read-only Checkpointer of a finished or running train.py work directory; FileNotFoundError naming the
+    directory when it holds no checkpoints."""
+    if not workdir or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"{workdir!r} is not a train.py work directory (no checkpoints/ inside)")
+    return Checkpointer(workdir, read_only=True, asynchronous=False)
+
+
+def read_run_config(workdir: str, step: int | None = None) -> tuple[dict, dict]:
+    """(run config, checkpoint meta) of a train.py work directory's checkpoint `step` (default: the latest)."""
+    checkpointer = _read_only_checkpointer(workdir)
+    try:
+        return checkpointer.restore_config_and_meta(step)
+    finally:
+        checkpointer.close()
+
+
 def load_classifier(workdir: str, step: int | None = None) -> tuple[dict, dict, dict]:
     """(CNN variables, run config, checkpoint meta) of a classifier run's checkpoint (default: the latest).
 
     The variables are {"params": ..., **model_state} as the run's own evaluation applies them, read as arrays
     from the saved train state; nothing named in the checkpoint is imported or called.
     """
-    if not workdir or not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise FileNotFoundError(f"{workdir!r} is not a train.py work directory (no checkpoints/ inside)")
-    checkpointer = Checkpointer(workdir, read_only=True, asynchronous=False)
+    checkpointer = _read_only_checkpointer(workdir)
     try:
         config, meta = checkpointer.restore_config_and_meta(step)
         state = checkpointer.restore_arrays(meta["step"])
