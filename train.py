@@ -5,6 +5,8 @@ Train (resumes automatically from the work directory's latest checkpoint):
     python train.py --config=cifar10 --config.dataset=folder:/tmp/cifar --config.num_epochs=9.9 --workdir=runs/c10
 Evaluate a checkpoint (config and normalisation come from the checkpoint) on any data source:
     python train.py --mode=eval --workdir=runs/c10 --data=folder:/path/test
+SIGTERM or Ctrl-C stops after the current step with its checkpoint committed (exit status 128 + the signal); the
+same command resumes. Resuming on changed data is refused unless --allow_data_change.
 Multi-host: --coordinator_address=host:port --num_processes=N --process_id=i (or $IMGLLM_COORDINATOR_ADDRESS,
 $IMGLLM_NUM_PROCESSES, $IMGLLM_PROCESS_ID), or --distributed to let JAX detect the cluster.
 """
@@ -17,6 +19,7 @@ from ml_collections import config_flags
 
 from imgllm import parallel
 from imgllm.configs.common import CONFIG_DIR, resolve_config_arg
+from imgllm.train import checkpoint as ckpt_lib
 from imgllm.train import demo_recipe, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(CONFIG_DIR, "demo.py"),
@@ -32,6 +35,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: coo
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host: auto-detect the cluster")
+_ALLOW_DATA_CHANGE = flags.DEFINE_bool("allow_data_change", False,
+                                       "resume even though the training data differs from the checkpoint's")
 
 
 def main(argv):
@@ -48,7 +53,14 @@ def main(argv):
     if _CONFIG.value.get("recipe") == "demo":   # classifier, then captioner, pipeline export and scores
         demo_recipe.run_demo(_WORKDIR.value, classifier_config=_CONFIG.value)
         return
-    result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_data_change=_ALLOW_DATA_CHANGE.value)
+    except loop.TrainingStopped as stopped:
+        print(f"train.py: {stopped}", file=sys.stderr)
+        sys.exit(128 + stopped.signum)
+    except (loop.DataChangedError, ckpt_lib.IncompatibleConfigError) as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
     if result.final_eval is not None:
         print(json.dumps({"final_eval": result.final_eval}))
 

@@ -3,7 +3,9 @@ processes joined by jax.distributed (gloo CPU collectives) all end with the para
 
 All runs share one persistent compilation cache, so a restarted run does not compile again.
 """
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -79,6 +81,28 @@ def test_resume_after_sigkill_matches_uninterrupted_run(one_device, compile_cach
     finish(start_training(workdir, compile_cache))          # the same command again resumes
     assert max(finished_steps(workdir)) == TOTAL_STEPS
     assert_same_variables(final_variables(workdir), one_device, atol=0.0)   # bit-identical on CPU
+
+
+def test_sigterm_saves_the_step_exits_and_resumes_bit_identically(one_device, compile_cache, tmp_path):
+    """What a cluster's preemption does: SIGTERM mid-run, a checkpoint at the step it stopped, a prompt exit."""
+    workdir = str(tmp_path / "preempted")
+    proc = start_training(workdir, compile_cache)
+    deadline = time.time() + 900
+    while proc.poll() is None and time.time() < deadline and not any(s >= 4 for s in finished_steps(workdir)):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.time()
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert time.time() - signalled < 10
+    stopped_at = int(re.search(r"stopped by SIGTERM at step (\d+) of 16", out).group(1))
+    assert 4 <= stopped_at < TOTAL_STEPS and max(finished_steps(workdir)) == stopped_at
+
+    finish(start_training(workdir, compile_cache))
+    assert_same_variables(final_variables(workdir), one_device, atol=0.0)
+    with open(os.path.join(workdir, loop.METRICS_FILE)) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert len(steps) == len(set(steps)) and max(steps) == TOTAL_STEPS
 
 
 def test_eight_devices_match_one(one_device, compile_cache, tmp_path):

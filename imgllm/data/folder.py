@@ -179,17 +179,24 @@ def load_image_folder(
     if size is None:
         size = _reference_size(reference, class_names)
     images, kept = _decode_cached(paths, size, resize, cache_dir, num_workers)
+    check_every_class_decoded(labels, kept, class_names, f"split {split!r} of {root!r}")
     labels = labels[kept]
     paths = [p for p, k in zip(paths, kept) if k]
-    if not len(labels):
-        raise DataFolderError(f"no decodable images for split {split!r} in {root!r}")
-    if num_examples is None:
-        missing = sorted(set(range(len(class_names))) - set(labels.tolist()))
-        if missing and split in ("train", "train_full"):
-            raise DataFolderError(
-                f"class {class_names[missing[0]]!r} has no decodable images in split {split!r} of {root!r}"
-            )
     return ImageDataset(images=images, labels=labels, class_names=class_names, paths=tuple(paths))
+
+
+def check_every_class_decoded(labels: np.ndarray, kept: np.ndarray, class_names: tuple[str, ...], where: str) -> None:
+    """Raises DataFolderError when a class that had files among `labels` kept none of them after decoding.
+
+    Such a class would silently vanish from training (its label never appears), so it is refused whatever the
+    subset size; a class absent because a small `num_examples` subset did not reach it is not an error.
+    """
+    if not kept.any():
+        raise DataFolderError(f"no decodable images in {where}")
+    lost = sorted(set(labels.tolist()) - set(labels[kept].tolist()))
+    if lost:
+        raise DataFolderError(f"class {class_names[lost[0]]!r} has no decodable images in {where} "
+                              f"({int((labels == lost[0]).sum())} files, none could be read)")
 
 
 def _reference_size(reference_folder: str, class_names: tuple[str, ...]) -> Size:

@@ -18,10 +18,11 @@ import orbax.checkpoint as ocp
 
 from imgllm.pipeline.checkpoint import saved_array_shapes
 
-# Config keys that may change between a run and its resumption: they do not change what is computed.
+# Config keys that may change between a run and its resumption: they do not change what is computed. Where the
+# data is read from (dataset, data_dir) may change too: resuming checks the data itself (loop.check_same_data).
 RESUME_SAFE_KEYS = frozenset({
     "log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep", "progress_bar",
-    "eval_every_epochs", "eval_batch_size", "data_dir", "data_cache_dir",
+    "eval_every_epochs", "eval_batch_size", "dataset", "data_dir", "data_cache_dir",
 })
 
 
@@ -115,9 +116,13 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         return dict(restored["state"])
 
+    def wait(self) -> None:
+        """Returns once every save started so far is committed (a kill after this loses none of them)."""
+        self.manager.wait_until_finished()
+
     def close(self) -> None:
         """Waits for pending asynchronous saves to be on disk, then releases the manager."""
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
     def _step(self, step: int | None) -> int:

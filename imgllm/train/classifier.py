@@ -66,6 +66,11 @@ class ClassifierTask:
 
     def train_arrays(self) -> dict[str, np.ndarray]:
         ds = self._load(self.config.dataset, self.config.train_split, self.config.num_train_examples)
+        if len(ds.class_names) != self.model.num_classes:
+            raise ValueError(
+                f"{self.config.dataset} ({self.config.train_split}) has {len(ds.class_names)} classes but "
+                f"config.model.num_classes={self.model.num_classes}: set --config.model.num_classes="
+                f"{len(ds.class_names)} (or remove the extra class folders)")
         self.class_names = tuple(ds.class_names)
         return {"images": ds.images, "labels": ds.labels.astype(np.int32),
                 "index": np.arange(len(ds.labels), dtype=np.int32)}

@@ -7,9 +7,13 @@ restored from its latest checkpoint continues exactly as if it had never stopped
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import signal
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from imgllm import parallel
 from imgllm.data import epoch_batch_indices
@@ -32,6 +37,20 @@ METRICS_FILE = "metrics.jsonl"
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the message names the step."""
+
+
+class DataChangedError(ValueError):
+    """The training data differs from the data the work directory's checkpoint was trained on."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on a signal (SIGTERM, SIGINT) after committing a checkpoint at `step`; rerunning resumes."""
+
+    def __init__(self, step: int, total_steps: int, signum: int, workdir: str):
+        self.step, self.total_steps, self.signum = step, total_steps, signum
+        name = signal.Signals(signum).name if signum else "preemption notice"
+        super().__init__(f"stopped by {name} at step {step} of {total_steps}; the checkpoint at step {step} is saved "
+                         f"in {workdir}: run the same command to resume")
 
 
 @dataclasses.dataclass
@@ -55,6 +74,35 @@ class MetricsWriter:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def rewind(self, step: int) -> None:
+        """Drops the records a run resuming at `step` writes again, so the file has no duplicate steps.
+
+        Kept: records up to `step`, except final evaluations at or after it (a finished run evaluates again).
+        Dropped too: a last line cut short by a kill. The file is replaced atomically.
+        """
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        kept = [line for line in lines if _kept_on_resume(line, step)]
+        if len(kept) == len(lines):
+            return
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(self.path), suffix=".tmp", delete=False) as tmp:
+            tmp.write("".join(line + "\n" for line in kept))
+        os.replace(tmp.name, self.path)
+
+
+def _kept_on_resume(line: str, step: int) -> bool:
+    """Whether a metrics.jsonl line stays when the run resumes at `step` (see MetricsWriter.rewind)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        return True
+    limit = step - 1 if record.get("split") == "final_eval" else step
+    return record["step"] <= limit
 
 
 def num_examples(arrays: Arrays) -> int:
@@ -97,8 +145,99 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         value = config.get(key)
         if value is None or value <= 0 or value % devices:
             raise ValueError(f"config.{key}={value!r} must be a positive multiple of the {devices} devices")
-    if not config.num_epochs > 0:
-        raise ValueError(f"config.num_epochs={config.num_epochs!r} must be > 0")
+    if not 0 < config.num_epochs < math.inf:
+        raise ValueError(f"config.num_epochs={config.num_epochs!r} must be a finite number > 0")
+
+
+def arrays_fingerprint(arrays: Arrays) -> str:
+    """A hex digest of every array's name, dtype, shape and bytes: equal exactly when the data is the same."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def data_identity(arrays: Arrays, task_metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records of its training data: example count, fingerprint and class names (if any)."""
+    identity = {"num_examples": num_examples(arrays), "fingerprint": arrays_fingerprint(arrays)}
+    if task_metadata.get("class_names") is not None:
+        identity["class_names"] = list(task_metadata["class_names"])
+    return identity
+
+
+def data_differences(saved_meta: Mapping[str, Any], identity: Mapping[str, Any], steps_per_epoch: int) -> list[str]:
+    """'what: checkpoint X, now Y' lines for every way the data differs from a checkpoint's.
+
+    Checkpoints written before the data was recorded are compared on what they hold: class names and steps
+    per epoch.
+    """
+    saved = saved_meta.get("data")
+    if saved is None:
+        saved = {"class_names": (saved_meta.get("task") or {}).get("class_names")}
+        lines = ([] if saved_meta.get("steps_per_epoch") in (None, steps_per_epoch) else
+                 [f"steps_per_epoch: checkpoint {saved_meta['steps_per_epoch']}, now {steps_per_epoch}"])
+    else:
+        lines = [f"{key}: checkpoint {saved.get(key)}, now {identity.get(key)}"
+                 for key in ("num_examples", "fingerprint") if saved.get(key) != identity.get(key)]
+    before, now = saved.get("class_names"), identity.get("class_names")
+    if before is not None and now is not None and list(before) != list(now):
+        added, removed = sorted(set(now) - set(before)), sorted(set(before) - set(now))
+        lines.insert(0, f"class_names: checkpoint {len(before)} classes, now {len(now)} (added {added}, removed "
+                        f"{removed}{', reordered' if not added and not removed else ''})")
+    return lines
+
+
+def check_same_data(saved_meta: Mapping[str, Any], identity: Mapping[str, Any], steps_per_epoch: int,
+                    workdir: str) -> None:
+    """Raises DataChangedError listing what changed unless the data is the one the checkpoint trained on."""
+    lines = data_differences(saved_meta, identity, steps_per_epoch)
+    if lines:
+        raise DataChangedError(
+            f"the training data differs from the data {workdir}'s checkpoint at step {saved_meta.get('step')} "
+            "was trained on:\n  " + "\n  ".join(lines) + "\nLabels or the schedule would shift under the "
+            "trained weights. Restore the data, use a new --workdir, or pass --allow_data_change "
+            "(allow_data_change=True) to continue anyway.")
+
+
+class StopSignals:
+    """Turns SIGTERM and SIGINT into a request to stop at the next step boundary (a context manager).
+
+    The first signal sets `received`; the handler then steps aside, so a second one acts as it normally would
+    (SIGTERM ends the process, Ctrl-C raises KeyboardInterrupt). Handlers can only be set from the main thread;
+    elsewhere, and with several processes (where JAX's own preemption notice is used), nothing is installed.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def stop_requested(self, step: int) -> bool:
+        """Whether to stop after `step`: this process got a signal, or (several processes) JAX's preemption sync
+        point says every process is to stop at this step."""
+        if jax.process_count() > 1:
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:   # jax_enable_preemption_service is off: no notice can come
+                return False
+        return self.received is not None
 
 
 def schedule_lengths(n_train: int, config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -182,27 +321,44 @@ class _StepMetrics:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task: Task | None = None,
-                       mesh=None) -> TrainResult:
+                       mesh=None, allow_data_change: bool = False) -> TrainResult:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state and eval.
 
     Writes metrics.jsonl (train: loss, accuracy, l2_grads, l2_params, steps/s, examples/s; eval per epoch;
     final_eval with test-time augmentation) and checkpoints (every config.checkpoint_every_steps and at
-    the end). A checkpoint made with a different config is refused with the list of differences.
+    the end), saved asynchronously while training goes on. A checkpoint made with a different config, or on
+    other data (class names, example count, fingerprint; unless `allow_data_change`), is refused with the list of
+    differences before anything compiles. SIGTERM or Ctrl-C stops training after the current step: its checkpoint
+    is committed and TrainingStopped is raised; the same call again resumes exactly.
     """
     mesh = mesh or parallel.make_mesh()
     validate_config(config, mesh)
     task = task or build_task(config)
     checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
                                          save_every_steps=config.checkpoint_every_steps)
+    try:
+        with StopSignals() as signals:
+            return _train(config, workdir, task, mesh, checkpointer, signals, allow_data_change)
+    finally:
+        checkpointer.close()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, checkpointer: ckpt_lib.Checkpointer,
+           signals: StopSignals, allow_data_change: bool) -> TrainResult:
+    """`train_and_evaluate` once its checkpointer and signal handlers are set up (the caller closes them)."""
     latest = checkpointer.latest_step()
+    saved_meta = None
     if latest is not None:
-        saved_config, _ = checkpointer.restore_config_and_meta(latest)
+        saved_config, saved_meta = checkpointer.restore_config_and_meta(latest)
         check_resumable(saved_config, config, workdir)
 
     train_arrays = task.train_arrays()
     eval_arrays = task.eval_arrays()
     n_train = num_examples(train_arrays)
     steps_per_epoch, total_steps = schedule_lengths(n_train, config)
+    identity = data_identity(train_arrays, task.checkpoint_metadata())
+    if saved_meta is not None and not allow_data_change:
+        check_same_data(saved_meta, identity, steps_per_epoch, workdir)
     state, tx = initial_state(task, config, train_arrays, mesh, total_steps=total_steps,
                               steps_per_epoch=steps_per_epoch)
     if latest is not None:
@@ -215,10 +371,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
                                      total_steps=total_steps))
     eval_fn = steps.jit_eval_step(task, mesh, tta=False)
     writer = MetricsWriter(workdir)
+    writer.rewind(start)
     step_metrics = _StepMetrics(steps_per_epoch)
     meta = lambda s: {"step": s, "epoch": s // steps_per_epoch, "step_in_epoch": s % steps_per_epoch,
                       "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                      "task": task.checkpoint_metadata()}
+                      "task": task.checkpoint_metadata(), "data": identity}
     bar = tqdm.tqdm(total=total_steps, initial=start, disable=not config.progress_bar or jax.process_index() != 0,
                     unit="step", dynamic_ncols=True)
     order, order_epoch = None, None
@@ -246,9 +403,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', 0):.3f}",
                                 img_s=f"{record['examples_per_second']:.0f}")
                 last_log_time, last_log_step = now, done
-            if checkpointer.should_save(done, last=last):
+            stop = not last and signals.stop_requested(done)
+            if checkpointer.should_save(done, last=last) or stop:
                 step_metrics.flush()
                 checkpointer.save(done, state, config, meta(done))
+            if stop:
+                checkpointer.wait()
+                raise TrainingStopped(done, total_steps, signals.received or 0, workdir)
             if eval_arrays is not None and epoch_end and not last and config.eval_every_epochs and \
                     (done // steps_per_epoch) % config.eval_every_epochs == 0:
                 step_metrics.flush()
@@ -260,7 +421,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
         step_metrics.flush()
     finally:
         bar.close()
-        checkpointer.close()
 
     final_eval = None
     if eval_arrays is not None:

@@ -220,6 +220,10 @@ def cnn_preset(name: str, **overrides) -> CNN:
         overrides["dtype"] = DTYPES[overrides["dtype"]]
     if "widths" in overrides:
         overrides["widths"] = tuple(int(w) for w in overrides["widths"])
+    for field in ("num_classes", "widths"):
+        values = overrides.get(field, ())
+        if any(int(v) != v or v < 1 for v in (values if isinstance(values, tuple) else (values,))):
+            raise ValueError(f"CNN preset {name!r}: {field}={values!r} must be a positive integer (widths: each one)")
     resolve_conv_impl(overrides.get("conv_impl", "auto"))  # validates the name early
     return CNN(**{**PRESETS[name], **overrides})
 
