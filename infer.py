@@ -12,8 +12,12 @@ warning), glob patterns, or a tfds split written tfds:NAME:SPLIT. Each image giv
 CSV row): its path, the top-k labels with probabilities and the caption(s); a file that cannot be read gives an
 error record and the run goes on. Records are appended as each batch finishes; rerunning the same command
 skips the images already in the output (a partly written last line is dropped), and with the same --seed and
---batch-size gives the same records as an uninterrupted run. The exit status is non-zero only when nothing
-could be captioned. JAX's persistent compilation cache (--compilation-cache) makes a second run skip compiling.
+--batch-size gives the same records as an uninterrupted run; --retry-errors also redoes the images whose records
+are errors. One run at a time writes an output (OUTPUT.lock), and resuming with options that change the records
+(kept in OUTPUT.run.json) is refused: --no-resume starts over. Exit status: 1 when nothing could be captioned;
+2 when the command cannot run (no inputs, the output in use, written with other options, a line that is not a
+record, an --html page that cannot be written), with one line on stderr saying why. JAX's persistent compilation
+cache (--compilation-cache) makes a second run skip compiling.
 
 This file only reads flags and prints: the work is `imgllm.pipeline.caption_files` (importable, documented there).
 """
@@ -28,11 +32,11 @@ from collections.abc import Sequence
 
 from imgllm.pipeline import DEFAULT_COMPILATION_CACHE, DecodingOptions, caption_files, expand_inputs
 from imgllm.pipeline.batch import STDOUT
-from imgllm.pipeline.records import score_records
+from imgllm.pipeline.records import OutputError, score_records
 
 
 def run_captions(args: argparse.Namespace) -> int:
-    """The caption command; returns the exit status."""
+    """The caption command; returns the exit status (2, with one line on stderr, when the output cannot be used)."""
     items = expand_inputs(args.inputs, data_dir=args.data_dir)
     if not items:
         print("infer.py: no input images found", file=sys.stderr)
@@ -41,15 +45,19 @@ def run_captions(args: argparse.Namespace) -> int:
                                temperature=args.temperature, num_captions=args.num_captions,
                                max_new_tokens=args.max_new_tokens)
     records = caption_files(args.checkpoint, items, output=args.output or STDOUT, fmt=args.format, html=args.html,
-                            resume=args.resume, batch_size=args.batch_size, seed=args.seed, decoding=decoding,
-                            template=args.template, top_labels=args.top_labels, tta=args.tta,
-                            lm_classify=args.lm_classify, workers=args.workers, data_dir=args.data_dir,
+                            resume=args.resume, retry_errors=args.retry_errors, batch_size=args.batch_size,
+                            seed=args.seed, decoding=decoding, template=args.template, top_labels=args.top_labels,
+                            tta=args.tta, lm_classify=args.lm_classify, workers=args.workers, data_dir=args.data_dir,
                             compilation_cache=args.compilation_cache, progress=not args.quiet)
     succeeded, scored = 0, []
-    for record in records:
-        succeeded += "error" not in record
-        if args.references:
-            scored.append(record)
+    try:
+        for record in records:
+            succeeded += "error" not in record
+            if args.references:
+                scored.append(record)
+    except OutputError as error:
+        print(f"infer.py: {error}", file=sys.stderr)
+        return 2
     if args.references:
         print(json.dumps({"scores": score_records(scored, args.references)}), file=sys.stderr)
     if succeeded == 0:
@@ -113,6 +121,9 @@ def caption_parser() -> argparse.ArgumentParser:
                              "BLEU-4, CIDEr-D; and label accuracy when lines have a label)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
                         help="overwrite the output instead of skipping the images already in it")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="when resuming, caption again the images whose records in the output are errors "
+                             "(their error records are replaced)")
     parser.add_argument("--data-dir", default=None, help="tfds data directory for tfds: inputs")
     parser.add_argument("--workers", type=int, default=4, help="threads decoding image files")
     parser.add_argument("--compilation-cache",

@@ -11,12 +11,19 @@ device mesh, and turns each batch into records (`imgllm.pipeline.records`), appe
 finishes. With an output file it resumes: images already in it are skipped, and with the same seed and batch size
 the records are the ones an uninterrupted run writes (batch i always holds the same images and draws the random key
 fold_in(seed, i)). A file that cannot be read gives an error record and the run goes on.
+
+An output file is held by one run at a time (`imgllm.pipeline.records.OutputLock`, `<output>.lock`), and the
+options that shape its records are kept beside it (`run_options`, `<output>.run.json`): resuming with other ones is
+refused (`OutputError`) rather than mixing two runs' records in one file.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,12 +38,22 @@ from imgllm.language.decoding import GenerationConfig
 from imgllm.pipeline.caption import PipelineSpec, compile_captioner, inference_params, place_images, place_params
 from imgllm.pipeline.checkpoint import PipelineCheckpoint, load_pipeline, read_params_shapes, read_pipeline_params
 from imgllm.pipeline.inputs import Batch, Item, expand_inputs, plan_batches, prefetch_batches
-from imgllm.pipeline.records import RECORD_FORMATS, RecordFile, format_for_path, make_records, write_html
+from imgllm.pipeline.records import (
+    RECORD_FORMATS,
+    OutputLock,
+    RecordFile,
+    check_writable,
+    format_for_path,
+    make_records,
+    prepare_output,
+    write_html,
+)
 
 DEFAULT_COMPILATION_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                                          "imgllm", "jax")
 STDOUT = "-"   # output=STDOUT writes the records to standard output (no resuming)
 DECODING_METHODS = ("greedy", "beam", "sample")
+IDENTITY_CONTENT_LIMIT = 1 << 20  # checkpoint_identity reads files up to this size; bigger ones by name and size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +106,7 @@ def enable_compilation_cache(directory: str | None) -> None:
 
 def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Sequence[str | Item], *,
                   output: str | os.PathLike | None = None, fmt: str | None = None, html: str | None = None,
-                  resume: bool = True, batch_size: int = 64, seed: int = 0,
+                  resume: bool = True, retry_errors: bool = False, batch_size: int = 64, seed: int = 0,
                   decoding: DecodingOptions = DecodingOptions(), template: str | None = None,
                   top_labels: int | None = None, tta: bool = False, lm_classify: bool = False, workers: int = 4,
                   data_dir: str | None = None, compilation_cache: str | None = None,
@@ -100,10 +117,16 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
     against their shapes), or a loaded `PipelineCheckpoint`. inputs: files, folders (recursive), glob patterns,
     tfds splits "tfds:NAME:SPLIT" (data_dir: their tfds data directory), or `Item`s.
     output: None (records are only yielded), a JSON-lines or CSV file (fmt; default from the suffix), or "-"
-    (standard output). Each batch's records are appended and flushed before they are yielded.
+    (standard output). Each batch's records are appended and flushed before they are yielded. An output file is
+    locked for the run (`<output>.lock`): a second run on it raises `OutputInUseError`. The options that shape
+    records are written to `<output>.run.json` (`run_options`).
     resume: with an output file, first yield the records already in it (a partly written last line is dropped)
-    and caption only the images missing from it; resume=False deletes the file first.
-    html: when the iteration ends, write a page with thumbnails, labels and captions of every record.
+    and caption only the images missing from it; records made with other options than this run's raise
+    `OutputError` (naming the options), and so does a line that is not a record (naming the line).
+    resume=False deletes the file first. retry_errors: when resuming, caption again the inputs whose records are
+    error records (they are first removed from the file, atomically).
+    html: when the iteration ends, write a page with thumbnails, labels and captions of every record (that the path
+    can be written is checked before anything is computed).
     batch_size: images per step, rounded up to a multiple of the devices; seed: batch i draws fold_in(seed, i).
     decoding, template (the checkpoint's when None), top_labels (labels per image; the checkpoint's when None),
     tta (average the CNN over the image and its mirror), lm_classify (also the LM's label, "lm_label", scoring the
@@ -111,7 +134,8 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
     compilation_cache: a directory for JAX's persistent compilation cache (`enable_compilation_cache`).
     progress: a progress bar on stderr.
 
-    Nothing runs until the first record is asked for. A failed image gives {"path", "error"}; count the records
+    Nothing runs until the first record is asked for; the lock is held until the iteration ends or the generator is
+    closed (`close()`, or its garbage collection). A failed image gives {"path", "error"}; count the records
     without "error" to know whether anything could be captioned.
     """
     if batch_size < 1:
@@ -119,36 +143,54 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
     if fmt is not None and fmt not in RECORD_FORMATS:
         raise ValueError(f"fmt must be one of {RECORD_FORMATS}, got {fmt!r}")
     return _caption_files(checkpoint, inputs, output=output, fmt=fmt, html=html, resume=resume,
-                          batch_size=batch_size, seed=seed, decoding=decoding, template=template,
-                          top_labels=top_labels, tta=tta, lm_classify=lm_classify, workers=workers,
-                          data_dir=data_dir, compilation_cache=compilation_cache, progress=progress)
+                          retry_errors=retry_errors, batch_size=batch_size, seed=seed, decoding=decoding,
+                          template=template, top_labels=top_labels, tta=tta, lm_classify=lm_classify,
+                          workers=workers, data_dir=data_dir, compilation_cache=compilation_cache, progress=progress)
 
 
-def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, batch_size, seed, decoding, template,
-                   top_labels, tta, lm_classify, workers, data_dir, compilation_cache, progress) -> Iterator[dict]:
+def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_errors, batch_size, seed, decoding,
+                   template, top_labels, tta, lm_classify, workers, data_dir, compilation_cache,
+                   progress) -> Iterator[dict]:
     enable_compilation_cache(compilation_cache)
-    items = expand_inputs(inputs, data_dir=data_dir)
-    if not items:
-        return
-    loaded = checkpoint if isinstance(checkpoint, PipelineCheckpoint) else load_pipeline(checkpoint,
-                                                                                         read_params=False)
-    spec = loaded.spec(generation_config(decoding, loaded.config), template=template, top_k=top_labels,
-                       flip_tta=tta, lm_classify=lm_classify)
-    record_file = None
-    if output is not None:
-        path = None if output == STDOUT else os.fspath(output)
-        record_file = RecordFile(path, fmt or format_for_path(path), spec.top_k, decoding.num_captions)
-    writes_file = record_file is not None and record_file.path is not None
-    previous = record_file.existing_records() if writes_file and resume else []
-    if writes_file and not resume and os.path.exists(record_file.path):
-        os.remove(record_file.path)
-    done = {record["path"] for record in previous}
-    new_records: list[dict] | None = [] if html else None   # the page shows previous + new records
-    yield from previous
+    if html:
+        check_writable(html, "the HTML page")
+    path = None if output is None or output == STDOUT else os.fspath(output)
+    with OutputLock(path) if path is not None else contextlib.nullcontext():
+        items = expand_inputs(inputs, data_dir=data_dir)
+        if not items:
+            return
+        loaded = checkpoint if isinstance(checkpoint, PipelineCheckpoint) else load_pipeline(checkpoint,
+                                                                                             read_params=False)
+        spec = loaded.spec(generation_config(decoding, loaded.config), template=template, top_k=top_labels,
+                           flip_tta=tta, lm_classify=lm_classify)
+        mesh = parallel.make_mesh()
+        devices = parallel.global_batch_divisor(mesh)
+        batch_size = -(-batch_size // devices) * devices
+        record_file = None if output is None else RecordFile(path, fmt or format_for_path(path), spec.top_k,
+                                                              decoding.num_captions)
+        previous = []
+        if path is not None:  # checked and recorded before anything is compiled
+            options = run_options(loaded, decoding, fmt=record_file.format, batch_size=batch_size, seed=seed,
+                                  template=template, top_labels=spec.top_k, tta=tta, lm_classify=lm_classify)
+            retry = {item.key for item in items} if retry_errors else ()
+            previous = prepare_output(record_file, options, resume=resume, retry=retry)
+        yield from previous
+        new_records: list[dict] | None = [] if html else None   # the page shows previous + new records
+        for record in caption_pending(loaded, spec, mesh, items, previous, record_file, batch_size=batch_size,
+                                      seed=seed, workers=workers, progress=progress):
+            if new_records is not None:
+                new_records.append(record)
+            yield record
+        if html:
+            write_html(html, previous + new_records, {item.key: item for item in items})
 
-    mesh = parallel.make_mesh()
-    devices = parallel.global_batch_divisor(mesh)
-    batch_size = -(-batch_size // devices) * devices
+
+def caption_pending(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, items: list[Item], previous: list[dict],
+                    record_file: RecordFile | None, *, batch_size: int, seed: int, workers: int,
+                    progress: bool) -> Iterator[dict]:
+    """Captions the items without a record in `previous` and yields their records, each batch's once it is written
+    to `record_file` (when given)."""
+    done = {record["path"] for record in previous}
     pending = plan_batches(items, done, batch_size)
     captioner, params = compile_and_place(loaded, spec, mesh, batch_size) if pending else (None, None)
     todo = sum(item.key not in done for _, chunk in pending for item in chunk)
@@ -162,16 +204,63 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, batch_size,
             if record_file is not None:
                 record_file.write(records)
             done.update(record["path"] for record in records)
-            if new_records is not None:
-                new_records.extend(records)
             bar.update(len(records))
             yield from records
     finally:
         bar.close()
         if record_file is not None:
             record_file.close()
-    if html:
-        write_html(html, previous + new_records, {item.key: item for item in items})
+
+
+def run_options(loaded: PipelineCheckpoint, decoding: DecodingOptions, *, fmt: str, batch_size: int, seed: int,
+                template: str | None, top_labels: int, tta: bool, lm_classify: bool) -> dict[str, Any]:
+    """The options that shape a record, as `prepare_output` keeps them beside an output: resuming with others
+    would mix two runs' records in one file.
+
+    Values are resolved against the checkpoint (template None and the checkpoint's template are one option), and
+    only those that matter are kept: the beam count for beam search, the sampling parameters, the seed and the
+    batch size (batch i draws fold_in(seed, i), and batch_size is the one rounded up to the devices) for sampling
+    alone. Workers, progress, the page and the compilation cache change no record and are left out. "checkpoint"
+    (its path) is for the reader; "checkpoint_id" (`checkpoint_identity`) is what is compared.
+    """
+    config = loaded.config
+    options = {"checkpoint": None if loaded.directory is None else os.path.abspath(loaded.directory),
+               "checkpoint_id": checkpoint_identity(loaded), "format": fmt, "decoding": decoding.method,
+               "num_captions": decoding.num_captions,
+               "max_new_tokens": decoding.max_new_tokens or config["max_new_tokens"],
+               "template": config["template"] if template is None else template, "top_labels": top_labels,
+               "tta": bool(tta), "lm_classify": bool(lm_classify)}
+    if decoding.method == "beam":
+        options["num_beams"] = decoding.num_beams
+    if decoding.method == "sample":
+        options.update(temperature=float(decoding.temperature), top_k=decoding.top_k, top_p=float(decoding.top_p),
+                       seed=seed, batch_size=batch_size)
+    return options
+
+
+def checkpoint_identity(loaded: PipelineCheckpoint) -> str:
+    """A cheap fingerprint of the checkpoint's files (`directory_identity`), or of its config for one made in memory
+    (weights changed in memory after loading are not seen)."""
+    if loaded.directory is not None:
+        return directory_identity(loaded.directory)
+    return hashlib.sha256(json.dumps(loaded.config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def directory_identity(directory: str | os.PathLike) -> str:
+    """A fingerprint of a directory without reading its big files: every file's relative path and size, and the
+    content of those up to IDENTITY_CONTENT_LIMIT (config, tokenizer, orbax metadata with its save time). orbax
+    names array data files with random ids per save, so a re-saved checkpoint differs and a copied one does not."""
+    digest = hashlib.sha256()
+    for root, subdirectories, files in os.walk(directory):
+        subdirectories.sort()  # a fixed walk order
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            size = os.path.getsize(path)
+            digest.update(f"{os.path.relpath(path, directory)}\0{size}\0".encode())
+            if size <= IDENTITY_CONTENT_LIMIT:
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def compile_and_place(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, batch_size: int) -> tuple[Any, Any]:
@@ -219,5 +308,5 @@ def batch_records(loaded: PipelineCheckpoint, batch: Batch, result: Mapping[str,
 
 
 __all__ = ["DECODING_METHODS", "DEFAULT_COMPILATION_CACHE", "DecodingOptions", "STDOUT", "batch_records",
-           "caption_files", "captioned_batches", "compile_and_place", "enable_compilation_cache",
-           "generation_config"]
+           "caption_files", "caption_pending", "captioned_batches", "checkpoint_identity", "compile_and_place",
+           "directory_identity", "enable_compilation_cache", "generation_config", "run_options"]

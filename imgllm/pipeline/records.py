@@ -8,18 +8,27 @@ A record is a dict, one per image:
 
 "lm_label" is present when the LM also classified the image (`lm_classify`). In CSV, one row per record with
 the columns path, label_1, prob_1, ..., caption_1, ..., lm_label, error.
+
+Beside an output file `<output>` a run keeps `<output>.lock` (`OutputLock`: one run at a time) and
+`<output>.run.json` (the options that shaped its records: `prepare_output` refuses to resume with others).
+Nothing read back is trusted: a line that is not a record is named by file and line number (`OutputError`).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
+import fcntl
 import html
 import io
 import json
 import os
+import stat
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -28,6 +37,19 @@ from imgllm.pipeline.inputs import Batch, Item
 
 THUMBNAIL_SIZE = 128
 RECORD_FORMATS = ("jsonl", "csv")
+LOCK_SUFFIX = ".lock"             # <output>.lock: held by the run writing <output>
+RUN_OPTIONS_SUFFIX = ".run.json"  # <output>.run.json: the options that shaped <output>'s records
+START_OVER = "pass --no-resume (resume=False) to start over"
+
+
+class OutputError(RuntimeError):
+    """An output file (or a file beside it) cannot be used as asked: another run holds it, its records were made
+    with other options, a line of it is not a record, or it cannot be written. The message is one line that names
+    the file; infer.py prints it and exits with status 2."""
+
+
+class OutputInUseError(OutputError):
+    """Another run holds the output's lock (`OutputLock`)."""
 
 
 def format_for_path(path: str | None) -> str:
@@ -47,14 +69,60 @@ class RecordFile:
         self.stream = None
 
     def existing_records(self) -> list[dict]:
-        """Records already in the output file (after dropping a partly written last line)."""
+        """Records already in the output file (after dropping a partly written last line: a run killed mid-write).
+
+        Raises OutputError naming the file and line of any other line that is not a record."""
         if self.path is None or not os.path.exists(self.path):
             return []
         truncate_partial_line(self.path)
+        return self._read_jsonl() if self.format == "jsonl" else self._read_csv()
+
+    def _read_jsonl(self) -> list[dict]:
+        records = []
+        with open(self.path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise self._bad_line(number, f"not JSON ({error.msg} at column {error.colno})") from None
+                except UnicodeDecodeError as error:
+                    raise self._bad_line(number, f"not UTF-8 text ({error.reason})") from None
+                problem = record_problem(record)
+                if problem:
+                    raise self._bad_line(number, problem)
+                records.append(record)
+        return records
+
+    def _read_csv(self) -> list[dict]:
+        records = []
         with open(self.path, newline="", encoding="utf-8") as f:
-            if self.format == "jsonl":
-                return [json.loads(line) for line in f if line.strip()]
-            return [self._from_row(row) for row in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            try:
+                for row in reader:
+                    record = self._from_row(row)
+                    problem = record_problem(record)
+                    if problem:
+                        raise self._bad_line(reader.line_num, problem)
+                    records.append(record)
+            except (csv.Error, ValueError, KeyError, TypeError) as error:  # a cell that is not what its column says
+                raise self._bad_line(reader.line_num, f"not a record row ({type(error).__name__}: {error})") from None
+        return records
+
+    def _bad_line(self, number: int, problem: str) -> OutputError:
+        return OutputError(f"{self.path}, line {number}: {problem}; fix or delete that line to resume, or "
+                           f"{START_OVER}")
+
+    def rewrite(self, records: Sequence[dict]) -> None:
+        """Replaces the file's content by `records`, atomically (`write_atomically`): a kill at any moment leaves
+        the old file or the new one, whole."""
+        def write_records(stream) -> None:
+            if self.format == "csv":
+                csv.writer(stream, lineterminator="\n").writerow(self.columns)
+            self._write_to(stream, records)
+
+        write_atomically(self.path, write_records)
 
     def open(self) -> None:
         if self.path is None:
@@ -70,12 +138,15 @@ class RecordFile:
 
     def write(self, records: Iterable[dict]) -> None:
         """Appends records and flushes: what is on disk is always whole lines, up to the last finished batch."""
+        self._write_to(self.stream, records)
+        self.stream.flush()
+
+    def _write_to(self, stream, records: Iterable[dict]) -> None:
         for record in records:
             if self.format == "jsonl":
-                self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+                stream.write(json.dumps(record, ensure_ascii=False) + "\n")
             else:
-                csv.writer(self.stream, lineterminator="\n").writerow(self._to_row(record))
-        self.stream.flush()
+                csv.writer(stream, lineterminator="\n").writerow(self._to_row(record))
 
     def close(self) -> None:
         if self.stream is not None and self.stream is not sys.stdout:
@@ -124,6 +195,204 @@ def truncate_partial_line(path: str) -> None:
                 return
             position -= step
         f.truncate(0)
+
+
+def record_problem(record: Any) -> str | None:
+    """What makes `record` read from an output not a record (module docstring), or None when it is one: the page
+    and scores index into records, so a wrong shape is caught where the file and line can still be named."""
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+        return 'not a record (a JSON object with a "path" string)'
+    if "error" in record:
+        return None if isinstance(record["error"], str) else '"error" is not a string'
+    labels, captions = record.get("labels"), record.get("captions")
+    if not isinstance(labels, list) or not all(isinstance(e, dict) and {"label", "prob"} <= e.keys() for e in labels):
+        return 'not a record ("labels" is not a list of {"label", "prob"})'
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        return 'not a record ("captions" is not a list of strings)'
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- beside the output
+
+
+class OutputLock:
+    """An exclusive, non-blocking lock on an output file for one run, from its start to its end (a context manager).
+
+    The lock is `fcntl.flock` on the sibling file `<output>.lock`, not on the output: resuming with retry_errors
+    replaces the output (os.replace) and resume=False deletes it, and a lock on a replaced file excludes nobody.
+    A second run raises OutputInUseError. The lock file holds the holder's pid and is removed on release; a run
+    that opened it just before finds, once it has the lock, that the path no longer names the file it locked and
+    locks a new one, so two runs never both hold it. The kernel drops a dead process's lock: a killed run leaves a
+    lock file but no lock.
+    """
+
+    def __init__(self, output: str | os.PathLike):
+        self.output = os.fspath(output)
+        self.path = self.output + LOCK_SUFFIX
+        self.fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        while self.fd is None:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                holder = lock_holder(fd)
+                os.close(fd)
+                if isinstance(error, BlockingIOError):
+                    raise OutputInUseError(f"{self.output} is in use by another run ({holder} holds {self.path}); "
+                                           "wait for it to end, or write another output") from None
+                raise OutputError(f"cannot lock {self.path}: {error.strerror or error}") from error
+            if names_file(self.path, fd):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self.fd = fd
+            else:  # its holder removed it between our open and our lock: lock the one at the path now
+                os.close(fd)
+
+    def _open(self) -> int:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise OutputError(f"cannot write {self.path} beside the output: {error.strerror or error}") from error
+
+    def release(self) -> None:
+        """Removes the lock file, then unlocks (closing it); nothing when not held."""
+        if self.fd is None:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def names_file(path: str, fd: int) -> bool:
+    """Whether `path` still names the open file `fd` (same device and inode)."""
+    try:
+        now, held = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
+def lock_holder(fd: int) -> str:
+    """"pid N" from a lock file's content, or "a process" when it holds no pid (not written yet, or not ours)."""
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return f"pid {text}" if text.isdigit() else "a process"
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Fails now, not after the captioning, when `path` cannot be written: creates its directory and opens it for
+    appending (a file the check creates is removed again). Raises OutputError naming `what` and the path."""
+    path = os.fspath(path)
+    existed = os.path.lexists(path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise OutputError(f"cannot write {what} {path}: {error.strerror or error}") from error
+    if not existed:
+        os.remove(path)
+
+
+def read_run_options(path: str) -> dict | None:
+    """The run options recorded in `path` (`write_run_options`), or None when there is no such file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            options = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise OutputError(f"{path}: not a run options file ({error}); delete it to resume, or {START_OVER}") from None
+    if not isinstance(options, dict):
+        raise OutputError(f"{path}: not a run options file (not a JSON object); delete it to resume, or {START_OVER}")
+    return options
+
+
+def write_run_options(path: str, options: Mapping[str, Any]) -> None:
+    """Writes the options as JSON to `path`, atomically (`write_atomically`)."""
+    write_atomically(path, lambda f: f.write(json.dumps(dict(options), indent=1, ensure_ascii=False) + "\n"))
+
+
+def write_atomically(path: str, write: Callable[[Any], Any]) -> None:
+    """Writes a text file through write(stream) into a temporary file beside `path`, flushed to disk, that then
+    replaces `path` (os.replace): a kill at any moment leaves the old file or the new one, whole. The new file
+    keeps the old one's permissions (0o644 for a new one; mkstemp's own are 0o600)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+
+
+def changed_run_options(recorded: Mapping[str, Any], current: Mapping[str, Any],
+                        informational: Collection[str] = ("checkpoint",)) -> list[str]:
+    """"NAME was OLD, now NEW" for each option that differs (absent on one side: "unset"), in `current`'s order.
+
+    informational: keys recorded for the reader, not compared ("checkpoint", its path: a moved checkpoint is the
+    same checkpoint, its "checkpoint_id" says whether the weights are)."""
+    def shown(options: Mapping[str, Any], name: str) -> str:
+        return json.dumps(options[name], ensure_ascii=False) if name in options else "unset"
+
+    unset = object()
+    names = [name for name in dict.fromkeys([*current, *recorded]) if name not in informational]
+    return [f"{name} was {shown(recorded, name)}, now {shown(current, name)}" for name in names
+            if recorded.get(name, unset) != current.get(name, unset)]
+
+
+def check_run_options(output: str, recorded: Mapping[str, Any] | None, current: Mapping[str, Any]) -> None:
+    """Raises OutputError when `output`'s records were made with options other than `current`: resuming would mix
+    records of two runs in one file. recorded None (an output written before run options were kept): no check."""
+    if recorded is None:
+        return
+    paths = f" (checkpoint was {recorded.get('checkpoint')}, now {current.get('checkpoint')})"
+    changes = [change + paths if change.startswith("checkpoint_id ") else change
+               for change in changed_run_options(recorded, current)]
+    if changes:
+        raise OutputError(f"{output} was written with other options ({'; '.join(changes)}): resume with the same "
+                          f"options, or {START_OVER}")
+
+
+def prepare_output(record_file: RecordFile, options: Mapping[str, Any], *, resume: bool,
+                   retry: Collection[str] = ()) -> list[dict]:
+    """Readies an output file for a run with `options` (those that shape records, recorded beside it in
+    `<output>.run.json`) and returns the records it keeps, which the run does not redo.
+
+    resume=False: the file is deleted. resume: its records are read (`RecordFile.existing_records`) and refused if
+    made with other options (`check_run_options`); the error records of the paths in `retry` are removed from it
+    (`RecordFile.rewrite`, atomic) so that those images are captioned again. A file without records is deleted
+    (a CSV header of other columns would stay). Call it while holding the `OutputLock`.
+    """
+    previous = record_file.existing_records() if resume else []
+    if previous:
+        check_run_options(record_file.path, read_run_options(record_file.path + RUN_OPTIONS_SUFFIX), options)
+        kept = [record for record in previous if not ("error" in record and record["path"] in retry)]
+        if len(kept) < len(previous):
+            record_file.rewrite(kept)
+        previous = kept
+    elif os.path.exists(record_file.path):
+        os.remove(record_file.path)
+    write_run_options(record_file.path + RUN_OPTIONS_SUFFIX, options)
+    return previous
 
 
 def make_records(batch: Batch, outputs: Mapping, class_names: Sequence[str],
@@ -220,5 +489,7 @@ def write_html(path: str, records: Iterable[dict], items_by_key: Mapping[str, It
         f.write("</table>\n")
 
 
-__all__ = ["RECORD_FORMATS", "RecordFile", "format_for_path", "make_records", "score_records", "thumbnail_data_uri",
-           "truncate_partial_line", "write_html"]
+__all__ = ["LOCK_SUFFIX", "OutputError", "OutputInUseError", "OutputLock", "RECORD_FORMATS", "RUN_OPTIONS_SUFFIX",
+           "RecordFile", "changed_run_options", "check_run_options", "check_writable", "format_for_path",
+           "make_records", "prepare_output", "read_run_options", "record_problem", "score_records",
+           "thumbnail_data_uri", "truncate_partial_line", "write_atomically", "write_html", "write_run_options"]
