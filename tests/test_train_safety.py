@@ -157,20 +157,27 @@ def test_metrics_rewind_drops_what_a_resumed_run_writes_again(tmp_path):
 
 
 def test_sigterm_stops_after_the_step_with_its_checkpoint_committed(tmp_path, monkeypatch):
-    """In process: the signal arrives while step 3's batch is read. Resuming from it: test_train_cli.py."""
+    """In process: the signal arrives as step 3 is dispatched. Resuming from it: test_train_cli.py."""
     config = cnn_tiny.get_config()
     config.eval_split = ""
     config.checkpoint_every_steps = 100
     config.log_every_steps = 1
-    batches, take = [], loop.take
+    make_feed = loop.feed_lib.make_feed
 
-    def take_and_signal_at_step_3(arrays, rows):
-        batches.append(rows)
-        if len(batches) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return take(arrays, rows)
+    def feed_signalling_at_step_3(*args, **kwargs):
+        feed, steps = make_feed(*args, **kwargs), []
+        step_args = feed.args
 
-    monkeypatch.setattr(loop, "take", take_and_signal_at_step_3)
+        def args(index):
+            steps.append(index)
+            if len(steps) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step_args(index)
+
+        feed.args = args
+        return feed
+
+    monkeypatch.setattr(loop.feed_lib, "make_feed", feed_signalling_at_step_3)
     previous_handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(loop.TrainingStopped, match=r"stopped by SIGTERM at step 3 of 16") as stopped:
         loop.train_and_evaluate(config, str(tmp_path))

@@ -25,6 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = "demo"                  # load_dataset spec: "cifar10" | "folder:<root>" | "tfds:<name>" | "demo"
     c.data_dir = config_dict.placeholder(str)   # tfds data_dir; base of relative folder roots (None: default)
     c.data_cache_dir = config_dict.placeholder(str)  # keeps decoded image folders as .npz (None: no cache)
+    c.data_placement = "auto"           # training set on the devices ("device"), fed from the host ("host"), or
+                                        # "auto": on the devices when it fits (imgllm.train.feed)
     c.train_split = "train"             # split to train on
     c.eval_split = "validation"         # split evaluated each epoch and at the end ("" for none)
     c.num_train_examples = config_dict.placeholder(int)  # use only this many training examples (None: all)

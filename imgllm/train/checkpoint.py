@@ -22,7 +22,7 @@ from imgllm.pipeline.checkpoint import saved_array_shapes
 # data is read from (dataset, data_dir) may change too: resuming checks the data itself (loop.check_same_data).
 RESUME_SAFE_KEYS = frozenset({
     "log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep", "progress_bar",
-    "eval_every_epochs", "eval_batch_size", "dataset", "data_dir", "data_cache_dir",
+    "eval_every_epochs", "eval_batch_size", "dataset", "data_dir", "data_cache_dir", "data_placement",
 })
 
 

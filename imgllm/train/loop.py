@@ -19,14 +19,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
 from imgllm import parallel
-from imgllm.data import epoch_batch_indices
 from imgllm.train import checkpoint as ckpt_lib
+from imgllm.train import feed as feed_lib
 from imgllm.train import optim, steps
 from imgllm.train.state import TrainState, create_train_state
 from imgllm.train.task import Arrays, Task, add_metrics, summarize
@@ -145,6 +146,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         value = config.get(key)
         if value is None or value <= 0 or value % devices:
             raise ValueError(f"config.{key}={value!r} must be a positive multiple of the {devices} devices")
+    if config.get("data_placement", "auto") not in feed_lib.PLACEMENTS:
+        raise ValueError(f"config.data_placement={config.data_placement!r} must be one of {feed_lib.PLACEMENTS}")
     if not 0 < config.num_epochs < math.inf:
         raise ValueError(f"config.num_epochs={config.num_epochs!r} must be a finite number > 0")
 
@@ -284,40 +287,48 @@ def evaluate_arrays(task: Task, variables: Any, arrays: Arrays, mesh, *, batch_s
     return summarize(totals)
 
 
-class _StepMetrics:
-    """Host-side handling of each step's metrics, one step behind the device so dispatch stays ahead.
+NO_BAD_STEP = np.iinfo(np.int32).max
 
-    push() queues a step's metrics and flushes the previous step's: flush() fetches them, stops on a
-    non-finite loss (naming the step), and adds them up for the next log line.
-    """
+
+@jax.jit
+def _add_step_metrics(totals: Any, first_bad: jax.Array, metrics: Any, step: jax.Array) -> tuple[Any, jax.Array]:
+    """Running metric sums plus `metrics`, and the first step whose objective was not finite (NO_BAD_STEP: none)."""
+    totals = jax.tree.map(lambda a, b: a + b, totals, metrics)
+    finite = jnp.isfinite(metrics["objective"][0])
+    return totals, jnp.where(finite, first_bad, jnp.minimum(first_bad, step.astype(jnp.int32)))
+
+
+class _StepMetrics:
+    """Each step's metric sums, added up on the device: the host fetches them only for a log line or before a
+    checkpoint, so no step waits for the host. A non-finite loss is reported naming the first step that had one."""
 
     def __init__(self, steps_per_epoch: int):
         self.steps_per_epoch = steps_per_epoch
-        self.pending: tuple[int, Any] | None = None
         self.totals = None
+        self.first_bad = None
 
-    def push(self, step: int, metrics: Any) -> None:
-        self.flush()
-        self.pending = (step, metrics)
+    def push(self, step: jax.Array, metrics: Any) -> None:
+        """Adds the metrics of the step that ended at global `step` (a device scalar: nothing is fetched)."""
+        if self.totals is None:
+            self.totals = jax.tree.map(jnp.zeros_like, metrics)
+            self.first_bad = jnp.asarray(NO_BAD_STEP, jnp.int32)
+        self.totals, self.first_bad = _add_step_metrics(self.totals, self.first_bad, metrics, step)
 
-    def flush(self) -> None:
-        if self.pending is None:
+    def check(self) -> None:
+        """Raises NonFiniteLossError when any step since the last summary had a NaN or infinite loss."""
+        if self.first_bad is None:
             return
-        step, metrics = self.pending
-        self.pending = None
-        metrics = jax.device_get(metrics)
-        loss_sum, loss_count = metrics["objective"]
-        loss = float(loss_sum) / max(float(loss_count), 1.0)
-        if not math.isfinite(loss):
-            epoch, index = divmod(step - 1, self.steps_per_epoch)
-            raise NonFiniteLossError(f"training loss is {loss} at step {step} (epoch {epoch}, batch {index} of "
+        bad = int(jax.device_get(self.first_bad))
+        if bad != NO_BAD_STEP:
+            epoch, index = divmod(bad - 1, self.steps_per_epoch)
+            raise NonFiniteLossError(f"training loss is not finite at step {bad} (epoch {epoch}, batch {index} of "
                                      f"the epoch); stopping without saving this step")
-        self.totals = add_metrics(self.totals, metrics)
 
     def take_summary(self) -> dict[str, float]:
-        self.flush()
-        summary, self.totals = summarize(self.totals or {}), None
-        return summary
+        """The mean of each metric over the steps since the last summary (fetched from the device), then reset."""
+        self.check()
+        totals, self.totals, self.first_bad = jax.device_get(self.totals), None, None
+        return summarize(add_metrics(None, totals or {}))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task: Task | None = None,
@@ -365,8 +376,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, ch
         state = checkpointer.restore_state(state, latest)
     start = int(jax.device_get(state.step))
 
+    batches = feed_lib.make_feed(config.get("data_placement", "auto"), train_arrays, mesh, seed=config.seed,
+                                 global_batch_size=config.global_batch_size)
     train_step = steps.jit_train_step(
-        task, tx, mesh, steps_per_epoch=steps_per_epoch,
+        task, tx, mesh, steps_per_epoch=steps_per_epoch, placement=batches.placement,
         lookahead=optim.lookahead_fn(config.get("lookahead"), steps_per_epoch=steps_per_epoch,
                                      total_steps=total_steps))
     eval_fn = steps.jit_eval_step(task, mesh, tta=False)
@@ -378,26 +391,24 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, ch
                       "task": task.checkpoint_metadata(), "data": identity}
     bar = tqdm.tqdm(total=total_steps, initial=start, disable=not config.progress_bar or jax.process_index() != 0,
                     unit="step", dynamic_ncols=True)
-    order, order_epoch = None, None
     last_log_time, last_log_step = time.perf_counter(), start
     try:
         for step in range(start, total_steps):
             epoch, index = divmod(step, steps_per_epoch)
-            if order_epoch != epoch:
-                order, order_epoch = epoch_batch_indices(
-                    n_train, config.global_batch_size, seed=config.seed, epoch=epoch,
-                    process_index=jax.process_index(), process_count=jax.process_count()), epoch
-            state, metrics = train_step(state, parallel.host_to_global(take(train_arrays, order[index]), mesh))
-            step_metrics.push(step + 1, metrics)
+            if index == 0 or step == start:
+                batches.epoch(epoch)
+            state, metrics = train_step(state, *batches.args(index))
+            step_metrics.push(state.step, metrics)
             bar.update(1)
             done = step + 1
             last = done == total_steps
             epoch_end = done % steps_per_epoch == 0 or last
             if done % config.log_every_steps == 0 or epoch_end or step == start:
+                summary = step_metrics.take_summary()     # waits for the step: the rate is of finished steps
                 now = time.perf_counter()
                 rate = (done - last_log_step) / max(now - last_log_time, 1e-9)
                 record = {"step": done, "epoch": done / steps_per_epoch, "split": "train",
-                          **step_metrics.take_summary(), "steps_per_second": rate,
+                          **summary, "steps_per_second": rate,
                           "examples_per_second": rate * config.global_batch_size}
                 writer.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', 0):.3f}",
@@ -405,20 +416,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, ch
                 last_log_time, last_log_step = now, done
             stop = not last and signals.stop_requested(done)
             if checkpointer.should_save(done, last=last) or stop:
-                step_metrics.flush()
+                step_metrics.check()
                 checkpointer.save(done, state, config, meta(done))
             if stop:
                 checkpointer.wait()
                 raise TrainingStopped(done, total_steps, signals.received or 0, workdir)
             if eval_arrays is not None and epoch_end and not last and config.eval_every_epochs and \
                     (done // steps_per_epoch) % config.eval_every_epochs == 0:
-                step_metrics.flush()
+                step_metrics.check()
                 record = evaluate_arrays(task, state.variables, eval_arrays, mesh,
                                          batch_size=config.eval_batch_size, tta=False, eval_fn=eval_fn)
                 writer.write({"step": done, "epoch": done / steps_per_epoch, "split": "eval", **record})
                 bar.write(f"epoch {done / steps_per_epoch:.2f}: eval " +
                           " ".join(f"{k}={v:.4f}" for k, v in record.items()))
-        step_metrics.flush()
+        step_metrics.check()
     finally:
         bar.close()
 

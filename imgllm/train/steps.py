@@ -14,6 +14,7 @@ import optax
 from jax.sharding import Mesh
 
 from imgllm import parallel
+from imgllm.train import feed
 from imgllm.train.state import TrainState
 from imgllm.train.task import Metrics, Task, metric
 
@@ -51,10 +52,21 @@ def eval_step(variables: dict[str, Any], batch: Mapping[str, jax.Array], *, task
 
 
 def jit_train_step(task: Task, tx: optax.GradientTransformation, mesh: Mesh, *, steps_per_epoch: int,
-                   lookahead: Callable | None = None) -> Callable:
-    """`train_step` jitted with the state replicated (and donated) and the batch sharded on 'data'."""
+                   lookahead: Callable | None = None, placement: str = "host") -> Callable:
+    """`train_step` jitted with the state replicated (and donated).
+
+    placement "host": called as step(state, batch), the batch sharded on 'data'. "device": called as
+    step(state, data, order) with the whole training set and the epoch's order replicated on every device
+    (`imgllm.train.feed`); the step gathers its own batch.
+    """
     fn = partial(train_step, task=task, tx=tx, steps_per_epoch=steps_per_epoch, lookahead=lookahead)
     replicated = parallel.replicated_sharding(mesh)
+    if placement == "device":
+        def step_on_device_data(state, data, order):
+            return fn(state, feed.gather_rows(data, order, state.step, steps_per_epoch, mesh))
+
+        return jax.jit(step_on_device_data, in_shardings=(replicated, replicated, replicated),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
     return jax.jit(fn, in_shardings=(replicated, parallel.data_sharding(mesh)),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
