@@ -259,11 +259,22 @@ def test_muon_config_groups_and_learning_rates():
 
 
 def test_data_on_the_devices_trains_as_data_from_the_host(tmp_path):
-    """The two feeds (imgllm.train.feed) give each step the same examples: the same parameters after 3 steps."""
+    """The two feeds (imgllm.train.feed) give each step the same examples: the same parameters after 3 steps.
+    The device run also traces steps 2-3 with jax.profiler (config.profile_steps)."""
     finals = {}
     for placement in ("device", "host"):
         config = cnn_tiny.get_config()
         config.num_epochs, config.eval_split, config.data_placement = 3 / 8, "", placement
+        config.profile_steps = "1,3" if placement == "device" else ""
         finals[placement] = loop.train_and_evaluate(config, str(tmp_path / placement)).state.params
     for a, b in zip(jax.tree.leaves(finals["device"]), jax.tree.leaves(finals["host"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+    traces = [name for _, _, names in os.walk(tmp_path / "device" / "profile") for name in names]
+    assert any(name.endswith(".xplane.pb") for name in traces), traces
+    assert not os.path.exists(tmp_path / "host" / "profile")
+
+
+@pytest.mark.parametrize("value", ["3", "5,2", "a,b", "-1,4"])
+def test_profile_steps_must_be_a_window(value):
+    with pytest.raises(ValueError, match=r"config.profile_steps=.* START,END"):
+        loop.profile_window(value)

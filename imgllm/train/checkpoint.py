@@ -21,7 +21,7 @@ from imgllm.pipeline.checkpoint import saved_array_shapes
 # Config keys that may change between a run and its resumption: they do not change what is computed. Where the
 # data is read from (dataset, data_dir) may change too: resuming checks the data itself (loop.check_same_data).
 RESUME_SAFE_KEYS = frozenset({
-    "log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep", "progress_bar",
+    "log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep", "progress_bar", "profile_steps",
     "eval_every_epochs", "eval_batch_size", "dataset", "data_dir", "data_cache_dir", "data_placement",
 })
 

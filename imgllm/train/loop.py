@@ -148,6 +148,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
             raise ValueError(f"config.{key}={value!r} must be a positive multiple of the {devices} devices")
     if config.get("data_placement", "auto") not in feed_lib.PLACEMENTS:
         raise ValueError(f"config.data_placement={config.data_placement!r} must be one of {feed_lib.PLACEMENTS}")
+    profile_window(config.get("profile_steps"))
     if not 0 < config.num_epochs < math.inf:
         raise ValueError(f"config.num_epochs={config.num_epochs!r} must be a finite number > 0")
 
@@ -287,6 +288,44 @@ def evaluate_arrays(task: Task, variables: Any, arrays: Arrays, mesh, *, batch_s
     return summarize(totals)
 
 
+def profile_window(value: str | tuple | list | None) -> tuple[int, int] | None:
+    """config.profile_steps as (first, last) global steps to trace, or None: "START,END" (or a pair) with
+    0 <= START < END; empty means no profiling."""
+    if value in (None, "", (), []):
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        first, last = (int(part) for part in parts)
+    except (TypeError, ValueError):
+        first, last = -1, -1
+    if not 0 <= first < last:
+        raise ValueError(f"config.profile_steps={value!r}: write it as START,END with 0 <= START < END, e.g. 10,20")
+    return first, last
+
+
+class StepProfiler:
+    """A `jax.profiler` trace of global steps (first, last] into <workdir>/profile (view it in TensorBoard's profile
+    tab or Perfetto). The trace waits for the last traced step to finish, so it holds its device work."""
+
+    def __init__(self, window: tuple[int, int] | None, workdir: str):
+        self.window, self.directory, self.active = window, os.path.join(workdir, "profile"), False
+
+    def before_step(self, step: int) -> None:
+        if self.window and step == self.window[0] and jax.process_index() == 0:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after_step(self, done: int, state: Any) -> None:
+        if self.active and done >= self.window[1]:
+            jax.block_until_ready(state)
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 NO_BAD_STEP = np.iinfo(np.int32).max
 
 
@@ -392,15 +431,18 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, ch
     bar = tqdm.tqdm(total=total_steps, initial=start, disable=not config.progress_bar or jax.process_index() != 0,
                     unit="step", dynamic_ncols=True)
     last_log_time, last_log_step = time.perf_counter(), start
+    profiler = StepProfiler(profile_window(config.get("profile_steps")), workdir)
     try:
         for step in range(start, total_steps):
             epoch, index = divmod(step, steps_per_epoch)
             if index == 0 or step == start:
                 batches.epoch(epoch)
+            profiler.before_step(step)
             state, metrics = train_step(state, *batches.args(index))
             step_metrics.push(state.step, metrics)
             bar.update(1)
             done = step + 1
+            profiler.after_step(done, state)
             last = done == total_steps
             epoch_end = done % steps_per_epoch == 0 or last
             if done % config.log_every_steps == 0 or epoch_end or step == start:
@@ -431,6 +473,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, ch
                           " ".join(f"{k}={v:.4f}" for k, v in record.items()))
         step_metrics.check()
     finally:
+        profiler.stop()
         bar.close()
 
     final_eval = None
