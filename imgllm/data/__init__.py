@@ -6,10 +6,18 @@ package does not, so image-decoding worker processes start fast).
 
 from imgllm.data.batching import PADDING_INDEX, epoch_batch_indices, epoch_permutation, gather_batch
 from imgllm.data.dataset import ImageDataset, balanced_prefix_indices, carve_validation_indices
-from imgllm.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, decode_image_files, list_image_files
+from imgllm.data.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    ImageDecodeError,
+    decode_image,
+    decode_image_files,
+    list_image_files,
+)
 from imgllm.data.load import load_dataset
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "PADDING_INDEX",
     "ImageDataset",

@@ -7,19 +7,24 @@ processes that decode in parallel start quickly (no JAX, no TensorFlow).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm")
 RESIZE_MODES = ("crop", "stretch")
+# The most pixels `decode_image` decodes by default: 40 megapixels, 120 MB as RGB, more than most cameras write.
+# Pillow refuses only above 179 million, so without it a 140 KB PNG of 12000x12000 costs each decoding worker
+# about 0.6 GB. JPEGs decoded at a reduced draft scale count at that scale.
+DEFAULT_MAX_PIXELS = 40_000_000
 # Below this many files, decoding in this process beats starting worker processes.
 _PARALLEL_MIN_FILES = 2048
 
@@ -46,11 +51,57 @@ def has_image_extension(path: str | os.PathLike) -> bool:
     return os.fspath(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
+def directory_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the directory `path` leads to, symlinks resolved; None when it cannot be read."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def walk_folders(top: str, *, recursive: bool = True) -> Iterator[tuple[str, list[str]]]:
+    """(folder, sorted file names) for `top` and, when recursive, each non-hidden folder below it.
+
+    Symlinked folders are followed, but every real folder is entered once (tracked by device and inode), so a
+    link back to a parent cannot make the walk endless. Links are followed only after every folder reachable
+    without one has been walked (each part depth-first in sorted order), so a folder reached both ways is
+    listed under its own path. Folders that cannot be read are skipped, as `os.walk` skips them.
+    """
+    seen: set[tuple[int, int]] = set()
+    stack, links = [top], collections.deque()
+    while stack or links:
+        folder = stack.pop() if stack else links.popleft()
+        identity = directory_identity(folder)
+        if identity is None or identity in seen:
+            continue
+        seen.add(identity)
+        try:
+            with os.scandir(folder) as iterator:
+                entries = sorted(iterator, key=lambda entry: entry.name)
+        except OSError:
+            continue
+        yield folder, [entry.name for entry in entries if not is_folder_entry(entry)]
+        if recursive:
+            folders = [entry for entry in entries if is_folder_entry(entry) and not entry.name.startswith(".")]
+            links.extend(entry.path for entry in folders if entry.is_symlink())
+            stack.extend(reversed([entry.path for entry in folders if not entry.is_symlink()]))
+
+
+def is_folder_entry(entry: os.DirEntry) -> bool:
+    """Whether a directory entry is a folder, following symlinks (a broken link counts as a file)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def list_image_files(path: str | os.PathLike, *, recursive: bool = False) -> list[str]:
     """Image files at `path`: the file itself, or the image files in a folder, sorted by name.
 
     Hidden files (".DS_Store", "._x.jpg") are ignored; other files without an image extension are
-    skipped with a warning naming them. Raises FileNotFoundError when `path` does not exist.
+    skipped with a warning naming them. Symlinked sub-folders are followed, each real folder once (see
+    `walk_folders`). Raises FileNotFoundError when `path` does not exist.
     """
     path = os.fspath(path)
     if os.path.isfile(path):
@@ -58,12 +109,11 @@ def list_image_files(path: str | os.PathLike, *, recursive: bool = False) -> lis
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no such image file or folder: {path!r}")
     found = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
-        for name in sorted(filenames):
+    for folder, names in walk_folders(path, recursive=recursive):
+        for name in names:
             if name.startswith("."):
                 continue
-            file_path = os.path.join(dirpath, name)
+            file_path = os.path.join(folder, name)
             if has_image_extension(name):
                 found.append(file_path)
             else:
@@ -112,12 +162,34 @@ def _crop_box(width: int, height: int, target: Size) -> tuple[float, float, floa
     return (left, top, left + box_width, top + box_height)
 
 
-def _open_and_resize(path: str, size: Size | None, resize: str) -> np.ndarray:
+def _draft_for(image: Image.Image, size: Size | None) -> None:
+    """Lets libjpeg decode a big photo at 1/2, 1/4 or 1/8 scale when that still covers `size` (header only).
+
+    Draft mode only reduces by powers of two, and only an image at least twice the target in both sides is
+    drafted, so small JPEGs (CIFAR's 32x32 at size 32) decode to exactly the pixels they decode to without it.
+    """
+    if size is not None and image.format == "JPEG" and image.width >= 2 * size[1] and image.height >= 2 * size[0]:
+        scale = max(size[1] / image.width, size[0] / image.height)
+        image.draft("RGB", (int(np.ceil(image.width * scale)), int(np.ceil(image.height * scale))))
+
+
+def check_pixel_count(path: str, image: Image.Image, max_pixels: int | None) -> None:
+    """Raise ImageDecodeError when `image` (opened, not yet decoded) would decode to more than `max_pixels` pixels.
+
+    Its size comes from the file header, so a decompression bomb (a tiny file that expands to gigabytes) is
+    refused before any pixel is decoded. None means no limit.
+    """
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ImageDecodeError(
+            f"image file {path!r} is {image.width}x{image.height} = {image.width * image.height:,} pixels, more "
+            f"than the limit of {max_pixels:,} (max_pixels; None lifts it)"
+        )
+
+
+def _open_and_resize(path: str, size: Size | None, resize: str, max_pixels: int | None) -> np.ndarray:
     with Image.open(path) as image:
-        if size is not None and image.format == "JPEG" and image.width >= 2 * size[1] and image.height >= 2 * size[0]:
-            # Let libjpeg decode big photos at 1/2, 1/4 or 1/8 scale when that still covers `size`.
-            scale = max(size[1] / image.width, size[0] / image.height)
-            image.draft("RGB", (int(np.ceil(image.width * scale)), int(np.ceil(image.height * scale))))
+        _draft_for(image, size)
+        check_pixel_count(path, image, max_pixels)  # after the draft: counts the pixels libjpeg will decode
         image.load()
         if "exif" in image.info or hasattr(image, "tag_v2"):  # skips the EXIF parse for plain files
             image = ImageOps.exif_transpose(image)
@@ -151,7 +223,11 @@ def array_to_rgb(array: np.ndarray, size: Size | None = None, resize: str = "cro
 
 
 def decode_image(
-    path: str | os.PathLike, size: int | Sequence[int] | None = None, *, resize: str = "crop"
+    path: str | os.PathLike,
+    size: int | Sequence[int] | None = None,
+    *,
+    resize: str = "crop",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Reads one image file of any mode into uint8 RGB [H, W, 3], resized to `size` when given.
 
@@ -159,14 +235,20 @@ def decode_image(
     composited over white; the EXIF orientation of photos is applied. With `size` (int or (h, w)),
     `resize="crop"` takes the largest centred crop of the target aspect ratio and resizes it (no
     distortion); `resize="stretch"` resizes the whole image. Raises `ImageDecodeError` naming the
-    file for a missing, truncated, corrupt or non-image file.
+    file for a missing, truncated, corrupt or non-image file, and for one that would decode to more
+    than `max_pixels` pixels (checked from its header before decoding; a big JPEG counts at the reduced
+    scale libjpeg decodes it at for a small `size`; None: no limit).
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    if max_pixels is not None and (not isinstance(max_pixels, (int, np.integer)) or max_pixels <= 0):
+        raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
     path = os.fspath(path)
     size = as_size(size)
     try:
-        array = _open_and_resize(path, size, resize)
+        array = _open_and_resize(path, size, resize, max_pixels)
+    except ImageDecodeError:
+        raise
     except FileNotFoundError as error:
         raise ImageDecodeError(f"cannot read image file {path!r}: no such file") from error
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:

@@ -12,12 +12,17 @@ So a flax path maps to an HF key by a fixed renaming (`hf_key_for_path`), and th
 and shapes a checkpoint must hold comes from the model itself (`expected_hf_shapes`): every key
 and shape is checked, and every difference is reported by name before any tensor is loaded.
 
-Only safetensors are read: ``pytorch_model.bin`` is a pickle, and unpickling can run code.
+Only safetensors are read: ``pytorch_model.bin`` is a pickle, and unpickling can run code. Nothing read from
+the directory is trusted: config values are checked (`check_config_values`) and compared with the sizes the
+safetensors headers hold (`check_config_against_checkpoint`) before the model's shapes are built from them, so a
+config.json claiming 100,000 layers fails in milliseconds; shard names in the index cannot leave the model
+directory (`shard_path`); a corrupt or truncated file is reported by name (`CorruptCheckpointError`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -26,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from imgllm.language.gpt2 import GPT2Config, init_params
 
@@ -57,12 +63,22 @@ LM_HEAD_KEY = "lm_head.weight"
 # imgllm builds its mask on the fly, so they carry no information and are skipped.
 _ATTENTION_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 _LAYER_SCOPE = re.compile(r"^h_(\d+)$")
+_LAYER_KEY = re.compile(r"^h\.(\d+)\.")
+# config.json sizes that must be positive integers (JSON true/false are not sizes, though Python calls them ints).
+_CONFIG_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+# Where a checkpoint shows each size (`checkpoint_sizes`).
+_SIZE_EVIDENCE = {"n_layer": "h.{i} blocks", "vocab_size": "rows of wte.weight", "n_embd": "columns of wte.weight",
+                  "n_positions": "rows of wpe.weight"}
 # flax leaf name -> HF parameter suffix (Dense kernel, LayerNorm scale and Embed table are all "weight").
 _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's keys or shapes differ from what the model expects; the message lists each one."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A weight file is not readable safetensors (corrupt header, truncated data); the message names the file."""
 
 
 # ----------------------------------------------------------------------------- key mapping
@@ -181,19 +197,59 @@ def resolve_model_dir(
                                 f"it ({type(error).__name__}: {error})") from error
 
 
+def _allowed_shard_roots(model_dir: str) -> list[str]:
+    """Real folders a shard may live in: the model directory and, for a hub cache snapshot, the repo's blobs.
+
+    ``huggingface_hub`` stores ``snapshots/<commit>/model-00001-of-00002.safetensors`` as a link to
+    ``../../blobs/<sha256>``, so a snapshot's shards legitimately resolve there.
+    """
+    real_dir = os.path.realpath(model_dir)
+    roots = [real_dir]
+    if os.path.basename(os.path.dirname(real_dir)) == "snapshots":
+        roots.append(os.path.join(os.path.dirname(os.path.dirname(real_dir)), "blobs"))
+    return roots
+
+
+def shard_path(model_dir: str, shard: Any, index_file: str) -> str:
+    """The path of a shard named in `index_file`, refused (ValueError naming both) when it leaves `model_dir`.
+
+    An index is untrusted text: an absolute name, ``../``, or a link resolving outside the directory would make
+    loading a model read any file the user can read (a key file, a device that never ends).
+    """
+    if not isinstance(shard, str) or not shard or os.path.isabs(shard):
+        raise ValueError(f"{index_file} names shard {shard!r}: shards must be relative file names in {model_dir}")
+    path = os.path.join(model_dir, shard)
+    real = os.path.realpath(path)
+    if not any(os.path.commonpath([real, root]) == root for root in _allowed_shard_roots(model_dir)):
+        raise ValueError(f"{index_file} names shard {shard!r}, which resolves to {real}, outside {model_dir}")
+    return path
+
+
+def _shard_names(index_file: str) -> list[str]:
+    """The distinct shard names of a ``model.safetensors.index.json``, sorted; ValueError naming a malformed file."""
+    with open(index_file) as f:
+        try:
+            index = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{index_file} is not valid JSON: {error}") from error
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_file} has no \"weight_map\" object (key -> shard file name)")
+    return sorted(set(weight_map.values()), key=str)
+
+
 def safetensors_files(model_dir: str) -> list[str]:
     """The safetensors weight files of `model_dir` (one file, or the shards its index names).
 
-    Raises FileNotFoundError with a conversion command when the directory only has ``pytorch_model.bin``.
+    Shard names that leave the directory are refused (`shard_path`). Raises FileNotFoundError with a conversion
+    command when the directory only has ``pytorch_model.bin``.
     """
     single = os.path.join(model_dir, SAFETENSORS_FILE)
     index = os.path.join(model_dir, SAFETENSORS_INDEX_FILE)
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        with open(index) as f:
-            shard_names = sorted(set(json.load(f)["weight_map"].values()))
-        shards = [os.path.join(model_dir, shard) for shard in shard_names]
+        shards = [shard_path(model_dir, shard, index) for shard in _shard_names(index)]
         missing = [shard for shard in shards if not os.path.isfile(shard)]
         if missing:
             raise FileNotFoundError(f"{index} names shard(s) that are not there: {missing}")
@@ -218,8 +274,34 @@ def hf_config_dict(config: GPT2Config, weights_dtype: str = "float32") -> dict[s
     return {**config.to_dict(), "dtype": weights_dtype}
 
 
+def _config_value(hf_config: Mapping[str, Any], key: str) -> Any:
+    """A config.json value as `GPT2Config.from_dict` reads it: missing or null means the default."""
+    value = hf_config.get(key)
+    return getattr(GPT2Config, key) if value is None else value
+
+
+def check_config_values(hf_config: Any, source: str) -> None:
+    """Raise ValueError naming `source` and the key when a config.json value is not a usable GPT-2 size.
+
+    Sizes must be positive integers (not booleans or floats), n_embd a multiple of n_head, and
+    layer_norm_epsilon a finite positive number; `GPT2Config.from_dict` checks the architecture variant.
+    """
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{source} must hold a JSON object, not {type(hf_config).__name__}")
+    for key in _CONFIG_SIZES:
+        value = _config_value(hf_config, key)
+        if type(value) is not int or value <= 0:
+            raise ValueError(f"{source}: {key}={value!r} must be a positive integer")
+    n_embd, n_head = _config_value(hf_config, "n_embd"), _config_value(hf_config, "n_head")
+    if n_embd % n_head:
+        raise ValueError(f"{source}: n_embd={n_embd} is not divisible by n_head={n_head}")
+    epsilon = _config_value(hf_config, "layer_norm_epsilon")
+    if type(epsilon) not in (int, float) or not math.isfinite(epsilon) or epsilon <= 0:
+        raise ValueError(f"{source}: layer_norm_epsilon={epsilon!r} must be a finite positive number")
+
+
 def read_config(model_dir: str) -> GPT2Config:
-    """Parse ``model_dir/config.json`` into a `GPT2Config`."""
+    """Parse ``model_dir/config.json`` into a `GPT2Config`; ValueError naming the file and key of a bad value."""
     path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{model_dir} has no {CONFIG_FILE}")
@@ -228,8 +310,37 @@ def read_config(model_dir: str) -> GPT2Config:
             hf_config = json.load(f)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from error
+    check_config_values(hf_config, path)
     # GPT2Config.from_dict rejects (naming the key) any variant imgllm's GPT-2 would compute differently.
     return GPT2Config.from_dict(hf_config, source=path)
+
+
+def checkpoint_sizes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """The config sizes a checkpoint's {unprefixed key: shape} implies: n_layer (how many ``h.{i}`` blocks),
+    and vocab_size, n_positions, n_embd from the embedding tables when they are there and 2-D."""
+    sizes = {"n_layer": len({match.group(1) for match in map(_LAYER_KEY.match, shapes) if match})}
+    wte, wpe = shapes.get("wte.weight"), shapes.get("wpe.weight")
+    if wte is not None and len(wte) == 2:
+        sizes["vocab_size"], sizes["n_embd"] = wte
+    if wpe is not None and len(wpe) == 2:
+        sizes["n_positions"] = wpe[0]
+    return sizes
+
+
+def check_config_against_checkpoint(config: GPT2Config, shapes: Mapping[str, tuple[int, ...]], source: str,
+                                    where: str) -> None:
+    """Raise `CheckpointMismatchError` naming each config.json size that the checkpoint's tensors contradict.
+
+    Cheap (the shapes come from the safetensors headers), so it runs before the model's own parameter shapes
+    are built, which costs time in proportion to n_layer: a config claiming more layers than the checkpoint
+    holds fails here. Fewer layers pass, and the full key check then names each unexpected key.
+    """
+    found = checkpoint_sizes(shapes)
+    lines = [f"{name}={getattr(config, name)}, but the checkpoint holds {value} {_SIZE_EVIDENCE[name]}"
+             for name, value in found.items()
+             if (config.n_layer > value if name == "n_layer" else getattr(config, name) != value)]
+    if lines:
+        raise CheckpointMismatchError(f"{source} does not describe the weights in {where}:\n  " + "\n  ".join(lines))
 
 
 # ----------------------------------------------------------------------------- load
@@ -239,13 +350,19 @@ def _strip_prefix(key: str) -> str:
     return key[len(TRANSFORMER_PREFIX):] if key.startswith(TRANSFORMER_PREFIX) else key
 
 
+def _open_safetensors(path: str):
+    """`safe_open(path)`, with a corrupt or truncated file reported as `CorruptCheckpointError` naming it."""
+    try:
+        return safe_open(path, framework="flax")
+    except SafetensorError as error:
+        raise CorruptCheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+
+
 def _tensor_index(files: Iterable[str]) -> dict[str, tuple[str, str, tuple[int, ...]]]:
     """{checkpoint key: (file, key in file, shape)} from the safetensors headers, without reading tensors."""
-    from safetensors import safe_open
-
     index = {}
     for path in files:
-        with safe_open(path, framework="flax") as f:
+        with _open_safetensors(path) as f:
             for key in f.keys():
                 if key in index:
                     raise CheckpointMismatchError(f"key {key!r} appears in both {index[key][0]} and {path}")
@@ -255,16 +372,17 @@ def _tensor_index(files: Iterable[str]) -> dict[str, tuple[str, str, tuple[int, 
 
 def _read_tensors(locations: Mapping[str, tuple[str, str]]) -> dict[str, jax.Array]:
     """{name: tensor} for {name: (file, key in file)}, opening each file once."""
-    from safetensors import safe_open
-
     by_file: dict[str, list[tuple[str, str]]] = {}
     for name, (path, key) in locations.items():
         by_file.setdefault(path, []).append((name, key))
     tensors = {}
     for path, entries in by_file.items():
-        with safe_open(path, framework="flax") as f:
+        with _open_safetensors(path) as f:
             for name, key in entries:
-                tensors[name] = f.get_tensor(key)
+                try:
+                    tensors[name] = f.get_tensor(key)
+                except SafetensorError as error:
+                    raise CorruptCheckpointError(f"{path}: tensor {key!r} cannot be read: {error}") from error
     return tensors
 
 
@@ -309,7 +427,8 @@ def load_gpt2(
     the ``transformer.`` prefix or not; attention-mask buffers are skipped; ``lm_head.weight``, when
     present, must equal ``wte.weight``. Every key and shape is checked against the model before any
     tensor is read, and all differences are reported by name. Tensors are cast to the model's
-    parameter dtype (float32), so float16/bfloat16 checkpoints load too.
+    parameter dtype (float32), so float16/bfloat16 checkpoints load too. The config's sizes are checked against
+    the checkpoint's headers first, so an absurd config.json fails at once, naming the key.
     """
     model_dir = resolve_model_dir(path_or_hub_name, revision=revision, cache_dir=cache_dir,
                                   local_files_only=local_files_only)
@@ -317,9 +436,11 @@ def load_gpt2(
     config = read_config(model_dir)
     index = _tensor_index(files)
     model_keys = _model_keys(index, model_dir)
+    found = {name: shape for name, (_, _, shape) in model_keys.items()}
+    check_config_against_checkpoint(config, found, os.path.join(model_dir, CONFIG_FILE), model_dir)
     expected = expected_hf_shapes(config)
     check_shapes(
-        {name: shape for name, (_, _, shape) in model_keys.items()},
+        found,
         {name: leaf.shape for name, (_, leaf) in expected.items()},
         f"{model_dir} does not match the GPT-2 its config.json describes",
     )
@@ -396,8 +517,12 @@ def load_tokenizer(
 
 __all__ = [
     "CheckpointMismatchError",
+    "CorruptCheckpointError",
     "abstract_params",
+    "check_config_against_checkpoint",
+    "check_config_values",
     "check_shapes",
+    "checkpoint_sizes",
     "describe_mismatches",
     "expected_hf_shapes",
     "hf_config_dict",
@@ -408,4 +533,5 @@ __all__ = [
     "resolve_model_dir",
     "safetensors_files",
     "save_gpt2",
+    "shard_path",
 ]

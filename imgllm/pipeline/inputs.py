@@ -1,18 +1,24 @@
 """Batch inputs: files, folders, globs and tfds splits → items → batches of uint8 pixels, read ahead in a thread.
 
-    expand_inputs     input specs → `Item`s, in order, without repeats
+    expand_inputs     input specs → `Item`s, in order, one per real image
+    glob_once         `glob.glob(pattern, recursive=True)`, sorted, entering each real folder once
     plan_batches      items → (batch index, items) over the full list, minus the batches already done
     prefetch_batches  those batches decoded in a background thread (a thread pool per file), `depth` ahead
 
 A batch's index is its position in the full input list, so batch i always holds the same items and draws the same
 random key: a resumed run gives the records an uninterrupted one gives. A file that cannot be read becomes an
 error string of its batch (its pixel row stays zero), never an exception.
+
+Nothing read from disk is trusted to be finite or small: folder walks and `**` patterns follow symlinked folders
+but enter each real folder once (a link to a parent cannot loop), and images are decoded only up to `max_pixels`
+(`DEFAULT_MAX_PIXELS`, checked from the file header) so a small file cannot expand to gigabytes in a worker.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import fnmatch
 import glob
 import os
 import queue
@@ -22,7 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from imgllm.data.images import array_to_rgb, as_size, decode_image, list_image_files
+from imgllm.data.images import (
+    DEFAULT_MAX_PIXELS,
+    array_to_rgb,
+    as_size,
+    decode_image,
+    is_folder_entry,
+    list_image_files,
+    walk_folders,
+)
 
 TFDS_PREFIX = "tfds:"
 
@@ -35,10 +49,14 @@ class Item:
     tfds_source: Any = None
     tfds_index: int = -1
 
-    def load(self, size: int | None) -> np.ndarray:
-        """uint8 [size, size, 3] pixels (native size when None); raises ImageDecodeError naming the input."""
+    def load(self, size: int | None, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """uint8 [size, size, 3] pixels (native size when None); raises ImageDecodeError naming the input.
+
+        A file that would decode to more than `max_pixels` pixels is refused (see `decode_image`); tfds images
+        arrive decoded, so the limit does not apply to them.
+        """
         if self.tfds_source is None:
-            return decode_image(self.key, size)
+            return decode_image(self.key, size, max_pixels=max_pixels)
         return array_to_rgb(self.tfds_source[self.tfds_index]["image"], as_size(size), resize="stretch")
 
 
@@ -55,11 +73,108 @@ def tfds_items(spec: str, data_dir: str | None) -> list[Item]:
             for index in range(len(source))]
 
 
+def glob_once(pattern: str) -> list[str]:
+    """The paths `glob.glob(pattern, recursive=True)` gives, sorted, except that `**` enters each real folder once.
+
+    `glob` follows symlinked folders under `**` without remembering them, so two links back to a parent make
+    `"L/**/*.png"` grow without bound. Here a folder whose (device, inode) was already entered by the same `**`
+    is skipped (see `walk_folders`); on trees without such repeats the result is exactly glob's.
+    """
+    return sorted(path for path in _iglob(pattern, dironly=False) if path)
+
+
+def _iglob(pattern: str, dironly: bool) -> Iterator[str]:
+    """Paths matching `pattern`, component by component as `glob._iglob` matches them (dironly: folders only)."""
+    dirname, basename = os.path.split(pattern)
+    if not glob.has_magic(pattern):
+        if os.path.lexists(pattern) if basename else os.path.isdir(dirname):
+            yield pattern
+        return
+    parents = _iglob(dirname, dironly=True) if dirname != pattern and glob.has_magic(dirname) else [dirname]
+    for parent in parents:
+        for name in _names_matching(parent, basename, dironly):
+            yield os.path.join(parent, name)
+
+
+def _names_matching(parent: str, basename: str, dironly: bool) -> Iterator[str]:
+    """Names (relative to `parent`) that one pattern component matches: `**`, a wildcard, or a literal name."""
+    if basename == "**":
+        yield from _recursive_names(parent, dironly)
+    elif glob.has_magic(basename):
+        names = _list_names(parent, dironly)
+        if not basename.startswith("."):  # as in glob: "*" and "?" do not match hidden names
+            names = [name for name in names if not name.startswith(".")]
+        yield from fnmatch.filter(names, basename)
+    elif basename:
+        if os.path.lexists(os.path.join(parent, basename)):
+            yield basename
+    elif os.path.isdir(parent):  # a pattern ending with a separator matches folders only
+        yield basename
+
+
+def _list_names(folder: str, dironly: bool) -> list[str]:
+    """Entry names of `folder` (only the folders, following symlinks, when dironly); [] when it cannot be read."""
+    try:
+        with os.scandir(folder or os.curdir) as entries:
+            return [entry.name for entry in entries if not dironly or is_folder_entry(entry)]
+    except OSError:
+        return []
+
+
+def _recursive_names(parent: str, dironly: bool) -> Iterator[str]:
+    """What `**` matches in `parent`: "" (the folder itself), every non-hidden folder below it and, unless dironly,
+    every non-hidden file, relative to `parent`; each real folder is entered once."""
+    yield ""
+    top = parent or os.curdir
+    for folder, files in walk_folders(top):
+        relative = os.path.relpath(folder, top)
+        if relative != os.curdir:
+            yield relative
+        if not dironly:
+            yield from (name if relative == os.curdir else os.path.join(relative, name)
+                        for name in files if not name.startswith("."))
+
+
+def file_identity(item: Item) -> tuple:
+    """What makes two items the same image: (device, inode) of an existing file, so that two paths to one file
+    (a symlink, a hard link, "a.png" and "./a.png") count once; the key for tfds items and missing files."""
+    if item.tfds_source is None:
+        try:
+            status = os.stat(item.key)
+        except (OSError, ValueError):
+            return ("key", item.key)
+        return ("file", status.st_dev, status.st_ino)
+    return ("key", item.key)
+
+
+def symlinks_on_path(path: str) -> int:
+    """How many components of `path` are symlinks: 0 for a file named through real folders only."""
+    prefix, count = (os.sep if os.path.isabs(path) else ""), 0
+    for part in path.split(os.sep):
+        if part:
+            prefix = os.path.join(prefix, part)
+            count += os.path.islink(prefix)
+    return count
+
+
+def one_item_per_image(items: Sequence[Item]) -> list[Item]:
+    """`items` with repeats of one image (`file_identity`) removed. Each image keeps the place of its first path
+    and the name of its path through the fewest symlinks (the first of those), so that a record is named by
+    the file's own path wherever a folder link or a loop offered another one."""
+    groups: dict[tuple, list[Item]] = {}
+    for item in items:
+        groups.setdefault(file_identity(item), []).append(item)
+    return [group[0] if len(group) == 1 else min(group, key=lambda item: symlinks_on_path(item.key))
+            for group in groups.values()]
+
+
 def expand_inputs(inputs: Sequence[str | Item], *, data_dir: str | None = None) -> list[Item]:
-    """Files, folders (recursive), glob patterns and tfds splits → items, in the given order, without repeats.
+    """Files, folders (recursive), glob patterns and tfds splits → items, in the given order, one per real image.
 
     Files without an image extension inside folders are skipped with a warning. A path that matches nothing
-    stays as an item, so it gets an error record naming it. `Item`s pass through unchanged.
+    stays as an item, so it gets an error record naming it. `Item`s pass through unchanged. Folders and `**`
+    follow symlinked folders, each real folder once (`glob_once`), and several paths to the same file
+    (symlinks, hard links) give one item (`one_item_per_image`).
     """
     items: list[Item] = []
     for spec in inputs:
@@ -70,18 +185,12 @@ def expand_inputs(inputs: Sequence[str | Item], *, data_dir: str | None = None) 
         elif os.path.isdir(spec):
             items.extend(Item(path) for path in list_image_files(spec, recursive=True))
         elif glob.has_magic(spec):
-            for path in sorted(glob.glob(spec, recursive=True)):
+            for path in glob_once(spec):
                 items.extend(Item(p) for p in (list_image_files(path, recursive=True) if os.path.isdir(path)
                                                else [path]))
         else:
             items.append(Item(os.fspath(spec)))
-    seen: set[str] = set()
-    unique = []
-    for item in items:
-        if item.key not in seen:
-            seen.add(item.key)
-            unique.append(item)
-    return unique
+    return one_item_per_image(items)
 
 
 def plan_batches(items: list[Item], done: set[str], batch_size: int) -> list[tuple[int, list[Item]]]:
@@ -103,14 +212,18 @@ class Batch:
     errors: dict[int, str]   # row → "ErrorType: message" for the items that could not be read
 
 
-def load_batch(index: int, items: list[Item], batch_size: int, size: int, pool) -> Batch:
-    """Decodes a batch's files (in a thread pool); failures become error strings, their rows stay zero."""
+def load_batch(index: int, items: list[Item], batch_size: int, size: int, pool, *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Batch:
+    """Decodes a batch's files (in a thread pool); failures become error strings, their rows stay zero.
+
+    A file above `max_pixels` pixels (None: no limit) is such a failure, refused before it is decoded.
+    """
     images = np.zeros((batch_size, size, size, 3), np.uint8)
     errors: dict[int, str] = {}
 
     def load(item):
         try:
-            return item.load(size)
+            return item.load(size, max_pixels=max_pixels)
         except Exception as error:  # noqa: BLE001 - any failure of one file is that file's error record
             return error
 
@@ -123,8 +236,12 @@ def load_batch(index: int, items: list[Item], batch_size: int, size: int, pool) 
 
 
 def prefetch_batches(pending: list[tuple[int, list[Item]]], batch_size: int, size: int, *, depth: int = 2,
-                     workers: int = 4) -> Iterator[Batch]:
-    """Loads batches in a background thread, at most `depth` ahead: memory stays flat however many images."""
+                     workers: int = 4, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[Batch]:
+    """Loads batches in a background thread, at most `depth` ahead: memory stays flat however many images.
+
+    Each of the `workers` decodes at most `max_pixels` pixels at a time (`DEFAULT_MAX_PIXELS`; None: no limit):
+    a larger file becomes its batch's error string instead of gigabytes of pixels.
+    """
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
@@ -133,7 +250,7 @@ def prefetch_batches(pending: list[tuple[int, list[Item]]], batch_size: int, siz
         try:
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 for index, items in pending:
-                    batch = load_batch(index, items, batch_size, size, pool)
+                    batch = load_batch(index, items, batch_size, size, pool, max_pixels=max_pixels)
                     while not stop.is_set():
                         try:
                             slots.put(batch, timeout=0.1)
@@ -162,5 +279,6 @@ def prefetch_batches(pending: list[tuple[int, list[Item]]], batch_size: int, siz
         thread.join(timeout=5)
 
 
-__all__ = ["Batch", "Item", "TFDS_PREFIX", "expand_inputs", "load_batch", "plan_batches", "prefetch_batches",
+__all__ = ["DEFAULT_MAX_PIXELS", "Batch", "Item", "TFDS_PREFIX", "expand_inputs", "file_identity", "glob_once",
+           "load_batch", "one_item_per_image", "plan_batches", "prefetch_batches", "symlinks_on_path",
            "tfds_items"]
