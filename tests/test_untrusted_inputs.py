@@ -19,6 +19,7 @@ import zlib
 
 import numpy as np
 import pytest
+import transformers
 from PIL import Image, ImageFile
 from safetensors.numpy import load_file, save_file
 
@@ -304,3 +305,19 @@ def test_corrupt_and_truncated_safetensors_are_named(tiny_hf_dir, tmp_path):
         weights.write_bytes(damage(weights.read_bytes()))
         with pytest.raises(hf.CorruptCheckpointError, match=re.escape(str(weights))):
             hf.load_gpt2(model_dir)
+
+
+def test_the_tokenizer_class_is_never_read_from_the_directory(tiny_hf_dir, tmp_path):
+    """tokenizer_config.json may name any class (AutoTokenizer would build it): load_tokenizer builds its own."""
+    model_dir = tmp_path / "gpt2"
+    shutil.copytree(tiny_hf_dir, model_dir)
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(tokenizer_class="BertTokenizer", auto_map={"AutoTokenizer": ["evil.Tokenizer", None]})
+    config_path.write_text(json.dumps(config))
+    text = "a photo of a cat"
+    assert hf.load_tokenizer(model_dir)(text)["input_ids"] == hf.load_tokenizer(tiny_hf_dir)(text)["input_ids"]
+    assert isinstance(hf.load_tokenizer(model_dir), transformers.PreTrainedTokenizerFast)
+    (model_dir / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer"):
+        hf.load_tokenizer(model_dir)

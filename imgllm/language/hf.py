@@ -497,16 +497,23 @@ def load_tokenizer(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
 ):
-    """The checkpoint's tokenizer (`transformers.AutoTokenizer`), set up for batched generation.
+    """The checkpoint's tokenizer, set up for batched generation.
 
-    Padding goes on the left (decoder-only models continue from the last position), and a
-    tokenizer without a pad token (GPT-2's) pads with its end-of-text token.
+    The class is fixed, never read from the directory (whose tokenizer_config.json may name any class):
+    `PreTrainedTokenizerFast` over tokenizer.json when there is one, else `GPT2TokenizerFast` over GPT-2's
+    vocab.json + merges.txt. Padding goes on the left (decoder-only models continue from the last position), and
+    a tokenizer without a pad token (GPT-2's) pads with its end-of-text token.
     """
-    from transformers import AutoTokenizer
+    from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
     model_dir = resolve_model_dir(path_or_hub_name, revision=revision, cache_dir=cache_dir,
                                   local_files_only=local_files_only)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    elif all(os.path.isfile(os.path.join(model_dir, name)) for name in ("vocab.json", "merges.txt")):
+        tokenizer = GPT2TokenizerFast.from_pretrained(model_dir)
+    else:
+        raise FileNotFoundError(f"{model_dir} has no tokenizer: expected tokenizer.json, or vocab.json and merges.txt")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"the tokenizer in {model_dir} has neither a pad token nor an eos token to pad with")
