@@ -38,8 +38,8 @@ def tokenizer():
     return train_bpe_tokenizer([TEMPLATE.format(label=name) for name in CLASS_NAMES], vocab_size=300)
 
 
-def jax_parts(tok):
-    """(params, pipeline config) with the airbench94 CNN and GPT-2 small, randomly initialised."""
+def jax_parts(tok, lm_config=None, cnn_preset_name: str = "airbench94", max_new_tokens: int = 20):
+    """(params, pipeline config) with a CNN preset (airbench94) and a GPT-2 (default: small), randomly initialised."""
     import jax
     import jax.numpy as jnp
 
@@ -47,26 +47,40 @@ def jax_parts(tok):
     from imgllm.pipeline.checkpoint import make_pipeline_config
     from imgllm.vision.cnn import cnn_preset
 
-    cnn = cnn_preset("airbench94", num_classes=len(CLASS_NAMES))
+    cnn = cnn_preset(cnn_preset_name, num_classes=len(CLASS_NAMES))
     cnn_variables = jax.jit(lambda k: cnn.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.PRNGKey(0))
-    lm_config = GPT2Config.small()
+    lm_config = lm_config or GPT2Config.small()
     lm_params = jax.jit(init_params, static_argnums=0)(lm_config, jax.random.PRNGKey(1))
-    config = make_pipeline_config(cnn={"preset": "airbench94", "num_classes": len(CLASS_NAMES)},
+    config = make_pipeline_config(cnn={"preset": cnn_preset_name, "num_classes": len(CLASS_NAMES)},
                                   lm=lm_config.to_dict(), class_names=CLASS_NAMES, eos_id=tok.eos_token_id,
-                                  pad_id=tok.pad_token_id, template=TEMPLATE, top_k=1, max_new_tokens=20)
+                                  pad_id=tok.pad_token_id, template=TEMPLATE, top_k=1, max_new_tokens=max_new_tokens)
     return jax.device_get({"cnn": dict(cnn_variables), "lm": lm_params}), config
 
 
-def time_jax(loaded, images: np.ndarray, batch: int, sample: bool, repeats: int) -> list[float]:
+def with_dtype(spec, dtype: str | None):
+    """The pipeline spec with the CNN and the LM computing in `dtype` ("float32"/"bfloat16"; None: unchanged),
+    through the model-level knobs (`CNN.dtype`, `GPT2Config.dtype`); parameters stay float32."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    if dtype is None:
+        return spec
+    return dataclasses.replace(spec, cnn=spec.cnn.clone(dtype=jnp.dtype(dtype)),
+                               lm_config=dataclasses.replace(spec.lm_config, dtype=jnp.dtype(dtype)))
+
+
+def time_jax(loaded, images: np.ndarray, batch: int, sample: bool, repeats: int, *, dtype: str | None = None,
+             max_new_tokens: int = 20) -> list[float]:
     """Seconds per full pass over `images` (uint8 → caption strings), after one warm-up pass."""
     import jax
 
     from imgllm import pipeline
     from imgllm.language.decoding import GenerationConfig
 
-    generation = GenerationConfig(max_new_tokens=20, do_sample=sample, top_p=0.9 if sample else 1.0,
+    generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, top_p=0.9 if sample else 1.0,
                                   eos_token_id=loaded.config["eos_id"], pad_token_id=loaded.config["pad_id"])
-    captioner = pipeline.make_captioner(loaded.spec(generation))
+    captioner = pipeline.make_captioner(with_dtype(loaded.spec(generation), dtype))
     params = jax.device_put(pipeline.inference_params(loaded.params))
 
     def one_pass():
@@ -92,16 +106,29 @@ def time_jax(loaded, images: np.ndarray, batch: int, sample: bool, repeats: int)
 # ----------------------------------------------------------------------------------------------- PyTorch
 
 
-def torch_cnn(num_classes: int):
+def torch_cnn(num_classes: int, widths=(64, 256, 256)):
     """airbench94 in PyTorch (reference_airbench94_torch.make_net), random init, eval mode, channels_last."""
     import torch
     from reference_airbench94_torch import make_net
 
-    return make_net(num_classes=num_classes).eval().to(memory_format=torch.channels_last)
+    return make_net(widths, num_classes=num_classes).eval().to(memory_format=torch.channels_last)
 
 
-def time_torch(tok, images: np.ndarray, sample: bool, repeats: int) -> list[float]:
-    """The reference: torch CNN on the batch, then transformers' generate per 64 prompts, then decode."""
+def synchronize(device: str) -> None:
+    """Waits for the GPU's queued work (nothing on the CPU), so that a timer reads finished work."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_torch(tok, images: np.ndarray, sample: bool, repeats: int, *, device: str = "cpu", batch: int = TORCH_BATCH,
+               hf_config=None, widths=(64, 256, 256), dtype: str = "float32", max_new_tokens: int = 20,
+               warmup: bool | None = None) -> list[float]:
+    """The reference: torch CNN on each batch, then transformers' generate on its prompts, then decode.
+
+    hf_config: the LM's transformers config (default: GPT-2 small); dtype: the CNN's and LM's torch dtype;
+    warmup (default: on a GPU, or for at most one batch: a CPU pass is slow) runs one untimed pass first."""
     import torch
     import transformers
     from reference_airbench94_torch import normalise
@@ -109,26 +136,31 @@ def time_torch(tok, images: np.ndarray, sample: bool, repeats: int) -> list[floa
     from imgllm.data.augment import CIFAR10_MEAN, CIFAR10_STD
 
     torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
-    cnn = torch_cnn(len(CLASS_NAMES))
-    lm = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    torch_dtype = getattr(torch, dtype)
+    cnn = torch_cnn(len(CLASS_NAMES), widths).to(device, torch_dtype)
+    lm = transformers.GPT2LMHeadModel(hf_config or transformers.GPT2Config()).eval().to(device, torch_dtype)
     tok.padding_side = "left"
 
     def one_pass():
         captions = []
         with torch.inference_mode():
-            for start in range(0, len(images), TORCH_BATCH):
-                x = normalise(images[start:start + TORCH_BATCH], CIFAR10_MEAN, CIFAR10_STD)
+            for start in range(0, len(images), batch):
+                x = normalise(images[start:start + batch], CIFAR10_MEAN, CIFAR10_STD, device).to(torch_dtype)
                 x = x.contiguous(memory_format=torch.channels_last)
-                labels = cnn(x).softmax(-1).argmax(-1).tolist()
+                labels = cnn(x).float().softmax(-1).argmax(-1).tolist()
                 prompts = [TEMPLATE.format(label=CLASS_NAMES[c]) for c in labels]
-                encoded = tok(prompts, return_tensors="pt", padding=True)
-                out = lm.generate(**encoded, max_new_tokens=20, do_sample=sample, top_p=0.9 if sample else 1.0,
-                                  top_k=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-                captions += tok.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+                encoded = tok(prompts, return_tensors="pt", padding=True).to(device)
+                out = lm.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=sample,
+                                  top_p=0.9 if sample else 1.0, top_k=0, pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.eos_token_id)
+                captions += tok.batch_decode(out[:, encoded["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
+        synchronize(device)
         return captions
 
-    one_pass() if len(images) <= TORCH_BATCH else None  # warm-up (small inputs only: it is slow)
+    if (len(images) <= batch or torch.device(device).type == "cuda") if warmup is None else warmup:
+        one_pass()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

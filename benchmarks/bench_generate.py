@@ -29,18 +29,19 @@ from imgllm.language.gpt2 import GPT2Config  # noqa: E402
 from imgllm.language.matmul_cpu import kernels_out_in  # noqa: E402
 
 
-def torch_gpt2_small(seed: int):
+def torch_gpt2_small(seed: int, hf_config=None):
+    """transformers' GPT-2 with random weights: GPT-2 small, or the sizes of `hf_config` (a transformers config)."""
     import torch
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(HFConfig()).eval()
+    return GPT2LMHeadModel(hf_config or HFConfig()).eval()
 
 
 def flax_params_from_torch(model, n_layer: int):
     """The torch state dict as the flax parameter tree (a rename: the tree mirrors Hugging Face's names)."""
-    state = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
+    state = {name: tensor.detach().cpu().numpy() for name, tensor in model.state_dict().items()}
 
     def pair(prefix, first, second):
         return {first: state[prefix + ".weight"], second: state[prefix + ".bias"]}

@@ -22,7 +22,7 @@ import jax
 from imgllm import parallel
 from imgllm.configs import cifar10
 from imgllm.train import feed as feed_lib
-from imgllm.train import loop, optim, steps
+from imgllm.train import loop, metrics_log, optim, steps
 from imgllm.train.tasks import build_task
 
 
@@ -86,7 +86,7 @@ def loop_rates(config, args):
     compilation included) left out."""
     with tempfile.TemporaryDirectory() as workdir:
         loop.train_and_evaluate(config, workdir)
-        with open(os.path.join(workdir, loop.METRICS_FILE)) as f:
+        with open(os.path.join(workdir, metrics_log.METRICS_FILE)) as f:
             records = [json.loads(line) for line in f]
     return [r["examples_per_second"] for r in records if r["split"] == "train"][1:]
 
