@@ -32,7 +32,7 @@ from typing import Any
 
 from PIL import Image
 
-from imgllm.captions import caption_metrics, group_captions, read_captions_file
+from imgllm.captions import caption_metrics, cider_note, group_captions, read_captions_file
 from imgllm.pipeline.inputs import Batch, Item
 
 THUMBNAIL_SIZE = 128
@@ -424,6 +424,7 @@ def score_records(records: Iterable[dict], references_path: str) -> dict:
 
     Scores each record's first caption (exact match, BLEU-4, CIDEr-D from `imgllm.captions`), and, where the
     reference lines carry a "label", the accuracy of the CNN's top label and of the LM's label (lm_classify).
+    CIDEr-D of fewer than two images is None, and "cider_note" says why.
     """
     paths, references, labels = group_captions(read_captions_file(references_path))
     by_path = {os.path.abspath(path): (refs, label) for path, refs, label in zip(paths, references, labels)}
@@ -442,6 +443,8 @@ def score_records(records: Iterable[dict], references_path: str) -> dict:
         return {"images": 0}
     scores = {"images": len(hypotheses), **caption_metrics(hypotheses, matched_refs),
               "cnn_accuracy": sum(cnn_hits) / len(cnn_hits)}
+    if note := cider_note(len(hypotheses)):
+        scores.update(cider=None, cider_note=note)
     if lm_hits:
         scores["lm_accuracy"] = sum(lm_hits) / len(lm_hits)
     return scores
