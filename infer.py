@@ -17,7 +17,8 @@ are errors. One run at a time writes an output (OUTPUT.lock), and resuming with 
 (kept in OUTPUT.run.json) is refused: --no-resume starts over. Exit status: 1 when nothing could be captioned;
 2 when the command cannot run (no inputs, the output in use, written with other options, a line that is not a
 record, an --html page that cannot be written), with one line on stderr saying why. JAX's persistent compilation
-cache (--compilation-cache) makes a second run skip compiling.
+cache (--compilation-cache) makes a second run skip compiling. --dtype picks the compute precision (auto: bfloat16
+on GPU/TPU, float32 on CPU; the checkpoint's float32 parameters serve either).
 
 This file only reads flags and prints: the work is `imgllm.pipeline.caption_files` (importable, documented there).
 """
@@ -33,6 +34,7 @@ from collections.abc import Sequence
 from imgllm.pipeline import DEFAULT_COMPILATION_CACHE, DecodingOptions, caption_files, expand_inputs
 from imgllm.pipeline.batch import STDOUT
 from imgllm.pipeline.records import OutputError, score_records
+from imgllm.precision import DTYPE_CHOICES
 
 
 def run_captions(args: argparse.Namespace) -> int:
@@ -48,7 +50,7 @@ def run_captions(args: argparse.Namespace) -> int:
                             resume=args.resume, retry_errors=args.retry_errors, batch_size=args.batch_size,
                             seed=args.seed, decoding=decoding, template=args.template, top_labels=args.top_labels,
                             tta=args.tta, lm_classify=args.lm_classify, workers=args.workers, data_dir=args.data_dir,
-                            compilation_cache=args.compilation_cache, progress=not args.quiet)
+                            compilation_cache=args.compilation_cache, progress=not args.quiet, dtype=args.dtype)
     succeeded, scored = 0, []
     try:
         for record in records:
@@ -112,6 +114,9 @@ def caption_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", default=None,
                         help="prompt template, e.g. 'A photo of a {label}.' or 'This shows {topk}.'")
     parser.add_argument("--tta", action="store_true", help="average the CNN over the image and its mirror")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="compute dtype of the CNN and the LM (auto: bfloat16 on GPU/TPU, float32 on CPU); "
+                             "parameters stay float32, softmaxes and log-probabilities float32")
     parser.add_argument("--lm-classify", action="store_true",
                         help="also report the LM's classification by the likelihood of the checkpoint's class "
                              "prompt templates (checkpoints with a bridge)")

@@ -11,7 +11,7 @@ from conftest import CORPUS
 
 from imgllm.configs import lm_tiny
 from imgllm.language import hf
-from imgllm.train import loop
+from imgllm.train import loop, metrics_log
 from imgllm.train.export import export_hf
 from imgllm.train.lm_task import LMTask
 
@@ -33,7 +33,7 @@ def tiny_lm_config(corpus_path, **overrides):
 
 
 def train_losses(workdir):
-    with open(workdir / loop.METRICS_FILE) as f:
+    with open(workdir / metrics_log.METRICS_FILE) as f:
         return [r["loss"] for r in map(json.loads, f) if r["split"] == "train"]
 
 

@@ -12,14 +12,14 @@ from PIL import Image
 from imgllm import data as data_lib
 from imgllm.configs import cifar10, cifar10_muon, cnn_tiny
 from imgllm.configs.common import airbench_param_groups, resolve_config_arg
-from imgllm.train import loop, optim
+from imgllm.train import loop, metrics_log, optim, plot
 from imgllm.train.classifier import ClassifierTask, folder_split
 from imgllm.train.task import metric
 from imgllm.vision import cnn as cnn_lib
 
 
 def read_metrics(workdir, split):
-    with open(os.path.join(workdir, loop.METRICS_FILE)) as f:
+    with open(os.path.join(workdir, metrics_log.METRICS_FILE)) as f:
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
@@ -50,6 +50,27 @@ def test_metrics_file_has_train_eval_and_tta_final(trained):
     assert final["tta"] is True and final["accuracy"] == pytest.approx(result.final_eval["accuracy"])
 
 
+def test_learning_rate_compile_time_tensorboard_and_curves_are_written(trained):
+    config, workdir, result = trained
+    train = read_metrics(workdir, "train")
+    assert train[0]["compile_seconds"] > 0 and all("compile_seconds" not in r for r in train[1:])
+    schedule = optim.default_learning_rate(config.optimizer, total_steps=16, steps_per_epoch=8,
+                                           batch_size=config.global_batch_size)
+    expected = [float(schedule(np.int32(r["step"] - 1))) for r in train]
+    assert [r["learning_rate"] for r in train] == pytest.approx(expected)
+    assert len({r["learning_rate"] for r in train}) > 1      # the triangle schedule moves
+    for split in ("train", "eval", "final_eval"):
+        events = os.listdir(os.path.join(workdir, metrics_log.TENSORBOARD_DIR, split))
+        assert any(name.startswith("events.out.tfevents") for name in events), (split, events)
+    with Image.open(os.path.join(workdir, plot.CURVES_FILE)) as curves:
+        assert curves.size[0] > 1000 and curves.size[1] > 300
+
+
+def test_final_eval_says_whether_it_used_test_time_augmentation():
+    assert loop.uses_tta({"tta": "flip"}) and loop.uses_tta({"tta": "flip_translate"})
+    assert not any(loop.uses_tta(config) for config in ({"tta": "none"}, {"tta": ""}, {}))
+
+
 def test_checkpoints_keep_last_n_with_metadata(trained):
     config, workdir, result = trained
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
@@ -72,9 +93,21 @@ def test_eval_checkpoint_on_image_folder(trained, tmp_path):
         Image.fromarray(image).save(folder / f"{i:03d}.png")
     spec = f"folder:{tmp_path / 'test'}"
     assert folder_split(spec, "test") == "train_full"
-    got = loop.evaluate_checkpoint(workdir, spec, split="test")
+    got = loop.evaluate_checkpoint(workdir, spec, split="test", confusion_png=str(tmp_path / "confusion.png"))
     assert got["num_examples"] == 64 and got["tta"] is True
     assert got["accuracy"] == pytest.approx(result.final_eval["accuracy"], abs=1e-6)
+    assert got["confusion_png"] == str(tmp_path / "confusion.png")
+    with Image.open(got["confusion_png"]) as picture:
+        assert min(picture.size) > 300
+
+
+def test_confusion_counts_each_example_once(trained):
+    config, workdir, result = trained
+    _, meta, task, variables = loop.restore_for_eval(workdir)
+    arrays = task.eval_arrays(metadata=meta["task"])
+    matrix = task.confusion(variables, arrays, batch_size=24, tta=True)      # 64 examples: a padded last batch
+    assert matrix.sum() == 64 and matrix.shape == (config.model.num_classes,) * 2
+    assert np.trace(matrix) / 64 == pytest.approx(result.final_eval["accuracy"], abs=1e-6)
 
 
 def test_incompatible_config_is_refused(trained):

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from imgllm.train import loop
+from imgllm.train import loop, metrics_log
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +100,7 @@ def test_sigterm_saves_the_step_exits_and_resumes_bit_identically(one_device, co
 
     finish(start_training(workdir, compile_cache))
     assert_same_variables(final_variables(workdir), one_device, atol=0.0)
-    with open(os.path.join(workdir, loop.METRICS_FILE)) as f:
+    with open(os.path.join(workdir, metrics_log.METRICS_FILE)) as f:
         steps = [json.loads(line)["step"] for line in f]
     assert len(steps) == len(set(steps)) and max(steps) == TOTAL_STEPS
 

@@ -13,7 +13,7 @@ from PIL import Image
 from imgllm import data as data_lib
 from imgllm.configs import cnn_tiny
 from imgllm.data.folder import DataFolderError, load_image_folder
-from imgllm.train import loop
+from imgllm.train import loop, metrics_log
 from imgllm.vision import cnn as cnn_lib
 
 CLASSES = ("circle", "square", "triangle")
@@ -138,7 +138,7 @@ def test_cnn_presets_refuse_non_positive_sizes():
 
 
 def test_metrics_rewind_drops_what_a_resumed_run_writes_again(tmp_path):
-    writer = loop.MetricsWriter(str(tmp_path))
+    writer = metrics_log.MetricsWriter(str(tmp_path))
     for step in range(1, 9):
         writer.write({"step": step, "split": "train"})
     writer.write({"step": 4, "split": "eval"})
@@ -185,5 +185,5 @@ def test_sigterm_stops_after_the_step_with_its_checkpoint_committed(tmp_path, mo
     assert signal.getsignal(signal.SIGTERM) is previous_handler
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [3]
     assert loop.restore_for_eval(str(tmp_path))[1]["step"] == 3
-    with open(tmp_path / loop.METRICS_FILE) as f:
+    with open(tmp_path / metrics_log.METRICS_FILE) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3]

@@ -5,6 +5,7 @@ Each experiment file (demo.py, cifar10.py, cnn_tiny.py, ...) has a `get_config()
 """
 from __future__ import annotations
 
+import ast
 import os
 
 import ml_collections
@@ -20,6 +21,10 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "classifier"               # Task: a name in imgllm.train.tasks.TASKS
     c.seed = 0                          # seeds init, data order, augmentation: same seed, same run
+    c.dtype = "auto"                    # compute dtype of every model (CNN, LM): "float32" | "bfloat16" | "auto"
+                                        # (bfloat16 on GPU/TPU, float32 on CPU); params, optimizer state, losses,
+                                        # softmaxes and BatchNorm statistics stay float32 (imgllm.precision). It
+                                        # replaces model.dtype / lm.dtype, which are ignored when set
 
     # ---- data ----
     c.dataset = "demo"                  # load_dataset spec: "cifar10" | "folder:<root>" | "tfds:<name>" | "demo"
@@ -49,7 +54,6 @@ def base_config() -> ml_collections.ConfigDict:
         preset="tiny",                  # "airbench94" | "tiny"; the other keys override its fields
         num_classes=10,                 # classes of the dataset
         conv_impl="auto",               # "auto" (hybrid on CPU, xla on GPU/TPU) | "hybrid" | "im2col" | "xla"
-        dtype="float32",                # compute dtype: "float32" | "bfloat16" (params stay float32)
     ))
 
     # ---- optimisation ----
@@ -88,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 200      # asynchronous checkpoint every N steps (and at the end)
     c.max_checkpoints_to_keep = 3       # older checkpoints are deleted
     c.progress_bar = True               # tqdm bar with loss, accuracy and images/s
+    c.profile_steps = ""                # "START,END": a jax.profiler trace of those steps in <workdir>/profile
     return c
 
 
@@ -104,8 +109,23 @@ def airbench_param_groups(whiten_bias_epochs: float = 3.0,
     ))
 
 
+def config_purposes() -> dict[str, str]:
+    """{name: first line of its docstring} of the configs `--config=NAME` can name (files with a get_config)."""
+    purposes = {}
+    for file_name in sorted(os.listdir(CONFIG_DIR)):
+        path = os.path.join(CONFIG_DIR, file_name)
+        if not file_name.endswith(".py") or file_name.startswith("_"):
+            continue
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        if any(isinstance(node, ast.FunctionDef) and node.name == "get_config" for node in tree.body):
+            purposes[file_name[:-3]] = (ast.get_docstring(tree) or "").split("\n")[0]
+    return purposes
+
+
 def resolve_config_arg(argv: list[str]) -> list[str]:
-    """Lets `--config=demo` stand for this package's configs/demo.py (a path works as before)."""
+    """Lets `--config=demo` stand for this package's configs/demo.py (a path works as before); a value that is
+    neither a file nor a config name raises ValueError listing the names."""
     out = []
     for arg in argv:
         if arg.startswith("--config="):
@@ -114,5 +134,8 @@ def resolve_config_arg(argv: list[str]) -> list[str]:
             candidate = os.path.join(CONFIG_DIR, f"{name}.py")
             if not os.path.exists(name) and os.path.exists(candidate):
                 arg = "--config=" + candidate + (":" + rest if rest else "")
+            elif not os.path.exists(name):
+                raise ValueError(f"--config={value}: no such config file or name; the names are "
+                                 f"{', '.join(config_purposes())}")
         out.append(arg)
     return out

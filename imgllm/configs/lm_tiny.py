@@ -27,7 +27,6 @@ def get_config():
     c.lm = ml_collections.ConfigDict(dict(
         pretrained=config_dict.placeholder(str),  # Hugging Face GPT-2 directory or hub name (None: random init)
         dropout=0.0,                    # embd/attn/resid dropout while training
-        dtype="float32",                # compute dtype: "float32" | "bfloat16" (params stay float32)
         vocab_size=512,                 # random-init sizes (ignored with pretrained)
         n_positions=64,
         n_embd=64,

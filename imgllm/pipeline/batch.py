@@ -48,6 +48,7 @@ from imgllm.pipeline.records import (
     prepare_output,
     write_html,
 )
+from imgllm.precision import resolve_dtype
 
 DEFAULT_COMPILATION_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                                          "imgllm", "jax")
@@ -110,7 +111,7 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
                   decoding: DecodingOptions = DecodingOptions(), template: str | None = None,
                   top_labels: int | None = None, tta: bool = False, lm_classify: bool = False, workers: int = 4,
                   data_dir: str | None = None, compilation_cache: str | None = None,
-                  progress: bool = False) -> Iterator[dict]:
+                  progress: bool = False, dtype: str = "auto") -> Iterator[dict]:
     """Captions images; yields one record per image (`imgllm.pipeline.records`), in output order.
 
     checkpoint: a pipeline checkpoint directory (its weights are read in a thread while the captioner compiles
@@ -132,7 +133,8 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
     tta (average the CNN over the image and its mirror), lm_classify (also the LM's label, "lm_label", scoring the
     checkpoint's class_prompt_templates; needs a bridge): what is computed. workers: threads decoding files.
     compilation_cache: a directory for JAX's persistent compilation cache (`enable_compilation_cache`).
-    progress: a progress bar on stderr.
+    progress: a progress bar on stderr. dtype: the CNN's and the LM's compute dtype, "auto" (bfloat16 on GPU/TPU,
+    float32 on CPU), "float32" or "bfloat16" (`imgllm.precision`; the parameters are read as stored, float32).
 
     Nothing runs until the first record is asked for; the lock is held until the iteration ends or the generator is
     closed (`close()`, or its garbage collection). A failed image gives {"path", "error"}; count the records
@@ -142,15 +144,17 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if fmt is not None and fmt not in RECORD_FORMATS:
         raise ValueError(f"fmt must be one of {RECORD_FORMATS}, got {fmt!r}")
+    dtype = resolve_dtype(dtype)  # once, here: a bad name fails before anything runs
     return _caption_files(checkpoint, inputs, output=output, fmt=fmt, html=html, resume=resume,
                           retry_errors=retry_errors, batch_size=batch_size, seed=seed, decoding=decoding,
                           template=template, top_labels=top_labels, tta=tta, lm_classify=lm_classify,
-                          workers=workers, data_dir=data_dir, compilation_cache=compilation_cache, progress=progress)
+                          workers=workers, data_dir=data_dir, compilation_cache=compilation_cache, progress=progress,
+                          dtype=dtype)
 
 
 def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_errors, batch_size, seed, decoding,
                    template, top_labels, tta, lm_classify, workers, data_dir, compilation_cache,
-                   progress) -> Iterator[dict]:
+                   progress, dtype) -> Iterator[dict]:
     enable_compilation_cache(compilation_cache)
     if html:
         check_writable(html, "the HTML page")
@@ -162,7 +166,7 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_error
         loaded = checkpoint if isinstance(checkpoint, PipelineCheckpoint) else load_pipeline(checkpoint,
                                                                                              read_params=False)
         spec = loaded.spec(generation_config(decoding, loaded.config), template=template, top_k=top_labels,
-                           flip_tta=tta, lm_classify=lm_classify)
+                           flip_tta=tta, lm_classify=lm_classify, dtype=dtype)
         mesh = parallel.make_mesh()
         devices = parallel.global_batch_divisor(mesh)
         batch_size = -(-batch_size // devices) * devices
@@ -171,7 +175,8 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_error
         previous = []
         if path is not None:  # checked and recorded before anything is compiled
             options = run_options(loaded, decoding, fmt=record_file.format, batch_size=batch_size, seed=seed,
-                                  template=template, top_labels=spec.top_k, tta=tta, lm_classify=lm_classify)
+                                  template=template, top_labels=spec.top_k, tta=tta, lm_classify=lm_classify,
+                                  dtype=dtype)
             retry = {item.key for item in items} if retry_errors else ()
             previous = prepare_output(record_file, options, resume=resume, retry=retry)
         yield from previous
@@ -213,15 +218,17 @@ def caption_pending(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, items:
 
 
 def run_options(loaded: PipelineCheckpoint, decoding: DecodingOptions, *, fmt: str, batch_size: int, seed: int,
-                template: str | None, top_labels: int, tta: bool, lm_classify: bool) -> dict[str, Any]:
+                template: str | None, top_labels: int, tta: bool, lm_classify: bool,
+                dtype: str = "float32") -> dict[str, Any]:
     """The options that shape a record, as `prepare_output` keeps them beside an output: resuming with others
     would mix two runs' records in one file.
 
     Values are resolved against the checkpoint (template None and the checkpoint's template are one option), and
     only those that matter are kept: the beam count for beam search, the sampling parameters, the seed and the
     batch size (batch i draws fold_in(seed, i), and batch_size is the one rounded up to the devices) for sampling
-    alone. Workers, progress, the page and the compilation cache change no record and are left out. "checkpoint"
-    (its path) is for the reader; "checkpoint_id" (`checkpoint_identity`) is what is compared.
+    alone, and the compute dtype (resolved) when it is not float32 (outputs written before the setting existed were
+    float32 and recorded none). Workers, progress, the page and the compilation cache change no record and are left
+    out. "checkpoint" (its path) is for the reader; "checkpoint_id" (`checkpoint_identity`) is what is compared.
     """
     config = loaded.config
     options = {"checkpoint": None if loaded.directory is None else os.path.abspath(loaded.directory),
@@ -232,6 +239,9 @@ def run_options(loaded: PipelineCheckpoint, decoding: DecodingOptions, *, fmt: s
                "tta": bool(tta), "lm_classify": bool(lm_classify)}
     if decoding.method == "beam":
         options["num_beams"] = decoding.num_beams
+    dtype = resolve_dtype(dtype)
+    if dtype != "float32":                              # float32 records nothing, as outputs made before the setting
+        options["dtype"] = dtype
     if decoding.method == "sample":
         options.update(temperature=float(decoding.temperature), top_k=decoding.top_k, top_p=float(decoding.top_p),
                        seed=seed, batch_size=batch_size)

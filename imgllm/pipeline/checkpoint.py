@@ -17,7 +17,8 @@ Config keys:
 
     format             "imgllm-pipeline/1" (FORMAT); another value is refused
     cnn                the CNN config: {"preset": name in `imgllm.vision.cnn.PRESETS`, other CNN fields that override
-                       the preset's, e.g. "num_classes", "conv_impl"}
+                       the preset's, e.g. "num_classes", "conv_impl"}; no "dtype": the compute dtype is chosen when
+                       the checkpoint is used (`PipelineCheckpoint.spec(dtype=)`), and the parameters are float32
     lm                 the GPT-2 config, as Hugging Face's config.json keys (`GPT2Config.to_dict()`)
     bridge             None (the prompt alone conditions the LM), or the PrefixMapper fields {"prefix_length",
                        "lm_dim", "hidden", "feature_source"}: the CNN features become a visual prefix
@@ -38,6 +39,9 @@ Config keys:
                        stores the templates it was trained with. `PipelineCheckpoint.spec(lm_classify=True)`
                        scores these (scoring.DEFAULT_TEMPLATES when None or absent, as in older checkpoints)
 
+Floating-point parameters are stored as float32 whatever dtype the run that made them computed in, so one checkpoint
+serves float32 and bfloat16 inference (`PipelineCheckpoint.spec(dtype=)`, `imgllm.precision`).
+
 `imgllm.train.export` writes one from training runs (a classifier and a GPT-2, or a captioner);
 `load_pipeline` reads it back as a `PipelineCheckpoint` that makes the `PipelineSpec` for given decoding options.
 """
@@ -52,6 +56,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tokenizers
@@ -61,6 +66,7 @@ from imgllm.language.decoding import GenerationConfig
 from imgllm.language.gpt2 import GPT2Config
 from imgllm.language.scoring import DEFAULT_TEMPLATES, build_prompt_table, fill_templates
 from imgllm.pipeline import caption, prompts
+from imgllm.precision import compute_dtype, resolve_dtype
 from imgllm.vision.cnn import cnn_from_config
 
 FORMAT = "imgllm-pipeline/1"
@@ -81,7 +87,8 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
                          class_prompt_templates: Sequence[str] | None = None) -> dict[str, Any]:
     """The JSON config of a pipeline checkpoint, checked (a wrong value is named here, not at inference).
 
-    cnn: `imgllm.vision.cnn.cnn_from_config` dict; lm: GPT-2 `config.json` dict; bridge: PrefixMapper fields
+    cnn: `imgllm.vision.cnn.cnn_from_config` dict (a "dtype" key, the compute dtype of the run it comes from, is
+    dropped: inference chooses its own); lm: GPT-2 `config.json` dict; bridge: PrefixMapper fields
     (prefix_length, lm_dim, hidden) or None; prepend_bos: start every prompt with BOS (the visual-prefix
     convention of `imgllm.bridge`); max_new_tokens: the default caption length; class_prompt_templates: the
     templates LM classification scores (None: scoring's defaults). The keys are described in the module docstring.
@@ -95,7 +102,8 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
         raise ValueError("give both mean and std, or neither (CIFAR-10's are the default)")
     if prepend_bos and bos_id is None:
         raise ValueError("prepend_bos=True needs bos_id")
-    config = dict(format=FORMAT, cnn=dict(cnn), lm=dict(lm), bridge=None if bridge is None else dict(bridge),
+    cnn = {key: value for key, value in cnn.items() if key != "dtype"}  # a runtime choice, not the format's
+    config = dict(format=FORMAT, cnn=cnn, lm=dict(lm), bridge=None if bridge is None else dict(bridge),
                   class_names=class_names, template=template, top_k=int(top_k), image_size=int(image_size),
                   mean=None if mean is None else [float(m) for m in mean],
                   std=None if std is None else [float(s) for s in std],
@@ -130,7 +138,7 @@ def save_pipeline_checkpoint(out_dir: str | os.PathLike, params: Mapping[str, An
         raise ValueError(f"pipeline params need keys 'cnn' and 'lm' (missing {sorted(missing)})")
     if ("bridge" in params) != (config.get("bridge") is not None):
         raise ValueError("params hold a 'bridge' exactly when the config describes one")
-    params = dict(params)
+    params = float32_params(params)
     _checkpointer().save(out_dir, args=ocp.args.Composite(
         **{PARAMS_ITEM: ocp.args.StandardSave(params), CONFIG_ITEM: ocp.args.JsonSave(dict(config))}),
         force=overwrite)
@@ -146,6 +154,16 @@ def save_pipeline_checkpoint(out_dir: str | os.PathLike, params: Mapping[str, An
     if not os.path.isfile(os.path.join(tokenizer_dir, TOKENIZER_FILE)):
         raise ValueError(f"the tokenizer did not write {TOKENIZER_FILE} (only fast tokenizers are supported)")
     return out_dir
+
+
+def float32_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameter tree with every floating-point leaf as float32, where it lies (others as they are): what a
+    pipeline checkpoint stores, even from parameters cast to bfloat16 (the cast back is exact)."""
+    def to_float32(leaf):
+        dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+        return leaf.astype(np.float32) if jnp.issubdtype(dtype, jnp.floating) and dtype != np.float32 else leaf
+
+    return jax.tree.map(to_float32, dict(params))
 
 
 def read_pipeline_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
@@ -214,8 +232,14 @@ class PipelineCheckpoint:
     def class_names(self) -> tuple[str, ...]:
         return tuple(self.config["class_names"])
 
-    def lm_config(self):
-        return GPT2Config.from_dict(self.config["lm"], source=f"{self.directory}: config lm")
+    def lm_config(self, dtype: str = "float32"):
+        """The LM's `GPT2Config`, computing in `dtype` ("auto", "float32" or "bfloat16"; `compute_dtype`)."""
+        return GPT2Config.from_dict(self.config["lm"], source=f"{self.directory}: config lm",
+                                    dtype=compute_dtype(dtype))
+
+    def cnn(self, dtype: str = "float32"):
+        """The CNN module (`cnn_from_config` of the config's "cnn"), computing in `dtype` (as `lm_config`)."""
+        return cnn_from_config({**self.config["cnn"], "dtype": resolve_dtype(dtype)})
 
     @property
     def class_prompt_templates(self) -> tuple[str, ...]:
@@ -232,11 +256,14 @@ class PipelineCheckpoint:
             bos_id=config["bos_id"] if config.get("prepend_bos") else None)
 
     def spec(self, generation: Any = None, *, template: str | None = None, top_k: int | None = None,
-             flip_tta: bool = False, lm_classify: bool = False) -> caption.PipelineSpec:
+             flip_tta: bool = False, lm_classify: bool = False, dtype: str = "auto") -> caption.PipelineSpec:
         """The static `PipelineSpec`; generation: a `GenerationConfig` (default: greedy, the config's length).
 
         lm_classify: also classify by LM likelihood after the visual prefix, scoring the checkpoint's
-        class_prompt_templates (`class_prompt_templates`); needs a checkpoint with a bridge."""
+        class_prompt_templates (`class_prompt_templates`); needs a checkpoint with a bridge. dtype: the CNN's and
+        the LM's compute dtype, "auto" (bfloat16 on GPU/TPU, float32 on CPU), "float32" or "bfloat16"
+        (`imgllm.precision`); the float32 parameters are cast inside the jitted function."""
+        dtype = resolve_dtype(dtype)
         config = self.config
         if generation is None:
             generation = GenerationConfig(max_new_tokens=config["max_new_tokens"], eos_token_id=config["eos_id"],
@@ -253,7 +280,7 @@ class PipelineCheckpoint:
                                             self.class_prompt_templates)
         mean, std = config.get("mean"), config.get("std")
         return caption.PipelineSpec(
-            cnn=cnn_from_config(config["cnn"]), lm_config=self.lm_config(),
+            cnn=self.cnn(dtype), lm_config=self.lm_config(dtype),
             prompts=self.tokenized_template(template, top_k), generation=generation, pad_id=config["pad_id"],
             image_size=config["image_size"], mean=None if mean is None else tuple(mean),
             std=None if std is None else tuple(std), bridge=bridge, flip_tta=flip_tta, lm_class_prompts=lm_prompts)
@@ -279,6 +306,6 @@ def load_pipeline(checkpoint_dir: str | os.PathLike, *, read_params: bool = True
 
 
 __all__ = [
-    "FORMAT", "FastTokenizer", "PipelineCheckpoint", "load_pipeline", "make_pipeline_config", "read_params_shapes",
-    "read_pipeline_config", "read_pipeline_params", "save_pipeline_checkpoint",
+    "FORMAT", "FastTokenizer", "PipelineCheckpoint", "float32_params", "load_pipeline", "make_pipeline_config",
+    "read_params_shapes", "read_pipeline_config", "read_pipeline_params", "save_pipeline_checkpoint",
 ]

@@ -40,10 +40,9 @@ from imgllm.language.gpt2 import init_params
 from imgllm.language.scoring import prefixed_token_stats
 from imgllm.language.tokenizer import check_vocabulary, train_bpe_tokenizer
 from imgllm.train.checkpoint import load_classifier, read_run_config
-from imgllm.train.classifier import remap_labels
+from imgllm.train.classifier import cnn_for_run, remap_labels
 from imgllm.train.lm_task import lm_config_from, tokenizer_from_metadata
 from imgllm.train.task import Metrics, metric
-from imgllm.vision import cnn as cnn_lib
 from imgllm.vision.features import image_logits_and_features
 
 FROZEN = "frozen"   # model_state collection holding the frozen CNN variables (and the LM when not trained)
@@ -118,7 +117,7 @@ def _classifier_config(workdir: str) -> tuple[dict, dict]:
 class CaptionerTask:
     """Trains a PrefixMapper (and optionally the LM) on image–caption pairs with a frozen, trained CNN.
 
-    Config fields: dataset, data_dir, train_split, eval_split, num_train_examples, num_eval_examples, seed,
+    Config fields: dataset, data_dir, train_split, eval_split, num_train_examples, num_eval_examples, seed, dtype,
     classifier_workdir, bridge.{prefix_length, hidden, feature_source}, lm.{pretrained, vocab_size, n_positions,
     n_embd, n_layer, n_head, dropout, train}, tokenizer.{path, vocab_size}, captions.{templates,
     template_fraction, max_tokens}, feature_batch_size.
@@ -132,7 +131,7 @@ class CaptionerTask:
         self.class_names = tuple(meta.get("task", {}).get("class_names") or ())
         if not self.class_names:
             raise ValueError(f"{config.classifier_workdir}: the classifier checkpoint's meta has no class names")
-        self.cnn = cnn_lib.cnn_from_config(ml_collections.ConfigDict(run_config["model"]))
+        self.cnn = cnn_for_run(run_config["model"], config)   # the classifier's CNN in this run's dtype
         self.image_size = int(run_config.get("image_size") or 32)
         self.normalization = run_config.get("normalization") or {}
         self.lm_config = lm_config_from(config, eos_token_id=0)   # the captioner's tokenizers: eos = id 0

@@ -18,6 +18,7 @@ import optax
 from imgllm import data as data_lib
 from imgllm.data import augment
 from imgllm.data.folder import SPLIT_FOLDER_NAMES
+from imgllm.precision import run_dtype
 from imgllm.train.task import Metrics, metric
 from imgllm.vision import cnn as cnn_lib
 
@@ -45,17 +46,24 @@ def folder_split(spec: str, split: str) -> str:
     return split if has_split_folders else "train_full"
 
 
+def cnn_for_run(model_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> cnn_lib.CNN:
+    """The CNN of `model_config` (a run's config.model) computing in the run's dtype (`run_dtype(run_config)`):
+    config.dtype, not a model.dtype that `model_config` may hold from before config.dtype existed."""
+    fields = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+    return cnn_lib.cnn_from_config({**fields, "dtype": run_dtype(run_config)})
+
+
 class ClassifierTask:
     """Trains `cnn_from_config(config.model)` on `load_dataset(config.dataset, ...)` with label smoothing.
 
     Config fields used: dataset, data_dir, train_split, eval_split, num_train_examples, num_eval_examples,
     image_size, normalization.{mean,std}, augment.{translate,flip}, label_smoothing, whiten_init_examples,
-    tta, seed, model.
+    tta, seed, dtype, model.
     """
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
-        self.model = cnn_lib.cnn_from_config(config.model)
+        self.model = cnn_for_run(config.model, config)
         self.class_names: tuple[str, ...] | None = None
 
     # ---- data (host side) ----
@@ -150,6 +158,20 @@ class ClassifierTask:
         count = mask.sum()
         return {"loss": metric((losses * mask).sum(), count),
                 "accuracy": metric(((jnp.argmax(logits, -1) == labels) * mask).sum(), count)}
+
+    def confusion(self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int, tta: bool) -> np.ndarray:
+        """int64 [classes, classes] counts of (true label, predicted class) over `arrays` (this process's first
+        device, whole batches: the last one padded and its padding left out)."""
+        predict = jax.jit(lambda v, x: jnp.argmax(self.logits(v, x, tta=tta), -1))
+        images, labels = arrays["images"], np.asarray(arrays["labels"])
+        predictions = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            padded = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
+            predictions.append(np.asarray(predict(variables, padded))[:len(batch)])
+        matrix = np.zeros((self.model.num_classes,) * 2, np.int64)
+        np.add.at(matrix, (labels, np.concatenate(predictions)), 1)
+        return matrix
 
     def checkpoint_metadata(self) -> dict[str, Any]:
         return {"class_names": list(self.class_names or ())}

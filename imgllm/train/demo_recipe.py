@@ -87,10 +87,14 @@ def run_demo(workdir: str, *, classifier_config: ml_collections.ConfigDict | Non
     """Trains the demo classifier and captioner in `workdir`, exports and evaluates the pipeline checkpoint.
 
     classifier_config / captioner_config default to `default_configs()`; the captioner's classifier_workdir is
-    set to <workdir>/classifier. Returns the evaluation of `evaluate_pipeline` on fresh images.
+    set to <workdir>/classifier. The default captioner, and the evaluation, compute in the classifier config's dtype
+    (config.dtype: one setting for the whole demo). Returns the evaluation of `evaluate_pipeline` on fresh images.
     """
     default_classifier, default_captioner = default_configs()
     classifier_config = classifier_config or default_classifier
+    dtype = classifier_config.get("dtype") or "auto"
+    if captioner_config is None:
+        default_captioner.dtype = dtype
     captioner_config = ml_collections.ConfigDict((captioner_config or default_captioner).to_dict())
     workdir = os.path.abspath(workdir)
     classifier_dir, captioner_dir, pipeline_dir = (os.path.join(workdir, name)
@@ -104,7 +108,7 @@ def run_demo(workdir: str, *, classifier_config: ml_collections.ConfigDict | Non
         export_pipeline_checkpoint(captioner_dir, pipeline_dir, overwrite=True)
         log(f"[demo] pipeline checkpoint {pipeline_dir} written in {export_clock}")
     eval_clock = _Clock()
-    results = evaluate_pipeline(pipeline_dir, num_examples=num_eval_examples)
+    results = evaluate_pipeline(pipeline_dir, num_examples=num_eval_examples, dtype=dtype)
     log(f"[demo] evaluated in {eval_clock}")
     log(f"[demo] {num_eval_examples} fresh demo images ({EVAL_SPLIT!r} split, seed {EVAL_SEED}): " +
         " ".join(f"{k}={v:.4f}" for k, v in results.items()))
@@ -114,19 +118,19 @@ def run_demo(workdir: str, *, classifier_config: ml_collections.ConfigDict | Non
 
 
 def evaluate_pipeline(pipeline_dir: str, *, num_examples: int = 500, split: str = EVAL_SPLIT,
-                      seed: int = EVAL_SEED) -> dict[str, float]:
+                      seed: int = EVAL_SEED, dtype: str = "auto") -> dict[str, float]:
     """Greedy captions, LM classification and CNN accuracy of a pipeline checkpoint on demo images.
 
     One jitted `imgllm.pipeline.caption_images` call over all images with the spec `infer.py --lm-classify` uses
     (`PipelineCheckpoint.spec(lm_classify=True)`): the LM classification scores the checkpoint's
-    class_prompt_templates after each image's visual prefix.
+    class_prompt_templates after each image's visual prefix. dtype: the compute dtype (`imgllm.precision`).
     """
     pipe = load_pipeline(pipeline_dir)
     dataset = load_dataset("demo", split, seed=seed, num_examples=num_examples,
                            image_size=pipe.config["image_size"])
     if tuple(dataset.class_names) != pipe.class_names:
         raise ValueError(f"{pipeline_dir}: class names {pipe.class_names} are not the demo's {dataset.class_names}")
-    spec = pipe.spec(lm_classify=True)
+    spec = pipe.spec(lm_classify=True, dtype=dtype)
     outputs = jax.device_get(jax.jit(functools.partial(caption_images, spec=spec))(
         pipe.params, dataset.images, jax.random.PRNGKey(0)))
     hypotheses = [captions[0] for captions in pipe.decode_captions(outputs["caption_ids"])]

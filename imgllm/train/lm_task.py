@@ -27,6 +27,7 @@ from imgllm.language import hf
 from imgllm.language.gpt2 import GPT2Config, init_params
 from imgllm.language.scoring import prefixed_token_stats
 from imgllm.language.tokenizer import check_vocabulary, tokenizer_from_json, train_bpe_tokenizer
+from imgllm.precision import compute_dtype, run_dtype
 from imgllm.train.task import Metrics, metric
 
 
@@ -40,11 +41,12 @@ def corpus_paths(spec: str | Sequence[str] | None, field: str) -> list[str]:
 
 
 def lm_config_from(config: ml_collections.ConfigDict, eos_token_id: int) -> GPT2Config:
-    """The LM's GPT2Config: config.lm.pretrained's config.json, or the sizes in config.lm; dropout and compute
-    dtype always from config.lm. A random-init LM uses `eos_token_id` (the tokenizer's) as BOS and EOS."""
+    """The LM's GPT2Config: config.lm.pretrained's config.json, or the sizes in config.lm; dropout always from
+    config.lm, the compute dtype from config.dtype (`imgllm.precision.run_dtype`). A random-init LM uses
+    `eos_token_id` (the tokenizer's) as BOS and EOS."""
     lm = config.lm
     runtime = dict(embd_pdrop=lm.dropout, attn_pdrop=lm.dropout, resid_pdrop=lm.dropout,
-                   dtype=jnp.dtype(lm.get("dtype", "float32")))
+                   dtype=compute_dtype(run_dtype(config)))
     if lm.get("pretrained"):
         return dataclasses.replace(hf.read_config(hf.resolve_model_dir(lm.pretrained)), **runtime)
     return GPT2Config(vocab_size=lm.vocab_size, n_positions=lm.n_positions, n_embd=lm.n_embd, n_layer=lm.n_layer,
@@ -66,7 +68,7 @@ def _record_texts(records: Sequence[text_lib.TextRecord]) -> list[str]:
 class LMTask:
     """Trains GPT-2 with next-token cross-entropy on config.corpus.
 
-    Config fields: corpus, eval_corpus, seq_len, mask_prompt, truncate, lm.{pretrained, dropout, dtype,
+    Config fields: corpus, eval_corpus, seq_len, mask_prompt, truncate, dtype, lm.{pretrained, dropout,
     vocab_size, n_positions, n_embd, n_layer, n_head}, tokenizer.{path, vocab_size}.
     """
 

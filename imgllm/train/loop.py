@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -25,15 +23,14 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from imgllm import parallel
+from imgllm import parallel, precision
 from imgllm.train import checkpoint as ckpt_lib
 from imgllm.train import feed as feed_lib
-from imgllm.train import optim, steps
+from imgllm.train import optim, plot, steps
+from imgllm.train.metrics_log import MetricsWriter
 from imgllm.train.state import TrainState, create_train_state
 from imgllm.train.task import Arrays, Task, add_metrics, summarize
 from imgllm.train.tasks import build_task, canonical_task_name, task_name
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -62,50 +59,6 @@ class TrainResult:
     total_steps: int
 
 
-class MetricsWriter:
-    """Appends one JSON object per line to <workdir>/metrics.jsonl (only on process 0)."""
-
-    def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, METRICS_FILE)
-        self.enabled = jax.process_index() == 0
-        if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def rewind(self, step: int) -> None:
-        """Drops the records a run resuming at `step` writes again, so the file has no duplicate steps.
-
-        Kept: records up to `step`, except final evaluations at or after it (a finished run evaluates again).
-        Dropped too: a last line cut short by a kill. The file is replaced atomically.
-        """
-        if not self.enabled or not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            lines = f.read().splitlines()
-        kept = [line for line in lines if _kept_on_resume(line, step)]
-        if len(kept) == len(lines):
-            return
-        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(self.path), suffix=".tmp", delete=False) as tmp:
-            tmp.write("".join(line + "\n" for line in kept))
-        os.replace(tmp.name, self.path)
-
-
-def _kept_on_resume(line: str, step: int) -> bool:
-    """Whether a metrics.jsonl line stays when the run resumes at `step` (see MetricsWriter.rewind)."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-        return True
-    limit = step - 1 if record.get("split") == "final_eval" else step
-    return record["step"] <= limit
-
-
 def num_examples(arrays: Arrays) -> int:
     """The common leading dimension of `arrays` (error naming the keys when they disagree)."""
     sizes = {k: len(v) for k, v in arrays.items()}
@@ -125,12 +78,14 @@ def comparable_config(config: ml_collections.ConfigDict | dict) -> dict:
     The task under today's TASKS name (a checkpoint's legacy "module:factory" name compares equal; an unknown name
     is left as it is), and optimizer.reference_batch_size, absent from configs saved before learning rates scaled
     with the batch, or None (rates used as given), as the run's own global_batch_size: the same rates either way.
+    The compute dtype as `precision.comparable_dtype` writes it (absent: the legacy model/lm dtype; "auto": what
+    it means on this backend).
     """
     raw = ckpt_lib.config_to_json(config)
     optimizer = raw.get("optimizer")
     if isinstance(optimizer, dict) and optimizer.get("reference_batch_size") is None:
         raw["optimizer"] = {**optimizer, "reference_batch_size": raw.get("global_batch_size")}
-    return {**raw, "task": canonical_task_name(raw.get("task"))}
+    return precision.comparable_dtype({**raw, "task": canonical_task_name(raw.get("task"))})
 
 
 def check_resumable(saved_config: Mapping[str, Any], config: ml_collections.ConfigDict | dict, workdir: str) -> None:
@@ -396,6 +351,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
 def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, checkpointer: ckpt_lib.Checkpointer,
            signals: StopSignals, allow_data_change: bool) -> TrainResult:
     """`train_and_evaluate` once its checkpointer and signal handlers are set up (the caller closes them)."""
+    bar = tqdm.tqdm(total=0, desc="loading data", disable=not config.progress_bar or jax.process_index() != 0,
+                    unit="step", dynamic_ncols=True)
+    writer = MetricsWriter(workdir)
+    try:
+        return _train_with(config, workdir, task, mesh, checkpointer, signals, allow_data_change, bar, writer)
+    finally:
+        writer.close()
+        bar.close()
+
+
+def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh,
+                checkpointer: ckpt_lib.Checkpointer, signals: StopSignals, allow_data_change: bool, bar: tqdm.tqdm,
+                writer: MetricsWriter) -> TrainResult:
+    """The body of `train_and_evaluate`: check, load, compile, train, evaluate (its resources come set up)."""
     latest = checkpointer.latest_step()
     saved_meta = None
     if latest is not None:
@@ -414,28 +383,36 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, ch
     if latest is not None:
         state = checkpointer.restore_state(state, latest)
     start = int(jax.device_get(state.step))
+    learning_rate = optim.default_learning_rate(config.optimizer, total_steps=total_steps,
+                                                steps_per_epoch=steps_per_epoch, batch_size=config.global_batch_size)
 
     batches = feed_lib.make_feed(config.get("data_placement", "auto"), train_arrays, mesh, seed=config.seed,
                                  global_batch_size=config.global_batch_size)
-    train_step = steps.jit_train_step(
-        task, tx, mesh, steps_per_epoch=steps_per_epoch, placement=batches.placement,
-        lookahead=optim.lookahead_fn(config.get("lookahead"), steps_per_epoch=steps_per_epoch,
-                                     total_steps=total_steps))
     eval_fn = steps.jit_eval_step(task, mesh, tta=False)
-    writer = MetricsWriter(workdir)
     writer.rewind(start)
     step_metrics = _StepMetrics(steps_per_epoch)
     meta = lambda s: {"step": s, "epoch": s // steps_per_epoch, "step_in_epoch": s % steps_per_epoch,
                       "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                       "task": task.checkpoint_metadata(), "data": identity}
-    bar = tqdm.tqdm(total=total_steps, initial=start, disable=not config.progress_bar or jax.process_index() != 0,
-                    unit="step", dynamic_ncols=True)
-    last_log_time, last_log_step = time.perf_counter(), start
     profiler = StepProfiler(profile_window(config.get("profile_steps")), workdir)
+    if start < total_steps:
+        bar.set_description("compiling")
+        batches.epoch(start // steps_per_epoch)
+        compile_start = time.perf_counter()
+        train_step = steps.jit_train_step(
+            task, tx, mesh, steps_per_epoch=steps_per_epoch, placement=batches.placement,
+            lookahead=optim.lookahead_fn(config.get("lookahead"), steps_per_epoch=steps_per_epoch,
+                                         total_steps=total_steps),
+        ).lower(state, *batches.args(start % steps_per_epoch)).compile()
+        compile_seconds = time.perf_counter() - compile_start
+    bar.reset(total=total_steps)
+    bar.update(start)
+    bar.set_description("training")
+    last_log_time, last_log_step = time.perf_counter(), start
     try:
         for step in range(start, total_steps):
             epoch, index = divmod(step, steps_per_epoch)
-            if index == 0 or step == start:
+            if index == 0 and step != start:
                 batches.epoch(epoch)
             profiler.before_step(step)
             state, metrics = train_step(state, *batches.args(index))
@@ -449,9 +426,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, ch
                 summary = step_metrics.take_summary()     # waits for the step: the rate is of finished steps
                 now = time.perf_counter()
                 rate = (done - last_log_step) / max(now - last_log_time, 1e-9)
-                record = {"step": done, "epoch": done / steps_per_epoch, "split": "train",
-                          **summary, "steps_per_second": rate,
+                record = {"step": done, "epoch": done / steps_per_epoch, "split": "train", **summary,
+                          "learning_rate": float(learning_rate(np.int32(done - 1))), "steps_per_second": rate,
                           "examples_per_second": rate * config.global_batch_size}
+                if step == start:
+                    record["compile_seconds"] = compile_seconds
                 writer.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', 0):.3f}",
                                 img_s=f"{record['examples_per_second']:.0f}")
@@ -466,24 +445,36 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, ch
             if eval_arrays is not None and epoch_end and not last and config.eval_every_epochs and \
                     (done // steps_per_epoch) % config.eval_every_epochs == 0:
                 step_metrics.check()
+                bar.set_description("evaluating")
                 record = evaluate_arrays(task, state.variables, eval_arrays, mesh,
                                          batch_size=config.eval_batch_size, tta=False, eval_fn=eval_fn)
                 writer.write({"step": done, "epoch": done / steps_per_epoch, "split": "eval", **record})
                 bar.write(f"epoch {done / steps_per_epoch:.2f}: eval " +
                           " ".join(f"{k}={v:.4f}" for k, v in record.items()))
+                bar.set_description("training")
         step_metrics.check()
     finally:
         profiler.stop()
-        bar.close()
 
     final_eval = None
     if eval_arrays is not None:
+        bar.set_description("final evaluation")
+        tta = uses_tta(config)
         final_eval = evaluate_arrays(task, state.variables, eval_arrays, mesh, batch_size=config.eval_batch_size,
-                                     tta=bool(config.get("tta", True)))
+                                     tta=tta)
         writer.write({"step": total_steps, "epoch": total_steps / steps_per_epoch, "split": "final_eval",
-                      "tta": bool(config.get("tta", True)), **final_eval})
+                      "tta": tta, **final_eval})
+    if writer.enabled:
+        writer.flush()
+        plot.plot_run(workdir)
     return TrainResult(state=state, final_eval=final_eval, steps_per_epoch=steps_per_epoch,
                        total_steps=total_steps)
+
+
+def uses_tta(config: Mapping[str, Any]) -> bool:
+    """Whether a config's final evaluation uses test-time augmentation: config.tta names the views ("flip",
+    "flip_translate"); "none", an empty value or no key means none."""
+    return config.get("tta") not in (None, False, "", "none")
 
 
 def restore_for_eval(workdir: str, step: int | None = None, mesh=None):
@@ -514,11 +505,13 @@ def _abstract_state(task: Task, config: ml_collections.ConfigDict, meta: Mapping
 
 
 def evaluate_checkpoint(workdir: str, data: str | None = None, *, split: str = "test", step: int | None = None,
-                        batch_size: int | None = None, tta: bool | None = None, mesh=None) -> dict[str, float]:
+                        batch_size: int | None = None, tta: bool | None = None, mesh=None,
+                        confusion_png: str | None = None) -> dict[str, Any]:
     """Metrics (top-1 accuracy for classifiers) of the checkpoint in `workdir` on a data source.
 
     `data` is any load_dataset spec ("cifar10", "folder:/path/test", "demo"); None uses the checkpoint's own
-    dataset and `split`. Model, normalisation and test-time augmentation come from the saved config.
+    dataset and `split`. Model, normalisation and test-time augmentation come from the saved config. For a
+    classifier, `confusion_png` also draws its confusion matrix there (the result names the file).
     """
     mesh = mesh or parallel.make_mesh()
     config, meta, task, variables = restore_for_eval(workdir, step, mesh)
@@ -526,6 +519,12 @@ def evaluate_checkpoint(workdir: str, data: str | None = None, *, split: str = "
     batch_size = batch_size or config.eval_batch_size
     devices = parallel.global_batch_divisor(mesh)
     batch_size = -(-batch_size // devices) * devices
-    tta = bool(config.get("tta", True)) if tta is None else tta
+    tta = uses_tta(config) if tta is None else tta
     result = evaluate_arrays(task, variables, arrays, mesh, batch_size=batch_size, tta=tta)
-    return {"step": meta["step"], "num_examples": num_examples(arrays), "tta": tta, **result}
+    result = {"step": meta["step"], "num_examples": num_examples(arrays), "tta": tta, **result}
+    if confusion_png and hasattr(task, "confusion"):
+        matrix = task.confusion(variables, arrays, batch_size=batch_size, tta=tta)
+        title = f"{data or config.dataset} ({split}), step {meta['step']}"
+        result["confusion_png"] = plot.save_figure(plot.confusion_figure(matrix, meta["task"]["class_names"], title),
+                                                   confusion_png)
+    return result

@@ -182,6 +182,14 @@ def group_rates(cfg: ml_collections.ConfigDict, batch_size: int | None = None) -
     return rates
 
 
+def default_learning_rate(cfg: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: int,
+                          batch_size: int | None = None) -> optax.Schedule:
+    """The default group's learning rate at each update (count 0 is the first step), as the optimizer applies it:
+    what training logs as learning_rate."""
+    peak = group_rates(cfg, batch_size)[DEFAULT_GROUP].peak_learning_rate
+    return make_schedule(cfg, total_steps, steps_per_epoch, learning_rate=peak)
+
+
 def _base_transform(cfg: ml_collections.ConfigDict, schedule: optax.Schedule, lr_scale: float,
                     weight_decay: float, name: str | None = None,
                     momentum: float | None = None) -> optax.GradientTransformation:

@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from imgllm.precision import compute_dtype
 from imgllm.vision.conv import conv2d, resolve_conv_impl
 from imgllm.vision.conv_cpu import im2col_patches
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FEATURE_SOURCES = ("pooled", "spatial", "pyramid")
 # PyTorch's default Conv2d / Linear weight init: uniform, bound 1/sqrt(fan_in).
 TORCH_DEFAULT_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -214,10 +214,8 @@ def cnn_preset(name: str, **overrides) -> CNN:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"CNN preset {name!r}: unknown field(s) {unknown}; known: {sorted(fields)}")
-    if isinstance(overrides.get("dtype"), str):
-        if overrides["dtype"] not in DTYPES:
-            raise ValueError(f"CNN dtype={overrides['dtype']!r}: expected one of {sorted(DTYPES)}")
-        overrides["dtype"] = DTYPES[overrides["dtype"]]
+    if isinstance(overrides.get("dtype"), str):   # a config's name: "auto", "float32" or "bfloat16"
+        overrides["dtype"] = compute_dtype(overrides["dtype"])
     if "widths" in overrides:
         overrides["widths"] = tuple(int(w) for w in overrides["widths"])
     for field in ("num_classes", "widths"):
@@ -231,7 +229,8 @@ def cnn_preset(name: str, **overrides) -> CNN:
 def cnn_from_config(cfg) -> CNN:
     """CNN from a model ConfigDict (or dict): `preset` names the preset, other keys override fields.
 
-    Example: ConfigDict(dict(preset="airbench94", num_classes=10, conv_impl="auto", dtype="float32")).
+    Example: ConfigDict(dict(preset="airbench94", num_classes=10, conv_impl="auto", dtype="bfloat16")); a dtype
+    name is resolved by `imgllm.precision.compute_dtype` ("auto": bfloat16 on GPU/TPU, float32 on CPU).
     """
     cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     if "preset" not in cfg:
