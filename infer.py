@@ -31,6 +31,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from absl import logging
+
+from imgllm import cli
+from imgllm.data.images import DEFAULT_MAX_PIXELS
 from imgllm.pipeline import DEFAULT_COMPILATION_CACHE, DecodingOptions, caption_files, expand_inputs
 from imgllm.pipeline.batch import STDOUT
 from imgllm.pipeline.records import OutputError, score_records
@@ -41,8 +45,8 @@ def run_captions(args: argparse.Namespace) -> int:
     """The caption command; returns the exit status (2, with one line on stderr, when the output cannot be used)."""
     items = expand_inputs(args.inputs, data_dir=args.data_dir)
     if not items:
-        print("infer.py: no input images found", file=sys.stderr)
-        return 2
+        print("infer.py: error: no input images found", file=sys.stderr)
+        return cli.USAGE_STATUS
     decoding = DecodingOptions(method=args.decoding, num_beams=args.num_beams, top_p=args.top_p, top_k=args.top_k,
                                temperature=args.temperature, num_captions=args.num_captions,
                                max_new_tokens=args.max_new_tokens)
@@ -50,7 +54,8 @@ def run_captions(args: argparse.Namespace) -> int:
                             resume=args.resume, retry_errors=args.retry_errors, batch_size=args.batch_size,
                             seed=args.seed, decoding=decoding, template=args.template, top_labels=args.top_labels,
                             tta=args.tta, lm_classify=args.lm_classify, workers=args.workers, data_dir=args.data_dir,
-                            compilation_cache=args.compilation_cache, progress=not args.quiet, dtype=args.dtype)
+                            compilation_cache=args.compilation_cache, progress=not args.quiet, dtype=args.dtype,
+                            max_pixels=args.max_pixels or None)
     succeeded, scored = 0, []
     try:
         for record in records:
@@ -58,8 +63,8 @@ def run_captions(args: argparse.Namespace) -> int:
             if args.references:
                 scored.append(record)
     except OutputError as error:
-        print(f"infer.py: {error}", file=sys.stderr)
-        return 2
+        print(f"infer.py: error: {error}", file=sys.stderr)
+        return cli.USAGE_STATUS
     if args.references:
         print(json.dumps({"scores": score_records(scored, args.references)}), file=sys.stderr)
     if succeeded == 0:
@@ -71,10 +76,9 @@ def run_captions(args: argparse.Namespace) -> int:
 def run_assemble(args: argparse.Namespace) -> int:
     """Writes a pipeline checkpoint from a captioner run, or from a classifier run and a GPT-2."""
     if args.captioner and (args.classifier or args.lm or args.tokenizer):
-        raise SystemExit("infer.py assemble: --captioner holds its CNN, LM and tokenizer; "
-                         "drop --classifier/--lm/--tokenizer")
+        raise ValueError("assemble: --captioner holds its CNN, LM and tokenizer; drop --classifier/--lm/--tokenizer")
     if not args.captioner and not (args.classifier and args.lm):
-        raise SystemExit("infer.py assemble: give --captioner WORKDIR, or both --classifier and --lm")
+        raise ValueError("assemble: give --captioner WORKDIR, or both --classifier and --lm")
     # Imported here, not at the top: the trainer's modules would add seconds to every caption run's start.
     from imgllm.train.export import assemble_pipeline_checkpoint, export_pipeline_checkpoint
 
@@ -94,7 +98,9 @@ def run_assemble(args: argparse.Namespace) -> int:
 
 def caption_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infer.py", description="Caption images with a pipeline checkpoint.",
-                                     epilog="Other command: infer.py assemble --help")
+                                     epilog="Other command: infer.py assemble --help. Flags may also be written "
+                                            "with underscores (--batch_size); --debug shows tracebacks.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files, folders, glob patterns, or tfds:NAME:SPLIT")
     parser.add_argument("--checkpoint", required=True, help="pipeline checkpoint directory (infer.py assemble)")
     parser.add_argument("--output", "-o", help="output file (default: stdout, no resuming)")
@@ -134,14 +140,18 @@ def caption_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compilation-cache",
                         default=os.environ.get("IMGLLM_COMPILATION_CACHE", DEFAULT_COMPILATION_CACHE),
                         help="JAX persistent compilation cache directory ('' to turn off)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="an image with more pixels (read from its header) gets an error record instead of "
+                             "being decoded: a guard against decompression bombs (0: no limit)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     return parser
 
 
 def assemble_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infer.py assemble",
                                      description="Build a pipeline checkpoint from a captioner run "
-                                                 "(--captioner), or from a classifier and a GPT-2.")
+                                                 "(--captioner), or from a classifier and a GPT-2.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--captioner", default=None,
                         help="train.py work directory of a captioner (CNN, visual prefix, LM and tokenizer)")
     parser.add_argument("--classifier", default=None, help="train.py work directory of the CNN")
@@ -156,20 +166,38 @@ def assemble_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def dashed_flags(argv: Sequence[str]) -> list[str]:
+    """`argv` with flags written train.py's way (--batch_size) in this parser's way (--batch-size)."""
+    def dashed(arg: str) -> str:
+        if not arg.startswith("--"):
+            return arg
+        name, equals, value = arg.partition("=")
+        return name.replace("_", "-") + equals + value
+    return [dashed(arg) for arg in argv]
+
+
+def run(argv: list[str]) -> int:
+    """The command `argv` names (caption, the default, or assemble); returns the exit status."""
     if argv and argv[0] == "assemble":
         return run_assemble(assemble_parser().parse_args(argv[1:]))
     if argv and argv[0] == "caption":
         argv = argv[1:]
     args = caption_parser().parse_args(argv)
     if args.batch_size < 1 or args.num_captions < 1:
-        raise SystemExit("infer.py: --batch-size and --num-captions must be >= 1")
+        raise ValueError("--batch-size and --num-captions must be >= 1")
     if args.decoding == "beam" and args.num_captions > args.num_beams:
-        raise SystemExit(f"infer.py: --num-captions {args.num_captions} exceeds --num-beams {args.num_beams}")
+        raise ValueError(f"--num-captions {args.num_captions} exceeds --num-beams {args.num_beams}")
     if not os.path.isdir(args.checkpoint):
-        raise SystemExit(f"infer.py: --checkpoint {args.checkpoint!r} is not a directory")
+        raise ValueError(f"--checkpoint {args.checkpoint!r} is not a directory (infer.py assemble makes one)")
     return run_captions(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = cli.debug_requested(argv)
+    if not debug:
+        logging.set_verbosity(logging.ERROR)      # orbax's INFO and WARNING lines are for its developers
+    return cli.user_errors_exit("infer.py", run, dashed_flags(cli.without_debug_flag(argv)), debug=debug)
 
 
 if __name__ == "__main__":

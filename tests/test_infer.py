@@ -5,6 +5,9 @@ compilation cache, a SIGKILL and resume."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -290,3 +293,42 @@ def test_references_score_captions_and_labels(tmp_path):
     assert scores["exact_match"] == 0.5
     assert scores["cnn_accuracy"] == 0.5 and scores["lm_accuracy"] == 1.0
     assert 0.0 < scores["bleu4"] < 1.0
+
+
+def run_infer_main(*argv):
+    """(exit status, stderr) of infer.main(argv) in this process (its one-line errors exit through SystemExit)."""
+    spec = importlib.util.spec_from_file_location("infer_cli", os.path.join(REPO, "infer.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            status = module.main(list(argv))
+        except SystemExit as exit_:
+            status = exit_.code
+    return status, stderr.getvalue().strip().splitlines()
+
+
+def test_cli_errors_are_one_line_with_status_two(tmp_path):
+    image = write_images(tmp_path / "imgs", 1)[0]
+    status, lines = run_infer_main(image, "--checkpoint", str(tmp_path / "nothing"))
+    assert status == 2 and lines == [f"infer.py: error: --checkpoint {str(tmp_path / 'nothing')!r} is not a directory "
+                                     "(infer.py assemble makes one)"]
+    not_a_pipeline = tmp_path / "classifier_workdir"
+    (not_a_pipeline / "checkpoints").mkdir(parents=True)
+    status, lines = run_infer_main(image, "--checkpoint", str(not_a_pipeline), "--quiet")
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("infer.py: error: "), lines
+    assert str(not_a_pipeline) in lines[0]
+    status, lines = run_infer_main("assemble", "--out", str(tmp_path / "p"))
+    assert status == 2 and lines == ["infer.py: error: assemble: give --captioner WORKDIR, or both --classifier "
+                                     "and --lm"]
+
+
+def test_flags_take_underscores_too(checkpoint, tmp_path):
+    """--batch_size and --batch-size are one flag (train.py's style works here); --max_pixels guards decoding."""
+    paths = write_images(tmp_path / "imgs", 2)
+    out = tmp_path / "out.jsonl"
+    status, lines = run_infer_main(*paths, "--checkpoint", checkpoint, "--batch_size", "4", "--output", str(out),
+                                   "--max_pixels", "100", "--compilation_cache", "", "--quiet")
+    assert status == 1, lines                               # 32x32 images over a 100-pixel cap: error records
+    assert all("more than the limit of 100" in record["error"] for record in read_jsonl(out))

@@ -37,7 +37,7 @@ from imgllm import parallel
 from imgllm.language.decoding import GenerationConfig
 from imgllm.pipeline.caption import PipelineSpec, compile_captioner, inference_params, place_images, place_params
 from imgllm.pipeline.checkpoint import PipelineCheckpoint, load_pipeline, read_params_shapes, read_pipeline_params
-from imgllm.pipeline.inputs import Batch, Item, expand_inputs, plan_batches, prefetch_batches
+from imgllm.pipeline.inputs import DEFAULT_MAX_PIXELS, Batch, Item, expand_inputs, plan_batches, prefetch_batches
 from imgllm.pipeline.records import (
     RECORD_FORMATS,
     OutputLock,
@@ -111,7 +111,8 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
                   decoding: DecodingOptions = DecodingOptions(), template: str | None = None,
                   top_labels: int | None = None, tta: bool = False, lm_classify: bool = False, workers: int = 4,
                   data_dir: str | None = None, compilation_cache: str | None = None,
-                  progress: bool = False, dtype: str = "auto") -> Iterator[dict]:
+                  progress: bool = False, dtype: str = "auto",
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[dict]:
     """Captions images; yields one record per image (`imgllm.pipeline.records`), in output order.
 
     checkpoint: a pipeline checkpoint directory (its weights are read in a thread while the captioner compiles
@@ -135,6 +136,8 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
     compilation_cache: a directory for JAX's persistent compilation cache (`enable_compilation_cache`).
     progress: a progress bar on stderr. dtype: the CNN's and the LM's compute dtype, "auto" (bfloat16 on GPU/TPU,
     float32 on CPU), "float32" or "bfloat16" (`imgllm.precision`; the parameters are read as stored, float32).
+    max_pixels: an image with more pixels than this (read from its header, before decoding) gets an error record
+    instead of filling memory (None: no limit).
 
     Nothing runs until the first record is asked for; the lock is held until the iteration ends or the generator is
     closed (`close()`, or its garbage collection). A failed image gives {"path", "error"}; count the records
@@ -149,12 +152,12 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
                           retry_errors=retry_errors, batch_size=batch_size, seed=seed, decoding=decoding,
                           template=template, top_labels=top_labels, tta=tta, lm_classify=lm_classify,
                           workers=workers, data_dir=data_dir, compilation_cache=compilation_cache, progress=progress,
-                          dtype=dtype)
+                          dtype=dtype, max_pixels=max_pixels)
 
 
 def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_errors, batch_size, seed, decoding,
                    template, top_labels, tta, lm_classify, workers, data_dir, compilation_cache,
-                   progress, dtype) -> Iterator[dict]:
+                   progress, dtype, max_pixels) -> Iterator[dict]:
     enable_compilation_cache(compilation_cache)
     if html:
         check_writable(html, "the HTML page")
@@ -182,7 +185,7 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_error
         yield from previous
         new_records: list[dict] | None = [] if html else None   # the page shows previous + new records
         for record in caption_pending(loaded, spec, mesh, items, previous, record_file, batch_size=batch_size,
-                                      seed=seed, workers=workers, progress=progress):
+                                      seed=seed, workers=workers, progress=progress, max_pixels=max_pixels):
             if new_records is not None:
                 new_records.append(record)
             yield record
@@ -192,18 +195,24 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_error
 
 def caption_pending(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, items: list[Item], previous: list[dict],
                     record_file: RecordFile | None, *, batch_size: int, seed: int, workers: int,
-                    progress: bool) -> Iterator[dict]:
+                    progress: bool, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[dict]:
     """Captions the items without a record in `previous` and yields their records, each batch's once it is written
-    to `record_file` (when given)."""
+    to `record_file` (when given). With `progress`, says on stderr what it is doing before the first image (how
+    many are already done, loading and compiling), then shows a bar."""
     done = {record["path"] for record in previous}
     pending = plan_batches(items, done, batch_size)
-    captioner, params = compile_and_place(loaded, spec, mesh, batch_size) if pending else (None, None)
     todo = sum(item.key not in done for _, chunk in pending for item in chunk)
+    say = (lambda message: print(f"imgllm: {message}", file=sys.stderr, flush=True)) if progress else (lambda _: None)
+    if previous:
+        say(f"{len(items) - todo} of {len(items)} images already done in the output")
+    if pending:
+        say(f"loading the checkpoint and compiling the captioner for batches of {batch_size}")
+    captioner, params = compile_and_place(loaded, spec, mesh, batch_size) if pending else (None, None)
     bar = tqdm(total=todo, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     if record_file is not None:
         record_file.open()
     try:
-        batches = prefetch_batches(pending, batch_size, spec.image_size, workers=workers)
+        batches = prefetch_batches(pending, batch_size, spec.image_size, workers=workers, max_pixels=max_pixels)
         for records in captioned_batches(loaded, captioner, params, batches, jax.random.PRNGKey(seed), mesh):
             records = [record for record in records if record["path"] not in done]
             if record_file is not None:
