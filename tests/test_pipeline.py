@@ -344,3 +344,27 @@ def test_assemble_from_a_train_workdir_and_a_gpt2_directory(tmp_path):
     spec = loaded.spec()
     assert spec.prompts.top_k == 2 and spec.lm_config == tiny_lm_config()
     assert "bridge" not in loaded.params
+
+
+def test_label_probabilities_use_the_checkpoints_head_temperature(tmp_path):
+    """cnn_temperature (the classifier run's fitted T) makes the probabilities softmax(logits / T); the ranking and
+    the raw logits stay as they are."""
+    loaded = tiny_pipeline(tmp_path)
+    hot = pc.PipelineCheckpoint(params=loaded.params, config={**loaded.config, "cnn_temperature": 2.5},
+                                tokenizer=loaded.tokenizer)
+    images, rng = random_images(3, 2), jax.random.PRNGKey(0)
+    plain = jax.device_get(pipeline.caption_images(loaded.params, images, rng, spec=loaded.spec()))
+    scaled = jax.device_get(pipeline.caption_images(hot.params, images, rng, spec=hot.spec()))
+    np.testing.assert_array_equal(plain["logits"], scaled["logits"])
+    np.testing.assert_array_equal(plain["label_ids"], scaled["label_ids"])
+    expected = jax.nn.softmax(plain["logits"] / 2.5, axis=-1)
+    np.testing.assert_allclose(scaled["label_probs"], np.take_along_axis(np.asarray(expected), plain["label_ids"], 1),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="cnn_temperature"):
+        pc.make_pipeline_config(**{**tiny_config_arguments(), "cnn_temperature": 0.0})
+
+
+def tiny_config_arguments() -> dict:
+    tok = tiny_tokenizer()
+    return dict(cnn={"preset": "tiny", "num_classes": len(CLASS_NAMES)}, lm=tiny_lm_config().to_dict(),
+                class_names=CLASS_NAMES, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgllm import calibration
 from imgllm import data as data_lib
 from imgllm.configs import cifar10, cifar10_muon, cnn_tiny
 from imgllm.configs.common import airbench_param_groups, resolve_config_arg
@@ -311,3 +312,19 @@ def test_data_on_the_devices_trains_as_data_from_the_host(tmp_path):
 def test_profile_steps_must_be_a_window(value):
     with pytest.raises(ValueError, match=r"config.profile_steps=.* START,END"):
         loop.profile_window(value)
+
+
+def test_the_head_is_calibrated_on_the_validation_split_and_the_pipeline_uses_it(trained, tmp_path):
+    """The last checkpoint holds the CNN head's temperature (fitted on the eval split, never on training images) and
+    final_eval the calibration error before and after; an assembled pipeline's label probabilities use it."""
+    config, workdir, result = trained
+    _, meta, task, variables = loop.restore_for_eval(workdir)
+    fitted = meta["calibration"]
+    assert result.final_eval["head_temperature"] == fitted["temperature"] > 0
+    arrays = task.eval_arrays(metadata=meta["task"])
+    logits, labels = task.eval_logits(variables, arrays, batch_size=64, tta=False), arrays["labels"]
+    assert fitted["temperature"] == pytest.approx(calibration.fit_temperature(logits, labels))
+    nll = lambda t: calibration.negative_log_likelihood(logits, labels, t)
+    assert nll(fitted["temperature"]) <= nll(1.0)      # what is fitted; the ECE of 64 examples is only reported
+    (final,) = read_metrics(workdir, "final_eval")
+    assert final["head_ece"] == pytest.approx(fitted["ece"])

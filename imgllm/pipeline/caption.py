@@ -47,7 +47,8 @@ class PipelineSpec:
     its CIFAR-10 defaults); flip_tta: average the CNN's logits over the image and its mirror; lm_class_prompts:
     the class prompts (`imgllm.language.scoring.build_prompt_table`) to also classify by LM likelihood after the
     visual prefix (needs a bridge; `PipelineCheckpoint.spec(lm_classify=True)` builds them from the checkpoint's
-    class_prompt_templates).
+    class_prompt_templates); cnn_temperature: label probabilities are softmax(logits / cnn_temperature), the CNN
+    head's calibration (`imgllm.calibration`).
     """
 
     cnn: Any
@@ -61,6 +62,7 @@ class PipelineSpec:
     bridge: Any = None
     flip_tta: bool = False
     lm_class_prompts: ClassPromptTable | None = None
+    cnn_temperature: float = 1.0
 
     @property
     def top_k(self) -> int:
@@ -96,7 +98,7 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
 
     params: {"cnn": CNN variables, "lm": GPT-2 params, "bridge": optional PrefixMapper params}.
     Returns (B images, k = top_k, n = num_return_sequences, T = max_new_tokens):
-      logits [B, C] float32, label_ids [B, k] int32, label_probs [B, k] float32 (descending),
+      logits [B, C] float32, label_ids [B, k] int32, label_probs [B, k] float32 (descending, calibrated),
       prompt_ids / prompt_mask [B, P] int32 (left-padded), caption_ids [B, n, T] int32 (pad after EOS),
       caption_scores [B, n] float32; with spec.lm_class_prompts also lm_label_ids [B] and lm_scores [B, C].
     """
@@ -106,7 +108,7 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
         raise ValueError("LM classification (PipelineSpec.lm_class_prompts) needs a visual prefix: params have no "
                          '"bridge"')
     logits, features = cnn_logits_and_features(params["cnn"], images, spec)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jax.nn.softmax(logits / spec.cnn_temperature, axis=-1)
     label_probs, label_ids = jax.lax.top_k(probs, spec.top_k)
     prompt_ids, prompt_mask = assemble_prompts(spec.prompts, label_ids, probability_percents(label_probs),
                                                spec.pad_id)

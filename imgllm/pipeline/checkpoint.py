@@ -38,6 +38,8 @@ Config keys:
                        prefix classifies an image by the LM (`imgllm.language.scoring`); a captioner's export
                        stores the templates it was trained with. `PipelineCheckpoint.spec(lm_classify=True)`
                        scores these (scoring.DEFAULT_TEMPLATES when None or absent, as in older checkpoints)
+    cnn_temperature    the CNN head's temperature, fitted on the classifier run's validation split
+                       (`imgllm.calibration`): records' label probabilities are softmax(logits / T) (1 when absent)
 
 Floating-point parameters are stored as float32 whatever dtype the run that made them computed in, so one checkpoint
 serves float32 and bfloat16 inference (`PipelineCheckpoint.spec(dtype=)`, `imgllm.precision`).
@@ -84,15 +86,20 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
                          template: str = prompts.DEFAULT_TEMPLATE, top_k: int = 1, image_size: int = 32,
                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                          prepend_bos: bool = False, max_new_tokens: int = 20,
-                         class_prompt_templates: Sequence[str] | None = None) -> dict[str, Any]:
+                         class_prompt_templates: Sequence[str] | None = None,
+                         cnn_temperature: float = 1.0) -> dict[str, Any]:
     """The JSON config of a pipeline checkpoint, checked (a wrong value is named here, not at inference).
 
     cnn: `imgllm.vision.cnn.cnn_from_config` dict (a "dtype" key, the compute dtype of the run it comes from, is
     dropped: inference chooses its own); lm: GPT-2 `config.json` dict; bridge: PrefixMapper fields
     (prefix_length, lm_dim, hidden) or None; prepend_bos: start every prompt with BOS (the visual-prefix
     convention of `imgllm.bridge`); max_new_tokens: the default caption length; class_prompt_templates: the
-    templates LM classification scores (None: scoring's defaults). The keys are described in the module docstring.
+    templates LM classification scores (None: scoring's defaults); cnn_temperature: the CNN head's temperature fitted
+    on held-out data at the end of training (`imgllm.calibration`; 1: none), which the label probabilities of records
+    and `{prob}` slots are computed with. The keys are described in the module docstring.
     """
+    if not 0 < cnn_temperature < float("inf"):
+        raise ValueError(f"cnn_temperature must be a positive number, got {cnn_temperature!r}")
     class_names = [str(name) for name in class_names]
     if not class_names or len(set(class_names)) != len(class_names):
         raise ValueError(f"class_names must be non-empty and unique, got {class_names[:20]}")
@@ -109,7 +116,8 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
                   std=None if std is None else [float(s) for s in std],
                   eos_id=int(eos_id), pad_id=int(pad_id), bos_id=None if bos_id is None else int(bos_id),
                   prepend_bos=bool(prepend_bos), max_new_tokens=int(max_new_tokens),
-                  class_prompt_templates=None if class_prompt_templates is None else list(class_prompt_templates))
+                  class_prompt_templates=None if class_prompt_templates is None else list(class_prompt_templates),
+                  cnn_temperature=float(cnn_temperature))
     if class_prompt_templates is not None:
         fill_templates(class_names, class_prompt_templates)  # a template without {label} is named now
     if template:
@@ -283,7 +291,8 @@ class PipelineCheckpoint:
             cnn=self.cnn(dtype), lm_config=self.lm_config(dtype),
             prompts=self.tokenized_template(template, top_k), generation=generation, pad_id=config["pad_id"],
             image_size=config["image_size"], mean=None if mean is None else tuple(mean),
-            std=None if std is None else tuple(std), bridge=bridge, flip_tta=flip_tta, lm_class_prompts=lm_prompts)
+            std=None if std is None else tuple(std), bridge=bridge, flip_tta=flip_tta, lm_class_prompts=lm_prompts,
+            cnn_temperature=float(config.get("cnn_temperature", 1.0)))
 
     def decode_captions(self, caption_ids: np.ndarray) -> list[list[str]]:
         return caption.decode_captions(self.tokenizer.decode, caption_ids, self.config["eos_id"],

@@ -127,6 +127,7 @@ class CaptionerTask:
         self.config = config
         run_config, meta = _classifier_config(os.path.abspath(config.classifier_workdir or ""))
         self.classifier_step = meta["step"]   # the variables are read from this same checkpoint
+        self.cnn_temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))   # its fitted head T
         self.classifier_config = run_config
         self.class_names = tuple(meta.get("task", {}).get("class_names") or ())
         if not self.class_names:

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from imgllm import calibration
 from imgllm import data as data_lib
 from imgllm.data import augment
 from imgllm.data.folder import SPLIT_FOLDER_NAMES
@@ -159,19 +160,34 @@ class ClassifierTask:
         return {"loss": metric((losses * mask).sum(), count),
                 "accuracy": metric(((jnp.argmax(logits, -1) == labels) * mask).sum(), count)}
 
-    def confusion(self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int, tta: bool) -> np.ndarray:
-        """int64 [classes, classes] counts of (true label, predicted class) over `arrays` (this process's first
-        device, whole batches: the last one padded and its padding left out)."""
-        predict = jax.jit(lambda v, x: jnp.argmax(self.logits(v, x, tta=tta), -1))
-        images, labels = arrays["images"], np.asarray(arrays["labels"])
-        predictions = []
+    def eval_logits(self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int, tta: bool) -> np.ndarray:
+        """float32 [N, classes] logits of every image of `arrays` (jitted, whole batches: the last one padded and
+        its padding left out)."""
+        predict = jax.jit(lambda v, x: self.logits(v, x, tta=tta))
+        images = arrays["images"]
+        logits = []
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
             padded = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
-            predictions.append(np.asarray(predict(variables, padded))[:len(batch)])
+            logits.append(np.asarray(predict(variables, padded))[:len(batch)])
+        return np.concatenate(logits)
+
+    def confusion(self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int, tta: bool) -> np.ndarray:
+        """int64 [classes, classes] counts of (true label, predicted class) over `arrays`."""
+        predictions = self.eval_logits(variables, arrays, batch_size=batch_size, tta=tta).argmax(-1)
         matrix = np.zeros((self.model.num_classes,) * 2, np.int64)
-        np.add.at(matrix, (labels, np.concatenate(predictions)), 1)
+        np.add.at(matrix, (np.asarray(arrays["labels"]), predictions), 1)
         return matrix
+
+    def calibrate(self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int) -> dict[str, float]:
+        """The temperature of the CNN head fitted on `arrays` (the held-out split: never training images), with the
+        expected calibration error before and after (`imgllm.calibration`), on the logits inference uses (no TTA).
+        """
+        logits = self.eval_logits(variables, arrays, batch_size=batch_size, tta=False)
+        labels = np.asarray(arrays["labels"])
+        temperature = calibration.fit_temperature(logits, labels)
+        ece = lambda t: calibration.expected_calibration_error(np.exp(calibration.log_softmax(logits, t)), labels)
+        return {"temperature": temperature, "ece": ece(1.0), "ece_calibrated": ece(temperature)}
 
     def checkpoint_metadata(self) -> dict[str, Any]:
         return {"class_names": list(self.class_names or ())}

@@ -29,8 +29,8 @@ def assemble_pipeline_checkpoint(out_dir: str | os.PathLike, *, classifier: str 
                                  top_k: int = 1, max_new_tokens: int = 20, overwrite: bool = False) -> str:
     """Builds a pipeline checkpoint from a classifier's train.py work directory and a GPT-2 (directory or hub name).
 
-    The tokenizer comes from `tokenizer` when given, else from the LM's directory. The class names, image size
-    and normalisation come from the classifier run's checkpoint (its config and meta).
+    The tokenizer comes from `tokenizer` when given, else from the LM's directory. The class names, image size,
+    normalisation and the CNN head's fitted temperature come from the classifier run's checkpoint (config, meta).
     """
     cnn_variables, run_config, meta = load_classifier(os.fspath(classifier))
     lm_config, lm_params = hf.load_gpt2(lm)
@@ -47,7 +47,8 @@ def assemble_pipeline_checkpoint(out_dir: str | os.PathLike, *, classifier: str 
         eos_id=text_tokenizer.eos_token_id, pad_id=text_tokenizer.pad_token_id,
         bos_id=text_tokenizer.bos_token_id, template=template, top_k=top_k,
         image_size=int(run_config.get("image_size") or 32), mean=normalization.get("mean"),
-        std=normalization.get("std"), max_new_tokens=max_new_tokens)
+        std=normalization.get("std"), max_new_tokens=max_new_tokens,
+        cnn_temperature=float((meta.get("calibration") or {}).get("temperature", 1.0)))
     check_vocabulary(text_tokenizer, lm_config.vocab_size, lm)
     return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, {"cnn": cnn_variables, "lm": lm_params}, config,
                                                         text_tokenizer, overwrite=overwrite)
@@ -74,7 +75,7 @@ def export_pipeline_checkpoint(workdir: str, out_dir: str, *, step: int | None =
         bridge=task_meta["bridge"], template="", top_k=1, image_size=task.image_size,
         mean=normalization.get("mean"), std=normalization.get("std"), prepend_bos=True,
         max_new_tokens=max_new_tokens or config.captions.max_tokens + 1,
-        class_prompt_templates=task_meta["templates"])
+        class_prompt_templates=task_meta["templates"], cnn_temperature=task.cnn_temperature)
     return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, params, pipeline_config, tokenizer,
                                                         overwrite=overwrite)
 

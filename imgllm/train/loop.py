@@ -409,6 +409,7 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
     bar.update(start)
     bar.set_description("training")
     last_log_time, last_log_step = time.perf_counter(), start
+    calibrated = saved_meta.get("calibration") if saved_meta is not None else None
     try:
         for step in range(start, total_steps):
             epoch, index = divmod(step, steps_per_epoch)
@@ -436,9 +437,16 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
                                 img_s=f"{record['examples_per_second']:.0f}")
                 last_log_time, last_log_step = now, done
             stop = not last and signals.stop_requested(done)
+            if last and eval_arrays is not None and hasattr(task, "calibrate"):
+                step_metrics.check()
+                bar.set_description("calibrating")
+                calibrated = task.calibrate(state.variables, eval_arrays, batch_size=config.eval_batch_size)
             if checkpointer.should_save(done, last=last) or stop:
                 step_metrics.check()
-                checkpointer.save(done, state, config, meta(done))
+                saved = meta(done)
+                if last and calibrated:
+                    saved["calibration"] = calibrated          # the CNN head's temperature (the classifier's)
+                checkpointer.save(done, state, config, saved)
             if stop:
                 checkpointer.wait()
                 raise TrainingStopped(done, total_steps, signals.received or 0, workdir)
@@ -462,6 +470,7 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
         tta = uses_tta(config)
         final_eval = evaluate_arrays(task, state.variables, eval_arrays, mesh, batch_size=config.eval_batch_size,
                                      tta=tta)
+        final_eval = {**final_eval, **{f"head_{key}": value for key, value in (calibrated or {}).items()}}
         writer.write({"step": total_steps, "epoch": total_steps / steps_per_epoch, "split": "final_eval",
                       "tta": tta, **final_eval})
     if writer.enabled:
