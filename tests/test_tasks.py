@@ -2,7 +2,8 @@
 
 Earlier versions imported "module:factory" from config.task, so a forged checkpoint naming
 "subprocess:getoutput" ran a shell with the config's keys as its command line. Such a checkpoint is now refused
-with UnknownTaskError; names earlier versions stored for imgllm's own tasks still load and resume.
+with UnknownTaskError (train.py: one line, exit status 2); names earlier versions stored for imgllm's own tasks
+still load and resume.
 """
 import json
 import os
@@ -85,8 +86,9 @@ def test_train_py_eval_refuses_a_forged_task(forged):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--mode=eval", f"--workdir={workdir}",
                            "--data=demo"], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
-    assert "UnknownTaskError" in proc.stderr and FORGED_TASK in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"train.py: error: config.task={FORGED_TASK!r} is not an imgllm task; expected one "
+                                   f"of {sorted(TASKS)}"), proc.stderr[-2000:]
     assert not marker.exists()
 
 

@@ -213,7 +213,9 @@ def test_metric_sums_and_config_names():
     assert total.dtype == jnp.float32 and float(count) == 4.0
     (arg,) = resolve_config_arg(["--config=cnn_tiny"])
     assert arg.endswith(os.path.join("imgllm", "configs", "cnn_tiny.py"))
-    assert resolve_config_arg(["--config=does/not/exist.py"]) == ["--config=does/not/exist.py"]
+    with pytest.raises(ValueError, match=r"--config=does/not/exist.py: no such config file or name; the names are "
+                                         r"captioner_cifar10, .*cnn_tiny, demo"):
+        resolve_config_arg(["--config=does/not/exist.py"])
 
 
 @pytest.mark.parametrize("shape", [(16, 40), (40, 16)], ids=["wide", "tall"])
