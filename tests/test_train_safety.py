@@ -162,6 +162,7 @@ def test_sigterm_stops_after_the_step_with_its_checkpoint_committed(tmp_path, mo
     config.eval_split = ""
     config.checkpoint_every_steps = 100
     config.log_every_steps = 1
+    config.profile_steps = "0,2"            # a jax.profiler trace of steps 1-2, stopped cleanly by the signal too
     make_feed = loop.feed_lib.make_feed
 
     def feed_signalling_at_step_3(*args, **kwargs):
@@ -187,3 +188,5 @@ def test_sigterm_stops_after_the_step_with_its_checkpoint_committed(tmp_path, mo
     assert loop.restore_for_eval(str(tmp_path))[1]["step"] == 3
     with open(tmp_path / metrics_log.METRICS_FILE) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+    traces = [name for _, _, names in os.walk(tmp_path / "profile") for name in names]
+    assert any(name.endswith(".xplane.pb") for name in traces), traces
