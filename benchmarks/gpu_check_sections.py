@@ -68,10 +68,10 @@ GPU = Sizes(cnn_argv=("--dtype", "bfloat16"), lm={}, decode_batches=(1, 64), pro
             decode_runs=3, caption_images=4096, caption_batch=512, caption_tokens=20, caption_repeats=2,
             caption_cnn="airbench94", caption_dtype="bfloat16")
 SMOKE = Sizes(cnn_argv=("--fake_data", "10", "--preset", "tiny", "--batch_size", "32", "--eval_batch_size", "10",
-                        "--epochs", "4", "--dtype", "bfloat16", "--conv_impl", "xla"),   # xla: the GPU's convs
+                        "--epochs", "2", "--dtype", "bfloat16", "--conv_impl", "xla"),   # xla: the GPU's convs
               lm=dict(vocab_size=512, bos_token_id=511, eos_token_id=511, n_layer=2, n_embd=64, n_head=4,
                       n_positions=128),
-              decode_batches=(1, 4), prompt_length=8, new_tokens=8, decode_runs=2, caption_images=16, caption_batch=8,
+              decode_batches=(1, 4), prompt_length=8, new_tokens=8, decode_runs=1, caption_images=16, caption_batch=8,
               caption_tokens=8, caption_repeats=1, caption_cnn="tiny", caption_dtype="bfloat16")
 
 

@@ -6,11 +6,21 @@ whose vocabulary is a byte-level BPE trained here. Every parameter, LayerNorms i
 at random so that a mixed-up mapping (ln_1 vs ln_2, kernel vs bias) changes the logits.
 
 Fixtures are found by pytest; plain helpers are imported with ``from conftest import CORPUS``.
+
+The whole session (both xdist workers and every train.py / infer.py subprocess, which inherit the environment) shares
+one JAX persistent compilation cache, set here before anything imports JAX: the tiny configs compile the same
+programs in many tests and processes, and each is then compiled once. A test that studies the cache sets its own.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "imgllm-tests-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 CORPUS = [
     "the cat sat on the mat.",

@@ -20,7 +20,7 @@ gpu_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_check)
 
 # The rows the smoke run prints: (section, start of the measurement's name).
-SMOKE_ROWS = [("cnn", "cifar10 4 ep, airbench time"), ("cnn", "cifar10 32/step, train"),
+SMOKE_ROWS = [("cnn", "cifar10 2 ep, airbench time"), ("cnn", "cifar10 32/step, train"),
               ("cnn", "cifar10 TTA val accuracy"),
               ("decode", "GPT-2 2x64 greedy b1 float32"), ("decode", "GPT-2 2x64 greedy b4 float32"),
               ("decode", "GPT-2 2x64 greedy b1 bfloat16"), ("decode", "GPT-2 2x64 greedy b4 bfloat16"),
