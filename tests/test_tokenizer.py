@@ -1,4 +1,8 @@
 """The offline BPE tokenizer: exact round trip, GPT-2 special-token conventions, loads with AutoTokenizer."""
+import os
+import subprocess
+import sys
+
 import pytest
 import transformers
 
@@ -39,3 +43,30 @@ def test_bad_arguments():
         train_bpe_tokenizer(TEXTS, vocab_size=100)
     with pytest.raises(ValueError, match="at least one text"):
         train_bpe_tokenizer([])
+
+
+TORCH_NOTICE = "Models won't be available and only tokenizers"  # transformers' "PyTorch was not found. ..."
+
+
+def test_importing_transformers_without_torch_prints_no_pytorch_notice():
+    """Without torch, `import transformers` logs "PyTorch was not found. Models won't be available ...": noise for
+    imgllm, which runs on JAX. Importing imgllm drops exactly that notice; other transformers messages still show.
+    torch is hidden in the subprocesses (sys.modules["torch"] = None: importlib's find_spec then finds nothing)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY")}
+    env["PYTHONPATH"] = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+
+    def stderr_of(code):
+        proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None\n" + code], cwd=root,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    if TORCH_NOTICE not in stderr_of("import transformers"):
+        pytest.skip("this transformers version logs no notice without torch")
+    stderr = stderr_of("import imgllm.language.tokenizer, transformers\n"
+                       "assert not transformers.is_torch_available()\n"
+                       "transformers.logging.get_logger('transformers').warning('another notice')")
+    assert TORCH_NOTICE not in stderr
+    assert "another notice" in stderr

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -127,6 +128,32 @@ def test_two_paths_to_one_file_give_one_item_the_first(tmp_path, monkeypatch):
     assert keys(items) == ["real.png", "other.png", "gone.png"]
     assert keys(expand_inputs([str(tmp_path / "alias.png"), "real.png"])) == ["real.png"]
     assert keys(expand_inputs([str(tmp_path)])) == [str(tmp_path / "hard.png"), other]
+
+
+
+def test_folders_skip_sidecar_files_silently_and_warn_about_other_files(tmp_path):
+    """The README's demo writes captions.jsonl into the folder it then captions: expanding that folder gives its
+    images and says nothing about the captions, notes or the output's own .lock/.run.json/.tmp files. Another file
+    without an image extension is still skipped with a warning; a broken file with an image extension, and a
+    sidecar file named explicitly, stay items (error records)."""
+    folder = tmp_path / "demo_images"
+    (folder / "circle").mkdir(parents=True)
+    images = [write_png(folder / "circle" / "0.png"), write_png(folder / "square.png", colour=(0, 0, 255))]
+    for name in ("captions.jsonl", "notes.txt", "captions.jsonl.lock", "captions.jsonl.run.json", "index.HTML",
+                 "captions.jsonl.x1y2.tmp", "circle/labels.csv"):
+        (folder / name).write_text("{}\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = expand_inputs([str(folder)])
+    assert sorted(keys(items)) == sorted(images)
+    assert [str(warning.message) for warning in caught] == []
+
+    (folder / "photo.heic").write_bytes(b"not decodable here")
+    (folder / "broken.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="photo.heic") as caught:
+        items = expand_inputs([str(folder), str(folder / "captions.jsonl")])
+    assert len(caught) == 1, [str(warning.message) for warning in caught]
+    assert sorted(keys(items)) == sorted([*images, str(folder / "broken.png"), str(folder / "captions.jsonl")])
 
 
 # ----------------------------------------------------------------------------- decompression bombs

@@ -96,13 +96,16 @@ def is_folder_entry(entry: os.DirEntry) -> bool:
         return False
 
 
-def list_image_files(path: str | os.PathLike, *, recursive: bool = False) -> list[str]:
+def list_image_files(path: str | os.PathLike, *, recursive: bool = False,
+                     quiet_extensions: Sequence[str] = ()) -> list[str]:
     """Image files at `path`: the file itself, or the image files in a folder, sorted by name.
 
     Hidden files (".DS_Store", "._x.jpg") are ignored; other files without an image extension are
-    skipped with a warning naming them. Symlinked sub-folders are followed, each real folder once (see
-    `walk_folders`). Raises FileNotFoundError when `path` does not exist.
+    skipped with a warning naming them, except those ending with one of `quiet_extensions` (lower case,
+    e.g. ".jsonl"), which are skipped silently. Symlinked sub-folders are followed, each real folder once
+    (see `walk_folders`). Raises FileNotFoundError when `path` does not exist.
     """
+    quiet_extensions = tuple(extension.lower() for extension in quiet_extensions)
     path = os.fspath(path)
     if os.path.isfile(path):
         return [path]
@@ -116,7 +119,7 @@ def list_image_files(path: str | os.PathLike, *, recursive: bool = False) -> lis
             file_path = os.path.join(folder, name)
             if has_image_extension(name):
                 found.append(file_path)
-            else:
+            elif not name.lower().endswith(quiet_extensions):
                 extensions = ", ".join(IMAGE_EXTENSIONS)
                 warnings.warn(f"skipping {file_path!r}: not an image file ({extensions})", stacklevel=2)
     return sorted(found)

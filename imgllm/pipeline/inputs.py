@@ -39,6 +39,13 @@ from imgllm.data.images import (
 )
 
 TFDS_PREFIX = "tfds:"
+# Files that live beside images without being images, skipped without a warning when a folder is expanded: captions
+# and references (captions.jsonl, written into the folder it describes by `python -m imgllm.data.demo_images`),
+# tables, notes, pages, configs, and an output's own <output>.lock, <output>.run.json and temporary "*.tmp" files.
+# Any other file without an image extension is skipped with a warning; a file named explicitly, or matched by a
+# glob pattern, is never skipped (one that cannot be decoded gets an error record).
+SIDECAR_EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".md", ".rst", ".html", ".htm", ".xml", ".yaml",
+                      ".yml", ".log", ".lock", ".tmp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +178,8 @@ def one_item_per_image(items: Sequence[Item]) -> list[Item]:
 def expand_inputs(inputs: Sequence[str | Item], *, data_dir: str | None = None) -> list[Item]:
     """Files, folders (recursive), glob patterns and tfds splits → items, in the given order, one per real image.
 
-    Files without an image extension inside folders are skipped with a warning. A path that matches nothing
+    Files without an image extension inside folders are skipped, with a warning unless they are sidecar files
+    (`SIDECAR_EXTENSIONS`: captions.jsonl, notes.txt, an output's .lock, ...). A path that matches nothing
     stays as an item, so it gets an error record naming it. `Item`s pass through unchanged. Folders and `**`
     follow symlinked folders, each real folder once (`glob_once`), and several paths to the same file
     (symlinks, hard links) give one item (`one_item_per_image`).
@@ -183,14 +191,18 @@ def expand_inputs(inputs: Sequence[str | Item], *, data_dir: str | None = None) 
         elif spec.startswith(TFDS_PREFIX):
             items.extend(tfds_items(spec, data_dir))
         elif os.path.isdir(spec):
-            items.extend(Item(path) for path in list_image_files(spec, recursive=True))
+            items.extend(Item(path) for path in _folder_images(spec))
         elif glob.has_magic(spec):
             for path in glob_once(spec):
-                items.extend(Item(p) for p in (list_image_files(path, recursive=True) if os.path.isdir(path)
-                                               else [path]))
+                items.extend(Item(p) for p in (_folder_images(path) if os.path.isdir(path) else [path]))
         else:
             items.append(Item(os.fspath(spec)))
     return one_item_per_image(items)
+
+
+def _folder_images(folder: str) -> list[str]:
+    """The image files below `folder` (recursive); sidecar files are skipped silently, other files with a warning."""
+    return list_image_files(folder, recursive=True, quiet_extensions=SIDECAR_EXTENSIONS)
 
 
 def plan_batches(items: list[Item], done: set[str], batch_size: int) -> list[tuple[int, list[Item]]]:
@@ -279,6 +291,6 @@ def prefetch_batches(pending: list[tuple[int, list[Item]]], batch_size: int, siz
         thread.join(timeout=5)
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "Batch", "Item", "TFDS_PREFIX", "expand_inputs", "file_identity", "glob_once",
-           "load_batch", "one_item_per_image", "plan_batches", "prefetch_batches", "symlinks_on_path",
-           "tfds_items"]
+__all__ = ["DEFAULT_MAX_PIXELS", "SIDECAR_EXTENSIONS", "TFDS_PREFIX", "Batch", "Item", "expand_inputs",
+           "file_identity", "glob_once", "load_batch", "one_item_per_image", "plan_batches", "prefetch_batches",
+           "symlinks_on_path", "tfds_items"]
