@@ -7,10 +7,11 @@
     python infer.py assemble --classifier runs/cifar10 --lm path/to/gpt2 --out CKPT [--tokenizer DIR]
     python infer.py assemble --captioner runs/mycaptioner --out CKPT
 
-Inputs are image files, folders (searched recursively; files without an image extension are skipped with a
-warning), glob patterns, or a tfds split written tfds:NAME:SPLIT. Each image gives one record (a JSON line, or a
-CSV row): its path, the top-k labels with probabilities and the caption(s); a file that cannot be read gives an
-error record and the run goes on. Records are appended as each batch finishes; rerunning the same command
+Inputs are image files, folders (searched recursively; files without an image extension are skipped, with a
+warning unless they are sidecar files such as captions.jsonl or notes.txt), glob patterns, or a tfds split written
+tfds:NAME:SPLIT. Each image gives one record (a JSON line, or a CSV row): its path, the top-k labels with
+probabilities and the caption(s); a file that cannot be read gives an error record and the run goes on.
+Records are appended as each batch finishes; rerunning the same command
 skips the images already in the output (a partly written last line is dropped), and with the same --seed and
 --batch-size gives the same records as an uninterrupted run; --retry-errors also redoes the images whose records
 are errors. One run at a time writes an output (OUTPUT.lock), and resuming with options that change the records
@@ -37,6 +38,7 @@ from imgllm import cli
 from imgllm.data.images import DEFAULT_MAX_PIXELS
 from imgllm.pipeline import DEFAULT_COMPILATION_CACHE, DecodingOptions, caption_files, expand_inputs
 from imgllm.pipeline.batch import STDOUT
+from imgllm.pipeline.caption import CLASSIFIERS, LM_SCORINGS
 from imgllm.pipeline.records import OutputError, score_records
 from imgllm.precision import DTYPE_CHOICES
 
@@ -53,9 +55,12 @@ def run_captions(args: argparse.Namespace) -> int:
     records = caption_files(args.checkpoint, items, output=args.output or STDOUT, fmt=args.format, html=args.html,
                             resume=args.resume, retry_errors=args.retry_errors, batch_size=args.batch_size,
                             seed=args.seed, decoding=decoding, template=args.template, top_labels=args.top_labels,
-                            tta=args.tta, lm_classify=args.lm_classify, workers=args.workers, data_dir=args.data_dir,
+                            tta=args.tta, lm_classify=args.lm_classify, classify=args.classify,
+                            lm_labels=split_list(args.lm_labels, ",", "--lm-labels"),
+                            lm_templates=split_list(args.lm_templates, "|", "--lm-templates"),
+                            lm_scoring=args.lm_scoring, workers=args.workers, data_dir=args.data_dir,
                             compilation_cache=args.compilation_cache, progress=not args.quiet, dtype=args.dtype,
-                            max_pixels=args.max_pixels or None)
+                            max_pixels=args.max_pixels or None, references=args.references)
     succeeded, scored = 0, []
     try:
         for record in records:
@@ -73,12 +78,25 @@ def run_captions(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_list(text: str | None, separator: str, flag: str) -> list[str] | None:
+    """A flag's list value split at `separator` (items stripped); None stays None, an empty item is refused."""
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(separator)]
+    if not all(items):
+        raise ValueError(f"{flag}={text!r}: an empty item (separate items with {separator!r})")
+    return items
+
+
 def run_assemble(args: argparse.Namespace) -> int:
     """Writes a pipeline checkpoint from a captioner run, or from a classifier run and a GPT-2."""
     if args.captioner and (args.classifier or args.lm or args.tokenizer):
         raise ValueError("assemble: --captioner holds its CNN, LM and tokenizer; drop --classifier/--lm/--tokenizer")
     if not args.captioner and not (args.classifier and args.lm):
         raise ValueError("assemble: give --captioner WORKDIR, or both --classifier and --lm")
+    if os.path.exists(args.out) and not args.overwrite:  # the library's own error names overwrite=True
+        raise FileExistsError(f"assemble: --out {args.out} exists; pass --overwrite to replace it, or choose "
+                              "another --out")
     # Imported here, not at the top: the trainer's modules would add seconds to every caption run's start.
     from imgllm.train.export import assemble_pipeline_checkpoint, export_pipeline_checkpoint
 
@@ -126,6 +144,21 @@ def caption_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lm-classify", action="store_true",
                         help="also report the LM's classification by the likelihood of the checkpoint's class "
                              "prompt templates (checkpoints with a bridge)")
+    parser.add_argument("--lm-labels", default=None,
+                        help="classify by the LM among these comma-separated labels instead of the CNN's classes, "
+                             "e.g. red,green,blue (records get lm_label and lm_probs; checkpoints with a bridge)")
+    parser.add_argument("--lm-templates", default=None,
+                        help="'|'-separated prompts of --lm-labels, e.g. 'a small {label}|a large {label}': a label's "
+                             "score is the mean of its prompts' likelihoods; a template ending in {label} is a "
+                             "caption's beginning (its end is not scored), one with text after {label} a whole "
+                             "caption (default: the checkpoint's class prompt templates)")
+    parser.add_argument("--lm-scoring", choices=LM_SCORINGS, default="likelihood",
+                        help="score labels by their prompts' likelihood after the image, or by the information gain "
+                             "over a neutral image (removes the LM's preference among the labels)")
+    parser.add_argument("--classify", choices=CLASSIFIERS, default=None,
+                        help="where the labels (and the prompt's {label}) come from: the CNN's head, the LM's class "
+                             "prompt scores, or both fused with the checkpoint's fitted weight (default: the "
+                             "checkpoint's choice)")
     parser.add_argument("--references", default=None,
                         help='JSON lines of {"path", "caption"} (several per image allowed; e.g. written by '
                              "python -m imgllm.data.demo_images): score the captions against them (exact match, "

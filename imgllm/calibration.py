@@ -8,6 +8,10 @@ match the accuracy. Fusion adds a second classifier's log-probabilities with a w
     t = fit_temperature(validation_logits, validation_labels)          # argmin_T NLL(softmax(logits / T))
     w = fit_fusion_weight(cnn_log_probs, lm_log_probs, labels)         # argmax_w accuracy of cnn + w * lm
 
+The whole report a trainer stores and `eval` prints is `calibration_report`: the fit on the validation split, and
+the calibration error and the fused accuracy *held out* (2-fold cross-fitting: each half is scored with the values
+fitted on the other half), so that the reported gains are not the fit's own optimism.
+
 All functions take and return numpy (host) arrays: they run once, after training, on a validation split.
 """
 from __future__ import annotations
@@ -92,3 +96,90 @@ def fit_fusion_weight(first: np.ndarray, second: np.ndarray, labels: np.ndarray,
         return -accuracy, float(-fused[np.arange(len(labels)), labels].mean()), weight
 
     return float(min(weights, key=badness))
+
+
+HELD_OUT_FOLDS = 2
+
+
+def fit_calibration(cnn_logits: np.ndarray, labels: np.ndarray, lm_scores: np.ndarray | None = None) -> dict:
+    """The values calibration fits on (logits, labels): head_temperature; with the LM's class scores also
+    lm_temperature, fusion_weight (of the calibrated log-probabilities, `fit_fusion_weight`) and fusion_temperature
+    (of their weighted sum)."""
+    fitted = {"head_temperature": fit_temperature(cnn_logits, labels)}
+    if lm_scores is not None:
+        fitted["lm_temperature"] = fit_temperature(lm_scores, labels)
+        cnn, lm = log_softmax(cnn_logits, fitted["head_temperature"]), log_softmax(lm_scores, fitted["lm_temperature"])
+        fitted["fusion_weight"] = fit_fusion_weight(cnn, lm, labels)
+        fitted["fusion_temperature"] = fit_temperature(cnn + fitted["fusion_weight"] * lm, labels)
+    return fitted
+
+
+def calibrated_log_probs(fitted: dict, cnn_logits: np.ndarray, lm_scores: np.ndarray | None = None) -> dict:
+    """{"cnn", and with LM scores "lm" and "fused"}: [N, C] log-probabilities under the values of `fit_calibration`
+    (the same formulas as `imgllm.pipeline.caption.class_log_probs` inside jit)."""
+    cnn = log_softmax(cnn_logits, fitted["head_temperature"])
+    if lm_scores is None:
+        return {"cnn": cnn}
+    lm = log_softmax(lm_scores, fitted["lm_temperature"])
+    fused = log_softmax(cnn + fitted["fusion_weight"] * lm, fitted["fusion_temperature"])
+    return {"cnn": cnn, "lm": lm, "fused": fused}
+
+
+def held_out_log_probs(cnn_logits: np.ndarray, labels: np.ndarray, lm_scores: np.ndarray | None = None, *,
+                       folds: int = HELD_OUT_FOLDS, seed: int = 0) -> dict:
+    """`calibrated_log_probs` of every example under values fitted on the other folds (a fixed random split)."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    result = {}
+    for part in np.array_split(order, folds):
+        rest = np.setdiff1d(order, part)
+        fitted = fit_calibration(cnn_logits[rest], labels[rest], None if lm_scores is None else lm_scores[rest])
+        scored = calibrated_log_probs(fitted, cnn_logits[part], None if lm_scores is None else lm_scores[part])
+        for name, values in scored.items():
+            result.setdefault(name, np.zeros((len(labels), values.shape[-1])))[part] = values
+    return result
+
+
+def calibration_report(cnn_logits: np.ndarray, labels: np.ndarray, lm_scores: np.ndarray | None = None, *,
+                       fitted: dict | None = None) -> dict:
+    """Calibration of a classifier (and of the LM's class scores, and their fusion) on a held-out split.
+
+    fitted None (the end of training, on the validation split): the values are fitted here (`fit_calibration`,
+    on all examples: what is stored), and the calibrated figures are held out (`held_out_log_probs`). fitted given
+    (a stored fit, evaluated on another split): its values are applied as they are.
+    Returns the fitted values, head_accuracy (the CNN head's, no test-time augmentation) and head_ece /
+    head_ece_calibrated (its expected calibration error before and after), and with LM scores lm_ece /
+    lm_ece_calibrated, fused_accuracy and fused_ece_calibrated.
+    """
+    cnn_logits, labels = np.asarray(cnn_logits, np.float64), np.asarray(labels)
+    lm_scores = None if lm_scores is None else np.asarray(lm_scores, np.float64)
+    if fitted is None:
+        fitted = fit_calibration(cnn_logits, labels, lm_scores)
+        calibrated = held_out_log_probs(cnn_logits, labels, lm_scores)
+    else:
+        lm_scores = lm_scores if "lm_temperature" in fitted else None   # a fit of the head alone: report the head
+        calibrated = calibrated_log_probs(fitted, cnn_logits, lm_scores)
+    ece = lambda log_probs: expected_calibration_error(np.exp(log_probs), labels)
+    report = {**fitted, "head_accuracy": float((cnn_logits.argmax(-1) == labels).mean()),
+              "head_ece": ece(log_softmax(cnn_logits)), "head_ece_calibrated": ece(calibrated["cnn"])}
+    if lm_scores is not None:
+        report.update(lm_ece=ece(log_softmax(lm_scores)), lm_ece_calibrated=ece(calibrated["lm"]),
+                      fused_accuracy=float((calibrated["fused"].argmax(-1) == labels).mean()),
+                      fused_ece_calibrated=ece(calibrated["fused"]))
+    return {key: float(value) for key, value in report.items()}
+
+
+def stored_head_temperature(calibration: dict | None) -> float:
+    """The CNN head's temperature of a checkpoint's stored calibration (1 when none; "temperature" in checkpoints
+    written before the LM's calibration was stored beside it)."""
+    calibration = calibration or {}
+    return float(calibration.get("head_temperature", calibration.get("temperature", 1.0)))
+
+
+def stored_fit(calibration: dict | None) -> dict | None:
+    """The fitted values (`fit_calibration`'s keys) of a stored calibration report, or None when it has none."""
+    if not calibration:
+        return None
+    keys = ("lm_temperature", "fusion_weight", "fusion_temperature")
+    fitted = {"head_temperature": stored_head_temperature(calibration)}
+    fitted.update({key: float(calibration[key]) for key in keys if key in calibration})
+    return fitted

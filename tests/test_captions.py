@@ -140,7 +140,10 @@ def test_short_captioner_training_improves_caption_scores(tiny_demo):
     first = records[0]                  # the first training step: the untrained model on a training batch
     final = records[-1]                 # the trained model on the validation images
     assert first["split"] == "train" and first["step"] == 1 and final["split"] == "final_eval"
-    assert set(final) >= {"loss", "token_accuracy", "caption_exact", "accuracy", "lm_accuracy"}
+    assert set(final) >= {"loss", "token_accuracy", "caption_exact", "accuracy", "lm_accuracy", "head_temperature",
+                          "head_ece", "head_ece_calibrated", "lm_temperature", "lm_ece", "lm_ece_calibrated",
+                          "fusion_weight", "fusion_temperature", "fused_accuracy", "lm_ig_accuracy"}
+    assert final["lm_temperature"] > 0 and 0.0 <= final["fused_accuracy"] <= 1.0
     # Next-token loss and token accuracy of the reference captions.
     assert final["loss"] < first["loss"] - 1.0
     assert final["token_accuracy"] > first["accuracy"] + 0.2
@@ -151,9 +154,17 @@ def test_demo_recipe_exports_a_pipeline_that_captions_and_classifies(tiny_demo):
     from imgllm.pipeline.checkpoint import load_pipeline
     from imgllm.train.checkpoint import load_classifier
     workdir, _, captioner_config, results, _ = tiny_demo
-    assert set(results) == {"exact_match", "bleu4", "cider", "lm_accuracy", "cnn_accuracy"}
-    assert all(0.0 <= results[k] <= 1.0 for k in ("exact_match", "bleu4", "lm_accuracy", "cnn_accuracy"))
+    assert set(results) == {"exact_match", "bleu4", "cider", "lm_accuracy", "cnn_accuracy", "lm_colour_accuracy",
+                            "lm_size_accuracy"}
+    assert all(0.0 <= results[k] <= 1.0 for k in ("exact_match", "bleu4", "lm_accuracy", "cnn_accuracy",
+                                                  "lm_colour_accuracy", "lm_size_accuracy"))
     pipeline = load_pipeline(os.path.join(workdir, "pipeline"))
+    # The calibration fitted on the captioner's validation split travels into the pipeline checkpoint.
+    final = _metrics_records(os.path.join(workdir, "captioner"))[-1]
+    for key, config_key in (("head_temperature", "cnn_temperature"), ("lm_temperature", "lm_temperature"),
+                            ("fusion_weight", "fusion_weight"), ("fusion_temperature", "fusion_temperature")):
+        assert pipeline.config[config_key] == pytest.approx(final[key])
+    assert pipeline.config["classify"] == ("fused" if final["fused_accuracy"] > final["head_accuracy"] else "cnn")
     assert set(pipeline.params) == {"cnn", "lm", "bridge"}
     assert pipeline.config["bridge"]["feature_source"] == captioner_config.bridge.feature_source
     assert pipeline.config["class_prompt_templates"] == list(captioner_config.captions.templates)

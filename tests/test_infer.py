@@ -172,6 +172,22 @@ def test_csv_and_html_outputs(checkpoint, messy_folder, tmp_path):
         assert len(list(csv.DictReader(f))) == 2
 
 
+def test_html_gallery_shows_references_scores_and_mismatches(checkpoint, tmp_path):
+    """caption_files(html=, references=) (infer.py --html --references): the gallery's header names the checkpoint
+    and the scores, each card its reference, and a CNN label that is not the reference's is marked."""
+    from imgllm.data.demo import write_demo_images
+
+    references = write_demo_images(str(tmp_path / "imgs"), num_examples=3, seed=2)   # captions.jsonl among them
+    page = tmp_path / "page.html"
+    records = caption(checkpoint, tmp_path / "imgs", html=page, references=references, **BATCH)
+    assert len(records) == 3 and all("caption_scores" in record for record in records)
+    text = page.read_text()
+    assert os.path.abspath(checkpoint) in text and "exact_match" in text
+    for line in map(json.loads, open(references)):
+        assert line["caption"] in text                       # every reference caption is shown
+    assert text.count('class="card has-mismatch"') == 3     # the tiny pipeline names CIFAR classes, not shapes
+
+
 def test_tfds_split_input(checkpoint, tmp_path):
     import tensorflow_datasets as tfds
 
@@ -322,6 +338,17 @@ def test_cli_errors_are_one_line_with_status_two(tmp_path):
     status, lines = run_infer_main("assemble", "--out", str(tmp_path / "p"))
     assert status == 2 and lines == ["infer.py: error: assemble: give --captioner WORKDIR, or both --classifier "
                                      "and --lm"]
+
+
+def test_assemble_over_an_existing_out_names_the_overwrite_flag(tmp_path):
+    """The command line says --overwrite (its flag), not the library's overwrite=True; checked before loading."""
+    (tmp_path / "ckpt").mkdir()
+    status, lines = run_infer_main("assemble", "--captioner", str(tmp_path / "no_run"), "--out", str(tmp_path / "ckpt"))
+    assert status == 2 and lines == [f"infer.py: error: assemble: --out {tmp_path / 'ckpt'} exists; pass --overwrite "
+                                     "to replace it, or choose another --out"], lines
+    status, lines = run_infer_main("assemble", "--captioner", str(tmp_path / "no_run"), "--out", str(tmp_path / "ckpt"),
+                                   "--overwrite")     # past the check: the missing run is the error now
+    assert status == 2 and len(lines) == 1 and "--overwrite" not in lines[0] and "no_run" in lines[0], lines
 
 
 def test_flags_take_underscores_too(checkpoint, tmp_path):

@@ -229,6 +229,13 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 32) ->
     return render_scene(scene, image_size, rng), scene
 
 
+def demo_scenes(split: str, *, seed: int = 0, num_examples: int, image_size: int = 32) -> list[Scene]:
+    """The scenes of images 0..num_examples-1 of a split, without drawing them (a scene is sampled before it is
+    drawn): ground truth for questions about the objects (their colours, sizes, ...)."""
+    return [sample_scene(np.random.default_rng((seed, _split_code(split), index)), image_size)
+            for index in range(num_examples)]
+
+
 def generate_demo(split: str, *, seed: int = 0, num_examples: int | None = None, image_size: int | None = None):
     """The demo split as an `ImageDataset` with one reference caption per image."""
     image_size = 32 if image_size is None else int(image_size)

@@ -116,14 +116,27 @@ def fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list
         raise ValueError("no class names to build prompts for")
     if not templates:
         raise ValueError("at least one prompt template is needed")
+    blank = [name for name in class_names if not str(name).strip()]
+    if blank:
+        raise ValueError(f"labels must be non-empty strings, got {blank[0]!r}")
+    repeated = sorted({name for name in class_names if list(class_names).count(name) > 1})
+    if repeated:
+        raise ValueError(f"labels must be unique, {repeated[0]!r} is repeated")
     for template in templates:
         if "{label}" not in template:
             raise ValueError(f"prompt template {template!r} has no '{{label}}' field")
+        try:
+            template.format(label="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"prompt template {template!r}: {{label}} is its only field (write {{{{ and }}}} for "
+                             f"literal braces); {type(error).__name__}: {error}") from None
     return [[template.format(label=name.replace("_", " ")) for template in templates] for name in class_names]
 
 
-def _table_from_pieces(pieces: list[list[tuple[list[int], list[int]]]], bos_id: int, eos_id: int) -> ClassPromptTable:
-    """Packs per-(class, template) (context ids, scored ids) into a right-padded ClassPromptTable."""
+def _table_from_pieces(pieces: list[list[tuple[list[int], list[int]]]], bos_id: int, eos_id: int,
+                       score_end: bool = True) -> ClassPromptTable:
+    """Packs per-(class, template) (context ids, scored ids) into a right-padded ClassPromptTable; score_end: the EOS
+    after the scored ids counts in the score too (the prompt is a whole text, not the beginning of one)."""
     rows = [[[bos_id] + context + scored + [eos_id] for context, scored in row] for row in pieces]
     length = max(len(seq) for row in rows for seq in row)
     input_ids = np.full((len(rows), len(rows[0]), length), eos_id, np.int32)
@@ -133,7 +146,7 @@ def _table_from_pieces(pieces: list[list[tuple[list[int], list[int]]]], bos_id: 
             seq = rows[c][e]
             input_ids[c, e, :len(seq)] = seq
             # Targets are seq[1:]; the scored part (plus EOS) starts after BOS + context.
-            target_mask[c, e, len(context):len(context) + len(scored) + 1] = 1.0
+            target_mask[c, e, len(context):len(context) + len(scored) + int(score_end)] = 1.0
     input_ids.setflags(write=False)
     target_mask.setflags(write=False)
     return ClassPromptTable(input_ids=input_ids, target_mask=target_mask)
@@ -142,17 +155,35 @@ def _table_from_pieces(pieces: list[list[tuple[list[int], list[int]]]], bos_id: 
 Encoder = Callable[[str], Sequence[int]]
 
 
+def template_is_whole_text(template: str) -> bool:
+    """Whether a template reads as a whole caption ("a photo of a {label}.": text follows the label) rather than the
+    beginning of one ("a small {label}": a caption would go on, e.g. "a small red circle at the top")."""
+    return not template.rstrip().endswith("{label}")
+
+
 def build_prompt_table(encode: Encoder, eos_id: int, class_names: Sequence[str],
-                       templates: Sequence[str] = DEFAULT_TEMPLATES) -> ClassPromptTable:
-    """Tokenises every class x template prompt once (host side): [BOS] prompt [EOS], every prompt token scored.
+                       templates: Sequence[str] = DEFAULT_TEMPLATES, *,
+                       score_end: bool | None = True) -> ClassPromptTable:
+    """Tokenises every label x template prompt once (host side): [BOS] prompt [EOS], every prompt token scored.
+
+    Labels may be any strings, several tokens long; the templates' own tokens are scored too, so several templates
+    per label combine as a mixture: a label's score is the log of the mean over templates of each whole prompt's
+    likelihood (`_score_one_image`), e.g. "a small {label}" and "a large {label}" together score a colour whatever
+    the size. score_end: also score the EOS after the prompt (True: each prompt is a whole text, as the class
+    templates a captioner is trained on), or not (False: a prompt is the beginning of a caption, and scoring its
+    end would penalise every label alike for the words that should follow); None: decide per template set with
+    `template_is_whole_text` (all whole → True, else False). Without the EOS a label that begins another
+    ("cat" / "cat food") scores at least as high as the longer one: end such templates with text after {label}.
 
     encode: text -> token ids without special tokens (e.g. a `tokenizers.Tokenizer`'s encode(...).ids, or
     `lambda s: hf_tokenizer(s, add_special_tokens=False)["input_ids"]`); eos_id: GPT-2's <|endoftext|>, which is
     also BOS and pad (the visual-prefix convention of `imgllm.bridge`).
     """
     prompts = fill_templates(class_names, templates)
+    if score_end is None:
+        score_end = all(template_is_whole_text(template) for template in templates)
     pieces = [[([], list(encode(prompt))) for prompt in row] for row in prompts]
-    return _table_from_pieces(pieces, eos_id, eos_id)
+    return _table_from_pieces(pieces, eos_id, eos_id, score_end=score_end)
 
 
 def build_text_prompt_table(encode: Encoder, eos_id: int, descriptions: Sequence[str], class_names: Sequence[str],

@@ -37,6 +37,7 @@ from imgllm import parallel
 from imgllm.language.decoding import GenerationConfig
 from imgllm.pipeline.caption import PipelineSpec, compile_captioner, inference_params, place_images, place_params
 from imgllm.pipeline.checkpoint import PipelineCheckpoint, load_pipeline, read_params_shapes, read_pipeline_params
+from imgllm.pipeline.gallery import GalleryHeader, write_gallery
 from imgllm.pipeline.inputs import DEFAULT_MAX_PIXELS, Batch, Item, expand_inputs, plan_batches, prefetch_batches
 from imgllm.pipeline.records import (
     RECORD_FORMATS,
@@ -46,7 +47,8 @@ from imgllm.pipeline.records import (
     format_for_path,
     make_records,
     prepare_output,
-    write_html,
+    read_references,
+    score_records,
 )
 from imgllm.precision import resolve_dtype
 
@@ -109,10 +111,12 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
                   output: str | os.PathLike | None = None, fmt: str | None = None, html: str | None = None,
                   resume: bool = True, retry_errors: bool = False, batch_size: int = 64, seed: int = 0,
                   decoding: DecodingOptions = DecodingOptions(), template: str | None = None,
-                  top_labels: int | None = None, tta: bool = False, lm_classify: bool = False, workers: int = 4,
+                  top_labels: int | None = None, tta: bool = False, lm_classify: bool = False,
+                  classify: str | None = None, lm_labels: Sequence[str] | None = None,
+                  lm_templates: Sequence[str] | None = None, lm_scoring: str = "likelihood", workers: int = 4,
                   data_dir: str | None = None, compilation_cache: str | None = None,
                   progress: bool = False, dtype: str = "auto",
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[dict]:
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, references: str | None = None) -> Iterator[dict]:
     """Captions images; yields one record per image (`imgllm.pipeline.records`), in output order.
 
     checkpoint: a pipeline checkpoint directory (its weights are read in a thread while the captioner compiles
@@ -127,12 +131,18 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
     `OutputError` (naming the options), and so does a line that is not a record (naming the line).
     resume=False deletes the file first. retry_errors: when resuming, caption again the inputs whose records are
     error records (they are first removed from the file, atomically).
-    html: when the iteration ends, write a page with thumbnails, labels and captions of every record (that the path
-    can be written is checked before anything is computed).
+    html: when the iteration ends, write the gallery of every record (`imgllm.pipeline.gallery`: a header with the
+    checkpoint, the options and the scores, a grid of thumbnails with labels, captions and, given `references` (a
+    captions file of {"path", "caption", "label"?} lines), each image's reference and marks where the labels or the
+    caption disagree with it; pages of 1000 images). That the path can be written, and the references read, is
+    checked before anything is computed.
     batch_size: images per step, rounded up to a multiple of the devices; seed: batch i draws fold_in(seed, i).
     decoding, template (the checkpoint's when None), top_labels (labels per image; the checkpoint's when None),
     tta (average the CNN over the image and its mirror), lm_classify (also the LM's label, "lm_label", scoring the
-    checkpoint's class_prompt_templates; needs a bridge): what is computed. workers: threads decoding files.
+    checkpoint's class_prompt_templates; needs a bridge), classify ("cnn", "lm" or "fused": where "labels" come
+    from; None: the checkpoint's default), lm_labels and lm_templates (the LM's label among any labels, e.g.
+    colours, with the checkpoint's class templates or these; "lm_label" and "lm_probs"), lm_scoring ("likelihood"
+    or "information_gain"; `PipelineCheckpoint.spec`): what is computed. workers: threads decoding files.
     compilation_cache: a directory for JAX's persistent compilation cache (`enable_compilation_cache`).
     progress: a progress bar on stderr. dtype: the CNN's and the LM's compute dtype, "auto" (bfloat16 on GPU/TPU,
     float32 on CPU), "float32" or "bfloat16" (`imgllm.precision`; the parameters are read as stored, float32).
@@ -151,16 +161,20 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
     return _caption_files(checkpoint, inputs, output=output, fmt=fmt, html=html, resume=resume,
                           retry_errors=retry_errors, batch_size=batch_size, seed=seed, decoding=decoding,
                           template=template, top_labels=top_labels, tta=tta, lm_classify=lm_classify,
+                          classify=classify, lm_labels=lm_labels, lm_templates=lm_templates, lm_scoring=lm_scoring,
                           workers=workers, data_dir=data_dir, compilation_cache=compilation_cache, progress=progress,
-                          dtype=dtype, max_pixels=max_pixels)
+                          dtype=dtype, max_pixels=max_pixels, references=references)
 
 
 def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_errors, batch_size, seed, decoding,
-                   template, top_labels, tta, lm_classify, workers, data_dir, compilation_cache,
-                   progress, dtype, max_pixels) -> Iterator[dict]:
+                   template, top_labels, tta, lm_classify, classify, lm_labels, lm_templates, lm_scoring, workers,
+                   data_dir, compilation_cache,
+                   progress, dtype, max_pixels, references) -> Iterator[dict]:
     enable_compilation_cache(compilation_cache)
+    page_references = None
     if html:
         check_writable(html, "the HTML page")
+        page_references = read_references(references) if references else None
     path = None if output is None or output == STDOUT else os.fspath(output)
     with OutputLock(path) if path is not None else contextlib.nullcontext():
         items = expand_inputs(inputs, data_dir=data_dir)
@@ -169,17 +183,18 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_error
         loaded = checkpoint if isinstance(checkpoint, PipelineCheckpoint) else load_pipeline(checkpoint,
                                                                                              read_params=False)
         spec = loaded.spec(generation_config(decoding, loaded.config), template=template, top_k=top_labels,
-                           flip_tta=tta, lm_classify=lm_classify, dtype=dtype)
+                           flip_tta=tta, lm_classify=lm_classify, dtype=dtype, classify=classify,
+                           lm_labels=lm_labels, lm_templates=lm_templates, lm_scoring=lm_scoring)
         mesh = parallel.make_mesh()
         devices = parallel.global_batch_divisor(mesh)
         batch_size = -(-batch_size // devices) * devices
         record_file = None if output is None else RecordFile(path, fmt or format_for_path(path), spec.top_k,
                                                               decoding.num_captions)
         previous = []
+        options = run_options(loaded, decoding, fmt=record_file.format if record_file else "jsonl",
+                              batch_size=batch_size, seed=seed, template=template, top_labels=spec.top_k, tta=tta,
+                              lm_classify=lm_classify, dtype=dtype, spec=spec)
         if path is not None:  # checked and recorded before anything is compiled
-            options = run_options(loaded, decoding, fmt=record_file.format, batch_size=batch_size, seed=seed,
-                                  template=template, top_labels=spec.top_k, tta=tta, lm_classify=lm_classify,
-                                  dtype=dtype)
             retry = {item.key for item in items} if retry_errors else ()
             previous = prepare_output(record_file, options, resume=resume, retry=retry)
         yield from previous
@@ -190,7 +205,12 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_error
                 new_records.append(record)
             yield record
         if html:
-            write_html(html, previous + new_records, {item.key: item for item in items})
+            shown = previous + new_records
+            header = GalleryHeader(
+                checkpoint=options["checkpoint"], checkpoint_id=options["checkpoint_id"],
+                decoding={k: v for k, v in options.items() if k not in ("checkpoint", "checkpoint_id", "format")},
+                scores=score_records(shown, references) if references else None)
+            write_gallery(html, shown, {item.key: item for item in items}, header=header, references=page_references)
 
 
 def caption_pending(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, items: list[Item], previous: list[dict],
@@ -213,7 +233,8 @@ def caption_pending(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, items:
         record_file.open()
     try:
         batches = prefetch_batches(pending, batch_size, spec.image_size, workers=workers, max_pixels=max_pixels)
-        for records in captioned_batches(loaded, captioner, params, batches, jax.random.PRNGKey(seed), mesh):
+        for records in captioned_batches(loaded, captioner, params, batches, jax.random.PRNGKey(seed), mesh,
+                                         lm_label_names=spec.lm_label_names):
             records = [record for record in records if record["path"] not in done]
             if record_file is not None:
                 record_file.write(records)
@@ -228,7 +249,7 @@ def caption_pending(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, items:
 
 def run_options(loaded: PipelineCheckpoint, decoding: DecodingOptions, *, fmt: str, batch_size: int, seed: int,
                 template: str | None, top_labels: int, tta: bool, lm_classify: bool,
-                dtype: str = "float32") -> dict[str, Any]:
+                dtype: str = "float32", spec: PipelineSpec | None = None) -> dict[str, Any]:
     """The options that shape a record, as `prepare_output` keeps them beside an output: resuming with others
     would mix two runs' records in one file.
 
@@ -238,6 +259,8 @@ def run_options(loaded: PipelineCheckpoint, decoding: DecodingOptions, *, fmt: s
     alone, and the compute dtype (resolved) when it is not float32 (outputs written before the setting existed were
     float32 and recorded none). Workers, progress, the page and the compilation cache change no record and are left
     out. "checkpoint" (its path) is for the reader; "checkpoint_id" (`checkpoint_identity`) is what is compared.
+    From `spec`, the LM's labels and how they are scored and the labels' classifier, when not the defaults of outputs
+    written before these options existed (the CNN; no other label set).
     """
     config = loaded.config
     options = {"checkpoint": None if loaded.directory is None else os.path.abspath(loaded.directory),
@@ -251,10 +274,27 @@ def run_options(loaded: PipelineCheckpoint, decoding: DecodingOptions, *, fmt: s
     dtype = resolve_dtype(dtype)
     if dtype != "float32":                              # float32 records nothing, as outputs made before the setting
         options["dtype"] = dtype
+    if spec is not None and spec.classify != "cnn":
+        options["classify"] = spec.classify
+    if spec is not None and spec.lm_label_names is not None:
+        options["lm_labels"] = list(spec.lm_label_names)
+        options["lm_label_prompts"] = hash_arrays(spec.lm_label_prompts.input_ids, spec.lm_label_prompts.target_mask)
+    if spec is not None and spec.scores_labels_by_lm and spec.lm_scoring != "likelihood":
+        options["lm_scoring"] = spec.lm_scoring
     if decoding.method == "sample":
         options.update(temperature=float(decoding.temperature), top_k=decoding.top_k, top_p=float(decoding.top_p),
                        seed=seed, batch_size=batch_size)
     return options
+
+
+def hash_arrays(*arrays: Any) -> str:
+    """A short content hash of arrays (their dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.asarray(array)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def checkpoint_identity(loaded: PipelineCheckpoint) -> str:
@@ -300,9 +340,10 @@ def compile_and_place(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, batc
 
 
 def captioned_batches(loaded: PipelineCheckpoint, captioner, params, batches: Iterator[Batch], base_key: jax.Array,
-                      mesh) -> Iterator[list[dict]]:
+                      mesh, *, lm_label_names: Sequence[str] | None = None) -> Iterator[list[dict]]:
     """Each batch's records: batch i is captioned with key fold_in(base_key, i), and its results are fetched and
     decoded on the host while the device already runs batch i + 1. A batch whose files all failed computes nothing.
+    lm_label_names: the labels the LM scores, when not the checkpoint's classes (`PipelineSpec.lm_label_names`).
     """
     in_flight = None
     for batch in batches:
@@ -311,19 +352,21 @@ def captioned_batches(loaded: PipelineCheckpoint, captioner, params, batches: It
             key = place_params(jax.random.fold_in(base_key, batch.index), mesh)
             result = captioner(params, place_images(batch.images, mesh), key)
         if in_flight is not None:
-            yield batch_records(loaded, *in_flight)
+            yield batch_records(loaded, *in_flight, lm_label_names=lm_label_names)
         in_flight = (batch, result)
     if in_flight is not None:
-        yield batch_records(loaded, *in_flight)
+        yield batch_records(loaded, *in_flight, lm_label_names=lm_label_names)
 
 
-def batch_records(loaded: PipelineCheckpoint, batch: Batch, result: Mapping[str, jax.Array] | None) -> list[dict]:
-    """The records of one batch from the captioner's (device) outputs, or its error records when it has none."""
+def batch_records(loaded: PipelineCheckpoint, batch: Batch, result: Mapping[str, jax.Array] | None, *,
+                  lm_label_names: Sequence[str] | None = None) -> list[dict]:
+    """The records of one batch from the captioner's (device) outputs, or its error records when it has none;
+    lm_label_names: the labels the LM scored (`PipelineSpec.lm_label_names`; None: the checkpoint's classes)."""
     if result is None:  # every file of the batch failed to load: nothing was computed
         return make_records(batch, {}, (), [])
     result = jax.device_get(result)
     captions = loaded.decode_captions(np.asarray(result["caption_ids"]))
-    return make_records(batch, result, loaded.class_names, captions)
+    return make_records(batch, result, loaded.class_names, captions, lm_label_names=lm_label_names)
 
 
 __all__ = ["DECODING_METHODS", "DEFAULT_COMPILATION_CACHE", "DecodingOptions", "STDOUT", "batch_records",

@@ -35,6 +35,9 @@ from imgllm.vision.features import image_logits_and_features, images_for_cnn
 
 # ----------------------------------------------------------------------------------------------- the pipeline
 
+CLASSIFIERS = ("cnn", "lm", "fused")          # PipelineSpec.classify
+LM_SCORINGS = ("likelihood", "information_gain")   # PipelineSpec.lm_scoring
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSpec:
@@ -44,11 +47,19 @@ class PipelineSpec:
     template (`tokenize_template`); generation: a `GenerationConfig`; bridge: the visual-prefix module used
     when the parameters hold "bridge" (None otherwise); image_size: the CNN's input resolution (other sizes are
     resized inside jit); mean/std: per-channel normalisation as `imgllm.data.augment.normalize` takes it (None:
-    its CIFAR-10 defaults); flip_tta: average the CNN's logits over the image and its mirror; lm_class_prompts:
-    the class prompts (`imgllm.language.scoring.build_prompt_table`) to also classify by LM likelihood after the
-    visual prefix (needs a bridge; `PipelineCheckpoint.spec(lm_classify=True)` builds them from the checkpoint's
-    class_prompt_templates); cnn_temperature: label probabilities are softmax(logits / cnn_temperature), the CNN
-    head's calibration (`imgllm.calibration`).
+    its CIFAR-10 defaults); flip_tta: average the CNN's logits over the image and its mirror.
+
+    Classification by the LM (needs a bridge): lm_class_prompts, the prompts of the CNN's own classes
+    (`imgllm.language.scoring.build_prompt_table`; `PipelineCheckpoint.spec(lm_classify=True)` builds them from the
+    checkpoint's class_prompt_templates); lm_label_prompts with lm_label_names, the prompts of any other label set
+    chosen at inference (colours, sizes, ...); lm_scoring: "likelihood" (the prompts' log-likelihood after the
+    image's prefix) or "information_gain" (minus their log-likelihood after the neutral prefix, the bridge's output
+    for all-zero features: removes the LM's prior over the labels).
+    classify: where the labels (and the caption prompt's {label}) come from: "cnn" (the head), "lm" (the LM's
+    scores of lm_class_prompts) or "fused" (both, `class_log_probs`).
+    Calibration (`imgllm.calibration`, fitted on a validation split): cnn_temperature and lm_temperature divide the
+    CNN's logits and the LM's scores before their softmax; fusion_weight and fusion_temperature make the fused
+    classifier softmax((log p_cnn + fusion_weight * log p_lm) / fusion_temperature).
     """
 
     cnn: Any
@@ -63,10 +74,36 @@ class PipelineSpec:
     flip_tta: bool = False
     lm_class_prompts: ClassPromptTable | None = None
     cnn_temperature: float = 1.0
+    lm_label_prompts: ClassPromptTable | None = None
+    lm_label_names: tuple[str, ...] | None = None
+    lm_scoring: str = "likelihood"
+    classify: str = "cnn"
+    lm_temperature: float = 1.0
+    fusion_weight: float = 0.0
+    fusion_temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.classify not in CLASSIFIERS:
+            raise ValueError(f"classify must be one of {CLASSIFIERS}, got {self.classify!r}")
+        if self.lm_scoring not in LM_SCORINGS:
+            raise ValueError(f"lm_scoring must be one of {LM_SCORINGS}, got {self.lm_scoring!r}")
+        if self.classify != "cnn" and self.lm_class_prompts is None:
+            raise ValueError(f"classify={self.classify!r} needs lm_class_prompts (the CNN classes' prompts)")
+        if (self.lm_label_prompts is None) != (self.lm_label_names is None) or (
+                self.lm_label_prompts is not None and self.lm_label_prompts.num_classes != len(self.lm_label_names)):
+            raise ValueError("lm_label_prompts and lm_label_names go together, one prompt row per label name")
+        for name in ("cnn_temperature", "lm_temperature", "fusion_temperature"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
 
     @property
     def top_k(self) -> int:
         return self.prompts.top_k
+
+    @property
+    def scores_labels_by_lm(self) -> bool:
+        """Whether the outputs hold the LM's label (lm_label_ids, lm_scores, lm_probs)."""
+        return self.lm_label_prompts is not None or self.lm_class_prompts is not None
 
 
 def preprocess(images: jax.Array, spec: PipelineSpec) -> jax.Array:
@@ -92,27 +129,71 @@ def visual_prefix(params: Mapping[str, Any], features: jax.Array, spec: Pipeline
     return spec.bridge.apply(variables, features)
 
 
+def lm_label_scores(params: Mapping[str, Any], features: jax.Array, prefix: jax.Array, table: ClassPromptTable,
+                    spec: PipelineSpec) -> jax.Array:
+    """[B, L] scores of each label of `table` after each image's prefix: the prompts' log-likelihood, or with
+    lm_scoring="information_gain" that minus their log-likelihood after the neutral prefix (the bridge's output for
+    all-zero features), which removes what the LM prefers whatever the image."""
+    scores = classify_by_lm(params["lm"], spec.lm_config, table, prefix)[1]
+    if spec.lm_scoring == "information_gain":
+        neutral = visual_prefix(params, jnp.zeros_like(features[:1]), spec)
+        scores = scores - classify_by_lm(params["lm"], spec.lm_config, table, neutral)[1]
+    return scores.astype(jnp.float32)
+
+
+def lm_classify_images(params: Mapping[str, Any], images: jax.Array, *, spec: PipelineSpec) -> dict[str, jax.Array]:
+    """uint8 images → the LM's labels without captioning: lm_label_ids [B], lm_scores [B, L], lm_probs [B, L] over
+    spec.lm_label_prompts (else the CNN's classes, spec.lm_class_prompts), as `caption_images` returns them.
+    Pure and jit-traceable (spec is static)."""
+    table = spec.lm_label_prompts if spec.lm_label_prompts is not None else spec.lm_class_prompts
+    if table is None or "bridge" not in params:
+        raise ValueError("lm_classify_images needs a visual prefix (params with a \"bridge\") and label prompts "
+                         "(PipelineSpec.lm_label_prompts or lm_class_prompts)")
+    _, features = cnn_logits_and_features(params["cnn"], images, spec)
+    scores = lm_label_scores(params, features, visual_prefix(params, features, spec), table, spec)
+    return dict(lm_label_ids=jnp.argmax(scores, axis=-1).astype(jnp.int32), lm_scores=scores,
+                lm_probs=jax.nn.softmax(scores / spec.lm_temperature, axis=-1))
+
+
+def class_log_probs(logits: jax.Array, lm_scores: jax.Array | None, spec: PipelineSpec) -> jax.Array:
+    """[B, C] calibrated log-probabilities of the CNN's classes from the classifier spec.classify names:
+    "cnn" log_softmax(logits / T_cnn), "lm" log_softmax(lm_scores / T_lm), "fused"
+    log_softmax((log p_cnn + w * log p_lm) / T_fused) (`imgllm.calibration.fused_log_probs` on the host)."""
+    cnn = jax.nn.log_softmax(logits.astype(jnp.float32) / spec.cnn_temperature, axis=-1)
+    if spec.classify == "cnn":
+        return cnn
+    lm = jax.nn.log_softmax(lm_scores / spec.lm_temperature, axis=-1)
+    if spec.classify == "lm":
+        return lm
+    return jax.nn.log_softmax((cnn + spec.fusion_weight * lm) / spec.fusion_temperature, axis=-1)
+
+
 def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array, *,
                    spec: PipelineSpec) -> dict[str, jax.Array]:
     """Images → labels, prompts and caption token ids; pure and jit-traceable (spec is static).
 
     params: {"cnn": CNN variables, "lm": GPT-2 params, "bridge": optional PrefixMapper params}.
     Returns (B images, k = top_k, n = num_return_sequences, T = max_new_tokens):
-      logits [B, C] float32, label_ids [B, k] int32, label_probs [B, k] float32 (descending, calibrated),
-      prompt_ids / prompt_mask [B, P] int32 (left-padded), caption_ids [B, n, T] int32 (pad after EOS),
-      caption_scores [B, n] float32; with spec.lm_class_prompts also lm_label_ids [B] and lm_scores [B, C].
+      logits [B, C] float32 (the CNN's), label_ids [B, k] int32, label_probs [B, k] float32 (descending,
+      calibrated; from the classifier spec.classify names), prompt_ids / prompt_mask [B, P] int32 (left-padded),
+      caption_ids [B, n, T] int32 (pad after EOS), caption_scores [B, n] float32 (each caption's summed token
+      log-probability; for beam search the length-normalised beam score); when the LM scores labels
+      (`PipelineSpec.scores_labels_by_lm`: over lm_label_prompts when given, else the CNN's classes)
+      lm_label_ids [B] int32, lm_scores [B, L] and lm_probs [B, L] = softmax(lm_scores / lm_temperature).
     """
     if "bridge" in params and spec.bridge is None:
         raise ValueError('pipeline params hold "bridge" but PipelineSpec.bridge (the PrefixMapper module) is None')
-    if spec.lm_class_prompts is not None and "bridge" not in params:
-        raise ValueError("LM classification (PipelineSpec.lm_class_prompts) needs a visual prefix: params have no "
-                         '"bridge"')
+    if spec.scores_labels_by_lm and "bridge" not in params:
+        raise ValueError("LM classification (PipelineSpec.lm_class_prompts / lm_label_prompts) needs a visual prefix: "
+                         'params have no "bridge"')
     logits, features = cnn_logits_and_features(params["cnn"], images, spec)
-    probs = jax.nn.softmax(logits / spec.cnn_temperature, axis=-1)
-    label_probs, label_ids = jax.lax.top_k(probs, spec.top_k)
+    prefix = visual_prefix(params, features, spec)
+    class_scores = None
+    if spec.lm_class_prompts is not None and (spec.classify != "cnn" or spec.lm_label_prompts is None):
+        class_scores = lm_label_scores(params, features, prefix, spec.lm_class_prompts, spec)
+    label_probs, label_ids = jax.lax.top_k(jnp.exp(class_log_probs(logits, class_scores, spec)), spec.top_k)
     prompt_ids, prompt_mask = assemble_prompts(spec.prompts, label_ids, probability_percents(label_probs),
                                                spec.pad_id)
-    prefix = visual_prefix(params, features, spec)
     shared_prompts = prompts_are_per_class(spec, prefix is not None, num_classes=logits.shape[-1],
                                            batch=images.shape[0])
     if shared_prompts and not spec.generation.do_sample:
@@ -124,9 +205,11 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
                                          spec.generation, prefix_embeds=prefix)
     batch = images.shape[0]
     extra = {}
-    if spec.lm_class_prompts is not None:
-        lm_label_ids, lm_scores = classify_by_lm(params["lm"], spec.lm_config, spec.lm_class_prompts, prefix)
-        extra = dict(lm_label_ids=lm_label_ids.astype(jnp.int32), lm_scores=lm_scores.astype(jnp.float32))
+    if spec.scores_labels_by_lm:
+        lm_scores = class_scores if spec.lm_label_prompts is None else \
+            lm_label_scores(params, features, prefix, spec.lm_label_prompts, spec)
+        extra = dict(lm_label_ids=jnp.argmax(lm_scores, axis=-1).astype(jnp.int32), lm_scores=lm_scores,
+                     lm_probs=jax.nn.softmax(lm_scores / spec.lm_temperature, axis=-1))
     return dict(**extra, logits=logits, label_ids=label_ids.astype(jnp.int32), label_probs=label_probs,
                 prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                 caption_ids=tokens.reshape(batch, -1, tokens.shape[-1]).astype(jnp.int32),
@@ -261,7 +344,8 @@ def decode_captions(decode: Callable[[Sequence[int]], str], caption_ids: np.ndar
 
 
 __all__ = [
-    "PipelineSpec", "caption_images", "caption_token_lists", "cnn_logits_and_features", "compile_captioner",
+    "CLASSIFIERS", "LM_SCORINGS", "PipelineSpec", "caption_images", "caption_token_lists", "class_log_probs",
+    "cnn_logits_and_features", "compile_captioner", "lm_classify_images", "lm_label_scores",
     "decode_captions", "inference_params", "make_captioner", "place_images", "place_params", "preprocess",
     "visual_prefix",
 ]

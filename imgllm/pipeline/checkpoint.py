@@ -40,6 +40,13 @@ Config keys:
                        scores these (scoring.DEFAULT_TEMPLATES when None or absent, as in older checkpoints)
     cnn_temperature    the CNN head's temperature, fitted on the classifier run's validation split
                        (`imgllm.calibration`): records' label probabilities are softmax(logits / T) (1 when absent)
+    lm_temperature     the temperature of the LM's class scores, fitted on the captioner's validation split (1 when
+                       absent): records' "lm_probs" are softmax(scores / T)
+    fusion_weight, fusion_temperature
+                       the fused classifier softmax((log p_cnn + w * log p_lm) / T_fused), fitted on the same split
+                       (`imgllm.pipeline.caption.class_log_probs`; 0 and 1 when absent)
+    classify           the default source of the labels: "cnn", "lm" or "fused" ("cnn" when absent; "lm" and
+                       "fused" need a bridge)
 
 Floating-point parameters are stored as float32 whatever dtype the run that made them computed in, so one checkpoint
 serves float32 and bfloat16 inference (`PipelineCheckpoint.spec(dtype=)`, `imgllm.precision`).
@@ -66,7 +73,7 @@ import tokenizers
 from imgllm.bridge import PrefixMapper
 from imgllm.language.decoding import GenerationConfig
 from imgllm.language.gpt2 import GPT2Config
-from imgllm.language.scoring import DEFAULT_TEMPLATES, build_prompt_table, fill_templates
+from imgllm.language.scoring import DEFAULT_TEMPLATES, ClassPromptTable, build_prompt_table, fill_templates
 from imgllm.pipeline import caption, prompts
 from imgllm.precision import compute_dtype, resolve_dtype
 from imgllm.vision.cnn import cnn_from_config
@@ -87,7 +94,8 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                          prepend_bos: bool = False, max_new_tokens: int = 20,
                          class_prompt_templates: Sequence[str] | None = None,
-                         cnn_temperature: float = 1.0) -> dict[str, Any]:
+                         cnn_temperature: float = 1.0, lm_temperature: float = 1.0, fusion_weight: float = 0.0,
+                         fusion_temperature: float = 1.0, classify: str = "cnn") -> dict[str, Any]:
     """The JSON config of a pipeline checkpoint, checked (a wrong value is named here, not at inference).
 
     cnn: `imgllm.vision.cnn.cnn_from_config` dict (a "dtype" key, the compute dtype of the run it comes from, is
@@ -96,10 +104,19 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
     convention of `imgllm.bridge`); max_new_tokens: the default caption length; class_prompt_templates: the
     templates LM classification scores (None: scoring's defaults); cnn_temperature: the CNN head's temperature fitted
     on held-out data at the end of training (`imgllm.calibration`; 1: none), which the label probabilities of records
-    and `{prob}` slots are computed with. The keys are described in the module docstring.
+    and `{prob}` slots are computed with; lm_temperature, fusion_weight, fusion_temperature: the LM's and the fused
+    classifier's calibration; classify: the default classifier. The keys are described in the module docstring.
     """
-    if not 0 < cnn_temperature < float("inf"):
-        raise ValueError(f"cnn_temperature must be a positive number, got {cnn_temperature!r}")
+    for name, value in (("cnn_temperature", cnn_temperature), ("lm_temperature", lm_temperature),
+                        ("fusion_temperature", fusion_temperature)):
+        if not 0 < value < float("inf"):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not 0 <= fusion_weight < float("inf"):
+        raise ValueError(f"fusion_weight must be a number >= 0, got {fusion_weight!r}")
+    if classify not in caption.CLASSIFIERS:
+        raise ValueError(f"classify must be one of {caption.CLASSIFIERS}, got {classify!r}")
+    if classify != "cnn" and bridge is None:
+        raise ValueError(f"classify={classify!r} needs a bridge (the LM classifies after the visual prefix)")
     class_names = [str(name) for name in class_names]
     if not class_names or len(set(class_names)) != len(class_names):
         raise ValueError(f"class_names must be non-empty and unique, got {class_names[:20]}")
@@ -117,7 +134,9 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
                   eos_id=int(eos_id), pad_id=int(pad_id), bos_id=None if bos_id is None else int(bos_id),
                   prepend_bos=bool(prepend_bos), max_new_tokens=int(max_new_tokens),
                   class_prompt_templates=None if class_prompt_templates is None else list(class_prompt_templates),
-                  cnn_temperature=float(cnn_temperature))
+                  cnn_temperature=float(cnn_temperature), lm_temperature=float(lm_temperature),
+                  fusion_weight=float(fusion_weight), fusion_temperature=float(fusion_temperature),
+                  classify=classify)
     if class_prompt_templates is not None:
         fill_templates(class_names, class_prompt_templates)  # a template without {label} is named now
     if template:
@@ -263,36 +282,68 @@ class PipelineCheckpoint:
             config["top_k"] if top_k is None else top_k, config["pad_id"],
             bos_id=config["bos_id"] if config.get("prepend_bos") else None)
 
+    @property
+    def default_classify(self) -> str:
+        """The classifier the checkpoint's labels come from by default ("cnn", "lm" or "fused")."""
+        return self.config.get("classify", "cnn")
+
+    def label_prompts(self, labels: Sequence[str], templates: Sequence[str] | None = None, *,
+                      score_end: bool | None = None) -> ClassPromptTable:
+        """The prompt table that classifies images by the LM among any `labels` (`scoring.build_prompt_table`).
+
+        templates: the prompts ("a small {label}", ...; several are combined as a mixture); None: the checkpoint's
+        class_prompt_templates, scored as the whole captions they were trained as. score_end: see
+        `build_prompt_table` (None: whole texts when every template has text after {label})."""
+        if templates is None:
+            templates, score_end = self.class_prompt_templates, True
+        return build_prompt_table(self.tokenizer.encode, self.config["eos_id"], list(labels), list(templates),
+                                  score_end=score_end)
+
     def spec(self, generation: Any = None, *, template: str | None = None, top_k: int | None = None,
-             flip_tta: bool = False, lm_classify: bool = False, dtype: str = "auto") -> caption.PipelineSpec:
+             flip_tta: bool = False, lm_classify: bool = False, dtype: str = "auto", classify: str | None = None,
+             lm_labels: Sequence[str] | None = None, lm_templates: Sequence[str] | None = None,
+             lm_scoring: str = "likelihood") -> caption.PipelineSpec:
         """The static `PipelineSpec`; generation: a `GenerationConfig` (default: greedy, the config's length).
 
-        lm_classify: also classify by LM likelihood after the visual prefix, scoring the checkpoint's
-        class_prompt_templates (`class_prompt_templates`); needs a checkpoint with a bridge. dtype: the CNN's and
-        the LM's compute dtype, "auto" (bfloat16 on GPU/TPU, float32 on CPU), "float32" or "bfloat16"
-        (`imgllm.precision`); the float32 parameters are cast inside the jitted function."""
+        lm_classify: also classify by LM likelihood after the visual prefix ("lm_label" in records), scoring the
+        checkpoint's class_prompt_templates (`class_prompt_templates`); lm_labels: classify by the LM among these
+        labels instead of the CNN's classes, with lm_templates (None: the checkpoint's templates; see
+        `label_prompts`); lm_scoring: "likelihood" or "information_gain" (`PipelineSpec`). classify: the labels'
+        source, "cnn", "lm" or "fused" (None: the checkpoint's default, `default_classify`). All but "cnn" need a
+        checkpoint with a bridge. The checkpoint's calibration (temperatures, fusion weight) is applied.
+        dtype: the CNN's and the LM's compute dtype, "auto" (bfloat16 on GPU/TPU, float32 on CPU), "float32" or
+        "bfloat16" (`imgllm.precision`); the float32 parameters are cast inside the jitted function."""
         dtype = resolve_dtype(dtype)
         config = self.config
+        classify = self.default_classify if classify is None else classify
+        if classify not in caption.CLASSIFIERS:
+            raise ValueError(f"classify must be one of {caption.CLASSIFIERS}, got {classify!r}")
         if generation is None:
             generation = GenerationConfig(max_new_tokens=config["max_new_tokens"], eos_token_id=config["eos_id"],
                                           pad_token_id=config["pad_id"])
         bridge = None
         if config.get("bridge") is not None:
             bridge = PrefixMapper(**config["bridge"])
-        lm_prompts = None
-        if lm_classify:
-            if bridge is None:
-                raise ValueError(f"{self.directory}: LM classification needs a visual prefix, and this pipeline "
-                                 "checkpoint has no bridge")
-            lm_prompts = build_prompt_table(self.tokenizer.encode, config["eos_id"], config["class_names"],
-                                            self.class_prompt_templates)
+        uses_lm = lm_classify or lm_labels is not None or classify != "cnn"
+        if uses_lm and bridge is None:
+            raise ValueError(f"{self.directory}: classification by the LM needs a visual prefix, and this pipeline "
+                             "checkpoint has no bridge")
+        if lm_templates is not None and lm_labels is None:
+            raise ValueError("lm_templates are the prompts of lm_labels: give the labels too")
+        class_prompts = self.label_prompts(config["class_names"]) if (
+            lm_classify and lm_labels is None) or classify != "cnn" else None
+        label_prompts = None if lm_labels is None else self.label_prompts(lm_labels, lm_templates)
         mean, std = config.get("mean"), config.get("std")
         return caption.PipelineSpec(
             cnn=self.cnn(dtype), lm_config=self.lm_config(dtype),
             prompts=self.tokenized_template(template, top_k), generation=generation, pad_id=config["pad_id"],
             image_size=config["image_size"], mean=None if mean is None else tuple(mean),
-            std=None if std is None else tuple(std), bridge=bridge, flip_tta=flip_tta, lm_class_prompts=lm_prompts,
-            cnn_temperature=float(config.get("cnn_temperature", 1.0)))
+            std=None if std is None else tuple(std), bridge=bridge, flip_tta=flip_tta, lm_class_prompts=class_prompts,
+            lm_label_prompts=label_prompts, lm_label_names=None if lm_labels is None else tuple(lm_labels),
+            lm_scoring=lm_scoring, classify=classify, cnn_temperature=float(config.get("cnn_temperature", 1.0)),
+            lm_temperature=float(config.get("lm_temperature", 1.0)),
+            fusion_weight=float(config.get("fusion_weight", 0.0)),
+            fusion_temperature=float(config.get("fusion_temperature", 1.0)))
 
     def decode_captions(self, caption_ids: np.ndarray) -> list[list[str]]:
         return caption.decode_captions(self.tokenizer.decode, caption_ids, self.config["eos_id"],

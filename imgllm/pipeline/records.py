@@ -1,13 +1,19 @@
 """Caption records and where they go: the JSON-lines / CSV output (appended per batch, read back to resume),
-caption scores against references, and an HTML page with thumbnails.
+and caption scores against references (the HTML page is `imgllm.pipeline.gallery`).
 
 A record is a dict, one per image:
 
-    {"path": key, "labels": [{"label": name, "prob": p}, ...], "captions": [str, ...], "lm_label"?: name}
+    {"path": key, "labels": [{"label": name, "prob": p}, ...], "captions": [str, ...], "caption_scores": [s, ...],
+     "lm_label"?: name, "lm_probs"?: {name: p, ...}}
     {"path": key, "error": "ErrorType: message"}                      (a file that could not be read)
 
-"lm_label" is present when the LM also classified the image (`lm_classify`). In CSV, one row per record with
-the columns path, label_1, prob_1, ..., caption_1, ..., lm_label, error.
+"labels" are the top classes with their calibrated probabilities, from the classifier the run chose (the CNN, the
+LM or both fused). "caption_scores" are the captions' log-probabilities under the LM (the sum over their tokens; for
+beam search the length-normalised beam score), so several captions of an image can be ranked. "lm_label" and
+"lm_probs" are present when the LM classified the image (`lm_classify`, `lm_labels`, or an LM or fused
+classifier): its label, and the calibrated probability of every label it scored. In CSV, one row per record
+with the columns path, label_1, prob_1, ..., caption_1, score_1, ..., lm_label, lm_prob (the LM label's
+probability), error.
 
 Beside an output file `<output>` a run keeps `<output>.lock` (`OutputLock`: one run at a time) and
 `<output>.run.json` (the options that shaped its records: `prepare_output` refuses to resume with others).
@@ -16,12 +22,9 @@ Nothing read back is trusted: a line that is not a record is named by file and l
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import csv
 import fcntl
-import html
-import io
 import json
 import os
 import stat
@@ -30,12 +33,9 @@ import tempfile
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
-from PIL import Image
-
 from imgllm.captions import caption_metrics, cider_note, group_captions, read_captions_file
-from imgllm.pipeline.inputs import Batch, Item
+from imgllm.pipeline.inputs import Batch
 
-THUMBNAIL_SIZE = 128
 RECORD_FORMATS = ("jsonl", "csv")
 LOCK_SUFFIX = ".lock"             # <output>.lock: held by the run writing <output>
 RUN_OPTIONS_SUFFIX = ".run.json"  # <output>.run.json: the options that shaped <output>'s records
@@ -65,7 +65,8 @@ class RecordFile:
             raise ValueError(f"the record format must be jsonl or csv, got {fmt!r}")
         self.path, self.format = path, fmt
         self.columns = (["path"] + [f"{kind}_{n}" for n in range(1, top_labels + 1) for kind in ("label", "prob")]
-                        + [f"caption_{n}" for n in range(1, num_captions + 1)] + ["lm_label", "error"])
+                        + [f"{kind}_{n}" for n in range(1, num_captions + 1) for kind in ("caption", "score")]
+                        + ["lm_label", "lm_prob", "error"])
         self.stream = None
 
     def existing_records(self) -> list[dict]:
@@ -159,6 +160,10 @@ class RecordFile:
             row[f"label_{n}"], row[f"prob_{n}"] = entry["label"], f"{entry['prob']:.4f}"
         for n, caption in enumerate(record.get("captions", ()), 1):
             row[f"caption_{n}"] = " ".join(caption.split())  # one record per line, always
+        for n, score in enumerate(record.get("caption_scores", ()), 1):
+            row[f"score_{n}"] = f"{score:.4f}"
+        if "lm_label" in record and record["lm_label"] in record.get("lm_probs", {}):
+            row["lm_prob"] = f"{record['lm_probs'][record['lm_label']]:.4f}"
         return [row.get(column, "") for column in self.columns]
 
     @staticmethod
@@ -169,8 +174,13 @@ class RecordFile:
                   for n in range(1, len(row)) if row.get(f"label_{n}")]
         captions = [row[f"caption_{n}"] for n in range(1, len(row)) if f"caption_{n}" in row]
         record = {"path": row["path"], "labels": labels, "captions": captions}
+        scores = [float(row[f"score_{n}"]) for n in range(1, len(captions) + 1) if row.get(f"score_{n}")]
+        if scores:
+            record["caption_scores"] = scores
         if row.get("lm_label"):
             record["lm_label"] = row["lm_label"]
+            if row.get("lm_prob"):
+                record["lm_probs"] = {row["lm_label"]: float(row["lm_prob"])}   # CSV keeps the label's alone
         return record
 
 
@@ -209,6 +219,15 @@ def record_problem(record: Any) -> str | None:
         return 'not a record ("labels" is not a list of {"label", "prob"})'
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         return 'not a record ("captions" is not a list of strings)'
+    number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
+    scores = record.get("caption_scores", [])
+    if not isinstance(scores, list) or not all(number(score) for score in scores):
+        return 'not a record ("caption_scores" is not a list of numbers)'
+    lm_probs = record.get("lm_probs", {})
+    if not isinstance(lm_probs, dict) or not all(number(p) for p in lm_probs.values()):
+        return 'not a record ("lm_probs" is not an object of numbers)'
+    if "lm_label" in record and not isinstance(record["lm_label"], str):
+        return 'not a record ("lm_label" is not a string)'
     return None
 
 
@@ -395,13 +414,15 @@ def prepare_output(record_file: RecordFile, options: Mapping[str, Any], *, resum
     return previous
 
 
-def make_records(batch: Batch, outputs: Mapping, class_names: Sequence[str],
-                 captions: list[list[str]]) -> list[dict]:
+def make_records(batch: Batch, outputs: Mapping, class_names: Sequence[str], captions: list[list[str]], *,
+                 lm_label_names: Sequence[str] | None = None) -> list[dict]:
     """One record per real item of the batch (padding rows dropped), errors as {"path", "error"}.
 
-    outputs: `caption_images`' outputs on the host (label_ids, label_probs, lm_label_ids when the LM classified);
-    captions: per row, its decoded captions.
+    outputs: `caption_images`' outputs on the host (label_ids, label_probs, caption_scores; lm_label_ids and
+    lm_probs when the LM classified); captions: per row, its decoded captions; lm_label_names: the labels the LM
+    scored (None: class_names).
     """
+    lm_label_names = class_names if lm_label_names is None else lm_label_names
     records = []
     for row, item in enumerate(batch.items):
         if row in batch.errors:
@@ -410,13 +431,35 @@ def make_records(batch: Batch, outputs: Mapping, class_names: Sequence[str],
         labels = [{"label": class_names[int(c)], "prob": round(float(p), 4)}
                   for c, p in zip(outputs["label_ids"][row], outputs["label_probs"][row])]
         record = {"path": item.key, "labels": labels, "captions": captions[row]}
+        if "caption_scores" in outputs:
+            record["caption_scores"] = [round(float(score), 4) for score in outputs["caption_scores"][row]]
         if "lm_label_ids" in outputs:  # the LM's own classification, beside the CNN's
-            record["lm_label"] = class_names[int(outputs["lm_label_ids"][row])]
+            record["lm_label"] = lm_label_names[int(outputs["lm_label_ids"][row])]
+            record["lm_probs"] = {name: round(float(p), 4) for name, p in zip(lm_label_names, outputs["lm_probs"][row])}
         records.append(record)
     return records
 
 
 # ----------------------------------------------------------------------------------------------- scores
+
+
+def read_references(path: str) -> dict[str, dict]:
+    """The references of a captions file (JSON lines {"path", "caption", "label"?}, paths relative to its folder)
+    by absolute image path: {"captions": [str, ...], "label": str}.
+
+    The label is the line's "label", or else the name of the image's folder (`group_captions`), as `score_records`
+    scores label accuracy. Raises `CaptionFileError` (a ValueError) naming the file and line of a bad line."""
+    paths, captions, labels = group_captions(read_captions_file(path))
+    return {path: {"captions": list(refs), "label": label} for path, refs, label in zip(paths, captions, labels)}
+
+
+def reference_for(references: Mapping[str, dict] | None, record_path: str) -> dict | None:
+    """The reference of the record whose "path" is `record_path`, or None: records and references are matched by
+    absolute path (as `score_records` matches them), so a record of "imgs/a.png" run from the references' folder
+    finds the reference line "imgs/a.png" there."""
+    if not references:
+        return None
+    return references.get(os.path.abspath(record_path))
 
 
 def score_records(records: Iterable[dict], references_path: str) -> dict:
@@ -426,19 +469,17 @@ def score_records(records: Iterable[dict], references_path: str) -> dict:
     reference lines carry a "label", the accuracy of the CNN's top label and of the LM's label (lm_classify).
     CIDEr-D of fewer than two images is None, and "cider_note" says why.
     """
-    paths, references, labels = group_captions(read_captions_file(references_path))
-    by_path = {os.path.abspath(path): (refs, label) for path, refs, label in zip(paths, references, labels)}
+    references = read_references(references_path)
     hypotheses, matched_refs, cnn_hits, lm_hits = [], [], [], []
     for record in records:
-        reference = by_path.get(os.path.abspath(record["path"]))
+        reference = reference_for(references, record["path"])
         if reference is None or "error" in record:
             continue
-        refs, label = reference
         hypotheses.append(record["captions"][0])
-        matched_refs.append(refs)
-        cnn_hits.append(record["labels"][0]["label"] == label)
+        matched_refs.append(reference["captions"])
+        cnn_hits.append(record["labels"][0]["label"] == reference["label"])
         if "lm_label" in record:
-            lm_hits.append(record["lm_label"] == label)
+            lm_hits.append(record["lm_label"] == reference["label"])
     if not hypotheses:
         return {"images": 0}
     scores = {"images": len(hypotheses), **caption_metrics(hypotheses, matched_refs),
@@ -450,49 +491,7 @@ def score_records(records: Iterable[dict], references_path: str) -> dict:
     return scores
 
 
-# ----------------------------------------------------------------------------------------------- html
-
-
-def thumbnail_data_uri(item: Item) -> str | None:
-    """A small PNG of the image as a data: URI, or None when it cannot be read."""
-    try:
-        image = Image.fromarray(item.load(None))
-    except Exception:  # noqa: BLE001 - the page shows the record's error instead
-        return None
-    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-    if max(image.size) < 64:  # CIFAR-size images: scale up so they are visible
-        factor = 64 // max(image.size) + 1
-        image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def write_html(path: str, records: Iterable[dict], items_by_key: Mapping[str, Item] | None = None) -> None:
-    """A page with one row per record: embedded thumbnail, labels with probabilities, captions or the error.
-
-    items_by_key: how to read each record's image (tfds items need theirs); a record without one is read as a file.
-    """
-    items_by_key = items_by_key or {}
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("<!doctype html><meta charset='utf-8'><title>imgllm captions</title>\n<style>"
-                "body{font-family:sans-serif}td{padding:6px;vertical-align:top;border-bottom:1px solid #ddd}"
-                "img{image-rendering:pixelated}.error{color:#b00}</style>\n<table>\n")
-        for record in records:
-            item = items_by_key.get(record["path"], Item(record["path"]))
-            uri = thumbnail_data_uri(item)
-            image = f"<img src='{uri}' alt=''>" if uri else ""
-            if "error" in record:
-                text = f"<span class='error'>{html.escape(record['error'])}</span>"
-            else:
-                labels = ", ".join(f"{html.escape(e['label'])} {100 * e['prob']:.1f}%" for e in record["labels"])
-                captions = "".join(f"<li>{html.escape(c)}</li>" for c in record["captions"])
-                text = f"<b>{labels}</b><ul>{captions}</ul>"
-            f.write(f"<tr><td>{image}</td><td><code>{html.escape(record['path'])}</code><br>{text}</td></tr>\n")
-        f.write("</table>\n")
-
-
 __all__ = ["LOCK_SUFFIX", "OutputError", "OutputInUseError", "OutputLock", "RECORD_FORMATS", "RUN_OPTIONS_SUFFIX",
            "RecordFile", "changed_run_options", "check_run_options", "check_writable", "format_for_path",
            "make_records", "prepare_output", "read_run_options", "record_problem", "score_records",
-           "thumbnail_data_uri", "truncate_partial_line", "write_atomically", "write_html", "write_run_options"]
+           "read_references", "reference_for", "truncate_partial_line", "write_atomically", "write_run_options"]

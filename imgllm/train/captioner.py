@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from imgllm import calibration
 from imgllm.bridge import PrefixMapper, check_mapper_fits
 from imgllm.captions.data import load_caption_dataset
 from imgllm.language import hf, scoring
@@ -42,7 +43,7 @@ from imgllm.language.tokenizer import check_vocabulary, train_bpe_tokenizer
 from imgllm.train.checkpoint import load_classifier, read_run_config
 from imgllm.train.classifier import cnn_for_run, remap_labels
 from imgllm.train.lm_task import lm_config_from, tokenizer_from_metadata
-from imgllm.train.task import Metrics, metric
+from imgllm.train.task import Metrics, metric, padded_batch_outputs
 from imgllm.vision.features import image_logits_and_features
 
 FROZEN = "frozen"   # model_state collection holding the frozen CNN variables (and the LM when not trained)
@@ -127,7 +128,7 @@ class CaptionerTask:
         self.config = config
         run_config, meta = _classifier_config(os.path.abspath(config.classifier_workdir or ""))
         self.classifier_step = meta["step"]   # the variables are read from this same checkpoint
-        self.cnn_temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))   # its fitted head T
+        self.cnn_temperature = calibration.stored_head_temperature(meta.get("calibration"))   # its fitted head T
         self.classifier_config = run_config
         self.class_names = tuple(meta.get("task", {}).get("class_names") or ())
         if not self.class_names:
@@ -291,6 +292,36 @@ class CaptionerTask:
         metrics["accuracy"] = metric(((jnp.argmax(logits, -1) == labels) * weights).sum(), count)
         metrics["lm_accuracy"] = metric(((jnp.argmax(lm_scores, -1) == labels) * weights).sum(), count)
         return metrics
+
+    def class_scores(self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int) -> dict[str, np.ndarray]:
+        """Host arrays over every image of `arrays`: logits [N, C] (the CNN head), lm_scores [N, C] (the class
+        prompts' log-likelihood after each image's prefix, as `eval_metrics` scores them) and lm_neutral_scores
+        [1, C] (after the neutral prefix, the bridge's output for all-zero features: the LM's prior over classes)."""
+        table = self.prompt_table()
+
+        def scores(variables, images):
+            params, frozen = variables["params"], variables[FROZEN]
+            lm_params = self.lm_params(params, variables)
+            logits, features = self.cnn_logits_and_features(frozen["cnn"], images)
+            prefixes = self.mapper.apply({"params": params["bridge"]}, jnp.concatenate([features[:1] * 0, features]))
+            lm_scores = scoring.score_class_prompts(lm_params, self.lm_config, table, prefixes)
+            return {"logits": logits, "lm_scores": lm_scores[1:], "neutral": jnp.broadcast_to(lm_scores[:1],
+                                                                                              lm_scores[1:].shape)}
+
+        fn = jax.jit(scores)
+        out = padded_batch_outputs(lambda images: fn(variables, images), arrays["images"], batch_size)
+        return {"logits": out["logits"], "lm_scores": out["lm_scores"], "lm_neutral_scores": out["neutral"][:1]}
+
+    def calibrate(self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int,
+                  fitted: dict | None = None) -> dict[str, float]:
+        """`imgllm.calibration.calibration_report` of the CNN head, the LM's class scores and their fusion on
+        `arrays` (fitted there, the validation split, unless a stored fit is given), and lm_ig_accuracy: the LM's
+        accuracy when scoring by information gain (its class scores minus those after the neutral prefix)."""
+        scores, labels = self.class_scores(variables, arrays, batch_size=batch_size), np.asarray(arrays["labels"])
+        report = calibration.calibration_report(scores["logits"], labels, scores["lm_scores"], fitted=fitted)
+        information_gain = scores["lm_scores"] - scores["lm_neutral_scores"]
+        report["lm_ig_accuracy"] = float((information_gain.argmax(-1) == labels).mean())
+        return report
 
     def checkpoint_metadata(self) -> dict[str, Any]:
         tokenizer_path = self.config.tokenizer.get("path")

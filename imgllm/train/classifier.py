@@ -20,7 +20,7 @@ from imgllm import data as data_lib
 from imgllm.data import augment
 from imgllm.data.folder import SPLIT_FOLDER_NAMES
 from imgllm.precision import run_dtype
-from imgllm.train.task import Metrics, metric
+from imgllm.train.task import Metrics, metric, padded_batch_outputs
 from imgllm.vision import cnn as cnn_lib
 
 
@@ -161,16 +161,9 @@ class ClassifierTask:
                 "accuracy": metric(((jnp.argmax(logits, -1) == labels) * mask).sum(), count)}
 
     def eval_logits(self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int, tta: bool) -> np.ndarray:
-        """float32 [N, classes] logits of every image of `arrays` (jitted, whole batches: the last one padded and
-        its padding left out)."""
-        predict = jax.jit(lambda v, x: self.logits(v, x, tta=tta))
-        images = arrays["images"]
-        logits = []
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
-            padded = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
-            logits.append(np.asarray(predict(variables, padded))[:len(batch)])
-        return np.concatenate(logits)
+        """float32 [N, classes] logits of every image of `arrays` (jitted, whole batches: `padded_batch_outputs`)."""
+        predict = jax.jit(lambda v, x: {"logits": self.logits(v, x, tta=tta)})
+        return padded_batch_outputs(lambda images: predict(variables, images), arrays["images"], batch_size)["logits"]
 
     def confusion(self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int, tta: bool) -> np.ndarray:
         """int64 [classes, classes] counts of (true label, predicted class) over `arrays`."""
@@ -179,15 +172,12 @@ class ClassifierTask:
         np.add.at(matrix, (np.asarray(arrays["labels"]), predictions), 1)
         return matrix
 
-    def calibrate(self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int) -> dict[str, float]:
-        """The temperature of the CNN head fitted on `arrays` (the held-out split: never training images), with the
-        expected calibration error before and after (`imgllm.calibration`), on the logits inference uses (no TTA).
-        """
+    def calibrate(self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int,
+                  fitted: dict | None = None) -> dict[str, float]:
+        """`imgllm.calibration.calibration_report` of the head's logits as inference computes them (no TTA) on
+        `arrays`: fitted there (the held-out split: never training images) unless a stored fit is given."""
         logits = self.eval_logits(variables, arrays, batch_size=batch_size, tta=False)
-        labels = np.asarray(arrays["labels"])
-        temperature = calibration.fit_temperature(logits, labels)
-        ece = lambda t: calibration.expected_calibration_error(np.exp(calibration.log_softmax(logits, t)), labels)
-        return {"temperature": temperature, "ece": ece(1.0), "ece_calibrated": ece(temperature)}
+        return calibration.calibration_report(logits, np.asarray(arrays["labels"]), fitted=fitted)
 
     def checkpoint_metadata(self) -> dict[str, Any]:
         return {"class_names": list(self.class_names or ())}

@@ -10,7 +10,11 @@ checkpoint captions `num_eval_examples` fresh demo images (split "test", seed EV
 validated on) by greedy decoding and classifies them by LM likelihood; `run_demo` returns and prints
   exact_match, bleu4, cider   generated caption vs the image's exact reference (imgllm.captions.metrics),
   lm_accuracy                 argmax over classes of the class-prompt likelihood after the visual prefix,
-  cnn_accuracy                the CNN head's top-1.
+  cnn_accuracy                the CNN head's top-1,
+  lm_colour_accuracy          the first-named object's colour (6 labels) classified by the LM alone, with the
+                              prompts "a small {label}" and "a large {label}": labels the CNN was never trained on
+                              (it learnt shapes), chosen at inference (`imgllm.pipeline.classify_images`),
+  lm_size_accuracy            its size (2 labels), prompt "a {label}".
 """
 from __future__ import annotations
 
@@ -26,13 +30,17 @@ import numpy as np
 from imgllm.captions.metrics import caption_metrics
 from imgllm.configs import captioner_demo, demo
 from imgllm.data import load_dataset
-from imgllm.pipeline import caption_images, load_pipeline
+from imgllm.data.demo import COLOURS, SIZES, demo_scenes
+from imgllm.pipeline import caption_images, classify_images, load_pipeline
 from imgllm.train import checkpoint as ckpt_lib
 from imgllm.train import loop
 from imgllm.train.export import export_pipeline_checkpoint
 
 EVAL_SPLIT = "test"     # the demo split the final evaluation draws from (training uses "train", seed 0)
 EVAL_SEED = 1           # ... with its own seed: images that no training or validation run has seen
+# Questions about the first-named object that the LM answers from any label set: (labels, prompt templates).
+COLOUR_QUESTION = (tuple(COLOURS), ("a small {label}", "a large {label}"))
+SIZE_QUESTION = (tuple(SIZES), ("a {label}",))
 
 
 def stage_is_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
@@ -137,4 +145,10 @@ def evaluate_pipeline(pipeline_dir: str, *, num_examples: int = 500, split: str 
     results = caption_metrics(hypotheses, dataset.captions)
     results["lm_accuracy"] = float(np.mean(outputs["lm_label_ids"] == dataset.labels))
     results["cnn_accuracy"] = float(np.mean(outputs["label_ids"][:, 0] == dataset.labels))
+    first_objects = [scene.objects[0] for scene in demo_scenes(split, seed=seed, num_examples=num_examples,
+                                                                image_size=pipe.config["image_size"])]
+    for name, (labels, templates), truth in (("colour", COLOUR_QUESTION, [o.colour for o in first_objects]),
+                                             ("size", SIZE_QUESTION, [o.size for o in first_objects])):
+        predicted = classify_images(pipe, dataset.images, labels, templates, dtype=dtype).labels
+        results[f"lm_{name}_accuracy"] = float(np.mean([p == t for p, t in zip(predicted, truth)]))
     return results

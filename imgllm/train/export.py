@@ -14,6 +14,7 @@ import os
 
 import jax
 
+from imgllm import calibration
 from imgllm.language import hf
 from imgllm.language.tokenizer import check_vocabulary
 from imgllm.pipeline import checkpoint as pipeline_checkpoint
@@ -48,7 +49,7 @@ def assemble_pipeline_checkpoint(out_dir: str | os.PathLike, *, classifier: str 
         bos_id=text_tokenizer.bos_token_id, template=template, top_k=top_k,
         image_size=int(run_config.get("image_size") or 32), mean=normalization.get("mean"),
         std=normalization.get("std"), max_new_tokens=max_new_tokens,
-        cnn_temperature=float((meta.get("calibration") or {}).get("temperature", 1.0)))
+        cnn_temperature=calibration.stored_head_temperature(meta.get("calibration")))
     check_vocabulary(text_tokenizer, lm_config.vocab_size, lm)
     return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, {"cnn": cnn_variables, "lm": lm_params}, config,
                                                         text_tokenizer, overwrite=overwrite)
@@ -75,9 +76,24 @@ def export_pipeline_checkpoint(workdir: str, out_dir: str, *, step: int | None =
         bridge=task_meta["bridge"], template="", top_k=1, image_size=task.image_size,
         mean=normalization.get("mean"), std=normalization.get("std"), prepend_bos=True,
         max_new_tokens=max_new_tokens or config.captions.max_tokens + 1,
-        class_prompt_templates=task_meta["templates"], cnn_temperature=task.cnn_temperature)
+        class_prompt_templates=task_meta["templates"], **pipeline_calibration(meta.get("calibration"),
+                                                                              task.cnn_temperature))
     return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, params, pipeline_config, tokenizer,
                                                         overwrite=overwrite)
+
+
+def pipeline_calibration(report: dict | None, cnn_temperature: float) -> dict:
+    """A captioner's stored calibration as `make_pipeline_config` arguments: the temperatures and the fusion weight
+    fitted on its validation split, and classify="fused" when the fused classifier was more accurate there than the
+    CNN head (held out: `imgllm.calibration.calibration_report`). Without a report: the classifier's head
+    temperature, the CNN's labels."""
+    fitted = calibration.stored_fit(report)
+    if fitted is None or "lm_temperature" not in fitted:
+        return {"cnn_temperature": cnn_temperature}
+    fused_is_better = report.get("fused_accuracy", 0.0) > report.get("head_accuracy", 1.0)
+    return {"cnn_temperature": fitted["head_temperature"], "lm_temperature": fitted["lm_temperature"],
+            "fusion_weight": fitted["fusion_weight"], "fusion_temperature": fitted["fusion_temperature"],
+            "classify": "fused" if fused_is_better else "cnn"}
 
 
 def export_hf(workdir: str, out_dir: str, *, step: int | None = None) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from imgllm import parallel, precision
+from imgllm import calibration, parallel, precision
 from imgllm.train import checkpoint as ckpt_lib
 from imgllm.train import feed as feed_lib
 from imgllm.train import optim, plot, steps
@@ -445,7 +445,7 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
                 step_metrics.check()
                 saved = meta(done)
                 if last and calibrated:
-                    saved["calibration"] = calibrated          # the CNN head's temperature (the classifier's)
+                    saved["calibration"] = calibrated          # fitted temperatures (and fusion), with their report
                 checkpointer.save(done, state, config, saved)
             if stop:
                 checkpointer.wait()
@@ -470,7 +470,7 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
         tta = uses_tta(config)
         final_eval = evaluate_arrays(task, state.variables, eval_arrays, mesh, batch_size=config.eval_batch_size,
                                      tta=tta)
-        final_eval = {**final_eval, **{f"head_{key}": value for key, value in (calibrated or {}).items()}}
+        final_eval = {**final_eval, **(calibrated or {})}
         writer.write({"step": total_steps, "epoch": total_steps / steps_per_epoch, "split": "final_eval",
                       "tta": tta, **final_eval})
     if writer.enabled:
@@ -531,6 +531,9 @@ def evaluate_checkpoint(workdir: str, data: str | None = None, *, split: str = "
     tta = uses_tta(config) if tta is None else tta
     result = evaluate_arrays(task, variables, arrays, mesh, batch_size=batch_size, tta=tta)
     result = {"step": meta["step"], "num_examples": num_examples(arrays), "tta": tta, **result}
+    fitted = calibration.stored_fit(meta.get("calibration"))
+    if fitted is not None and hasattr(task, "calibrate"):     # the stored calibration, measured on this data
+        result.update(task.calibrate(variables, arrays, batch_size=batch_size, fitted=fitted))
     if confusion_png and hasattr(task, "confusion"):
         matrix = task.confusion(variables, arrays, batch_size=batch_size, tta=tta)
         title = f"{data or config.dataset} ({split}), step {meta['step']}"
