@@ -330,11 +330,13 @@ def test_the_head_is_calibrated_on_the_validation_split_and_the_pipeline_uses_it
     config, workdir, result = trained
     _, meta, task, variables = loop.restore_for_eval(workdir)
     fitted = meta["calibration"]
-    assert result.final_eval["head_temperature"] == fitted["temperature"] > 0
+    assert result.final_eval["head_temperature"] == fitted["head_temperature"] > 0
     arrays = task.eval_arrays(metadata=meta["task"])
     logits, labels = task.eval_logits(variables, arrays, batch_size=64, tta=False), arrays["labels"]
-    assert fitted["temperature"] == pytest.approx(calibration.fit_temperature(logits, labels))
+    assert fitted["head_temperature"] == pytest.approx(calibration.fit_temperature(logits, labels))
     nll = lambda t: calibration.negative_log_likelihood(logits, labels, t)
-    assert nll(fitted["temperature"]) <= nll(1.0)      # what is fitted; the ECE of 64 examples is only reported
+    assert nll(fitted["head_temperature"]) <= nll(1.0)   # what is fitted; the ECE of 64 examples is only reported
     (final,) = read_metrics(workdir, "final_eval")
-    assert final["head_ece"] == pytest.approx(fitted["ece"])
+    assert final["head_ece"] == pytest.approx(fitted["head_ece"])
+    assert final["head_ece"] == pytest.approx(calibration.expected_calibration_error(
+        np.exp(calibration.log_softmax(logits)), labels))

@@ -191,11 +191,10 @@ class CaptionerTask:
 
     def image_features(self, cnn_variables, images: np.ndarray) -> np.ndarray:
         """Bridge input features [N, F] of uint8 images, in batches of config.feature_batch_size (one compile)."""
-        fn = jax.jit(lambda v, x: self.cnn_logits_and_features(v, x)[1])
-        size = self.config.feature_batch_size
-        padded = np.concatenate([images, np.zeros((-len(images) % size,) + images.shape[1:], images.dtype)])
-        out = [np.asarray(fn(cnn_variables, padded[i:i + size])) for i in range(0, len(padded), size)]
-        return np.concatenate(out)[:len(images)].astype(np.float32)
+        fn = jax.jit(lambda v, x: {"features": self.cnn_logits_and_features(v, x)[1]})
+        features = padded_batch_outputs(lambda batch: fn(cnn_variables, batch), images,
+                                        self.config.feature_batch_size)["features"]
+        return features.astype(np.float32)
 
     def train_arrays(self) -> dict[str, np.ndarray]:
         cfg = self.config
