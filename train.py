@@ -43,6 +43,8 @@ _ALLOW_DATA_CHANGE = flags.DEFINE_bool("allow_data_change", False,
                                        "resume even though the training data differs from the checkpoint's")
 
 
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory, as infer.py --data-dir (sets config.data_dir; "
+                                 "in eval, where --data's tfds splits are read)")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "print the resolved config and exit")
 DEBUG = cli.debug_requested(sys.argv)     # --debug or IMGLLM_DEBUG=1: tracebacks instead of one-line errors
 
@@ -54,9 +56,11 @@ def run() -> None:
     if _MODE.value == "eval":
         confusion = os.path.join(_WORKDIR.value, "confusion.png") if _CONFUSION.value is None else _CONFUSION.value
         result = loop.evaluate_checkpoint(_WORKDIR.value, _DATA.value, split=_SPLIT.value, step=_STEP.value,
-                                          confusion_png=confusion)
+                                          confusion_png=confusion, data_dir=_DATA_DIR.value)
         print(json.dumps(result))
         return
+    if _DATA_DIR.value is not None:
+        _CONFIG.value.data_dir = _DATA_DIR.value
     if _CONFIG.value.get("recipe") == "demo":   # classifier, then captioner, pipeline export and scores
         demo_recipe.run_demo(_WORKDIR.value, classifier_config=_CONFIG.value)
         return

@@ -20,6 +20,7 @@ from imgllm import calibration
 from imgllm.language import scoring
 from imgllm.pipeline import caption_images, classify_images, cnn_logits_and_features, visual_prefix
 from imgllm.pipeline import checkpoint as pc
+from imgllm.pipeline import class_log_probs as pipeline_class_log_probs
 from imgllm.pipeline.records import OutputError
 
 COLOURS = ["red", "dark green", "blue"]                  # "dark green": a label of several tokens
@@ -117,16 +118,28 @@ def test_information_gain_removes_the_score_after_a_neutral_prefix(loaded):
     assert not np.allclose(gain.scores, likelihood.scores)      # the neutral prefix's scores are not zero
 
 
-@pytest.mark.parametrize("classify", ["lm", "fused"])
-def test_labels_come_from_the_chosen_classifier_with_the_checkpoints_calibration(loaded, classify):
+FITTED = {"head_temperature": 1.5, "lm_temperature": 2.0, "fusion_weight": 0.7, "fusion_temperature": 1.3}
+
+
+@pytest.mark.parametrize("classify", ["cnn", "lm", "fused"])
+def test_class_log_probs_are_the_calibrated_classifier_spec_classify_names(loaded, classify):
+    """The jitted formula (`class_log_probs`) is `imgllm.calibration`'s numpy one, with the checkpoint's values."""
+    rng = np.random.default_rng(0)
+    logits, lm_scores = rng.normal(size=(5, 10)) * 4, rng.normal(size=(5, 10)) * 3
+    got = pipeline_class_log_probs(jnp.asarray(logits, jnp.float32), jnp.asarray(lm_scores, jnp.float32),
+                                   loaded.spec(classify=classify))
+    expected = calibration.calibrated_log_probs(FITTED, logits, lm_scores)[classify]
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+
+
+def test_fused_labels_label_the_caption_and_come_with_the_lms(loaded):
     images = random_images(2, 8)
-    spec = loaded.spec(classify=classify)
+    spec = loaded.spec(classify="fused")
     out = jax.device_get(jax.jit(functools.partial(caption_images, spec=spec))(loaded.params, images,
                                                                               jax.random.PRNGKey(0)))
-    fitted = {"head_temperature": 1.5, "lm_temperature": 2.0, "fusion_weight": 0.7, "fusion_temperature": 1.3}
     lm_scores = lm_reference(loaded, images, list(loaded.class_names), list(loaded.class_prompt_templates),
                              score_end=True)
-    expected = np.exp(calibration.calibrated_log_probs(fitted, out["logits"], lm_scores)[classify])
+    expected = np.exp(calibration.calibrated_log_probs(FITTED, out["logits"], lm_scores)["fused"])
     top = np.argsort(-expected, axis=1, kind="stable")[:, :spec.top_k]
     np.testing.assert_array_equal(out["label_ids"], top)
     np.testing.assert_allclose(out["label_probs"], np.take_along_axis(expected, top, 1), atol=1e-5)

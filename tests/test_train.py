@@ -101,6 +101,11 @@ def test_eval_checkpoint_on_image_folder(trained, tmp_path):
     assert got["confusion_png"] == str(tmp_path / "confusion.png")
     with Image.open(got["confusion_png"]) as picture:
         assert min(picture.size) > 300
+    # The stored calibration is measured on this data; a relative folder resolves under data_dir (--data_dir).
+    assert got["head_temperature"] == pytest.approx(result.final_eval["head_temperature"])
+    assert 0.0 <= got["head_ece_calibrated"] <= 1.0
+    relative = loop.evaluate_checkpoint(workdir, "folder:test", split="test", data_dir=str(tmp_path))
+    assert relative["num_examples"] == 64 and relative["accuracy"] == got["accuracy"]
 
 
 def test_confusion_counts_each_example_once(trained):

@@ -33,13 +33,15 @@ def remap_labels(labels: np.ndarray, names: tuple[str, ...], target_names: tuple
     return lookup[np.asarray(labels)]
 
 
-def folder_split(spec: str, split: str) -> str:
+def folder_split(spec: str, split: str, data_dir: str | None = None) -> str:
     """The split to read so that "folder:<root>" may also name a folder of class folders to evaluate whole.
 
     An image folder without split sub-folders is its own "train" split (minus a carved validation part);
-    when such a folder is given for evaluation, all of its images are wanted: split "train_full".
+    when such a folder is given for evaluation, all of its images are wanted: split "train_full". A relative root
+    is under data_dir, as the folder source reads it.
     """
     kind, _, root = spec.partition(":")
+    root = os.path.join(data_dir, root) if data_dir and not os.path.isabs(root) else root
     if kind != "folder" or split != "test" or not os.path.isdir(root):
         return split
     has_split_folders = any(os.path.isdir(os.path.join(root, name))
@@ -90,7 +92,8 @@ class ClassifierTask:
         if not split:
             return None
         spec = source or self.config.dataset
-        ds = self._load(spec, folder_split(spec, split), self.config.num_eval_examples if source is None else None)
+        ds = self._load(spec, folder_split(spec, split, self.config.data_dir),
+                        self.config.num_eval_examples if source is None else None)
         labels = ds.labels.astype(np.int32)
         known = tuple(metadata["class_names"]) if metadata else self.class_names
         if known is not None and tuple(ds.class_names) != known:

@@ -515,15 +515,18 @@ def _abstract_state(task: Task, config: ml_collections.ConfigDict, meta: Mapping
 
 def evaluate_checkpoint(workdir: str, data: str | None = None, *, split: str = "test", step: int | None = None,
                         batch_size: int | None = None, tta: bool | None = None, mesh=None,
-                        confusion_png: str | None = None) -> dict[str, Any]:
+                        confusion_png: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Metrics (top-1 accuracy for classifiers) of the checkpoint in `workdir` on a data source.
 
     `data` is any load_dataset spec ("cifar10", "folder:/path/test", "demo"); None uses the checkpoint's own
     dataset and `split`. Model, normalisation and test-time augmentation come from the saved config. For a
-    classifier, `confusion_png` also draws its confusion matrix there (the result names the file).
+    classifier, `confusion_png` also draws its confusion matrix there (the result names the file). data_dir: where
+    tfds data is read (and relative folder roots resolve), instead of the saved config's.
     """
     mesh = mesh or parallel.make_mesh()
     config, meta, task, variables = restore_for_eval(workdir, step, mesh)
+    if data_dir is not None:
+        task.config.data_dir = data_dir
     arrays = task.eval_arrays(split=split, source=data, metadata=meta["task"])
     batch_size = batch_size or config.eval_batch_size
     devices = parallel.global_batch_divisor(mesh)
