@@ -191,9 +191,9 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_error
         record_file = None if output is None else RecordFile(path, fmt or format_for_path(path), spec.top_k,
                                                               decoding.num_captions)
         previous = []
-        options = run_options(loaded, decoding, fmt=record_file.format if record_file else "jsonl",
-                              batch_size=batch_size, seed=seed, template=template, top_labels=spec.top_k, tta=tta,
-                              lm_classify=lm_classify, dtype=dtype, spec=spec)
+        options = None if path is None and not html else run_options(   # kept beside the output, shown on the page
+            loaded, decoding, fmt=record_file.format if record_file else "jsonl", batch_size=batch_size, seed=seed,
+            template=template, top_labels=spec.top_k, tta=tta, lm_classify=lm_classify, dtype=dtype, spec=spec)
         if path is not None:  # checked and recorded before anything is compiled
             retry = {item.key for item in items} if retry_errors else ()
             previous = prepare_output(record_file, options, resume=resume, retry=retry)
