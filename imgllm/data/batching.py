@@ -67,3 +67,15 @@ def gather_batch(dataset, indices: np.ndarray) -> dict[str, np.ndarray]:
     images = dataset.images[safe]
     images[~mask] = 0
     return {"images": images, "labels": np.where(mask, dataset.labels[safe], 0).astype(np.int32), "mask": mask}
+
+
+def padded_batch_outputs(fn, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """fn(uint8 images [batch_size, ...]) -> dict of [batch_size, ...] arrays, run over all `images` in whole
+    batches (the last one padded with zeros, its padding dropped): one compiled shape. Host numpy results."""
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        padded = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
+        outputs.append({key: np.asarray(value)[:len(batch)] for key, value in fn(padded).items()})
+    return {key: np.concatenate([out[key] for out in outputs]) for key in outputs[0]}
+

@@ -302,13 +302,14 @@ class PipelineCheckpoint:
     def spec(self, generation: Any = None, *, template: str | None = None, top_k: int | None = None,
              flip_tta: bool = False, lm_classify: bool = False, dtype: str = "auto", classify: str | None = None,
              lm_labels: Sequence[str] | None = None, lm_templates: Sequence[str] | None = None,
-             lm_scoring: str = "likelihood") -> caption.PipelineSpec:
+             lm_scoring: str = "likelihood", lm_score_end: bool | None = None) -> caption.PipelineSpec:
         """The static `PipelineSpec`; generation: a `GenerationConfig` (default: greedy, the config's length).
 
         lm_classify: also classify by LM likelihood after the visual prefix ("lm_label" in records), scoring the
         checkpoint's class_prompt_templates (`class_prompt_templates`); lm_labels: classify by the LM among these
         labels instead of the CNN's classes, with lm_templates (None: the checkpoint's templates; see
-        `label_prompts`); lm_scoring: "likelihood" or "information_gain" (`PipelineSpec`). classify: the labels'
+        `label_prompts`, with lm_score_end as its score_end); lm_scoring: "likelihood" or "information_gain"
+        (`PipelineSpec`). classify: the labels'
         source, "cnn", "lm" or "fused" (None: the checkpoint's default, `default_classify`). All but "cnn" need a
         checkpoint with a bridge. The checkpoint's calibration (temperatures, fusion weight) is applied.
         dtype: the CNN's and the LM's compute dtype, "auto" (bfloat16 on GPU/TPU, float32 on CPU), "float32" or
@@ -332,7 +333,8 @@ class PipelineCheckpoint:
             raise ValueError("lm_templates are the prompts of lm_labels: give the labels too")
         class_prompts = self.label_prompts(config["class_names"]) if (
             lm_classify and lm_labels is None) or classify != "cnn" else None
-        label_prompts = None if lm_labels is None else self.label_prompts(lm_labels, lm_templates)
+        label_prompts = None if lm_labels is None else self.label_prompts(lm_labels, lm_templates,
+                                                                          score_end=lm_score_end)
         mean, std = config.get("mean"), config.get("std")
         return caption.PipelineSpec(
             cnn=self.cnn(dtype), lm_config=self.lm_config(dtype),

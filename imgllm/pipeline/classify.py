@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from imgllm.data.batching import padded_batch_outputs
 from imgllm.pipeline.caption import lm_classify_images
 from imgllm.pipeline.checkpoint import PipelineCheckpoint
 
@@ -58,18 +59,11 @@ def classify_images(pipeline: PipelineCheckpoint, images: np.ndarray, labels: Se
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-    spec = pipeline.spec(lm_labels=list(labels), lm_templates=templates, lm_scoring=lm_scoring, dtype=dtype)
-    if templates is not None and score_end is not None:
-        spec = dataclasses.replace(spec, lm_label_prompts=pipeline.label_prompts(labels, templates,
-                                                                                 score_end=score_end))
+    spec = pipeline.spec(lm_labels=list(labels), lm_templates=templates, lm_scoring=lm_scoring, dtype=dtype,
+                         lm_score_end=score_end)
     classify = _jitted(spec)
-    size = min(batch_size, len(images))
-    outputs = []
-    for start in range(0, len(images), size):
-        batch = images[start:start + size]
-        padded = np.concatenate([batch, np.zeros((size - len(batch),) + batch.shape[1:], batch.dtype)])
-        outputs.append({k: np.asarray(v)[:len(batch)] for k, v in classify(pipeline.params, padded).items()})
-    joined = {key: np.concatenate([out[key] for out in outputs]) for key in outputs[0]}
+    joined = padded_batch_outputs(lambda batch: classify(pipeline.params, batch), images,
+                                  min(batch_size, len(images)))
     return LabelPredictions(names=tuple(labels), label_ids=joined["lm_label_ids"], probs=joined["lm_probs"],
                             scores=joined["lm_scores"])
 

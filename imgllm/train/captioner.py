@@ -36,6 +36,7 @@ import numpy as np
 from imgllm import calibration
 from imgllm.bridge import PrefixMapper, check_mapper_fits
 from imgllm.captions.data import load_caption_dataset
+from imgllm.data.batching import padded_batch_outputs
 from imgllm.language import hf, scoring
 from imgllm.language.gpt2 import init_params
 from imgllm.language.scoring import prefixed_token_stats
@@ -43,7 +44,7 @@ from imgllm.language.tokenizer import check_vocabulary, train_bpe_tokenizer
 from imgllm.train.checkpoint import load_classifier, read_run_config
 from imgllm.train.classifier import cnn_for_run, remap_labels
 from imgllm.train.lm_task import lm_config_from, tokenizer_from_metadata
-from imgllm.train.task import Metrics, metric, padded_batch_outputs
+from imgllm.train.task import Metrics, metric
 from imgllm.vision.features import image_logits_and_features
 
 FROZEN = "frozen"   # model_state collection holding the frozen CNN variables (and the LM when not trained)

@@ -18,9 +18,10 @@ import optax
 from imgllm import calibration
 from imgllm import data as data_lib
 from imgllm.data import augment
+from imgllm.data.batching import padded_batch_outputs
 from imgllm.data.folder import SPLIT_FOLDER_NAMES
 from imgllm.precision import run_dtype
-from imgllm.train.task import Metrics, metric, padded_batch_outputs
+from imgllm.train.task import Metrics, metric
 from imgllm.vision import cnn as cnn_lib
 
 

@@ -55,19 +55,9 @@ class Task(Protocol):
     #   calibrate(variables, arrays, *, batch_size, fitted=None) -> dict
     #       `imgllm.calibration.calibration_report` on arrays: at the end of training the fit on the validation
     #       split (stored in the checkpoint's meta["calibration"] and added to the final eval), or with `fitted` (a
-    #       stored fit) its calibration error on another split.
+    #       stored fit) its calibration error on another split. Their passes over the images use
+#       `imgllm.data.batching.padded_batch_outputs`.
     #   confusion(variables, arrays, *, batch_size, tta) -> int64 [classes, classes] counts (true, predicted).
-
-
-def padded_batch_outputs(fn, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
-    """fn(uint8 images [batch_size, ...]) -> dict of [batch_size, ...] arrays, run over all `images` in whole
-    batches (the last one padded with zeros, its padding dropped): one compiled shape. Host numpy results."""
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        padded = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
-        outputs.append({key: np.asarray(value)[:len(batch)] for key, value in fn(padded).items()})
-    return {key: np.concatenate([out[key] for out in outputs]) for key in outputs[0]}
 
 
 def metric(total: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
