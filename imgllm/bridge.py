@@ -7,7 +7,8 @@ log p(t_i | prefix, BOS, t_<i), `imgllm.language.decoding.generate_tokens(..., p
 
 Convention shared by training, scoring and generation: text after the prefix always starts with BOS (GPT-2's
 `<|endoftext|>`), so the model is trained on [prefix][BOS][caption][EOS] and generation is prompted with
-[prefix][BOS]. Position ids run 0..K+T-1 over prefix and text, as GPT2's default (no padding inside).
+[prefix][BOS]. Position ids run 0..K+T-1 over prefix and text (no padding inside), for GPT-2's learned positions
+and the Llama family's rotary ones alike (`imgllm.language.model`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imgllm.language.gpt2 import GPT2Config
+from imgllm.language.model import LMConfig
 
 
 class PrefixMapper(nn.Module):
@@ -54,7 +55,7 @@ class PrefixMapper(nn.Module):
         return x.reshape(features.shape[0], self.prefix_length, self.lm_dim).astype(jnp.float32)
 
 
-def check_mapper_fits(mapper: PrefixMapper, lm_config: GPT2Config) -> None:
+def check_mapper_fits(mapper: PrefixMapper, lm_config: LMConfig) -> None:
     """Raises ValueError when the mapper's output width is not the LM's embedding width."""
     if mapper.lm_dim != lm_config.n_embd:
         raise ValueError(f"PrefixMapper.lm_dim={mapper.lm_dim} but the language model has n_embd={lm_config.n_embd}")

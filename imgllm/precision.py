@@ -2,7 +2,7 @@
 
     --config.dtype (train.py)   --dtype (infer.py)   caption_files(..., dtype=)   PipelineCheckpoint.spec(dtype=)
       └─ resolve_dtype: "auto" is bfloat16 on GPU/TPU, float32 on CPU (XLA:CPU has no fast bfloat16 matmuls)
-         └─ the CNN's and the LM's compute dtype (`CNN.dtype`, `GPT2Config.dtype`)
+         └─ the CNN's and the LM's compute dtype (`CNN.dtype`, the LM config's `dtype`)
 
 What the setting changes is only the dtype of activations and matmul inputs. Parameters, their gradients and the
 optimizer state stay float32 (flax casts a float32 parameter to the compute dtype where it is used), and so do
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 # Backends on which "auto" computes in bfloat16: their matrix units are built for it.
 BFLOAT16_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
-# The dtype objects the models' fields hold (jnp.float32 is the default of `CNN.dtype` and `GPT2Config.dtype`):
+# The dtype objects the models' fields hold (jnp.float32 is the default of `CNN.dtype` and of the LM configs' `dtype`):
 # always these, so that equal configs also hash equal (a static jit argument, a cache key).
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

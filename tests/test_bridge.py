@@ -8,7 +8,8 @@ from jax import lax
 
 from imgllm.bridge import PrefixMapper, check_mapper_fits
 from imgllm.language.gpt2 import GPT2, GPT2Config, init_params
-from imgllm.language.scoring import embed_tokens, prefixed_token_log_probs, prefixed_token_stats
+from imgllm.language.model import embed_tokens
+from imgllm.language.scoring import prefixed_token_log_probs, prefixed_token_stats
 from imgllm.vision import cnn as cnn_lib
 from imgllm.vision.features import cnn_outputs, max_pool_to_grid
 

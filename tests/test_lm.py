@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imgllm.language.gpt2 import GPT2, GPT2Config, attention_bias, init_cache, init_params, model_and_params
+from imgllm.language.cache import attention_bias, init_cache
+from imgllm.language.gpt2 import GPT2, GPT2Config, init_params
 from imgllm.language.matmul_cpu import KERNEL_FIRST_ROWS, OutInDense, OutInParams, few_rows_times_out_in, kernels_out_in
+from imgllm.language.model import model_and_params
 
 CONFIG = GPT2Config.tiny()
 

@@ -20,7 +20,7 @@ def captioner_config() -> ml_collections.ConfigDict:
                                         # "pyramid" (whitening stem + every block, pooled to the last block's grid)
     ))
     c.lm = ml_collections.ConfigDict(dict(
-        pretrained=config_dict.placeholder(str),  # Hugging Face GPT-2 directory or hub name (None: random init)
+        pretrained=config_dict.placeholder(str),  # GPT-2 / Llama-family HF dir, hub name or GGUF file (None: random)
         train=True,                     # fine-tune the LM (False: frozen, only the mapper learns)
         dropout=0.0,                    # embd/attn/resid dropout while training
         vocab_size=512,                 # random-init LM sizes (ignored with pretrained)

@@ -4,7 +4,7 @@ Run:  python train.py --config=lm_tiny --config.corpus=/path/to/text.txt --workd
 Corpus: plain text (one document per file, packed into seq_len rows) or JSON lines with "text" or
 "prompt"/"completion" fields (see imgllm/data/text.py). The tokenizer is a byte-level BPE trained on
 the corpus unless --config.tokenizer.path is given. Fine-tune a Hugging Face GPT-2 instead with
---config.lm.pretrained=<dir or hub name>. Export for transformers:
+--config.lm.pretrained=<dir, hub name or .gguf> (GPT-2 or the Llama family, e.g. SmolLM2). Export for transformers:
   python -c "from imgllm.train.export import export_hf; export_hf('/tmp/lm_tiny', '/tmp/lm_tiny_hf')"
 Used by tests/test_lm_task.py (a few steps reduce the loss on a corpus the test writes).
 """
@@ -25,7 +25,7 @@ def get_config():
     c.truncate = False                  # prompt/completion pairs longer than seq_len: cut (True) or error (False)
     c.tta = "none"                      # no test-time augmentation for text
     c.lm = ml_collections.ConfigDict(dict(
-        pretrained=config_dict.placeholder(str),  # Hugging Face GPT-2 directory or hub name (None: random init)
+        pretrained=config_dict.placeholder(str),  # GPT-2 / Llama-family HF dir, hub name or GGUF file (None: random)
         dropout=0.0,                    # embd/attn/resid dropout while training
         vocab_size=512,                 # random-init sizes (ignored with pretrained)
         n_positions=64,

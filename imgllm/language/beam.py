@@ -3,7 +3,7 @@
 Top 2 * num_beams candidates per prompt, length penalty ``score / generated_length ** length_penalty``, the
 ``early_stopping`` heuristic and the same "very low score" constant, so that beam results are token-identical to
 transformers up to floating point near-ties (tests/test_parity.py). `imgllm.language.decoding.beam_search_tokens`
-runs it on GPT-2 after prefilling the prompts; this module knows nothing of the model.
+runs it on any LM after prefilling the prompts; this module knows nothing of the model.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgllm.language.gpt2 import KVCache
+from imgllm.language.cache import KVCache
 from imgllm.language.sampling import process_logits
 
 # transformers' "very low score" for finished / impossible beams (kept identical so that ties resolve alike).

@@ -28,8 +28,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from imgllm import parallel
+from imgllm.language import model as lm
 from imgllm.language.beam import beam_search
-from imgllm.language.gpt2 import GPT2, GPT2Config, KVCache, init_cache, model_and_params
+from imgllm.language.cache import KVCache, init_cache
 from imgllm.language.sampling import resolve_sampler, select_tokens, token_log_probs
 
 
@@ -104,36 +105,34 @@ class GenerationConfig:
 class _Decoder:
     """The model calls generation needs: prefill of the prompt, and one cached decoding step."""
 
-    model: GPT2
+    config: lm.LMConfig
     params: Any
 
     def embed(self, input_ids):
-        return self.model.apply({"params": self.params}, input_ids, method=GPT2.embed_tokens)
+        return lm.embed_tokens(self.params, self.config, input_ids)
 
     def forward(self, embeds, mask, positions, cache):
         """Runs [B, T, D] inputs through the cache; returns (logits of the last position [B, V], new cache)."""
-        hidden, cache = self.model.apply({"params": self.params}, inputs_embeds=embeds, attention_mask=mask,
-                                         position_ids=positions, cache=cache, return_hidden=True)
+        hidden, cache = lm.hidden_states(self.params, self.config, embeds, attention_mask=mask,
+                                         position_ids=positions, cache=cache)
         # Only the last position's logits are needed: the head runs on it alone.
-        logits = self.model.apply({"params": self.params}, hidden[:, -1], method=GPT2.logits_from_hidden)
-        return logits, cache
+        return lm.logits_from_hidden(self.params, self.config, hidden[:, -1]), cache
 
     def step(self, tokens, mask, positions, cache):
         """One decoding step for tokens [B]; positions [B]."""
         return self.forward(self.embed(tokens[:, None]), mask, positions[:, None], cache)
 
 
-def _make_decoder(params, config: GPT2Config) -> _Decoder:
+def _make_decoder(params, config: lm.LMConfig) -> _Decoder:
     """Prepares the parameters for decoding, once per call, outside the decoding loop: non-float32 compute dtypes
     get their parameters cast here (not at every step), halving the bytes each step reads in bfloat16.
 
     ``params`` may be `imgllm.language.matmul_cpu.kernels_out_in` parameters, XLA:CPU's fast layout. Callers
     convert once per set of weights: transposing inside each call would cost more than it saves.
     """
-    model, params = model_and_params(params, config)
     if jnp.dtype(config.dtype) != jnp.float32:
         params = jax.tree.map(lambda p: p.astype(config.dtype), params)
-    return _Decoder(model=model, params=params)
+    return _Decoder(config=config, params=params)
 
 
 def _prompt_layout(attention_mask, prefix_len: int, max_new_tokens: int):
@@ -168,7 +167,7 @@ class Prefilled(NamedTuple):
                          positions=repeat(self.positions))
 
 
-def prefill(params, model_config: GPT2Config, input_ids, attention_mask, max_new_tokens: int, *,
+def prefill(params, model_config: lm.LMConfig, input_ids, attention_mask, max_new_tokens: int, *,
             prefix_embeds=None) -> Prefilled:
     """Runs left-padded prompts (and an optional prefix [B, K, D]) through a fresh cache with room for
     max_new_tokens."""
@@ -180,7 +179,7 @@ def prefill(params, model_config: GPT2Config, input_ids, attention_mask, max_new
         embeds = jnp.concatenate([prefix_embeds.astype(embeds.dtype), embeds], axis=1)
     mask, positions = _prompt_layout(attention_mask, prefix_len, max_new_tokens)
     prompt_len = embeds.shape[1]
-    cache = init_cache(decoder.model.config, embeds.shape[0], prompt_len + max_new_tokens)
+    cache = init_cache(decoder.config, embeds.shape[0], prompt_len + max_new_tokens)
     logits, cache = decoder.forward(embeds, mask, positions[:, :prompt_len], cache)
     return Prefilled(logits=logits, cache=cache, mask=mask, positions=positions)
 
@@ -229,7 +228,7 @@ def _choose_next(state: _SampleState, logits, rng, gen_config: GenerationConfig)
     return state._replace(step=state.step + 1, last_token=token, tokens=tokens, finished=finished, scores=scores)
 
 
-def sample_after_prefill(params, model_config: GPT2Config, prompts: Prefilled, rng, gen_config: GenerationConfig):
+def sample_after_prefill(params, model_config: lm.LMConfig, prompts: Prefilled, rng, gen_config: GenerationConfig):
     """Greedy decoding or sampling from prefilled prompts: num_return_sequences rows per prompt, as
     :func:`generate_tokens` returns them. The random draws depend only on rng and the row count, so prefilling
     shared prompts once and gathering them (``gather_prefilled``) gives the same tokens as prefilling every row."""
@@ -254,7 +253,7 @@ def sample_after_prefill(params, model_config: GPT2Config, prompts: Prefilled, r
     return state.tokens, state.scores
 
 
-def sample_tokens(params, model_config: GPT2Config, input_ids, attention_mask, rng, gen_config: GenerationConfig,
+def sample_tokens(params, model_config: lm.LMConfig, input_ids, attention_mask, rng, gen_config: GenerationConfig,
                   *, prefix_embeds=None):
     """Greedy decoding or sampling. Same arguments and results as :func:`generate_tokens` (num_beams ignored)."""
     _check_traced_inputs(model_config, input_ids, attention_mask, gen_config, prefix_embeds)
@@ -263,7 +262,7 @@ def sample_tokens(params, model_config: GPT2Config, input_ids, attention_mask, r
     return sample_after_prefill(params, model_config, prompts, rng, gen_config)
 
 
-def beam_search_tokens(params, model_config: GPT2Config, input_ids, attention_mask, rng,
+def beam_search_tokens(params, model_config: lm.LMConfig, input_ids, attention_mask, rng,
                        gen_config: GenerationConfig, *, prefix_embeds=None):
     """Beam search with gen_config.num_beams beams (also 1). Same arguments and results as :func:`generate_tokens`:
     the num_return_sequences best finished hypotheses per prompt, best first, and their scores
@@ -279,12 +278,12 @@ def beam_search_tokens(params, model_config: GPT2Config, input_ids, attention_ma
 # Entry points
 
 
-def generate_tokens(params, model_config: GPT2Config, input_ids, attention_mask, rng, gen_config: GenerationConfig,
+def generate_tokens(params, model_config: lm.LMConfig, input_ids, attention_mask, rng, gen_config: GenerationConfig,
                     *, prefix_embeds=None):
     """Generates up to gen_config.max_new_tokens tokens after each left-padded prompt. Pure and jit-traceable.
 
     Args:
-      params: GPT-2 parameters (``GPT2(model_config).init(...)["params"]`` or ``imgllm.language.hf.load_gpt2``),
+      params: the LM's parameters (`imgllm.language.model.init_params`, or loaded: `imgllm.language.load`),
         or the same converted by `imgllm.language.matmul_cpu.kernels_out_in` (XLA:CPU's fast layout).
       model_config: the model's sizes and compute dtype (static).
       input_ids: [B, P] int prompts, left-padded; attention_mask: [B, P], 1 for real tokens.
@@ -305,7 +304,7 @@ def generate_tokens(params, model_config: GPT2Config, input_ids, attention_mask,
                          prefix_embeds=prefix_embeds)
 
 
-def _check_traced_inputs(model_config: GPT2Config, input_ids, attention_mask, gen_config, prefix_embeds):
+def _check_traced_inputs(model_config: lm.LMConfig, input_ids, attention_mask, gen_config, prefix_embeds):
     """Shape checks that work on tracers (they run once, at trace time, before any compile)."""
     gen_config.check_vocab(model_config.vocab_size)
     if input_ids.ndim != 2:
@@ -339,7 +338,7 @@ def bucket_prompts(input_ids, attention_mask, length_bucket: int, pad_token_id: 
     return ids.astype(np.int32), np.pad(mask, ((0, 0), (pad, 0))).astype(np.int32)
 
 
-def _check_host_prompts(input_ids, attention_mask, model_config: GPT2Config):
+def _check_host_prompts(input_ids, attention_mask, model_config: lm.LMConfig):
     """Value checks on host prompts, with the offending row, before anything is compiled."""
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be "
@@ -357,7 +356,7 @@ def _check_host_prompts(input_ids, attention_mask, model_config: GPT2Config):
                          f"use a tokenizer with padding_side='left'")
 
 
-def generate(params, model_config: GPT2Config, input_ids, attention_mask=None, rng=None,
+def generate(params, model_config: lm.LMConfig, input_ids, attention_mask=None, rng=None,
              gen_config: GenerationConfig | None = None, *, prefix_embeds=None, mesh: Mesh | None = None,
              length_bucket: int = 16):
     """Host-friendly, data-parallel :func:`generate_tokens`: returns numpy (tokens, scores) for numpy prompts.

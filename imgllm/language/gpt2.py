@@ -15,9 +15,8 @@ The parameter tree is a rename of a Hugging Face ``GPT2LMHeadModel`` state dict 
 HF's ``Conv1D`` stores its weight as ``[in, out]``, exactly a flax ``Dense`` kernel, so no transpose is needed.
 The output head is tied to ``wte`` (``lm_head.weight`` is ``transformer.wte.weight``).
 
-Decoding uses an explicit, functional key/value cache (:class:`KVCache`) passed in and returned, rather than
-flax's mutable ``cache`` collection, so the generation loop can carry it through ``lax.while_loop`` and XLA can
-update it in place.
+Decoding uses the explicit, functional key/value cache of `imgllm.language.cache`; `imgllm.language.model` is the
+one interface that decoding, scoring and training use for GPT-2 and the Llama family alike.
 """
 
 from __future__ import annotations
@@ -28,16 +27,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgllm.language.matmul_cpu import OutInDense, OutInParams
-
-# Large negative (finite) additive bias for masked attention slots: finite so that a query with every key masked
-# (a left-padding position) gets a uniform softmax instead of NaN. Its output is never used.
-_MASK_BIAS = float(np.finfo(np.float32).min)
+from imgllm.language.cache import KVCache, call_layout, check_call_inputs, run_layers, write_cache
+from imgllm.language.matmul_cpu import OutInDense
 
 # Hugging Face config.json keys that change GPT-2's math, with the only value this implementation supports.
 _UNSUPPORTED_HF_FLAGS = {
@@ -87,6 +82,24 @@ class GPT2Config:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def model_type(self) -> str:
+        """The Hugging Face ``model_type`` (`imgllm.language.model` dispatches on the config's class)."""
+        return "gpt2"
+
+    @property
+    def num_cache_heads(self) -> int:
+        """Heads whose keys and values the KV cache holds: all of them."""
+        return self.n_head
+
+    def module(self, kernel_out_in: bool = False) -> GPT2:
+        """The flax module of this config (`imgllm.language.model.model_and_params` picks ``kernel_out_in``)."""
+        return GPT2(self, kernel_out_in=kernel_out_in)
+
+    def with_dropout(self, rate: float) -> GPT2Config:
+        """This config with embedding, attention and residual dropout ``rate`` (training's runtime choice)."""
+        return dataclasses.replace(self, embd_pdrop=rate, attn_pdrop=rate, resid_pdrop=rate)
 
     @classmethod
     def small(cls, **overrides) -> GPT2Config:
@@ -152,63 +165,6 @@ class GPT2Config:
             raise ValueError(f"{source}: {error}") from error
 
 
-@flax.struct.dataclass
-class KVCache:
-    """Keys and values of every layer for ``S`` slots, and how many slots are filled.
-
-    k, v: one [batch, n_head, S, head_dim] array per layer; index: int32 scalar, the first free slot. A pytree, so
-    it can be a ``lax.while_loop`` carry (updated in place by XLA) and passed through ``jit``.
-
-    The layout is what the decoding step reads fastest. Heads come before slots, so both attention matmuls read
-    a layer's array as it is (no transpose copy). One array per layer, not one stacked [n_layer, ...] array: XLA
-    copies a layer's slice out of a stacked array before the matmul reads it.
-    """
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-    index: jax.Array
-
-    @property
-    def max_length(self) -> int:
-        return self.k[0].shape[2]
-
-    def map_rows(self, fn) -> KVCache:
-        """The cache with ``fn`` applied to every layer's keys and values (batch first), e.g. to gather rows."""
-        return self.replace(k=tuple(fn(k) for k in self.k), v=tuple(fn(v) for v in self.v))
-
-
-def init_cache(config: GPT2Config, batch: int, max_len: int, dtype: Any = None) -> KVCache:
-    """An empty cache of ``max_len`` slots (zeros; slots are only read once written and unmasked)."""
-    if max_len > config.n_positions:
-        raise ValueError(f"cache length {max_len} exceeds the model's n_positions={config.n_positions}")
-    shape = (batch, config.n_head, max_len, config.head_dim)
-    dtype = config.dtype if dtype is None else dtype
-    layers = range(config.n_layer)
-    return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   index=jnp.zeros((), jnp.int32))
-
-
-def attention_bias(attention_mask: jax.Array, query_positions: jax.Array) -> jax.Array:
-    """Additive attention bias [B, 1, T, S]: 0 where query t may attend to slot s, a large negative value elsewhere.
-
-    Slot s is visible to a query written at slot q when s <= q (causal) and attention_mask[b, s] == 1.
-    query_positions: [T] slot index of each query (its cache slot, not its position id).
-    """
-    slots = jnp.arange(attention_mask.shape[1])
-    causal = slots[None, :] <= query_positions[:, None]  # [T, S]
-    allowed = causal[None, :, :] & (attention_mask[:, None, :] != 0)  # [B, T, S]
-    return jnp.where(allowed, 0.0, _MASK_BIAS).astype(jnp.float32)[:, None, :, :]
-
-
-def model_and_params(params: Any, config: GPT2Config) -> tuple[GPT2, Any]:
-    """(the GPT2 module that reads ``params``, the parameter tree to apply it with): ``GPT2(config)`` and the tree
-    for parameters as stored (Hugging Face's [in, out] layout), ``GPT2(config, kernel_out_in=True)`` and the
-    unwrapped tree for `imgllm.language.matmul_cpu.kernels_out_in` parameters (XLA:CPU's fast path)."""
-    if isinstance(params, OutInParams):
-        return GPT2(config, kernel_out_in=True), params.params
-    return GPT2(config), params
-
-
 def _dense(features: int, config: GPT2Config, name: str, kernel_out_in: bool,
            std: float | None = None) -> nn.Module:
     """Hugging Face's ``Conv1D``, y = x @ kernel + bias: an ``nn.Dense`` with its kernel [in, out] as checkpoints
@@ -244,12 +200,7 @@ class GPT2Attention(nn.Module):
         qkv = _dense(3 * cfg.n_embd, cfg, "c_attn", self.kernel_out_in)(x)
         q, k, v = jnp.split(qkv.reshape(batch, length, 3, cfg.n_head, cfg.head_dim), 3, axis=2)
         q, k, v = (t[:, :, 0].transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, Dh]
-        if kv is not None:
-            k_all, v_all = kv
-            start = (0, 0, index, 0)
-            k = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), start)
-            v = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), start)
-            kv = (k, v)
+        k, v, kv = write_cache(kv, k, v, index)
         scores = jnp.einsum("bhtd,bhsd->bhts", q, k.astype(q.dtype)).astype(jnp.float32)
         scores = scores / jnp.float32(math.sqrt(cfg.head_dim)) + bias
         weights = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
@@ -280,7 +231,7 @@ class GPT2Block(nn.Module):
     kernel_out_in: bool = False
 
     @nn.compact
-    def __call__(self, x, bias, kv=None, index=None, deterministic=True):
+    def __call__(self, x, bias, kv=None, index=None, position_ids=None, deterministic=True):
         attn_out, kv = GPT2Attention(self.config, self.kernel_out_in, name="attn")(
             _layer_norm(self.config, "ln_1")(x), bias, kv, index, deterministic)
         x = x + attn_out
@@ -297,7 +248,7 @@ class GPT2(nn.Module):
     With a cache of S slots, the T inputs are written at slots [index, index + T) and attend to every slot that
     is causally before them and has attention_mask[B, S] == 1; the returned cache has index + T.
     ``kernel_out_in``: the block kernels are stored [out, in] (params from `matmul_cpu.kernels_out_in`, XLA:CPU's
-    fast path; `model_and_params` sets it from the parameters).
+    fast path; `imgllm.language.model.model_and_params` sets it from the parameters).
     """
 
     config: GPT2Config
@@ -335,50 +286,16 @@ class GPT2(nn.Module):
                  cache: KVCache | None = None, deterministic: bool = True, return_hidden: bool = False):
         """Returns (logits [B, T, V] float32, new cache or None); (final hidden [B, T, D], cache) when
         return_hidden (generation computes the head only for the last position)."""
-        cfg = self.config
-        embeds = self._input_embeddings(input_ids, inputs_embeds)
+        check_call_inputs(input_ids, inputs_embeds, self.config.n_embd)
+        embeds = self.embed_tokens(input_ids) if input_ids is not None else inputs_embeds.astype(self.config.dtype)
         batch, length, _ = embeds.shape
-        slots = cache.max_length if cache is not None else length
-        if attention_mask is None:
-            attention_mask = jnp.ones((batch, slots), jnp.int32)
-        if attention_mask.shape != (batch, slots):
-            what = f"the cache length {slots}" if cache is not None else f"the {length} inputs"
-            raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(batch, slots)} "
-                             f"(batch, {what})")
-        if slots > cfg.n_positions:
-            raise ValueError(f"sequence of {slots} slots exceeds the model's n_positions={cfg.n_positions}")
-        start = cache.index if cache is not None else jnp.zeros((), jnp.int32)
-        query_slots = start + jnp.arange(length, dtype=jnp.int32)
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(query_slots, (batch, length))
-        if position_ids.shape != (batch, length):
-            raise ValueError(f"position_ids has shape {position_ids.shape}, expected {(batch, length)}")
-
-        x = self.drop(embeds + self.wpe(position_ids), deterministic=deterministic)
-        bias = attention_bias(attention_mask, query_slots)
-        new_k, new_v = [], []
-        for layer, block in enumerate(self.h):
-            x, kv = block(x, bias, None if cache is None else (cache.k[layer], cache.v[layer]), start, deterministic)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+        layout = call_layout(self.config, batch, length, attention_mask, position_ids, cache)
+        x = self.drop(embeds + self.wpe(layout.position_ids), deterministic=deterministic)
+        x, new_cache = run_layers(self.h, x, layout, cache, deterministic)
         hidden = self.ln_f(x)
-        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v), index=cache.index + length)
         if return_hidden:
             return hidden, new_cache
         return self.logits_from_hidden(hidden), new_cache
-
-    def _input_embeddings(self, input_ids, inputs_embeds):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, D]")
-        if input_ids is not None:
-            if input_ids.ndim != 2:
-                raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-            return self.embed_tokens(input_ids)
-        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.n_embd:
-            raise ValueError(f"inputs_embeds must be [batch, length, {self.config.n_embd}], "
-                             f"got shape {inputs_embeds.shape}")
-        return inputs_embeds.astype(self.config.dtype)
 
 
 def init_params(config: GPT2Config, rng: jax.Array) -> dict:

@@ -100,18 +100,18 @@ def hf_key_for_path(path: tuple[str, ...]) -> str:
     return ".".join(parts + [_LEAF_TO_HF[leaf]])
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+def flatten_tree(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     """Nested dict -> {path tuple: leaf}."""
     flat = {}
     for name, value in tree.items():
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, prefix + (name,)))
+            flat.update(flatten_tree(value, prefix + (name,)))
         else:
             flat[prefix + (name,)] = value
     return flat
 
 
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+def unflatten_tree(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
     """{path tuple: leaf} -> nested dict."""
     tree: dict[str, Any] = {}
     for path, value in flat.items():
@@ -129,7 +129,7 @@ def abstract_params(config: GPT2Config) -> dict[str, Any]:
 
 def expected_hf_shapes(config: GPT2Config) -> dict[str, tuple[tuple[str, ...], jax.ShapeDtypeStruct]]:
     """{HF key (unprefixed): (flax path, ShapeDtypeStruct)} for every parameter of `GPT2(config)`."""
-    return {hf_key_for_path(path): (path, leaf) for path, leaf in _flatten(abstract_params(config)).items()}
+    return {hf_key_for_path(path): (path, leaf) for path, leaf in flatten_tree(abstract_params(config)).items()}
 
 
 def describe_mismatches(
@@ -300,16 +300,26 @@ def check_config_values(hf_config: Any, source: str) -> None:
         raise ValueError(f"{source}: layer_norm_epsilon={epsilon!r} must be a finite positive number")
 
 
-def read_config(model_dir: str) -> GPT2Config:
-    """Parse ``model_dir/config.json`` into a `GPT2Config`; ValueError naming the file and key of a bad value."""
+def read_config_dict(model_dir: str) -> dict[str, Any]:
+    """``model_dir/config.json`` as a dict; FileNotFoundError or ValueError naming the file when it is missing, not
+    JSON or not an object."""
     path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{model_dir} has no {CONFIG_FILE}")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             hf_config = json.load(f)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(hf_config).__name__}")
+    return hf_config
+
+
+def read_config(model_dir: str) -> GPT2Config:
+    """Parse ``model_dir/config.json`` into a `GPT2Config`; ValueError naming the file and key of a bad value."""
+    path = os.path.join(model_dir, CONFIG_FILE)
+    hf_config = read_config_dict(model_dir)
     check_config_values(hf_config, path)
     # GPT2Config.from_dict rejects (naming the key) any variant imgllm's GPT-2 would compute differently.
     return GPT2Config.from_dict(hf_config, source=path)
@@ -358,7 +368,7 @@ def _open_safetensors(path: str):
         raise CorruptCheckpointError(f"{path} is not a readable safetensors file: {error}") from error
 
 
-def _tensor_index(files: Iterable[str]) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+def tensor_index(files: Iterable[str]) -> dict[str, tuple[str, str, tuple[int, ...]]]:
     """{checkpoint key: (file, key in file, shape)} from the safetensors headers, without reading tensors."""
     index = {}
     for path in files:
@@ -370,7 +380,7 @@ def _tensor_index(files: Iterable[str]) -> dict[str, tuple[str, str, tuple[int, 
     return index
 
 
-def _read_tensors(locations: Mapping[str, tuple[str, str]]) -> dict[str, jax.Array]:
+def read_tensors(locations: Mapping[str, tuple[str, str]]) -> dict[str, jax.Array]:
     """{name: tensor} for {name: (file, key in file)}, opening each file once."""
     by_file: dict[str, list[tuple[str, str]]] = {}
     for name, (path, key) in locations.items():
@@ -405,7 +415,7 @@ def _check_tied_head(index: Mapping[str, tuple[str, str, tuple[int, ...]]], wte:
     if LM_HEAD_KEY not in index:
         return
     path, key, _ = index[LM_HEAD_KEY]
-    head = _read_tensors({LM_HEAD_KEY: (path, key)})[LM_HEAD_KEY]
+    head = read_tensors({LM_HEAD_KEY: (path, key)})[LM_HEAD_KEY]
     if head.shape != wte.shape or not bool(jnp.array_equal(head, wte)):
         raise CheckpointMismatchError(
             f"{source}: {LM_HEAD_KEY!r} differs from 'wte.weight'; imgllm's GPT-2 ties the output head to the "
@@ -434,7 +444,7 @@ def load_gpt2(
                                   local_files_only=local_files_only)
     files = safetensors_files(model_dir)
     config = read_config(model_dir)
-    index = _tensor_index(files)
+    index = tensor_index(files)
     model_keys = _model_keys(index, model_dir)
     found = {name: shape for name, (_, _, shape) in model_keys.items()}
     check_config_against_checkpoint(config, found, os.path.join(model_dir, CONFIG_FILE), model_dir)
@@ -444,9 +454,9 @@ def load_gpt2(
         {name: leaf.shape for name, (_, leaf) in expected.items()},
         f"{model_dir} does not match the GPT-2 its config.json describes",
     )
-    tensors = _read_tensors({name: (path, key) for name, (path, key, _) in model_keys.items()})
+    tensors = read_tensors({name: (path, key) for name, (path, key, _) in model_keys.items()})
     _check_tied_head(index, tensors["wte.weight"], model_dir)
-    params = _unflatten({path: tensors[name].astype(leaf.dtype) for name, (path, leaf) in expected.items()})
+    params = unflatten_tree({path: tensors[name].astype(leaf.dtype) for name, (path, leaf) in expected.items()})
     return config, params
 
 
@@ -466,7 +476,7 @@ def save_gpt2(out_dir: str | os.PathLike, config: GPT2Config, params: Mapping[st
     out_dir = os.fspath(out_dir)
     if set(params) == {"params"}:  # accept flax variables as well as the bare parameter tree
         params = params["params"]
-    flat = _flatten(params)
+    flat = flatten_tree(params)
     expected = expected_hf_shapes(config)
     check_shapes(
         {"/".join(path): np.shape(leaf) for path, leaf in flat.items()},
@@ -537,8 +547,11 @@ __all__ = [
     "load_gpt2",
     "load_tokenizer",
     "read_config",
+    "read_config_dict",
+    "read_tensors",
     "resolve_model_dir",
     "safetensors_files",
     "save_gpt2",
     "shard_path",
+    "tensor_index",
 ]

@@ -1,12 +1,13 @@
-"""XLA:CPU's fast path for GPT-2's matmuls: block kernels stored [out, in], multiplied kernel-first for few rows.
+"""XLA:CPU's fast path for the LMs' matmuls: kernels stored [out, in], multiplied kernel-first for few rows.
 
 The plain path is `imgllm.language.gpt2`'s ordinary ``[in, out]`` ``nn.Dense`` layers: the layout checkpoints
 hold, and what GPU/TPU run. On XLA:CPU, the dot reads a large kernel faster in the ``[out, in]`` layout, and for a
 few rows faster still as the left operand (``kernel · xᵀ``, `times_out_in`).
 
 The switch is the parameters themselves: `kernels_out_in` converts them once (on the host, after loading) into
-`OutInParams`, and `imgllm.language.gpt2.model_and_params` builds the model that reads them
-(``GPT2(kernel_out_in=True)``, whose layers are `OutInDense`). Unconverted parameters run the plain path. Nothing
+`OutInParams`, and `imgllm.language.model.model_and_params` builds the model that reads them
+(``config.module(kernel_out_in=True)``, whose layers are `OutInDense`). Unconverted parameters run the plain path.
+Nothing
 here asks for the backend: whoever converts decides (``imgllm.pipeline.caption.inference_params`` does it on CPU).
 Tests hold the converted model to the plain one (same logits within float tolerance, same greedy tokens);
 benchmarks/README.md holds the measured gains.
@@ -30,9 +31,9 @@ KERNEL_FIRST_ROWS = (2, 64)
 
 @flax.struct.dataclass
 class OutInParams:
-    """GPT-2 parameters whose transformer-block kernels are stored [out, in]: what `kernels_out_in` returns.
+    """LM parameters whose kernels are stored [out, in]: what `kernels_out_in` returns.
 
-    Generation and scoring accept them wherever they accept the parameters (`gpt2.model_and_params`). Make them
+    Generation and scoring accept them wherever they accept the parameters (`model.model_and_params`). Make them
     once per set of weights (after loading, not per call): the transpose reads every kernel once.
     """
 
@@ -78,11 +79,14 @@ class OutInDense(nn.Module):
     `times_out_in`. Parameters in float32, computation in ``dtype``, as the plain ``nn.Dense`` it replaces."""
 
     features: int
+    use_bias: bool = True
     dtype: Any = jnp.float32
     kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (self.features, x.shape[-1]), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        return times_out_in(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        y = times_out_in(x.astype(self.dtype), kernel.astype(self.dtype))
+        if not self.use_bias:
+            return y
+        return y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)

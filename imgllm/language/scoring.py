@@ -24,16 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgllm.language.gpt2 import GPT2, GPT2Config, model_and_params
+from imgllm.language import model as lm
 
 
-def embed_tokens(lm_params: Any, lm_config: GPT2Config, input_ids: jax.Array) -> jax.Array:
-    """Token embeddings [B, T, D] from the LM's wte table."""
-    model, lm_params = model_and_params(lm_params, lm_config)
-    return model.apply({"params": lm_params}, input_ids, method=GPT2.embed_tokens)
-
-
-def prefixed_token_log_probs(lm_params: Any, lm_config: GPT2Config, prefix_embeds: jax.Array | None,
+def prefixed_token_log_probs(lm_params: Any, lm_config: lm.LMConfig, prefix_embeds: jax.Array | None,
                              input_ids: jax.Array, *, deterministic: bool = True,
                              dropout_rng: jax.Array | None = None) -> jax.Array:
     """log p(input_ids[:, t] | prefix, input_ids[:, :t]) for t = 1..T-1, as float32 [B, T-1] (see
@@ -42,7 +36,7 @@ def prefixed_token_log_probs(lm_params: Any, lm_config: GPT2Config, prefix_embed
                                 dropout_rng=dropout_rng)[0]
 
 
-def prefixed_token_stats(lm_params: Any, lm_config: GPT2Config, prefix_embeds: jax.Array | None,
+def prefixed_token_stats(lm_params: Any, lm_config: lm.LMConfig, prefix_embeds: jax.Array | None,
                          input_ids: jax.Array, *, deterministic: bool = True,
                          dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(log p(input_ids[:, t] | prefix, input_ids[:, :t]), whether that token is the argmax), each [B, T-1].
@@ -56,19 +50,16 @@ def prefixed_token_stats(lm_params: Any, lm_config: GPT2Config, prefix_embeds: j
     """
     if input_ids.ndim != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [batch, length >= 2] (BOS + tokens), got shape {input_ids.shape}")
-    embeds = embed_tokens(lm_params, lm_config, input_ids)
-    model, lm_params = model_and_params(lm_params, lm_config)
+    embeds = lm.embed_tokens(lm_params, lm_config, input_ids)
     prefix_length = 0
     if prefix_embeds is not None:
         if prefix_embeds.ndim != 3 or prefix_embeds.shape[0] != input_ids.shape[0]:
             raise ValueError(f"prefix_embeds must be [{input_ids.shape[0]}, K, D], got shape {prefix_embeds.shape}")
         prefix_length = prefix_embeds.shape[1]
         embeds = jnp.concatenate([prefix_embeds.astype(embeds.dtype), embeds], axis=1)
-    rngs = {} if deterministic else {"dropout": dropout_rng}
-    hidden, _ = model.apply({"params": lm_params}, inputs_embeds=embeds, deterministic=deterministic,
-                            return_hidden=True, rngs=rngs)
+    hidden, _ = lm.hidden_states(lm_params, lm_config, embeds, deterministic=deterministic, dropout_rng=dropout_rng)
     predicting = hidden[:, prefix_length:-1]           # text positions 0..T-2 predict tokens 1..T-1
-    logits = model.apply({"params": lm_params}, predicting, method=GPT2.logits_from_hidden)
+    logits = lm.logits_from_hidden(lm_params, lm_config, predicting)
     targets = input_ids[:, 1:]
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     is_argmax = jnp.argmax(logits, axis=-1) == targets
@@ -203,7 +194,7 @@ def build_text_prompt_table(encode: Encoder, eos_id: int, descriptions: Sequence
     return _table_from_pieces(pieces, eos_id, eos_id)
 
 
-def _score_one_image(lm_params, lm_config: GPT2Config, table: ClassPromptTable, prefix: jax.Array | None) -> jax.Array:
+def _score_one_image(lm_params, lm_config: lm.LMConfig, table: ClassPromptTable, prefix: jax.Array | None) -> jax.Array:
     """[C] ensemble log-likelihoods of every prompt of `table` after one image's prefix [K, D] (or none)."""
     num_classes, num_templates, length = table.input_ids.shape
     flat_ids = table.input_ids.reshape(num_classes * num_templates, length)
@@ -215,7 +206,7 @@ def _score_one_image(lm_params, lm_config: GPT2Config, table: ClassPromptTable, 
 
 
 @functools.partial(jax.jit, static_argnames=("lm_config", "images_per_chunk"))
-def score_class_prompts(lm_params: Any, lm_config: GPT2Config, prompt_table: ClassPromptTable,
+def score_class_prompts(lm_params: Any, lm_config: lm.LMConfig, prompt_table: ClassPromptTable,
                         prefix_embeds: jax.Array | None, *, images_per_chunk: int = 8) -> jax.Array:
     """Log-likelihood [B, C] of each class's prompts under the LM conditioned on each image's prefix [B, K, D].
 
@@ -229,14 +220,14 @@ def score_class_prompts(lm_params: Any, lm_config: GPT2Config, prompt_table: Cla
                        prefix_embeds, batch_size=images_per_chunk)
 
 
-def classify_by_lm(lm_params: Any, lm_config: GPT2Config, prompt_table: ClassPromptTable,
+def classify_by_lm(lm_params: Any, lm_config: lm.LMConfig, prompt_table: ClassPromptTable,
                    prefix_embeds: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(predicted class ids [B], class log-likelihoods [B, C]); traceable inside a larger jitted function."""
     scores = score_class_prompts(lm_params, lm_config, prompt_table, prefix_embeds)
     return jnp.argmax(scores, axis=-1), scores
 
 
-def classify_texts(lm_params: Any, lm_config: GPT2Config, encode: Encoder, eos_id: int, descriptions: Sequence[str],
+def classify_texts(lm_params: Any, lm_config: lm.LMConfig, encode: Encoder, eos_id: int, descriptions: Sequence[str],
                    class_names: Sequence[str], templates: Sequence[str] = ("{label}.",),
                    connector: str = DEFAULT_TEXT_CONNECTOR) -> tuple[np.ndarray, np.ndarray]:
     """Classifies free-text descriptions by LM likelihood: argmax_c log p(connector + prompt_c + EOS | description).

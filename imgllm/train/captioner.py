@@ -37,8 +37,9 @@ from imgllm import calibration
 from imgllm.bridge import PrefixMapper, check_mapper_fits
 from imgllm.captions.data import load_caption_dataset
 from imgllm.data.batching import padded_batch_outputs
-from imgllm.language import hf, scoring
-from imgllm.language.gpt2 import init_params
+from imgllm.language import scoring
+from imgllm.language.load import load_lm_tokenizer, load_lm_weights
+from imgllm.language.model import init_params
 from imgllm.language.scoring import prefixed_token_stats
 from imgllm.language.tokenizer import check_vocabulary, train_bpe_tokenizer
 from imgllm.train.checkpoint import load_classifier, read_run_config
@@ -156,7 +157,7 @@ class CaptionerTask:
         """The configured tokenizer (config.tokenizer.path), or a byte-level BPE trained on the training texts."""
         cfg = self.config.tokenizer
         if cfg.get("path"):
-            tokenizer = hf.load_tokenizer(cfg.path)
+            tokenizer = load_lm_tokenizer(cfg.path)
         else:
             tokenizer = train_bpe_tokenizer(texts, vocab_size=min(cfg.vocab_size, self.lm_config.vocab_size))
         check_vocabulary(tokenizer, self.lm_config.vocab_size, "config.tokenizer")
@@ -246,7 +247,7 @@ class CaptionerTask:
         frozen = dict(variables[FROZEN], cnn=self.classifier_variables())
         params = dict(variables["params"])
         if self.config.lm.get("pretrained"):
-            _, lm = hf.load_gpt2(self.config.lm.pretrained)
+            _, lm = load_lm_weights(self.config.lm.pretrained)
             (params if "lm" in params else frozen)["lm"] = lm
         _check_same_structure(variables, {"params": params, FROZEN: frozen})
         return {"params": params, FROZEN: frozen}

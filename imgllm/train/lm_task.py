@@ -1,13 +1,13 @@
-"""Next-token language modelling as a Task for the generic trainer: GPT-2 on a text corpus.
+"""Next-token language modelling as a Task for the generic trainer: GPT-2 or a Llama-family model on a text corpus.
 
     corpus files ─ imgllm.data.text (tokenised once: packed documents or padded prompt/completion pairs)
       └─ input_ids, attention_mask, loss_mask [N, seq_len] ─ GPT-2 ─ cross-entropy on the loss_mask tokens
 
-The model is a random-init GPT-2 of the sizes in config.lm, or a Hugging Face checkpoint
-(config.lm.pretrained: a directory or hub name) to fine-tune. The tokenizer is config.tokenizer.path,
-else the pretrained checkpoint's, else a byte-level BPE trained on the corpus (stored in the checkpoint
-metadata, so evaluation and export need no corpus). `export_hf(workdir, out_dir)` writes a trained
-checkpoint as a Hugging Face GPT-2 directory (weights, config and tokenizer) that transformers loads
+The model is a random-init GPT-2 of the sizes in config.lm, or a pretrained model to fine-tune (config.lm.pretrained:
+a Hugging Face GPT-2 or Llama-family directory or hub name, or a GGUF file such as SmolLM2's). The tokenizer is
+config.tokenizer.path, else the pretrained checkpoint's, else a byte-level BPE trained on the corpus (stored in the
+checkpoint metadata, so evaluation and export need no corpus). `export_hf(workdir, out_dir)` writes a trained
+checkpoint as a Hugging Face directory (weights, config and tokenizer) that transformers loads
 (`imgllm.train.export.export_hf`).
 """
 
@@ -23,8 +23,9 @@ import ml_collections
 import numpy as np
 
 from imgllm.data import text as text_lib
-from imgllm.language import hf
-from imgllm.language.gpt2 import GPT2Config, init_params
+from imgllm.language.gpt2 import GPT2Config
+from imgllm.language.load import load_lm_tokenizer, load_lm_weights, read_lm_config
+from imgllm.language.model import LMConfig, init_params
 from imgllm.language.scoring import prefixed_token_stats
 from imgllm.language.tokenizer import check_vocabulary, tokenizer_from_json, train_bpe_tokenizer
 from imgllm.precision import compute_dtype, run_dtype
@@ -40,24 +41,24 @@ def corpus_paths(spec: str | Sequence[str] | None, field: str) -> list[str]:
     return [path.strip() for path in paths if path.strip()]
 
 
-def lm_config_from(config: ml_collections.ConfigDict, eos_token_id: int) -> GPT2Config:
-    """The LM's GPT2Config: config.lm.pretrained's config.json, or the sizes in config.lm; dropout always from
-    config.lm, the compute dtype from config.dtype (`imgllm.precision.run_dtype`). A random-init LM uses
-    `eos_token_id` (the tokenizer's) as BOS and EOS."""
+def lm_config_from(config: ml_collections.ConfigDict, eos_token_id: int) -> LMConfig:
+    """The LM's config: config.lm.pretrained's (a GPT-2 or Llama-family directory, hub name or GGUF file), or a
+    random-init GPT-2 of the sizes in config.lm; dropout always from config.lm, the compute dtype from config.dtype
+    (`imgllm.precision.run_dtype`). A random-init LM uses `eos_token_id` (the tokenizer's) as BOS and EOS."""
     lm = config.lm
-    runtime = dict(embd_pdrop=lm.dropout, attn_pdrop=lm.dropout, resid_pdrop=lm.dropout,
-                   dtype=compute_dtype(run_dtype(config)))
     if lm.get("pretrained"):
-        return dataclasses.replace(hf.read_config(hf.resolve_model_dir(lm.pretrained)), **runtime)
-    return GPT2Config(vocab_size=lm.vocab_size, n_positions=lm.n_positions, n_embd=lm.n_embd, n_layer=lm.n_layer,
-                      n_head=lm.n_head, bos_token_id=eos_token_id, eos_token_id=eos_token_id, **runtime)
+        base = read_lm_config(lm.pretrained)
+    else:
+        base = GPT2Config(vocab_size=lm.vocab_size, n_positions=lm.n_positions, n_embd=lm.n_embd,
+                          n_layer=lm.n_layer, n_head=lm.n_head, bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+    return dataclasses.replace(base.with_dropout(lm.dropout), dtype=compute_dtype(run_dtype(config)))
 
 
 def tokenizer_from_metadata(metadata: Mapping[str, Any]):
     """The tokenizer a checkpoint's task metadata names: its stored BPE (tokenizer_json) or tokenizer_path."""
     if metadata.get("tokenizer_json"):
         return tokenizer_from_json(metadata["tokenizer_json"])
-    return hf.load_tokenizer(metadata["tokenizer_path"])
+    return load_lm_tokenizer(metadata["tokenizer_path"])
 
 
 def _record_texts(records: Sequence[text_lib.TextRecord]) -> list[str]:
@@ -66,7 +67,7 @@ def _record_texts(records: Sequence[text_lib.TextRecord]) -> list[str]:
 
 
 class LMTask:
-    """Trains GPT-2 with next-token cross-entropy on config.corpus.
+    """Trains the LM with next-token cross-entropy on config.corpus.
 
     Config fields: corpus, eval_corpus, seq_len, mask_prompt, truncate, dtype, lm.{pretrained, dropout,
     vocab_size, n_positions, n_embd, n_layer, n_head}, tokenizer.{path, vocab_size}.
@@ -78,7 +79,7 @@ class LMTask:
         self.tokenizer_json = None  # set when the tokenizer was trained here (it lives in the checkpoint)
         tokenizer_source = config.tokenizer.get("path") or config.lm.get("pretrained")
         if tokenizer_source:
-            self.tokenizer = hf.load_tokenizer(tokenizer_source)
+            self.tokenizer = load_lm_tokenizer(tokenizer_source)
         # A BPE trained on the corpus has <|endoftext|> at id 0 (imgllm.language.tokenizer), known before it exists.
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else 0
         self.lm_config = lm_config_from(config, eos)
@@ -123,7 +124,7 @@ class LMTask:
         """Puts config.lm.pretrained's weights in place of the random init, if a checkpoint is configured."""
         if not self.config.lm.get("pretrained"):
             return variables
-        _, params = hf.load_gpt2(self.config.lm.pretrained)  # checked key by key against the same config
+        _, params = load_lm_weights(self.config.lm.pretrained)  # checked key by key against the same config
         return {**variables, "params": params}
 
     # ---- pure, traced ----
