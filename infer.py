@@ -4,7 +4,7 @@
     python infer.py --checkpoint CKPT photos/ more/*.png tfds:cifar10:test --output captions.jsonl
     python infer.py --checkpoint CKPT photos/ --format csv --output captions.csv --html captions.html \\
         --decoding sample --top-p 0.9 --num-captions 3 --seed 1
-    python infer.py assemble --classifier runs/cifar10 --lm path/to/gpt2 --out CKPT [--tokenizer DIR]
+    python infer.py assemble --classifier runs/cifar10 --lm path/to/model.gguf|DIR|hub-name --out CKPT [--tokenizer DIR]
     python infer.py assemble --captioner runs/mycaptioner --out CKPT
 
 Inputs are image files, folders (searched recursively; files without an image extension are skipped, with a
@@ -17,7 +17,8 @@ skips the images already in the output (a partly written last line is dropped), 
 are errors. One run at a time writes an output (OUTPUT.lock), and resuming with options that change the records
 (kept in OUTPUT.run.json) is refused: --no-resume starts over. Exit status: 1 when nothing could be captioned;
 2 when the command cannot run (no inputs, the output in use, written with other options, a line that is not a
-record, an --html page that cannot be written), with one line on stderr saying why. JAX's persistent compilation
+record, an --html page that cannot be written), with one line on stderr saying why; 130 after Ctrl-C (the records
+written so far are kept). JAX's persistent compilation
 cache (--compilation-cache) makes a second run skip compiling. --dtype picks the compute precision (auto: bfloat16
 on GPU/TPU, float32 on CPU; the checkpoint's float32 parameters serve either).
 
@@ -39,8 +40,11 @@ from imgllm.data.images import DEFAULT_MAX_PIXELS
 from imgllm.pipeline import DEFAULT_COMPILATION_CACHE, DecodingOptions, caption_files, expand_inputs
 from imgllm.pipeline.batch import STDOUT
 from imgllm.pipeline.caption import CLASSIFIERS, LM_SCORINGS
+from imgllm.pipeline.checkpoint import check_replaceable
 from imgllm.pipeline.records import OutputError, score_records
 from imgllm.precision import DTYPE_CHOICES
+
+INTERRUPTED_STATUS = 130   # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def run_captions(args: argparse.Namespace) -> int:
@@ -89,7 +93,7 @@ def split_list(text: str | None, separator: str, flag: str) -> list[str] | None:
 
 
 def run_assemble(args: argparse.Namespace) -> int:
-    """Writes a pipeline checkpoint from a captioner run, or from a classifier run and a GPT-2."""
+    """Writes a pipeline checkpoint from a captioner run, or from a classifier run and a language model."""
     if args.captioner and (args.classifier or args.lm or args.tokenizer):
         raise ValueError("assemble: --captioner holds its CNN, LM and tokenizer; drop --classifier/--lm/--tokenizer")
     if not args.captioner and not (args.classifier and args.lm):
@@ -97,6 +101,7 @@ def run_assemble(args: argparse.Namespace) -> int:
     if os.path.exists(args.out) and not args.overwrite:  # the library's own error names overwrite=True
         raise FileExistsError(f"assemble: --out {args.out} exists; pass --overwrite to replace it, or choose "
                               "another --out")
+    check_replaceable(args.out)  # before loading anything: --overwrite replaces only a pipeline checkpoint
     # Imported here, not at the top: the trainer's modules would add seconds to every caption run's start.
     from imgllm.train.export import assemble_pipeline_checkpoint, export_pipeline_checkpoint
 
@@ -183,12 +188,15 @@ def caption_parser() -> argparse.ArgumentParser:
 def assemble_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infer.py assemble",
                                      description="Build a pipeline checkpoint from a captioner run "
-                                                 "(--captioner), or from a classifier and a GPT-2.",
+                                                 "(--captioner), or from a classifier and a language model "
+                                                 "(GPT-2 or the Llama family).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--captioner", default=None,
                         help="train.py work directory of a captioner (CNN, visual prefix, LM and tokenizer)")
     parser.add_argument("--classifier", default=None, help="train.py work directory of the CNN")
-    parser.add_argument("--lm", default=None, help="GPT-2 directory (config.json + model.safetensors) or hub name")
+    parser.add_argument("--lm", default=None,
+                        help="the language model: a GGUF file (e.g. SmolLM2's), or a Hugging Face GPT-2 / Llama / "
+                             "Mistral / Qwen2 directory (config.json + safetensors) or hub name")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or name (default: the LM's)")
     parser.add_argument("--out", required=True, help="the pipeline checkpoint directory to write")
     parser.add_argument("--template", default="A photo of a {label}.", help="default prompt template")
@@ -230,7 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = cli.debug_requested(argv)
     if not debug:
         logging.set_verbosity(logging.ERROR)      # orbax's INFO and WARNING lines are for its developers
-    return cli.user_errors_exit("infer.py", run, dashed_flags(cli.without_debug_flag(argv)), debug=debug)
+    try:
+        return cli.user_errors_exit("infer.py", run, dashed_flags(cli.without_debug_flag(argv)), debug=debug)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("infer.py: interrupted; the records written so far are kept, and the same command resumes",
+              file=sys.stderr)
+        return INTERRUPTED_STATUS
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from imgllm.statistics import accuracy_comparison
+
 ECE_BINS = 15
 TEMPERATURE_RANGE = (0.05, 20.0)
 FUSION_WEIGHTS = tuple(np.round(np.linspace(0.0, 3.0, 31), 2))
@@ -147,8 +149,10 @@ def calibration_report(cnn_logits: np.ndarray, labels: np.ndarray, lm_scores: np
     on all examples: what is stored), and the calibrated figures are held out (`held_out_log_probs`). fitted given
     (a stored fit, evaluated on another split): its values are applied as they are.
     Returns the fitted values, head_accuracy (the CNN head's, no test-time augmentation) and head_ece /
-    head_ece_calibrated (its expected calibration error before and after), and with LM scores lm_ece /
-    lm_ece_calibrated, fused_accuracy and fused_ece_calibrated.
+    head_ece_calibrated (its expected calibration error before and after), and with LM scores lm_accuracy, lm_ece /
+    lm_ece_calibrated, fused_accuracy and fused_ece_calibrated; for each classifier the 95% Wilson interval of its
+    accuracy (NAME_accuracy_ci_low / _high) and for each pair the exact McNemar test on the same images
+    (mcnemar_A_B_p and the discordant counts; `imgllm.statistics.accuracy_comparison`).
     """
     cnn_logits, labels = np.asarray(cnn_logits, np.float64), np.asarray(labels)
     lm_scores = None if lm_scores is None else np.asarray(lm_scores, np.float64)
@@ -159,12 +163,13 @@ def calibration_report(cnn_logits: np.ndarray, labels: np.ndarray, lm_scores: np
         lm_scores = lm_scores if "lm_temperature" in fitted else None   # a fit of the head alone: report the head
         calibrated = calibrated_log_probs(fitted, cnn_logits, lm_scores)
     ece = lambda log_probs: expected_calibration_error(np.exp(log_probs), labels)
-    report = {**fitted, "head_accuracy": float((cnn_logits.argmax(-1) == labels).mean()),
-              "head_ece": ece(log_softmax(cnn_logits)), "head_ece_calibrated": ece(calibrated["cnn"])}
+    report = {**fitted, "head_ece": ece(log_softmax(cnn_logits)), "head_ece_calibrated": ece(calibrated["cnn"])}
+    predictions = {"head": cnn_logits.argmax(-1)}
     if lm_scores is not None:
         report.update(lm_ece=ece(log_softmax(lm_scores)), lm_ece_calibrated=ece(calibrated["lm"]),
-                      fused_accuracy=float((calibrated["fused"].argmax(-1) == labels).mean()),
                       fused_ece_calibrated=ece(calibrated["fused"]))
+        predictions.update(lm=lm_scores.argmax(-1), fused=calibrated["fused"].argmax(-1))
+    report.update(accuracy_comparison(labels, predictions))  # accuracies, 95% intervals, paired McNemar tests
     return {key: float(value) for key, value in report.items()}
 
 

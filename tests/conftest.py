@@ -14,6 +14,7 @@ programs in many tests and processes, and each is then compiled once. A test tha
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 
@@ -87,3 +88,26 @@ def random_variables(init_fn, seed: int, scale: float = 0.3):
         return (scale * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, jax.eval_shape(init_fn))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A tiny pipeline checkpoint (test_pipeline's, top_k 2, 5 new tokens), saved once per module: what the inference
+    tests caption with."""
+    from test_pipeline import tiny_pipeline_parts, tiny_tokenizer
+
+    from imgllm.pipeline import checkpoint as pc
+
+    params, config = tiny_pipeline_parts(top_k=2, max_new_tokens=5)
+    return pc.save_pipeline_checkpoint(tmp_path_factory.mktemp("pipeline") / "ckpt", params, config,
+                                       tiny_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def infer():
+    """infer.py as a module (its main() runs in this process: no second JAX start-up)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "infer.py")
+    spec = importlib.util.spec_from_file_location("infer_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -244,3 +244,17 @@ def test_hub_name_resolves_through_snapshot_download_offline(tiny_hf_dir, tmp_pa
     with pytest.raises(FileNotFoundError, match="'someone/not-cached' is not a local directory, and the Hugging "
                                                  "Face hub could not provide it"):
         hf.load_gpt2("someone/not-cached", cache_dir=cache, local_files_only=True)
+
+
+def test_an_eos_token_the_vocabulary_lacks_is_refused(tiny_hf_dir, tmp_path):
+    """tokenizer_config.json naming an end-of-text token that the vocabulary does not define would get a new id that
+    the LM never emits (captions would run on to the length limit): refused, naming the directory and the token."""
+    import shutil
+
+    forged = tmp_path / "forged"
+    shutil.copytree(tiny_hf_dir, forged)
+    config = json.loads((forged / "tokenizer_config.json").read_text())
+    (forged / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|the_end|>"}))
+    with pytest.raises(ValueError, match=r"forged: the eos token '<\|the_end\|>' .* not in the vocabulary"):
+        hf.load_tokenizer(forged)
+    assert hf.load_tokenizer(tiny_hf_dir).eos_token_id == 0

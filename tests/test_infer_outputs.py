@@ -5,7 +5,6 @@ cannot be written fails before anything is compiled; and infer.py reports each a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -33,22 +32,6 @@ from imgllm.pipeline.records import (
 
 GREEDY = dict(batch_size=4)   # the options most tests share: one compiled program
 SAMPLING = dict(batch_size=4, decoding=DecodingOptions(method="sample", temperature=2.0), seed=7)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    params, config = tiny_pipeline_parts(top_k=2, max_new_tokens=5)
-    return pc.save_pipeline_checkpoint(tmp_path_factory.mktemp("pipeline") / "ckpt", params, config,
-                                       tiny_tokenizer())
-
-
-@pytest.fixture(scope="module")
-def infer():
-    """infer.py as a module (its main() runs in this process: no second JAX start-up)."""
-    spec = importlib.util.spec_from_file_location("infer_cli", os.path.join(REPO, "infer.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_cli(infer, capsys, checkpoint, *args) -> tuple[int, str]:

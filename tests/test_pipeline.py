@@ -4,6 +4,7 @@ prefix branch, one compilation per shape, and the pipeline checkpoint round trip
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import jax
@@ -368,3 +369,22 @@ def tiny_config_arguments() -> dict:
     tok = tiny_tokenizer()
     return dict(cnn={"preset": "tiny", "num_classes": len(CLASS_NAMES)}, lm=tiny_lm_config().to_dict(),
                 class_names=CLASS_NAMES, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+
+
+def test_a_format_1_checkpoint_made_before_the_llama_family_still_loads(tmp_path):
+    """Format /2 adds Llama-family LMs (the "lm" config's model_type picks the model); a /1 checkpoint, whose LM is
+    always GPT-2, reads as before. Another format is refused by name."""
+    params, config = tiny_pipeline_parts()
+    path = pc.save_pipeline_checkpoint(tmp_path / "ckpt", params, config, tiny_tokenizer())
+    assert pc.read_pipeline_config(path)["format"] == "imgllm-pipeline/2"
+    metadata = os.path.join(path, "config", "metadata")
+    with open(metadata) as f:
+        stored = json.load(f)
+    for version, loads in (("imgllm-pipeline/1", True), ("imgllm-pipeline/9", False)):
+        with open(metadata, "w") as f:
+            json.dump({**stored, "format": version}, f)
+        if loads:
+            assert pc.load_pipeline(path).lm_config() == tiny_lm_config()
+        else:
+            with pytest.raises(ValueError, match="imgllm-pipeline/9"):
+                pc.load_pipeline(path)

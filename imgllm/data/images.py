@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -189,8 +190,22 @@ def check_pixel_count(path: str, image: Image.Image, max_pixels: int | None) -> 
         )
 
 
+def open_regular_file(path: str):
+    """`path` opened for reading in binary, only when it is a regular file: it is opened without blocking and
+    checked first, so a FIFO, a device or a socket (which can block a reader for ever) raises ImageDecodeError."""
+    file = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))  # noqa: SIM115
+    try:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ImageDecodeError(f"cannot read image file {path!r}: not a regular file (a pipe, device or socket)")
+        os.set_blocking(file.fileno(), True)
+        return file
+    except BaseException:
+        file.close()
+        raise
+
+
 def _open_and_resize(path: str, size: Size | None, resize: str, max_pixels: int | None) -> np.ndarray:
-    with Image.open(path) as image:
+    with open_regular_file(path) as file, Image.open(file) as image:
         _draft_for(image, size)
         check_pixel_count(path, image, max_pixels)  # after the draft: counts the pixels libjpeg will decode
         image.load()

@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tokenizers
 from safetensors import SafetensorError, safe_open
 
 from imgllm.language.gpt2 import GPT2Config, init_params
@@ -524,6 +525,7 @@ def load_tokenizer(
         tokenizer = GPT2TokenizerFast.from_pretrained(model_dir)
     else:
         raise FileNotFoundError(f"{model_dir} has no tokenizer: expected tokenizer.json, or vocab.json and merges.txt")
+    check_special_tokens_in_vocabulary(tokenizer, model_dir)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"the tokenizer in {model_dir} has neither a pad token nor an eos token to pad with")
@@ -532,7 +534,31 @@ def load_tokenizer(
     return tokenizer
 
 
+def _vocabulary_file_tokens(model_dir: str) -> set[str]:
+    """The tokens the directory's vocabulary file defines: tokenizer.json's model vocabulary and added tokens, or
+    vocab.json's keys."""
+    path = os.path.join(model_dir, "tokenizer.json")
+    if os.path.isfile(path):
+        return set(tokenizers.Tokenizer.from_file(path).get_vocab(with_added_tokens=True))
+    with open(os.path.join(model_dir, "vocab.json"), encoding="utf-8") as f:
+        return set(json.load(f))
+
+
+def check_special_tokens_in_vocabulary(tokenizer, model_dir: str) -> None:
+    """Raises ValueError when tokenizer_config.json or special_tokens_map.json names an end-of-text (or BOS) token
+    that the vocabulary file does not define: transformers would add it with a new id that the model never emits,
+    and captions would run on to the length limit."""
+    defined = _vocabulary_file_tokens(model_dir)
+    for role in ("eos", "bos"):
+        token = getattr(tokenizer, f"{role}_token")
+        if token is not None and str(token) not in defined:
+            raise ValueError(f"{model_dir}: the {role} token {str(token)!r} (tokenizer_config.json or "
+                             f"special_tokens_map.json) is not in the vocabulary; it would get the new id "
+                             f"{getattr(tokenizer, f'{role}_token_id')}, which the model never emits")
+
+
 __all__ = [
+    "check_special_tokens_in_vocabulary",
     "CheckpointMismatchError",
     "CorruptCheckpointError",
     "abstract_params",

@@ -24,8 +24,10 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -40,12 +42,16 @@ from imgllm.pipeline.checkpoint import PipelineCheckpoint, load_pipeline, read_p
 from imgllm.pipeline.gallery import GalleryHeader, write_gallery
 from imgllm.pipeline.inputs import DEFAULT_MAX_PIXELS, Batch, Item, expand_inputs, plan_batches, prefetch_batches
 from imgllm.pipeline.records import (
+    LOCK_SUFFIX,
     RECORD_FORMATS,
+    RUN_OPTIONS_SUFFIX,
     OutputLock,
     RecordFile,
+    check_distinct_paths,
     check_writable,
     format_for_path,
     make_records,
+    path_identity,
     prepare_output,
     read_references,
     score_records,
@@ -83,6 +89,14 @@ class DecodingOptions:
             raise ValueError(f"num_captions must be >= 1, got {self.num_captions}")
         if self.method == "beam" and self.num_captions > self.num_beams:
             raise ValueError(f"num_captions {self.num_captions} exceeds num_beams {self.num_beams}")
+        if not 0 < self.temperature < math.inf:   # NaN fails too: it would sample garbage or nothing
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0 or self.num_beams < 1:
+            raise ValueError(f"top_k must be >= 0 and num_beams >= 1, got {self.top_k} and {self.num_beams}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:   # 0 is not "the checkpoint's length"
+            raise ValueError(f"max_new_tokens must be >= 1 (None: the checkpoint's), got {self.max_new_tokens}")
 
 
 def generation_config(decoding: DecodingOptions, pipeline_config: Mapping[str, Any]) -> GenerationConfig:
@@ -98,10 +112,19 @@ def generation_config(decoding: DecodingOptions, pipeline_config: Mapping[str, A
 
 def enable_compilation_cache(directory: str | None) -> None:
     """JAX's persistent compilation cache in `directory`, with thresholds at zero so every program is kept
-    (a second run then skips compiling). None or "": leave JAX's settings alone."""
+    (a second run then skips compiling). None or "": leave JAX's settings alone. A directory that cannot be
+    written (a read-only home) is skipped with a warning naming it: the run goes on, compiling as without a cache."""
     if not directory:
         return
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        writable = os.access(directory, os.W_OK | os.X_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        warnings.warn(f"the compilation cache {directory} cannot be written; running without it "
+                      "(--compilation-cache '' turns it off, or name a writable folder)", stacklevel=2)
+        return
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -155,6 +178,8 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not -(2**63) <= seed < 2**63:   # what jax.random.PRNGKey takes
+        raise ValueError(f"seed must fit in 64 bits (-2**63 <= seed < 2**63), got {seed}")
     if fmt is not None and fmt not in RECORD_FORMATS:
         raise ValueError(f"fmt must be one of {RECORD_FORMATS}, got {fmt!r}")
     dtype = resolve_dtype(dtype)  # once, here: a bad name fails before anything runs
@@ -180,6 +205,12 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_error
         items = expand_inputs(inputs, data_dir=data_dir)
         if not items:
             return
+        check_distinct_paths(
+            {"the output": path, "the HTML page": html,
+             "the output's lock": None if path is None else path + LOCK_SUFFIX,
+             "the output's run options": None if path is None else path + RUN_OPTIONS_SUFFIX},
+            {"the input image": [item.key for item in items if item.tfds_source is None],
+             "the references": [references] if references else []})
         loaded = checkpoint if isinstance(checkpoint, PipelineCheckpoint) else load_pipeline(checkpoint,
                                                                                              read_params=False)
         spec = loaded.spec(generation_config(decoding, loaded.config), template=template, top_k=top_labels,
@@ -187,6 +218,7 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_error
                            lm_labels=lm_labels, lm_templates=lm_templates, lm_scoring=lm_scoring)
         mesh = parallel.make_mesh()
         devices = parallel.global_batch_divisor(mesh)
+        batch_size = min(batch_size, len(items))   # a batch of a million for ten images would ask for gigabytes
         batch_size = -(-batch_size // devices) * devices
         record_file = None if output is None else RecordFile(path, fmt or format_for_path(path), spec.top_k,
                                                               decoding.num_captions)
@@ -208,7 +240,8 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_error
             shown = previous + new_records
             header = GalleryHeader(
                 checkpoint=options["checkpoint"], checkpoint_id=options["checkpoint_id"],
-                decoding={k: v for k, v in options.items() if k not in ("checkpoint", "checkpoint_id", "format")},
+                decoding={k: v for k, v in options.items()
+                          if k not in ("checkpoint", "checkpoint_id", "format", "cwd")},
                 scores=score_records(shown, references) if references else None)
             write_gallery(html, shown, {item.key: item for item in items}, header=header, references=page_references)
 
@@ -219,7 +252,10 @@ def caption_pending(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, items:
     """Captions the items without a record in `previous` and yields their records, each batch's once it is written
     to `record_file` (when given). With `progress`, says on stderr what it is doing before the first image (how
     many are already done, loading and compiling), then shows a bar."""
-    done = {record["path"] for record in previous}
+    written_from = record_file.written_from if record_file is not None else os.getcwd()
+    captioned = {path_identity(record["path"], written_from) for record in previous}
+    cwd = os.getcwd()
+    done = {item.key for item in items if path_identity(item.key, cwd) in captioned}
     pending = plan_batches(items, done, batch_size)
     todo = sum(item.key not in done for _, chunk in pending for item in chunk)
     say = (lambda message: print(f"imgllm: {message}", file=sys.stderr, flush=True)) if progress else (lambda _: None)
@@ -258,12 +294,14 @@ def run_options(loaded: PipelineCheckpoint, decoding: DecodingOptions, *, fmt: s
     batch size (batch i draws fold_in(seed, i), and batch_size is the one rounded up to the devices) for sampling
     alone, and the compute dtype (resolved) when it is not float32 (outputs written before the setting existed were
     float32 and recorded none). Workers, progress, the page and the compilation cache change no record and are left
-    out. "checkpoint" (its path) is for the reader; "checkpoint_id" (`checkpoint_identity`) is what is compared.
+    out. "checkpoint" (its path) is for the reader; "checkpoint_id" (`checkpoint_identity`) is what is compared;
+    "cwd" is where the records' relative paths start (resuming from another folder matches them by the file).
     From `spec`, the LM's labels and how they are scored and the labels' classifier, when not the defaults of outputs
     written before these options existed (the CNN; no other label set).
     """
     config = loaded.config
-    options = {"checkpoint": None if loaded.directory is None else os.path.abspath(loaded.directory),
+    options = {"cwd": os.getcwd(),
+               "checkpoint": None if loaded.directory is None else os.path.abspath(loaded.directory),
                "checkpoint_id": checkpoint_identity(loaded), "format": fmt, "decoding": decoding.method,
                "num_captions": decoding.num_captions,
                "max_new_tokens": decoding.max_new_tokens or config["max_new_tokens"],

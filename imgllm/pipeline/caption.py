@@ -43,11 +43,11 @@ LM_SCORINGS = ("likelihood", "information_gain")   # PipelineSpec.lm_scoring
 class PipelineSpec:
     """Everything static about a caption pipeline (hashable: a static argument of `caption_images`).
 
-    cnn: the classifier module (`imgllm.vision.cnn.CNN`); lm_config: the `GPT2Config`; prompts: the tokenised
-    template (`tokenize_template`); generation: a `GenerationConfig`; bridge: the visual-prefix module used
-    when the parameters hold "bridge" (None otherwise); image_size: the CNN's input resolution (other sizes are
-    resized inside jit); mean/std: per-channel normalisation as `imgllm.data.augment.normalize` takes it (None:
-    its CIFAR-10 defaults); flip_tta: average the CNN's logits over the image and its mirror.
+    cnn: the classifier module (`imgllm.vision.cnn.CNN`); lm_config: the LM's config (`imgllm.language.model`); prompts:
+    the tokenised template (`tokenize_template`); generation: a `GenerationConfig`; bridge: the visual-prefix module
+    used when the parameters hold "bridge" (None otherwise); image_size: the CNN's input resolution (other sizes are
+    resized inside jit); mean/std: per-channel normalisation as `imgllm.data.augment.normalize` takes it (None: its
+    CIFAR-10 defaults); flip_tta: average the CNN's logits over the image and its mirror.
 
     Classification by the LM (needs a bridge): lm_class_prompts, the prompts of the CNN's own classes
     (`imgllm.language.scoring.build_prompt_table`; `PipelineCheckpoint.spec(lm_classify=True)` builds them from the
@@ -172,7 +172,7 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
                    spec: PipelineSpec) -> dict[str, jax.Array]:
     """Images → labels, prompts and caption token ids; pure and jit-traceable (spec is static).
 
-    params: {"cnn": CNN variables, "lm": GPT-2 params, "bridge": optional PrefixMapper params}.
+    params: {"cnn": CNN variables, "lm": the LM's params, "bridge": optional PrefixMapper params}.
     Returns (B images, k = top_k, n = num_return_sequences, T = max_new_tokens):
       logits [B, C] float32 (the CNN's), label_ids [B, k] int32, label_probs [B, k] float32 (descending,
       calibrated; from the classifier spec.classify names), prompt_ids / prompt_mask [B, P] int32 (left-padded),

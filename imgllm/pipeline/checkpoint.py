@@ -6,7 +6,7 @@ A pipeline checkpoint is an orbax `CompositeCheckpointHandler` directory (items 
     <dir>/params/           orbax StandardSave (an OCDBT array store) of the parameter tree
                               "cnn":    the CNN's variables ({"params", "batch_stats"}), applied by
                                         `imgllm.vision.cnn.cnn_from_config(config["cnn"])`
-                              "lm":     GPT-2 parameters (`imgllm.language.gpt2`, kernels in the [in, out] layout)
+                              "lm":     the LM's parameters (`imgllm.language.gpt2` or `.llama`, kernels [in, out])
                               "bridge": PrefixMapper parameters; present exactly when config["bridge"] is not None
     <dir>/config/metadata   orbax JsonSave: the config dict below, as JSON (`make_pipeline_config` makes and checks it)
     <dir>/tokenizer/        the tokenizer's files as `save_pretrained` writes them; tokenizer.json (a fast tokenizer)
@@ -15,11 +15,13 @@ A pipeline checkpoint is an orbax `CompositeCheckpointHandler` directory (items 
 
 Config keys:
 
-    format             "imgllm-pipeline/1" (FORMAT); another value is refused
+    format             "imgllm-pipeline/2" (FORMAT); "imgllm-pipeline/1" (made before the Llama family, its LM always
+                       GPT-2) is read as well; another value is refused
     cnn                the CNN config: {"preset": name in `imgllm.vision.cnn.PRESETS`, other CNN fields that override
                        the preset's, e.g. "num_classes", "conv_impl"}; no "dtype": the compute dtype is chosen when
                        the checkpoint is used (`PipelineCheckpoint.spec(dtype=)`), and the parameters are float32
-    lm                 the GPT-2 config, as Hugging Face's config.json keys (`GPT2Config.to_dict()`)
+    lm                 the LM's config as Hugging Face's config.json keys (`config.to_dict()`); its "model_type"
+                       ("gpt2", "llama", "mistral", "qwen2") chooses the model (`language.model.config_from_dict`)
     bridge             None (the prompt alone conditions the LM), or the PrefixMapper fields {"prefix_length",
                        "lm_dim", "hidden", "feature_source"}: the CNN features become a visual prefix
     class_names        the CNN's classes, in logit order (unique strings)
@@ -57,10 +59,14 @@ serves float32 and bfloat16 inference (`PipelineCheckpoint.spec(dtype=)`, `imgll
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import json
+import math
 import os
 import shutil
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -72,17 +78,25 @@ import tokenizers
 
 from imgllm.bridge import PrefixMapper
 from imgllm.language.decoding import GenerationConfig
-from imgllm.language.gpt2 import GPT2Config
+from imgllm.language.model import abstract_params, config_from_dict
 from imgllm.language.scoring import DEFAULT_TEMPLATES, ClassPromptTable, build_prompt_table, fill_templates
 from imgllm.pipeline import caption, prompts
 from imgllm.precision import compute_dtype, resolve_dtype
 from imgllm.vision.cnn import cnn_from_config
 
-FORMAT = "imgllm-pipeline/1"
+FORMAT = "imgllm-pipeline/2"
+# Formats this version reads: /1 (GPT-2 only; its "lm" is a GPT-2 config.json) and /2.
+READABLE_FORMATS = ("imgllm-pipeline/1", FORMAT)
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "config"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
+FORMAT_FAMILY = "imgllm-pipeline/"   # every version of the format starts so: what `is_pipeline_checkpoint` recognises
+# What a pipeline checkpoint folder holds: its items and orbax's bookkeeping files.
+CHECKPOINT_ENTRIES = frozenset({PARAMS_ITEM, CONFIG_ITEM, TOKENIZER_DIR, "_CHECKPOINT_METADATA", "commit_success.txt"})
+# The most class-prompt templates scored: every image scores every class under every template at once, so 2,000
+# templates would ask for tens of GB. A mixture of a few dozen gains nothing more (CLIP's ImageNet set has 80).
+MAX_CLASS_PROMPT_TEMPLATES = 64
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -138,10 +152,68 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
                   fusion_weight=float(fusion_weight), fusion_temperature=float(fusion_temperature),
                   classify=classify)
     if class_prompt_templates is not None:
+        check_template_count(class_prompt_templates, "class_prompt_templates")
+        prompts.check_label_templates(class_prompt_templates)
         fill_templates(class_names, class_prompt_templates)  # a template without {label} is named now
     if template:
         prompts.parse_template(template, int(top_k))  # a bad slot is named now, not at inference
+    check_config_numbers(config, "the pipeline config")
     return json.loads(json.dumps(config))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def config_number_problems(config: Mapping[str, Any]) -> list[str]:
+    """"KEY=VALUE must be ..." for each number of a pipeline config that inference cannot use (NaN, infinite, zero or
+    negative where it divides or counts, a token id outside the LM's vocabulary); keys absent from older
+    checkpoints are not required."""
+    problems = []
+    for key in ("cnn_temperature", "lm_temperature", "fusion_temperature"):
+        if key in config and not (_is_number(config[key]) and config[key] > 0):
+            problems.append(f"{key}={config[key]!r} must be a finite number > 0")
+    if "fusion_weight" in config and not (_is_number(config["fusion_weight"]) and config["fusion_weight"] >= 0):
+        problems.append(f"fusion_weight={config['fusion_weight']!r} must be a finite number >= 0")
+    for key, least in (("image_size", 1), ("top_k", 1), ("max_new_tokens", 1)):
+        if key in config and not _is_count(config[key], least):
+            problems.append(f"{key}={config[key]!r} must be an integer >= {least}")
+    for key, positive in (("mean", False), ("std", True)):
+        values = config.get(key)
+        if values is not None and not (isinstance(values, list) and values and all(
+                _is_number(v) and (v > 0 or not positive) for v in values)):
+            problems.append(f"{key}={values!r} must be a list of finite numbers" + (" > 0" if positive else ""))
+    vocab_size = (config.get("lm") or {}).get("vocab_size")
+    for key in ("eos_id", "pad_id", "bos_id"):
+        value = config.get(key)
+        if value is None and key == "bos_id":
+            continue
+        if not _is_count(value, 0) or (_is_count(vocab_size, 1) and value >= vocab_size):
+            problems.append(f"{key}={value!r} must be a token id of the LM (0 <= id < vocab_size={vocab_size})")
+    return problems
+
+
+def check_template_count(templates: Any, key: str, source: str = "") -> None:
+    """Raises ValueError naming `source`, `key` and the count unless `templates` is a list of at most
+    MAX_CLASS_PROMPT_TEMPLATES strings."""
+    prefix = f"{source}: " if source else ""
+    if not isinstance(templates, (list, tuple)) or not all(isinstance(t, str) for t in templates):
+        raise ValueError(f"{prefix}{key} must be a list of template strings, got {str(templates)[:80]!r}")
+    if len(templates) > MAX_CLASS_PROMPT_TEMPLATES:
+        raise ValueError(f"{prefix}{key} holds {len(templates)} templates; at most {MAX_CLASS_PROMPT_TEMPLATES} are "
+                         "scored (every image scores every class under each, all at once): keep the best few")
+
+
+def check_config_numbers(config: Mapping[str, Any], source: str) -> None:
+    """Raises ValueError naming `source` and every number of `config` that inference cannot use
+    (`config_number_problems`), before anything is compiled."""
+    problems = config_number_problems(config)
+    if problems:
+        raise ValueError(f"{source}: {'; '.join(problems)}")
 
 
 # ----------------------------------------------------------------------------------------------- save / load
@@ -156,20 +228,34 @@ def save_pipeline_checkpoint(out_dir: str | os.PathLike, params: Mapping[str, An
     """Writes params, config and tokenizer files to `out_dir` (one directory); returns its absolute path.
 
     tokenizer: a transformers tokenizer (saved with save_pretrained) or a directory holding tokenizer.json.
+    The checkpoint is written beside `out_dir` (a hidden `.NAME.partial-*` folder) and then swapped in, so a kill at
+    any moment leaves the old checkpoint or the new one at `out_dir`. overwrite=True replaces only what
+    `check_replaceable` accepts (an empty folder, or a pipeline checkpoint and nothing else): never a user's folder.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not overwrite:
+    if os.path.lexists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; choose another --out or pass overwrite=True")
+    check_replaceable(out_dir)
     missing = {"cnn", "lm"} - set(params)
     if missing:
         raise ValueError(f"pipeline params need keys 'cnn' and 'lm' (missing {sorted(missing)})")
     if ("bridge" in params) != (config.get("bridge") is not None):
         raise ValueError("params hold a 'bridge' exactly when the config describes one")
     params = float32_params(params)
-    _checkpointer().save(out_dir, args=ocp.args.Composite(
-        **{PARAMS_ITEM: ocp.args.StandardSave(params), CONFIG_ITEM: ocp.args.JsonSave(dict(config))}),
-        force=overwrite)
-    tokenizer_dir = os.path.join(out_dir, TOKENIZER_DIR)
+    staging = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:8]}")
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    try:
+        _checkpointer().save(staging, args=ocp.args.Composite(
+            **{PARAMS_ITEM: ocp.args.StandardSave(params), CONFIG_ITEM: ocp.args.JsonSave(dict(config))}))
+        _write_tokenizer(tokenizer, os.path.join(staging, TOKENIZER_DIR))
+        replace_directory(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # what a failed save left, or the old checkpoint after the swap
+    return out_dir
+
+
+def _write_tokenizer(tokenizer: Any, tokenizer_dir: str) -> None:
+    """The tokenizer's files in `tokenizer_dir` (see `save_pipeline_checkpoint`); tokenizer.json is required."""
     if isinstance(tokenizer, (str, os.PathLike)):
         source = os.fspath(tokenizer)
         if not os.path.isfile(os.path.join(source, TOKENIZER_FILE)):
@@ -180,7 +266,62 @@ def save_pipeline_checkpoint(out_dir: str | os.PathLike, params: Mapping[str, An
         tokenizer.save_pretrained(tokenizer_dir)
     if not os.path.isfile(os.path.join(tokenizer_dir, TOKENIZER_FILE)):
         raise ValueError(f"the tokenizer did not write {TOKENIZER_FILE} (only fast tokenizers are supported)")
-    return out_dir
+
+
+def is_pipeline_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder holding a pipeline checkpoint and nothing else: its config names an imgllm
+    pipeline format, and every entry is one a pipeline checkpoint has (`CHECKPOINT_ENTRIES`)."""
+    path = os.fspath(path)
+    try:
+        with open(os.path.join(path, CONFIG_ITEM, "metadata"), encoding="utf-8") as f:
+            config = json.load(f)
+        entries = set(os.listdir(path))
+    except (OSError, ValueError):
+        return False
+    return (not os.path.islink(path) and isinstance(config, dict) and entries <= CHECKPOINT_ENTRIES
+            and str(config.get("format", "")).startswith(FORMAT_FAMILY))
+
+
+def check_replaceable(out_dir: str | os.PathLike) -> None:
+    """Raises FileExistsError naming `out_dir` unless it may be replaced by a pipeline checkpoint: absent, an empty
+    folder, or a pipeline checkpoint with nothing else inside (`is_pipeline_checkpoint`). A user's folder (the runs,
+    a work directory) is never deleted."""
+    out_dir = os.fspath(out_dir)
+    if not os.path.lexists(out_dir) or (os.path.isdir(out_dir) and not os.path.islink(out_dir)
+                                        and not os.listdir(out_dir)):
+        return
+    if not is_pipeline_checkpoint(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a pipeline checkpoint (or holds other files too); "
+                              "imgllm replaces only its own: choose another --out")
+
+
+def replace_directory(new: str, target: str) -> None:
+    """Moves the folder `new` to `target`. An existing `target` is exchanged with `new` in one step where the
+    system can (Linux renameat2), else moved aside first: `target` names the old folder or the new one at every
+    moment. The old folder ends at `new` (the caller deletes it)."""
+    if not os.path.lexists(target):
+        os.rename(new, target)
+        return
+    if _exchange(new, target):
+        return
+    aside = f"{new}.old"
+    os.rename(target, aside)
+    os.rename(new, target)
+    os.rename(aside, new)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swaps two paths atomically with renameat2(RENAME_EXCHANGE); False where the system has no such call."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system without the exchange
+        return False
+    raise OSError(error, os.strerror(error), b)
 
 
 def float32_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -202,8 +343,11 @@ def read_pipeline_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     restored = _checkpointer().restore(os.path.abspath(os.fspath(checkpoint_dir)),
                                        args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
     config = dict(restored[CONFIG_ITEM])
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{checkpoint_dir}: format {config.get('format')!r}, expected {FORMAT!r}")
+    if config.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{checkpoint_dir}: format {config.get('format')!r}, expected one of {READABLE_FORMATS}")
+    check_config_numbers(config, f"{checkpoint_dir}: config")
+    if config.get("class_prompt_templates") is not None:
+        check_template_count(config["class_prompt_templates"], "class_prompt_templates", f"{checkpoint_dir}: config")
     return config
 
 
@@ -220,12 +364,51 @@ def saved_array_shapes(item_dir: str | os.PathLike, sharding: Any = None) -> dic
     metadata = ocp.StandardCheckpointer().metadata(os.path.abspath(os.fspath(item_dir)))
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
+    if tree is None:   # orbax reads no metadata from a damaged item (truncated files)
+        raise ValueError(f"{item_dir}: orbax reads no array metadata there")
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding), dict(tree))
 
 
 def read_params_shapes(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     """The parameter tree's shapes and dtypes (jax.ShapeDtypeStruct leaves), from metadata only (fast)."""
     return saved_array_shapes(os.path.join(os.fspath(checkpoint_dir), PARAMS_ITEM))
+
+
+def config_params_shapes(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """The "cnn" and "lm" parameter trees (jax.ShapeDtypeStruct leaves) of the models a pipeline config describes,
+    traced with jax.eval_shape: nothing is computed."""
+    cnn = cnn_from_config(config["cnn"])
+    size = config["image_size"]
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    cnn_variables = jax.eval_shape(lambda x: cnn.init(jax.random.PRNGKey(0), x, train=False), images)
+    return {"cnn": dict(cnn_variables), "lm": abstract_params(config_from_dict(config["lm"], source=f"{source} lm"))}
+
+
+def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{"cnn/params/head/kernel": shape, ...}: each leaf's shape by its slash-joined path, in tree order."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(key, "key", key)) for key in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def first_shape_difference(saved: Any, expected: Any) -> str | None:
+    """"PATH: checkpoint SHAPE, config SHAPE" for the first parameter whose stored shape is not the one the config's
+    model has (or that only one of them holds), or None when they agree."""
+    saved, expected = leaf_shapes(saved), leaf_shapes(expected)
+    for path in [*expected, *(path for path in saved if path not in expected)]:
+        if saved.get(path) != expected.get(path):
+            return f"{path}: checkpoint {saved.get(path, 'absent')}, config {expected.get(path, 'absent')}"
+    return None
+
+
+def check_params_match_config(checkpoint_dir: str, config: Mapping[str, Any]) -> None:
+    """Raises ValueError naming the checkpoint and the first parameter whose stored shape (orbax metadata: no array
+    is read) differs from the model its config describes (its lm vocab_size or n_embd, its cnn num_classes...): the
+    mistake is named before anything compiles."""
+    saved = read_params_shapes(checkpoint_dir)
+    expected = config_params_shapes(config, f"{checkpoint_dir}: config")
+    difference = first_shape_difference({key: saved.get(key, {}) for key in expected}, expected)
+    if difference is not None:
+        raise ValueError(f"{checkpoint_dir}: the config disagrees with the stored parameters at {difference}")
 
 
 # ----------------------------------------------------------------------------------------------- runtime
@@ -236,7 +419,10 @@ class FastTokenizer:
 
     def __init__(self, path: str):
         self.path = path
-        self.backend = tokenizers.Tokenizer.from_file(path)
+        try:
+            self.backend = tokenizers.Tokenizer.from_file(path)
+        except Exception as error:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+            raise ValueError(f"{path}: not a tokenizer file the tokenizers library reads ({error})") from None
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -260,9 +446,9 @@ class PipelineCheckpoint:
         return tuple(self.config["class_names"])
 
     def lm_config(self, dtype: str = "float32"):
-        """The LM's `GPT2Config`, computing in `dtype` ("auto", "float32" or "bfloat16"; `compute_dtype`)."""
-        return GPT2Config.from_dict(self.config["lm"], source=f"{self.directory}: config lm",
-                                    dtype=compute_dtype(dtype))
+        """The LM's config (`imgllm.language.model`: GPT-2 or a Llama-family model, by the stored model_type),
+        computing in `dtype` ("auto", "float32" or "bfloat16"; `compute_dtype`)."""
+        return config_from_dict(self.config["lm"], source=f"{self.directory}: config lm", dtype=compute_dtype(dtype))
 
     def cnn(self, dtype: str = "float32"):
         """The CNN module (`cnn_from_config` of the config's "cnn"), computing in `dtype` (as `lm_config`)."""
@@ -294,8 +480,11 @@ class PipelineCheckpoint:
         templates: the prompts ("a small {label}", ...; several are combined as a mixture); None: the checkpoint's
         class_prompt_templates, scored as the whole captions they were trained as. score_end: see
         `build_prompt_table` (None: whole texts when every template has text after {label})."""
+        key = "lm_templates (--lm-templates)"
         if templates is None:
-            templates, score_end = self.class_prompt_templates, True
+            templates, score_end, key = self.class_prompt_templates, True, "class_prompt_templates"
+        check_template_count(list(templates), key)   # scored all at once: a cap, before they are tokenised
+        prompts.check_label_templates(templates)   # before str.format sees them
         return build_prompt_table(self.tokenizer.encode, self.config["eos_id"], list(labels), list(templates),
                                   score_end=score_end)
 
@@ -353,7 +542,8 @@ class PipelineCheckpoint:
 
 
 def load_pipeline(checkpoint_dir: str | os.PathLike, *, read_params: bool = True) -> PipelineCheckpoint:
-    """Reads a pipeline checkpoint (config first, so a wrong directory fails before the big read).
+    """Reads a pipeline checkpoint (config first, so a wrong directory fails before the big read; then the stored
+    parameters' shapes against the config's models, `check_params_match_config`).
 
     read_params=False leaves `params` None, for callers that read them separately (`read_pipeline_params`),
     e.g. in a thread while they compile against `read_params_shapes`."""
@@ -363,11 +553,15 @@ def load_pipeline(checkpoint_dir: str | os.PathLike, *, read_params: bool = True
     if not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"{checkpoint_dir}: missing {TOKENIZER_DIR}/{TOKENIZER_FILE}")
     tokenizer = FastTokenizer(tokenizer_path)
+    check_params_match_config(checkpoint_dir, config)
     params = read_pipeline_params(checkpoint_dir) if read_params else None
     return PipelineCheckpoint(params=params, config=config, tokenizer=tokenizer, directory=checkpoint_dir)
 
 
 __all__ = [
-    "FORMAT", "FastTokenizer", "PipelineCheckpoint", "float32_params", "load_pipeline", "make_pipeline_config",
-    "read_params_shapes", "read_pipeline_config", "read_pipeline_params", "save_pipeline_checkpoint",
+    "FORMAT", "MAX_CLASS_PROMPT_TEMPLATES", "FastTokenizer", "PipelineCheckpoint", "check_config_numbers",
+    "check_params_match_config", "check_replaceable", "check_template_count", "config_number_problems",
+    "config_params_shapes", "float32_params", "is_pipeline_checkpoint", "load_pipeline", "make_pipeline_config",
+    "read_params_shapes", "read_pipeline_config", "read_pipeline_params", "replace_directory",
+    "save_pipeline_checkpoint",
 ]

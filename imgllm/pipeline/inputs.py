@@ -179,8 +179,9 @@ def expand_inputs(inputs: Sequence[str | Item], *, data_dir: str | None = None) 
     """Files, folders (recursive), glob patterns and tfds splits → items, in the given order, one per real image.
 
     Files without an image extension inside folders are skipped, with a warning unless they are sidecar files
-    (`SIDECAR_EXTENSIONS`: captions.jsonl, notes.txt, an output's .lock, ...). A path that matches nothing
-    stays as an item, so it gets an error record naming it. `Item`s pass through unchanged. Folders and `**`
+    (`SIDECAR_EXTENSIONS`: captions.jsonl, notes.txt, an output's .lock, ...). A path or a glob pattern that
+    matches nothing stays as an item, so it gets an error record naming it; an existing file is taken literally even
+    when its name holds glob characters ("photo[1].png"). `Item`s pass through unchanged. Folders and `**`
     follow symlinked folders, each real folder once (`glob_once`), and several paths to the same file
     (symlinks, hard links) give one item (`one_item_per_image`).
     """
@@ -192,9 +193,12 @@ def expand_inputs(inputs: Sequence[str | Item], *, data_dir: str | None = None) 
             items.extend(tfds_items(spec, data_dir))
         elif os.path.isdir(spec):
             items.extend(Item(path) for path in _folder_images(spec))
-        elif glob.has_magic(spec):
-            for path in glob_once(spec):
+        elif glob.has_magic(spec) and not os.path.lexists(spec):   # an existing "photo[1].png" is taken literally
+            matches = glob_once(spec)
+            for path in matches:
                 items.extend(Item(p) for p in (_folder_images(path) if os.path.isdir(path) else [path]))
+            if not matches:   # its error record says that nothing matched
+                items.append(Item(os.fspath(spec)))
         else:
             items.append(Item(os.fspath(spec)))
     return one_item_per_image(items)

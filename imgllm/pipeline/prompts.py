@@ -79,9 +79,35 @@ class TokenizedTemplate:
 
 
 def expand_template(template: str, top_k: int) -> str:
-    """Replaces the ``{topk}`` shorthand by explicit ``{labelN} ({probN}%)`` slots joined with ", "."""
+    """Replaces the ``{topk}`` slot by explicit ``{labelN} ({probN}%)`` slots joined with ", " (``{{topk}}`` is the
+    literal text "{topk}" and stays as it is)."""
     listing = ", ".join(f"{{label{n}}} ({{prob{n}}}%)" for n in range(1, top_k + 1))
-    return template.replace("{topk}", listing)
+    pieces = []
+    for literal, field, spec, conversion in string.Formatter().parse(template):
+        pieces.append(literal.replace("{", "{{").replace("}", "}}"))
+        if field == "topk" and not spec and not conversion:
+            pieces.append(listing)
+        elif field is not None:
+            pieces.append("{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
+    return "".join(pieces)
+
+
+def check_label_templates(templates: Sequence[str]) -> None:
+    """Raises ValueError naming a template of LM classification whose fields are not exactly ``{label}``:
+    ``{label.__class__}``, ``{label[0]}``, ``{label!r}`` or ``{label:>9}`` would be evaluated by str.format, and put
+    object attributes into prompts."""
+    for template in templates:
+        try:
+            fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(template)
+                      if field is not None]
+        except ValueError as error:
+            raise ValueError(f"prompt template {template!r}: {error} (write {{{{ and }}}} for literal "
+                             "braces)") from None
+        bad = [field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+               for field, spec, conversion in fields if field != "label" or spec or conversion]
+        if bad:
+            raise ValueError(f"prompt template {template!r}: unknown slot {{{bad[0]}}}; {{label}} is the only slot "
+                             "(write {{ and }} for literal braces)")
 
 
 def parse_template(template: str, top_k: int) -> list[tuple[str, Any]]:

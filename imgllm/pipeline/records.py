@@ -24,21 +24,33 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import json
+import math
 import os
+import re
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from imgllm.captions import caption_metrics, cider_note, group_captions, read_captions_file
-from imgllm.pipeline.inputs import Batch
+from imgllm.pipeline.inputs import TFDS_PREFIX, Batch
 
 RECORD_FORMATS = ("jsonl", "csv")
 LOCK_SUFFIX = ".lock"             # <output>.lock: held by the run writing <output>
 RUN_OPTIONS_SUFFIX = ".run.json"  # <output>.run.json: the options that shaped <output>'s records
+NON_FINITE_ERROR = ("NonFiniteOutput: the model gave NaN or infinite probabilities or scores for this image "
+                    "(are the checkpoint's weights finite?)")
+# Text files are written and read with this error handler: a file name that is not UTF-8 (legal on Linux) keeps its
+# own bytes in CSV and run options, and reads back as the same name.
+NAME_BYTES = "surrogateescape"
+# CSV text cells (paths, labels, captions, errors) that begin so are formulas to spreadsheets: `spreadsheet_text`.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+TEXT_COLUMN = re.compile(r"^(path|error|lm_label|label_\d+|caption_\d+)$")
+FIRST_LINE_LIMIT = 1 << 20        # bytes of an existing output read to recognise it as a records file
 START_OVER = "pass --no-resume (resume=False) to start over"
 
 
@@ -68,20 +80,24 @@ class RecordFile:
                         + [f"{kind}_{n}" for n in range(1, num_captions + 1) for kind in ("caption", "score")]
                         + ["lm_label", "lm_prob", "error"])
         self.stream = None
+        self.written_from = os.getcwd()   # the working directory its records' relative paths start from
+        self.start_over: dict | None = None   # the run options of an output that `open` empties (`prepare_output`)
 
     def existing_records(self) -> list[dict]:
-        """Records already in the output file (after dropping a partly written last line: a run killed mid-write).
+        """Records already in the output file; a partly written last line (a run killed mid-write) is dropped from
+        the file once every whole line has been read as a record.
 
-        Raises OutputError naming the file and line of any other line that is not a record."""
+        Raises OutputError naming the file and line of any other line that is not a record (the file untouched)."""
         if self.path is None or not os.path.exists(self.path):
             return []
+        records = self._read_jsonl() if self.format == "jsonl" else self._read_csv()
         truncate_partial_line(self.path)
-        return self._read_jsonl() if self.format == "jsonl" else self._read_csv()
+        return records
 
     def _read_jsonl(self) -> list[dict]:
         records = []
         with open(self.path, "rb") as f:
-            for number, line in enumerate(f, 1):
+            for number, line in enumerate(whole_lines(f), 1):
                 if not line.strip():
                     continue
                 try:
@@ -98,8 +114,8 @@ class RecordFile:
 
     def _read_csv(self) -> list[dict]:
         records = []
-        with open(self.path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
+        with open(self.path, newline="", encoding="utf-8", errors=NAME_BYTES) as f:
+            reader = csv.DictReader(whole_lines(f))
             try:
                 for row in reader:
                     record = self._from_row(row)
@@ -126,14 +142,20 @@ class RecordFile:
         write_atomically(self.path, write_records)
 
     def open(self) -> None:
+        """Opens the output for appending; one that starts over (`prepare_output`) is emptied now and its run
+        options written."""
         if self.path is None:
             self.stream = sys.stdout
             new = True
         else:
-            new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+            new = self.start_over is not None or not os.path.exists(self.path) or os.path.getsize(self.path) == 0
             directory = os.path.dirname(os.path.abspath(self.path))
             os.makedirs(directory, exist_ok=True)
-            self.stream = open(self.path, "a", newline="", encoding="utf-8")
+            if self.start_over is not None:
+                write_run_options(self.path + RUN_OPTIONS_SUFFIX, self.start_over)
+            self.stream = open(self.path, "w" if self.start_over is not None else "a", newline="", encoding="utf-8",
+                               errors=NAME_BYTES)
+            self.start_over = None
         if self.format == "csv" and new:
             csv.writer(self.stream, lineterminator="\n").writerow(self.columns)
 
@@ -145,7 +167,7 @@ class RecordFile:
     def _write_to(self, stream, records: Iterable[dict]) -> None:
         for record in records:
             if self.format == "jsonl":
-                stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+                stream.write(json_line(record))
             else:
                 csv.writer(stream, lineterminator="\n").writerow(self._to_row(record))
 
@@ -164,10 +186,13 @@ class RecordFile:
             row[f"score_{n}"] = f"{score:.4f}"
         if "lm_label" in record and record["lm_label"] in record.get("lm_probs", {}):
             row["lm_prob"] = f"{record['lm_probs'][record['lm_label']]:.4f}"
-        return [row.get(column, "") for column in self.columns]
+        return [spreadsheet_text(row.get(column, "")) if TEXT_COLUMN.match(column) else row.get(column, "")
+                for column in self.columns]
 
     @staticmethod
     def _from_row(row: dict) -> dict:
+        row = {key: plain_text(value) if isinstance(key, str) and TEXT_COLUMN.match(key) and isinstance(value, str)
+               else value for key, value in row.items()}
         if row.get("error"):
             return {"path": row["path"], "error": row["error"]}
         labels = [{"label": row[f"label_{n}"], "prob": float(row[f"prob_{n}"])}
@@ -182,6 +207,82 @@ class RecordFile:
             if row.get("lm_prob"):
                 record["lm_probs"] = {row["lm_label"]: float(row["lm_prob"])}   # CSV keeps the label's alone
         return record
+
+
+def spreadsheet_text(cell: str) -> str:
+    """A CSV text cell that spreadsheets show and never run: one beginning with =, +, -, @, tab or carriage return
+    (a formula to Excel, LibreOffice and Sheets), or with the quote added here, gets a leading "'" (`plain_text`
+    removes it when the file is read back)."""
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
+
+
+def plain_text(cell: str) -> str:
+    """A CSV text cell as it was before `spreadsheet_text`."""
+    return cell[1:] if cell.startswith("'") else cell
+
+
+def json_line(record: Mapping[str, Any]) -> str:
+    """A record as one line of JSON (never NaN). A file name that is not UTF-8 (its bytes held as surrogates, as
+    os.fsdecode gives them) is written as \\udcXX escapes, which read back to the same name."""
+    line = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record, ensure_ascii=True, allow_nan=False)
+    return line + "\n"
+
+
+def whole_lines(stream: Iterable) -> Iterator:
+    """The lines of a file that end with a newline: a last line without one is a write cut short."""
+    newline = None
+    for line in stream:
+        newline = newline or ("\n" if isinstance(line, str) else b"\n")
+        if line.endswith(newline):
+            yield line
+
+
+def recognised_output(path: str, fmt: str) -> bool:
+    """Whether the existing output `path` is a file imgllm may append to, rewrite or delete: a regular file that is
+    empty, has run options beside it (`RUN_OPTIONS_SUFFIX`), or begins with a record (JSON lines) or the records'
+    header (CSV). Anything else (a photo named by mistake, a device, a folder) is not imgllm's."""
+    if not os.path.isfile(path):
+        return False
+    if os.path.getsize(path) == 0 or os.path.isfile(path + RUN_OPTIONS_SUFFIX):
+        return True
+    with open(path, "rb") as f:
+        first = f.readline(FIRST_LINE_LIMIT)
+    if fmt == "csv":
+        return first.startswith(b"path,")
+    try:
+        return record_problem(json.loads(first)) is None
+    except ValueError:
+        return False
+
+
+def check_recognised_output(path: str, fmt: str) -> None:
+    """Raises OutputError unless an existing output is imgllm's (`recognised_output`): nothing is modified before."""
+    if os.path.exists(path) and not recognised_output(path, fmt):
+        raise OutputError(f"{path} exists and is not a {fmt} records file (its first line is not a record); imgllm "
+                          "modifies only its own outputs: choose another output, or move that file away")
+
+
+def check_distinct_paths(written: Mapping[str, str | None], read: Mapping[str, Iterable[str]]) -> None:
+    """Raises OutputError when two files a run writes (`written`: what -> path, None skipped) are one file, or one
+    of them is a file it reads (`read`: what -> paths, e.g. the input images and the references): the page would
+    replace the records, or the records an image. Paths are compared resolved (symlinks, "./", "..")."""
+    seen: dict[str, str] = {}
+    for what, path in written.items():
+        if path is None:
+            continue
+        resolved = os.path.realpath(path)
+        if resolved in seen:
+            raise OutputError(f"{what} {path} is the same file as {seen[resolved]}: give each its own path")
+        seen[resolved] = f"{what} {path}"
+    for what, paths in read.items():
+        for path in paths:
+            clash = seen.get(os.path.realpath(path))
+            if clash is not None:
+                raise OutputError(f"{clash} is also {what} {path}: imgllm does not write over what it reads")
 
 
 def truncate_partial_line(path: str) -> None:
@@ -245,9 +346,13 @@ class OutputLock:
     lock file but no lock.
     """
 
-    def __init__(self, output: str | os.PathLike):
+    def __init__(self, output: str | os.PathLike, *, path: str | None = None,
+                 advice: str = "wait for it to end, or write another output"):
+        """output: what the lock guards (named in errors); path: the lock file (default `<output>.lock`); advice:
+        what the error tells a second run to do."""
         self.output = os.fspath(output)
-        self.path = self.output + LOCK_SUFFIX
+        self.path = self.output + LOCK_SUFFIX if path is None else path
+        self.advice = advice
         self.fd: int | None = None
 
     def __enter__(self) -> OutputLock:
@@ -267,7 +372,7 @@ class OutputLock:
                 os.close(fd)
                 if isinstance(error, BlockingIOError):
                     raise OutputInUseError(f"{self.output} is in use by another run ({holder} holds {self.path}); "
-                                           "wait for it to end, or write another output") from None
+                                           f"{self.advice}") from None
                 raise OutputError(f"cannot lock {self.path}: {error.strerror or error}") from error
             if names_file(self.path, fd):
                 os.ftruncate(fd, 0)
@@ -279,9 +384,18 @@ class OutputLock:
     def _open(self) -> int:
         try:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise OutputError(f"{self.path} is a symbolic link, not a lock file of imgllm's: it is not followed; "
+                                  "remove it to use this output") from None
             raise OutputError(f"cannot write {self.path} beside the output: {error.strerror or error}") from error
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
+            os.close(fd)
+            raise OutputError(f"{self.path} is not a lock file of imgllm's (a special file, or a file with other "
+                              "names): it is left alone; remove it to use this output")
+        return fd
 
     def release(self) -> None:
         """Removes the lock file, then unlocks (closing it); nothing when not held."""
@@ -328,7 +442,7 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
 def read_run_options(path: str) -> dict | None:
     """The run options recorded in `path` (`write_run_options`), or None when there is no such file."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors=NAME_BYTES) as f:
             options = json.load(f)
     except FileNotFoundError:
         return None
@@ -347,11 +461,13 @@ def write_run_options(path: str, options: Mapping[str, Any]) -> None:
 def write_atomically(path: str, write: Callable[[Any], Any]) -> None:
     """Writes a text file through write(stream) into a temporary file beside `path`, flushed to disk, that then
     replaces `path` (os.replace): a kill at any moment leaves the old file or the new one, whole. The new file
-    keeps the old one's permissions (0o644 for a new one; mkstemp's own are 0o600)."""
-    directory = os.path.dirname(os.path.abspath(path))
+    keeps the old one's permissions (0o644 for a new one; mkstemp's own are 0o600). A symlink at `path` stays a
+    link: the file it points to is the one replaced."""
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as stream:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8", errors=NAME_BYTES) as stream:
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
@@ -364,11 +480,11 @@ def write_atomically(path: str, write: Callable[[Any], Any]) -> None:
 
 
 def changed_run_options(recorded: Mapping[str, Any], current: Mapping[str, Any],
-                        informational: Collection[str] = ("checkpoint",)) -> list[str]:
+                        informational: Collection[str] = ("checkpoint", "cwd")) -> list[str]:
     """"NAME was OLD, now NEW" for each option that differs (absent on one side: "unset"), in `current`'s order.
 
     informational: keys recorded for the reader, not compared ("checkpoint", its path: a moved checkpoint is the
-    same checkpoint, its "checkpoint_id" says whether the weights are)."""
+    same checkpoint, its "checkpoint_id" says whether the weights are; "cwd", the folder relative paths start in)."""
     def shown(options: Mapping[str, Any], name: str) -> str:
         return json.dumps(options[name], ensure_ascii=False) if name in options else "unset"
 
@@ -396,22 +512,38 @@ def prepare_output(record_file: RecordFile, options: Mapping[str, Any], *, resum
     """Readies an output file for a run with `options` (those that shape records, recorded beside it in
     `<output>.run.json`) and returns the records it keeps, which the run does not redo.
 
-    resume=False: the file is deleted. resume: its records are read (`RecordFile.existing_records`) and refused if
-    made with other options (`check_run_options`); the error records of the paths in `retry` are removed from it
-    (`RecordFile.rewrite`, atomic) so that those images are captioned again. A file without records is deleted
-    (a CSV header of other columns would stay). Call it while holding the `OutputLock`.
+    A file that is not a records file is refused first (`check_recognised_output`): nothing is modified.
+    resume=False: the file starts over, emptied when `RecordFile.open` is called (after compiling: a run that fails
+    before leaves the old records and run options as they were). resume: its records are read
+    (`RecordFile.existing_records`) and refused if made with other options (`check_run_options`); the error records
+    of the paths in `retry` are removed from it (`RecordFile.rewrite`, atomic) so that those images are captioned
+    again. A file without records starts over too (a CSV header of other columns would stay). Call it while holding
+    the `OutputLock`.
     """
+    check_recognised_output(record_file.path, record_file.format)
     previous = record_file.existing_records() if resume else []
     if previous:
-        check_run_options(record_file.path, read_run_options(record_file.path + RUN_OPTIONS_SUFFIX), options)
-        kept = [record for record in previous if not ("error" in record and record["path"] in retry)]
+        recorded = read_run_options(record_file.path + RUN_OPTIONS_SUFFIX)
+        check_run_options(record_file.path, recorded, options)
+        record_file.written_from = (recorded or {}).get("cwd") or os.getcwd()
+        retry = {path_identity(key, os.getcwd()) for key in retry}
+        kept = [record for record in previous
+                if not ("error" in record and path_identity(record["path"], record_file.written_from) in retry)]
         if len(kept) < len(previous):
             record_file.rewrite(kept)
-        previous = kept
-    elif os.path.exists(record_file.path):
-        os.remove(record_file.path)
-    write_run_options(record_file.path + RUN_OPTIONS_SUFFIX, options)
-    return previous
+        write_run_options(record_file.path + RUN_OPTIONS_SUFFIX, options)
+        return kept
+    record_file.start_over = dict(options)   # the old file stays until the first records are written (`open`)
+    return []
+
+
+def path_identity(key: str, cwd: str) -> str:
+    """The image a record's "path" names, to match records with inputs however the path was written ("imgs/a.png",
+    "./imgs//a.png", "/abs/imgs/a.png", a link): a file path resolved from `cwd`, the working directory of the run
+    that wrote it; a tfds key as it is."""
+    if key.startswith(TFDS_PREFIX):
+        return key
+    return os.path.realpath(os.path.join(cwd, key))
 
 
 def make_records(batch: Batch, outputs: Mapping, class_names: Sequence[str], captions: list[list[str]], *,
@@ -436,8 +568,14 @@ def make_records(batch: Batch, outputs: Mapping, class_names: Sequence[str], cap
         if "lm_label_ids" in outputs:  # the LM's own classification, beside the CNN's
             record["lm_label"] = lm_label_names[int(outputs["lm_label_ids"][row])]
             record["lm_probs"] = {name: round(float(p), 4) for name, p in zip(lm_label_names, outputs["lm_probs"][row])}
-        records.append(record)
+        records.append(record if numbers_are_finite(record) else {"path": item.key, "error": NON_FINITE_ERROR})
     return records
+
+
+def numbers_are_finite(record: Mapping[str, Any]) -> bool:
+    """Whether every probability and score of a record is a finite number (what JSON can hold)."""
+    numbers = [entry["prob"] for entry in record.get("labels", ())] + list(record.get("caption_scores", ()))
+    return all(math.isfinite(number) for number in numbers + list(record.get("lm_probs", {}).values()))
 
 
 # ----------------------------------------------------------------------------------------------- scores
@@ -491,7 +629,10 @@ def score_records(records: Iterable[dict], references_path: str) -> dict:
     return scores
 
 
-__all__ = ["LOCK_SUFFIX", "OutputError", "OutputInUseError", "OutputLock", "RECORD_FORMATS", "RUN_OPTIONS_SUFFIX",
-           "RecordFile", "changed_run_options", "check_run_options", "check_writable", "format_for_path",
-           "make_records", "prepare_output", "read_run_options", "record_problem", "score_records",
-           "read_references", "reference_for", "truncate_partial_line", "write_atomically", "write_run_options"]
+__all__ = ["FIRST_LINE_LIMIT", "LOCK_SUFFIX", "NAME_BYTES", "NON_FINITE_ERROR", "OutputError", "OutputInUseError",
+           "OutputLock", "RECORD_FORMATS", "RUN_OPTIONS_SUFFIX", "RecordFile", "changed_run_options",
+           "check_distinct_paths", "check_recognised_output", "check_run_options", "check_writable", "format_for_path",
+           "json_line", "make_records", "numbers_are_finite", "path_identity", "plain_text", "prepare_output",
+           "read_references", "read_run_options", "recognised_output", "record_problem", "reference_for",
+           "score_records", "spreadsheet_text", "truncate_partial_line", "whole_lines", "write_atomically",
+           "write_run_options"]

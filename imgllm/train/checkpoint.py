@@ -5,16 +5,28 @@ RNG key, step), "config" (the run's config as JSON) and "meta" (data position an
 step, epoch, step_in_epoch, steps_per_epoch, task metadata such as class names). Saves are asynchronous;
 the last `max_to_keep` are kept. The data position follows from the step alone (epoch permutations come
 from (seed, epoch)), so restoring the state is enough to continue exactly where the run stopped.
+
+A step folder that lacks an item (an empty `checkpoints/7/`) is skipped, named in a warning, and never deleted
+(`CompleteSteps`). A step whose files cannot be read (truncated array chunks) raises `UnreadableCheckpointError`
+naming its folder; `Checkpointer.newest_readable` then falls back to the step before it, and a resumed run moves
+the unreadable folders to WORKDIR/unreadable_checkpoints/ (`Checkpointer.set_aside_newer`), where they are kept.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
-from typing import Any
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from imgllm.pipeline.checkpoint import saved_array_shapes
 
@@ -24,10 +36,88 @@ RESUME_SAFE_KEYS = frozenset({
     "log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep", "progress_bar", "profile_steps",
     "eval_every_epochs", "eval_batch_size", "dataset", "data_dir", "data_cache_dir", "data_placement",
 })
+ITEMS = ("state", "config", "meta")   # the items of every step folder
+UNREADABLE_DIR = "unreadable_checkpoints"   # WORKDIR/<this>/<step>: where a resumed run keeps a step it cannot read
+T = TypeVar("T")
 
 
 class IncompatibleConfigError(ValueError):
     """The work directory's checkpoint was made with a config this run cannot continue."""
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint step whose files cannot be read (truncated or missing arrays); the message names its folder."""
+
+
+def missing_items(step_dir: str) -> list[str]:
+    """The items of `ITEMS` that the step folder `step_dir` lacks: all of them for an empty folder, none for a
+    complete checkpoint."""
+    return [item for item in ITEMS if not os.path.isdir(os.path.join(step_dir, item))]
+
+
+def incomplete_step_folders(directory: str) -> list[str]:
+    """The numeric folders of a checkpoints directory that lack an item (`missing_items`), sorted by step."""
+    if not os.path.isdir(directory):
+        return []
+    steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+    folders = [os.path.join(directory, str(step)) for step in steps]
+    return [folder for folder in folders if missing_items(folder)]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompleteSteps:
+    """orbax's standard step names (`checkpoints/<step>/`), less the step folders that lack an item
+    (`missing_items`): orbax neither lists, restores nor deletes an empty `checkpoints/7/`."""
+
+    standard: Any = dataclasses.field(default_factory=ocp.step.standard_name_format)
+
+    def build_name(self, step: int) -> str:
+        return self.standard.build_name(step)
+
+    def find_all(self, base_path: Any) -> Iterator[Any]:
+        return (found for found in self.standard.find_all(base_path) if not missing_items(os.fspath(found.path)))
+
+    def find_step(self, base_path: Any, step: int) -> Any:
+        return self.standard.find_step(base_path, step)
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message, without tensorstore's spec dump and cut to `limit` characters, or the
+    error's type name."""
+    lines = str(error).strip().splitlines()
+    line = lines[0].split(" [tensorstore_spec")[0] if lines else type(error).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def stray_read_errors_dropped(grace_s: float = 0.2) -> Iterator[None]:
+    """Within, and for `grace_s` after an error, drops the "Event loop is closed" RuntimeErrors that tensorstore's
+    pending reads report (`sys.unraisablehook`) once a failed orbax restore has closed its event loop: dozens of
+    tracebacks that add nothing to the failure's one line. Other unraisable errors go to the previous hook."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        time.sleep(grace_s)   # the pending reads report within milliseconds of the failure
+        raise
+    finally:
+        sys.unraisablehook = previous
+
+
+def free_path(path: str) -> str:
+    """`path`, or `path.N` for the smallest N >= 1 that names nothing."""
+    candidate, n = path, 0
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate
 
 
 def config_to_json(config: ml_collections.ConfigDict | dict) -> dict:
@@ -74,13 +164,69 @@ class Checkpointer:
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.save_every_steps = int(save_every_steps)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                               enable_async_checkpointing=asynchronous, read_only=read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "config", "meta"))
+                                               enable_async_checkpointing=asynchronous, read_only=read_only,
+                                               step_name_format=CompleteSteps())
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        for folder in incomplete_step_folders(self.directory):
+            warnings.warn(f"skipping {folder}: not a checkpoint (no {', '.join(missing_items(folder))} inside)",
+                          stacklevel=2)
 
     def latest_step(self) -> int | None:
-        """The step of the newest complete checkpoint, or None (half-written saves are not listed)."""
+        """The step of the newest complete checkpoint, or None (half-written saves and step folders that lack an
+        item are not listed)."""
         return self.manager.latest_step()
+
+    def step_dir(self, step: int) -> str:
+        """The folder of checkpoint `step`."""
+        return os.path.join(self.directory, str(step))
+
+    @contextlib.contextmanager
+    def reading(self, step: int) -> Iterator[None]:
+        """Turns an error reading checkpoint `step` into UnreadableCheckpointError naming its folder (one line)."""
+        try:
+            with stray_read_errors_dropped():
+                yield
+        except (ValueError, OSError, KeyError) as error:
+            raise UnreadableCheckpointError(f"{self.step_dir(step)} cannot be read: {first_line(error)}") from error
+
+    def newest_readable(self, read: Callable[[int], T], newest: int | None = None) -> tuple[int, T]:
+        """(step, read(step)) of the newest step (no newer than `newest`) that `read` reads. Each newer step whose
+        read raised UnreadableCheckpointError is named in a warning with the step used instead; when none reads,
+        UnreadableCheckpointError names them all (FileNotFoundError when there is no checkpoint)."""
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            if newest is not None and step > newest:
+                continue
+            try:
+                result = read(step)
+            except UnreadableCheckpointError as error:
+                failures.append(str(error))
+                continue
+            for failure in failures:
+                warnings.warn(f"{failure}; using step {step} instead", stacklevel=2)
+            return step, result
+        if not failures:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        raise UnreadableCheckpointError(f"no checkpoint in {self.directory} can be read ({'; '.join(failures)}); "
+                                        "move them away or use another --workdir")
+
+    def set_aside_newer(self, step: int) -> None:
+        """Moves the step folders newer than `step` (those a resumed run could not read) to
+        WORKDIR/unreadable_checkpoints/<step>, each named in a warning: they are kept, the run saves those steps
+        anew, and orbax's retention never deletes them. Process 0 moves; every process then reloads the steps."""
+        newer = [other for other in self.manager.all_steps() if other > step]
+        if not newer:
+            return
+        if jax.process_index() == 0:
+            for other in newer:
+                target = free_path(os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR, str(other)))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.rename(self.step_dir(other), target)
+                warnings.warn(f"moved the unreadable {self.step_dir(other)} to {target} (kept: delete it once you "
+                              "no longer need it)", stacklevel=2)
+        if jax.process_count() > 1:   # the others wait for process 0's moves
+            multihost_utils.sync_global_devices("imgllm: unreadable checkpoints set aside")
+        self.manager.reload()
 
     def should_save(self, step: int, *, last: bool) -> bool:
         return last or (self.save_every_steps > 0 and step % self.save_every_steps == 0)
@@ -95,15 +241,17 @@ class Checkpointer:
     def restore_config_and_meta(self, step: int | None = None) -> tuple[dict, dict]:
         """The (config, meta) JSON of checkpoint `step` (default: the latest)."""
         step = self._step(step)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        with self.reading(step):
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         return dict(restored["config"]), dict(restored["meta"])
 
     def restore_state(self, template: Any, step: int | None = None) -> Any:
         """The state of checkpoint `step`, with the shapes, dtypes and shardings of `template`."""
         step = self._step(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        with self.reading(step):
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         return restored["state"]
 
     def restore_arrays(self, step: int | None = None) -> dict[str, Any]:
@@ -112,8 +260,9 @@ class Checkpointer:
         classifier into a pipeline needs), and a state saved from other devices (8 GPUs, say) reads the same."""
         step = self._step(step)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = saved_array_shapes(os.path.join(self.directory, str(step), "state"), device)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        with self.reading(step):
+            target = saved_array_shapes(os.path.join(self.step_dir(step), "state"), device)
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         return dict(restored["state"])
 
     def wait(self) -> None:
@@ -150,15 +299,15 @@ def read_run_config(workdir: str, step: int | None = None) -> tuple[dict, dict]:
 
 
 def load_classifier(workdir: str, step: int | None = None) -> tuple[dict, dict, dict]:
-    """(CNN variables, run config, checkpoint meta) of a classifier run's checkpoint (default: the latest).
+    """(CNN variables, run config, checkpoint meta) of a classifier run's checkpoint (default: the newest that reads).
 
     The variables are {"params": ..., **model_state} as the run's own evaluation applies them, read as arrays
     from the saved train state; nothing named in the checkpoint is imported or called.
     """
     checkpointer = _read_only_checkpointer(workdir)
     try:
-        config, meta = checkpointer.restore_config_and_meta(step)
-        state = checkpointer.restore_arrays(meta["step"])
+        read = lambda at: (*checkpointer.restore_config_and_meta(at), checkpointer.restore_arrays(at))
+        config, meta, state = read(step) if step is not None else checkpointer.newest_readable(read)[1]
     finally:
         checkpointer.close()
     variables = {"params": state["params"], **(state.get("model_state") or {})}

@@ -32,6 +32,7 @@ from imgllm.configs import captioner_demo, demo
 from imgllm.data import load_dataset
 from imgllm.data.demo import COLOURS, SIZES, demo_scenes
 from imgllm.pipeline import caption_images, classify_images, load_pipeline
+from imgllm.pipeline.checkpoint import TOKENIZER_DIR, TOKENIZER_FILE, is_pipeline_checkpoint
 from imgllm.train import checkpoint as ckpt_lib
 from imgllm.train import loop
 from imgllm.train.export import export_pipeline_checkpoint
@@ -41,6 +42,12 @@ EVAL_SEED = 1           # ... with its own seed: images that no training or vali
 # Questions about the first-named object that the LM answers from any label set: (labels, prompt templates).
 COLOUR_QUESTION = (tuple(COLOURS), ("a small {label}", "a large {label}"))
 SIZE_QUESTION = (tuple(SIZES), ("a {label}",))
+
+
+def pipeline_is_whole(path: str) -> bool:
+    """Whether `path` holds a whole pipeline checkpoint. Saves are swapped in whole; one that an older imgllm left
+    half-written lacks its tokenizer (written last) and is exported again."""
+    return is_pipeline_checkpoint(path) and os.path.isfile(os.path.join(path, TOKENIZER_DIR, TOKENIZER_FILE))
 
 
 def stage_is_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
@@ -111,7 +118,7 @@ def run_demo(workdir: str, *, classifier_config: ml_collections.ConfigDict | Non
     clock = _Clock()
     _run_stage("classifier", classifier_dir, classifier_config, log)
     trained = _run_stage("captioner", captioner_dir, captioner_config, log)
-    if trained or not os.path.isdir(pipeline_dir):
+    if trained or not pipeline_is_whole(pipeline_dir):
         export_clock = _Clock()
         export_pipeline_checkpoint(captioner_dir, pipeline_dir, overwrite=True)
         log(f"[demo] pipeline checkpoint {pipeline_dir} written in {export_clock}")

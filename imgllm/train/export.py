@@ -1,8 +1,8 @@
 """From training runs to what inference reads: pipeline checkpoints and Hugging Face GPT-2 directories.
 
-    assemble_pipeline_checkpoint   a classifier run (its CNN, class names, normalisation) + a GPT-2 → pipeline
+    assemble_pipeline_checkpoint   a classifier run (its CNN, class names, normalisation) + an LM → pipeline
     export_pipeline_checkpoint     a captioner run (CNN, visual prefix, LM, tokenizer, class-prompt templates)
-    export_hf                      an LM run → a directory transformers' GPT2LMHeadModel loads
+    export_hf                      an LM run → a directory transformers loads (GPT2LMHeadModel, LlamaForCausalLM)
 
 These live on the trainer's side so that inference (`imgllm.pipeline`) never imports training code: a pipeline
 checkpoint is self-contained (format in `imgllm.pipeline.checkpoint`).
@@ -15,7 +15,7 @@ import os
 import jax
 
 from imgllm import calibration
-from imgllm.language import hf
+from imgllm.language.load import load_lm, save_lm
 from imgllm.language.tokenizer import check_vocabulary
 from imgllm.pipeline import checkpoint as pipeline_checkpoint
 from imgllm.pipeline.prompts import DEFAULT_TEMPLATE
@@ -28,14 +28,17 @@ from imgllm.train.loop import restore_for_eval
 def assemble_pipeline_checkpoint(out_dir: str | os.PathLike, *, classifier: str | os.PathLike, lm: str,
                                  tokenizer: str | None = None, template: str = DEFAULT_TEMPLATE,
                                  top_k: int = 1, max_new_tokens: int = 20, overwrite: bool = False) -> str:
-    """Builds a pipeline checkpoint from a classifier's train.py work directory and a GPT-2 (directory or hub name).
+    """Builds a pipeline checkpoint from a classifier's train.py work directory and a language model: a GGUF file, a
+    Hugging Face directory or a hub name of GPT-2 or the Llama family (`imgllm.language.load.load_lm`).
 
-    The tokenizer comes from `tokenizer` when given, else from the LM's directory. The class names, image size,
+    The tokenizer comes from `tokenizer` when given, else from the LM (its directory, or the GGUF file's own
+    vocabulary); prompts start with BOS exactly when that tokenizer adds it by default (its own rule), so a greedy
+    caption is what transformers' ``generate`` writes after the same prompt. The class names, image size,
     normalisation and the CNN head's fitted temperature come from the classifier run's checkpoint (config, meta).
     """
     cnn_variables, run_config, meta = load_classifier(os.fspath(classifier))
-    lm_config, lm_params = hf.load_gpt2(lm)
-    text_tokenizer = hf.load_tokenizer(tokenizer if tokenizer is not None else lm)
+    loaded = load_lm(lm, tokenizer=tokenizer)
+    lm_config, lm_params, text_tokenizer = loaded.config, loaded.params, loaded.tokenizer
     class_names = meta.get("task", {}).get("class_names")
     if not class_names:
         raise ValueError(f"{classifier}: the checkpoint's meta has no task.class_names (meta keys: {sorted(meta)})")
@@ -46,7 +49,7 @@ def assemble_pipeline_checkpoint(out_dir: str | os.PathLike, *, classifier: str 
     config = pipeline_checkpoint.make_pipeline_config(
         cnn=cnn_config, lm=lm_config.to_dict(), class_names=class_names,
         eos_id=text_tokenizer.eos_token_id, pad_id=text_tokenizer.pad_token_id,
-        bos_id=text_tokenizer.bos_token_id, template=template, top_k=top_k,
+        bos_id=text_tokenizer.bos_token_id, prepend_bos=loaded.prepend_bos, template=template, top_k=top_k,
         image_size=int(run_config.get("image_size") or 32), mean=normalization.get("mean"),
         std=normalization.get("std"), max_new_tokens=max_new_tokens,
         cnn_temperature=calibration.stored_head_temperature(meta.get("calibration")))
@@ -100,4 +103,4 @@ def export_hf(workdir: str, out_dir: str, *, step: int | None = None) -> str:
     """Write the LM checkpoint in `workdir` (latest, or `step`) as a Hugging Face GPT-2 directory with its tokenizer."""
     _, meta, task, variables = restore_for_eval(workdir, step)
     tokenizer = tokenizer_from_metadata(meta["task"])
-    return hf.save_gpt2(out_dir, task.lm_config, jax.device_get(variables["params"]), tokenizer=tokenizer)
+    return save_lm(out_dir, task.lm_config, jax.device_get(variables["params"]), tokenizer=tokenizer)

@@ -6,6 +6,7 @@ restored from its latest checkpoint continues exactly as if it had never stopped
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -13,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from imgllm import calibration, parallel, precision
+from imgllm.pipeline.records import OutputError, OutputLock
 from imgllm.train import checkpoint as ckpt_lib
 from imgllm.train import feed as feed_lib
 from imgllm.train import optim, plot, steps
@@ -32,6 +34,8 @@ from imgllm.train.state import TrainState, create_train_state
 from imgllm.train.task import Arrays, Task, add_metrics, summarize
 from imgllm.train.tasks import build_task, canonical_task_name, task_name
 
+WORKDIR_LOCK = "train.lock"   # held by the run training in the work directory (`workdir_lock`)
+
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the message names the step."""
@@ -39,6 +43,10 @@ class NonFiniteLossError(FloatingPointError):
 
 class DataChangedError(ValueError):
     """The training data differs from the data the work directory's checkpoint was trained on."""
+
+
+class WorkdirInUseError(OSError):
+    """Another train.py runs in the work directory (it holds WORKDIR/train.lock)."""
 
 
 class TrainingStopped(RuntimeError):
@@ -106,6 +114,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     profile_window(config.get("profile_steps"))
     if not 0 < config.num_epochs < math.inf:
         raise ValueError(f"config.num_epochs={config.num_epochs!r} must be a finite number > 0")
+    for key, meaning in (("log_every_steps", "a metrics line every N steps"),
+                         ("max_checkpoints_to_keep", "the checkpoints kept; resuming needs one")):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"config.{key}={value!r} must be an integer >= 1 ({meaning})")
 
 
 def arrays_fingerprint(arrays: Arrays) -> str:
@@ -338,14 +351,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
     """
     mesh = mesh or parallel.make_mesh()
     validate_config(config, mesh)
-    task = task or build_task(config)
-    checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
-                                         save_every_steps=config.checkpoint_every_steps)
+    with workdir_lock(workdir):
+        task = task or build_task(config)
+        checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
+                                             save_every_steps=config.checkpoint_every_steps)
+        try:
+            with StopSignals() as signals:
+                return _train(config, workdir, task, mesh, checkpointer, signals, allow_data_change)
+        finally:
+            checkpointer.close()
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """One training run per work directory: WORKDIR/train.lock is held (flock) from the start to the end of the run,
+    and a second run raises WorkdirInUseError instead of interleaving metrics and checkpoints with the first. Held by
+    process 0 alone (the processes of one multi-host run share the directory); a killed run's lock is dropped by the
+    kernel."""
+    if jax.process_index() != 0:
+        yield
+        return
+    lock = OutputLock(workdir, path=os.path.join(workdir, WORKDIR_LOCK),
+                      advice="wait for it to end, or give this run another --workdir")
     try:
-        with StopSignals() as signals:
-            return _train(config, workdir, task, mesh, checkpointer, signals, allow_data_change)
+        lock.acquire()
+    except OutputError as error:
+        raise WorkdirInUseError(str(error)) from None
+    try:
+        yield
     finally:
-        checkpointer.close()
+        lock.release()
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, checkpointer: ckpt_lib.Checkpointer,
@@ -367,8 +402,8 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
     """The body of `train_and_evaluate`: check, load, compile, train, evaluate (its resources come set up)."""
     latest = checkpointer.latest_step()
     saved_meta = None
-    if latest is not None:
-        saved_config, saved_meta = checkpointer.restore_config_and_meta(latest)
+    if latest is not None:   # the newest step whose config and meta read (a newer one is named in a warning)
+        latest, (saved_config, saved_meta) = checkpointer.newest_readable(checkpointer.restore_config_and_meta)
         check_resumable(saved_config, config, workdir)
 
     train_arrays = task.train_arrays()
@@ -380,8 +415,11 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
         check_same_data(saved_meta, identity, steps_per_epoch, workdir)
     state, tx = initial_state(task, config, train_arrays, mesh, total_steps=total_steps,
                               steps_per_epoch=steps_per_epoch)
-    if latest is not None:
-        state = checkpointer.restore_state(state, latest)
+    if latest is not None:   # the newest step whose arrays read; the newer ones are kept aside, never deleted
+        template = state
+        restored, state = checkpointer.newest_readable(lambda at: checkpointer.restore_state(template, at),
+                                                       newest=latest)
+        checkpointer.set_aside_newer(restored)
     start = int(jax.device_get(state.step))
     learning_rate = optim.default_learning_rate(config.optimizer, total_steps=total_steps,
                                                 steps_per_epoch=steps_per_epoch, batch_size=config.global_batch_size)
@@ -491,16 +529,24 @@ def restore_for_eval(workdir: str, step: int | None = None, mesh=None):
     mesh = mesh or parallel.make_mesh()
     checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True, asynchronous=False)
     try:
-        saved_config, meta = checkpointer.restore_config_and_meta(step)
-        task_name(saved_config.get("task"))     # a name outside TASKS is refused before anything else is read
-        config = ml_collections.ConfigDict(saved_config)
-        task = build_task(config)
-        template = jax.eval_shape(lambda: _abstract_state(task, config, meta))
-        sharding = parallel.replicated_sharding(mesh)
-        template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)
-        state = checkpointer.restore_state(template, meta["step"])
+        read = lambda at: _restore_step_for_eval(checkpointer, at, mesh)
+        # The newest step that reads when none is asked for (an unreadable one is named in a warning).
+        return read(step) if step is not None else checkpointer.newest_readable(read)[1]
     finally:
         checkpointer.close()
+
+
+def _restore_step_for_eval(checkpointer: ckpt_lib.Checkpointer, step: int, mesh):
+    """`restore_for_eval` of checkpoint `step`: UnreadableCheckpointError names its folder when its files do not
+    read."""
+    saved_config, meta = checkpointer.restore_config_and_meta(step)
+    task_name(saved_config.get("task"))     # a name outside TASKS is refused before anything else is read
+    config = ml_collections.ConfigDict(saved_config)
+    task = build_task(config)
+    template = jax.eval_shape(lambda: _abstract_state(task, config, meta))
+    sharding = parallel.replicated_sharding(mesh)
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)
+    state = checkpointer.restore_state(template, step)
     return config, meta, task, state.variables
 
 
