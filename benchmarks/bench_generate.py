@@ -250,11 +250,7 @@ def main_model_file(args) -> None:
         mask = np.ones_like(ids)
         new_tokens = batch * args.new_tokens
 
-        start = time.perf_counter()
-        jax_tokens, _ = generate(params, config, ids, mask, gen_config=gen_config)
-        first_call = time.perf_counter() - start
-        jax_times = timed(lambda: generate(params, config, ids, mask, gen_config=gen_config), args.runs)
-        compile_s = first_call - np.median(jax_times)
+        jax_tokens, jax_times, compile_s = time_generate(params, config, ids, mask, gen_config, args.runs)
         compile_target = f"compile <= 20 s: {met(compile_s <= 20)}" if args.model == "smollm2" else ""
         print(f"{batch:>5} {'imgllm (jax)':<22} {new_tokens / np.median(jax_times):>12.1f} "
               f"{new_tokens / jax_times.min():>10.1f} {np.median(jax_times):>9.3f} {compile_s:>9.1f} {'':>8} "
@@ -291,6 +287,16 @@ def main_model_file(args) -> None:
         print(memory_line)
 
 
+def time_generate(params, config, ids, mask, gen_config, runs: int):
+    """(imgllm's tokens, seconds of each of `runs` timed calls of `generate`, compile seconds: the first call's time
+    beyond the median)."""
+    start = time.perf_counter()
+    tokens, _ = generate(params, config, ids, mask, gen_config=gen_config)
+    first_call = time.perf_counter() - start
+    times = timed(lambda: generate(params, config, ids, mask, gen_config=gen_config), runs)
+    return tokens, times, first_call - np.median(times)
+
+
 def main_gpt2(args) -> None:
     """GPT-2 small with random weights (the default model): today's benchmark."""
     import torch
@@ -314,11 +320,7 @@ def main_gpt2(args) -> None:
         mask = np.ones_like(ids)
         new_tokens = batch * args.new_tokens
 
-        start = time.perf_counter()
-        jax_tokens, _ = generate(params, config, ids, mask, gen_config=gen_config)
-        first_call = time.perf_counter() - start
-        jax_times = timed(lambda: generate(params, config, ids, mask, gen_config=gen_config), args.runs)
-        compile_s = first_call - np.median(jax_times)
+        jax_tokens, jax_times, compile_s = time_generate(params, config, ids, mask, gen_config, args.runs)
         print(f"{batch:>5} {'imgllm (jax)':<22} {new_tokens / np.median(jax_times):>12.1f} "
               f"{new_tokens / jax_times.min():>10.1f} {np.median(jax_times):>9.3f}   "
               f"(compile ~{compile_s:.1f} s, jit cache {_generate_jit._cache_size()})")

@@ -16,6 +16,8 @@ All functions take and return numpy (host) arrays: they run once, after training
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from imgllm.statistics import accuracy_comparison
@@ -23,6 +25,35 @@ from imgllm.statistics import accuracy_comparison
 ECE_BINS = 15
 TEMPERATURE_RANGE = (0.05, 20.0)
 FUSION_WEIGHTS = tuple(np.round(np.linspace(0.0, 3.0, 31), 2))
+BOUND_MARGIN = 1.01   # a fitted temperature within 1% of a bound of TEMPERATURE_RANGE is the bound
+
+
+class CalibrationWarning(UserWarning):
+    """A fitted value that is the search's bound, not a minimum: its probabilities are extreme."""
+
+
+def check_finite(values: np.ndarray, name: str) -> None:
+    """Raises ValueError naming `name` and how many of its rows hold a NaN or an infinity (one bad LM score would
+    otherwise drag a fitted temperature to a bound, or drop out of ECE's bins)."""
+    values = np.asarray(values, np.float64)
+    bad = int((~np.isfinite(values.reshape(len(values), -1))).any(axis=-1).sum()) if values.size else 0
+    if bad:
+        raise ValueError(f"{name}: {bad} of {len(values)} examples have a non-finite score (NaN or infinity); "
+                         "calibration needs finite scores")
+
+
+def warn_at_bound(fitted: dict) -> list[str]:
+    """Warns (`CalibrationWarning`) for each fitted temperature at a bound of TEMPERATURE_RANGE, and returns their
+    names. At 0.05 the validation examples are separable (every probability prints as 1.0 or 0.0); at 20 the scores
+    carry almost no information."""
+    low, high = TEMPERATURE_RANGE
+    at_bound = [name for name, value in fitted.items() if name.endswith("temperature")
+                and not low * BOUND_MARGIN < value < high / BOUND_MARGIN]
+    for name in at_bound:
+        extreme = "separable: probabilities will be 1.0 or 0.0" if fitted[name] < 1 else "near uniform"
+        warnings.warn(f"calibration: {name}={fitted[name]:.4g} is the bound of the search {TEMPERATURE_RANGE}, not "
+                      f"a fitted value; the validation scores are {extreme}", CalibrationWarning, stacklevel=2)
+    return at_bound
 
 
 def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -40,6 +71,7 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
     probabilities, labels = np.asarray(probabilities, np.float64), np.asarray(labels)
     if len(labels) == 0:
         raise ValueError("expected_calibration_error needs at least one example")
+    check_finite(probabilities, "expected_calibration_error")
     confidence = probabilities.max(axis=-1)
     correct = probabilities.argmax(axis=-1) == labels
     which = np.minimum((confidence * bins).astype(int), bins - 1)       # bin b holds (b/bins, (b+1)/bins]
@@ -60,10 +92,12 @@ def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature:
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, tolerance: float = 1e-4) -> float:
     """The temperature T in TEMPERATURE_RANGE that minimises the NLL of softmax(logits / T) on (logits, labels).
 
-    NLL is unimodal in log T, so a golden-section search on log T finds it; deterministic, no optimiser state.
+    NLL is unimodal in log T, so a golden-section search on log T finds it; deterministic, no optimiser state. A
+    minimum at a bound is that bound (`bound_if_better`), which `warn_at_bound` reports.
     """
     if len(labels) == 0:
         raise ValueError("fit_temperature needs at least one example")
+    check_finite(logits, "fit_temperature")
     objective = lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t)))
     low, high = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
     ratio = (np.sqrt(5.0) - 1.0) / 2.0
@@ -78,7 +112,18 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, tolerance: float 
             low, a, fa = a, b, fb
             b = low + ratio * (high - low)
             fb = objective(b)
-    return float(np.exp((low + high) / 2.0))
+    return float(np.exp(bound_if_better(objective, (low + high) / 2.0)))
+
+
+def bound_if_better(objective, log_t: float) -> float:
+    """`log_t`, or a bound of TEMPERATURE_RANGE (in log) whose objective is lower, or is 0 at the lower one: on
+    separable examples the NLL rounds to exactly 0 below some T, a flat stretch the search stops anywhere on."""
+    found = objective(log_t)
+    low, high = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
+    at_low = objective(low)
+    if at_low < found or at_low == 0.0:
+        return low
+    return high if objective(high) < found else log_t
 
 
 def fused_log_probs(first: np.ndarray, second: np.ndarray, weight: float) -> np.ndarray:
@@ -148,6 +193,8 @@ def calibration_report(cnn_logits: np.ndarray, labels: np.ndarray, lm_scores: np
     fitted None (the end of training, on the validation split): the values are fitted here (`fit_calibration`,
     on all examples: what is stored), and the calibrated figures are held out (`held_out_log_probs`). fitted given
     (a stored fit, evaluated on another split): its values are applied as they are.
+    Non-finite logits or scores are refused with their count; a fitted temperature at the search's bound is warned
+    about (`warn_at_bound`).
     Returns the fitted values, head_accuracy (the CNN head's, no test-time augmentation) and head_ece /
     head_ece_calibrated (its expected calibration error before and after), and with LM scores lm_accuracy, lm_ece /
     lm_ece_calibrated, fused_accuracy and fused_ece_calibrated; for each classifier the 95% Wilson interval of its
@@ -156,8 +203,12 @@ def calibration_report(cnn_logits: np.ndarray, labels: np.ndarray, lm_scores: np
     """
     cnn_logits, labels = np.asarray(cnn_logits, np.float64), np.asarray(labels)
     lm_scores = None if lm_scores is None else np.asarray(lm_scores, np.float64)
+    check_finite(cnn_logits, "calibration: the CNN's logits")
+    if lm_scores is not None:
+        check_finite(lm_scores, "calibration: the LM's class scores")
     if fitted is None:
         fitted = fit_calibration(cnn_logits, labels, lm_scores)
+        warn_at_bound(fitted)
         calibrated = held_out_log_probs(cnn_logits, labels, lm_scores)
     else:
         lm_scores = lm_scores if "lm_temperature" in fitted else None   # a fit of the head alone: report the head

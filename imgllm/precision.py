@@ -8,7 +8,9 @@ What the setting changes is only the dtype of activations and matmul inputs. Par
 optimizer state stay float32 (flax casts a float32 parameter to the compute dtype where it is used), and so do
 the numbers that need the range or the resolution: BatchNorm statistics (computed in float32 and stored float32),
 attention and output softmaxes, log-probabilities, losses, and the logits sampling and beam search read (the CNN
-and the LM return float32 logits). The visual-prefix mapper (`imgllm.bridge`) is one small MLP and stays float32.
+and the LM return float32 logits). In the LMs the attention scores and the output logits also accumulate in float32
+(never rounded to bfloat16), and the residual stream between blocks is float32. The visual-prefix mapper
+(`imgllm.bridge`) is one small MLP and stays float32.
 
 Traced code never asks for the backend: the name is resolved here, before anything is built or compiled.
 """

@@ -105,9 +105,6 @@ def checkpoint(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def infer():
-    """infer.py as a module (its main() runs in this process: no second JAX start-up)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "infer.py")
-    spec = importlib.util.spec_from_file_location("infer_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """infer.py's command as a module, `imgllm.commands.infer` (infer.py is a shim over it): its main() runs in this
+    process (no second JAX start-up), and tests may patch the names it calls (caption_files)."""
+    return importlib.import_module("imgllm.commands.infer")

@@ -86,3 +86,20 @@ def test_a_stored_fit_is_applied_as_it_is_on_other_data():
     assert calibration.stored_head_temperature({"temperature": 1.7, "ece": 0.1}) == 1.7
     assert calibration.stored_fit({"temperature": 1.7}) == {"head_temperature": 1.7}
     assert calibration.stored_fit(None) is None and calibration.stored_head_temperature(None) == 1.0
+
+
+def test_non_finite_scores_are_refused_with_their_count_and_a_bound_is_warned_about():
+    logits, labels = synthetic_logits(n=200)
+    lm_scores = logits.copy()
+    lm_scores[[3, 50], 1] = np.nan                    # before: fit_temperature went to 20 without a word
+    with pytest.raises(ValueError, match="the LM's class scores: 2 of 200 examples have a non-finite score"):
+        calibration.calibration_report(logits, labels, lm_scores)
+    probabilities = np.exp(calibration.log_softmax(logits))
+    probabilities[7] = np.nan                         # before: left out of the bins but counted in the total
+    with pytest.raises(ValueError, match="1 of 200 examples"):
+        calibration.expected_calibration_error(probabilities, labels)
+    separable = 5.0 * np.eye(10)[labels]              # every label ahead of the rest: the demo's validation split
+    with pytest.warns(calibration.CalibrationWarning, match="head_temperature=0.05.* separable"):
+        report = calibration.calibration_report(separable, labels)
+    assert report["head_temperature"] == pytest.approx(calibration.TEMPERATURE_RANGE[0], rel=1e-3)
+    assert calibration.warn_at_bound({"head_temperature": 1.3, "lm_temperature": 0.9}) == []

@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 from test_pipeline import tiny_pipeline_parts, tiny_tokenizer
 
-from imgllm.pipeline import DecodingOptions, caption_files, score_records
+from imgllm.data.tfds_source import TfdsPrepareError
+from imgllm.pipeline import DecodingOptions, caption_files, expand_inputs, inputs, score_records
 from imgllm.pipeline import checkpoint as pc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -359,3 +360,53 @@ def test_flags_take_underscores_too(checkpoint, tmp_path):
                                    "--max_pixels", "100", "--compilation_cache", "", "--quiet")
     assert status == 1, lines                               # 32x32 images over a 100-pixel cap: error records
     assert all("more than the limit of 100" in record["error"] for record in read_jsonl(out))
+
+
+def test_a_misspelled_flag_is_one_line_with_a_suggestion_and_never_an_abbreviation(checkpoint, tmp_path):
+    """Issue #25: argparse answered a misspelled flag with its usage block and took --num-caption for --num-captions."""
+    image = write_images(tmp_path / "imgs", 1)[0]
+    status, lines = run_infer_main(image, "--checkpoint", checkpoint, "--num-caption", "2", "--quiet")
+    assert status == 2 and len(lines) == 1, lines
+    assert lines == ['infer.py: error: unrecognized flag --num-caption; did you mean "--num-captions"? '
+                     "(infer.py --help lists the flags)"], lines
+    status, lines = run_infer_main(image, "--chekpoint", checkpoint)
+    assert status == 2 and len(lines) == 1 and 'did you mean "--checkpoint"?' in lines[0], lines
+
+
+def test_a_run_with_failed_images_ends_with_a_count_of_them(checkpoint, messy_folder, tmp_path):
+    """Issue #25: some images failing (error records) said nothing on stderr when others were captioned."""
+    out = tmp_path / "out.jsonl"
+    status, lines = run_infer_main(messy_folder["good"], messy_folder["corrupt"], "--checkpoint", checkpoint,
+                                   "--batch-size", "4", "--output", str(out), "--quiet")
+    assert status == 0 and lines[-1] == "infer.py: 1 of 2 images failed (see their error records)", lines
+
+
+def test_a_folder_without_images_beside_other_inputs_is_warned_about(tmp_path):
+    """Issue #25: an empty folder (or a pattern matching only empty folders) among other inputs vanished silently."""
+    image = write_images(tmp_path / "imgs", 1)[0]
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.warns(UserWarning, match="'.*empty' is a folder with no image files"):
+        items = expand_inputs([str(tmp_path / "empty"), image])
+    with pytest.warns(UserWarning, match="is a pattern with no image files"):
+        items += expand_inputs([str(tmp_path / "emp*"), image])
+    assert [item.key for item in items] == [image, image]
+
+
+def test_a_tfds_input_offline_names_the_extra_and_keeps_stdout_for_records(monkeypatch, capsys):
+    """Issue #25: tfds's download message went to stdout (where records go), and a missing TensorFlow got the generic
+    install hint instead of the tfds-prepare extra."""
+    class OfflineBuilder:
+        name, data_dir = "cifar10", "/nowhere"
+
+        def is_prepared(self):
+            return False
+
+        def download_and_prepare(self):
+            print("Downloading and preparing dataset cifar10")
+            raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+
+    monkeypatch.setattr(inputs, "tfds_builder", lambda name, data_dir: OfflineBuilder())
+    with pytest.raises(TfdsPrepareError, match=r"tfds-prepare"):
+        expand_inputs(["tfds:cifar10:test"])
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Downloading and preparing" in captured.err

@@ -12,12 +12,13 @@ import shutil
 import subprocess
 import sys
 
+import filelock
 import pytest
 from PIL import Image
 from test_infer import REPO, _subprocess_env, caption, read_jsonl, write_images
 from test_pipeline import tiny_pipeline_parts, tiny_tokenizer
 
-from imgllm.pipeline import DecodingOptions, caption_files
+from imgllm.pipeline import DecodingOptions, caption_files, records
 from imgllm.pipeline import batch as pipeline_batch
 from imgllm.pipeline import checkpoint as pc
 from imgllm.pipeline.records import (
@@ -83,25 +84,19 @@ def test_the_lock_is_released_when_the_run_fails(checkpoint, tmp_path):
     assert len(caption(checkpoint, tmp_path / "imgs", output=out, **GREEDY)) == 8
 
 
-def test_a_lock_file_removed_between_open_and_lock_is_not_held(tmp_path, monkeypatch):
-    """A run that opened the lock file just before its holder removed it (ending), while a third run made and locked
-    a new one, must not run on its lock of the removed file."""
+def test_the_lock_is_filelocks_and_its_file_holds_the_holders_pid(tmp_path):
+    """Issue #25: the lock goes through the maintained `filelock` (no fcntl import: imgllm.pipeline imports on every
+    platform); a second lock in this process is refused naming our pid, and release removes the lock file. (A lock
+    file removed between another run's open and its lock is filelock's case: it locks the new file.)"""
+    with open(records.__file__, encoding="utf-8") as f:
+        assert "import fcntl" not in f.read()
     out = str(tmp_path / "out.jsonl")
-    third = OutputLock(out)
-    original_open = OutputLock._open
-
-    def open_then_lose_the_race(self):
-        fd = original_open(self)
-        if self is not third and third.fd is None:
-            os.remove(self.path)  # the holder ends ...
-            third.acquire()       # ... and another run locks a new lock file
-        return fd
-
-    monkeypatch.setattr(OutputLock, "_open", open_then_lose_the_race)
-    with pytest.raises(OutputInUseError, match=f"pid {os.getpid()} holds {re.escape(third.path)}"):
-        OutputLock(out).acquire()
-    third.release()
-    assert not os.path.exists(third.path)
+    with OutputLock(out) as held:
+        assert isinstance(held.lock, filelock.FileLock)
+        assert open(held.path).read().strip() == str(os.getpid())
+        with pytest.raises(OutputInUseError, match=f"pid {os.getpid()} holds {re.escape(held.path)}"):
+            OutputLock(out).acquire()
+    assert not os.path.exists(held.path)
 
 
 @pytest.mark.slow

@@ -62,6 +62,17 @@ def test_several_templates_are_a_mixture_and_open_templates_leave_the_end_unscor
     assert with_end[0] < scores[0]                               # the EOS costs probability
 
 
+def test_each_template_decides_whether_its_end_is_scored():
+    """A mixture of a whole caption and a caption's beginning: the first scores its EOS, the second does not."""
+    eos = tiny_tokenizer().eos_token_id
+    table = scoring.build_prompt_table(encode, eos, COLOURS, ["a photo of a {label}.", "a small {label}"],
+                                       score_end=None)
+    for c, colour in enumerate(COLOURS):
+        for e, text in enumerate([f"a photo of a {colour}.", f"a small {colour}"]):
+            scored = len(encode(text)) + (e == 0)                  # + the EOS of the whole caption alone
+            assert table.target_mask[c, e].sum() == scored, (colour, text)
+
+
 @pytest.mark.parametrize("labels, templates, message", [
     (["red", "red"], TEMPLATES, "'red' is repeated"),
     (["red", " "], TEMPLATES, "non-empty"),
@@ -144,6 +155,23 @@ def test_fused_labels_label_the_caption_and_come_with_the_lms(loaded):
     np.testing.assert_array_equal(out["label_ids"], top)
     np.testing.assert_allclose(out["label_probs"], np.take_along_axis(expected, top, 1), atol=1e-5)
     np.testing.assert_array_equal(out["lm_label_ids"], lm_scores.argmax(-1))   # the LM's label comes with them
+
+
+def test_information_gain_changes_the_lms_label_only_and_applies_no_likelihood_temperature(loaded):
+    """Calibration was fitted on likelihood scores: the fused labels keep them, and information-gain lm_probs are not
+    divided by a temperature fitted on other scores."""
+    images = random_images(2, 8)
+    spec = loaded.spec(classify="fused", lm_scoring="information_gain")
+    out = jax.device_get(jax.jit(functools.partial(caption_images, spec=spec))(loaded.params, images,
+                                                                              jax.random.PRNGKey(0)))
+    names, templates = list(loaded.class_names), list(loaded.class_prompt_templates)
+    likelihood = lm_reference(loaded, images, names, templates, score_end=True)
+    fused = np.exp(calibration.calibrated_log_probs(FITTED, out["logits"], likelihood)["fused"])
+    top = np.argsort(-fused, axis=1, kind="stable")[:, :spec.top_k]
+    np.testing.assert_array_equal(out["label_ids"], top)                  # as with likelihood scoring
+    gain = lm_reference(loaded, images, names, templates, information_gain=True, score_end=True)
+    np.testing.assert_allclose(out["lm_scores"], gain, atol=1e-4)
+    np.testing.assert_allclose(out["lm_probs"], np.exp(calibration.log_softmax(gain)), atol=1e-5)   # T = 1
 
 
 def test_classifying_by_the_lm_needs_a_bridge(tmp_path):

@@ -175,3 +175,35 @@ def test_lm_task_fine_tunes_a_llama_and_exports_it_for_transformers(tmp_path, ti
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params_back, trained)
     _, start = load_lm_weights(tiny_llama_dir)
     assert not np.array_equal(np.asarray(start["embed"]["embedding"]), np.asarray(trained["embed"]["embedding"]))
+
+
+def test_a_captioner_on_a_frozen_pretrained_llama_trains_only_the_bridge(tmp_path, tiny_llama_dir):
+    """`--config.lm.pretrained=LLAMA --config.lm.train=False`: the visual prefix learns, the pretrained LM's weights
+    come through training unchanged, and its own tokenizer is used (never a BPE trained on the captions); the
+    export is a pipeline checkpoint whose LM is that Llama."""
+    from imgllm.configs import captioner_tiny, cnn_tiny
+    from imgllm.train.export import export_pipeline_checkpoint
+
+    classifier = cnn_tiny.get_config()
+    classifier.num_epochs, classifier.eval_split = 0.25, ""
+    loop.train_and_evaluate(classifier, str(tmp_path / "classifier"))
+    config = captioner_tiny.get_config()
+    config.classifier_workdir = str(tmp_path / "classifier")
+    config.lm.pretrained, config.lm.train = str(tiny_llama_dir), False
+    config.captions.max_tokens, config.num_epochs, config.eval_split = 60, 1.0, ""
+    result = loop.train_and_evaluate(config, str(tmp_path / "captioner"))
+    state = jax.device_get(result.state)
+    _, pretrained = load_lm_weights(tiny_llama_dir)
+    assert set(state.params) == {"bridge"}
+    jax.tree.map(np.testing.assert_array_equal, state.model_state["frozen"]["lm"], jax.device_get(pretrained))
+    assert losses_fell(tmp_path / "captioner")
+    out = export_pipeline_checkpoint(str(tmp_path / "captioner"), str(tmp_path / "pipeline"))
+    pipeline = load_pipeline(out)
+    assert pipeline.config["lm"]["model_type"] == "llama" and pipeline.config["bos_id"] == 0
+    assert pipeline.tokenizer.encode("a red circle") == load_lm(tiny_llama_dir).tokenizer.encode(
+        "a red circle", add_special_tokens=False)
+
+
+def losses_fell(workdir) -> bool:
+    losses = train_losses(workdir)
+    return bool(np.isfinite(losses).all() and losses[-1] < losses[0])

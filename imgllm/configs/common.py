@@ -123,11 +123,22 @@ def config_purposes() -> dict[str, str]:
     return purposes
 
 
-def resolve_config_arg(argv: list[str]) -> list[str]:
-    """Lets `--config=demo` stand for this package's configs/demo.py (a path works as before); a value that is
-    neither a file nor a config name raises ValueError listing the names."""
+def joined_config_arg(argv: list[str]) -> list[str]:
+    """`argv` with absl's space form `--config NAME` (or `-config NAME`) written `--config=NAME`."""
     out = []
     for arg in argv:
+        if out and out[-1] in ("--config", "-config"):
+            arg = f"--config={arg}"
+            out.pop()
+        out.append(arg)
+    return out
+
+
+def resolve_config_arg(argv: list[str]) -> list[str]:
+    """Lets `--config=demo` (or `--config demo`) stand for this package's configs/demo.py (a path works as before);
+    a value that is neither a file nor a config name raises ValueError listing the names."""
+    out = []
+    for arg in joined_config_arg(argv):
         if arg.startswith("--config="):
             value = arg.split("=", 1)[1]
             name, _, rest = value.partition(":")

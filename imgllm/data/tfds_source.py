@@ -14,6 +14,9 @@ Any other split string (``"test[:10%]"``) goes to tfds unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import numpy as np
 
 from imgllm.data.dataset import (
@@ -42,10 +45,13 @@ def tfds_builder(name: str, data_dir: str | None = None):
 
 
 def open_split(builder, split: str):
-    """Prepares `builder` if it is not on disk yet, then opens `split` as a random-access data source."""
+    """Prepares `builder` if it is not on disk yet, then opens `split` as a random-access data source.
+
+    What preparing prints (tfds's download messages) goes to stderr: stdout is where infer.py writes records."""
     if not builder.is_prepared():
         try:
-            builder.download_and_prepare()
+            with contextlib.redirect_stdout(sys.stderr):
+                builder.download_and_prepare()
         except ModuleNotFoundError as error:
             if error.name not in _PREPARE_ONLY_MODULES:
                 raise

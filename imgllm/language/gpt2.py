@@ -201,7 +201,8 @@ class GPT2Attention(nn.Module):
         q, k, v = jnp.split(qkv.reshape(batch, length, 3, cfg.n_head, cfg.head_dim), 3, axis=2)
         q, k, v = (t[:, :, 0].transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, Dh]
         k, v, kv = write_cache(kv, k, v, index)
-        scores = jnp.einsum("bhtd,bhsd->bhts", q, k.astype(q.dtype)).astype(jnp.float32)
+        # Scores accumulate and stay in float32: rounded to bfloat16 they moved label scores by tenths of a nat.
+        scores = jnp.einsum("bhtd,bhsd->bhts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
         scores = scores / jnp.float32(math.sqrt(cfg.head_dim)) + bias
         weights = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
         weights = nn.Dropout(cfg.attn_pdrop)(weights, deterministic=deterministic)
@@ -279,7 +280,7 @@ class GPT2(nn.Module):
         """
         dtype = self.config.dtype
         logits = jax.lax.dot_general(hidden.astype(dtype), self.wte.embedding.astype(dtype),
-                                     (((hidden.ndim - 1,), (1,)), ((), ())))
+                                     (((hidden.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
@@ -290,7 +291,8 @@ class GPT2(nn.Module):
         embeds = self.embed_tokens(input_ids) if input_ids is not None else inputs_embeds.astype(self.config.dtype)
         batch, length, _ = embeds.shape
         layout = call_layout(self.config, batch, length, attention_mask, position_ids, cache)
-        x = self.drop(embeds + self.wpe(layout.position_ids), deterministic=deterministic)
+        # The residual stream is float32 in any compute dtype (the blocks' outputs are added to it in float32).
+        x = self.drop(embeds.astype(jnp.float32) + self.wpe(layout.position_ids), deterministic=deterministic)
         x, new_cache = run_layers(self.h, x, layout, cache, deterministic)
         hidden = self.ln_f(x)
         if return_hidden:

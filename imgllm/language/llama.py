@@ -31,6 +31,7 @@ one code path for both.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -361,14 +362,17 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------- layers
 
 
-def _dense(features: int, config: LlamaConfig, name: str, kernel_out_in: bool, use_bias: bool) -> nn.Module:
+def _dense(features: int, config: LlamaConfig, name: str, kernel_out_in: bool, use_bias: bool,
+           float32_out: bool = False) -> nn.Module:
     """A projection y = x @ kernel (+ bias): ``nn.Dense`` with its kernel [in, out] (the plain path), or
-    `matmul_cpu.OutInDense` for [out, in] kernels (`kernels_out_in`)."""
+    `matmul_cpu.OutInDense` for [out, in] kernels (`kernels_out_in`). float32_out: the product accumulates and is
+    returned in float32 (the output head: logits rounded to bfloat16 are 0.125 apart at 20)."""
     init = nn.initializers.normal(config.initializer_range)
     if kernel_out_in:
         return OutInDense(features, use_bias=use_bias, dtype=config.dtype, kernel_init=init, name=name)
+    dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32) if float32_out else None
     return nn.Dense(features, use_bias=use_bias, dtype=config.dtype, param_dtype=jnp.float32, kernel_init=init,
-                    name=name)
+                    name=name, **({"dot_general": dot} if dot else {}))
 
 
 class RMSNorm(nn.Module):
@@ -409,12 +413,24 @@ class LlamaAttention(nn.Module):
         k, v, kv = write_cache(kv, k, v, index)
         # Query head h reads key/value head h // group: group the query heads, never copy the keys.
         q = q.reshape(batch, kv_heads, heads // kv_heads, length, dim)
-        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
-        scores = scores / jnp.float32(math.sqrt(dim)) + bias[:, :, None]
-        weights = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        weights = nn.Dropout(cfg.attention_dropout)(weights, deterministic=deterministic)
-        out = jnp.einsum("bkgts,bksd->btkgd", weights, v.astype(cfg.dtype)).reshape(batch, length, heads * dim)
+        k, v = k.astype(q.dtype), v.astype(cfg.dtype)
+        dropout = nn.Dropout(cfg.attention_dropout)
+        if length == 1:  # a decoding step: no query axis in the products (half the attention time on XLA:CPU)
+            scores = jnp.einsum("bkgd,bksd->bkgs", q[:, :, :, 0], k, preferred_element_type=jnp.float32)
+            weights = _attention_weights(scores, bias[:, :, 0, None, :], dim, cfg.dtype)
+            out = jnp.einsum("bkgs,bksd->bkgd", dropout(weights, deterministic=deterministic), v)
+        else:  # heads first in the output product, then one transpose (the [B, T, heads] output order is slow)
+            scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+            weights = _attention_weights(scores, bias[:, :, None], dim, cfg.dtype)
+            out = jnp.einsum("bkgts,bksd->bkgtd", dropout(weights, deterministic=deterministic), v)
+            out = out.transpose(0, 3, 1, 2, 4)
+        out = out.reshape(batch, length, heads * dim)
         return _dense(cfg.hidden_size, cfg, "o_proj", self.kernel_out_in, cfg.o_bias)(out), kv
+
+
+def _attention_weights(scores: jax.Array, bias: jax.Array, dim: int, dtype: Any) -> jax.Array:
+    """softmax(scores / sqrt(dim) + bias) over the last axis, in float32, returned in the compute dtype."""
+    return jax.nn.softmax(scores / jnp.float32(math.sqrt(dim)) + bias, axis=-1).astype(dtype)
 
 
 class LlamaMLP(nn.Module):
@@ -469,7 +485,7 @@ class Llama(nn.Module):
         self.layers = [LlamaBlock(cfg, self.kernel_out_in) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _dense(cfg.vocab_size, cfg, None, self.kernel_out_in, use_bias=False)
+            self.lm_head = _dense(cfg.vocab_size, cfg, None, self.kernel_out_in, use_bias=False, float32_out=True)
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings [B, T, D], e.g. to concatenate after a visual prefix."""
@@ -481,7 +497,7 @@ class Llama(nn.Module):
         dtype = self.config.dtype
         if self.config.tie_word_embeddings:
             logits = jax.lax.dot_general(hidden.astype(dtype), self.embed.embedding.astype(dtype),
-                                         (((hidden.ndim - 1,), (1,)), ((), ())))
+                                         (((hidden.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(hidden.astype(dtype))
         return logits.astype(jnp.float32)
@@ -491,7 +507,8 @@ class Llama(nn.Module):
         """Returns (logits [B, T, V] float32, new cache or None); (final hidden [B, T, D], cache) when
         return_hidden."""
         check_call_inputs(input_ids, inputs_embeds, self.config.hidden_size)
-        x = self.embed_tokens(input_ids) if input_ids is not None else inputs_embeds.astype(self.config.dtype)
+        x = self.embed_tokens(input_ids) if input_ids is not None else inputs_embeds
+        x = x.astype(jnp.float32)   # the residual stream is float32 in any compute dtype
         layout = call_layout(self.config, x.shape[0], x.shape[1], attention_mask, position_ids, cache)
         x, new_cache = run_layers(self.layers, x, layout, cache, deterministic)
         hidden = self.norm(x)

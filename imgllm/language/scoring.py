@@ -113,6 +113,11 @@ def fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list
     repeated = sorted({name for name in class_names if list(class_names).count(name) > 1})
     if repeated:
         raise ValueError(f"labels must be unique, {repeated[0]!r} is repeated")
+    spoken: dict[str, str] = {}
+    for name in class_names:   # the prompt says "pickup truck" for "pickup_truck": two such labels would tie
+        other = spoken.setdefault(name.replace("_", " "), name)
+        if other != name:
+            raise ValueError(f"labels {other!r} and {name!r} give the same prompts (an underscore reads as a space)")
     for template in templates:
         if "{label}" not in template:
             raise ValueError(f"prompt template {template!r} has no '{{label}}' field")
@@ -125,9 +130,11 @@ def fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list
 
 
 def _table_from_pieces(pieces: list[list[tuple[list[int], list[int]]]], bos_id: int, eos_id: int,
-                       score_end: bool = True) -> ClassPromptTable:
+                       score_end: bool | Sequence[bool] = True) -> ClassPromptTable:
     """Packs per-(class, template) (context ids, scored ids) into a right-padded ClassPromptTable; score_end: the EOS
-    after the scored ids counts in the score too (the prompt is a whole text, not the beginning of one)."""
+    after the scored ids counts in the score too (the prompt is a whole text, not the beginning of one), for every
+    template or per template (one flag per column)."""
+    ends = [bool(score_end)] * len(pieces[0]) if isinstance(score_end, (bool, np.bool_)) else list(score_end)
     rows = [[[bos_id] + context + scored + [eos_id] for context, scored in row] for row in pieces]
     length = max(len(seq) for row in rows for seq in row)
     input_ids = np.full((len(rows), len(rows[0]), length), eos_id, np.int32)
@@ -137,7 +144,7 @@ def _table_from_pieces(pieces: list[list[tuple[list[int], list[int]]]], bos_id: 
             seq = rows[c][e]
             input_ids[c, e, :len(seq)] = seq
             # Targets are seq[1:]; the scored part (plus EOS) starts after BOS + context.
-            target_mask[c, e, len(context):len(context) + len(scored) + int(score_end)] = 1.0
+            target_mask[c, e, len(context):len(context) + len(scored) + int(ends[e])] = 1.0
     input_ids.setflags(write=False)
     target_mask.setflags(write=False)
     return ClassPromptTable(input_ids=input_ids, target_mask=target_mask)
@@ -162,8 +169,9 @@ def build_prompt_table(encode: Encoder, eos_id: int, class_names: Sequence[str],
     likelihood (`_score_one_image`), e.g. "a small {label}" and "a large {label}" together score a colour whatever
     the size. score_end: also score the EOS after the prompt (True: each prompt is a whole text, as the class
     templates a captioner is trained on), or not (False: a prompt is the beginning of a caption, and scoring its
-    end would penalise every label alike for the words that should follow); None: decide per template set with
-    `template_is_whole_text` (all whole → True, else False). Without the EOS a label that begins another
+    end would penalise every label alike for the words that should follow); None: decide per template with
+    `template_is_whole_text` (in a mixture, "a photo of a {label}." scores its EOS and "a small {label}" does not).
+    Without the EOS a label that begins another
     ("cat" / "cat food") scores at least as high as the longer one: end such templates with text after {label}.
 
     encode: text -> token ids without special tokens (e.g. a `tokenizers.Tokenizer`'s encode(...).ids, or
@@ -172,7 +180,7 @@ def build_prompt_table(encode: Encoder, eos_id: int, class_names: Sequence[str],
     """
     prompts = fill_templates(class_names, templates)
     if score_end is None:
-        score_end = all(template_is_whole_text(template) for template in templates)
+        score_end = [template_is_whole_text(template) for template in templates]
     pieces = [[([], list(encode(prompt))) for prompt in row] for row in prompts]
     return _table_from_pieces(pieces, eos_id, eos_id, score_end=score_end)
 

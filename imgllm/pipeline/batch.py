@@ -242,8 +242,9 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_error
                 checkpoint=options["checkpoint"], checkpoint_id=options["checkpoint_id"],
                 decoding={k: v for k, v in options.items()
                           if k not in ("checkpoint", "checkpoint_id", "format", "cwd")},
-                scores=score_records(shown, references) if references else None)
-            write_gallery(html, shown, {item.key: item for item in items}, header=header, references=page_references)
+                scores=score_records(shown, references, lm_label_names=spec.lm_label_names) if references else None)
+            write_gallery(html, shown, {item.key: item for item in items}, header=header, references=page_references,
+                          lm_label_names=spec.lm_label_names)
 
 
 def caption_pending(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, items: list[Item], previous: list[dict],

@@ -59,7 +59,9 @@ class PipelineSpec:
     scores of lm_class_prompts) or "fused" (both, `class_log_probs`).
     Calibration (`imgllm.calibration`, fitted on a validation split): cnn_temperature and lm_temperature divide the
     CNN's logits and the LM's scores before their softmax; fusion_weight and fusion_temperature make the fused
-    classifier softmax((log p_cnn + fusion_weight * log p_lm) / fusion_temperature).
+    classifier softmax((log p_cnn + fusion_weight * log p_lm) / fusion_temperature). They are fitted on likelihood
+    scores, so the labels of classify="lm"/"fused" always come from likelihood scores, and information-gain
+    "lm_probs" are softmax(scores) with no temperature (`lm_probs_temperature`): none was fitted for them.
     """
 
     cnn: Any
@@ -101,6 +103,12 @@ class PipelineSpec:
         return self.prompts.top_k
 
     @property
+    def lm_probs_temperature(self) -> float:
+        """The temperature of "lm_probs": lm_temperature for likelihood scores (what it was fitted on), 1 for
+        information gain (no temperature was fitted on those scores; the stored one would mislabel them calibrated)."""
+        return self.lm_temperature if self.lm_scoring == "likelihood" else 1.0
+
+    @property
     def scores_labels_by_lm(self) -> bool:
         """Whether the outputs hold the LM's label (lm_label_ids, lm_scores, lm_probs)."""
         return self.lm_label_prompts is not None or self.lm_class_prompts is not None
@@ -130,12 +138,12 @@ def visual_prefix(params: Mapping[str, Any], features: jax.Array, spec: Pipeline
 
 
 def lm_label_scores(params: Mapping[str, Any], features: jax.Array, prefix: jax.Array, table: ClassPromptTable,
-                    spec: PipelineSpec) -> jax.Array:
+                    spec: PipelineSpec, scoring: str | None = None) -> jax.Array:
     """[B, L] scores of each label of `table` after each image's prefix: the prompts' log-likelihood, or with
-    lm_scoring="information_gain" that minus their log-likelihood after the neutral prefix (the bridge's output for
-    all-zero features), which removes what the LM prefers whatever the image."""
+    scoring (None: spec.lm_scoring) "information_gain" that minus their log-likelihood after the neutral prefix (the
+    bridge's output for all-zero features), which removes what the LM prefers whatever the image."""
     scores = classify_by_lm(params["lm"], spec.lm_config, table, prefix)[1]
-    if spec.lm_scoring == "information_gain":
+    if (scoring or spec.lm_scoring) == "information_gain":
         neutral = visual_prefix(params, jnp.zeros_like(features[:1]), spec)
         scores = scores - classify_by_lm(params["lm"], spec.lm_config, table, neutral)[1]
     return scores.astype(jnp.float32)
@@ -152,7 +160,7 @@ def lm_classify_images(params: Mapping[str, Any], images: jax.Array, *, spec: Pi
     _, features = cnn_logits_and_features(params["cnn"], images, spec)
     scores = lm_label_scores(params, features, visual_prefix(params, features, spec), table, spec)
     return dict(lm_label_ids=jnp.argmax(scores, axis=-1).astype(jnp.int32), lm_scores=scores,
-                lm_probs=jax.nn.softmax(scores / spec.lm_temperature, axis=-1))
+                lm_probs=jax.nn.softmax(scores / spec.lm_probs_temperature, axis=-1))
 
 
 def class_log_probs(logits: jax.Array, lm_scores: jax.Array | None, spec: PipelineSpec) -> jax.Array:
@@ -179,7 +187,9 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
       caption_ids [B, n, T] int32 (pad after EOS), caption_scores [B, n] float32 (each caption's summed token
       log-probability; for beam search the length-normalised beam score); when the LM scores labels
       (`PipelineSpec.scores_labels_by_lm`: over lm_label_prompts when given, else the CNN's classes)
-      lm_label_ids [B] int32, lm_scores [B, L] and lm_probs [B, L] = softmax(lm_scores / lm_temperature).
+      lm_label_ids [B] int32, lm_scores [B, L] and lm_probs [B, L] = softmax(lm_scores / lm_probs_temperature).
+    The labels of classify="lm"/"fused" come from likelihood scores whatever spec.lm_scoring: the calibration that
+    weighs them was fitted on those.
     """
     if "bridge" in params and spec.bridge is None:
         raise ValueError('pipeline params hold "bridge" but PipelineSpec.bridge (the PrefixMapper module) is None')
@@ -189,8 +199,9 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
     logits, features = cnn_logits_and_features(params["cnn"], images, spec)
     prefix = visual_prefix(params, features, spec)
     class_scores = None
-    if spec.lm_class_prompts is not None and (spec.classify != "cnn" or spec.lm_label_prompts is None):
-        class_scores = lm_label_scores(params, features, prefix, spec.lm_class_prompts, spec)
+    own_classes_by_likelihood = spec.lm_label_prompts is None and spec.lm_scoring == "likelihood"
+    if spec.lm_class_prompts is not None and (spec.classify != "cnn" or own_classes_by_likelihood):
+        class_scores = lm_label_scores(params, features, prefix, spec.lm_class_prompts, spec, "likelihood")
     label_probs, label_ids = jax.lax.top_k(jnp.exp(class_log_probs(logits, class_scores, spec)), spec.top_k)
     prompt_ids, prompt_mask = assemble_prompts(spec.prompts, label_ids, probability_percents(label_probs),
                                                spec.pad_id)
@@ -206,10 +217,11 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
     batch = images.shape[0]
     extra = {}
     if spec.scores_labels_by_lm:
-        lm_scores = class_scores if spec.lm_label_prompts is None else \
-            lm_label_scores(params, features, prefix, spec.lm_label_prompts, spec)
+        table = spec.lm_class_prompts if spec.lm_label_prompts is None else spec.lm_label_prompts
+        lm_scores = class_scores if own_classes_by_likelihood else lm_label_scores(params, features, prefix, table,
+                                                                                    spec)
         extra = dict(lm_label_ids=jnp.argmax(lm_scores, axis=-1).astype(jnp.int32), lm_scores=lm_scores,
-                     lm_probs=jax.nn.softmax(lm_scores / spec.lm_temperature, axis=-1))
+                     lm_probs=jax.nn.softmax(lm_scores / spec.lm_probs_temperature, axis=-1))
     return dict(**extra, logits=logits, label_ids=label_ids.astype(jnp.int32), label_probs=label_probs,
                 prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                 caption_ids=tokens.reshape(batch, -1, tokens.shape[-1]).astype(jnp.int32),

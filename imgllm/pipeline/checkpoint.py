@@ -49,6 +49,9 @@ Config keys:
                        (`imgllm.pipeline.caption.class_log_probs`; 0 and 1 when absent)
     classify           the default source of the labels: "cnn", "lm" or "fused" ("cnn" when absent; "lm" and
                        "fused" need a bridge)
+    train_flip         how the CNN's training mirrored images: "random", "alternating", "none", or None (not
+                       recorded: older checkpoints). With "none" (labels may depend on left and right, as the demo's
+                       do) flip test-time augmentation is refused (`PipelineCheckpoint.spec(flip_tta=True)`)
 
 Floating-point parameters are stored as float32 whatever dtype the run that made them computed in, so one checkpoint
 serves float32 and bfloat16 inference (`PipelineCheckpoint.spec(dtype=)`, `imgllm.precision`).
@@ -97,6 +100,7 @@ CHECKPOINT_ENTRIES = frozenset({PARAMS_ITEM, CONFIG_ITEM, TOKENIZER_DIR, "_CHECK
 # The most class-prompt templates scored: every image scores every class under every template at once, so 2,000
 # templates would ask for tens of GB. A mixture of a few dozen gains nothing more (CLIP's ImageNet set has 80).
 MAX_CLASS_PROMPT_TEMPLATES = 64
+TRAIN_FLIPS = ("random", "alternating", "none")   # the classifier's augment.flip settings
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -109,7 +113,8 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
                          prepend_bos: bool = False, max_new_tokens: int = 20,
                          class_prompt_templates: Sequence[str] | None = None,
                          cnn_temperature: float = 1.0, lm_temperature: float = 1.0, fusion_weight: float = 0.0,
-                         fusion_temperature: float = 1.0, classify: str = "cnn") -> dict[str, Any]:
+                         fusion_temperature: float = 1.0, classify: str = "cnn",
+                         train_flip: str | None = None) -> dict[str, Any]:
     """The JSON config of a pipeline checkpoint, checked (a wrong value is named here, not at inference).
 
     cnn: `imgllm.vision.cnn.cnn_from_config` dict (a "dtype" key, the compute dtype of the run it comes from, is
@@ -119,8 +124,11 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
     templates LM classification scores (None: scoring's defaults); cnn_temperature: the CNN head's temperature fitted
     on held-out data at the end of training (`imgllm.calibration`; 1: none), which the label probabilities of records
     and `{prob}` slots are computed with; lm_temperature, fusion_weight, fusion_temperature: the LM's and the fused
-    classifier's calibration; classify: the default classifier. The keys are described in the module docstring.
+    classifier's calibration; classify: the default classifier; train_flip: the CNN training's flip augmentation
+    (`TRAIN_FLIPS`; None: unknown). The keys are described in the module docstring.
     """
+    if train_flip is not None and train_flip not in TRAIN_FLIPS:
+        raise ValueError(f"train_flip must be one of {TRAIN_FLIPS} or None, got {train_flip!r}")
     for name, value in (("cnn_temperature", cnn_temperature), ("lm_temperature", lm_temperature),
                         ("fusion_temperature", fusion_temperature)):
         if not 0 < value < float("inf"):
@@ -150,7 +158,7 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
                   class_prompt_templates=None if class_prompt_templates is None else list(class_prompt_templates),
                   cnn_temperature=float(cnn_temperature), lm_temperature=float(lm_temperature),
                   fusion_weight=float(fusion_weight), fusion_temperature=float(fusion_temperature),
-                  classify=classify)
+                  classify=classify, train_flip=train_flip)
     if class_prompt_templates is not None:
         check_template_count(class_prompt_templates, "class_prompt_templates")
         prompts.check_label_templates(class_prompt_templates)
@@ -206,6 +214,20 @@ def check_template_count(templates: Any, key: str, source: str = "") -> None:
     if len(templates) > MAX_CLASS_PROMPT_TEMPLATES:
         raise ValueError(f"{prefix}{key} holds {len(templates)} templates; at most {MAX_CLASS_PROMPT_TEMPLATES} are "
                          "scored (every image scores every class under each, all at once): keep the best few")
+
+
+def stripped(texts: Sequence[str] | None) -> list[str] | None:
+    """Labels or templates without surrounding whitespace (None stays None): a trailing space would be scored as a
+    token of every prompt, and the command line strips each item it splits."""
+    return None if texts is None else [str(text).strip() for text in texts]
+
+
+def check_flip_tta(config: Mapping[str, Any], source: Any) -> None:
+    """Raises ValueError naming `source` when the checkpoint's CNN was trained without flips (train_flip "none"):
+    averaging over mirrored images would answer for views it never learnt (the demo's labels depend on left/right)."""
+    if config.get("train_flip") == "none":
+        raise ValueError(f"{source}: flip test-time augmentation (--tta, flip_tta=True) is refused: this CNN was "
+                         'trained without flips (train_flip="none"), so a mirrored image can change its label')
 
 
 def check_config_numbers(config: Mapping[str, Any], source: str) -> None:
@@ -479,7 +501,7 @@ class PipelineCheckpoint:
 
         templates: the prompts ("a small {label}", ...; several are combined as a mixture); None: the checkpoint's
         class_prompt_templates, scored as the whole captions they were trained as. score_end: see
-        `build_prompt_table` (None: whole texts when every template has text after {label})."""
+        `build_prompt_table` (None: per template, its EOS scored when text follows {label})."""
         key = "lm_templates (--lm-templates)"
         if templates is None:
             templates, score_end, key = self.class_prompt_templates, True, "class_prompt_templates"
@@ -505,6 +527,8 @@ class PipelineCheckpoint:
         "bfloat16" (`imgllm.precision`); the float32 parameters are cast inside the jitted function."""
         dtype = resolve_dtype(dtype)
         config = self.config
+        if flip_tta:
+            check_flip_tta(config, self.directory)
         classify = self.default_classify if classify is None else classify
         if classify not in caption.CLASSIFIERS:
             raise ValueError(f"classify must be one of {caption.CLASSIFIERS}, got {classify!r}")
@@ -520,6 +544,7 @@ class PipelineCheckpoint:
                              "checkpoint has no bridge")
         if lm_templates is not None and lm_labels is None:
             raise ValueError("lm_templates are the prompts of lm_labels: give the labels too")
+        lm_labels, lm_templates = stripped(lm_labels), stripped(lm_templates)   # as the command line splits them
         class_prompts = self.label_prompts(config["class_names"]) if (
             lm_classify and lm_labels is None) or classify != "cnn" else None
         label_prompts = None if lm_labels is None else self.label_prompts(lm_labels, lm_templates,

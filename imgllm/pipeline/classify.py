@@ -46,7 +46,8 @@ class LabelPredictions:
 def classify_images(pipeline: PipelineCheckpoint, images: np.ndarray, labels: Sequence[str],
                     templates: Sequence[str] | None = None, *, lm_scoring: str = "likelihood",
                     score_end: bool | None = None, dtype: str = "auto", batch_size: int = 256) -> LabelPredictions:
-    """Classifies uint8 images [N, H, W, 3] by the LM among `labels` (any strings, several tokens allowed).
+    """Classifies uint8 images [N, H, W, 3] (N may be 0) by the LM among `labels` (any strings, several tokens
+    allowed; labels and templates are stripped of surrounding whitespace, as the command line's are).
 
     templates: the label's prompts (None: the checkpoint's class prompt templates, scored as whole captions);
     score_end: see `imgllm.language.scoring.build_prompt_table` (None: from the templates' shape); lm_scoring:
@@ -61,10 +62,14 @@ def classify_images(pipeline: PipelineCheckpoint, images: np.ndarray, labels: Se
         raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
     spec = pipeline.spec(lm_labels=list(labels), lm_templates=templates, lm_scoring=lm_scoring, dtype=dtype,
                          lm_score_end=score_end)
+    if len(images) == 0:   # nothing to compile: empty answers of the right shapes
+        empty = np.zeros((0, len(spec.lm_label_names)), np.float32)
+        return LabelPredictions(names=spec.lm_label_names, label_ids=np.zeros(0, np.int32), probs=empty,
+                                scores=empty)
     classify = _jitted(spec)
     joined = padded_batch_outputs(lambda batch: classify(pipeline.params, batch), images,
                                   min(batch_size, len(images)))
-    return LabelPredictions(names=tuple(labels), label_ids=joined["lm_label_ids"], probs=joined["lm_probs"],
+    return LabelPredictions(names=spec.lm_label_names, label_ids=joined["lm_label_ids"], probs=joined["lm_probs"],
                             scores=joined["lm_scores"])
 
 

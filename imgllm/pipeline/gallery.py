@@ -31,7 +31,7 @@ from typing import Any
 from PIL import Image
 
 from imgllm.pipeline.inputs import Item
-from imgllm.pipeline.records import reference_for, write_atomically
+from imgllm.pipeline.records import lm_label_comparable, reference_for, write_atomically
 
 MISMATCH_KINDS = ("cnn", "lm", "caption")   # what can disagree with a reference label, in display order
 MISMATCH_NAMES = {"cnn": "CNN label", "lm": "LM label", "caption": "caption"}
@@ -111,17 +111,19 @@ def label_in_caption(label: str, caption: str) -> bool:
     return re.search(pattern, caption, flags=re.IGNORECASE) is not None
 
 
-def mismatches(record: Mapping[str, Any], reference: Mapping[str, Any] | None) -> tuple[str, ...]:
+def mismatches(record: Mapping[str, Any], reference: Mapping[str, Any] | None,
+               lm_label_names: Sequence[str] | None = None) -> tuple[str, ...]:
     """The kinds (`MISMATCH_KINDS`) in which `record` disagrees with its reference's label: "cnn" (the CNN's top
-    label differs), "lm" (the LM's label differs; only when the record has one), "caption" (the label's word is
-    not in the first caption). Nothing for an error record, or without a reference or a reference label."""
+    label differs), "lm" (the LM's label differs; only when the record has one chosen among labels that hold the
+    reference's: `lm_label_comparable`), "caption" (the label's word is not in the first caption). Nothing for an
+    error record, or without a reference or a reference label."""
     label = (reference or {}).get("label")
     if "error" in record or not label:
         return ()
     found = []
     if record.get("labels") and record["labels"][0]["label"] != label:
         found.append("cnn")
-    if "lm_label" in record and record["lm_label"] != label:
+    if lm_label_comparable(record, reference, lm_label_names) and record["lm_label"] != label:
         found.append("lm")
     captions = record.get("captions") or [""]
     if not label_in_caption(label, captions[0]):
@@ -129,17 +131,19 @@ def mismatches(record: Mapping[str, Any], reference: Mapping[str, Any] | None) -
     return tuple(found)
 
 
-def mismatch_counts(records: Sequence[Mapping[str, Any]], references: Mapping[str, dict] | None) -> dict[str, int]:
+def mismatch_counts(records: Sequence[Mapping[str, Any]], references: Mapping[str, dict] | None,
+                    lm_label_names: Sequence[str] | None = None) -> dict[str, int]:
     """{"references": records with a reference (error records left out), "with_lm": those of them with an LM
-    label, and per kind of `MISMATCH_KINDS`, how many of them disagree in it}."""
+    label comparable with it (`lm_label_comparable`), and per kind of `MISMATCH_KINDS`, how many of them disagree
+    in it}."""
     counts = dict.fromkeys(("references", "with_lm", *MISMATCH_KINDS), 0)
     for record in records:
         reference = reference_for(references, record["path"])
         if reference is None or "error" in record:
             continue
         counts["references"] += 1
-        counts["with_lm"] += "lm_label" in record
-        for kind in mismatches(record, reference):
+        counts["with_lm"] += lm_label_comparable(record, reference, lm_label_names)
+        for kind in mismatches(record, reference, lm_label_names):
             counts[kind] += 1
     return counts
 
@@ -211,7 +215,8 @@ def reference_html(reference: Mapping[str, Any] | None) -> str:
             f"<ul>{captions}</ul></div>")
 
 
-def card_html(record: Mapping[str, Any], thumbnail_uri: str | None, reference: Mapping[str, Any] | None) -> str:
+def card_html(record: Mapping[str, Any], thumbnail_uri: str | None, reference: Mapping[str, Any] | None,
+              lm_label_names: Sequence[str] | None = None) -> str:
     """One record's card (pure: the thumbnail is given as a data URI, or None when the image cannot be read).
 
     An error record gives an error card (class "card error") with its message; a record that disagrees with its
@@ -222,7 +227,7 @@ def card_html(record: Mapping[str, Any], thumbnail_uri: str | None, reference: M
                 f'{path}<p><span class="error-mark">\u26a0 error</span> '
                 f'<span class="error-message">{escape(record["error"])}</span></p>{reference_html(reference)}'
                 "</article>")
-    found = mismatches(record, reference)
+    found = mismatches(record, reference, lm_label_names)
     summary = ""
     if found:
         summary = (f'<p class="mismatches"><span class="mismatch">{MISMATCH_SYMBOL} disagrees with the reference:'
@@ -300,12 +305,15 @@ def counted_header(header: GalleryHeader | None, records: Sequence[Mapping[str, 
 
 def write_gallery(path: str | os.PathLike, records: Sequence[Mapping[str, Any]],
                   items_by_key: Mapping[str, Item] | None = None, *, header: GalleryHeader | None = None,
-                  references: Mapping[str, dict] | None = None, page_size: int = DEFAULT_PAGE_SIZE) -> list[str]:
+                  references: Mapping[str, dict] | None = None, page_size: int = DEFAULT_PAGE_SIZE,
+                  lm_label_names: Sequence[str] | None = None) -> list[str]:
     """Writes the gallery of `records` (module docstring) and returns the paths of its pages, first one `path`.
 
     items_by_key: how to read a record's image (tfds items need theirs); a record without one is read as the file
     at its path. Error records are not read. references: by absolute image path, as `read_references` returns
-    them. Each page is written atomically (`write_atomically`). Pages of an earlier, longer gallery beyond the
+    them. lm_label_names: the labels the LM chose among (None: the checkpoint's classes), so that an LM label is
+    marked only against a reference label it could have given. Each page is written atomically
+    (`write_atomically`). Pages of an earlier, longer gallery beyond the
     last one written are left as they are (nothing links to them).
     """
     if page_size < 1:
@@ -313,7 +321,8 @@ def write_gallery(path: str | os.PathLike, records: Sequence[Mapping[str, Any]],
     path, records, items_by_key = os.fspath(path), list(records), items_by_key or {}
     header = counted_header(header, records)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    shared = header_html(header, mismatch_counts(records, references) if references is not None else None)
+    counts = mismatch_counts(records, references, lm_label_names) if references is not None else None
+    shared = header_html(header, counts)
     total = max(1, -(-len(records) // page_size))
     written = []
     for number in range(1, total + 1):
@@ -321,7 +330,7 @@ def write_gallery(path: str | os.PathLike, records: Sequence[Mapping[str, Any]],
         for record in records[(number - 1) * page_size:number * page_size]:
             item = items_by_key.get(record["path"]) or Item(record["path"])
             uri = None if "error" in record else thumbnail_data_uri(item)
-            cards.append(card_html(record, uri, reference_for(references, record["path"])))
+            cards.append(card_html(record, uri, reference_for(references, record["path"]), lm_label_names))
         title = header.title if total == 1 else f"{header.title} ({number}/{total})"
         text = page_html(title, shared, cards, nav_html(path, number, total))
         name = page_name(path, number)

@@ -23,6 +23,7 @@ import glob
 import os
 import queue
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ from imgllm.data.images import (
     list_image_files,
     walk_folders,
 )
+from imgllm.data.tfds_source import open_split, tfds_builder
 
 TFDS_PREFIX = "tfds:"
 # Files that live beside images without being images, skipped without a warning when a folder is expanded: captions
@@ -73,9 +75,8 @@ def tfds_items(spec: str, data_dir: str | None) -> list[Item]:
     name, _, split = body.partition(":")
     if not name or not split:
         raise ValueError(f"tfds input {spec!r}: write it as tfds:NAME:SPLIT, e.g. tfds:cifar10:test")
-    import tensorflow_datasets as tfds  # optional heavy dependency: only for tfds inputs
-
-    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    # Prepared on first use (its messages on stderr; without TensorFlow, an error naming the tfds-prepare extra).
+    source = open_split(tfds_builder(name, data_dir), split)
     return [Item(key=f"{TFDS_PREFIX}{name}:{split}:{index}", tfds_source=source, tfds_index=index)
             for index in range(len(source))]
 
@@ -192,16 +193,24 @@ def expand_inputs(inputs: Sequence[str | Item], *, data_dir: str | None = None) 
         elif spec.startswith(TFDS_PREFIX):
             items.extend(tfds_items(spec, data_dir))
         elif os.path.isdir(spec):
-            items.extend(Item(path) for path in _folder_images(spec))
+            found = [Item(path) for path in _folder_images(spec)]
+            warn_if_empty(spec, found, "a folder")
+            items.extend(found)
         elif glob.has_magic(spec) and not os.path.lexists(spec):   # an existing "photo[1].png" is taken literally
             matches = glob_once(spec)
-            for path in matches:
-                items.extend(Item(p) for p in (_folder_images(path) if os.path.isdir(path) else [path]))
-            if not matches:   # its error record says that nothing matched
-                items.append(Item(os.fspath(spec)))
+            found = [Item(p) for path in matches for p in (_folder_images(path) if os.path.isdir(path) else [path])]
+            if matches:
+                warn_if_empty(spec, found, "a pattern")
+            items.extend(found if matches else [Item(os.fspath(spec))])   # nothing matched: its error record says so
         else:
             items.append(Item(os.fspath(spec)))
     return one_item_per_image(items)
+
+
+def warn_if_empty(spec: str, found: list[Item], kind: str) -> None:
+    """A warning naming input `spec` (`kind`: "a folder", "a pattern") when it gave no image to caption."""
+    if not found:
+        warnings.warn(f"input {spec!r} is {kind} with no image files in it: nothing to caption there", stacklevel=3)
 
 
 def _folder_images(folder: str) -> list[str]:

@@ -134,7 +134,22 @@ def parse_template(template: str, top_k: int) -> list[tuple[str, Any]]:
         parts.append((match.group(1), rank))
     if not parts:
         raise ValueError("prompt template is empty; the language model needs at least one prompt token")
+    check_slots_stand_apart(template, parts)
     return parts
+
+
+def check_slots_stand_apart(template: str, parts: Sequence[tuple[str, Any]]) -> None:
+    """Raises ValueError naming the template when a slot touches a letter or digit of the text (or another slot):
+    "{label}s" would be tokenised as " cat" + "s", not as the " cats" of the filled-in prompt, since slots and text
+    are tokenised apart (`tokenize_template`)."""
+    edges = [("a", "a") if kind != "text" else (value[:1], value[-1:]) for kind, value in parts]   # slot: a word
+    for n in range(len(parts) - 1):
+        if "text" != parts[n][0] or "text" != parts[n + 1][0]:
+            if edges[n][1].isalnum() and edges[n + 1][0].isalnum():
+                glued = "".join(value[-8:] if kind == "text" else f"{{{kind}{value + 1 if value else ''}}}"
+                                for kind, value in parts[n:n + 2])
+                raise ValueError(f"prompt template {template!r}: a slot is glued to text or another slot ({glued!r}) "
+                                 "and would be tokenised apart from it; put a space or punctuation between them")
 
 
 def slot_table(encode: Callable[[str], Sequence[int]], texts: Sequence[str], pad_id: int) -> SlotTable:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
-import fcntl
 import json
 import math
 import os
@@ -35,6 +34,8 @@ import sys
 import tempfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
+
+import filelock
 
 from imgllm.captions import caption_metrics, cider_note, group_captions, read_captions_file
 from imgllm.pipeline.inputs import TFDS_PREFIX, Batch
@@ -338,12 +339,13 @@ def record_problem(record: Any) -> str | None:
 class OutputLock:
     """An exclusive, non-blocking lock on an output file for one run, from its start to its end (a context manager).
 
-    The lock is `fcntl.flock` on the sibling file `<output>.lock`, not on the output: resuming with retry_errors
-    replaces the output (os.replace) and resume=False deletes it, and a lock on a replaced file excludes nobody.
-    A second run raises OutputInUseError. The lock file holds the holder's pid and is removed on release; a run
-    that opened it just before finds, once it has the lock, that the path no longer names the file it locked and
-    locks a new one, so two runs never both hold it. The kernel drops a dead process's lock: a killed run leaves a
-    lock file but no lock.
+    The lock is a `filelock.FileLock` (flock on Unix, the Windows API on Windows, so `imgllm.pipeline` imports on
+    every platform) on the sibling file `<output>.lock`, not on the output: resuming with retry_errors replaces the
+    output (os.replace) and resume=False deletes it, and a lock on a replaced file excludes nobody. A second run
+    raises OutputInUseError naming the holder's pid, which the lock file holds; the file is removed on release, and
+    filelock makes a run that opened it just before its removal lock a new one, so two runs never both hold it. A
+    symbolic link, a special file or a hard-linked file at the lock's path is refused, never followed or written.
+    The kernel drops a dead process's lock: a killed run leaves a lock file but no lock.
     """
 
     def __init__(self, output: str | os.PathLike, *, path: str | None = None,
@@ -353,7 +355,7 @@ class OutputLock:
         self.output = os.fspath(output)
         self.path = self.output + LOCK_SUFFIX if path is None else path
         self.advice = advice
-        self.fd: int | None = None
+        self.lock: filelock.FileLock | None = None
 
     def __enter__(self) -> OutputLock:
         self.acquire()
@@ -363,64 +365,71 @@ class OutputLock:
         self.release()
 
     def acquire(self) -> None:
-        while self.fd is None:
-            fd = self._open()
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as error:
-                holder = lock_holder(fd)
-                os.close(fd)
-                if isinstance(error, BlockingIOError):
-                    raise OutputInUseError(f"{self.output} is in use by another run ({holder} holds {self.path}); "
-                                           f"{self.advice}") from None
-                raise OutputError(f"cannot lock {self.path}: {error.strerror or error}") from error
-            if names_file(self.path, fd):
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
-                self.fd = fd
-            else:  # its holder removed it between our open and our lock: lock the one at the path now
-                os.close(fd)
-
-    def _open(self) -> int:
+        """Takes the lock now or raises OutputInUseError (another run holds it) or OutputError (it cannot be used)."""
+        if self.lock is not None:
+            return
+        refuse_planted_lock_file(self.path)
         try:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+            lock = filelock.FileLock(self.path, timeout=0, thread_local=False, on_acquired=self._claim)
+            lock.acquire()
+        except filelock.Timeout:
+            raise OutputInUseError(f"{self.output} is in use by another run ({lock_holder(self.path)} holds "
+                                   f"{self.path}); {self.advice}") from None
+        except OutputError:
+            raise
         except OSError as error:
             if error.errno == errno.ELOOP:
-                raise OutputError(f"{self.path} is a symbolic link, not a lock file of imgllm's: it is not followed; "
-                                  "remove it to use this output") from None
-            raise OutputError(f"cannot write {self.path} beside the output: {error.strerror or error}") from error
+                refuse_planted_lock_file(self.path)
+            raise OutputError(f"cannot lock {self.path}: {error.strerror or error}") from error
+        self.lock = lock
+
+    def _claim(self, fd: int) -> None:
+        """filelock's on_acquired: refuses a file that is not a lock file of imgllm's, else writes our pid in it."""
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
-            os.close(fd)
             raise OutputError(f"{self.path} is not a lock file of imgllm's (a special file, or a file with other "
                               "names): it is left alone; remove it to use this output")
-        return fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
 
     def release(self) -> None:
-        """Removes the lock file, then unlocks (closing it); nothing when not held."""
-        if self.fd is None:
+        """Removes the lock file, then unlocks; nothing when not held."""
+        if self.lock is None:
             return
         try:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):   # gone already; Windows: removed by filelock once unlocked
                 os.remove(self.path)
         finally:
-            os.close(self.fd)
-            self.fd = None
+            self.lock.release(force=True)
+            self.lock = None
 
 
-def names_file(path: str, fd: int) -> bool:
-    """Whether `path` still names the open file `fd` (same device and inode)."""
+def refuse_planted_lock_file(path: str) -> None:
+    """Raises OutputError when `path` is a symbolic link, a special file or a file with other names (hard links):
+    something planted where imgllm's lock file goes, which is never followed or written."""
     try:
-        now, held = os.stat(path), os.fstat(fd)
+        status = os.lstat(path)
     except FileNotFoundError:
-        return False
-    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+        return
+    if stat.S_ISLNK(status.st_mode):
+        raise OutputError(f"{path} is a symbolic link, not a lock file of imgllm's: it is not followed; remove it to "
+                          "use this output")
+    if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
+        raise OutputError(f"{path} is not a lock file of imgllm's (a special file, or a file with other names): it "
+                          "is left alone; remove it to use this output")
 
 
-def lock_holder(fd: int) -> str:
-    """"pid N" from a lock file's content, or "a process" when it holds no pid (not written yet, or not ours)."""
-    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+def lock_holder(path: str) -> str:
+    """"pid N" from a lock file's content, or "a process" when it holds no pid (not written yet, gone, or not ours)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return "a process"
+    try:
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
     return f"pid {text}" if text.isdigit() else "a process"
 
 
@@ -600,11 +609,24 @@ def reference_for(references: Mapping[str, dict] | None, record_path: str) -> di
     return references.get(os.path.abspath(record_path))
 
 
-def score_records(records: Iterable[dict], references_path: str) -> dict:
+def lm_label_comparable(record: Mapping[str, Any], reference: Mapping[str, Any],
+                        lm_label_names: Sequence[str] | None = None) -> bool:
+    """Whether the record's LM label can be compared with the reference's label: the record has one, and the LM
+    chose among the checkpoint's classes (`lm_label_names` None) or among labels that hold the reference's (an LM
+    asked for colours is not wrong because the reference names a shape)."""
+    if "lm_label" not in record or not reference.get("label"):
+        return False
+    return lm_label_names is None or reference["label"] in lm_label_names
+
+
+def score_records(records: Iterable[dict], references_path: str, *,
+                  lm_label_names: Sequence[str] | None = None) -> dict:
     """Caption metrics of `records` against a references file, over the images it lists that were captioned.
 
     Scores each record's first caption (exact match, BLEU-4, CIDEr-D from `imgllm.captions`), and, where the
     reference lines carry a "label", the accuracy of the CNN's top label and of the LM's label (lm_classify).
+    lm_label_names: the labels the LM chose among (`PipelineSpec.lm_label_names`; None: the checkpoint's classes);
+    the LM's label is scored only against references whose label is one of them (`lm_label_comparable`).
     CIDEr-D of fewer than two images is None, and "cider_note" says why.
     """
     references = read_references(references_path)
@@ -616,7 +638,7 @@ def score_records(records: Iterable[dict], references_path: str) -> dict:
         hypotheses.append(record["captions"][0])
         matched_refs.append(reference["captions"])
         cnn_hits.append(record["labels"][0]["label"] == reference["label"])
-        if "lm_label" in record:
+        if lm_label_comparable(record, reference, lm_label_names):
             lm_hits.append(record["lm_label"] == reference["label"])
     if not hypotheses:
         return {"images": 0}
@@ -632,7 +654,7 @@ def score_records(records: Iterable[dict], references_path: str) -> dict:
 __all__ = ["FIRST_LINE_LIMIT", "LOCK_SUFFIX", "NAME_BYTES", "NON_FINITE_ERROR", "OutputError", "OutputInUseError",
            "OutputLock", "RECORD_FORMATS", "RUN_OPTIONS_SUFFIX", "RecordFile", "changed_run_options",
            "check_distinct_paths", "check_recognised_output", "check_run_options", "check_writable", "format_for_path",
-           "json_line", "make_records", "numbers_are_finite", "path_identity", "plain_text", "prepare_output",
-           "read_references", "read_run_options", "recognised_output", "record_problem", "reference_for",
-           "score_records", "spreadsheet_text", "truncate_partial_line", "whole_lines", "write_atomically",
-           "write_run_options"]
+           "json_line", "lm_label_comparable", "make_records", "numbers_are_finite", "path_identity", "plain_text",
+           "prepare_output", "read_references", "read_run_options", "recognised_output", "record_problem",
+           "reference_for", "score_records", "spreadsheet_text", "truncate_partial_line", "whole_lines",
+           "write_atomically", "write_run_options"]

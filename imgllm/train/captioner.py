@@ -153,11 +153,17 @@ class CaptionerTask:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def tokenizer_path(self) -> str | None:
+        """Where the tokenizer comes from: config.tokenizer.path, else a pretrained LM's own (its directory or GGUF
+        file: a BPE trained here would not be the vocabulary its embeddings were learnt with), else None."""
+        return self.config.tokenizer.get("path") or self.config.lm.get("pretrained")
+
     def _build_tokenizer(self, texts: Sequence[str]):
-        """The configured tokenizer (config.tokenizer.path), or a byte-level BPE trained on the training texts."""
+        """The configured or the pretrained LM's tokenizer (`tokenizer_path`), or a byte-level BPE trained on the
+        training texts."""
         cfg = self.config.tokenizer
-        if cfg.get("path"):
-            tokenizer = load_lm_tokenizer(cfg.path)
+        if self.tokenizer_path():
+            tokenizer = load_lm_tokenizer(self.tokenizer_path())
         else:
             tokenizer = train_bpe_tokenizer(texts, vocab_size=min(cfg.vocab_size, self.lm_config.vocab_size))
         check_vocabulary(tokenizer, self.lm_config.vocab_size, "config.tokenizer")
@@ -325,7 +331,7 @@ class CaptionerTask:
         return report
 
     def checkpoint_metadata(self) -> dict[str, Any]:
-        tokenizer_path = self.config.tokenizer.get("path")
+        tokenizer_path = self.tokenizer_path()
         return {"class_names": list(self.class_names), "templates": list(self.templates),
                 "tokenizer_json": None if tokenizer_path or self.tokenizer is None
                 else self.tokenizer.backend_tokenizer.to_str(),

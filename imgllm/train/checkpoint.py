@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -37,6 +38,8 @@ RESUME_SAFE_KEYS = frozenset({
     "eval_every_epochs", "eval_batch_size", "dataset", "data_dir", "data_cache_dir", "data_placement",
 })
 ITEMS = ("state", "config", "meta")   # the items of every step folder
+# orbax logs this WARNING whenever a CheckpointManager is read-only, which every evaluation and export asks for.
+READ_ONLY_NOTICE = "Given directory is read only="
 UNREADABLE_DIR = "unreadable_checkpoints"   # WORKDIR/<this>/<step>: where a resumed run keeps a step it cannot read
 T = TypeVar("T")
 
@@ -163,7 +166,9 @@ class Checkpointer:
                  asynchronous: bool = True, read_only: bool = False):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.save_every_steps = int(save_every_steps)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+        # Read-only: no pruning and no save interval, which orbax would otherwise reset with a warning each.
+        options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep, create=not read_only,
+                                               save_interval_steps=0 if read_only else 1,
                                                enable_async_checkpointing=asynchronous, read_only=read_only,
                                                step_name_format=CompleteSteps())
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
@@ -312,3 +317,13 @@ def load_classifier(workdir: str, step: int | None = None) -> tuple[dict, dict, 
         checkpointer.close()
     variables = {"params": state["params"], **(state.get("model_state") or {})}
     return jax.device_get(variables), config, meta
+
+
+def _is_read_only_notice(record: logging.LogRecord) -> bool:
+    """False (drop it) for orbax's "Given directory is read only" notice; True for every other absl record."""
+    return not record.getMessage().startswith(READ_ONLY_NOTICE)
+
+
+# The notice says what the caller asked for (read_only=True); the CLIs hid it by verbosity, Python callers saw it.
+# Added once: the function is the same object on each import of this module.
+logging.getLogger("absl").addFilter(_is_read_only_notice)

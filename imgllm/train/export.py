@@ -52,7 +52,8 @@ def assemble_pipeline_checkpoint(out_dir: str | os.PathLike, *, classifier: str 
         bos_id=text_tokenizer.bos_token_id, prepend_bos=loaded.prepend_bos, template=template, top_k=top_k,
         image_size=int(run_config.get("image_size") or 32), mean=normalization.get("mean"),
         std=normalization.get("std"), max_new_tokens=max_new_tokens,
-        cnn_temperature=calibration.stored_head_temperature(meta.get("calibration")))
+        cnn_temperature=calibration.stored_head_temperature(meta.get("calibration")),
+        train_flip=train_flip(run_config))
     check_vocabulary(text_tokenizer, lm_config.vocab_size, lm)
     return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, {"cnn": cnn_variables, "lm": lm_params}, config,
                                                         text_tokenizer, overwrite=overwrite)
@@ -79,10 +80,17 @@ def export_pipeline_checkpoint(workdir: str, out_dir: str, *, step: int | None =
         bridge=task_meta["bridge"], template="", top_k=1, image_size=task.image_size,
         mean=normalization.get("mean"), std=normalization.get("std"), prepend_bos=True,
         max_new_tokens=max_new_tokens or config.captions.max_tokens + 1,
-        class_prompt_templates=task_meta["templates"], **pipeline_calibration(meta.get("calibration"),
-                                                                              task.cnn_temperature))
+        class_prompt_templates=task_meta["templates"], train_flip=train_flip(task.classifier_config),
+        **pipeline_calibration(meta.get("calibration"), task.cnn_temperature))
     return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, params, pipeline_config, tokenizer,
                                                         overwrite=overwrite)
+
+
+def train_flip(run_config: dict) -> str | None:
+    """The flip augmentation a classifier run's config trained with ("random", "alternating", "none"), or None when
+    the config does not say (`make_pipeline_config(train_flip=)`)."""
+    flip = (run_config.get("augment") or {}).get("flip")
+    return flip if flip in pipeline_checkpoint.TRAIN_FLIPS else None
 
 
 def pipeline_calibration(report: dict | None, cnn_temperature: float) -> dict:
