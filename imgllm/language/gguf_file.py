@@ -733,6 +733,11 @@ def read_gguf_config(path) -> dict:
     return _checked_header_and_config(path)[1]
 
 
+def read_gguf_tokenizer(path) -> transformers.PreTrainedTokenizerFast:
+    """The tokenizer of a GGUF file, from its checked header alone (nothing is dequantised)."""
+    return tokenizer_from_gguf(*_checked_header_and_config(path))
+
+
 def read_gguf(path) -> GGUFModel:
     """A Llama-family GGUF file as HF config, float32 HF-named tensors and tokenizer; ValueError names any problem."""
     header, hf_config = _checked_header_and_config(path)

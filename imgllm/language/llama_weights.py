@@ -91,19 +91,39 @@ def check_config_against_tensors(config: LlamaConfig, shapes: Mapping[str, tuple
         raise hf.CheckpointMismatchError(f"{source} does not describe the weights in {where}:\n  " + "\n  ".join(lines))
 
 
+def check_tensor_shapes(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]], source: str,
+                        config_source: str) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
+    """Checks a checkpoint's {HF key: shape} against the model of ``config`` and returns `expected_hf_shapes`.
+
+    The config's sizes first (`check_config_against_tensors`, naming ``config_source``), then every key and shape,
+    all differences named (`hf.CheckpointMismatchError`). A tied model's checkpoint may also hold ``lm_head.weight``.
+    Shapes only: run on safetensors headers before a tensor is read."""
+    found = {key: tuple(shape) for key, shape in shapes.items() if not _IGNORED_KEY.match(key)}
+    check_config_against_tensors(config, found, config_source, source)
+    expected = expected_hf_shapes(config)
+    if config.tie_word_embeddings:
+        found.pop(LM_HEAD_KEY, None)
+    hf.check_shapes(found, {key: shape for key, (_, shape, _) in expected.items()},
+                    f"{source} does not match the {config.architecture} model its config describes")
+    return expected
+
+
 def params_from_hf_tensors(config: LlamaConfig, tensors: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Flax parameters (float32) of the model of ``config`` from Hugging Face tensors {key: array}.
 
-    Every key and shape is checked first and all differences are named (`hf.CheckpointMismatchError`). A tied
-    model's checkpoint may also hold ``lm_head.weight``, which must then equal the embedding.
+    Every key and shape is checked first (`check_tensor_shapes`). A tied model's checkpoint may also hold
+    ``lm_head.weight``, which must then equal the embedding; every value must be finite.
     """
-    found = {key: tuple(np.shape(value)) for key, value in tensors.items() if not _IGNORED_KEY.match(key)}
-    check_config_against_tensors(config, found, f"the config of {source}", source)
-    expected = expected_hf_shapes(config)
-    head = found.pop(LM_HEAD_KEY, None) if config.tie_word_embeddings else None
-    hf.check_shapes(found, {key: shape for key, (_, shape, _) in expected.items()},
-                    f"{source} does not match the {config.architecture} model its config describes")
-    if head is not None and not np.array_equal(np.asarray(tensors[LM_HEAD_KEY]), np.asarray(tensors[EMBED_KEY])):
+    shapes = {key: np.shape(value) for key, value in tensors.items()}
+    expected = check_tensor_shapes(config, shapes, source, f"the config of {source}")
+    return _params_from_checked_tensors(config, tensors, expected, source)
+
+
+def _params_from_checked_tensors(config: LlamaConfig, tensors: Mapping[str, Any], expected: Mapping[str, Any],
+                                 source: str) -> dict[str, Any]:
+    """`params_from_hf_tensors` after `check_tensor_shapes` returned ``expected``: the values' checks and layout."""
+    if config.tie_word_embeddings and LM_HEAD_KEY in tensors and not np.array_equal(
+            np.asarray(tensors[LM_HEAD_KEY]), np.asarray(tensors[EMBED_KEY])):
         raise hf.CheckpointMismatchError(f"{source}: {LM_HEAD_KEY!r} differs from {EMBED_KEY!r}, but the config "
                                          "says tie_word_embeddings=true")
     flat = {}
@@ -152,16 +172,11 @@ def load_llama(path_or_hub_name: str | os.PathLike, *, revision: str | None = No
     files = hf.safetensors_files(model_dir)
     config = read_llama_config(model_dir)
     index = hf.tensor_index(files)
-    shapes = {key: shape for key, (_, _, shape) in index.items() if not _IGNORED_KEY.match(key)}
-    check_config_against_tensors(config, shapes, os.path.join(model_dir, hf.CONFIG_FILE), model_dir)
-    expected = expected_hf_shapes(config)
+    shapes = {key: shape for key, (_, _, shape) in index.items()}
+    expected = check_tensor_shapes(config, shapes, model_dir, os.path.join(model_dir, hf.CONFIG_FILE))
     wanted = [key for key in shapes if key in expected or key == LM_HEAD_KEY]
-    unexpected = {key: shape for key, shape in shapes.items() if key not in expected and key != LM_HEAD_KEY}
-    if unexpected:  # named with the missing ones, before any tensor is read
-        hf.check_shapes(shapes, {key: shape for key, (_, shape, _) in expected.items()},
-                        f"{model_dir} does not match the {config.architecture} model its config.json describes")
     tensors = hf.read_tensors({key: index[key][:2] for key in wanted})
-    return config, params_from_hf_tensors(config, tensors, model_dir)
+    return config, _params_from_checked_tensors(config, tensors, expected, model_dir)
 
 
 def load_llama_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, Any], Any]:

@@ -59,55 +59,56 @@ class LoadedLM:
         return tokenizer_adds_bos(self.tokenizer)
 
 
-def _is_gguf(source: str | os.PathLike) -> bool:
-    return gguf_file.is_gguf_file(os.path.expanduser(os.fspath(source)))
+def _gguf_path(source: str | os.PathLike) -> str | None:
+    """``source`` as a path when it is a GGUF file (a regular file starting with the GGUF magic), else None."""
+    path = os.path.expanduser(os.fspath(source))
+    return path if gguf_file.is_gguf_file(path) else None
 
 
-def _model_dir(source, **hub) -> str:
-    return hf.resolve_model_dir(source, **hub)
+def _is_gpt2(model_dir: str) -> bool:
+    """Whether a Hugging Face directory's config.json describes GPT-2 (its model_type; none: GPT-2)."""
+    return hf.read_config_dict(model_dir).get("model_type", "gpt2") == "gpt2"
 
 
 def read_lm_config(source: str | os.PathLike, **hub) -> LMConfig:
     """The config of the model at ``source`` (GGUF file, directory or hub name), without reading a tensor."""
-    if _is_gguf(source):
-        path = os.path.expanduser(os.fspath(source))
+    path = _gguf_path(source)
+    if path is not None:
         return config_from_dict(gguf_file.read_gguf_config(path), source=path)
-    model_dir = _model_dir(source, **hub)
-    path = os.path.join(model_dir, hf.CONFIG_FILE)
-    hf_config = hf.read_config_dict(model_dir)
-    if hf_config.get("model_type", "gpt2") == "gpt2":
+    model_dir = hf.resolve_model_dir(source, **hub)
+    if _is_gpt2(model_dir):
         return hf.read_config(model_dir)
-    return config_from_dict(hf_config, source=path)
+    return llama_weights.read_llama_config(model_dir)
 
 
 def load_lm_weights(source: str | os.PathLike, **hub) -> tuple[LMConfig, Any]:
     """(config, float32 parameters) of the model at ``source``; every key, shape and size checked first."""
-    if _is_gguf(source):
-        config, params, _ = llama_weights.load_llama_gguf(os.path.expanduser(os.fspath(source)))
+    path = _gguf_path(source)
+    if path is not None:
+        config, params, _ = llama_weights.load_llama_gguf(path)
         return config, params
-    model_dir = _model_dir(source, **hub)
-    if isinstance(read_lm_config(model_dir), GPT2Config):
-        return hf.load_gpt2(model_dir)
-    return llama_weights.load_llama(model_dir)
+    model_dir = hf.resolve_model_dir(source, **hub)
+    return hf.load_gpt2(model_dir) if _is_gpt2(model_dir) else llama_weights.load_llama(model_dir)
 
 
 def load_lm_tokenizer(source: str | os.PathLike, **hub):
-    """The tokenizer of the model at ``source``: a GGUF file's own vocabulary, or a directory's tokenizer files
-    (`hf.load_tokenizer`), padding on the left."""
-    if _is_gguf(source):
-        return gguf_file.read_gguf(os.path.expanduser(os.fspath(source))).tokenizer
-    return hf.load_tokenizer(_model_dir(source, **hub))
+    """The tokenizer of the model at ``source``: a GGUF file's own vocabulary (read from its header, nothing
+    dequantised), or a directory's tokenizer files (`hf.load_tokenizer`), padding on the left."""
+    path = _gguf_path(source)
+    if path is not None:
+        return gguf_file.read_gguf_tokenizer(path)
+    return hf.load_tokenizer(hf.resolve_model_dir(source, **hub))
 
 
 def load_lm(source: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, **hub) -> LoadedLM:
     """The model at ``source`` (a GGUF file, a Hugging Face directory or hub name) with its tokenizer (or the one
     at ``tokenizer``). ``hub``: revision, cache_dir, local_files_only (`hf.resolve_model_dir`)."""
-    if _is_gguf(source):
-        path = os.path.expanduser(os.fspath(source))
+    path = _gguf_path(source)
+    if path is not None:
         config, params, own_tokenizer = llama_weights.load_llama_gguf(path)
         text_tokenizer = own_tokenizer if tokenizer is None else load_lm_tokenizer(tokenizer, **hub)
         return LoadedLM(config=config, params=params, tokenizer=text_tokenizer, source=path)
-    model_dir = _model_dir(source, **hub)
+    model_dir = hf.resolve_model_dir(source, **hub)
     config, params = load_lm_weights(model_dir)
     text_tokenizer = load_lm_tokenizer(model_dir if tokenizer is None else tokenizer, **hub)
     return LoadedLM(config=config, params=params, tokenizer=text_tokenizer, source=model_dir)

@@ -58,6 +58,14 @@ def init_params(config: LMConfig, rng: jax.Array) -> dict:
     return jax.jit(config.module().init)(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
+def initial_params(config: LMConfig, rng: jax.Array, *, pretrained: bool = False) -> dict:
+    """The parameters a training run starts from before its weights are put in place: random (`init_params`), or,
+    when pretrained weights will replace them, zeros of the same shapes (no initialiser is compiled or run)."""
+    if pretrained:
+        return jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), abstract_params(config))
+    return init_params(config, rng)
+
+
 def abstract_params(config: LMConfig) -> dict:
     """The parameter tree (`jax.ShapeDtypeStruct` leaves) of the model of ``config``, without computing it."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))

@@ -39,7 +39,7 @@ from imgllm.captions.data import load_caption_dataset
 from imgllm.data.batching import padded_batch_outputs
 from imgllm.language import scoring
 from imgllm.language.load import load_lm_tokenizer, load_lm_weights
-from imgllm.language.model import init_params
+from imgllm.language.model import initial_params
 from imgllm.language.scoring import prefixed_token_stats
 from imgllm.language.tokenizer import check_vocabulary, train_bpe_tokenizer
 from imgllm.train.checkpoint import load_classifier, read_run_config
@@ -234,8 +234,8 @@ class CaptionerTask:
 
     # ---- variables ----
     def init_variables(self, rng: jax.Array) -> dict[str, Any]:
-        """Random bridge (and LM) parameters; the frozen CNN's are zeros of the right shapes, a placeholder that
-        `prepare_variables` replaces with the classifier checkpoint (zeros: no initialiser code to compile)."""
+        """Random bridge (and LM) parameters; the frozen CNN's, and a pretrained LM's, are zeros of the right shapes,
+        placeholders that `prepare_variables` replaces with the checkpoints (zeros: no initialiser code to compile)."""
         _, lm_key, bridge_key = jax.random.split(rng, 3)
         dummy = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
         cnn_shapes = jax.eval_shape(lambda: self.cnn.init(jax.random.PRNGKey(0), dummy, train=False))
@@ -243,7 +243,7 @@ class CaptionerTask:
         images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.uint8)
         features = jax.eval_shape(lambda: self.cnn_logits_and_features(cnn_variables, images)[1])
         bridge = self.mapper.init(bridge_key, jnp.zeros(features.shape, jnp.float32))["params"]
-        lm = init_params(self.lm_config, lm_key)
+        lm = initial_params(self.lm_config, lm_key, pretrained=bool(self.config.lm.get("pretrained")))
         params, frozen = {"bridge": bridge}, {"cnn": cnn_variables}
         (params if self.config.lm.train else frozen)["lm"] = lm
         return {"params": params, FROZEN: frozen}

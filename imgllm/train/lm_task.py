@@ -25,7 +25,7 @@ import numpy as np
 from imgllm.data import text as text_lib
 from imgllm.language.gpt2 import GPT2Config
 from imgllm.language.load import load_lm_tokenizer, load_lm_weights, read_lm_config
-from imgllm.language.model import LMConfig, init_params
+from imgllm.language.model import LMConfig, initial_params
 from imgllm.language.scoring import prefixed_token_stats
 from imgllm.language.tokenizer import check_vocabulary, tokenizer_from_json, train_bpe_tokenizer
 from imgllm.precision import compute_dtype, run_dtype
@@ -118,7 +118,7 @@ class LMTask:
 
     # ---- variables ----
     def init_variables(self, rng: jax.Array) -> dict[str, Any]:
-        return {"params": init_params(self.lm_config, rng)}
+        return {"params": initial_params(self.lm_config, rng, pretrained=bool(self.config.lm.get("pretrained")))}
 
     def prepare_variables(self, variables: dict[str, Any], train_arrays) -> dict[str, Any]:
         """Puts config.lm.pretrained's weights in place of the random init, if a checkpoint is configured."""
