@@ -7,6 +7,8 @@ match the accuracy. Fusion adds a second classifier's log-probabilities with a w
     ece = expected_calibration_error(softmax(logits), labels)          # 15 equal-width bins, as in Guo et al.
     t = fit_temperature(validation_logits, validation_labels)          # argmin_T NLL(softmax(logits / T))
     w = fit_fusion_weight(cnn_log_probs, lm_log_probs, labels)         # argmax_w accuracy of cnn + w * lm
+    prior = marginal_log_prior(train_lm_scores)                        # log p(prompt), mean over training images
+    a = fit_prior_weight(lm_scores, prior, labels)                     # argmax_a accuracy of scores - a * prior
 
 The whole report a trainer stores and `eval` prints is `calibration_report`: the fit on the validation split, and
 the calibration error and the fused accuracy *held out* (2-fold cross-fitting: each half is scored with the values
@@ -143,6 +145,50 @@ def fit_fusion_weight(first: np.ndarray, second: np.ndarray, labels: np.ndarray,
         return -accuracy, float(-fused[np.arange(len(labels)), labels].mean()), weight
 
     return float(min(weights, key=badness))
+
+
+PRIOR_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.5, 31), 2))
+
+
+def marginal_log_prior(scores: np.ndarray) -> np.ndarray:
+    """[C] log p(prompt_c) estimated as log of the mean over images of p(prompt_c | image's prefix): the log-mean-exp
+    over axis 0 of an LM's class scores [N, C] on a sample of training images (the prompt's marginal likelihood
+    under the images the prefix was trained on, unlike the scores after one neutral or zero prefix)."""
+    scores = np.asarray(scores, np.float64)
+    check_finite(scores, "the prior's class scores")
+    if scores.ndim != 2 or not len(scores):
+        raise ValueError(f"the prior needs class scores [N >= 1, C], got shape {scores.shape}")
+    peak = scores.max(axis=0)
+    return peak + np.log(np.exp(scores - peak).mean(axis=0))
+
+
+def prior_corrected_scores(scores: np.ndarray, log_prior: np.ndarray, weight: float) -> np.ndarray:
+    """score(label) = log p(prompt | image) - weight * log p(prompt): [N, C] scores with the LM's prior taken out
+    (weight 0: plain likelihood; 1 with the neutral prefix's scores as the prior: information gain)."""
+    return np.asarray(scores, np.float64) - weight * np.asarray(log_prior, np.float64)
+
+
+def fit_prior_weight(scores: np.ndarray, log_prior: np.ndarray, labels: np.ndarray,
+                     weights: tuple[float, ...] = PRIOR_WEIGHTS) -> float:
+    """The weight among `weights` whose prior-corrected scores are most accurate on (labels); ties go to the
+    smaller weight (0, plain likelihood, wins unless the correction helps)."""
+    labels = np.asarray(labels)
+    accuracy = lambda w: float((prior_corrected_scores(scores, log_prior, w).argmax(-1) == labels).mean())
+    return float(min(weights, key=lambda w: (-accuracy(w), w)))
+
+
+def held_out_prior_predictions(scores: np.ndarray, log_prior: np.ndarray, labels: np.ndarray, *,
+                               folds: int = 2, seed: int = 0) -> tuple[np.ndarray, list[float]]:
+    """(predicted label [N] of every example with the prior weight fitted on the other folds, the weight of each
+    fold): the accuracy of prior correction without the fit's own optimism."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    predictions, weights = np.zeros(len(labels), np.int64), []
+    for part in np.array_split(order, folds):
+        rest = np.setdiff1d(order, part)
+        weights.append(fit_prior_weight(scores[rest], log_prior, labels[rest]))
+        predictions[part] = prior_corrected_scores(scores[part], log_prior, weights[-1]).argmax(-1)
+    return predictions, weights
 
 
 HELD_OUT_FOLDS = 2

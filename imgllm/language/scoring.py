@@ -246,3 +246,21 @@ def classify_texts(lm_params: Any, lm_config: lm.LMConfig, encode: Encoder, eos_
     scores = np.asarray(score_class_prompts(lm_params, lm_config, table, None))[0]
     scores = scores.reshape(len(descriptions), len(class_names))
     return scores.argmax(-1), scores
+
+
+def text_log_likelihoods(lm_params: Any, lm_config: lm.LMConfig, encode: Encoder, bos_id: int, eos_id: int,
+                         texts: Sequence[str], *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(log-probability [N] of each text after [BOS], its EOS included; tokens scored [N]): an LM as a judge of
+    texts it did not write (corpus perplexity: exp(-sum of the first / sum of the second)). Texts go through in
+    batches of `batch_size`, the last one padded with copies of the first text, so one shape is compiled."""
+    if not texts:
+        raise ValueError("no texts to score")
+    table = _table_from_pieces([[([], list(encode(text)))] for text in texts], bos_id, eos_id, score_end=True)
+    ids, mask = np.asarray(table.input_ids), np.asarray(table.target_mask)
+    pad = -len(texts) % batch_size
+    ids = np.concatenate([ids, np.repeat(ids[:1], pad, axis=0)])
+    mask = np.concatenate([mask, np.repeat(mask[:1], pad, axis=0)])
+    log_probs = [np.asarray(score_class_prompts(lm_params, lm_config, ClassPromptTable(ids[i:i + batch_size],
+                                                                                       mask[i:i + batch_size]),
+                                                None))[0] for i in range(0, len(ids), batch_size)]
+    return np.concatenate(log_probs)[:len(texts)], np.asarray(table.target_mask).sum(axis=(1, 2))

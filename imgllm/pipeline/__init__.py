@@ -8,8 +8,10 @@
     gallery.py     the HTML gallery of records (infer.py --html)
     batch.py       caption_files: inputs → records, what infer.py runs
     classify.py    classify_images: the LM's label among any labels (colours, sizes, ...), from Python
+    api.py         ImageToText: a checkpoint called on paths, PIL images or arrays, one record per image
 """
 
+from imgllm.pipeline.api import ImageToText
 from imgllm.pipeline.batch import (
     DEFAULT_COMPILATION_CACHE,
     DecodingOptions,
@@ -54,7 +56,8 @@ from imgllm.pipeline.prompts import (
 from imgllm.pipeline.records import RecordFile, make_records, score_records
 
 __all__ = [
-    "DEFAULT_COMPILATION_CACHE", "DEFAULT_TEMPLATE", "DecodingOptions", "GalleryHeader", "Item", "LabelPredictions",
+    "DEFAULT_COMPILATION_CACHE", "DEFAULT_TEMPLATE", "DecodingOptions", "GalleryHeader", "ImageToText", "Item",
+    "LabelPredictions",
     "PipelineCheckpoint", "PipelineSpec", "PromptPiece", "RecordFile", "SlotTable", "TokenizedTemplate",
     "assemble_prompts", "caption_files", "caption_images", "caption_token_lists", "class_log_probs",
     "classify_images", "cnn_logits_and_features", "compile_captioner", "decode_captions",

@@ -96,7 +96,9 @@ TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_FAMILY = "imgllm-pipeline/"   # every version of the format starts so: what `is_pipeline_checkpoint` recognises
 # What a pipeline checkpoint folder holds: its items and orbax's bookkeeping files.
-CHECKPOINT_ENTRIES = frozenset({PARAMS_ITEM, CONFIG_ITEM, TOKENIZER_DIR, "_CHECKPOINT_METADATA", "commit_success.txt"})
+CARD_FILE = "README.md"   # the model card (imgllm.train.model_card): what made the checkpoint, its scores
+CHECKPOINT_ENTRIES = frozenset({PARAMS_ITEM, CONFIG_ITEM, TOKENIZER_DIR, CARD_FILE, "_CHECKPOINT_METADATA",
+                                "commit_success.txt"})
 # The most class-prompt templates scored: every image scores every class under every template at once, so 2,000
 # templates would ask for tens of GB. A mixture of a few dozen gains nothing more (CLIP's ImageNet set has 80).
 MAX_CLASS_PROMPT_TEMPLATES = 64
@@ -246,8 +248,9 @@ def _checkpointer():
 
 
 def save_pipeline_checkpoint(out_dir: str | os.PathLike, params: Mapping[str, Any], config: Mapping[str, Any],
-                             tokenizer: Any, *, overwrite: bool = False) -> str:
+                             tokenizer: Any, *, overwrite: bool = False, card: str | None = None) -> str:
     """Writes params, config and tokenizer files to `out_dir` (one directory); returns its absolute path.
+    card: the model card's Markdown, written as README.md (`imgllm.train.model_card`).
 
     tokenizer: a transformers tokenizer (saved with save_pretrained) or a directory holding tokenizer.json.
     The checkpoint is written beside `out_dir` (a hidden `.NAME.partial-*` folder) and then swapped in, so a kill at
@@ -270,6 +273,9 @@ def save_pipeline_checkpoint(out_dir: str | os.PathLike, params: Mapping[str, An
         _checkpointer().save(staging, args=ocp.args.Composite(
             **{PARAMS_ITEM: ocp.args.StandardSave(params), CONFIG_ITEM: ocp.args.JsonSave(dict(config))}))
         _write_tokenizer(tokenizer, os.path.join(staging, TOKENIZER_DIR))
+        if card is not None:
+            with open(os.path.join(staging, CARD_FILE), "w", encoding="utf-8") as f:
+                f.write(card)
         replace_directory(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # what a failed save left, or the old checkpoint after the swap

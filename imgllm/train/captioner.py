@@ -38,6 +38,7 @@ from imgllm.bridge import PrefixMapper, check_mapper_fits
 from imgllm.captions.data import load_caption_dataset
 from imgllm.data.batching import padded_batch_outputs
 from imgllm.language import scoring
+from imgllm.language.label_sets import read_class_captions
 from imgllm.language.load import load_lm_tokenizer, load_lm_weights
 from imgllm.language.model import initial_params
 from imgllm.language.scoring import prefixed_token_stats
@@ -55,17 +56,28 @@ FROZEN = "frozen"   # model_state collection holding the frozen CNN variables (a
 
 
 def caption_rows(captions: Sequence[Sequence[str]] | None, labels: np.ndarray, class_names: Sequence[str],
-                 templates: Sequence[str], template_fraction: float, seed: int) -> tuple[np.ndarray, list[str]]:
+                 templates: Sequence[str], template_fraction: float, seed: int,
+                 class_captions: Mapping[str, Sequence[str]] | None = None) -> tuple[np.ndarray, list[str]]:
     """(image index per row, caption text per row) of the training captions; deterministic from `seed`.
 
     Every (image, reference) pair is a row; template rows (a random template filled with the image's class name,
     on random images) are added so that they make up `template_fraction` of all rows. Without captions, or with
-    template_fraction >= 1, each image gets exactly one template row.
+    template_fraction >= 1, each image gets exactly one template row, unless `class_captions` ({class name: its
+    captions}, e.g. CIFAR-10's written ones) is given: then each image gets one row, a random caption of its class,
+    or with probability template_fraction a random template.
     """
     if not 0.0 <= template_fraction <= 1.0:
         raise ValueError(f"config.captions.template_fraction={template_fraction} must be in [0, 1]")
     filled = scoring.fill_templates(class_names, templates)
     rng = np.random.default_rng(seed)
+    if captions is None and class_captions is not None:
+        per_class = [list(class_captions[name]) for name in class_names]
+        is_template = rng.random(len(labels)) < template_fraction
+        picks = rng.random(len(labels))   # one uniform draw per image picks its caption or template
+        pick = lambda options, u: options[min(int(u * len(options)), len(options) - 1)]
+        texts = [pick(filled[label] if template else per_class[label], u)
+                 for label, template, u in zip(labels, is_template, picks)]
+        return np.arange(len(labels)), texts
     if captions is None or template_fraction >= 1.0:
         choice = rng.integers(len(templates), size=len(labels))
         return np.arange(len(labels)), [filled[label][t] for label, t in zip(labels, choice)]
@@ -123,7 +135,7 @@ class CaptionerTask:
     Config fields: dataset, data_dir, train_split, eval_split, num_train_examples, num_eval_examples, seed, dtype,
     classifier_workdir, bridge.{prefix_length, hidden, feature_source}, lm.{pretrained, vocab_size, n_positions,
     n_embd, n_layer, n_head, dropout, train}, tokenizer.{path, vocab_size}, captions.{templates,
-    template_fraction, max_tokens}, feature_batch_size.
+    template_fraction, max_tokens, class_captions}, feature_batch_size.
     """
 
     def __init__(self, config: ml_collections.ConfigDict):
@@ -208,8 +220,10 @@ class CaptionerTask:
         cfg = self.config
         dataset = self._load(cfg.dataset, cfg.train_split, cfg.num_train_examples)
         labels = self._labels_in_classifier_order(dataset, f"{cfg.dataset} ({cfg.train_split})")
+        class_captions = (read_class_captions(cfg.captions.class_captions, self.class_names)
+                          if cfg.captions.get("class_captions") else None)
         rows, texts = caption_rows(dataset.captions, labels, self.class_names, self.templates,
-                                   cfg.captions.template_fraction, cfg.seed)
+                                   cfg.captions.template_fraction, cfg.seed, class_captions)
         all_prompts = [p for row in scoring.fill_templates(self.class_names, self.templates) for p in row]
         self.tokenizer = self._build_tokenizer(texts + all_prompts)
         input_ids, target_mask = encode_captions(self.encode, self.tokenizer.eos_token_id, texts,
@@ -284,7 +298,7 @@ class CaptionerTask:
         mask = batch["target_mask"]
         tokens = mask.sum()
         total = -(log_probs * mask).sum()
-        metrics = {"loss": metric(total, tokens), "accuracy": metric((is_argmax * mask).sum(), tokens)}
+        metrics = {"loss": metric(total, tokens), "token_accuracy": metric((is_argmax * mask).sum(), tokens)}
         return total / tokens, (metrics, model_state)
 
     def eval_metrics(self, variables, batch, *, tta: bool) -> Metrics:

@@ -20,9 +20,10 @@ from imgllm.language.tokenizer import check_vocabulary
 from imgllm.pipeline import checkpoint as pipeline_checkpoint
 from imgllm.pipeline.prompts import DEFAULT_TEMPLATE
 from imgllm.train.captioner import FROZEN
-from imgllm.train.checkpoint import load_classifier
+from imgllm.train.checkpoint import load_classifier, read_run_config
 from imgllm.train.lm_task import tokenizer_from_metadata
 from imgllm.train.loop import restore_for_eval
+from imgllm.train.model_card import model_card
 
 
 def assemble_pipeline_checkpoint(out_dir: str | os.PathLike, *, classifier: str | os.PathLike, lm: str,
@@ -55,8 +56,9 @@ def assemble_pipeline_checkpoint(out_dir: str | os.PathLike, *, classifier: str 
         cnn_temperature=calibration.stored_head_temperature(meta.get("calibration")),
         train_flip=train_flip(run_config))
     check_vocabulary(text_tokenizer, lm_config.vocab_size, lm)
+    card = model_card(config, runs=[("classifier", os.path.abspath(classifier), run_config, meta)], lm_source=lm)
     return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, {"cnn": cnn_variables, "lm": lm_params}, config,
-                                                        text_tokenizer, overwrite=overwrite)
+                                                        text_tokenizer, overwrite=overwrite, card=card)
 
 
 def export_pipeline_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, max_new_tokens: int = 0,
@@ -82,8 +84,13 @@ def export_pipeline_checkpoint(workdir: str, out_dir: str, *, step: int | None =
         max_new_tokens=max_new_tokens or config.captions.max_tokens + 1,
         class_prompt_templates=task_meta["templates"], train_flip=train_flip(task.classifier_config),
         **pipeline_calibration(meta.get("calibration"), task.cnn_temperature))
+    classifier_dir = os.path.abspath(config.classifier_workdir)
+    _, classifier_meta = read_run_config(classifier_dir)
+    card = model_card(pipeline_config, lm_source=config.lm.get("pretrained"), runs=[
+        ("classifier", classifier_dir, task.classifier_config, classifier_meta),
+        ("captioner", os.path.abspath(workdir), config.to_dict(), meta)])
     return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, params, pipeline_config, tokenizer,
-                                                        overwrite=overwrite)
+                                                        overwrite=overwrite, card=card)
 
 
 def train_flip(run_config: dict) -> str | None:

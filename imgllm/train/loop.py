@@ -471,7 +471,8 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
                 if step == start:
                     record["compile_seconds"] = compile_seconds
                 writer.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', 0):.3f}",
+                accuracy = record.get("accuracy", record.get("token_accuracy", 0))   # top-1, else next-token
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{accuracy:.3f}",
                                 img_s=f"{record['examples_per_second']:.0f}")
                 last_log_time, last_log_step = now, done
             stop = not last and signals.stop_requested(done)

@@ -24,7 +24,9 @@ import numpy as np  # noqa: E402
 from imgllm.train.metrics_log import read_metrics  # noqa: E402
 
 CURVES_FILE = "curves.png"
-PANELS = ("loss", "accuracy", "learning_rate")
+# "accuracy" is a classifier's top-1 (a captioner's CNN head), "token_accuracy" next-token agreement, "lm_accuracy"
+# classification by the LM: three quantities, three panels (each drawn when the records hold it).
+PANELS = ("loss", "accuracy", "token_accuracy", "lm_accuracy", "learning_rate")
 
 
 def series(records: Sequence[Mapping[str, Any]], split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +37,7 @@ def series(records: Sequence[Mapping[str, Any]], split: str, name: str) -> tuple
 
 
 def curves_figure(records: Sequence[Mapping[str, Any]], title: str = "") -> plt.Figure:
-    """A figure with one panel for each of loss, accuracy and learning rate that the records hold."""
+    """A figure with one panel for each metric of PANELS that the records hold."""
     panels = [name for name in PANELS if any(name in r for r in records)]
     if not panels:
         raise ValueError("no loss, accuracy or learning_rate in the metrics: nothing to plot")
