@@ -54,7 +54,8 @@ class ImageToText:
     """A pipeline checkpoint loaded once and called on images; see the module docstring.
 
     decoding (`DecodingOptions`; None: greedy, the checkpoint's length), template, top_labels, classify ("cnn",
-    "lm", "fused"; None: the checkpoint's) and dtype are `caption_files`' options; batch_size: images per compiled call (fewer when fewer are given).
+    "lm", "fused"; None: the checkpoint's) and dtype are `caption_files`' options; batch_size: images per compiled
+    call (fewer when fewer are given).
     """
 
     def __init__(self, checkpoint: str | os.PathLike | PipelineCheckpoint, *,
