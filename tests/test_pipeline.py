@@ -115,6 +115,18 @@ def test_prompt_assembly_equals_tokenizing_the_filled_in_prompt(template):
         assert set(ids[row][mask[row] == 0].tolist()) <= {tok.pad_token_id}
 
 
+def test_a_class_name_reads_the_same_in_caption_prompts_and_class_prompts():
+    """One rule (`spoken_label`): "sports_car" is "sports car" in a caption prompt, as in the LM's class prompts."""
+    from imgllm.language.scoring import fill_templates
+    encode = lambda text: [ord(c) for c in text]
+    names = ("sports_car", "cat")
+    tables = pipeline.tokenize_template(encode, "A photo of a {label}.", names, 1, 0)
+    ids, mask = pipeline.assemble_prompts(tables, jnp.array([[0]], jnp.int32), jnp.array([[90]], jnp.int32), 0)
+    text = "".join(chr(i) for i in np.asarray(ids)[0][np.asarray(mask)[0] == 1])
+    assert text == pipeline.fill_template("A photo of a {label}.", ["sports_car"], [90]) == "A photo of a sports car."
+    assert fill_templates(names, ["A photo of a {label}."])[0] == [text]
+
+
 def test_prompt_with_bos_and_empty_template_is_just_bos():
     tables = pipeline.tokenize_template(lambda text: [ord(c) for c in text], "", CLASS_NAMES, 1, 0, bos_id=7)
     ids, mask = pipeline.assemble_prompts(tables, jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1), jnp.int32), 0)

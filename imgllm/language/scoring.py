@@ -101,6 +101,12 @@ class ClassPromptTable:
 jax.tree_util.register_dataclass(ClassPromptTable, data_fields=["input_ids", "target_mask"], meta_fields=[])
 
 
+def spoken_label(name: str) -> str:
+    """How a class name reads in any prompt: underscores as spaces ("pickup_truck" → "pickup truck"), the one rule
+    for class prompts, caption prompts and the gallery alike."""
+    return str(name).replace("_", " ")
+
+
 def fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
     """[[template.format(label=name) for template] for name] with a clear error for a template without {label}."""
     if not class_names:
@@ -115,7 +121,7 @@ def fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list
         raise ValueError(f"labels must be unique, {repeated[0]!r} is repeated")
     spoken: dict[str, str] = {}
     for name in class_names:   # the prompt says "pickup truck" for "pickup_truck": two such labels would tie
-        other = spoken.setdefault(name.replace("_", " "), name)
+        other = spoken.setdefault(spoken_label(name), name)
         if other != name:
             raise ValueError(f"labels {other!r} and {name!r} give the same prompts (an underscore reads as a space)")
     for template in templates:
@@ -126,7 +132,7 @@ def fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list
         except (KeyError, IndexError, ValueError) as error:
             raise ValueError(f"prompt template {template!r}: {{label}} is its only field (write {{{{ and }}}} for "
                              f"literal braces); {type(error).__name__}: {error}") from None
-    return [[template.format(label=name.replace("_", " ")) for template in templates] for name in class_names]
+    return [[template.format(label=spoken_label(name)) for template in templates] for name in class_names]
 
 
 def _table_from_pieces(pieces: list[list[tuple[list[int], list[int]]]], bos_id: int, eos_id: int,

@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from imgllm.language.scoring import spoken_label
+
 DEFAULT_TEMPLATE = "A photo of a {label}."
 
 # Percentages are phrased as whole numbers 0..100; their token ids come from one table of 101 rows.
@@ -165,7 +167,8 @@ def slot_table(encode: Callable[[str], Sequence[int]], texts: Sequence[str], pad
 
 def tokenize_template(encode: Callable[[str], Sequence[int]], template: str, class_names: Sequence[str],
                       top_k: int, pad_id: int, *, bos_id: int | None = None) -> TokenizedTemplate:
-    """Tokenises a template's pieces once: literal segments, class names and percentages.
+    """Tokenises a template's pieces once: literal segments, class names (as `spoken_label` reads them) and
+    percentages.
 
     Byte-level BPE (GPT-2) attaches a space to the word after it (" cat" is one token, "cat" another), and its
     pre-tokeniser never merges across a space or punctuation boundary. So a space just before a slot moves into
@@ -178,7 +181,7 @@ def tokenize_template(encode: Callable[[str], Sequence[int]], template: str, cla
         raise ValueError("tokenize_template needs at least one class name")
     if top_k > len(class_names):
         raise ValueError(f"top_k={top_k} exceeds the number of classes ({len(class_names)})")
-    values = {"label": list(class_names), "prob": [str(n) for n in range(_PERCENT_VALUES)]}
+    values = {"label": [spoken_label(name) for name in class_names], "prob": [str(n) for n in range(_PERCENT_VALUES)]}
     tables: list[SlotTable] = []
     table_index: dict[tuple[str, str], int] = {}
     pieces = [PromptPiece("text", ids=(int(bos_id),))] if bos_id is not None else []
@@ -203,9 +206,9 @@ def tokenize_template(encode: Callable[[str], Sequence[int]], template: str, cla
 def fill_template(template: str, labels: Sequence[str], percents: Sequence[int]) -> str:
     """The prompt string for one image (what `assemble_prompts` builds as ids); for checks and display."""
     top_k = len(labels)
-    values = {f"label{n + 1}": labels[n] for n in range(top_k)}
+    values = {f"label{n + 1}": spoken_label(labels[n]) for n in range(top_k)}
     values.update({f"prob{n + 1}": str(int(percents[n])) for n in range(top_k)})
-    values.update(label=labels[0], prob=str(int(percents[0])))
+    values.update(label=spoken_label(labels[0]), prob=str(int(percents[0])))
     return expand_template(template, top_k).format(**values)
 
 
