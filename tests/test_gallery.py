@@ -16,6 +16,7 @@ from PIL import Image
 from imgllm.pipeline.gallery import (
     GalleryHeader,
     card_html,
+    distinct_captions,
     label_in_caption,
     mismatches,
     write_gallery,
@@ -43,6 +44,16 @@ def cards(page: str) -> list[str]:
 def read(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read()
+
+
+def css_rules(page: str) -> dict[str, set[str]]:
+    """The declarations of each selector in a page's <style> ("a,b{x:1}" gives both "a" and "b" {"x:1"})."""
+    style = re.search(r"<style>(.*?)</style>", page, flags=re.S).group(1)
+    rules: dict[str, set[str]] = {}
+    for selectors, body in re.findall(r"([^{}]+)\{([^{}]*)\}", style):
+        for selector in selectors.split(","):
+            rules.setdefault(" ".join(selector.split()), set()).update(d.strip() for d in body.split(";") if d.strip())
+    return rules
 
 
 @pytest.fixture
@@ -234,3 +245,31 @@ def test_one_page_when_records_fit_and_output_is_deterministic(tmp_path, images)
     assert "no records" in read(str(tmp_path / "empty.html"))
     with pytest.raises(ValueError, match="page_size"):
         write_gallery(tmp_path / "g.html", records, page_size=0)
+
+
+def test_header_wraps_long_values_on_a_narrow_window(tmp_path, images):
+    long_path = "/checkpoints/" + "x" * 300
+    header = GalleryHeader(checkpoint=long_path, decoding={"template": "A_" * 100})
+    [page] = write_gallery(tmp_path / "g.html", [record(images[0])], header=header)
+    text = read(page)
+    rules = css_rules(text)
+    assert "overflow-wrap:anywhere" in rules["header"]           # a value without spaces breaks anywhere
+    # The value column may shrink below its longest word (a plain 1fr column is at least that wide).
+    assert "grid-template-columns:max-content minmax(0,1fr)" in rules["header dl"]
+    assert "min-width:0" in rules["header dd"]
+    assert "flex-wrap:wrap" in rules["nav.pages"]
+    assert f'<dd class="checkpoint">{long_path}</dd>' in text.split("<main", 1)[0]
+
+
+def test_identical_captions_are_shown_once_with_their_count(tmp_path, images):
+    assert distinct_captions(["a cat", "a dog", "a cat"]) == [(0, 2), (1, 1)]
+    assert distinct_captions([]) == []
+    records = [record(images[0], captions=["a cat", "a dog", "a cat"], caption_scores=[-1.0, -2.0, -1.0])]
+    [page] = write_gallery(tmp_path / "g.html", records)
+    [card] = cards(read(page))
+    assert [card.count(f'<span class="caption">{caption}</span>') for caption in ("a cat", "a dog")] == [1, 1]
+    items = re.findall(r"<li>.*?</li>", card)
+    assert len(items) == 2 and "a cat" in items[0] and "a dog" in items[1]      # first-seen order
+    assert '<span class="count" title="2 identical captions">\u00d72</span>' in items[0]
+    assert "\u00d7" not in items[1]
+    assert '<span class="score">log p -1.00</span>' in items[0] and '<span class="score">log p -2.00</span>' in items[1]

@@ -221,3 +221,50 @@ def test_cider_of_one_image_is_zero_and_reported_as_meaningless(tmp_path):
     scores = score_records([record], str(references))
     assert scores["images"] == 1 and scores["exact_match"] == 1.0
     assert scores["cider"] is None and "at least 2 images" in scores["cider_note"]
+
+
+# ROUGE-L: a hand-worked example, and parity with coco-caption's Rouge on fixed sets.
+ROUGE_EXTRA = [   # with HYPS/REFS and COCO_IMAGES: 20 images
+    ("a cat sat on the mat", ["the cat is on the mat", "a dog"]),
+    ("a dog a dog a dog", ["a dog", "dog a dog runs"]),
+    ("the the the the", ["the cat", "a the"]),
+    ("", ["a person riding a bike"]),                                # no words: one empty word, as coco-caption
+    ("...", ["?", "a dog"]),                                         # neither has words: a match there
+    ("a plane flying in a clear blue sky over the mountains at sunset", ["a plane"]),
+    ("giraffe", ["a tall giraffe standing next to a tree", "giraffes eating leaves", "a giraffe in a zoo"]),
+    ("A woman holding an umbrella in the rain.", ["A woman with an umbrella walks in the rain.",
+                                                  "Someone holds an umbrella while it rains"]),
+    ("a kitchen with a stove and a sink", ["a stove and sink in a small kitchen", "sink stove kitchen",
+                                           "a kitchen with white cabinets, a stove and a sink"]),
+    ("zebras grazing", ["two horses running in a field"]),
+]
+
+
+def test_lcs_length_counts_words_in_order_not_adjacent():
+    assert metrics.lcs_length("a b c b d a b".split(), "b d c a b a".split()) == 4
+    assert metrics.lcs_length([], ["a"]) == 0 and metrics.lcs_length(["a", "b"], ["b", "a"]) == 1
+
+
+def test_rouge_l_hand_worked_example():
+    # Image 1: LCS 4 ("cat on the mat") with the first reference (P = R = 4/6), 2 ("a cat") with the second
+    # (P = 2/6, R = 2/2): best P = 2/3 and best R = 1, from different references;
+    # F = (1 + 1.44) (2/3) 1 / (1 + 1.44 (2/3)) = 4.88 / 5.88 = 122/147. Image 2: identical, 1. Image 3: 0.
+    hypotheses = ["A cat sat on the mat.", "a dog", "a bird"]
+    references = [["the cat is on the mat", "a cat"], ["A dog!"], ["the cat"]]
+    assert metrics.rouge_l_scores(hypotheses, references) == pytest.approx([122 / 147, 1.0, 0.0], abs=1e-15)
+    assert metrics.rouge_l(hypotheses, references) == pytest.approx((122 / 147 + 1.0) / 3, abs=1e-15)
+    with pytest.raises(ValueError, match="non-empty list"):
+        metrics.rouge_l(["a"], [[]])
+
+
+def test_rouge_l_matches_pycocoevalcap():
+    rouge = pytest.importorskip("pycocoevalcap.rouge.rouge")
+    images = list(zip(HYPS, REFS)) + COCO_IMAGES + ROUGE_EXTRA
+    hypotheses, references = [h for h, _ in images], [refs for _, refs in images]
+    assert len(images) == 20
+    words = lambda text: " ".join(metrics.tokenize_caption(text))   # coco's PTBTokenizer needs Java: tokenised here
+    gts = {n: [words(r) for r in refs] for n, refs in enumerate(references)}
+    res = {n: [words(h)] for n, h in enumerate(hypotheses)}
+    expected, expected_per_image = rouge.Rouge().compute_score(gts, res)
+    assert metrics.rouge_l_scores(hypotheses, references) == pytest.approx(list(expected_per_image), abs=1e-9)
+    assert metrics.rouge_l(hypotheses, references) == pytest.approx(float(expected), abs=1e-9)

@@ -1,4 +1,4 @@
-"""Captions: image–caption data sources and caption metrics (BLEU-4, CIDEr-D, exact match)."""
+"""Captions: image–caption data sources and caption metrics (BLEU-4, CIDEr-D, ROUGE-L, exact match, distinct-n)."""
 
 from imgllm.captions.data import (
     CaptionFileError,
@@ -15,17 +15,23 @@ from imgllm.captions.metrics import (
     cider_d,
     cider_d_scores,
     cider_note,
+    classes_named,
     corpus_bleu,
+    distinct_n,
     exact_match,
+    lcs_length,
     normalize_caption,
     ptb_tokenize,
     ptb_tokens,
+    read_back,
+    rouge_l,
+    rouge_l_scores,
     tokenize_caption,
 )
 
 __all__ = [
-    "CaptionFileError", "bleu4", "caption_metrics", "cider_d", "cider_d_scores", "cider_note",
-    "coco_example_to_record", "corpus_bleu", "exact_match", "group_captions", "load_caption_dataset",
-    "load_caption_folder", "load_coco_captions", "normalize_caption", "ptb_tokenize", "ptb_tokens",
-    "read_captions_file", "tokenize_caption",
+    "CaptionFileError", "bleu4", "caption_metrics", "cider_d", "cider_d_scores", "cider_note", "classes_named",
+    "coco_example_to_record", "corpus_bleu", "distinct_n", "exact_match", "group_captions", "lcs_length",
+    "load_caption_dataset", "load_caption_folder", "load_coco_captions", "normalize_caption", "ptb_tokenize",
+    "ptb_tokens", "read_back", "read_captions_file", "rouge_l", "rouge_l_scores", "tokenize_caption",
 ]

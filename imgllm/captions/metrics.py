@@ -1,4 +1,5 @@
-"""Caption metrics: corpus BLEU, CIDEr-D and exact match, on coco-caption's tokenisation.
+"""Caption metrics: corpus BLEU, CIDEr-D, ROUGE-L and exact match, on coco-caption's tokenisation; distinct-n and
+class read-back, which need no reference.
 
 Implemented here (pure Python, no Java) and checked in tests/test_metrics.py against the published values of
 NLTK's `corpus_bleu` docstring and against coco-caption's reference implementation (pycocoevalcap: its
@@ -477,12 +478,12 @@ def exact_match(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) 
 
 
 def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """{"bleu4", "cider", "exact_match"} for a corpus of generated captions and their references.
+    """{"bleu4", "cider", "rouge_l", "exact_match"} for a corpus of generated captions and their references.
 
     "cider" is 0.0 for a single image, a number without meaning: reports should say so (`cider_note`).
     """
     return {"bleu4": bleu4(hypotheses, references), "cider": cider_d(hypotheses, references),
-            "exact_match": exact_match(hypotheses, references)}
+            "rouge_l": rouge_l(hypotheses, references), "exact_match": exact_match(hypotheses, references)}
 
 
 # ------------------------------------------------------------------------ without references: diversity, read-back
@@ -516,3 +517,52 @@ def read_back(captions: Sequence[Text], predicted: Sequence[int], names: Sequenc
     return {"names_predicted": sum(int(p) in n for n, p in zip(named, predicted)) / count,
             "names_other": sum(any(i != int(p) for i in n) for n, p in zip(named, predicted)) / count,
             "names_none": sum(not n for n in named) / count}
+
+
+# ---------------------------------------------------------------------------------------------------- ROUGE-L
+
+ROUGE_L_BETA = 1.2   # coco-caption's weight of recall against precision in ROUGE-L's F-measure
+
+
+def lcs_length(first: Sequence[str], second: Sequence[str]) -> int:
+    """The length of the longest common subsequence of two word sequences (in order, not necessarily adjacent)."""
+    previous = [0] * (len(second) + 1)
+    for word in first:
+        current = [0]
+        for j, other in enumerate(second):
+            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l_scores(hypotheses: Sequence[Text], references: Sequence[Sequence[Text]], *,
+                   beta: float = ROUGE_L_BETA) -> list[float]:
+    """Per-hypothesis ROUGE-L (Lin 2004) as coco-caption's `Rouge` computes it.
+
+    For each reference, precision = LCS / hypothesis length and recall = LCS / reference length (`lcs_length` of
+    the words); the best precision and the best recall over the references (possibly of different references)
+    give F = (1 + beta^2) P R / (R + beta^2 P), 0 when either is 0. A caption without words counts as one empty
+    word, as coco-caption's split(" ") of an empty string does. Words are `tokenize_caption`'s, split at any white
+    space; coco-caption's Rouge splits at spaces only, so a PTB token holding a no-break space ("5 1/2") is one
+    word there and two here (BLEU and CIDEr-D split as here).
+    """
+    _check_pairs(hypotheses, references)
+    scores = []
+    for hyp, refs in zip(hypotheses, references):
+        hyp_words = tokenize_caption(hyp) or [""]
+        precision = recall = 0.0
+        for ref in refs:
+            ref_words = tokenize_caption(ref) or [""]
+            common = lcs_length(ref_words, hyp_words)
+            precision, recall = max(precision, common / len(hyp_words)), max(recall, common / len(ref_words))
+        if precision == 0 or recall == 0:
+            scores.append(0.0)
+        else:
+            scores.append((1 + beta ** 2) * precision * recall / (recall + beta ** 2 * precision))
+    return scores
+
+
+def rouge_l(hypotheses: Sequence[Text], references: Sequence[Sequence[Text]]) -> float:
+    """Corpus ROUGE-L: the mean of `rouge_l_scores` over the images, as coco-caption reports it."""
+    scores = rouge_l_scores(hypotheses, references)
+    return sum(scores) / len(scores)

@@ -4,9 +4,10 @@
 
 Each page holds a header (checkpoint, decoding settings, counts, the scores of `score_records`, and how many images
 disagree with their references) and a grid of cards, one per record: the thumbnail (a data URI), the path, the
-CNN's labels, the LM's label, the captions with their scores, and the reference caption(s) and label. Where the
-CNN's top label, the LM's label or the first caption's object disagrees with the reference label, the card says so
-in words and with a symbol (not by colour alone). Error records are error cards.
+CNN's labels, the LM's label, the captions with their scores (each distinct caption once, "×N" when it came N
+times), and the reference caption(s) and label. Where the CNN's top label, the LM's label or the first caption's
+object disagrees with the reference label, the card says so in words and with a symbol (not by colour alone). Error
+records are error cards. The header wraps long values (paths, decoding settings) on a narrow window.
 
 Nothing on a page is fetched: no JavaScript, no external style sheet or font, thumbnails inline; every text that
 comes from a record or a references file (paths, captions, labels, error messages) is HTML-escaped. The output
@@ -19,6 +20,7 @@ by "previous" / "next" and each saying "page i of n".
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import html
 import io
@@ -42,9 +44,11 @@ THUMBNAIL_SIZE = 128
 STYLE = f"""
 :root{{color-scheme:light}}
 body{{font-family:system-ui,sans-serif;margin:16px;color:#222;background:#fafafa}}
-header{{margin-bottom:12px}} header dl{{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:0}}
+header{{margin-bottom:12px;overflow-wrap:anywhere}}
+header dl{{display:grid;grid-template-columns:max-content minmax(0,1fr);gap:2px 12px;margin:0}}
+header dd{{min-width:0}}
 dt{{font-weight:600}} dd{{margin:0}}
-nav.pages{{margin:10px 0;display:flex;gap:16px;align-items:center}} nav .disabled{{color:#aaa}}
+nav.pages{{margin:10px 0;display:flex;flex-wrap:wrap;gap:16px;align-items:center}} nav .disabled{{color:#aaa}}
 .grid{{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:12px}}
 .card{{background:#fff;border:1px solid #ccc;border-radius:6px;padding:8px;overflow-wrap:anywhere}}
 .card.has-mismatch{{border:2px solid #c60}} .card.error{{border:2px dashed #b00}}
@@ -54,7 +58,7 @@ image-rendering:pixelated;margin:0 auto 6px;background:#eee}}
 .path{{font-family:monospace;font-size:12px;color:#444}}
 .card p{{margin:4px 0}} .card ol,.card ul{{margin:4px 0;padding-left:20px}}
 .kind{{font-size:11px;text-transform:uppercase;color:#666}}
-.score{{color:#666;font-size:12px}}
+.score,.count{{color:#666;font-size:12px}}
 .mismatch{{color:#a40;font-weight:600}}
 .mismatches{{background:#fff3e0;border-radius:4px;padding:2px 4px}}
 .reference{{border-top:1px solid #ddd;margin-top:6px;padding-top:4px}}
@@ -193,15 +197,27 @@ def labels_html(record: Mapping[str, Any], found: Sequence[str]) -> str:
     return "".join(parts)
 
 
+def distinct_captions(captions: Sequence[str]) -> list[tuple[int, int]]:
+    """(index of its first occurrence, number of occurrences) of each distinct caption, in first-seen order:
+    ["a cat", "a dog", "a cat"] -> [(0, 2), (1, 1)]."""
+    counts = collections.Counter(captions)
+    first = {}
+    for n, caption in enumerate(captions):
+        first.setdefault(caption, n)
+    return [(n, counts[caption]) for caption, n in first.items()]
+
+
 def captions_html(record: Mapping[str, Any], found: Sequence[str]) -> str:
-    """The captions in order, each with its score (sum of its tokens' log-probabilities) when the record has
-    "caption_scores"; the first marked when the reference label's word is not in it."""
-    scores = record.get("caption_scores") or []
+    """The distinct captions in first-seen order, each once, with "×N" when it occurs N > 1 times (sampled captions
+    repeat) and its score (sum of its tokens' log-probabilities, at its first occurrence) when the record has
+    "caption_scores"; the first caption marked when the reference label's word is not in it."""
+    captions, scores = list(record.get("captions", ())), record.get("caption_scores") or []
     items = []
-    for n, caption in enumerate(record.get("captions", ())):
+    for n, count in distinct_captions(captions):
+        times = f' <span class="count" title="{count} identical captions">\u00d7{count}</span>' if count > 1 else ""
         score = f' <span class="score">log p {float(scores[n]):.2f}</span>' if n < len(scores) else ""
         flag = mark("caption") if n == 0 and "caption" in found else ""
-        items.append(f'<li><span class="caption">{escape(caption)}</span>{score}{flag}</li>')
+        items.append(f'<li><span class="caption">{escape(captions[n])}</span>{times}{score}{flag}</li>')
     return f'<ol class="captions">{"".join(items)}</ol>' if items else "<p>no captions</p>"
 
 
@@ -339,6 +355,6 @@ def write_gallery(path: str | os.PathLike, records: Sequence[Mapping[str, Any]],
     return written
 
 
-__all__ = ["DEFAULT_PAGE_SIZE", "GalleryHeader", "MISMATCH_KINDS", "card_html", "counted_header", "header_html",
-           "label_in_caption", "mismatch_counts", "mismatches", "page_html", "page_name", "thumbnail_data_uri",
-           "write_gallery"]
+__all__ = ["DEFAULT_PAGE_SIZE", "GalleryHeader", "MISMATCH_KINDS", "card_html", "counted_header",
+           "distinct_captions", "header_html", "label_in_caption", "mismatch_counts", "mismatches", "page_html",
+           "page_name", "thumbnail_data_uri", "write_gallery"]

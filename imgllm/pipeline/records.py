@@ -623,7 +623,7 @@ def score_records(records: Iterable[dict], references_path: str, *,
                   lm_label_names: Sequence[str] | None = None) -> dict:
     """Caption metrics of `records` against a references file, over the images it lists that were captioned.
 
-    Scores each record's first caption (exact match, BLEU-4, CIDEr-D from `imgllm.captions`), and, where the
+    Scores each record's first caption (exact match, BLEU-4, CIDEr-D, ROUGE-L from `imgllm.captions`), and, where the
     reference lines carry a "label", the accuracy of the CNN's top label and of the LM's label (lm_classify).
     lm_label_names: the labels the LM chose among (`PipelineSpec.lm_label_names`; None: the checkpoint's classes);
     the LM's label is scored only against references whose label is one of them (`lm_label_comparable`).

@@ -8,7 +8,7 @@ Each stage resumes an interrupted run and is skipped when its work directory alr
 result of the same config (a different config is refused, naming the keys, as train.py does). Then the pipeline
 checkpoint captions `num_eval_examples` fresh demo images (split "test", seed EVAL_SEED: never trained or
 validated on) by greedy decoding and classifies them by LM likelihood; `run_demo` returns and prints
-  exact_match, bleu4, cider   generated caption vs the image's exact reference (imgllm.captions.metrics),
+  exact_match, bleu4, cider,  generated caption vs the image's exact reference (imgllm.captions.metrics),
   lm_accuracy                 argmax over classes of the class-prompt likelihood after the visual prefix,
   cnn_accuracy                the CNN head's top-1,
   lm_colour_accuracy          the first-named object's colour (6 labels) classified by the LM alone, with the

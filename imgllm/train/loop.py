@@ -256,6 +256,22 @@ def evaluate_arrays(task: Task, variables: Any, arrays: Arrays, mesh, *, batch_s
     return summarize(totals)
 
 
+def write_confusion_image(writer: MetricsWriter, task: Task, variables: Any, arrays: Arrays, *, batch_size: int,
+                          tta: bool, step: int) -> None:
+    """Draws a classifier's confusion matrix on `arrays` (`plot.confusion_figure`) into TensorBoard: split
+    "final_eval", tag "confusion_matrix". Nothing for a task without `confusion` or a writer without TensorBoard.
+
+    Every process computes the matrix (the model's variables span them all); process 0 writes it.
+    """
+    if not hasattr(task, "confusion") or writer.tensorboard_dir is None:
+        return
+    matrix = task.confusion(variables, arrays, batch_size=batch_size, tta=tta)
+    if writer.enabled:
+        names = task.checkpoint_metadata().get("class_names") or [str(n) for n in range(len(matrix))]
+        title = f"final evaluation{' (TTA)' if tta else ''}, step {step}"
+        writer.image("final_eval", "confusion_matrix", plot.confusion_figure(matrix, names, title), step)
+
+
 def profile_window(value: str | tuple | list | None) -> tuple[int, int] | None:
     """config.profile_steps as (first, last) global steps to trace, or None: "START,END" (or a pair) with
     0 <= START < END; empty means no profiling."""
@@ -512,6 +528,8 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
         final_eval = {**final_eval, **(calibrated or {})}
         writer.write({"step": total_steps, "epoch": total_steps / steps_per_epoch, "split": "final_eval",
                       "tta": tta, **final_eval})
+        write_confusion_image(writer, task, state.variables, eval_arrays, batch_size=config.eval_batch_size,
+                              tta=tta, step=total_steps)
     if writer.enabled:
         writer.flush()
         plot.plot_run(workdir)

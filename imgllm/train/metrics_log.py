@@ -2,9 +2,10 @@
 
 Every record has "step" and "split" ("train", "eval", "final_eval") and numbers. The JSON-lines file is the
 record of a run (`python -m imgllm.plot WORKDIR` draws it); the event files, one folder a split under
-<workdir>/tensorboard, are for `tensorboard --logdir WORKDIR/tensorboard` while a run goes on. A resumed run
-first drops what it will write again (`MetricsWriter.rewind` for the file, TensorBoard's purge step for events),
-so neither holds a step twice. Only process 0 writes.
+<workdir>/tensorboard, are for `tensorboard --logdir WORKDIR/tensorboard` while a run goes on. Pictures (a
+classifier's confusion matrix) and text go to TensorBoard only (`MetricsWriter.image`, `MetricsWriter.text`). A
+resumed run first drops what it will write again (`MetricsWriter.rewind` for the file, TensorBoard's purge step for
+events), so neither holds a step twice. Only process 0 writes.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from tensorboardX import SummaryWriter
+from tensorboardX.utils import figure_to_image
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -43,6 +46,19 @@ class MetricsWriter:
             events = self._event_writer(record["split"])
             for name, value in scalars(record).items():
                 events.add_scalar(name, value, record["step"])
+
+    def image(self, split: str, tag: str, figure_or_array: Any, step: int) -> None:
+        """Writes a picture to TensorBoard under `split` and `tag` at `step`: a matplotlib figure (rendered off
+        screen, then closed) or an RGB array [H, W, 3] (uint8, or floats in [0, 1]). Nothing without TensorBoard."""
+        pixels = rgb_image(figure_or_array)
+        if self.enabled and self.tensorboard_dir is not None:
+            self._event_writer(split).add_image(tag, pixels, step, dataformats="HWC")
+
+    def text(self, split: str, tag: str, text: str, step: int) -> None:
+        """Writes `text` (TensorBoard shows it as Markdown) under `split` and `tag` at `step`, where TensorBoard is
+        written."""
+        if self.enabled and self.tensorboard_dir is not None:
+            self._event_writer(split).add_text(tag, text, step)
 
     def rewind(self, step: int) -> None:
         """Drops the records a run resuming at `step` writes again, so the file has no duplicate steps.
@@ -85,6 +101,13 @@ def scalars(record: Mapping[str, Any]) -> dict[str, float]:
     """The record's numbers by name (not its step, epoch or booleans): what TensorBoard and the plot draw."""
     return {name: float(value) for name, value in record.items()
             if name not in ("step", "epoch") and isinstance(value, numbers.Real) and not isinstance(value, bool)}
+
+
+def rgb_image(figure_or_array: Any) -> np.ndarray:
+    """The [H, W, 3] pixels of a matplotlib figure (rendered with Agg, then closed) or of an array as it is."""
+    if hasattr(figure_or_array, "canvas"):
+        return np.moveaxis(figure_to_image(figure_or_array, close=True), 0, -1)
+    return np.asarray(figure_or_array)
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
