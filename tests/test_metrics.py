@@ -257,11 +257,23 @@ def test_rouge_l_hand_worked_example():
         metrics.rouge_l(["a"], [[]])
 
 
+# pycocoevalcap 1.2's Rouge().compute_score on these 20 images (2026-12-06), its words from tokenize_caption (its
+# PTBTokenizer needs Java): per image and the mean. The test below also recomputes them when pycocoevalcap is installed.
+COCO_ROUGE_L = 0.5790170367334005
+COCO_ROUGE_L_PER_IMAGE = [
+    0.7134502923976607, 0.7587064676616916, 0.6666666666666666, 0.7904967602591793, 0.42508710801393734, 0.6,
+    0.6075697211155379, 0.5150784077201447, 0.725231175693527, 0.7562541509851671, 0.6666666666666666,
+    0.7093023255813954, 0.3546511627906977, 0.0, 1.0, 0.30730478589420657, 0.2975609756097561, 0.8148854961832059,
+    0.8714285714285713, 0.0]
+
+
 def test_rouge_l_matches_pycocoevalcap():
-    rouge = pytest.importorskip("pycocoevalcap.rouge.rouge")
     images = list(zip(HYPS, REFS)) + COCO_IMAGES + ROUGE_EXTRA
     hypotheses, references = [h for h, _ in images], [refs for _, refs in images]
     assert len(images) == 20
+    assert metrics.rouge_l_scores(hypotheses, references) == pytest.approx(COCO_ROUGE_L_PER_IMAGE, abs=1e-12)
+    assert metrics.rouge_l(hypotheses, references) == pytest.approx(COCO_ROUGE_L, abs=1e-12)
+    rouge = pytest.importorskip("pycocoevalcap.rouge.rouge")
     words = lambda text: " ".join(metrics.tokenize_caption(text))   # coco's PTBTokenizer needs Java: tokenised here
     gts = {n: [words(r) for r in refs] for n, refs in enumerate(references)}
     res = {n: [words(h)] for n, h in enumerate(hypotheses)}
