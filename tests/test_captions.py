@@ -275,6 +275,20 @@ def test_captions_differ_between_classes(tiny_demo, tmp_path):
     assert len(set(captions)) >= len(captions) // 4 and distinct_n(captions, 2) > 0.05, captions  # one sentence: 1/32
 
 
+def test_tensorboard_shows_sample_captions_of_the_final_evaluation(tiny_demo):
+    """The captioner's end of training writes a few greedy captions (class: caption) as TensorBoard text, the
+    same captions its exported pipeline writes for those images."""
+    from test_metrics_log import summaries
+
+    from imgllm.train.captioner import SAMPLE_CAPTIONS
+    folder = os.path.join(tiny_demo[0], "captioner", "tensorboard", "final_eval")
+    [(step, value)] = summaries(folder)["sample_captions/text_summary"]
+    lines = value.tensor.string_val[0].decode().split("\n\n")
+    assert step > 0 and len(lines) == SAMPLE_CAPTIONS
+    assert all(line.startswith("**") and "**: " in line for line in lines)
+    assert len({line.split("**: ")[1] for line in lines}) > 1     # not one sentence for every image
+
+
 def test_demo_recipe_stages_resume_and_refuse_other_configs(tiny_demo):
     from imgllm.train import checkpoint as ckpt_lib
     from imgllm.train import demo_recipe

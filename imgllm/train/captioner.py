@@ -38,11 +38,13 @@ from imgllm.bridge import PrefixMapper, check_mapper_fits
 from imgllm.captions.data import load_caption_dataset
 from imgllm.data.batching import padded_batch_outputs
 from imgllm.language import scoring
+from imgllm.language.decoding import GenerationConfig, generate_tokens
 from imgllm.language.label_sets import read_class_captions
 from imgllm.language.load import load_lm_tokenizer, load_lm_weights
 from imgllm.language.model import initial_params
 from imgllm.language.scoring import prefixed_token_stats
 from imgllm.language.tokenizer import check_vocabulary, train_bpe_tokenizer
+from imgllm.pipeline.caption import caption_token_lists
 from imgllm.train.checkpoint import load_classifier, read_run_config
 from imgllm.train.classifier import cnn_for_run, remap_labels
 from imgllm.train.lm_task import lm_config_from, tokenizer_from_metadata
@@ -50,6 +52,7 @@ from imgllm.train.task import Metrics, metric
 from imgllm.vision.features import image_logits_and_features
 
 FROZEN = "frozen"   # model_state collection holding the frozen CNN variables (and the LM when not trained)
+SAMPLE_CAPTIONS = 8  # greedy captions of evaluation images written to TensorBoard at the end of training
 
 
 # ----------------------------------------------------------------------------------------------- host helpers
@@ -343,6 +346,29 @@ class CaptionerTask:
         information_gain = scores["lm_scores"] - scores["lm_neutral_scores"]
         report["lm_ig_accuracy"] = float((information_gain.argmax(-1) == labels).mean())
         return report
+
+    def sample_captions(self, variables, arrays: Mapping[str, np.ndarray], *, count: int = SAMPLE_CAPTIONS,
+                        seed: int = 0) -> list[tuple[str, str]]:
+        """(class name, greedy caption) of `count` evaluation images spread over the split (a fixed, seeded choice):
+        what TensorBoard shows beside the curves, so a captioner that writes one sentence for every image is seen."""
+        labels = np.asarray(arrays["labels"])
+        picks = np.sort(np.random.default_rng(seed).choice(len(labels), min(count, len(labels)), replace=False))
+        eos = self.tokenizer.eos_token_id
+        generation = GenerationConfig(max_new_tokens=self.config.captions.max_tokens + 1, eos_token_id=eos,
+                                      pad_token_id=eos)
+
+        @jax.jit
+        def greedy(variables, images):
+            params, frozen = variables["params"], variables[FROZEN]
+            _, features = self.cnn_logits_and_features(frozen["cnn"], images)
+            prefix = self.mapper.apply({"params": params["bridge"]}, features)
+            start = jnp.full((len(images), 1), eos, jnp.int32)
+            return generate_tokens(self.lm_params(params, variables), self.lm_config, start, jnp.ones_like(start),
+                                   jax.random.PRNGKey(0), generation, prefix_embeds=prefix)[0]
+
+        tokens = np.asarray(greedy(variables, np.asarray(arrays["images"])[picks]))
+        texts = [self.tokenizer.decode(ids[0]).strip() for ids in caption_token_lists(tokens[:, None], eos, eos)]
+        return [(self.class_names[labels[i]], text) for i, text in zip(picks, texts)]
 
     def checkpoint_metadata(self) -> dict[str, Any]:
         tokenizer_path = self.tokenizer_path()

@@ -272,6 +272,18 @@ def write_confusion_image(writer: MetricsWriter, task: Task, variables: Any, arr
         writer.image("final_eval", "confusion_matrix", plot.confusion_figure(matrix, names, title), step)
 
 
+def write_sample_captions(writer: MetricsWriter, task: Task, variables: Any, arrays: Arrays, *, step: int) -> None:
+    """A captioner's greedy captions of a few evaluation images (`sample_captions`) as TensorBoard text: split
+    "final_eval", tag "sample_captions", one Markdown line per image. Nothing for other tasks or without TensorBoard.
+    Every process decodes (the variables span them all); process 0 writes."""
+    if not hasattr(task, "sample_captions") or writer.tensorboard_dir is None:
+        return
+    samples = task.sample_captions(variables, arrays)
+    if writer.enabled:
+        writer.text("final_eval", "sample_captions",
+                    "\n\n".join(f"**{name}**: {caption or '(empty)'}" for name, caption in samples), step)
+
+
 def profile_window(value: str | tuple | list | None) -> tuple[int, int] | None:
     """config.profile_steps as (first, last) global steps to trace, or None: "START,END" (or a pair) with
     0 <= START < END; empty means no profiling."""
@@ -530,6 +542,7 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
                       "tta": tta, **final_eval})
         write_confusion_image(writer, task, state.variables, eval_arrays, batch_size=config.eval_batch_size,
                               tta=tta, step=total_steps)
+        write_sample_captions(writer, task, state.variables, eval_arrays, step=total_steps)
     if writer.enabled:
         writer.flush()
         plot.plot_run(workdir)
