@@ -94,3 +94,15 @@ def test_classifier_run_writes_its_final_confusion_matrix_to_tensorboard(tmp_pat
     with picture(value) as image:
         assert min(image.size) > 300 and image.size == (value.image.width, value.image.height)
     assert found["accuracy"][0][1].simple_value == np.float32(result.final_eval["accuracy"])   # beside the scalars
+
+
+def test_a_phase_after_training_replaces_the_stale_step_figures_on_the_bar():
+    from tqdm import tqdm
+    out = io.StringIO()
+    bar = tqdm(total=750, file=out)
+    bar.update(750)
+    bar.set_postfix(loss="0.1234", acc="0.900")
+    loop.show_phase(bar, "calibrating", {"images": np.zeros((5000, 2, 2, 3), np.uint8), "labels": np.zeros(5000)})
+    assert bar.desc.startswith("calibrating") and bar.postfix == "5000 images"
+    bar.close()
+    assert "calibrating" in out.getvalue().splitlines()[-1].split("\r")[-1]

@@ -272,6 +272,13 @@ def write_confusion_image(writer: MetricsWriter, task: Task, variables: Any, arr
         writer.image("final_eval", "confusion_matrix", plot.confusion_figure(matrix, names, title), step)
 
 
+def show_phase(bar, phase: str, arrays: Arrays) -> None:
+    """Names what the run does now on the progress bar, replacing the last training step's figures (which would
+    read as current) with the number of images this phase goes through."""
+    bar.set_description(phase)
+    bar.set_postfix_str(f"{num_examples(arrays)} images", refresh=True)
+
+
 def write_sample_captions(writer: MetricsWriter, task: Task, variables: Any, arrays: Arrays, *, step: int) -> None:
     """A captioner's greedy captions of a few evaluation images (`sample_captions`) as TensorBoard text: split
     "final_eval", tag "sample_captions", one Markdown line per image. Nothing for other tasks or without TensorBoard.
@@ -506,7 +513,7 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
             stop = not last and signals.stop_requested(done)
             if last and eval_arrays is not None and hasattr(task, "calibrate"):
                 step_metrics.check()
-                bar.set_description("calibrating")
+                show_phase(bar, "calibrating", eval_arrays)
                 calibrated = task.calibrate(state.variables, eval_arrays, batch_size=config.eval_batch_size)
             if checkpointer.should_save(done, last=last) or stop:
                 step_metrics.check()
@@ -520,7 +527,7 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
             if eval_arrays is not None and epoch_end and not last and config.eval_every_epochs and \
                     (done // steps_per_epoch) % config.eval_every_epochs == 0:
                 step_metrics.check()
-                bar.set_description("evaluating")
+                show_phase(bar, "evaluating", eval_arrays)
                 record = evaluate_arrays(task, state.variables, eval_arrays, mesh,
                                          batch_size=config.eval_batch_size, tta=False, eval_fn=eval_fn)
                 writer.write({"step": done, "epoch": done / steps_per_epoch, "split": "eval", **record})
@@ -533,7 +540,7 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
 
     final_eval = None
     if eval_arrays is not None:
-        bar.set_description("final evaluation")
+        show_phase(bar, "final evaluation", eval_arrays)
         tta = uses_tta(config)
         final_eval = evaluate_arrays(task, state.variables, eval_arrays, mesh, batch_size=config.eval_batch_size,
                                      tta=tta)
