@@ -5,6 +5,8 @@
         --decoding sample --top-p 0.9 --num-captions 3 --seed 1
     python infer.py assemble --classifier runs/cifar10 --lm path/to/model.gguf|DIR|hub-name --out CKPT [--tokenizer DIR]
     python infer.py assemble --captioner runs/mycaptioner --out CKPT
+    python infer.py --checkpoint CKPT photos/ --output captions.jsonl --shard $SLURM_ARRAY_TASK_ID/10   # on 10 machines
+    python infer.py merge --output captions.jsonl [--html captions.html] [--remove-parts]            # then once
 
 Inputs are image files, folders (searched recursively; files without an image extension are skipped, with a
 warning unless they are sidecar files such as captions.jsonl or notes.txt), glob patterns, or a tfds split written
@@ -21,6 +23,13 @@ written so far are kept). JAX's persistent compilation
 cache (--compilation-cache) makes a second run skip compiling. --dtype picks the compute precision (auto: bfloat16
 on GPU/TPU, float32 on CPU; the checkpoint's float32 parameters serve either).
 
+Without JAX coordination (a SLURM array, a batch queue), --shard=i/N (0 <= i < N) captions shard i of N of the
+inputs: whole batches of the full run (those whose index b has b % N == i, with its batch size and random keys), so
+its records are the full run's. With --output captions.jsonl it writes captions.shard-0000i-of-0000N.jsonl (lock,
+run options and resuming as any output; the run options name the shard). `infer.py merge --output captions.jsonl`
+then writes captions.jsonl (and its run options) as one unsharded run writes it, in input order, once every part is
+complete (else one line names the missing and incomplete parts); the parts are kept unless --remove-parts.
+
 This module only reads flags and prints: the work is `imgllm.pipeline.caption_files` (importable, documented there).
 """
 
@@ -31,6 +40,7 @@ import difflib
 import importlib
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -39,7 +49,7 @@ from absl import logging
 from imgllm import cli
 from imgllm.data.images import DEFAULT_MAX_PIXELS
 from imgllm.pipeline import DEFAULT_COMPILATION_CACHE, DecodingOptions, caption_files, expand_inputs
-from imgllm.pipeline.batch import STDOUT
+from imgllm.pipeline.batch import STDOUT, merge_parts
 from imgllm.pipeline.caption import CLASSIFIERS, LM_SCORINGS
 from imgllm.pipeline.checkpoint import check_replaceable
 from imgllm.pipeline.records import OutputError, score_records
@@ -48,6 +58,7 @@ from imgllm.precision import DTYPE_CHOICES
 INTERRUPTED_STATUS = 130   # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 # The trainer's modules that `assemble` needs, loaded only by that command: they add seconds to a caption run's start.
 EXPORT_MODULE = "imgllm.train.export"
+SHARD_FLAG = re.compile(r"(\d+)/(\d+)")   # --shard=i/N
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -106,7 +117,7 @@ def run_captions(args: argparse.Namespace) -> int:
                             lm_templates=split_list(args.lm_templates, "|", "--lm-templates"),
                             lm_scoring=args.lm_scoring, workers=args.workers, data_dir=args.data_dir,
                             compilation_cache=args.compilation_cache, progress=not args.quiet, dtype=args.dtype,
-                            max_pixels=args.max_pixels or None, references=args.references)
+                            max_pixels=args.max_pixels or None, references=args.references, shard=args.shard)
     succeeded, failed, scored = 0, 0, []
     try:
         for record in records:
@@ -119,11 +130,42 @@ def run_captions(args: argparse.Namespace) -> int:
         return cli.USAGE_STATUS
     if args.references:
         print(json.dumps({"scores": score_records(scored, args.references, lm_label_names=lm_labels)}), file=sys.stderr)
+    if args.shard is not None and succeeded + failed == 0:   # more shards than batches: an empty part, not a failure
+        print(f"infer.py: shard {args.shard[0]}/{args.shard[1]} holds no images (fewer batches than shards)",
+              file=sys.stderr)
+        return 0
     if succeeded == 0:
         print("infer.py: no image could be captioned (see the error records)", file=sys.stderr)
         return 1
     if failed:
         print(f"infer.py: {failed} of {succeeded + failed} images failed (see their error records)", file=sys.stderr)
+    return 0
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """--shard's value "i/N" as (i, N) with 0 <= i < N (None stays None); raises ValueError naming the flag."""
+    if text is None:
+        return None
+    match = SHARD_FLAG.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"--shard={text}: write the shard as i/N, 0 <= i < N (e.g. --shard=0/4 ... --shard=3/4)")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1:
+        raise ValueError(f"--shard={text}: the count N must be >= 1")
+    if index >= count:
+        raise ValueError(f"--shard={text}: the shard index must be below the count (0/{count} to {count - 1}/{count})")
+    return index, count
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """The merge command: the output from its shards' parts (`merge_parts`); 2, with one line, when it cannot."""
+    try:
+        records = merge_parts(args.output, html=args.html, remove_parts=args.remove_parts)
+    except OutputError as error:
+        print(f"infer.py: error: merge: {error}", file=sys.stderr)
+        return cli.USAGE_STATUS
+    failed = sum("error" in record for record in records)
+    print(f"infer.py: merged {len(records)} records ({failed} errors) into {args.output}", file=sys.stderr)
     return 0
 
 
@@ -165,8 +207,8 @@ def run_assemble(args: argparse.Namespace) -> int:
 
 def caption_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="infer.py", description="Caption images with a pipeline checkpoint.",
-                           epilog="Other command: infer.py assemble --help. Flags may also be written "
-                                  "with underscores (--batch_size); --debug shows tracebacks.",
+                           epilog="Other commands: infer.py assemble --help, infer.py merge --help. Flags may "
+                                  "also be written with underscores (--batch_size); --debug shows tracebacks.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files, folders, glob patterns, or tfds:NAME:SPLIT")
     parser.add_argument("--checkpoint", required=True, help="pipeline checkpoint directory (infer.py assemble)")
@@ -225,7 +267,23 @@ def caption_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="an image with more pixels (read from its header) gets an error record instead of "
                              "being decoded: a guard against decompression bombs (0: no limit)")
+    parser.add_argument("--shard", default=None,
+                        help="i/N: caption only shard i (0 <= i < N) of N of the inputs (whole batches of the full "
+                             "run, same records), into the part OUTPUT-stem.shard-0000i-of-0000N.suffix; join the "
+                             "parts with infer.py merge (e.g. --shard=$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
+    return parser
+
+
+def merge_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="infer.py merge",
+                           description="Write the output of a run split with --shard=i/N from its N parts, as one "
+                                       "unsharded run writes it (in input order), once every part is complete.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output", "-o", required=True, help="the --output the shards were given")
+    parser.add_argument("--html", default=None, help="also write the HTML page of the records")
+    parser.add_argument("--remove-parts", action="store_true",
+                        help="delete the parts and their run options once the output is written")
     return parser
 
 
@@ -265,9 +323,15 @@ def run(argv: list[str]) -> int:
     """The command `argv` names (caption, the default, or assemble); returns the exit status."""
     if argv and argv[0] == "assemble":
         return run_assemble(assemble_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "merge":
+        return run_merge(merge_parser().parse_args(argv[1:]))
     if argv and argv[0] == "caption":
         argv = argv[1:]
     args = caption_parser().parse_args(argv)
+    args.shard = parse_shard(args.shard)
+    if args.shard is not None and args.html:
+        raise ValueError("--html with --shard: each shard writes a part of the output; write the page when merging "
+                         "(infer.py merge --output OUTPUT --html PAGE)")
     if args.batch_size < 1 or args.num_captions < 1:
         raise ValueError("--batch-size and --num-captions must be >= 1")
     if args.decoding == "beam" and args.num_captions > args.num_beams:

@@ -15,6 +15,11 @@ fold_in(seed, i)). A file that cannot be read gives an error record and the run 
 An output file is held by one run at a time (`imgllm.pipeline.records.OutputLock`, `<output>.lock`), and the
 options that shape its records are kept beside it (`run_options`, `<output>.run.json`): resuming with other ones is
 refused (`OutputError`) rather than mixing two runs' records in one file.
+
+Without JAX coordination (a SLURM array, a batch queue), `caption_files(..., shard=(i, N))` runs on each machine:
+shard i captions the batches b of the full input list with b % N == i (same batch size, same keys fold_in(seed, b))
+into its own part of the output (`imgllm.pipeline.records.part_path`, resumable as any output), and `merge_parts`
+writes the output one unsharded run writes, records and run options alike, once every part is complete.
 """
 
 from __future__ import annotations
@@ -40,21 +45,44 @@ from imgllm.language.decoding import GenerationConfig
 from imgllm.pipeline.caption import PipelineSpec, compile_captioner, inference_params, place_images, place_params
 from imgllm.pipeline.checkpoint import PipelineCheckpoint, load_pipeline, read_params_shapes, read_pipeline_params
 from imgllm.pipeline.gallery import GalleryHeader, write_gallery
-from imgllm.pipeline.inputs import DEFAULT_MAX_PIXELS, Batch, Item, expand_inputs, plan_batches, prefetch_batches
+from imgllm.pipeline.inputs import (
+    DEFAULT_MAX_PIXELS,
+    TFDS_PREFIX,
+    Batch,
+    Item,
+    check_shard,
+    expand_inputs,
+    inputs_fingerprint,
+    plan_batches,
+    prefetch_batches,
+    shard_item_index,
+    shard_items,
+)
 from imgllm.pipeline.records import (
     LOCK_SUFFIX,
     RECORD_FORMATS,
     RUN_OPTIONS_SUFFIX,
+    OutputError,
     OutputLock,
     RecordFile,
+    changed_run_options,
     check_distinct_paths,
+    check_recognised_output,
     check_writable,
+    find_parts,
     format_for_path,
     make_records,
+    part_path,
+    part_positions,
+    part_shard_problem,
     path_identity,
     prepare_output,
     read_references,
+    read_run_options,
     score_records,
+    shard_run_options,
+    unsharded_run_options,
+    write_run_options,
 )
 from imgllm.precision import resolve_dtype
 
@@ -139,7 +167,8 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
                   lm_templates: Sequence[str] | None = None, lm_scoring: str = "likelihood", workers: int = 4,
                   data_dir: str | None = None, compilation_cache: str | None = None,
                   progress: bool = False, dtype: str = "auto",
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS, references: str | None = None) -> Iterator[dict]:
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, references: str | None = None,
+                  shard: tuple[int, int] | None = None) -> Iterator[dict]:
     """Captions images; yields one record per image (`imgllm.pipeline.records`), in output order.
 
     checkpoint: a pipeline checkpoint directory (its weights are read in a thread while the captioner compiles
@@ -171,6 +200,12 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
     float32 on CPU), "float32" or "bfloat16" (`imgllm.precision`; the parameters are read as stored, float32).
     max_pixels: an image with more pixels than this (read from its header, before decoding) gets an error record
     instead of filling memory (None: no limit).
+    shard: (i, N) to caption only shard i of N (0 <= i < N) of the input list, for N processes without JAX
+    coordination: the batches b (of batch_size, rounded as for the whole list) with b % N == i, each drawing
+    fold_in(seed, b) as in one run, so its records are that run's. An output file becomes its part
+    (`imgllm.pipeline.records.part_path`: captions.jsonl → captions.shard-00003-of-00010.jsonl), locked, resumed
+    and refused with other options (another shard among them) as an output is; `merge_parts` joins the parts.
+    No html with a shard: merge_parts writes the page.
 
     Nothing runs until the first record is asked for; the lock is held until the iteration ends or the generator is
     closed (`close()`, or its garbage collection). A failed image gives {"path", "error"}; count the records
@@ -182,25 +217,31 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
         raise ValueError(f"seed must fit in 64 bits (-2**63 <= seed < 2**63), got {seed}")
     if fmt is not None and fmt not in RECORD_FORMATS:
         raise ValueError(f"fmt must be one of {RECORD_FORMATS}, got {fmt!r}")
+    shard = check_shard(shard)
+    if shard is not None and html:
+        raise ValueError("html with shard: each shard writes a part of the output; write the page when merging the "
+                         "parts (merge_parts(output, html=...), infer.py merge --html)")
     dtype = resolve_dtype(dtype)  # once, here: a bad name fails before anything runs
     return _caption_files(checkpoint, inputs, output=output, fmt=fmt, html=html, resume=resume,
                           retry_errors=retry_errors, batch_size=batch_size, seed=seed, decoding=decoding,
                           template=template, top_labels=top_labels, tta=tta, lm_classify=lm_classify,
                           classify=classify, lm_labels=lm_labels, lm_templates=lm_templates, lm_scoring=lm_scoring,
                           workers=workers, data_dir=data_dir, compilation_cache=compilation_cache, progress=progress,
-                          dtype=dtype, max_pixels=max_pixels, references=references)
+                          dtype=dtype, max_pixels=max_pixels, references=references, shard=shard)
 
 
 def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_errors, batch_size, seed, decoding,
                    template, top_labels, tta, lm_classify, classify, lm_labels, lm_templates, lm_scoring, workers,
                    data_dir, compilation_cache,
-                   progress, dtype, max_pixels, references) -> Iterator[dict]:
+                   progress, dtype, max_pixels, references, shard) -> Iterator[dict]:
     enable_compilation_cache(compilation_cache)
     page_references = None
     if html:
         check_writable(html, "the HTML page")
         page_references = read_references(references) if references else None
     path = None if output is None or output == STDOUT else os.fspath(output)
+    if path is not None and shard is not None:
+        path = part_path(path, shard)   # each shard writes its own part, with its own lock and run options
     with OutputLock(path) if path is not None else contextlib.nullcontext():
         items = expand_inputs(inputs, data_dir=data_dir)
         if not items:
@@ -226,42 +267,54 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_error
         options = None if path is None and not html else run_options(   # kept beside the output, shown on the page
             loaded, decoding, fmt=record_file.format if record_file else "jsonl", batch_size=batch_size, seed=seed,
             template=template, top_labels=spec.top_k, tta=tta, lm_classify=lm_classify, dtype=dtype, spec=spec)
+        if options is not None and shard is not None:
+            options = shard_run_options(options, shard, batch_size=batch_size, inputs=inputs_fingerprint(items),
+                                        paths=[item.key for item in shard_items(items, batch_size, shard)])
         if path is not None:  # checked and recorded before anything is compiled
             retry = {item.key for item in items} if retry_errors else ()
             previous = prepare_output(record_file, options, resume=resume, retry=retry)
         yield from previous
         new_records: list[dict] | None = [] if html else None   # the page shows previous + new records
         for record in caption_pending(loaded, spec, mesh, items, previous, record_file, batch_size=batch_size,
-                                      seed=seed, workers=workers, progress=progress, max_pixels=max_pixels):
+                                      seed=seed, workers=workers, progress=progress, max_pixels=max_pixels,
+                                      shard=shard):
             if new_records is not None:
                 new_records.append(record)
             yield record
         if html:
             shown = previous + new_records
-            header = GalleryHeader(
-                checkpoint=options["checkpoint"], checkpoint_id=options["checkpoint_id"],
-                decoding={k: v for k, v in options.items()
-                          if k not in ("checkpoint", "checkpoint_id", "format", "cwd")},
-                scores=score_records(shown, references, lm_label_names=spec.lm_label_names) if references else None)
+            header = gallery_header(options, score_records(shown, references, lm_label_names=spec.lm_label_names)
+                                    if references else None)
             write_gallery(html, shown, {item.key: item for item in items}, header=header, references=page_references,
                           lm_label_names=spec.lm_label_names)
 
 
+def gallery_header(options: Mapping[str, Any], scores: Mapping[str, Any] | None = None) -> GalleryHeader:
+    """The header of a run's gallery from its run options (`run_options`) and scores (`score_records`)."""
+    return GalleryHeader(checkpoint=options["checkpoint"], checkpoint_id=options["checkpoint_id"],
+                         decoding={k: v for k, v in options.items()
+                                   if k not in ("checkpoint", "checkpoint_id", "format", "cwd")},
+                         scores=scores)
+
+
 def caption_pending(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, items: list[Item], previous: list[dict],
                     record_file: RecordFile | None, *, batch_size: int, seed: int, workers: int,
-                    progress: bool, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[dict]:
+                    progress: bool, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                    shard: tuple[int, int] | None = None) -> Iterator[dict]:
     """Captions the items without a record in `previous` and yields their records, each batch's once it is written
     to `record_file` (when given). With `progress`, says on stderr what it is doing before the first image (how
-    many are already done, loading and compiling), then shows a bar."""
+    many are already done, loading and compiling), then shows a bar. shard (i, N): only the batches of shard i of N
+    (`plan_batches`), keeping their index in the full list (and so their random key)."""
     written_from = record_file.written_from if record_file is not None else os.getcwd()
     captioned = {path_identity(record["path"], written_from) for record in previous}
     cwd = os.getcwd()
     done = {item.key for item in items if path_identity(item.key, cwd) in captioned}
-    pending = plan_batches(items, done, batch_size)
+    pending = plan_batches(items, done, batch_size, shard)
     todo = sum(item.key not in done for _, chunk in pending for item in chunk)
+    total = len(items) if shard is None else len(shard_items(items, batch_size, shard))
     say = (lambda message: print(f"imgllm: {message}", file=sys.stderr, flush=True)) if progress else (lambda _: None)
     if previous:
-        say(f"{len(items) - todo} of {len(items)} images already done in the output")
+        say(f"{total - todo} of {total} images already done in the output")
     if pending:
         say(f"loading the checkpoint and compiling the captioner for batches of {batch_size}")
     captioner, params = compile_and_place(loaded, spec, mesh, batch_size) if pending else (None, None)
@@ -408,6 +461,146 @@ def batch_records(loaded: PipelineCheckpoint, batch: Batch, result: Mapping[str,
     return make_records(batch, result, loaded.class_names, captions, lm_label_names=lm_label_names)
 
 
-__all__ = ["DECODING_METHODS", "DEFAULT_COMPILATION_CACHE", "DecodingOptions", "STDOUT", "batch_records",
-           "caption_files", "caption_pending", "captioned_batches", "checkpoint_identity", "compile_and_place",
-           "directory_identity", "enable_compilation_cache", "generation_config", "run_options"]
+# ----------------------------------------------------------------------------------------------- shards' parts
+
+
+@dataclasses.dataclass
+class Part:
+    """A shard's part of an output as `read_part` finds it: `problem` ("absent", "7 of 9 images", ...) is None when
+    it is complete; its run options, its records and their positions among the shard's images (`part_positions`)."""
+
+    path: str
+    shard: tuple[int, int]
+    problem: str | None
+    options: dict | None = None
+    records: list[dict] = dataclasses.field(default_factory=list)
+    positions: list[int] = dataclasses.field(default_factory=list)
+
+
+def merge_parts(output: str | os.PathLike, *, html: str | None = None, remove_parts: bool = False) -> list[dict]:
+    """Writes `output` from the parts its shards wrote (`caption_files(..., shard=(i, N))`) and returns its records:
+    the records, in input order, and the run options one unsharded run writes, the records file atomically.
+
+    The parts are found beside `output` (`find_parts`): all must be of one N, present and complete, and made with
+    the same options and inputs, else OutputError names each part that is missing or incomplete (with its counts),
+    and nothing is written. Each part is read under its lock (a shard still running is refused). An existing
+    output is replaced when it is a records file (never another file). html: also the page of the records
+    (`write_gallery`; checked before). remove_parts: delete the parts and their run options once the output is
+    written; they are kept otherwise (merging again gives the same output).
+    """
+    output = os.fspath(output)
+    if html:
+        check_writable(html, "the HTML page")
+    count = parts_count(output)
+    paths = [part_path(output, (index, count)) for index in range(count)]
+    check_distinct_paths({"the output": output, "the HTML page": html, "the output's lock": output + LOCK_SUFFIX,
+                          "the output's run options": output + RUN_OPTIONS_SUFFIX},
+                         {"a part": paths + [path + RUN_OPTIONS_SUFFIX for path in paths]})
+    parts = [read_part(path, (index, count)) for index, path in enumerate(paths)]
+    problems = [f"{part.path} ({part.problem})" for part in parts if part.problem]
+    if problems:
+        raise OutputError(f"cannot merge {output}: {len(problems)} of {count} parts missing or incomplete: "
+                          f"{'; '.join(problems)}; run (or resume) those shards, then merge again")
+    options = agreed_options(parts)
+    records = records_in_input_order(parts)
+    with OutputLock(output):
+        check_recognised_output(output, options["format"])
+        RecordFile(output, options["format"], options["top_labels"], options["num_captions"]).rewrite(records)
+        write_run_options(output + RUN_OPTIONS_SUFFIX, options)
+    if html:
+        write_gallery(html, records, gallery_items(records, options.get("cwd")), header=gallery_header(options),
+                      lm_label_names=options.get("lm_labels"))
+    if remove_parts:
+        for path in paths:
+            delete_part(path)
+    return records
+
+
+def parts_count(output: str) -> int:
+    """N of the parts beside `output` (`find_parts`); raises OutputError when there is none, or parts of several N
+    (naming the first part of each)."""
+    found = find_parts(output)
+    counts = sorted({count for _, count in found})
+    if not counts:
+        raise OutputError(f"no parts of {output} to merge (shard i of N writes its part beside it, such as "
+                          f"{part_path(output, (0, 2))} for shard 0 of 2)")
+    if len(counts) > 1:
+        runs = [f"{sum(n == count for _, n in found)} of {count} ({min(p for (_, n), p in found.items() if n == count)}"
+                f"{', ...' if sum(n == count for _, n in found) > 1 else ''})" for count in counts]
+        raise OutputError(f"parts of {output} from runs of different shard counts are beside it ({'; '.join(runs)}): "
+                          "remove the parts of the run not to merge")
+    return counts[0]
+
+
+def read_part(path: str, shard: tuple[int, int]) -> Part:
+    """Shard (i, N)'s part at `path`, read under its lock (`OutputLock`: a shard still running is refused): why it
+    cannot be merged (absent, not that shard's run options, images missing), or its records and their positions."""
+    if not os.path.exists(path):
+        return Part(path, shard, "absent")
+    with OutputLock(path, advice="wait for that shard to end, then merge"):
+        options = read_run_options(path + RUN_OPTIONS_SUFFIX)
+        problem = part_shard_problem(options, shard)
+        if problem:
+            return Part(path, shard, problem, options)
+        records = RecordFile(path, options["format"], options["top_labels"], options["num_captions"]).read_records()
+    positions = part_positions(path, records, options["shard_paths"])
+    images = options["shard"]["images"]
+    problem = None if len(records) == images else f"{len(records)} of {images} images"
+    return Part(path, shard, problem, options, records, positions)
+
+
+def comparable_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A part's run options less what differs from shard to shard (its index, its number of images, their keys)."""
+    shard = {name: value for name, value in options["shard"].items() if name not in ("index", "images")}
+    return {**unsharded_run_options(options), "shard": shard}
+
+
+def agreed_options(parts: Sequence[Part]) -> dict[str, Any]:
+    """The run options one unsharded run records (the first part's less its shard), when every part was made with
+    the same options and inputs; else raises OutputError naming the part and what differs."""
+    first = comparable_options(parts[0].options)
+    for part in parts[1:]:
+        changes = changed_run_options(first, comparable_options(part.options))
+        if changes:
+            raise OutputError(f"{part.path} was written with other options or inputs than {parts[0].path} "
+                              f"({'; '.join(changes)}): run that shard again as the others (--no-resume), then merge")
+    return unsharded_run_options(parts[0].options)
+
+
+def records_in_input_order(parts: Sequence[Part]) -> list[dict]:
+    """The records of complete parts of one run (`agreed_options`) in input order: the record at position q of
+    shard (i, N) is input `shard_item_index(q, (i, N), batch_size)`. Raises OutputError when they do not fit."""
+    ordered: list[dict | None] = [None] * sum(len(part.records) for part in parts)
+    for part in parts:
+        batch_size = part.options["shard"]["batch_size"]
+        for record, position in zip(part.records, part.positions):
+            index = shard_item_index(position, part.shard, batch_size)
+            if index >= len(ordered) or ordered[index] is not None:
+                raise OutputError(f"{part.path}: its records do not fit the other parts' input list; run that shard "
+                                  "again as the others (--no-resume), then merge")
+            ordered[index] = record
+    return ordered
+
+
+def gallery_items(records: Sequence[Mapping[str, Any]], cwd: str | None) -> dict[str, Item]:
+    """How the page reads the records' images from any folder: a relative file path from `cwd`, where the records
+    were written (a tfds image is not read: its card has no thumbnail)."""
+    if not cwd:
+        return {}
+    return {record["path"]: Item(os.path.join(cwd, record["path"])) for record in records
+            if not record["path"].startswith(TFDS_PREFIX) and not os.path.isabs(record["path"])}
+
+
+def delete_part(path: str) -> None:
+    """Removes a part and its run options, under its lock."""
+    with OutputLock(path, advice="wait for that shard to end"):
+        for name in (path, path + RUN_OPTIONS_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(name)
+
+
+__all__ = ["DECODING_METHODS", "DEFAULT_COMPILATION_CACHE", "DecodingOptions", "Part", "STDOUT", "agreed_options",
+           "batch_records", "caption_files", "caption_pending", "captioned_batches", "checkpoint_identity",
+           "compile_and_place", "delete_part", "directory_identity", "enable_compilation_cache", "gallery_header",
+           "gallery_items", "generation_config", "merge_parts", "parts_count", "read_part", "records_in_input_order",
+           "run_options"]

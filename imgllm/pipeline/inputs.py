@@ -2,12 +2,15 @@
 
     expand_inputs     input specs → `Item`s, in order, one per real image
     glob_once         `glob.glob(pattern, recursive=True)`, sorted, entering each real folder once
-    plan_batches      items → (batch index, items) over the full list, minus the batches already done
+    plan_batches      items → (batch index, items) over the full list, minus the batches already done (and, for
+                      a shard, minus the other shards' batches)
+    shard_items       the items of shard i of N: the batches whose index b has b % N == i, in order
     prefetch_batches  those batches decoded in a background thread (a thread pool per file), `depth` ahead
 
 A batch's index is its position in the full input list, so batch i always holds the same items and draws the same
-random key: a resumed run gives the records an uninterrupted one gives. A file that cannot be read becomes an
-error string of its batch (its pixel row stays zero), never an exception.
+random key: a resumed run gives the records an uninterrupted one gives, and so does shard i of N (it runs whole
+batches of the full list, keeping their index; `shard_item_index` maps its items back to their input position). A
+file that cannot be read becomes an error string of its batch (its pixel row stays zero), never an exception.
 
 Nothing read from disk is trusted to be finite or small: folder walks and `**` patterns follow symlinked folders
 but enter each real folder once (a link to a parent cannot loop), and images are decoded only up to `max_pixels`
@@ -20,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import fnmatch
 import glob
+import hashlib
 import os
 import queue
 import threading
@@ -218,13 +222,61 @@ def _folder_images(folder: str) -> list[str]:
     return list_image_files(folder, recursive=True, quiet_extensions=SIDECAR_EXTENSIONS)
 
 
-def plan_batches(items: list[Item], done: set[str], batch_size: int) -> list[tuple[int, list[Item]]]:
+def plan_batches(items: list[Item], done: set[str], batch_size: int,
+                 shard: tuple[int, int] | None = None) -> list[tuple[int, list[Item]]]:
     """Batches over the full input list (so batch i always holds the same items and key), minus finished ones.
 
     A batch is run when any of its items is missing from the output; only the missing ones are written.
+    shard (i, N): only the batches of shard i of N (`shard_batches`), with their index in the full list.
     """
-    batches = [(start // batch_size, items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
-    return [(index, chunk) for index, chunk in batches if any(item.key not in done for item in chunk)]
+    return [(index, chunk) for index, chunk in shard_batches(items, batch_size, shard)
+            if any(item.key not in done for item in chunk)]
+
+
+def shard_batches(items: Sequence[Item], batch_size: int,
+                  shard: tuple[int, int] | None = None) -> list[tuple[int, list[Item]]]:
+    """(batch index, items) of the full input list cut in batches of `batch_size`; with shard (i, N), only the
+    batches whose index b has b % N == i (None: every batch)."""
+    batches = [(start // batch_size, list(items[start:start + batch_size]))
+               for start in range(0, len(items), batch_size)]
+    if shard is None:
+        return batches
+    index, count = shard
+    return [(b, chunk) for b, chunk in batches if b % count == index]
+
+
+def shard_items(items: Sequence[Item], batch_size: int, shard: tuple[int, int] | None) -> list[Item]:
+    """The items shard (i, N) captions, in the order it writes them (every item when shard is None)."""
+    return [item for _, chunk in shard_batches(items, batch_size, shard) for item in chunk]
+
+
+def shard_item_index(position: int, shard: tuple[int, int], batch_size: int) -> int:
+    """The position in the full input list of the `position`-th item of shard (i, N) (`shard_items`): its batch is
+    the shard's (position // batch_size)-th, batch i + N * that of the full list. Only the full list's last batch
+    may be short, and it is the last of its shard, so the rule holds for every item."""
+    index, count = shard
+    return ((position // batch_size) * count + index) * batch_size + position % batch_size
+
+
+def check_shard(shard: Any) -> tuple[int, int] | None:
+    """`shard` as (i, N) with 0 <= i < N, or None; raises ValueError naming a bad one."""
+    if shard is None:
+        return None
+    try:
+        index, count = shard
+    except (TypeError, ValueError):
+        raise ValueError(f"shard must be (index, count) or None, got {shard!r}") from None
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (index, count)) or not 0 <= index < count:
+        raise ValueError(f"shard must be (index, count) with integers 0 <= index < count, got {shard!r}")
+    return index, count
+
+
+def inputs_fingerprint(items: Sequence[Item]) -> str:
+    """A short hash of the input list (its keys, in order): what fixes the batches, and so each shard's images."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item.key.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()[:16]
 
 
 @dataclasses.dataclass
@@ -304,6 +356,7 @@ def prefetch_batches(pending: list[tuple[int, list[Item]]], batch_size: int, siz
         thread.join(timeout=5)
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "SIDECAR_EXTENSIONS", "TFDS_PREFIX", "Batch", "Item", "expand_inputs",
-           "file_identity", "glob_once", "load_batch", "one_item_per_image", "plan_batches", "prefetch_batches",
-           "symlinks_on_path", "tfds_items"]
+__all__ = ["DEFAULT_MAX_PIXELS", "SIDECAR_EXTENSIONS", "TFDS_PREFIX", "Batch", "Item", "check_shard",
+           "expand_inputs", "file_identity", "glob_once", "inputs_fingerprint", "load_batch", "one_item_per_image",
+           "plan_batches", "prefetch_batches", "shard_batches", "shard_item_index", "shard_items", "symlinks_on_path",
+           "tfds_items"]

@@ -18,6 +18,11 @@ probability), error.
 Beside an output file `<output>` a run keeps `<output>.lock` (`OutputLock`: one run at a time) and
 `<output>.run.json` (the options that shaped its records: `prepare_output` refuses to resume with others).
 Nothing read back is trusted: a line that is not a record is named by file and line number (`OutputError`).
+
+Shard i of N of a run on `captions.jsonl` writes its part `captions.shard-0000i-of-0000N.jsonl` (`part_path`: the
+format's suffix kept, so it is read, skipped in a folder and locked as any output), with its own lock and run options;
+those add "shard" (index, count, images, batch size, inputs fingerprint) and "shard_paths" (its images' keys, in
+the order it captions them), from which `merge_parts` (`imgllm.pipeline.batch`) puts the records back in input order.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 TEXT_COLUMN = re.compile(r"^(path|error|lm_label|label_\d+|caption_\d+)$")
 FIRST_LINE_LIMIT = 1 << 20        # bytes of an existing output read to recognise it as a records file
 START_OVER = "pass --no-resume (resume=False) to start over"
+SHARD_OPTIONS = ("shard", "shard_paths")   # what a part's run options add to an unsharded run's (`shard_run_options`)
+PART_NAME = re.compile(r"\.shard-(\d+)-of-(\d+)$")  # the tag `part_path` puts before an output's suffix
 
 
 class OutputError(RuntimeError):
@@ -89,11 +96,17 @@ class RecordFile:
         the file once every whole line has been read as a record.
 
         Raises OutputError naming the file and line of any other line that is not a record (the file untouched)."""
+        records = self.read_records()
+        if self.path is not None and os.path.exists(self.path):
+            truncate_partial_line(self.path)
+        return records
+
+    def read_records(self) -> list[dict]:
+        """The whole records of the output file ([] when there is none), the file untouched: a partly written last
+        line is left out. Raises OutputError naming the file and line of any other line that is not a record."""
         if self.path is None or not os.path.exists(self.path):
             return []
-        records = self._read_jsonl() if self.format == "jsonl" else self._read_csv()
-        truncate_partial_line(self.path)
-        return records
+        return self._read_jsonl() if self.format == "jsonl" else self._read_csv()
 
     def _read_jsonl(self) -> list[dict]:
         records = []
@@ -489,11 +502,12 @@ def write_atomically(path: str, write: Callable[[Any], Any]) -> None:
 
 
 def changed_run_options(recorded: Mapping[str, Any], current: Mapping[str, Any],
-                        informational: Collection[str] = ("checkpoint", "cwd")) -> list[str]:
+                        informational: Collection[str] = ("checkpoint", "cwd", "shard_paths")) -> list[str]:
     """"NAME was OLD, now NEW" for each option that differs (absent on one side: "unset"), in `current`'s order.
 
     informational: keys recorded for the reader, not compared ("checkpoint", its path: a moved checkpoint is the
-    same checkpoint, its "checkpoint_id" says whether the weights are; "cwd", the folder relative paths start in)."""
+    same checkpoint, its "checkpoint_id" says whether the weights are; "cwd", the folder relative paths start in;
+    "shard_paths", a part's keys, which its "shard" fingerprints)."""
     def shown(options: Mapping[str, Any], name: str) -> str:
         return json.dumps(options[name], ensure_ascii=False) if name in options else "unset"
 
@@ -544,6 +558,87 @@ def prepare_output(record_file: RecordFile, options: Mapping[str, Any], *, resum
         return kept
     record_file.start_over = dict(options)   # the old file stays until the first records are written (`open`)
     return []
+
+
+# ----------------------------------------------------------------------------------------------- shards and parts
+
+
+def part_path(output: str | os.PathLike, shard: tuple[int, int]) -> str:
+    """The part of `output` that shard (i, N) writes: ".shard-IIIII-of-NNNNN" (zero-padded to 5 digits or more)
+    before the output's suffix, e.g. captions.jsonl → captions.shard-00003-of-00010.jsonl, so that it keeps its
+    format and is skipped as a sidecar file in a folder of images."""
+    index, count = shard
+    stem, suffix = os.path.splitext(os.fspath(output))
+    return f"{stem}.shard-{index:05d}-of-{count:05d}{suffix}"
+
+
+def find_parts(output: str | os.PathLike) -> dict[tuple[int, int], str]:
+    """The parts of `output` on disk (`part_path`), by (i, N): files beside it named as a shard of it."""
+    output = os.fspath(output)
+    directory = os.path.dirname(output)
+    stem, suffix = os.path.splitext(os.path.basename(output))
+    try:
+        names = os.listdir(directory or os.curdir)
+    except OSError:
+        return {}
+    parts = {}
+    for name in names:
+        if not (name.startswith(stem) and name.endswith(suffix)):
+            continue
+        match = PART_NAME.fullmatch(name[len(stem):len(name) - len(suffix)])
+        shard = match and (int(match.group(1)), int(match.group(2)))
+        if shard and shard[0] < shard[1] and part_path(output, shard) == os.path.join(directory, name):
+            parts[shard] = os.path.join(directory, name)
+    return parts
+
+
+def shard_run_options(options: Mapping[str, Any], shard: tuple[int, int], *, batch_size: int, inputs: str,
+                      paths: Sequence[str]) -> dict[str, Any]:
+    """A part's run options: an unsharded run's `options`, plus "shard" (compared on resume: index, count, its
+    number of images, the batch size that cut the input list and the list's fingerprint `inputs`) and
+    "shard_paths" (its images' keys in the order it captions them; read by `merge_parts`, not compared)."""
+    index, count = shard
+    return {**options, "shard": {"index": index, "count": count, "images": len(paths), "batch_size": batch_size,
+                                 "inputs": inputs},
+            "shard_paths": list(paths)}
+
+
+def unsharded_run_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A part's run options less what the shard added (`shard_run_options`): what one unsharded run records."""
+    return {name: value for name, value in options.items() if name not in SHARD_OPTIONS}
+
+
+def part_shard_problem(options: Mapping[str, Any] | None, shard: tuple[int, int]) -> str | None:
+    """Why a part's run options are not those of shard (i, N) (`shard_run_options`), or None when they are."""
+    if options is None:
+        return "has no run options"
+    recorded = options.get("shard")
+    paths = options.get("shard_paths")
+    if not isinstance(recorded, dict) or not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        return "has no shard in its run options"
+    if (recorded.get("index"), recorded.get("count")) != tuple(shard) or recorded.get("images") != len(paths):
+        return (f"records shard {recorded.get('index')}/{recorded.get('count')} of {recorded.get('images')} images, "
+                f"not {shard[0]}/{shard[1]}")
+    counts = [recorded.get("batch_size"), options.get("top_labels"), options.get("num_captions")]
+    if options.get("format") not in RECORD_FORMATS or not all(type(n) is int and n >= 1 for n in counts):
+        return "has run options without its format, batch size, labels or captions per image"
+    return None
+
+
+def part_positions(part: str, records: Sequence[Mapping[str, Any]], paths: Sequence[str]) -> list[int]:
+    """Each record's position among its part's `paths` ("shard_paths": records are written with these keys), in
+    record order. Raises OutputError naming the part and the record when it is not one of them, or repeated."""
+    where = {path: position for position, path in enumerate(paths)}
+    positions, seen = [], set()
+    for record in records:
+        position = where.get(record["path"])
+        if position is None or position in seen:
+            problem = "is not one of its shard's images" if position is None else "is there twice"
+            raise OutputError(f"{part}: the record of {record['path']!r} {problem}; rerun that shard with "
+                              "--no-resume (resume=False)")
+        seen.add(position)
+        positions.append(position)
+    return positions
 
 
 def path_identity(key: str, cwd: str) -> str:
@@ -652,9 +747,10 @@ def score_records(records: Iterable[dict], references_path: str, *,
 
 
 __all__ = ["FIRST_LINE_LIMIT", "LOCK_SUFFIX", "NAME_BYTES", "NON_FINITE_ERROR", "OutputError", "OutputInUseError",
-           "OutputLock", "RECORD_FORMATS", "RUN_OPTIONS_SUFFIX", "RecordFile", "changed_run_options",
-           "check_distinct_paths", "check_recognised_output", "check_run_options", "check_writable", "format_for_path",
-           "json_line", "lm_label_comparable", "make_records", "numbers_are_finite", "path_identity", "plain_text",
-           "prepare_output", "read_references", "read_run_options", "recognised_output", "record_problem",
-           "reference_for", "score_records", "spreadsheet_text", "truncate_partial_line", "whole_lines",
+           "OutputLock", "RECORD_FORMATS", "RUN_OPTIONS_SUFFIX", "RecordFile", "SHARD_OPTIONS", "changed_run_options",
+           "check_distinct_paths", "check_recognised_output", "check_run_options", "check_writable", "find_parts",
+           "format_for_path", "json_line", "lm_label_comparable", "make_records", "numbers_are_finite", "part_path",
+           "part_positions", "part_shard_problem", "path_identity", "plain_text", "prepare_output", "read_references",
+           "read_run_options", "recognised_output", "record_problem", "reference_for", "score_records",
+           "shard_run_options", "spreadsheet_text", "truncate_partial_line", "unsharded_run_options", "whole_lines",
            "write_atomically", "write_run_options"]
