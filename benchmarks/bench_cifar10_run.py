@@ -20,6 +20,7 @@ side: airbench's time and its parts, training images/s and TTA validation accura
     python benchmarks/bench_cifar10_run.py --loop --workdir=runs/cifar10_val  # the whole loop; keep the checkpoint
     python benchmarks/bench_cifar10_run.py --config=cifar10_muon  # airbench94_muon's recipe: Muon, 8 epochs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,11 +48,14 @@ from imgllm.train.state import create_train_state
 from imgllm.train.tasks import build_task
 from imgllm.vision.cnn import PRESETS
 
-DEFAULT_TARBALL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                               "cifar10-train-jpeg.tar.gz")
-REFERENCE = {"airbench94 (A100, torch fp16)": {"epochs": 9.9, "tta_accuracy": 0.9401, "seconds": 3.83},
-             "airbench94_muon (A100)": {"epochs": 8.0, "tta_accuracy": 0.9401, "seconds": 2.59}}
-METRICS_FILE = "metrics.jsonl"      # what train_and_evaluate writes in its work directory
+DEFAULT_TARBALL = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10-train-jpeg.tar.gz"
+)
+REFERENCE = {
+    "airbench94 (A100, torch fp16)": {"epochs": 9.9, "tta_accuracy": 0.9401, "seconds": 3.83},
+    "airbench94_muon (A100)": {"epochs": 8.0, "tta_accuracy": 0.9401, "seconds": 2.59},
+}
+METRICS_FILE = "metrics.jsonl"  # what train_and_evaluate writes in its work directory
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -149,25 +153,48 @@ class JaxRecipe:
         self.steps_per_epoch, self.total_steps = loop.schedule_lengths(loop.num_examples(train_arrays), config)
         init_key, self.state_key = jax.random.split(jax.random.PRNGKey(config.seed))
         self.fresh_variables = jax.device_get(jax.jit(task.init_variables)(init_key))
-        tx = optim.make_optimizer(config.optimizer, self.fresh_variables["params"], total_steps=self.total_steps,
-                                  steps_per_epoch=self.steps_per_epoch, batch_size=config.global_batch_size)
+        tx = optim.make_optimizer(
+            config.optimizer,
+            self.fresh_variables["params"],
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
+            batch_size=config.global_batch_size,
+        )
         use_lookahead = bool(config.get("lookahead") and config.lookahead.get("enabled", False))
         self.init_state = steps.jit_init_state(
-            lambda v, key: create_train_state(v, tx, key, use_lookahead=use_lookahead), self.mesh)
-        self.feed = feed_lib.make_feed(config.get("data_placement", "auto"), train_arrays, self.mesh,
-                                       seed=config.seed, global_batch_size=config.global_batch_size)
+            lambda v, key: create_train_state(v, tx, key, use_lookahead=use_lookahead), self.mesh
+        )
+        self.feed = feed_lib.make_feed(
+            config.get("data_placement", "auto"),
+            train_arrays,
+            self.mesh,
+            seed=config.seed,
+            global_batch_size=config.global_batch_size,
+        )
         self.train_step = steps.jit_train_step(
-            task, tx, self.mesh, steps_per_epoch=self.steps_per_epoch, placement=self.feed.placement,
-            lookahead=optim.lookahead_fn(config.get("lookahead"), steps_per_epoch=self.steps_per_epoch,
-                                         total_steps=self.total_steps))
+            task,
+            tx,
+            self.mesh,
+            steps_per_epoch=self.steps_per_epoch,
+            placement=self.feed.placement,
+            lookahead=optim.lookahead_fn(
+                config.get("lookahead"), steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps
+            ),
+        )
         self.eval_fns = {tta: steps.jit_eval_step(task, self.mesh, tta=tta) for tta in (False, True)}
 
     def evaluate(self, state, *, tta: bool, rows: int | None = None) -> float:
         """Validation accuracy (all rows, or the first `rows`: the same compiled batch shape)."""
         arrays = self.eval_arrays if rows is None else {k: v[:rows] for k, v in self.eval_arrays.items()}
-        return loop.evaluate_arrays(self.task, state.variables, arrays, self.mesh,
-                                    batch_size=self.config.eval_batch_size, tta=tta,
-                                    eval_fn=self.eval_fns[tta])["accuracy"]
+        return loop.evaluate_arrays(
+            self.task,
+            state.variables,
+            arrays,
+            self.mesh,
+            batch_size=self.config.eval_batch_size,
+            tta=tta,
+            eval_fn=self.eval_fns[tta],
+        )["accuracy"]
 
     def train_epoch(self, state, epoch: int, num_steps: int):
         """`num_steps` steps of `epoch` (the feed sends the epoch's order first, as the loop does); waits for them."""
@@ -176,8 +203,9 @@ class JaxRecipe:
             state, _ = self.train_step(state, *self.feed.args(index))
         return jax.block_until_ready(state)
 
-    def run(self, *, max_steps: int | None = None, eval_rows: int | None = None, epoch_eval: bool = False,
-            log=print) -> dict:
+    def run(
+        self, *, max_steps: int | None = None, eval_rows: int | None = None, epoch_eval: bool = False, log=print
+    ) -> dict:
         """One run from fresh weights, timed with airbench's `Clock`; max_steps and eval_rows shorten a warm-up."""
         clock = torch_reference.Clock()
         with clock.phase("whiten"):
@@ -195,8 +223,13 @@ class JaxRecipe:
                 log(f"epoch {epoch}: step {done}  val acc {per_epoch[-1]:.4f}  {clock.seconds['train']:.1f}s")
         with clock.phase("tta"):
             tta_accuracy = self.evaluate(state, tta=True, rows=eval_rows)
-        return {"per_epoch_val_accuracy": per_epoch, "final_tta_accuracy": tta_accuracy, "steps": done,
-                "batch_size": self.config.global_batch_size, **clock.report(done, self.config.global_batch_size)}
+        return {
+            "per_epoch_val_accuracy": per_epoch,
+            "final_tta_accuracy": tta_accuracy,
+            "steps": done,
+            "batch_size": self.config.global_batch_size,
+            **clock.report(done, self.config.global_batch_size),
+        }
 
 
 def jax_airbench_run(config, task, train_arrays, eval_arrays, *, epoch_eval: bool = False, log=print) -> dict:
@@ -207,12 +240,26 @@ def jax_airbench_run(config, task, train_arrays, eval_arrays, *, epoch_eval: boo
     recipe.run(max_steps=2, eval_rows=1, epoch_eval=epoch_eval, log=lambda *_: None)
     warmup_seconds = time.perf_counter() - start
     result = recipe.run(epoch_eval=epoch_eval, log=log)
-    return {**result, "warmup_seconds": warmup_seconds, "dtype": compute_dtype(config),
-            "platform": jax.default_backend(), "placement": recipe.feed.placement}
+    return {
+        **result,
+        "warmup_seconds": warmup_seconds,
+        "dtype": compute_dtype(config),
+        "platform": jax.default_backend(),
+        "placement": recipe.feed.placement,
+    }
 
 
-def torch_airbench_run(config, train_arrays, eval_arrays, *, device: str = "auto", compile="auto",
-                       dtype: str | None = None, epoch_eval: bool = False, log=print) -> dict:
+def torch_airbench_run(
+    config,
+    train_arrays,
+    eval_arrays,
+    *,
+    device: str = "auto",
+    compile="auto",
+    dtype: str | None = None,
+    epoch_eval: bool = False,
+    log=print,
+) -> dict:
     """airbench94 in PyTorch (reference_airbench94_torch.train) on the very arrays of the JAX run, with its batch,
     length, widths and seed; device "auto" is CUDA when torch sees a GPU; dtype None follows the JAX run's."""
     import torch
@@ -220,11 +267,22 @@ def torch_airbench_run(config, train_arrays, eval_arrays, *, device: str = "auto
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch_reference.train(
-        train_arrays["images"], train_arrays["labels"], eval_arrays["images"], eval_arrays["labels"],
-        epochs=config.num_epochs, batch_size=config.global_batch_size, seed=config.seed,
-        mean=tuple(config.normalization.mean), std=tuple(config.normalization.std),
-        widths=PRESETS[config.model.preset]["widths"], device=device, compile=compile,
-        dtype=dtype or compute_dtype(config), epoch_eval=epoch_eval, log=log)
+        train_arrays["images"],
+        train_arrays["labels"],
+        eval_arrays["images"],
+        eval_arrays["labels"],
+        epochs=config.num_epochs,
+        batch_size=config.global_batch_size,
+        seed=config.seed,
+        mean=tuple(config.normalization.mean),
+        std=tuple(config.normalization.std),
+        widths=PRESETS[config.model.preset]["widths"],
+        device=device,
+        compile=compile,
+        dtype=dtype or compute_dtype(config),
+        epoch_eval=epoch_eval,
+        log=log,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- the whole loop
@@ -242,8 +300,11 @@ def peak_memory_gib() -> dict[str, float]:
 def loop_run(args, config) -> dict:
     """`loop.train_and_evaluate` as a user runs it (compilation, checkpoints and per-epoch evals included)."""
     with contextlib.ExitStack() as stack:
-        workdir = (os.path.join(args.workdir, f"seed{config.seed}") if args.workdir
-                   else stack.enter_context(tempfile.TemporaryDirectory()))
+        workdir = (
+            os.path.join(args.workdir, f"seed{config.seed}")
+            if args.workdir
+            else stack.enter_context(tempfile.TemporaryDirectory())
+        )
         start = time.perf_counter()
         result = loop.train_and_evaluate(config, workdir)
         wall = time.perf_counter() - start
@@ -251,19 +312,25 @@ def loop_run(args, config) -> dict:
             records = [json.loads(line) for line in f]
     per_epoch = [(r["epoch"], r["accuracy"]) for r in records if r["split"] == "eval"]
     train = [r for r in records if r["split"] == "train"]
-    return {"seed": config.seed, "wall_seconds": wall, "per_epoch_val_accuracy": per_epoch,
-            "final_tta_accuracy": result.final_eval["accuracy"],
-            "train_images_per_second": statistics.median(r["examples_per_second"] for r in train[1:] or train),
-            **peak_memory_gib()}
+    return {
+        "seed": config.seed,
+        "wall_seconds": wall,
+        "per_epoch_val_accuracy": per_epoch,
+        "final_tta_accuracy": result.final_eval["accuracy"],
+        "train_images_per_second": statistics.median(r["examples_per_second"] for r in train[1:] or train),
+        **peak_memory_gib(),
+    }
 
 
 def print_loop_run(run: dict) -> None:
     """Per-epoch accuracies, then TTA accuracy, wall time, images/s and peak memory of one `loop_run`."""
     seed = run["seed"]
     print(f"run {seed}: " + "  ".join(f"ep{e:.1f}={a:.4f}" for e, a in run["per_epoch_val_accuracy"]))
-    print(f"run {seed}: final TTA acc {run['final_tta_accuracy']:.4f}  wall {run['wall_seconds']:.1f}s  "
-          f"{run['train_images_per_second']:.0f} img/s  peak RSS {run['host_peak_rss_gib']:.2f} GiB"
-          + (f"  device peak {run['device_peak_gib']:.2f} GiB" if "device_peak_gib" in run else ""))
+    print(
+        f"run {seed}: final TTA acc {run['final_tta_accuracy']:.4f}  wall {run['wall_seconds']:.1f}s  "
+        f"{run['train_images_per_second']:.0f} img/s  peak RSS {run['host_peak_rss_gib']:.2f} GiB"
+        + (f"  device peak {run['device_peak_gib']:.2f} GiB" if "device_peak_gib" in run else "")
+    )
     print(json.dumps(run, default=str))
 
 
@@ -273,8 +340,14 @@ def print_loop_run(run: dict) -> None:
 def summary_row(name: str, runs: list[dict]) -> dict:
     """Medians over runs of the figures the table prints."""
     median = lambda key: statistics.median(r[key] for r in runs)
-    keys = ("whiten_seconds", "train_seconds", "tta_seconds", "airbench_seconds", "train_images_per_second",
-            "final_tta_accuracy")
+    keys = (
+        "whiten_seconds",
+        "train_seconds",
+        "tta_seconds",
+        "airbench_seconds",
+        "train_images_per_second",
+        "final_tta_accuracy",
+    )
     return {"name": name, "steps": runs[0]["steps"], **{k: median(k) for k in keys}}
 
 
@@ -282,15 +355,21 @@ def format_table(rows: list[dict], epochs: float) -> str:
     """The side-by-side table: airbench's time and its parts, images/s and TTA accuracy per implementation."""
     names = [row["name"] for row in rows] + [name + " (published)" for name in REFERENCE]
     width = max(map(len, names))
-    lines = [f"{'':{width}s} {'epochs':>6s} {'steps':>6s} {'whiten s':>8s} {'train s':>8s} {'TTA s':>7s} "
-             f"{'airbench s':>10s} {'train img/s':>11s} {'TTA acc':>8s}"]
+    lines = [
+        f"{'':{width}s} {'epochs':>6s} {'steps':>6s} {'whiten s':>8s} {'train s':>8s} {'TTA s':>7s} "
+        f"{'airbench s':>10s} {'train img/s':>11s} {'TTA acc':>8s}"
+    ]
     for row in rows:
-        lines.append(f"{row['name']:{width}s} {epochs:6.1f} {row['steps']:6d} {row['whiten_seconds']:8.2f} "
-                     f"{row['train_seconds']:8.2f} {row['tta_seconds']:7.2f} {row['airbench_seconds']:10.2f} "
-                     f"{row['train_images_per_second']:11.0f} {row['final_tta_accuracy']:8.4f}")
+        lines.append(
+            f"{row['name']:{width}s} {epochs:6.1f} {row['steps']:6d} {row['whiten_seconds']:8.2f} "
+            f"{row['train_seconds']:8.2f} {row['tta_seconds']:7.2f} {row['airbench_seconds']:10.2f} "
+            f"{row['train_images_per_second']:11.0f} {row['final_tta_accuracy']:8.4f}"
+        )
     for name, ref in REFERENCE.items():
-        lines.append(f"{name + ' (published)':{width}s} {ref['epochs']:6.1f} {'':6s} {'':8s} {'':8s} {'':7s} "
-                     f"{ref['seconds']:10.2f} {'':11s} {ref['tta_accuracy']:8.4f}")
+        lines.append(
+            f"{name + ' (published)':{width}s} {ref['epochs']:6.1f} {'':6s} {'':8s} {'':8s} {'':7s} "
+            f"{ref['seconds']:10.2f} {'':11s} {ref['tta_accuracy']:8.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -298,8 +377,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tarball", default=DEFAULT_TARBALL)
     parser.add_argument("--data_root", default=None, help="already extracted folder (holds train/<class>/...)")
-    parser.add_argument("--fake_data", type=int, default=0, metavar="N",
-                        help="instead of the tarball, N made-up JPEGs per class in the same layout (smoke runs)")
+    parser.add_argument(
+        "--fake_data",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the tarball, N made-up JPEGs per class in the same layout (smoke runs)",
+    )
     parser.add_argument("--cache_dir", default=None, help="keep decoded images here between runs")
     parser.add_argument("--config", default="cifar10", choices=["cifar10", "cifar10_muon"])
     parser.add_argument("--epochs", type=float, default=None, help="default: the config's (9.9; Muon 8)")
@@ -308,23 +392,44 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--eval_batch_size", type=int, default=None, help="images per eval batch (config: 500)")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="CNN preset (tiny: smoke runs)")
-    parser.add_argument("--conv_impl", default=None, choices=["auto", "hybrid", "im2col", "xla"],
-                        help="the CNN's convolutions (default: the config's auto; xla is what GPUs run)")
-    parser.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"],
-                        help="compute dtype (default: the config's); the PyTorch reference autocasts to match")
+    parser.add_argument(
+        "--conv_impl",
+        default=None,
+        choices=["auto", "hybrid", "im2col", "xla"],
+        help="the CNN's convolutions (default: the config's auto; xla is what GPUs run)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "float32", "bfloat16"],
+        help="compute dtype (default: the config's); the PyTorch reference autocasts to match",
+    )
     parser.add_argument("--runs", type=int, default=1, help="report the median over this many seeds")
     parser.add_argument("--epoch_eval", action="store_true", help="validate after every epoch (not timed)")
     parser.add_argument("--no_progress", action="store_true")
-    parser.add_argument("--torch_reference", action="store_true",
-                        help="also run airbench94 in PyTorch on the same arrays (reference_airbench94_torch.py)")
+    parser.add_argument(
+        "--torch_reference",
+        action="store_true",
+        help="also run airbench94 in PyTorch on the same arrays (reference_airbench94_torch.py)",
+    )
     parser.add_argument("--torch_device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    parser.add_argument("--torch_compile", choices=["auto", "on", "off"], default="auto",
-                        help="torch.compile the reference (auto: on CUDA only)")
+    parser.add_argument(
+        "--torch_compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="torch.compile the reference (auto: on CUDA only)",
+    )
     parser.add_argument("--torch_threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--loop", action="store_true",
-                        help="time the whole train_and_evaluate instead (wall time, compilation included)")
-    parser.add_argument("--workdir", default=None,
-                        help="--loop: keep each run's checkpoints in WORKDIR/seed<N> (default: a temporary folder)")
+    parser.add_argument(
+        "--loop",
+        action="store_true",
+        help="time the whole train_and_evaluate instead (wall time, compilation included)",
+    )
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="--loop: keep each run's checkpoints in WORKDIR/seed<N> (default: a temporary folder)",
+    )
     return parser.parse_args(argv)
 
 
@@ -335,8 +440,9 @@ def data_folder(args):
         yield args.data_root
         return
     with tempfile.TemporaryDirectory() as tmp:
-        tarball = (write_fake_tarball(os.path.join(tmp, "fake.tar.gz"), args.fake_data) if args.fake_data
-                   else args.tarball)
+        tarball = (
+            write_fake_tarball(os.path.join(tmp, "fake.tar.gz"), args.fake_data) if args.fake_data else args.tarball
+        )
         yield extract(tarball, os.path.join(tmp, "images"))
 
 
@@ -350,14 +456,26 @@ def airbench_rows(args, data_root: str) -> list[dict]:
         print(f"imgllm seed {seed}: {json.dumps(jax_runs[-1])}", flush=True)
         if args.torch_reference:
             compile = {"auto": "auto", "on": True, "off": False}[args.torch_compile]
-            torch_runs.append(torch_airbench_run(config, train_arrays, eval_arrays, device=args.torch_device,
-                                                 compile=compile, epoch_eval=args.epoch_eval))
+            torch_runs.append(
+                torch_airbench_run(
+                    config,
+                    train_arrays,
+                    eval_arrays,
+                    device=args.torch_device,
+                    compile=compile,
+                    epoch_eval=args.epoch_eval,
+                )
+            )
             print(f"torch seed {seed}: {json.dumps(torch_runs[-1])}", flush=True)
     rows = [summary_row(f"imgllm (jax {jax_runs[0]['platform']}, {jax_runs[0]['dtype']})", jax_runs)]
     if torch_runs:
         first = torch_runs[0]
-        rows.append(summary_row(f"airbench94 (torch {first['device']}, {first['dtype']}"
-                                f"{', compiled' if first['compiled'] else ''})", torch_runs))
+        rows.append(
+            summary_row(
+                f"airbench94 (torch {first['device']}, {first['dtype']}{', compiled' if first['compiled'] else ''})",
+                torch_runs,
+            )
+        )
     return rows
 
 
@@ -376,8 +494,10 @@ def main():
             return
         rows = airbench_rows(args, data_root)
     epochs = args.epochs or load_config(args.config).num_epochs
-    print(f"\nairbench's timer (whitening + training + TTA eval; not compiling or loading), medians of {args.runs}; "
-          f"validation carved from train")
+    print(
+        f"\nairbench's timer (whitening + training + TTA eval; not compiling or loading), medians of {args.runs}; "
+        f"validation carved from train"
+    )
     print(format_table(rows, epochs))
 
 

@@ -71,8 +71,9 @@ def jax_train_step(args, impl):
     opt_state = tx.init(params)
 
     def loss_fn(params, batch_stats, images, labels):
-        (logits, _), updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                           train=True, mutable=["batch_stats"])
+        (logits, _), updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+        )
         targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), 0.2)
         return optax.softmax_cross_entropy(logits, targets).sum(), updates["batch_stats"]
 
@@ -82,8 +83,9 @@ def jax_train_step(args, impl):
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
     start = time.perf_counter()
-    compiled = jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(
-        params, batch_stats, opt_state, images, labels).compile()
+    compiled = (
+        jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(params, batch_stats, opt_state, images, labels).compile()
+    )
     compile_s = time.perf_counter() - start
     state = [params, batch_stats, opt_state]
 
@@ -106,8 +108,7 @@ def bench_torch(args):
     net = make_net(PRESETS[args.preset]["widths"]).to(memory_format=torch.channels_last)
     images = torch.randn(args.batch, 3, 32, 32).to(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (args.batch,))
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.85,
-                                nesterov=True)
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.85, nesterov=True)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.2, reduction="sum")
 
     def step():
@@ -136,17 +137,19 @@ def main():
     # Each measurement runs in a fresh process: XLA_FLAGS must be set before jax is imported, and
     # PyTorch's and XLA's thread pools must not compete for the 2 cores.
     xla_flags = DEFAULT_CPU_XLA_FLAGS if args.xla_flags is None else args.xla_flags
-    print(f"airbench94 CNN training step, preset={args.preset}, batch={args.batch}, fp32, "
-          f"median of {args.steps} steps after {args.warmup} warm-up; load: {os.getloadavg()}")
+    print(
+        f"airbench94 CNN training step, preset={args.preset}, batch={args.batch}, fp32, "
+        f"median of {args.steps} steps after {args.warmup} warm-up; load: {os.getloadavg()}"
+    )
     print(f"XLA_FLAGS={xla_flags!r}")
     rows = []
-    if args.impls:      # all JAX impls in one process, their steps interleaved
+    if args.impls:  # all JAX impls in one process, their steps interleaved
         child_env = {**os.environ, "_BENCH_CNN_CHILD": "jax", "XLA_FLAGS": xla_flags}
         for impl, rate, compile_s, *times in run_child(child_env):
             rows.append((f"imgllm JAX conv_impl={impl}", rate, f"compile {compile_s:.1f} s, steps {times}"))
             print(f"  {rows[-1][0]:<32} {rate:8.1f} images/s   ({rows[-1][2]})", flush=True)
     if args.torch:
-        (_, rate, *times), = run_child({**os.environ, "_BENCH_CNN_CHILD": "torch"})
+        ((_, rate, *times),) = run_child({**os.environ, "_BENCH_CNN_CHILD": "torch"})
         rows.append((f"PyTorch channels_last {args.threads} thr", rate, f"steps {times}"))
         print(f"  {rows[-1][0]:<32} {rate:8.1f} images/s   ({rows[-1][2]})", flush=True)
     print(f"load after: {os.getloadavg()}")

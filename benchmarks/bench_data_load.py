@@ -40,8 +40,9 @@ def timed(fn, runs):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tarball", default=os.path.join(os.path.dirname(__file__),
-                                                         "../../shared/data/cifar10-train-jpeg.tar.gz"))
+    parser.add_argument(
+        "--tarball", default=os.path.join(os.path.dirname(__file__), "../../shared/data/cifar10-train-jpeg.tar.gz")
+    )
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     print("load average:", os.getloadavg())

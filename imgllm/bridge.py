@@ -46,8 +46,9 @@ class PrefixMapper(nn.Module):
         if features.ndim != 2:
             raise ValueError(f"PrefixMapper expects features [batch, F], got shape {features.shape}")
         if self.prefix_length <= 0 or self.lm_dim <= 0:
-            raise ValueError(f"PrefixMapper needs positive prefix_length and lm_dim, got {self.prefix_length}, "
-                             f"{self.lm_dim}")
+            raise ValueError(
+                f"PrefixMapper needs positive prefix_length and lm_dim, got {self.prefix_length}, {self.lm_dim}"
+            )
         width = self.prefix_length * self.lm_dim
         x = nn.LayerNorm(dtype=self.dtype, name="ln_in")(features.astype(self.dtype))
         x = jnp.tanh(nn.Dense(self.hidden or width // 2, dtype=self.dtype, name="fc_1")(x))

@@ -16,6 +16,7 @@ fitted on the other half), so that the reported gains are not the fit's own opti
 
 All functions take and return numpy (host) arrays: they run once, after training, on a validation split.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -27,7 +28,7 @@ from imgllm.statistics import accuracy_comparison
 ECE_BINS = 15
 TEMPERATURE_RANGE = (0.05, 20.0)
 FUSION_WEIGHTS = tuple(np.round(np.linspace(0.0, 3.0, 31), 2))
-BOUND_MARGIN = 1.01   # a fitted temperature within 1% of a bound of TEMPERATURE_RANGE is the bound
+BOUND_MARGIN = 1.01  # a fitted temperature within 1% of a bound of TEMPERATURE_RANGE is the bound
 
 
 class CalibrationWarning(UserWarning):
@@ -40,8 +41,10 @@ def check_finite(values: np.ndarray, name: str) -> None:
     values = np.asarray(values, np.float64)
     bad = int((~np.isfinite(values.reshape(len(values), -1))).any(axis=-1).sum()) if values.size else 0
     if bad:
-        raise ValueError(f"{name}: {bad} of {len(values)} examples have a non-finite score (NaN or infinity); "
-                         "calibration needs finite scores")
+        raise ValueError(
+            f"{name}: {bad} of {len(values)} examples have a non-finite score (NaN or infinity); "
+            "calibration needs finite scores"
+        )
 
 
 def warn_at_bound(fitted: dict) -> list[str]:
@@ -49,12 +52,19 @@ def warn_at_bound(fitted: dict) -> list[str]:
     names. At 0.05 the validation examples are separable (every probability prints as 1.0 or 0.0); at 20 the scores
     carry almost no information."""
     low, high = TEMPERATURE_RANGE
-    at_bound = [name for name, value in fitted.items() if name.endswith("temperature")
-                and not low * BOUND_MARGIN < value < high / BOUND_MARGIN]
+    at_bound = [
+        name
+        for name, value in fitted.items()
+        if name.endswith("temperature") and not low * BOUND_MARGIN < value < high / BOUND_MARGIN
+    ]
     for name in at_bound:
         extreme = "separable: probabilities will be 1.0 or 0.0" if fitted[name] < 1 else "near uniform"
-        warnings.warn(f"calibration: {name}={fitted[name]:.4g} is the bound of the search {TEMPERATURE_RANGE}, not "
-                      f"a fitted value; the validation scores are {extreme}", CalibrationWarning, stacklevel=2)
+        warnings.warn(
+            f"calibration: {name}={fitted[name]:.4g} is the bound of the search {TEMPERATURE_RANGE}, not "
+            f"a fitted value; the validation scores are {extreme}",
+            CalibrationWarning,
+            stacklevel=2,
+        )
     return at_bound
 
 
@@ -76,7 +86,7 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
     check_finite(probabilities, "expected_calibration_error")
     confidence = probabilities.max(axis=-1)
     correct = probabilities.argmax(axis=-1) == labels
-    which = np.minimum((confidence * bins).astype(int), bins - 1)       # bin b holds (b/bins, (b+1)/bins]
+    which = np.minimum((confidence * bins).astype(int), bins - 1)  # bin b holds (b/bins, (b+1)/bins]
     error = 0.0
     for b in range(bins):
         members = which == b
@@ -133,8 +143,9 @@ def fused_log_probs(first: np.ndarray, second: np.ndarray, weight: float) -> np.
     return log_softmax(np.asarray(first, np.float64) + weight * np.asarray(second, np.float64))
 
 
-def fit_fusion_weight(first: np.ndarray, second: np.ndarray, labels: np.ndarray,
-                      weights: tuple[float, ...] = FUSION_WEIGHTS) -> float:
+def fit_fusion_weight(
+    first: np.ndarray, second: np.ndarray, labels: np.ndarray, weights: tuple[float, ...] = FUSION_WEIGHTS
+) -> float:
     """The weight w among `weights` whose fusion first + w * second is most accurate on (labels); ties go to the
     lower NLL, then the smaller w (w = 0 is the first classifier alone, so fusion never fits worse than it)."""
     labels = np.asarray(labels)
@@ -168,8 +179,9 @@ def prior_corrected_scores(scores: np.ndarray, log_prior: np.ndarray, weight: fl
     return np.asarray(scores, np.float64) - weight * np.asarray(log_prior, np.float64)
 
 
-def fit_prior_weight(scores: np.ndarray, log_prior: np.ndarray, labels: np.ndarray,
-                     weights: tuple[float, ...] = PRIOR_WEIGHTS) -> float:
+def fit_prior_weight(
+    scores: np.ndarray, log_prior: np.ndarray, labels: np.ndarray, weights: tuple[float, ...] = PRIOR_WEIGHTS
+) -> float:
     """The weight among `weights` whose prior-corrected scores are most accurate on (labels); ties go to the
     smaller weight (0, plain likelihood, wins unless the correction helps)."""
     labels = np.asarray(labels)
@@ -177,8 +189,9 @@ def fit_prior_weight(scores: np.ndarray, log_prior: np.ndarray, labels: np.ndarr
     return float(min(weights, key=lambda w: (-accuracy(w), w)))
 
 
-def held_out_prior_predictions(scores: np.ndarray, log_prior: np.ndarray, labels: np.ndarray, *,
-                               folds: int = 2, seed: int = 0) -> tuple[np.ndarray, list[float]]:
+def held_out_prior_predictions(
+    scores: np.ndarray, log_prior: np.ndarray, labels: np.ndarray, *, folds: int = 2, seed: int = 0
+) -> tuple[np.ndarray, list[float]]:
     """(predicted label [N] of every example with the prior weight fitted on the other folds, the weight of each
     fold): the accuracy of prior correction without the fit's own optimism."""
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
@@ -218,8 +231,14 @@ def calibrated_log_probs(fitted: dict, cnn_logits: np.ndarray, lm_scores: np.nda
     return {"cnn": cnn, "lm": lm, "fused": fused}
 
 
-def held_out_log_probs(cnn_logits: np.ndarray, labels: np.ndarray, lm_scores: np.ndarray | None = None, *,
-                       folds: int = HELD_OUT_FOLDS, seed: int = 0) -> dict:
+def held_out_log_probs(
+    cnn_logits: np.ndarray,
+    labels: np.ndarray,
+    lm_scores: np.ndarray | None = None,
+    *,
+    folds: int = HELD_OUT_FOLDS,
+    seed: int = 0,
+) -> dict:
     """`calibrated_log_probs` of every example under values fitted on the other folds (a fixed random split)."""
     order = np.random.default_rng(seed).permutation(len(labels))
     result = {}
@@ -232,8 +251,9 @@ def held_out_log_probs(cnn_logits: np.ndarray, labels: np.ndarray, lm_scores: np
     return result
 
 
-def calibration_report(cnn_logits: np.ndarray, labels: np.ndarray, lm_scores: np.ndarray | None = None, *,
-                       fitted: dict | None = None) -> dict:
+def calibration_report(
+    cnn_logits: np.ndarray, labels: np.ndarray, lm_scores: np.ndarray | None = None, *, fitted: dict | None = None
+) -> dict:
     """Calibration of a classifier (and of the LM's class scores, and their fusion) on a held-out split.
 
     fitted None (the end of training, on the validation split): the values are fitted here (`fit_calibration`,
@@ -257,14 +277,17 @@ def calibration_report(cnn_logits: np.ndarray, labels: np.ndarray, lm_scores: np
         warn_at_bound(fitted)
         calibrated = held_out_log_probs(cnn_logits, labels, lm_scores)
     else:
-        lm_scores = lm_scores if "lm_temperature" in fitted else None   # a fit of the head alone: report the head
+        lm_scores = lm_scores if "lm_temperature" in fitted else None  # a fit of the head alone: report the head
         calibrated = calibrated_log_probs(fitted, cnn_logits, lm_scores)
     ece = lambda log_probs: expected_calibration_error(np.exp(log_probs), labels)
     report = {**fitted, "head_ece": ece(log_softmax(cnn_logits)), "head_ece_calibrated": ece(calibrated["cnn"])}
     predictions = {"head": cnn_logits.argmax(-1)}
     if lm_scores is not None:
-        report.update(lm_ece=ece(log_softmax(lm_scores)), lm_ece_calibrated=ece(calibrated["lm"]),
-                      fused_ece_calibrated=ece(calibrated["fused"]))
+        report.update(
+            lm_ece=ece(log_softmax(lm_scores)),
+            lm_ece_calibrated=ece(calibrated["lm"]),
+            fused_ece_calibrated=ece(calibrated["fused"]),
+        )
         predictions.update(lm=lm_scores.argmax(-1), fused=calibrated["fused"].argmax(-1))
     report.update(accuracy_comparison(labels, predictions))  # accuracies, 95% intervals, paired McNemar tests
     return {key: float(value) for key, value in report.items()}

@@ -5,6 +5,7 @@ OSError or ImportError subclasses whose messages name the file, key or value at 
 adds nothing for the user, so `user_errors_exit` prints "PROGRAM: error: MESSAGE" and returns 2. `--debug` on the
 command line or IMGLLM_DEBUG=1 re-raises instead, for the traceback. Anything else (a bug) keeps its traceback.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Data parallelism is written the current JAX way: one `Mesh` with a single 'data'
 every host, `jax.jit` with `NamedSharding`s (batch split on 'data', train state replicated). XLA then inserts
 the all-reduces, so gradients and BatchNorm statistics are computed over the *global* batch.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,13 @@ ENV_NUM_PROCESSES = "IMGLLM_NUM_PROCESSES"
 ENV_PROCESS_ID = "IMGLLM_PROCESS_ID"
 
 
-def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None, *, auto: bool = False) -> bool:
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto: bool = False,
+) -> bool:
     """Joins a multi-process JAX job when asked; returns whether `jax.distributed.initialize` was called.
 
     Asked means: a coordinator address given here or in $IMGLLM_COORDINATOR_ADDRESS (then the process count
@@ -38,12 +44,15 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
     if process_id is None and ENV_PROCESS_ID in os.environ:
         process_id = int(os.environ[ENV_PROCESS_ID])
     if coordinator_address is not None and (num_processes is None or process_id is None):
-        raise ValueError(f"coordinator_address={coordinator_address!r} needs num_processes and process_id "
-                         f"(got {num_processes!r}, {process_id!r}); set them or ${ENV_NUM_PROCESSES}/${ENV_PROCESS_ID}")
+        raise ValueError(
+            f"coordinator_address={coordinator_address!r} needs num_processes and process_id "
+            f"(got {num_processes!r}, {process_id!r}); set them or ${ENV_NUM_PROCESSES}/${ENV_PROCESS_ID}"
+        )
     # CPU devices of different processes talk through gloo; harmless on GPU/TPU where it is unused.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
     return True
 
 

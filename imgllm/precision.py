@@ -60,8 +60,11 @@ def run_dtype(config: Mapping[str, Any]) -> str:
     """
     resolved, ignored = _resolved_and_ignored(config)
     for key, value in ignored.items():
-        warnings.warn(f"config.{key}={value!r} is ignored: config.dtype={config['dtype']!r} ({resolved} here) sets "
-                      "the compute dtype of every model", stacklevel=2)
+        warnings.warn(
+            f"config.{key}={value!r} is ignored: config.dtype={config['dtype']!r} ({resolved} here) sets "
+            "the compute dtype of every model",
+            stacklevel=2,
+        )
     return resolved
 
 

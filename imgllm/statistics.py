@@ -38,11 +38,15 @@ def mcnemar_exact(a_correct: np.ndarray, b_correct: np.ndarray) -> dict[str, flo
     "b_only": only b, "p_value": two-sided exact p} (1.0 when they never disagree)."""
     a_correct, b_correct = np.asarray(a_correct, bool), np.asarray(b_correct, bool)
     if a_correct.shape != b_correct.shape or a_correct.ndim != 1:
-        raise ValueError(f"paired results must be two vectors of one length, got {a_correct.shape} and "
-                         f"{b_correct.shape}")
+        raise ValueError(
+            f"paired results must be two vectors of one length, got {a_correct.shape} and {b_correct.shape}"
+        )
     a_only, b_only = int((a_correct & ~b_correct).sum()), int((b_correct & ~a_correct).sum())
-    return {"a_only": a_only, "b_only": b_only, "p_value": exact_binomial_two_sided(min(a_only, b_only),
-                                                                                    a_only + b_only)}
+    return {
+        "a_only": a_only,
+        "b_only": b_only,
+        "p_value": exact_binomial_two_sided(min(a_only, b_only), a_only + b_only),
+    }
 
 
 def exact_binomial_two_sided(smaller: int, trials: int) -> float:
@@ -50,7 +54,7 @@ def exact_binomial_two_sided(smaller: int, trials: int) -> float:
     if trials == 0:
         return 1.0
     tail = sum(math.comb(trials, k) for k in range(smaller + 1))
-    return min(1.0, 2 * tail / 2 ** trials)
+    return min(1.0, 2 * tail / 2**trials)
 
 
 def accuracy_comparison(labels: np.ndarray, predictions: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -61,11 +65,16 @@ def accuracy_comparison(labels: np.ndarray, predictions: Mapping[str, np.ndarray
     report = {}
     for name, right in correct.items():
         low, high = wilson_interval(int(right.sum()), right.size)
-        report.update({f"{name}_accuracy": float(right.mean()), f"{name}_accuracy_ci_low": low,
-                       f"{name}_accuracy_ci_high": high})
+        report.update(
+            {f"{name}_accuracy": float(right.mean()), f"{name}_accuracy_ci_low": low, f"{name}_accuracy_ci_high": high}
+        )
     for first, second in itertools.combinations(correct, 2):
         test = mcnemar_exact(correct[first], correct[second])
-        report.update({f"mcnemar_{first}_{second}_p": test["p_value"],
-                       f"mcnemar_{first}_{second}_{first}_only": float(test["a_only"]),
-                       f"mcnemar_{first}_{second}_{second}_only": float(test["b_only"])})
+        report.update(
+            {
+                f"mcnemar_{first}_{second}_p": test["p_value"],
+                f"mcnemar_{first}_{second}_{first}_only": float(test["a_only"]),
+                f"mcnemar_{first}_{second}_{second}_only": float(test["b_only"]),
+            }
+        )
     return report

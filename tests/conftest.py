@@ -62,8 +62,12 @@ def tiny_hf_dir(tmp_path_factory, tiny_tokenizer):
     import transformers
 
     torch.manual_seed(0)
-    hf_config = transformers.GPT2Config(vocab_size=len(tiny_tokenizer), bos_token_id=tiny_tokenizer.eos_token_id,
-                                        eos_token_id=tiny_tokenizer.eos_token_id, **TINY_SIZES)
+    hf_config = transformers.GPT2Config(
+        vocab_size=len(tiny_tokenizer),
+        bos_token_id=tiny_tokenizer.eos_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        **TINY_SIZES,
+    )
     model = randomize_torch_gpt2(transformers.GPT2LMHeadModel(hf_config))
     path = tmp_path_factory.mktemp("tiny_gpt2")
     model.save_pretrained(path)
@@ -99,8 +103,7 @@ def checkpoint(tmp_path_factory) -> str:
     from imgllm.pipeline import checkpoint as pc
 
     params, config = tiny_pipeline_parts(top_k=2, max_new_tokens=5)
-    return pc.save_pipeline_checkpoint(tmp_path_factory.mktemp("pipeline") / "ckpt", params, config,
-                                       tiny_tokenizer())
+    return pc.save_pipeline_checkpoint(tmp_path_factory.mktemp("pipeline") / "ckpt", params, config, tiny_tokenizer())
 
 
 @pytest.fixture(scope="module")

@@ -35,12 +35,26 @@ def write_references(folder, lines) -> str:
 
 
 def test_lm_labels_from_another_label_set_are_not_scored_against_the_class_reference(tmp_path):
-    references = write_references(tmp_path, [{"path": "a.png", "caption": "a red cross", "label": "cross"},
-                                             {"path": "b.png", "caption": "a blue disc", "label": "disc"}])
-    records = [{"path": str(tmp_path / name), "labels": [{"label": label, "prob": 0.9}], "captions": [caption],
-                "lm_label": colour, "lm_probs": {"red": 0.5, "green": 0.2, "blue": 0.3}}
-               for name, label, caption, colour in (("a.png", "cross", "a red cross", "red"),
-                                                     ("b.png", "disc", "a blue disc", "blue"))]
+    references = write_references(
+        tmp_path,
+        [
+            {"path": "a.png", "caption": "a red cross", "label": "cross"},
+            {"path": "b.png", "caption": "a blue disc", "label": "disc"},
+        ],
+    )
+    records = [
+        {
+            "path": str(tmp_path / name),
+            "labels": [{"label": label, "prob": 0.9}],
+            "captions": [caption],
+            "lm_label": colour,
+            "lm_probs": {"red": 0.5, "green": 0.2, "blue": 0.3},
+        }
+        for name, label, caption, colour in (
+            ("a.png", "cross", "a red cross", "red"),
+            ("b.png", "disc", "a blue disc", "blue"),
+        )
+    ]
     colour_scores = score_records(records, references, lm_label_names=COLOURS)
     assert colour_scores["cnn_accuracy"] == 1.0 and "lm_accuracy" not in colour_scores
     by_path = read_references(references)
@@ -61,7 +75,7 @@ def test_flip_tta_is_refused_for_a_cnn_trained_without_flips(tmp_path):
     loaded = pc.PipelineCheckpoint(params=params, config=unflipped, tokenizer=tokenizer)
     with pytest.raises(ValueError, match='trained without flips \\(train_flip="none"\\)'):
         loaded.spec(flip_tta=True)
-    assert loaded.spec().flip_tta is False   # without --tta nothing changes
+    assert loaded.spec().flip_tta is False  # without --tta nothing changes
     # Flipped training, or a checkpoint that does not say (older ones), keeps flip TTA.
     for train_flip in ("alternating", None):
         flipped = pc.make_pipeline_config(**{**pipeline_config_arguments(config), "train_flip": train_flip})
@@ -91,7 +105,7 @@ def test_python_labels_and_templates_read_as_the_command_line_reads_them(tmp_pat
 def test_a_caption_slot_glued_to_a_word_is_refused(template):
     with pytest.raises(ValueError, match="glued to text or another slot"):
         parse_template(template, 2)
-    parse_template(template.replace("{", " {").replace("}", "} "), 2)   # with spaces it reads
+    parse_template(template.replace("{", " {").replace("}", "} "), 2)  # with spaces it reads
 
 
 def pyproject() -> dict:
@@ -120,8 +134,14 @@ def test_console_scripts_run_from_the_package(script, fragment):
     module, function = pyproject()["project"]["scripts"][script].split(":")
     assert module.startswith("imgllm.")
     wrapper = f"import sys; from {module} import {function}; sys.argv[0] = {script!r}; sys.exit({function}())"
-    proc = subprocess.run([sys.executable, "-c", wrapper, "--help"], capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(ROOT), env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [sys.executable, "-c", wrapper, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(ROOT),
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert fragment in proc.stdout
 

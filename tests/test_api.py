@@ -1,4 +1,5 @@
 """imgllm.pipeline.ImageToText: one call on paths, PIL images or arrays gives infer.py's records."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,7 +20,7 @@ def image_files(tmp_path_factory):
 
 
 def test_paths_give_caption_files_records(checkpoint, image_files):
-    decoding = DecodingOptions(method="sample", num_captions=2)   # sampled: the random keys must match too
+    decoding = DecodingOptions(method="sample", num_captions=2)  # sampled: the random keys must match too
     records = ImageToText(checkpoint, decoding=decoding, batch_size=2, seed=3)(image_files)
     expected = list(caption_files(checkpoint, image_files, decoding=decoding, batch_size=2, seed=3))
     assert records == expected and len(records) == 5 and all("error" not in r for r in records)
@@ -34,16 +35,17 @@ def test_pil_images_and_arrays_give_the_records_of_their_files(checkpoint, image
     assert strip(captioner(pil_images)) == strip(from_files)
     assert strip(captioner(arrays)) == strip(from_files)
     assert [r["path"] for r in captioner(arrays)] == [f"<image {i}>" for i in range(5)]
-    assert strip(captioner(arrays[0])) == strip(from_files[:1])                   # one image: a list of one
-    same_size = np.stack([np.asarray(Image.open(image_files[0]))] * 3)          # a uint8 batch [N, H, W, 3]
+    assert strip(captioner(arrays[0])) == strip(from_files[:1])  # one image: a list of one
+    same_size = np.stack([np.asarray(Image.open(image_files[0]))] * 3)  # a uint8 batch [N, H, W, 3]
     assert strip(captioner(same_size)) == strip(from_files[:1]) * 3
 
 
 def test_an_unreadable_input_is_reported_and_the_others_captioned(checkpoint, image_files, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    records = ImageToText(checkpoint, batch_size=2)([image_files[0], str(broken), np.zeros((4, 4, 2), np.float32),
-                                                     image_files[1]])
+    records = ImageToText(checkpoint, batch_size=2)(
+        [image_files[0], str(broken), np.zeros((4, 4, 2), np.float32), image_files[1]]
+    )
     assert "error" not in records[0] and "error" not in records[3]
     assert records[1]["path"] == str(broken) and "broken.png" in records[1]["error"]
     assert records[2]["path"] == "<image 2>" and "cannot convert" in records[2]["error"]

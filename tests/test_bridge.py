@@ -1,4 +1,5 @@
 """The visual prefix: PrefixMapper shapes, CNN feature sources, and the jitted image -> prefix -> LM path."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +20,9 @@ jax.config.update("jax_enable_x64", False)
 def whitening_stem(params, x):
     """The CNN's whitening stem as airbench defines it, GELU(conv2x2 VALID (x, whiten_kernel) + whiten_bias), written
     here with lax as the oracle of the stem the CNN gives in its "pyramid" features: [B, H-1, W-1, whiten_width]."""
-    stem = lax.conv_general_dilated(x, params["whiten_kernel"], (1, 1), "VALID",
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    stem = lax.conv_general_dilated(
+        x, params["whiten_kernel"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     return jax.nn.gelu(stem + params["whiten_bias"], approximate=False)
 
 
@@ -54,12 +56,19 @@ def test_feature_sources(parts):
 
     @jax.jit
     def all_sources(variables, x):
-        _, captured = cnn.apply(variables, x, train=False, mutable=["intermediates"],
-                                capture_intermediates=lambda module, _: module.path == ("block1", "conv1"))
-        return dict(reference=cnn.apply(variables, x, train=False),
-                    **{source: cnn_outputs(cnn, variables, x, source) for source in ("pooled", "spatial", "pyramid")},
-                    stem=whitening_stem(variables["params"], x),
-                    conv1=captured["intermediates"]["block1"]["conv1"]["__call__"][0])
+        _, captured = cnn.apply(
+            variables,
+            x,
+            train=False,
+            mutable=["intermediates"],
+            capture_intermediates=lambda module, _: module.path == ("block1", "conv1"),
+        )
+        return dict(
+            reference=cnn.apply(variables, x, train=False),
+            **{source: cnn_outputs(cnn, variables, x, source) for source in ("pooled", "spatial", "pyramid")},
+            stem=whitening_stem(variables["params"], x),
+            conv1=captured["intermediates"]["block1"]["conv1"]["__call__"][0],
+        )
 
     out = all_sources(cnn_variables, images)
     (reference_logits, reference_features), (logits, pooled) = out["reference"], out["pooled"]
@@ -71,10 +80,10 @@ def test_feature_sources(parts):
     assert spatial.shape == (3, 3 * 3 * 16)
     np.testing.assert_allclose(spatial.reshape(3, 9, 16).max(1), pooled, rtol=1e-6)
     pyramid, stem = out["pyramid"][1], out["stem"]
-    assert pyramid.shape == (3, 3 * 3 * (24 + 8 + 16 + 16))                 # stem + the three blocks
-    np.testing.assert_array_equal(pyramid[:, -spatial.shape[1]:], spatial)   # the last block's grid, unpooled
+    assert pyramid.shape == (3, 3 * 3 * (24 + 8 + 16 + 16))  # stem + the three blocks
+    np.testing.assert_array_equal(pyramid[:, -spatial.shape[1] :], spatial)  # the last block's grid, unpooled
     assert stem.shape == (3, 31, 31, 24)
-    np.testing.assert_allclose(pyramid[:, :3 * 3 * 24], max_pool_to_grid(stem, (3, 3)).reshape(3, -1), rtol=1e-6)
+    np.testing.assert_allclose(pyramid[:, : 3 * 3 * 24], max_pool_to_grid(stem, (3, 3)).reshape(3, -1), rtol=1e-6)
     # The oracle stem is what the CNN feeds block1: with block1's first conv set to the identity on its 8
     # output channels (airbench's dirac init), its output is the stem's first 8 channels.
     identity = np.zeros((3, 3, 24, 8), np.float32)
@@ -82,8 +91,9 @@ def test_feature_sources(parts):
     params = {**cnn_variables["params"], "block1": {**cnn_variables["params"]["block1"], "conv1": {"kernel": identity}}}
     conv1 = all_sources({**cnn_variables, "params": params}, images)["conv1"]
     np.testing.assert_allclose(conv1, stem[..., :8], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(max_pool_to_grid(np.arange(16.0).reshape(1, 4, 4, 1), (2, 2))[0, ..., 0],
-                                  [[5.0, 7.0], [13.0, 15.0]])
+    np.testing.assert_array_equal(
+        max_pool_to_grid(np.arange(16.0).reshape(1, 4, 4, 1), (2, 2))[0, ..., 0], [[5.0, 7.0], [13.0, 15.0]]
+    )
     with pytest.raises(ValueError, match="feature_source='mean'"):
         cnn_outputs(cnn, cnn_variables, images, "mean")
 
@@ -92,14 +102,15 @@ def test_log_probs_match_full_lm_and_ignore_right_padding(parts):
     *_, lm_config, lm_params = parts
     prefix = np.random.default_rng(3).standard_normal((2, 4, lm_config.n_embd)).astype(np.float32)
     ids = jnp.array([[0, 5, 6, 7, 0, 0], [0, 9, 3, 0, 0, 0]])
-    other_padding = ids.at[1, 4:].set(jnp.array([11, 12]))   # different padding after the second row's EOS
+    other_padding = ids.at[1, 4:].set(jnp.array([11, 12]))  # different padding after the second row's EOS
 
     @jax.jit
     def compute(params, prefix, ids, other_padding):
         embeds = jnp.concatenate([prefix, embed_tokens(params, lm_config, ids)], 1)
         full, _ = GPT2(lm_config).apply({"params": params}, inputs_embeds=embeds)
-        stats = prefixed_token_stats(params, lm_config, jnp.concatenate([prefix, prefix]),
-                                     jnp.concatenate([ids, other_padding]))
+        stats = prefixed_token_stats(
+            params, lm_config, jnp.concatenate([prefix, prefix]), jnp.concatenate([ids, other_padding])
+        )
         return full, stats, prefixed_token_log_probs(params, lm_config, prefix, ids)
 
     full, (both_log_probs, both_argmax), log_probs = compute(lm_params, prefix, ids, other_padding)

@@ -1,5 +1,6 @@
 """Calibration error, temperature scaling and score fusion (imgllm.calibration) on synthetic classifiers whose
 truth is known."""
+
 import numpy as np
 import pytest
 
@@ -20,13 +21,13 @@ def test_ece_of_known_cases():
     certain_and_right = np.eye(2)[labels]
     assert calibration.expected_calibration_error(certain_and_right, labels) == 0.0
     assert calibration.expected_calibration_error(np.eye(2)[1 - labels], labels) == 1.0
-    half = np.full((4, 2), 0.5)        # confidence 0.5, accuracy 0.5 (argmax picks class 0: two of four right)
+    half = np.full((4, 2), 0.5)  # confidence 0.5, accuracy 0.5 (argmax picks class 0: two of four right)
     assert calibration.expected_calibration_error(half, labels) == pytest.approx(0.0)
 
 
 def test_temperature_undoes_a_deliberate_miscalibration():
     logits, labels = synthetic_logits()
-    overconfident = 3.0 * logits          # the same ranking, three times too sharp
+    overconfident = 3.0 * logits  # the same ranking, three times too sharp
     temperature = calibration.fit_temperature(overconfident, labels)
     assert temperature == pytest.approx(3.0, rel=0.1)
     before = calibration.expected_calibration_error(np.exp(calibration.log_softmax(overconfident)), labels)
@@ -39,13 +40,13 @@ def test_fusion_weight_prefers_the_informative_second_classifier():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 4, size=2000)
     truth = np.eye(4)[labels]
-    first = calibration.log_softmax(1.0 * truth + rng.normal(size=truth.shape))      # weak
-    second = calibration.log_softmax(1.5 * truth + rng.normal(size=truth.shape))     # stronger, independent noise
+    first = calibration.log_softmax(1.0 * truth + rng.normal(size=truth.shape))  # weak
+    second = calibration.log_softmax(1.5 * truth + rng.normal(size=truth.shape))  # stronger, independent noise
     weight = calibration.fit_fusion_weight(first, second, labels)
     accuracy = lambda w: (calibration.fused_log_probs(first, second, w).argmax(-1) == labels).mean()
     assert weight > 0.5 and accuracy(weight) > max(accuracy(0.0), (second.argmax(-1) == labels).mean())
     noise = calibration.log_softmax(rng.normal(size=truth.shape))
-    assert calibration.fit_fusion_weight(first, noise, labels) <= 0.3      # an uninformative second: ~ignored
+    assert calibration.fit_fusion_weight(first, noise, labels) <= 0.3  # an uninformative second: ~ignored
 
 
 def test_calibration_report_fits_on_the_split_and_reports_held_out_figures():
@@ -55,8 +56,8 @@ def test_calibration_report_fits_on_the_split_and_reports_held_out_figures():
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 5, size=3000)
     truth = np.eye(5)[labels]
-    cnn_logits = 4.0 * (1.2 * truth + rng.normal(size=truth.shape))       # over-confident, informative
-    lm_scores = 3.0 * (1.0 * truth + rng.normal(size=truth.shape))        # over-confident, independent noise
+    cnn_logits = 4.0 * (1.2 * truth + rng.normal(size=truth.shape))  # over-confident, informative
+    lm_scores = 3.0 * (1.0 * truth + rng.normal(size=truth.shape))  # over-confident, independent noise
     report = calibration.calibration_report(cnn_logits, labels, lm_scores)
     assert report["head_temperature"] == pytest.approx(calibration.fit_temperature(cnn_logits, labels))
     assert report["head_temperature"] > 2.0 and report["lm_temperature"] > 1.5
@@ -77,11 +78,11 @@ def test_a_stored_fit_is_applied_as_it_is_on_other_data():
     logits = 5.0 * (np.eye(3)[labels] + rng.normal(size=(500, 3)))
     stored = {"head_temperature": 2.5, "lm_temperature": 1.5, "fusion_weight": 0.5, "fusion_temperature": 1.1}
     report = calibration.calibration_report(logits, labels, logits[:, ::-1], fitted=stored)
-    assert {k: report[k] for k in stored} == stored                        # applied, not refitted
+    assert {k: report[k] for k in stored} == stored  # applied, not refitted
     expected = calibration.expected_calibration_error(np.exp(calibration.log_softmax(logits, 2.5)), labels)
     assert report["head_ece_calibrated"] == pytest.approx(expected)
     head_only = calibration.calibration_report(logits, labels, logits, fitted={"head_temperature": 2.5})
-    assert "fused_accuracy" not in head_only and "lm_ece" not in head_only   # a classifier's fit: the head alone
+    assert "fused_accuracy" not in head_only and "lm_ece" not in head_only  # a classifier's fit: the head alone
     # Checkpoints written before the LM's calibration stored the head's temperature as "temperature".
     assert calibration.stored_head_temperature({"temperature": 1.7, "ece": 0.1}) == 1.7
     assert calibration.stored_fit({"temperature": 1.7}) == {"head_temperature": 1.7}
@@ -91,14 +92,14 @@ def test_a_stored_fit_is_applied_as_it_is_on_other_data():
 def test_non_finite_scores_are_refused_with_their_count_and_a_bound_is_warned_about():
     logits, labels = synthetic_logits(n=200)
     lm_scores = logits.copy()
-    lm_scores[[3, 50], 1] = np.nan                    # before: fit_temperature went to 20 without a word
+    lm_scores[[3, 50], 1] = np.nan  # before: fit_temperature went to 20 without a word
     with pytest.raises(ValueError, match="the LM's class scores: 2 of 200 examples have a non-finite score"):
         calibration.calibration_report(logits, labels, lm_scores)
     probabilities = np.exp(calibration.log_softmax(logits))
-    probabilities[7] = np.nan                         # before: left out of the bins but counted in the total
+    probabilities[7] = np.nan  # before: left out of the bins but counted in the total
     with pytest.raises(ValueError, match="1 of 200 examples"):
         calibration.expected_calibration_error(probabilities, labels)
-    separable = 5.0 * np.eye(10)[labels]              # every label ahead of the rest: the demo's validation split
+    separable = 5.0 * np.eye(10)[labels]  # every label ahead of the rest: the demo's validation split
     with pytest.warns(calibration.CalibrationWarning, match="head_temperature=0.05.* separable"):
         report = calibration.calibration_report(separable, labels)
     assert report["head_temperature"] == pytest.approx(calibration.TEMPERATURE_RANGE[0], rel=1e-3)

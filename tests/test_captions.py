@@ -1,4 +1,5 @@
 """Caption data sources (demo, captions folders, tfds coco_captions) and the captioner task's rows and training."""
+
 import json
 import os
 import subprocess
@@ -29,9 +30,10 @@ def test_caption_rows_mix_dataset_and_template_captions():
     rows, texts = captioner.caption_rows(captions, labels, CLASSES, TEMPLATES, 0.2, seed=0)
     assert texts[:4] == ["a red circle", "a round red thing", "a blue square", "a green circle"]
     assert list(rows[:4]) == [0, 0, 1, 2]
-    assert len(texts) == 5                                   # 4 caption rows + 1 template row = 20%
-    assert texts[4] == TEMPLATES[0].format(label=CLASSES[labels[rows[4]]]) or \
-        texts[4] == TEMPLATES[1].format(label=CLASSES[labels[rows[4]]])
+    assert len(texts) == 5  # 4 caption rows + 1 template row = 20%
+    assert texts[4] == TEMPLATES[0].format(label=CLASSES[labels[rows[4]]]) or texts[4] == TEMPLATES[1].format(
+        label=CLASSES[labels[rows[4]]]
+    )
     again = captioner.caption_rows(captions, labels, CLASSES, TEMPLATES, 0.2, seed=0)
     assert again[1] == texts and list(again[0]) == list(rows)
     # No captions (e.g. CIFAR-10): one template caption per image, naming its class.
@@ -68,7 +70,7 @@ def test_caption_folder_groups_references_and_carves_validation(tmp_path):
     train = caption_data.load_caption_dataset(f"captions:{tmp_path}", "train", image_size=8)
     validation = caption_data.load_caption_dataset(f"captions:{tmp_path}", "validation", image_size=8)
     assert train.class_names == CLASSES and train.images.shape == (4, 8, 8, 3)
-    assert len(validation) == 2 and sorted(validation.labels.tolist()) == [0, 1]   # last file of each class
+    assert len(validation) == 2 and sorted(validation.labels.tolist()) == [0, 1]  # last file of each class
     first = train.paths.index(os.path.join(str(tmp_path), "circle", "0.png"))
     assert train.captions[first] == ("a circle number 0", "another caption of circle 0")
     assert not set(train.paths) & set(validation.paths)
@@ -78,8 +80,9 @@ def test_caption_file_errors_name_file_and_line(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"path": "a.png", "caption": "x"}\n{"path": "b.png"}\n')
     with pytest.raises(caption_data.CaptionFileError, match=r"train.jsonl:2: needs a non-empty string 'caption'"):
         caption_data.read_captions_file(str(tmp_path / "train.jsonl"))
-    (tmp_path / "train.jsonl").write_text('{"path": "a.png", "caption": "x", "label": "cat"}\n'
-                                          '{"path": "a.png", "caption": "y", "label": "dog"}\n')
+    (tmp_path / "train.jsonl").write_text(
+        '{"path": "a.png", "caption": "x", "label": "cat"}\n{"path": "a.png", "caption": "y", "label": "dog"}\n'
+    )
     with pytest.raises(caption_data.CaptionFileError, match="two labels"):
         caption_data.group_captions(caption_data.read_captions_file(str(tmp_path / "train.jsonl")))
     with pytest.raises(caption_data.CaptionFileError, match="does not exist"):
@@ -94,9 +97,11 @@ def test_demo_source_has_one_exact_caption_per_image():
 
 
 def test_coco_example_label_is_largest_object():
-    example = {"image": np.zeros((5, 6, 3), np.uint8),
-               "captions": {"text": np.array([b"a cat on a mat", b"a mat with a cat"]), "id": np.array([1, 2])},
-               "objects": {"label": np.array([3, 7]), "bbox": np.array([[0, 0, .1, .1], [0, 0, .5, .5]])}}
+    example = {
+        "image": np.zeros((5, 6, 3), np.uint8),
+        "captions": {"text": np.array([b"a cat on a mat", b"a mat with a cat"]), "id": np.array([1, 2])},
+        "objects": {"label": np.array([3, 7]), "bbox": np.array([[0, 0, 0.1, 0.1], [0, 0, 0.5, 0.5]])},
+    }
     image, captions, label = caption_data.coco_example_to_record(example)
     assert captions == ("a cat on a mat", "a mat with a cat") and label == 7 and image.shape == (5, 6, 3)
     example["objects"] = {"label": np.zeros(0, np.int64), "bbox": np.zeros((0, 4))}
@@ -106,6 +111,7 @@ def test_coco_example_label_is_largest_object():
 def test_coco_captions_through_tfds_mock_data():
     pytest.importorskip("tensorflow", reason="the coco_captions builder's feature spec needs TensorFlow")
     import tensorflow_datasets as tfds
+
     with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
         dataset = caption_data.load_caption_dataset("tfds:coco_captions", "validation", image_size=16)
     assert dataset.images.shape[1:] == (16, 16, 3) and len(dataset.class_names) == 80
@@ -117,16 +123,22 @@ def tiny_demo(tmp_path_factory):
     """The demo recipe (classifier, captioner, pipeline export, evaluation) run end to end on tiny configs."""
     from imgllm.configs import captioner_tiny, cnn_tiny
     from imgllm.train import demo_recipe
+
     workdir = str(tmp_path_factory.mktemp("demo"))
     classifier_config = cnn_tiny.get_config()
     classifier_config.num_epochs = 1.0
     classifier_config.eval_split = ""
     captioner_config = captioner_tiny.get_config()
     captioner_config.captions.templates = DEMO_TEMPLATES
-    captioner_config.num_epochs = 24.0   # 192 steps: past the early phase where every caption is "a large large"
+    captioner_config.num_epochs = 24.0  # 192 steps: past the early phase where every caption is "a large large"
     logs = []
-    results = demo_recipe.run_demo(workdir, classifier_config=classifier_config, captioner_config=captioner_config,
-                                   num_eval_examples=16, log=logs.append)
+    results = demo_recipe.run_demo(
+        workdir,
+        classifier_config=classifier_config,
+        captioner_config=captioner_config,
+        num_eval_examples=16,
+        log=logs.append,
+    )
     return workdir, classifier_config, captioner_config, results, logs
 
 
@@ -138,39 +150,77 @@ def _metrics_records(workdir):
 def test_short_captioner_training_improves_caption_scores(tiny_demo):
     workdir, _, captioner_config, _, logs = tiny_demo
     records = _metrics_records(os.path.join(workdir, "captioner"))
-    first = records[0]                  # the first training step: the untrained model on a training batch
-    final = records[-1]                 # the trained model on the validation images
+    first = records[0]  # the first training step: the untrained model on a training batch
+    final = records[-1]  # the trained model on the validation images
     assert first["split"] == "train" and first["step"] == 1 and final["split"] == "final_eval"
-    assert set(final) >= {"loss", "token_accuracy", "caption_exact", "accuracy", "lm_accuracy", "head_temperature",
-                          "head_ece", "head_ece_calibrated", "lm_temperature", "lm_ece", "lm_ece_calibrated",
-                          "fusion_weight", "fusion_temperature", "fused_accuracy", "lm_ig_accuracy"}
+    assert set(final) >= {
+        "loss",
+        "token_accuracy",
+        "caption_exact",
+        "accuracy",
+        "lm_accuracy",
+        "head_temperature",
+        "head_ece",
+        "head_ece_calibrated",
+        "lm_temperature",
+        "lm_ece",
+        "lm_ece_calibrated",
+        "fusion_weight",
+        "fusion_temperature",
+        "fused_accuracy",
+        "lm_ig_accuracy",
+    }
     assert final["lm_temperature"] > 0 and 0.0 <= final["fused_accuracy"] <= 1.0
     # Next-token loss and token accuracy of the reference captions.
     assert final["loss"] < first["loss"] - 1.0
     assert final["token_accuracy"] > first["token_accuracy"] + 0.2
-    assert "accuracy" not in first      # the CNN's top-1 is "accuracy"; next-token agreement is token_accuracy
+    assert "accuracy" not in first  # the CNN's top-1 is "accuracy"; next-token agreement is token_accuracy
     assert any("classifier: trained" in line for line in logs) and any("captioner: trained" in line for line in logs)
 
 
 def test_demo_recipe_exports_a_pipeline_that_captions_and_classifies(tiny_demo):
     from imgllm.pipeline.checkpoint import load_pipeline
     from imgllm.train.checkpoint import load_classifier
+
     workdir, _, captioner_config, results, _ = tiny_demo
-    assert set(results) == {"exact_match", "bleu4", "cider", "rouge_l", "lm_accuracy", "cnn_accuracy",
-                            "lm_colour_accuracy", "lm_size_accuracy"}
-    assert all(0.0 <= results[k] <= 1.0 for k in ("exact_match", "bleu4", "rouge_l", "lm_accuracy", "cnn_accuracy",
-                                                  "lm_colour_accuracy", "lm_size_accuracy"))
+    assert set(results) == {
+        "exact_match",
+        "bleu4",
+        "cider",
+        "rouge_l",
+        "lm_accuracy",
+        "cnn_accuracy",
+        "lm_colour_accuracy",
+        "lm_size_accuracy",
+    }
+    assert all(
+        0.0 <= results[k] <= 1.0
+        for k in (
+            "exact_match",
+            "bleu4",
+            "rouge_l",
+            "lm_accuracy",
+            "cnn_accuracy",
+            "lm_colour_accuracy",
+            "lm_size_accuracy",
+        )
+    )
     pipeline = load_pipeline(os.path.join(workdir, "pipeline"))
     # The calibration fitted on the captioner's validation split travels into the pipeline checkpoint.
     final = _metrics_records(os.path.join(workdir, "captioner"))[-1]
-    for key, config_key in (("head_temperature", "cnn_temperature"), ("lm_temperature", "lm_temperature"),
-                            ("fusion_weight", "fusion_weight"), ("fusion_temperature", "fusion_temperature")):
+    for key, config_key in (
+        ("head_temperature", "cnn_temperature"),
+        ("lm_temperature", "lm_temperature"),
+        ("fusion_weight", "fusion_weight"),
+        ("fusion_temperature", "fusion_temperature"),
+    ):
         assert pipeline.config[config_key] == pytest.approx(final[key])
     assert pipeline.config["classify"] == ("fused" if final["fused_accuracy"] > final["head_accuracy"] else "cnn")
     assert set(pipeline.params) == {"cnn", "lm", "bridge"}
     assert pipeline.config["bridge"]["feature_source"] == captioner_config.bridge.feature_source
     # The model card: classes, both runs' data fingerprints, the stored held-out scores, the calibration.
     from imgllm.train.checkpoint import read_run_config
+
     with open(os.path.join(workdir, "pipeline", "README.md"), encoding="utf-8") as f:
         card = f.read()
     assert ", ".join(pipeline.class_names) in card
@@ -186,21 +236,26 @@ def test_demo_recipe_exports_a_pipeline_that_captions_and_classifies(tiny_demo):
     from imgllm.data import augment, load_dataset
     from imgllm.train.demo_recipe import EVAL_SEED, EVAL_SPLIT
     from imgllm.vision.cnn import cnn_from_config
+
     images = load_dataset("demo", EVAL_SPLIT, seed=EVAL_SEED, num_examples=16)
     normalization = run_config["normalization"]
-    logits, _ = jax.jit(lambda v, x: cnn_from_config(run_config["model"]).apply(v, augment.normalize(
-        x, mean=tuple(normalization["mean"]), std=tuple(normalization["std"])), train=False))(
-            classifier_variables, images.images)
+    logits, _ = jax.jit(
+        lambda v, x: cnn_from_config(run_config["model"]).apply(
+            v, augment.normalize(x, mean=tuple(normalization["mean"]), std=tuple(normalization["std"])), train=False
+        )
+    )(classifier_variables, images.images)
     assert results["cnn_accuracy"] == pytest.approx(np.mean(np.argmax(logits, -1) == images.labels))
 
 
 def _infer(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(REPO, "infer.py"), *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "infer.py"), *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_infer_assemble_from_a_captioner_workdir_equals_the_recipes_export(tiny_demo, tmp_path):
     from imgllm.pipeline.checkpoint import load_pipeline
+
     workdir = tiny_demo[0]
     out = str(tmp_path / "pipeline")
     run = _infer("assemble", "--captioner", os.path.join(workdir, "captioner"), "--out", out)
@@ -228,6 +283,7 @@ def test_lm_classify_scores_the_templates_the_captioner_was_trained_with(tiny_de
         visual_prefix,
     )
     from imgllm.train.demo_recipe import EVAL_SEED, EVAL_SPLIT
+
     workdir, _, _, results, _ = tiny_demo
     pipe = load_pipeline(os.path.join(workdir, "pipeline"))
     assert DEMO_TEMPLATES != DEFAULT_TEMPLATES and pipe.class_prompt_templates == DEMO_TEMPLATES
@@ -263,6 +319,7 @@ def test_captions_differ_between_classes(tiny_demo, tmp_path):
     from imgllm.data.demo import write_demo_images
     from imgllm.pipeline import caption_files, load_pipeline
     from imgllm.train.demo_recipe import EVAL_SEED, EVAL_SPLIT
+
     pipe = load_pipeline(os.path.join(tiny_demo[0], "pipeline"))
     write_demo_images(str(tmp_path), num_examples=32, seed=EVAL_SEED, split=EVAL_SPLIT)
     records = list(caption_files(pipe, [str(tmp_path)], batch_size=32))
@@ -281,17 +338,19 @@ def test_tensorboard_shows_sample_captions_of_the_final_evaluation(tiny_demo):
     from test_metrics_log import summaries
 
     from imgllm.train.captioner import SAMPLE_CAPTIONS
+
     folder = os.path.join(tiny_demo[0], "captioner", "tensorboard", "final_eval")
     [(step, value)] = summaries(folder)["sample_captions/text_summary"]
     lines = value.tensor.string_val[0].decode().split("\n\n")
     assert step > 0 and len(lines) == SAMPLE_CAPTIONS
     assert all(line.startswith("**") and "**: " in line for line in lines)
-    assert len({line.split("**: ")[1] for line in lines}) > 1     # not one sentence for every image
+    assert len({line.split("**: ")[1] for line in lines}) > 1  # not one sentence for every image
 
 
 def test_demo_recipe_stages_resume_and_refuse_other_configs(tiny_demo):
     from imgllm.train import checkpoint as ckpt_lib
     from imgllm.train import demo_recipe
+
     workdir, classifier_config, captioner_config, _, _ = tiny_demo
     classifier_dir = os.path.join(workdir, "classifier")
     assert demo_recipe.stage_is_finished(classifier_dir, classifier_config)

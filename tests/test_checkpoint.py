@@ -1,4 +1,5 @@
 """Config comparison for resuming (the SIGKILL resume itself is in test_train_cli.py)."""
+
 import pytest
 
 from imgllm import configs
@@ -8,10 +9,19 @@ from imgllm.train import loop
 
 
 def test_config_differences_name_each_key_and_skip_resume_safe_ones():
-    saved = {"seed": 0, "optimizer": {"learning_rate": 0.1, "groups": {"a": {"lr_scale": 64.0}}},
-             "log_every_steps": 10, "normalization": {"mean": (0.5, 0.5)}}
-    now = {"seed": 0, "optimizer": {"learning_rate": 0.1, "groups": {"a": {"lr_scale": 32.0}}},
-           "log_every_steps": 99, "normalization": {"mean": [0.5, 0.5]}, "extra": 1}
+    saved = {
+        "seed": 0,
+        "optimizer": {"learning_rate": 0.1, "groups": {"a": {"lr_scale": 64.0}}},
+        "log_every_steps": 10,
+        "normalization": {"mean": (0.5, 0.5)},
+    }
+    now = {
+        "seed": 0,
+        "optimizer": {"learning_rate": 0.1, "groups": {"a": {"lr_scale": 32.0}}},
+        "log_every_steps": 99,
+        "normalization": {"mean": [0.5, 0.5]},
+        "extra": 1,
+    }
     assert ckpt_lib.config_differences(saved, now) == [
         "extra: checkpoint '<absent>', now 1",
         "optimizer.groups.a.lr_scale: checkpoint 64.0, now 32.0",
@@ -28,8 +38,10 @@ def test_configs_saved_before_batch_scaled_rates_and_the_task_table_still_resume
     today = getattr(configs, config_name).get_config()
     saved = ckpt_lib.config_to_json(today)
     del saved["optimizer"]["reference_batch_size"]
-    saved["task"] = {"classifier": "imgllm.train.classifier:ClassifierTask",
-                     "captioner": "imgllm.train.captioner:CaptionerTask"}[today.task]
+    saved["task"] = {
+        "classifier": "imgllm.train.classifier:ClassifierTask",
+        "captioner": "imgllm.train.captioner:CaptionerTask",
+    }[today.task]
     loop.check_resumable(saved, today, "runs/x")
     # Another batch size under the old config means other learning rates: refused, naming the keys.
     saved["global_batch_size"] = today.global_batch_size // 2

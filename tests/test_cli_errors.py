@@ -1,6 +1,7 @@
 """The command lines' errors: one line on stderr, exit status 2, for each family (config, data, checkpoint,
 missing extra); --debug shows the traceback. Most cases run train.py in a subprocess, as a user would; the flag
 handling of issue #25 runs its console_main in this process."""
+
 import contextlib
 import io
 import os
@@ -21,8 +22,14 @@ def run_train(*args, tmp_path, env=None):
     """(exit status, stderr lines) of train.py with `args` (cwd: tmp_path, CPU)."""
     environment = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     environment.pop(cli.DEBUG_ENV, None)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=tmp_path, env=environment,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *args],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc.returncode, [line for line in proc.stderr.splitlines() if line.strip()]
 
 
@@ -51,8 +58,9 @@ def test_missing_checkpoint(tmp_path):
 
 def test_data_folder_without_the_split(tmp_path):
     (tmp_path / "data" / "cat").mkdir(parents=True)
-    status, lines = run_train("--config=cnn_tiny", "--config.dataset=folder:data/nothing", "--workdir=w",
-                              tmp_path=tmp_path)
+    status, lines = run_train(
+        "--config=cnn_tiny", "--config.dataset=folder:data/nothing", "--workdir=w", tmp_path=tmp_path
+    )
     assert_one_line_error(status, lines, "data/nothing")
 
 
@@ -80,11 +88,14 @@ def test_debug_re_raises_for_the_traceback():
     assert cli.debug_requested(["--debug"]) and not cli.debug_requested(["--x"])
 
 
-@pytest.mark.parametrize("error, expected", [
-    (KeyError("class_names"), "class_names"),
-    (ModuleNotFoundError("No module named 'x'", name="x"), "No module named 'x' (pip install -e ."),
-    (ValueError(""), "ValueError"),
-])
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (KeyError("class_names"), "class_names"),
+        (ModuleNotFoundError("No module named 'x'", name="x"), "No module named 'x' (pip install -e ."),
+        (ValueError(""), "ValueError"),
+    ],
+)
 def test_error_messages(error, expected):
     assert cli.error_message(error).startswith(expected)
 
@@ -125,16 +136,20 @@ def test_a_config_file_that_cannot_load_is_one_line(tmp_path):
 
 def test_training_without_workdir_or_with_stray_arguments_is_one_line():
     status, _, lines = run_train_main("--config=cnn_tiny")
-    assert status == 2 and lines == ["train.py: error: --workdir is required: the work directory for checkpoints "
-                                     "and metrics.jsonl"], lines
-    status, _, lines = run_train_main("--config=cnn_tiny", "--workdir=w", "cnn_tiny")   # absl printed its usage
+    assert status == 2 and lines == [
+        "train.py: error: --workdir is required: the work directory for checkpoints and metrics.jsonl"
+    ], lines
+    status, _, lines = run_train_main("--config=cnn_tiny", "--workdir=w", "cnn_tiny")  # absl printed its usage
     assert status == 2 and len(lines) == 1 and lines[0].startswith("train.py: error: unexpected arguments ['cnn_tiny']")
 
 
 def test_a_run_without_evaluation_still_says_what_it_did():
     """Issue #25: lm_tiny (no eval_corpus, no progress bar) trained without printing anything."""
     result = loop.TrainResult(state=None, final_eval=None, steps_per_epoch=3, total_steps=15)
-    assert train_cli.run_summary(result, "runs/lm") == {"steps": 15, "workdir": "runs/lm",
-                                                        "metrics": os.path.join("runs/lm", "metrics.jsonl")}
+    assert train_cli.run_summary(result, "runs/lm") == {
+        "steps": 15,
+        "workdir": "runs/lm",
+        "metrics": os.path.join("runs/lm", "metrics.jsonl"),
+    }
     result.final_eval = {"accuracy": 0.5}
     assert train_cli.run_summary(result, "w")["final_eval"] == {"accuracy": 0.5}

@@ -73,8 +73,9 @@ def test_im2col_conv_matches_lax_conv_forward_and_gradients(padding, kernel_size
     def loss(impl):
         return lambda x, k: jnp.sum(jnp.sin(conv.conv2d(x, k, padding=padding, impl=impl)))
 
-    np.testing.assert_allclose(conv.conv2d(x, kernel, padding=padding, impl="im2col"),
-                               conv.lax_conv(x, kernel, padding), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        conv.conv2d(x, kernel, padding=padding, impl="im2col"), conv.lax_conv(x, kernel, padding), rtol=1e-4, atol=1e-4
+    )
     grads_im2col = jax.jit(jax.grad(loss("im2col"), argnums=(0, 1)))(x, kernel)
     grads_xla = jax.jit(jax.grad(loss("xla"), argnums=(0, 1)))(x, kernel)
     for a, b in zip(grads_im2col, grads_xla):
@@ -92,9 +93,10 @@ def test_hybrid_conv_matches_lax_conv_forward_and_gradients(padding, kernel_size
         assert conv_cpu._batch_chunks(x, kernel_size, padding) in (2, 3, 6)
     kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, x.shape[-1], 5))
     loss = lambda impl: lambda x, k: jnp.sum(jnp.sin(conv.conv2d(x, k, padding=padding, impl=impl)))
-    assert "conv_general_dilated" in str(jax.make_jaxpr(loss("hybrid"))(x, kernel))   # not the im2col fallback
-    np.testing.assert_allclose(conv.conv2d(x, kernel, padding=padding, impl="hybrid"),
-                               conv.lax_conv(x, kernel, padding), rtol=1e-4, atol=1e-4)
+    assert "conv_general_dilated" in str(jax.make_jaxpr(loss("hybrid"))(x, kernel))  # not the im2col fallback
+    np.testing.assert_allclose(
+        conv.conv2d(x, kernel, padding=padding, impl="hybrid"), conv.lax_conv(x, kernel, padding), rtol=1e-4, atol=1e-4
+    )
     grads_hybrid = jax.jit(jax.grad(loss("hybrid"), argnums=(0, 1)))(x, kernel)
     grads_xla = jax.jit(jax.grad(loss("xla"), argnums=(0, 1)))(x, kernel)
     for a, b in zip(grads_hybrid, grads_xla):
@@ -131,9 +133,9 @@ def test_model_matches_lax_conv_model_forward_and_gradients(impl):
 
     def loss_and_grads(model):
         def loss(params):
-            (logits, features), _ = model.apply({**variables, "params": params}, x, train=True,
-                                                mutable=["batch_stats"])
-            return jnp.sum(logits ** 2) + jnp.sum(features)
+            (logits, features), _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+            return jnp.sum(logits**2) + jnp.sum(features)
+
         return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
     loss, grads = loss_and_grads(model)
@@ -152,10 +154,13 @@ def test_cnn_features_come_from_the_network():
 
     @jax.jit
     def outputs(variables, x):
-        calls = {source: model.apply(variables, x, train=False, feature_source=source)
-                 for source in cnn.FEATURE_SOURCES}
-        methods = {source: model.apply(variables, x, train=False, source=source, method=cnn.CNN.features)
-                   for source in cnn.FEATURE_SOURCES}
+        calls = {
+            source: model.apply(variables, x, train=False, feature_source=source) for source in cnn.FEATURE_SOURCES
+        }
+        methods = {
+            source: model.apply(variables, x, train=False, source=source, method=cnn.CNN.features)
+            for source in cnn.FEATURE_SOURCES
+        }
         return calls, methods
 
     calls, methods = outputs(variables, x)
@@ -169,7 +174,7 @@ def test_cnn_features_come_from_the_network():
         np.testing.assert_allclose(logits, calls["pooled"][0], rtol=1e-6, atol=1e-6)
     # The pooled features are the global max of the spatial map, which is the pyramid's last part.
     np.testing.assert_allclose(calls["spatial"][1].reshape(4, 9, widths[-1]).max(1), calls["pooled"][1], rtol=1e-6)
-    np.testing.assert_array_equal(calls["pyramid"][1][:, -expected["spatial"]:], calls["spatial"][1])
+    np.testing.assert_array_equal(calls["pyramid"][1][:, -expected["spatial"] :], calls["spatial"][1])
     with pytest.raises(ValueError, match="feature_source='mean'"):
         model.apply(variables, x, train=False, feature_source="mean")
 
@@ -290,6 +295,7 @@ def test_chunked_im2col_on_a_sharded_batch_matches_one_device():
 def _reference_airbench94_torch():
     """benchmarks/reference_airbench94_torch.py (airbench94 in PyTorch, written from the paper) as a module."""
     import importlib.util
+
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "reference_airbench94_torch.py")
     spec = importlib.util.spec_from_file_location("reference_airbench94_torch", path)
     module = importlib.util.module_from_spec(spec)
@@ -300,6 +306,7 @@ def _reference_airbench94_torch():
 def _load_into_torch(net, params):
     """Copies flax CNN params into the reference's torch Sequential (HWIO -> OIHW, [in, out] -> [out, in])."""
     import torch
+
     oihw = lambda k: torch.tensor(np.asarray(k).transpose(3, 2, 0, 1))
     with torch.no_grad():
         net[0].weight.copy_(oihw(params["whiten_kernel"]))
@@ -334,7 +341,7 @@ def test_airbench94_matches_the_pytorch_reference_in_train_mode(impl):
     torch_logits = net.train()(torch.tensor(np.asarray(x).transpose(0, 3, 1, 2)))
     torch.nn.functional.cross_entropy(torch_logits, torch.tensor(labels)).backward()
     np.testing.assert_allclose(logits, torch_logits.detach().numpy(), rtol=1e-4, atol=1e-5)
-    norm = net[4][5]                              # block 3's second BatchNorm
+    norm = net[4][5]  # block 3's second BatchNorm
     np.testing.assert_allclose(batch_stats["block3"]["norm2"]["mean"], norm.running_mean.numpy(), rtol=1e-4, atol=1e-6)
     # torch updates running_var with the unbiased batch variance (x n/(n-1), n = 6 images x 3 x 3), flax the biased
     n, momentum = 6 * 3 * 3, 0.6

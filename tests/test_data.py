@@ -370,8 +370,13 @@ def test_demo_captions_describe_what_is_drawn():
             extent = max(np.ptp(rows), np.ptp(cols)) + 1
             assert (extent >= 11) == (size == "large"), (scene.caption, extent)
             dx, dy = cols.mean() - 15.5, rows.mean() - 15.5
-            expected = {"on the left": dx < -4, "on the right": dx > 4, "at the top": dy < -4,
-                        "at the bottom": dy > 4, "in the center": abs(dx) < 3 and abs(dy) < 3}
+            expected = {
+                "on the left": dx < -4,
+                "on the right": dx > 4,
+                "at the top": dy < -4,
+                "at the bottom": dy > 4,
+                "in the center": abs(dx) < 3 and abs(dy) < 3,
+            }
             assert expected[place], (scene.caption, dx, dy)
             assert _best_matching_shape(image, scene.objects[0]) == shape, scene.caption
             checked_single += 1

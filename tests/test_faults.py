@@ -35,7 +35,7 @@ from imgllm.pipeline.records import LOCK_SUFFIX, OutputError, make_records
 from imgllm.train import checkpoint as ckpt_lib
 from imgllm.train import demo_recipe, loop
 
-GREEDY = dict(batch_size=4)   # the options most tests share: one compiled program
+GREEDY = dict(batch_size=4)  # the options most tests share: one compiled program
 
 
 def save_tiny_checkpoint(path, **overrides) -> str:
@@ -98,8 +98,9 @@ def test_overwrite_refuses_a_folder_that_is_not_a_pipeline_checkpoint(infer, cap
         pc.save_pipeline_checkpoint(runs, params, config, tiny_tokenizer(), overwrite=True)
     assert tree(runs) == before
     # The command line refuses it before loading anything (the captioner run does not exist).
-    status, stderr = run_infer(infer, capsys, "assemble", "--captioner", tmp_path / "no_run", "--out", runs,
-                               "--overwrite")
+    status, stderr = run_infer(
+        infer, capsys, "assemble", "--captioner", tmp_path / "no_run", "--out", runs, "--overwrite"
+    )
     assert status == 2
     assert_one_line_naming(stderr, f"{runs} exists and is not a pipeline checkpoint")
     assert tree(runs) == before
@@ -118,7 +119,7 @@ def test_overwrite_killed_while_writing_leaves_the_old_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     save_tiny_checkpoint(ckpt, template="Old {label}.")
 
-    class KilledTokenizer:   # the save is killed once the new arrays are on disk, before the tokenizer is
+    class KilledTokenizer:  # the save is killed once the new arrays are on disk, before the tokenizer is
         def save_pretrained(self, path):
             raise KeyboardInterrupt
 
@@ -126,7 +127,7 @@ def test_overwrite_killed_while_writing_leaves_the_old_checkpoint(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         pc.save_pipeline_checkpoint(ckpt, params, config, KilledTokenizer(), overwrite=True)
     assert pc.load_pipeline(ckpt, read_params=False).config["template"] == "Old {label}."
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]   # nothing half-written left beside it
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # nothing half-written left beside it
     save_tiny_checkpoint(ckpt, template="New {label}.")  # and an overwrite that completes replaces it whole
     assert pc.load_pipeline(ckpt, read_params=False).config["template"] == "New {label}."
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
@@ -135,10 +136,10 @@ def test_overwrite_killed_while_writing_leaves_the_old_checkpoint(tmp_path):
 def test_the_demo_exports_again_over_a_half_written_pipeline(tmp_path, monkeypatch):
     pipeline_dir = tmp_path / "pipeline"
     save_tiny_checkpoint(pipeline_dir)
-    for name in os.listdir(pipeline_dir / pc.TOKENIZER_DIR):   # what an older imgllm's killed export left
+    for name in os.listdir(pipeline_dir / pc.TOKENIZER_DIR):  # what an older imgllm's killed export left
         os.remove(pipeline_dir / pc.TOKENIZER_DIR / name)
     exported = []
-    monkeypatch.setattr(demo_recipe, "_run_stage", lambda *args: False)   # both stages finished earlier
+    monkeypatch.setattr(demo_recipe, "_run_stage", lambda *args: False)  # both stages finished earlier
     monkeypatch.setattr(demo_recipe, "export_pipeline_checkpoint", lambda *args, **kw: exported.append(args))
     monkeypatch.setattr(demo_recipe, "evaluate_pipeline", lambda *args, **kw: {})
     demo_recipe.run_demo(str(tmp_path), log=lambda message: None)
@@ -147,8 +148,7 @@ def test_the_demo_exports_again_over_a_half_written_pipeline(tmp_path, monkeypat
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 @pytest.mark.parametrize("resume", [True, False])
-def test_an_output_that_is_not_a_records_file_is_left_alone(checkpoint, infer, capsys, tmp_path, fmt,
-                                                            resume):
+def test_an_output_that_is_not_a_records_file_is_left_alone(checkpoint, infer, capsys, tmp_path, fmt, resume):
     write_images(tmp_path / "imgs", 2)
     photo = tmp_path / f"photo.{fmt}"
     photo.write_bytes(b"\x89PNG\r\n\x1a\n not records\n\x00\x01 and a last line without newline")
@@ -171,7 +171,7 @@ def test_html_equal_to_the_output_or_an_input_is_refused(checkpoint, tmp_path):
     with pytest.raises(OutputError, match=re.escape(f"the HTML page {out} is the same file as the output {out}")):
         caption(checkpoint, tmp_path / "imgs", output=out, html=out, **GREEDY)
     link = tmp_path / "link.html"
-    link.symlink_to(out)    # another name for the same file
+    link.symlink_to(out)  # another name for the same file
     with pytest.raises(OutputError, match="is the same file as the output"):
         caption(checkpoint, tmp_path / "imgs", output=out, html=link, **GREEDY)
     assert out.read_bytes() == records
@@ -193,7 +193,7 @@ def test_a_symlink_planted_at_the_lock_is_not_followed(checkpoint, tmp_path):
         caption(checkpoint, tmp_path / "imgs", output=out, **GREEDY)
     assert precious.read_text() == "keep me"
     os.remove(str(out) + LOCK_SUFFIX)
-    os.link(precious, str(out) + LOCK_SUFFIX)   # a hard link: the same file under the lock's name
+    os.link(precious, str(out) + LOCK_SUFFIX)  # a hard link: the same file under the lock's name
     with pytest.raises(OutputError, match="not a lock file of imgllm's"):
         caption(checkpoint, tmp_path / "imgs", output=out, **GREEDY)
     assert precious.read_text() == "keep me"
@@ -206,7 +206,7 @@ def test_retry_errors_keeps_an_output_symlink_a_link(checkpoint, tmp_path):
     target.parent.mkdir()
     link.symlink_to(target)
     caption(checkpoint, tmp_path / "imgs", output=link, **GREEDY)
-    (tmp_path / "imgs" / "bad.png").write_bytes(open(paths[0], "rb").read())   # fixed: retry it
+    (tmp_path / "imgs" / "bad.png").write_bytes(open(paths[0], "rb").read())  # fixed: retry it
     caption(checkpoint, tmp_path / "imgs", output=link, retry_errors=True, **GREEDY)
     assert link.is_symlink() and os.path.realpath(link) == str(target)
     assert not any("error" in record for record in read_jsonl(target)) and len(read_jsonl(target)) == 3
@@ -217,15 +217,16 @@ def test_a_second_training_run_in_one_work_directory_is_refused(tmp_path, monkey
         raise AssertionError("started training while another run held the work directory")
 
     monkeypatch.setattr(loop, "build_task", build_task)
-    with open(tmp_path / "train.lock", "w") as held:   # another train.py, mid-run
+    with open(tmp_path / "train.lock", "w") as held:  # another train.py, mid-run
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(loop.WorkdirInUseError, match=re.escape(f"{tmp_path} is in use by another run")):
             loop.train_and_evaluate(cnn_tiny.get_config(), str(tmp_path))
-    assert isinstance(loop.WorkdirInUseError("x"), OSError)   # train.py prints it as one line, status 2
+    assert isinstance(loop.WorkdirInUseError("x"), OSError)  # train.py prints it as one line, status 2
 
 
-@pytest.mark.parametrize("key, value", [("max_checkpoints_to_keep", 0), ("log_every_steps", 0),
-                                        ("max_checkpoints_to_keep", -1)])
+@pytest.mark.parametrize(
+    "key, value", [("max_checkpoints_to_keep", 0), ("log_every_steps", 0), ("max_checkpoints_to_keep", -1)]
+)
 def test_training_values_that_lose_checkpoints_or_crash_later_are_refused(tmp_path, monkeypatch, key, value):
     def build_task(config):
         raise AssertionError("started training with a value it cannot use")
@@ -260,7 +261,7 @@ def test_resume_matches_records_by_file_however_the_inputs_are_written(checkpoin
     first = caption(checkpoint, "dimg", output=out, **GREEDY)
     for cwd, spec in [(tmp_path, "./dimg/"), (tmp_path, tmp_path / "dimg"), (tmp_path / "elsewhere", "../dimg")]:
         monkeypatch.chdir(cwd)
-        assert caption(checkpoint, spec, output=out, **GREEDY) == first   # all 8 were done: nothing captioned
+        assert caption(checkpoint, spec, output=out, **GREEDY) == first  # all 8 were done: nothing captioned
     assert len(read_jsonl(out)) == 8
 
 
@@ -271,7 +272,7 @@ def test_the_same_relative_path_from_another_folder_is_another_image(checkpoint,
     out = tmp_path / "out.jsonl"
     monkeypatch.chdir(tmp_path / "a")
     caption(checkpoint, "imgs", output=out, **GREEDY)
-    monkeypatch.chdir(tmp_path / "b")   # "imgs/img_000.png" here is not the image captioned above
+    monkeypatch.chdir(tmp_path / "b")  # "imgs/img_000.png" here is not the image captioned above
     records = caption(checkpoint, "imgs", output=out, **GREEDY)
     assert len(records) == 5 and len(read_jsonl(out)) == 5
 
@@ -280,7 +281,7 @@ def test_an_existing_file_whose_name_holds_glob_characters_is_taken_literally(ch
     paths = write_images(tmp_path / "imgs", 2)
     literal = tmp_path / "imgs" / "photo[1].png"
     shutil.copy(paths[0], literal)
-    shutil.copy(paths[1], tmp_path / "imgs" / "photo1.png")   # what the pattern "photo[1].png" matches
+    shutil.copy(paths[1], tmp_path / "imgs" / "photo1.png")  # what the pattern "photo[1].png" matches
     assert [r["path"] for r in caption(checkpoint, literal, **GREEDY)] == [str(literal)]
 
 
@@ -292,12 +293,21 @@ def test_a_pattern_that_matches_nothing_gets_an_error_record(checkpoint, tmp_pat
     assert "error" in records[1] and pattern in records[1]["error"]
 
 
-@pytest.mark.parametrize("key, value", [("fusion_weight", math.nan), ("fusion_weight", math.inf),
-                                        ("fusion_weight", -1.0), ("cnn_temperature", math.nan),
-                                        ("lm_temperature", 0.0), ("std", [0.0, 0.2, 0.2]),
-                                        ("mean", [math.nan, 0.5, 0.5]), ("eos_id", 10**6), ("max_new_tokens", 0)])
-def test_a_checkpoint_number_inference_cannot_use_is_refused_at_load(infer, capsys, tmp_path, key,
-                                                                     value):
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("fusion_weight", math.nan),
+        ("fusion_weight", math.inf),
+        ("fusion_weight", -1.0),
+        ("cnn_temperature", math.nan),
+        ("lm_temperature", 0.0),
+        ("std", [0.0, 0.2, 0.2]),
+        ("mean", [math.nan, 0.5, 0.5]),
+        ("eos_id", 10**6),
+        ("max_new_tokens", 0),
+    ],
+)
+def test_a_checkpoint_number_inference_cannot_use_is_refused_at_load(infer, capsys, tmp_path, key, value):
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt", **{key: value})
     with pytest.raises(ValueError, match=re.escape(f"{ckpt}: config: {key}=")):
         pc.load_pipeline(ckpt, read_params=False)
@@ -309,8 +319,11 @@ def test_a_checkpoint_number_inference_cannot_use_is_refused_at_load(infer, caps
 
 def test_non_finite_outputs_give_an_error_record_never_a_nan_in_json():
     batch = Batch(0, [Item("a.png"), Item("b.png")], np.zeros((2, 4, 4, 3), np.uint8), {})
-    outputs = {"label_ids": np.array([[0], [1]]), "label_probs": np.array([[np.nan], [0.5]]),
-               "caption_scores": np.array([[-1.0], [-np.inf]])}
+    outputs = {
+        "label_ids": np.array([[0], [1]]),
+        "label_probs": np.array([[np.nan], [0.5]]),
+        "caption_scores": np.array([[-1.0], [-np.inf]]),
+    }
     records = make_records(batch, outputs, ["cat", "dog"], [["a cat"], ["a dog"]])
     assert [sorted(record) for record in records] == [["error", "path"], ["error", "path"]]
     assert "NaN or infinite" in records[0]["error"]
@@ -318,15 +331,33 @@ def test_non_finite_outputs_give_an_error_record_never_a_nan_in_json():
     assert "error" not in make_records(Batch(0, [Item("a.png")], batch.images[:1], {}), good, ["cat"], [["c"]])[0]
 
 
-@pytest.mark.parametrize("flag, value, message", [("--temperature", "nan", "temperature must be a finite number"),
-                                                  ("--temperature", "inf", "temperature must be a finite number"),
-                                                  ("--top-p", "nan", "top_p must be in (0, 1]"),
-                                                  ("--max-new-tokens", "0", "max_new_tokens must be >= 1")])
-def test_decoding_values_that_give_garbage_captions_are_refused(checkpoint, infer, capsys, tmp_path,
-                                                                flag, value, message):
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--temperature", "nan", "temperature must be a finite number"),
+        ("--temperature", "inf", "temperature must be a finite number"),
+        ("--top-p", "nan", "top_p must be in (0, 1]"),
+        ("--max-new-tokens", "0", "max_new_tokens must be >= 1"),
+    ],
+)
+def test_decoding_values_that_give_garbage_captions_are_refused(
+    checkpoint, infer, capsys, tmp_path, flag, value, message
+):
     image = write_images(tmp_path / "imgs", 1)[0]
-    status, stderr = run_infer(infer, capsys, image, "--checkpoint", checkpoint, "--decoding", "sample", flag, value,
-                               "--quiet", "--compilation-cache", "")
+    status, stderr = run_infer(
+        infer,
+        capsys,
+        image,
+        "--checkpoint",
+        checkpoint,
+        "--decoding",
+        "sample",
+        flag,
+        value,
+        "--quiet",
+        "--compilation-cache",
+        "",
+    )
     assert status == 2
     assert_one_line_naming(stderr, message)
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -340,7 +371,7 @@ def test_lm_templates_are_parsed_not_evaluated(tmp_path, template):
         pipe.label_prompts(["red", "blue"], [template])
     with pytest.raises(ValueError, match="unknown slot"):
         tiny_pipeline_parts(bridge=True, class_prompt_templates=[template])
-    pipe.label_prompts(["red", "blue"], ["a {label} {{braces}}"])   # literal braces stay allowed
+    pipe.label_prompts(["red", "blue"], ["a {label} {{braces}}"])  # literal braces stay allowed
 
 
 def test_escaped_topk_is_literal_text():
@@ -382,7 +413,7 @@ def test_a_file_name_that_is_not_utf8_is_recorded_and_resumes(checkpoint, tmp_pa
         out = tmp_path / f"out.{fmt}"
         first = caption(checkpoint, tmp_path / "imgs", output=out, **GREEDY)
         assert odd in [record["path"] for record in first] and not any("error" in record for record in first)
-        assert caption(checkpoint, tmp_path / "imgs", output=out, **GREEDY) == first   # resumes, nothing redone
+        assert caption(checkpoint, tmp_path / "imgs", output=out, **GREEDY) == first  # resumes, nothing redone
     assert odd in [record["path"] for record in read_jsonl(tmp_path / "out.jsonl")]
 
 
@@ -392,8 +423,9 @@ def test_a_file_name_that_is_not_utf8_is_recorded_and_resumes(checkpoint, tmp_pa
 @pytest.mark.parametrize("flag, value, message", [("--seed", str(2**64), "seed must fit in 64 bits")])
 def test_values_that_crashed_are_one_line(checkpoint, infer, capsys, tmp_path, flag, value, message):
     image = write_images(tmp_path / "imgs", 1)[0]
-    status, stderr = run_infer(infer, capsys, image, "--checkpoint", checkpoint, flag, value, "--quiet",
-                               "--compilation-cache", "")
+    status, stderr = run_infer(
+        infer, capsys, image, "--checkpoint", checkpoint, flag, value, "--quiet", "--compilation-cache", ""
+    )
     assert status == 2
     assert_one_line_naming(stderr, message)
 
@@ -446,7 +478,7 @@ def test_a_tokenizer_json_that_is_not_an_object_is_named(checkpoint, infer, caps
 def test_a_read_only_compilation_cache_folder_is_skipped(tmp_path, monkeypatch):
     from imgllm.pipeline import batch as pipeline_batch
 
-    monkeypatch.setattr(os, "access", lambda path, mode: False)   # what a read-only home says (even to root)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # what a read-only home says (even to root)
     with pytest.warns(UserWarning, match="cannot be written; running without it"):
         pipeline_batch.enable_compilation_cache(str(tmp_path / "cache"))
 
@@ -462,11 +494,10 @@ def test_csv_cells_that_spreadsheets_would_run_are_quoted_and_read_back(checkpoi
     cells = [cell for line in out.read_text().splitlines()[1:] for cell in line.split(",")]
     assert not any(cell.lstrip('"').startswith(("=", "+", "@")) for cell in cells), cells
     assert [record["path"] for record in first] == names
-    assert caption(checkpoint, *names, output=out, **GREEDY) == first   # resumes: the paths read back as written
+    assert caption(checkpoint, *names, output=out, **GREEDY) == first  # resumes: the paths read back as written
 
 
-def test_no_resume_keeps_the_old_output_until_the_run_has_compiled(checkpoint, infer, capsys, tmp_path,
-                                                                   monkeypatch):
+def test_no_resume_keeps_the_old_output_until_the_run_has_compiled(checkpoint, infer, capsys, tmp_path, monkeypatch):
     from imgllm.pipeline import batch as pipeline_batch
 
     write_images(tmp_path / "imgs", 2)
@@ -482,7 +513,7 @@ def test_no_resume_keeps_the_old_output_until_the_run_has_compiled(checkpoint, i
         caption(checkpoint, tmp_path / "imgs", output=out, resume=False, template="Another {label}.", **GREEDY)
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     monkeypatch.undo()
-    records = caption(checkpoint, tmp_path / "imgs", output=out, resume=False, **GREEDY)   # then it starts over
+    records = caption(checkpoint, tmp_path / "imgs", output=out, resume=False, **GREEDY)  # then it starts over
     assert read_jsonl(out) == records and len(records) == 2
 
 
@@ -497,9 +528,9 @@ def test_truncated_arrays_fall_back_to_the_previous_step_and_are_kept(training_r
         _, meta, _, _ = loop.restore_for_eval(workdir)
     assert meta["step"] == 4 and tree(damaged) == before
     with pytest.raises(ckpt_lib.UnreadableCheckpointError, match=re.escape(f"{damaged} cannot be read")):
-        loop.restore_for_eval(workdir, step=8)   # the step asked for is not replaced by another
+        loop.restore_for_eval(workdir, step=8)  # the step asked for is not replaced by another
     with pytest.warns(UserWarning) as warned:
-        loop.train_and_evaluate(config, workdir)   # resumes from step 4 and saves step 8 anew
+        loop.train_and_evaluate(config, workdir)  # resumes from step 4 and saves step 8 anew
     aside = os.path.join(workdir, ckpt_lib.UNREADABLE_DIR, "8")
     messages = [str(w.message) for w in warned]
     expected = [f"{damaged} cannot be read", f"moved the unreadable {damaged} to {aside} (kept"]
@@ -514,7 +545,7 @@ def test_a_run_with_no_readable_step_is_one_line(training_run, tmp_path):
     shutil.copytree(finished, workdir)
     for step in ("4", "8"):
         truncate_arrays(workdir / "checkpoints" / step)
-    with pytest.raises(ValueError, match="no checkpoint in .* can be read") as raised:   # train.py: one line
+    with pytest.raises(ValueError, match="no checkpoint in .* can be read") as raised:  # train.py: one line
         loop.restore_for_eval(str(workdir))
     assert "\n" not in str(raised.value) and str(workdir / "checkpoints" / "4") in str(raised.value)
 
@@ -527,16 +558,21 @@ def test_an_empty_step_folder_is_skipped_and_kept(training_run, tmp_path):
     with pytest.warns(UserWarning, match=re.escape(f"skipping {workdir / 'checkpoints' / '70'}: not a checkpoint")):
         assert loop.restore_for_eval(str(workdir))[1]["step"] == 8
     with pytest.warns(UserWarning, match="not a checkpoint"):
-        loop.train_and_evaluate(config, str(workdir))   # the finished run stays finished
+        loop.train_and_evaluate(config, str(workdir))  # the finished run stays finished
     assert (workdir / "checkpoints" / "70").is_dir()
 
 
-@pytest.mark.parametrize("part, change, where", [
-    ("lm", dict(vocab_size=307), "lm/wte/embedding: checkpoint (300, 32), config (307, 32)"),
-    ("lm", dict(n_embd=64), "lm/h_0/attn/c_attn/bias: checkpoint (96,), config (192,)"),
-    ("cnn", dict(num_classes=11), "cnn/params/head/kernel: checkpoint (16, 10), config (16, 11)")])
-def test_a_config_that_disagrees_with_its_weights_is_named_before_compiling(infer, capsys, tmp_path, monkeypatch,
-                                                                           part, change, where):
+@pytest.mark.parametrize(
+    "part, change, where",
+    [
+        ("lm", dict(vocab_size=307), "lm/wte/embedding: checkpoint (300, 32), config (307, 32)"),
+        ("lm", dict(n_embd=64), "lm/h_0/attn/c_attn/bias: checkpoint (96,), config (192,)"),
+        ("cnn", dict(num_classes=11), "cnn/params/head/kernel: checkpoint (16, 10), config (16, 11)"),
+    ],
+)
+def test_a_config_that_disagrees_with_its_weights_is_named_before_compiling(
+    infer, capsys, tmp_path, monkeypatch, part, change, where
+):
     from imgllm.pipeline import batch as pipeline_batch
 
     _, config = tiny_pipeline_parts(top_k=2, max_new_tokens=5)
@@ -562,15 +598,22 @@ def test_thousands_of_class_prompt_templates_are_refused_at_load(checkpoint, inf
     with pytest.raises(ValueError, match=re.escape(message)):
         pc.load_pipeline(ckpt, read_params=False)
     image = write_images(tmp_path / "imgs", 1)[0]
-    status, stderr = run_infer(infer, capsys, image, "--checkpoint", ckpt, "--lm-classify", "--quiet",
-                               "--compilation-cache", "")
+    status, stderr = run_infer(
+        infer, capsys, image, "--checkpoint", ckpt, "--lm-classify", "--quiet", "--compilation-cache", ""
+    )
     assert status == 2
     assert_one_line_naming(stderr, message)
     _, config = tiny_pipeline_parts(top_k=2, max_new_tokens=5)
-    with pytest.raises(ValueError, match="class_prompt_templates holds 65 templates"):   # nor written
-        pc.make_pipeline_config(cnn=config["cnn"], lm=config["lm"], class_names=config["class_names"],
-                                eos_id=config["eos_id"], pad_id=config["pad_id"], class_prompt_templates=templates[:65])
+    with pytest.raises(ValueError, match="class_prompt_templates holds 65 templates"):  # nor written
+        pc.make_pipeline_config(
+            cnn=config["cnn"],
+            lm=config["lm"],
+            class_names=config["class_names"],
+            eos_id=config["eos_id"],
+            pad_id=config["pad_id"],
+            class_prompt_templates=templates[:65],
+        )
     loaded = pc.load_pipeline(checkpoint, read_params=False)
-    with pytest.raises(ValueError, match=re.escape("lm_templates (--lm-templates) holds 65 templates")):   # nor asked
+    with pytest.raises(ValueError, match=re.escape("lm_templates (--lm-templates) holds 65 templates")):  # nor asked
         loaded.label_prompts(["red", "blue"], templates[:65])
     assert loaded.label_prompts(["red", "blue"], templates[:64]).input_ids.shape[:2] == (2, 64)

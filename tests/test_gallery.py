@@ -32,8 +32,12 @@ def png(path, size: int = 8, value: int = 200) -> str:
 
 
 def record(path: str, label: str = "cat", caption: str = "a photo of a cat.", **extra) -> dict:
-    return {"path": path, "labels": [{"label": label, "prob": 0.9}, {"label": "dog", "prob": 0.05}],
-            "captions": [caption], **extra}
+    return {
+        "path": path,
+        "labels": [{"label": label, "prob": 0.9}, {"label": "dog", "prob": 0.05}],
+        "captions": [caption],
+        **extra,
+    }
 
 
 def cards(page: str) -> list[str]:
@@ -65,15 +69,20 @@ def images(tmp_path):
 
 def test_header_says_checkpoint_decoding_counts_scores_and_mismatches(tmp_path, images):
     records = [record(images[0]), record(images[1], label="dog"), {"path": images[2], "error": "OSError: broken"}]
-    references = {os.path.abspath(images[0]): {"captions": ["a cat."], "label": "cat"},
-                  os.path.abspath(images[1]): {"captions": ["a cat."], "label": "cat"}}
-    header = GalleryHeader(checkpoint="/ckpt/demo", decoding={"decoding": "beam", "num_beams": 4},
-                           scores={"images": 2, "bleu4": 0.25, "cider": None})
+    references = {
+        os.path.abspath(images[0]): {"captions": ["a cat."], "label": "cat"},
+        os.path.abspath(images[1]): {"captions": ["a cat."], "label": "cat"},
+    }
+    header = GalleryHeader(
+        checkpoint="/ckpt/demo",
+        decoding={"decoding": "beam", "num_beams": 4},
+        scores={"images": 2, "bleu4": 0.25, "cider": None},
+    )
     [page] = write_gallery(tmp_path / "g.html", records, header=header, references=references)
     head = read(page).split("<main", 1)[0]
-    assert "<dt>checkpoint</dt><dd class=\"checkpoint\">/ckpt/demo</dd>" in head
+    assert '<dt>checkpoint</dt><dd class="checkpoint">/ckpt/demo</dd>' in head
     assert "decoding=beam, num_beams=4" in head
-    assert '<dd class="images">3</dd>' in head and '<dd class="errors">1</dd>' in head   # counted from the records
+    assert '<dd class="images">3</dd>' in head and '<dd class="errors">1</dd>' in head  # counted from the records
     assert "bleu4 0.2500" in head and "cider n/a" in head
     assert "of 2 images with a reference" in head
     assert re.search(r'data-kind="cnn">\u2717 CNN label: 1<', head)
@@ -97,11 +106,12 @@ def test_grid_of_inline_cards_without_scripts_or_external_resources(tmp_path, im
     assert len(cards(text)) == 3
     assert all('src="data:image/png;base64,' in card for card in cards(text))
     assert "<script" not in text and "http://" not in text and "https://" not in text
-    assert [images[n] in card for n, card in enumerate(cards(text))] == [True] * 3   # in record order
+    assert [images[n] in card for n, card in enumerate(cards(text))] == [True] * 3  # in record order
 
 
 def test_thumbnail_reads_through_the_item_given(tmp_path, images):
     """A record whose key is no file (a tfds key) gets its thumbnail from items_by_key."""
+
     class Stub(Item):
         def load(self, size, **_):
             return np.zeros((4, 4, 3), np.uint8)
@@ -121,14 +131,20 @@ def test_alt_text_is_the_first_caption_or_the_path(tmp_path, images):
 
 
 def test_everything_from_records_and_references_is_escaped(tmp_path):
-    bad = tmp_path / 'x<b>&"q\'.png'
+    bad = tmp_path / "x<b>&\"q'.png"
     path = png(bad)
-    caption = '<script>alert("x")</script> & \'cat\''
-    records = [record(path, label="<i>cat</i>", caption=caption, lm_label="<u>", lm_probs={"<u>": 0.5}),
-               {"path": "<img src=x onerror=alert(1)>", "error": "OSError: <bad> & \"worse\""}]
+    caption = "<script>alert(\"x\")</script> & 'cat'"
+    records = [
+        record(path, label="<i>cat</i>", caption=caption, lm_label="<u>", lm_probs={"<u>": 0.5}),
+        {"path": "<img src=x onerror=alert(1)>", "error": 'OSError: <bad> & "worse"'},
+    ]
     references = {os.path.abspath(path): {"captions": ["</li><script>"], "label": "<s>"}}
-    [page] = write_gallery(tmp_path / "g.html", records, references=references,
-                           header=GalleryHeader(checkpoint="<ckpt>", decoding={"template": "A <x> {label}"}))
+    [page] = write_gallery(
+        tmp_path / "g.html",
+        records,
+        references=references,
+        header=GalleryHeader(checkpoint="<ckpt>", decoding={"template": "A <x> {label}"}),
+    )
     text = read(page)
     for raw in ("<script", "<b>&", "<i>cat", "<u>", "<bad>", "<s>", "<ckpt>", "<x>", "<img src=x"):
         assert raw not in text, raw
@@ -145,11 +161,14 @@ def test_no_mark_when_all_agree(tmp_path, images):
     assert "has-mismatch" not in card and "\u2717" not in card and 'class="mismatch' not in card
 
 
-@pytest.mark.parametrize("kind, changes, named", [
-    ("cnn", dict(label="dog"), "CNN label"),
-    ("lm", dict(lm_label="dog"), "LM label"),
-    ("caption", dict(caption="a photo of a dog."), "caption"),
-])
+@pytest.mark.parametrize(
+    "kind, changes, named",
+    [
+        ("cnn", dict(label="dog"), "CNN label"),
+        ("lm", dict(lm_label="dog"), "LM label"),
+        ("caption", dict(caption="a photo of a dog."), "caption"),
+    ],
+)
 def test_each_kind_of_disagreement_is_marked_alone(images, kind, changes, named):
     reference = {"captions": ["a cat."], "label": "cat"}
     fields = {"lm_label": "cat", **changes}
@@ -177,36 +196,53 @@ def test_label_in_caption_takes_whole_words_ignoring_case():
 
 
 def test_lm_label_with_its_probability_and_caption_scores(images):
-    card = card_html(record(images[0], lm_label="cat", lm_probs={"cat": 0.625, "dog": 0.375},
-                            captions=["a cat.", "the cat."], caption_scores=[-1.234, -5.0]), None, None)
+    card = card_html(
+        record(
+            images[0],
+            lm_label="cat",
+            lm_probs={"cat": 0.625, "dog": 0.375},
+            captions=["a cat.", "the cat."],
+            caption_scores=[-1.234, -5.0],
+        ),
+        None,
+        None,
+    )
     assert '<span class="kind">LM</span> <span class="label">cat</span> 62.5%' in card
     assert '<span class="label">cat</span> 90.0%' in card and '<span class="label">dog</span> 5.0%' in card
     assert '<span class="caption">a cat.</span> <span class="score">log p -1.23</span>' in card
     assert '<span class="caption">the cat.</span> <span class="score">log p -5.00</span>' in card
-    no_probs = card_html(record(images[0], lm_label="cat"), None, None)   # an old record: no lm_probs, no scores
+    no_probs = card_html(record(images[0], lm_label="cat"), None, None)  # an old record: no lm_probs, no scores
     assert '<span class="kind">LM</span> <span class="label">cat</span></p>' in no_probs
     assert "log p" not in no_probs
 
 
 def test_references_are_read_matched_by_absolute_path_and_shown(tmp_path, images, monkeypatch):
     refs = tmp_path / "refs.jsonl"
-    refs.write_text(json.dumps({"path": "imgs/a.png", "caption": "a grey square.", "label": "square"}) + "\n"
-                    + json.dumps({"path": "imgs/a.png", "caption": "one square.", "label": "square"}) + "\n"
-                    + json.dumps({"path": "imgs/b.png", "caption": "a box."}) + "\n")
+    refs.write_text(
+        json.dumps({"path": "imgs/a.png", "caption": "a grey square.", "label": "square"})
+        + "\n"
+        + json.dumps({"path": "imgs/a.png", "caption": "one square.", "label": "square"})
+        + "\n"
+        + json.dumps({"path": "imgs/b.png", "caption": "a box."})
+        + "\n"
+    )
     references = read_references(str(refs))
-    assert references[os.path.abspath(images[0])] == {"captions": ["a grey square.", "one square."],
-                                                       "label": "square"}
-    assert references[os.path.abspath(images[1])]["label"] == "imgs"   # no label: the folder's name, as scored
+    assert references[os.path.abspath(images[0])] == {"captions": ["a grey square.", "one square."], "label": "square"}
+    assert references[os.path.abspath(images[1])]["label"] == "imgs"  # no label: the folder's name, as scored
     monkeypatch.chdir(tmp_path)
-    assert reference_for(references, "imgs/a.png")["label"] == "square"   # a relative record path
+    assert reference_for(references, "imgs/a.png")["label"] == "square"  # a relative record path
     assert reference_for(references, "imgs/c.png") is None and reference_for(None, "imgs/a.png") is None
-    [page] = write_gallery(tmp_path / "g.html", [record("imgs/a.png", label="square", caption="a square."),
-                                                 record("imgs/c.png")], references=references)
+    [page] = write_gallery(
+        tmp_path / "g.html",
+        [record("imgs/a.png", label="square", caption="a square."), record("imgs/c.png")],
+        references=references,
+    )
     first, second = cards(read(page))
-    assert '<span class="kind">reference</span> <span class="kind">label</span> <span class="label">square</span>' \
-        in first
+    assert (
+        '<span class="kind">reference</span> <span class="kind">label</span> <span class="label">square</span>' in first
+    )
     assert "<li>a grey square.</li><li>one square.</li>" in first and "has-mismatch" not in first
-    assert "reference" not in second   # no reference: nothing shown, nothing marked
+    assert "reference" not in second  # no reference: nothing shown, nothing marked
 
 
 def test_error_record_is_an_error_card(tmp_path, images):
@@ -214,14 +250,13 @@ def test_error_record_is_an_error_card(tmp_path, images):
     good, bad = cards(read(page))
     assert 'class="card error"' in bad and 'class="card error"' not in good
     assert "\u26a0 error" in bad and '<span class="error-message">OSError: truncated</span>' in bad
-    assert "no image" in bad and "<img" not in bad   # an error record's file is not read again
+    assert "no image" in bad and "<img" not in bad  # an error record's file is not read again
     assert images[1] in bad
 
 
 def test_pages_past_page_size_are_linked_and_share_the_header(tmp_path, images):
     records = [record(images[n % 3], caption=f"caption {n}.") for n in range(5)]
-    pages = write_gallery(tmp_path / "out" / "g.html", records, header=GalleryHeader(checkpoint="/ckpt"),
-                          page_size=2)
+    pages = write_gallery(tmp_path / "out" / "g.html", records, header=GalleryHeader(checkpoint="/ckpt"), page_size=2)
     assert pages == [str(tmp_path / "out" / name) for name in ("g.html", "g-2.html", "g-3.html")]
     texts = [read(page) for page in pages]
     assert [len(cards(text)) for text in texts] == [2, 2, 1]
@@ -253,7 +288,7 @@ def test_header_wraps_long_values_on_a_narrow_window(tmp_path, images):
     [page] = write_gallery(tmp_path / "g.html", [record(images[0])], header=header)
     text = read(page)
     rules = css_rules(text)
-    assert "overflow-wrap:anywhere" in rules["header"]           # a value without spaces breaks anywhere
+    assert "overflow-wrap:anywhere" in rules["header"]  # a value without spaces breaks anywhere
     # The value column may shrink below its longest word (a plain 1fr column is at least that wide).
     assert "grid-template-columns:max-content minmax(0,1fr)" in rules["header dl"]
     assert "min-width:0" in rules["header dd"]
@@ -269,7 +304,7 @@ def test_identical_captions_are_shown_once_with_their_count(tmp_path, images):
     [card] = cards(read(page))
     assert [card.count(f'<span class="caption">{caption}</span>') for caption in ("a cat", "a dog")] == [1, 1]
     items = re.findall(r"<li>.*?</li>", card)
-    assert len(items) == 2 and "a cat" in items[0] and "a dog" in items[1]      # first-seen order
+    assert len(items) == 2 and "a cat" in items[0] and "a dog" in items[1]  # first-seen order
     assert '<span class="count" title="2 identical captions">\u00d72</span>' in items[0]
     assert "\u00d7" not in items[1]
     assert '<span class="score">log p -1.00</span>' in items[0] and '<span class="score">log p -2.00</span>' in items[1]

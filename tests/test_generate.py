@@ -35,8 +35,8 @@ def prompts():
     ids = rng.integers(0, CONFIG.vocab_size - 1, (3, 6)).astype(np.int32)
     mask = np.ones_like(ids)
     for row, length in enumerate([6, 2, 4]):
-        mask[row, :6 - length] = 0
-        ids[row, :6 - length] = PAD
+        mask[row, : 6 - length] = 0
+        ids[row, : 6 - length] = PAD
     return ids, mask
 
 
@@ -50,8 +50,9 @@ _jit_generate_tokens = jax.jit(generate_tokens, static_argnames=("model_config",
 
 def _run(params, ids, mask, gen_config, rng=None, **kwargs):
     rng = jax.random.key(0) if rng is None else rng
-    tokens, scores = _jit_generate_tokens(params, CONFIG, jnp.asarray(ids), jnp.asarray(mask), rng, gen_config,
-                                          **kwargs)
+    tokens, scores = _jit_generate_tokens(
+        params, CONFIG, jnp.asarray(ids), jnp.asarray(mask), rng, gen_config, **kwargs
+    )
     return np.asarray(tokens), np.asarray(scores)
 
 
@@ -61,10 +62,10 @@ def _greedy_without_cache(params, prompt, steps):
     unused slots after it."""
     forward = jax.jit(lambda p, ids: GPT2(CONFIG).apply({"params": p}, ids)[0][0])
     buffer = np.zeros((1, len(prompt) + steps), np.int32)
-    buffer[0, :len(prompt)] = prompt
+    buffer[0, : len(prompt)] = prompt
     for t in range(len(prompt), len(prompt) + steps):
         buffer[0, t] = int(jnp.argmax(forward(params, jnp.asarray(buffer))[t - 1]))
-    return buffer[0, len(prompt):].tolist()
+    return buffer[0, len(prompt) :].tolist()
 
 
 def test_cached_decoding_equals_recomputing_the_sequence(params, prompts):
@@ -95,7 +96,7 @@ def test_stops_at_eos_and_pads_afterwards(params, prompts):
         end = stops[0] + 1 if len(stops) else NEW
         np.testing.assert_array_equal(tokens[row, :end], free[row, :end])
         assert (tokens[row, end:] == PAD).all()
-    assert (tokens[1, stop_at + 1:] == PAD).all() and stop_at + 1 < NEW
+    assert (tokens[1, stop_at + 1 :] == PAD).all() and stop_at + 1 < NEW
 
 
 @pytest.mark.parametrize("gen", [dict(), dict(do_sample=True, top_p=0.8), dict(num_beams=3)])
@@ -126,8 +127,10 @@ def test_sampled_tokens_stay_in_the_top_p_nucleus_on_both_samplers(params, promp
     config = _config(do_sample=True, top_p=0.5, temperature=1.5, sampler=sampler)
     tokens, _ = _run(params, ids[:1], mask[:1], config, jax.random.key(7))
     sequence = np.concatenate([ids[0], tokens[0]])
-    logits = np.asarray(jax.jit(lambda p, x: GPT2(CONFIG).apply({"params": p}, x)[0][0])(params, sequence[None]),
-                        np.float64) / 1.5
+    logits = (
+        np.asarray(jax.jit(lambda p, x: GPT2(CONFIG).apply({"params": p}, x)[0][0])(params, sequence[None]), np.float64)
+        / 1.5
+    )
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     for step, token in enumerate(tokens[0]):
@@ -149,8 +152,9 @@ def test_sampling_is_reproducible_from_the_key(params, prompts):
 def test_top_k_1_sampling_equals_greedy(params, prompts, sampler):
     ids, mask = prompts
     greedy, _ = _run(params, ids, mask, _config())
-    top1, _ = _run(params, ids, mask, _config(do_sample=True, top_k=1, temperature=0.7, sampler=sampler),
-                   jax.random.key(3))
+    top1, _ = _run(
+        params, ids, mask, _config(do_sample=True, top_k=1, temperature=0.7, sampler=sampler), jax.random.key(3)
+    )
     np.testing.assert_array_equal(top1, greedy)
 
 
@@ -176,8 +180,9 @@ def test_beam_search_with_a_beam_per_token_is_exhaustive(params, prompts):
     tokens, score = _run(params, prompt, np.ones_like(prompt), _config(max_new_tokens=2, num_beams=CONFIG.vocab_size))
     log_probs = jax.jit(lambda p, x: jax.nn.log_softmax(GPT2(CONFIG).apply({"params": p}, x)[0][:, -1]))
     first = log_probs(params, jnp.asarray(prompt))[0]
-    every_pair = jnp.concatenate([jnp.repeat(jnp.asarray(prompt), CONFIG.vocab_size, axis=0),
-                                  jnp.arange(CONFIG.vocab_size)[:, None]], axis=1)
+    every_pair = jnp.concatenate(
+        [jnp.repeat(jnp.asarray(prompt), CONFIG.vocab_size, axis=0), jnp.arange(CONFIG.vocab_size)[:, None]], axis=1
+    )
     totals = first[:, None] + log_probs(params, every_pair)  # [first token, second token]
     best = np.unravel_index(int(jnp.argmax(totals)), totals.shape)
     assert tuple(tokens[0]) == best
@@ -194,7 +199,7 @@ def test_beam_search_returns_best_first_with_eos_finished(params, prompts):
     for row in tokens:  # every returned hypothesis is padded after its EOS
         stop = np.flatnonzero(row == eos)
         if len(stop):
-            assert (row[stop[0] + 1:] == PAD).all()
+            assert (row[stop[0] + 1 :] == PAD).all()
 
 
 def test_prefix_embeds_equal_prefix_tokens(params, prompts):
@@ -207,7 +212,7 @@ def test_prefix_embeds_equal_prefix_tokens(params, prompts):
     joined_mask = np.zeros((3, 9), np.int32)
     for row in range(3):
         joined = np.concatenate([prefix_ids[row], ids[row][mask[row] == 1]])
-        joined_ids[row, 9 - len(joined):], joined_mask[row, 9 - len(joined):] = joined, 1
+        joined_ids[row, 9 - len(joined) :], joined_mask[row, 9 - len(joined) :] = joined, 1
     tokens, _ = _run(params, joined_ids, joined_mask, _config())
     np.testing.assert_array_equal(with_prefix, tokens)
 

@@ -38,29 +38,64 @@ SENTENCES = [
 PROBE = "A photo of a cat and a dog."
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # SmolLM2's ids: unk 0, bos 1, eos 2
 VOCAB_SIZE = 288  # 3 special tokens + 256 byte symbols + 29 merges
-SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+SIZES = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 HEAD_DIM = SIZES["hidden_size"] // SIZES["num_attention_heads"]
 
 # HF key -> llama.cpp name, written out here independently of the module's table.
-HF_TO_LLAMA_CPP_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                          "lm_head.weight": "output.weight"}
+HF_TO_LLAMA_CPP_GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 HF_TO_LLAMA_CPP_LAYER = {
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias", "self_attn.o_proj.bias": "attn_output.bias",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.bias": "attn_output.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 # A mix of storage types as llama.cpp quantises: 2-D weights quantised, norms and biases F32.
-MIXED_TYPES = {"token_embd.weight": Q.Q8_0, "output.weight": Q.Q8_0, "attn_q.weight": Q.Q4_0, "attn_k.weight": Q.Q4_0,
-               "attn_v.weight": Q.Q8_0, "attn_output.weight": Q.Q4_1, "ffn_gate.weight": Q.Q4_0,
-               "ffn_up.weight": Q.Q8_0, "ffn_down.weight": Q.Q4_0}
-HALF_AND_5BIT_TYPES = {"token_embd.weight": Q.F16, "output.weight": Q.BF16, "attn_q.weight": Q.BF16,
-                       "attn_k.weight": Q.F16, "attn_v.weight": Q.Q5_0, "attn_output.weight": Q.Q5_1,
-                       "ffn_gate.weight": Q.Q5_0, "ffn_up.weight": Q.F16, "ffn_down.weight": Q.BF16}
+MIXED_TYPES = {
+    "token_embd.weight": Q.Q8_0,
+    "output.weight": Q.Q8_0,
+    "attn_q.weight": Q.Q4_0,
+    "attn_k.weight": Q.Q4_0,
+    "attn_v.weight": Q.Q8_0,
+    "attn_output.weight": Q.Q4_1,
+    "ffn_gate.weight": Q.Q4_0,
+    "ffn_up.weight": Q.Q8_0,
+    "ffn_down.weight": Q.Q4_0,
+}
+HALF_AND_5BIT_TYPES = {
+    "token_embd.weight": Q.F16,
+    "output.weight": Q.BF16,
+    "attn_q.weight": Q.BF16,
+    "attn_k.weight": Q.F16,
+    "attn_v.weight": Q.Q5_0,
+    "attn_output.weight": Q.Q5_1,
+    "ffn_gate.weight": Q.Q5_0,
+    "ffn_up.weight": Q.F16,
+    "ffn_down.weight": Q.BF16,
+}
 
 
 # ----------------------------------------------------------------------------- writing GGUF files
@@ -93,8 +128,12 @@ def bpe():
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(SENTENCES, trainer)
     model = json.loads(tokenizer.to_str())["model"]
     tokens = sorted(model["vocab"], key=model["vocab"].get)
@@ -122,26 +161,36 @@ def tiny_hf_model(arch: str = "llama", *, tie: bool = False, bias: bool = False,
     return config, state
 
 
-def write_gguf(path, config, state, bpe, *, arch="llama", types=None, metadata=None, tensors=None, drop=(),
-               add_bos=False):
+def write_gguf(
+    path, config, state, bpe, *, arch="llama", types=None, metadata=None, tensors=None, drop=(), add_bos=False
+):
     """Writes `state` as llama.cpp would: its names, Q/K permuted for llama/mistral, `types` per tensor suffix;
     `metadata` {key: value, or None to leave the key out} and `tensors` {name: array} are added; `drop` names are
     left out."""
     tokens, merges, _ = bpe
     writer = gguf.GGUFWriter(os.fspath(path), arch)
     values = {
-        "general.name": "tiny", f"{arch}.block_count": config.num_hidden_layers,
-        f"{arch}.context_length": config.max_position_embeddings, f"{arch}.embedding_length": config.hidden_size,
+        "general.name": "tiny",
+        f"{arch}.block_count": config.num_hidden_layers,
+        f"{arch}.context_length": config.max_position_embeddings,
+        f"{arch}.embedding_length": config.hidden_size,
         f"{arch}.feed_forward_length": config.intermediate_size,
         f"{arch}.attention.head_count": config.num_attention_heads,
         f"{arch}.attention.head_count_kv": config.num_key_value_heads,
         f"{arch}.rope.freq_base": float(config.rope_parameters["rope_theta"]),
-        f"{arch}.attention.layer_norm_rms_epsilon": config.rms_norm_eps, "general.file_type": 1,
-        f"{arch}.vocab_size": config.vocab_size, f"{arch}.rope.dimension_count": HEAD_DIM,
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2" if arch == "qwen2" else "default",
-        "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [3 if t in SPECIAL_TOKENS else 1 for t in tokens],
-        "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-        "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.add_bos_token": add_bos,
+        f"{arch}.attention.layer_norm_rms_epsilon": config.rms_norm_eps,
+        "general.file_type": 1,
+        f"{arch}.vocab_size": config.vocab_size,
+        f"{arch}.rope.dimension_count": HEAD_DIM,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "qwen2" if arch == "qwen2" else "default",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3 if t in SPECIAL_TOKENS else 1 for t in tokens],
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_bos_token": add_bos,
         "general.quantization_version": 2,
     }
     values.update(metadata or {})
@@ -255,23 +304,54 @@ def test_hf_config_values(tmp_path, bpe):
     path = write_gguf(tmp_path / "tiny.gguf", config, state, bpe)
     hf_config = gguf_file.read_gguf_config(path)
     assert hf_config == dict(
-        model_type="llama", vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        rms_norm_eps=float(np.float32(1e-5)), rope_theta=10000.0, rope_scaling=None, tie_word_embeddings=False,
-        attention_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+        model_type="llama",
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        rms_norm_eps=float(np.float32(1e-5)),
+        rope_theta=10000.0,
+        rope_scaling=None,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
     assert gguf_file.read_gguf(path).hf_config == hf_config
     # The config transformers builds from the same file agrees on every shared key.
     reference = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file="tiny.gguf").to_dict()
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-                "bos_token_id", "eos_token_id"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+    ):
         assert hf_config[key] == reference[key], key
 
 
 def test_metadata_defaults_and_rope_scaling(tmp_path, bpe):
-    defaults = {"llama.attention.head_count_kv": None, "llama.rope.freq_base": None, "llama.vocab_size": None,
-                "llama.rope.dimension_count": None, "llama.rope.scaling.type": "linear",
-                "llama.rope.scaling.factor": 4.0, "tokenizer.ggml.padding_token_id": 0}
+    defaults = {
+        "llama.attention.head_count_kv": None,
+        "llama.rope.freq_base": None,
+        "llama.vocab_size": None,
+        "llama.rope.dimension_count": None,
+        "llama.rope.scaling.type": "linear",
+        "llama.rope.scaling.factor": 4.0,
+        "tokenizer.ggml.padding_token_id": 0,
+    }
     config, state = tiny_hf_model(tie=True, num_key_value_heads=4)
     hf_config = gguf_file.read_gguf_config(write_gguf(tmp_path / "mha.gguf", config, state, bpe, metadata=defaults))
     assert hf_config["num_key_value_heads"] == 4 and hf_config["rope_theta"] == 10000.0
@@ -280,8 +360,10 @@ def test_metadata_defaults_and_rope_scaling(tmp_path, bpe):
     assert hf_config["pad_token_id"] == 0 and hf_config["tie_word_embeddings"] is True
     # Without head_count_kv a file is read as multi-head: K of a grouped-query model then has the wrong shape.
     config, state = tiny_hf_model(tie=True)
-    assert_refused(write_gguf(tmp_path / "gqa.gguf", config, state, bpe, metadata=defaults),
-                   "tensor 'blk.0.attn_k.weight' has shape (32, 64), but the metadata implies (64, 64)")
+    assert_refused(
+        write_gguf(tmp_path / "gqa.gguf", config, state, bpe, metadata=defaults),
+        "tensor 'blk.0.attn_k.weight' has shape (32, 64), but the metadata implies (64, 64)",
+    )
 
 
 def test_tokenizer_matches_transformers_and_the_source(tmp_path, bpe):
@@ -297,8 +379,11 @@ def test_tokenizer_matches_transformers_and_the_source(tmp_path, bpe):
         source_ids = bpe[2].encode(PROBE).ids
         assert ids == ([1] if add_bos else []) + source_ids
         assert tokenizer.decode(source_ids) == PROBE
-    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == ("<|im_start|>", "<|im_end|>",
-                                                                              "<|endoftext|>")
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    )
     assert tokenizer.pad_token == tokenizer.eos_token and tokenizer.padding_side == "left"  # no padding id: eos
     batch = tokenizer(["a cat", PROBE], padding=True).input_ids
     assert batch[0][0] == tokenizer.pad_token_id
@@ -335,10 +420,12 @@ def test_permuted_biases_and_mistral(tmp_path, bpe, arch):
 def test_torch_is_not_needed(tmp_path, bpe):
     config, state = tiny_hf_model()
     path = write_gguf(tmp_path / "tiny.gguf", config, state, bpe, types={"ffn_down.weight": Q.Q4_0})
-    script = ("import sys; sys.modules['torch'] = None\n"
-              "from imgllm.language.gguf_file import read_gguf\n"
-              f"m = read_gguf({path!r})\n"
-              f"print(m.tokenizer({PROBE!r}).input_ids, len(m.tensors))\n")
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from imgllm.language.gguf_file import read_gguf\n"
+        f"m = read_gguf({path!r})\n"
+        f"print(m.tokenizer({PROBE!r}).input_ids, len(m.tensors))\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[0] == f"{bpe[2].encode(PROBE).ids} {len(state)}"
@@ -359,23 +446,26 @@ def assert_refused(path, match, *, config_only=False, monkeypatch=None):
         assert match in message, message
 
 
-@pytest.mark.parametrize("metadata, drop, match", [
-    ({"llama.block_count": None}, (), "'llama.block_count' is missing"),
-    ({"llama.embedding_length": 0}, (), "'llama.embedding_length' is 0"),
-    ({"llama.embedding_length": 64.0}, (), "'llama.embedding_length' is 64.0"),
-    ({"llama.attention.head_count": 3}, (), "head_count"),
-    ({"llama.attention.head_count_kv": 3}, (), "does not divide"),
-    ({"llama.rope.dimension_count": 8}, (), "partial rotary is not supported"),
-    ({"llama.attention.layer_norm_rms_epsilon": math.nan}, (), "'llama.attention.layer_norm_rms_epsilon' is nan"),
-    ({"llama.rope.freq_base": -1.0}, (), "'llama.rope.freq_base' is -1.0"),
-    ({"llama.rope.scaling.type": "yarn"}, (), "llama.rope.scaling.type is 'yarn'"),
-    ({"llama.block_count": 10**9}, (), "block_count is 1000000000"),
-    ({"llama.block_count": 1}, (), "'blk.1."),
-    ({}, ("blk.1.ffn_norm.weight",), "missing tensors 'blk.1.ffn_norm.weight'"),
-    ({"llama.vocab_size": 300}, (), "'token_embd.weight' has shape (288, 64), but the metadata implies (300, 64)"),
-    ({"llama.feed_forward_length": 128}, (), "'blk.0.ffn_gate.weight' has shape (96, 64)"),
-    ({"tokenizer.ggml.eos_token_id": VOCAB_SIZE}, (), "'tokenizer.ggml.eos_token_id' is 288"),
-])
+@pytest.mark.parametrize(
+    "metadata, drop, match",
+    [
+        ({"llama.block_count": None}, (), "'llama.block_count' is missing"),
+        ({"llama.embedding_length": 0}, (), "'llama.embedding_length' is 0"),
+        ({"llama.embedding_length": 64.0}, (), "'llama.embedding_length' is 64.0"),
+        ({"llama.attention.head_count": 3}, (), "head_count"),
+        ({"llama.attention.head_count_kv": 3}, (), "does not divide"),
+        ({"llama.rope.dimension_count": 8}, (), "partial rotary is not supported"),
+        ({"llama.attention.layer_norm_rms_epsilon": math.nan}, (), "'llama.attention.layer_norm_rms_epsilon' is nan"),
+        ({"llama.rope.freq_base": -1.0}, (), "'llama.rope.freq_base' is -1.0"),
+        ({"llama.rope.scaling.type": "yarn"}, (), "llama.rope.scaling.type is 'yarn'"),
+        ({"llama.block_count": 10**9}, (), "block_count is 1000000000"),
+        ({"llama.block_count": 1}, (), "'blk.1."),
+        ({}, ("blk.1.ffn_norm.weight",), "missing tensors 'blk.1.ffn_norm.weight'"),
+        ({"llama.vocab_size": 300}, (), "'token_embd.weight' has shape (288, 64), but the metadata implies (300, 64)"),
+        ({"llama.feed_forward_length": 128}, (), "'blk.0.ffn_gate.weight' has shape (96, 64)"),
+        ({"tokenizer.ggml.eos_token_id": VOCAB_SIZE}, (), "'tokenizer.ggml.eos_token_id' is 288"),
+    ],
+)
 def test_bad_metadata_is_refused(tmp_path, bpe, metadata, drop, match):
     config, state = tiny_hf_model()
     assert_refused(write_gguf(tmp_path / "bad.gguf", config, state, bpe, metadata=metadata, drop=drop), match)
@@ -389,15 +479,22 @@ def test_unsupported_architecture(tmp_path, bpe):
 def test_unknown_tensor_is_refused_by_name(tmp_path, bpe):
     """rope_freqs.weight (Llama 3.1 rotary factors) would change the model: refused, never skipped."""
     config, state = tiny_hf_model()
-    path = write_gguf(tmp_path / "freqs.gguf", config, state, bpe,
-                      tensors={"rope_freqs.weight": np.ones(HEAD_DIM // 2, np.float32)})
+    path = write_gguf(
+        tmp_path / "freqs.gguf", config, state, bpe, tensors={"rope_freqs.weight": np.ones(HEAD_DIM // 2, np.float32)}
+    )
     assert_refused(path, "'rope_freqs.weight'")
 
 
 def test_undequantizable_type_is_refused_by_name(tmp_path, bpe):
     config, state = tiny_hf_model()
-    path = write_gguf(tmp_path / "int.gguf", config, state, bpe, drop=("output_norm.weight",),
-                      tensors={"output_norm.weight": np.arange(64, dtype=np.int32)})
+    path = write_gguf(
+        tmp_path / "int.gguf",
+        config,
+        state,
+        bpe,
+        drop=("output_norm.weight",),
+        tensors={"output_norm.weight": np.arange(64, dtype=np.int32)},
+    )
     gguf_file.read_gguf_config(path)  # the shapes are right
     with pytest.raises(ValueError, match=r"int\.gguf: tensor 'output_norm.weight' is of ggml type I32"):
         gguf_file.read_gguf(path)
@@ -412,8 +509,13 @@ def test_unknown_tokenizer_model_is_refused(tmp_path, bpe):
 
 def test_missing_vocabulary_is_refused(tmp_path, bpe):
     config, state = tiny_hf_model()
-    path = write_gguf(tmp_path / "novocab.gguf", config, state, bpe, metadata={
-        "tokenizer.ggml.tokens": None, "tokenizer.ggml.merges": None, "tokenizer.ggml.token_type": None})
+    path = write_gguf(
+        tmp_path / "novocab.gguf",
+        config,
+        state,
+        bpe,
+        metadata={"tokenizer.ggml.tokens": None, "tokenizer.ggml.merges": None, "tokenizer.ggml.token_type": None},
+    )
     assert gguf_file.read_gguf_config(path)["vocab_size"] == VOCAB_SIZE
     with pytest.raises(ValueError, match=r"novocab\.gguf: tokenizer.ggml.tokens"):
         gguf_file.read_gguf(path)
@@ -426,8 +528,14 @@ def test_missing_vocabulary_is_refused(tmp_path, bpe):
 def small_file(tmp_path_factory, bpe):
     """Bytes of a valid small GGUF: a 1-layer model, F32 and Q8_0 tensors, alignment 64."""
     config, state = tiny_hf_model(num_hidden_layers=1)
-    path = write_gguf(tmp_path_factory.mktemp("small") / "small.gguf", config, state, bpe,
-                      types={"ffn_up.weight": Q.Q8_0}, metadata={"general.alignment": 64})
+    path = write_gguf(
+        tmp_path_factory.mktemp("small") / "small.gguf",
+        config,
+        state,
+        bpe,
+        types={"ffn_up.weight": Q.Q8_0},
+        metadata={"general.alignment": 64},
+    )
     with open(path, "rb") as f:
         data = f.read()
     gguf_file.read_gguf(path)
@@ -445,7 +553,7 @@ def tensor_info_offset(data: bytes, name: str) -> int:
 
 
 def patched(data: bytes, offset: int, new: bytes) -> bytes:
-    return data[:offset] + new + data[offset + len(new):]
+    return data[:offset] + new + data[offset + len(new) :]
 
 
 def header_cases(data: bytes) -> dict[str, tuple[bytes, str]]:
@@ -466,16 +574,22 @@ def header_cases(data: bytes) -> dict[str, tuple[bytes, str]]:
         "key length": (patched(data, 24, struct.pack("<Q", 2**62)), "metadata key #0"),
         "string value length": (patched(data, arch_at + 4, struct.pack("<Q", 2**50)), "general.architecture"),
         "string not UTF-8": (patched(data, name_at, b"\xff\xfe\xff\xfe"), "general.name' is not valid UTF-8"),
-        "duplicate key": (data.replace(b"general.file_type", b"general.alignment"),  # same length, both uint32
-                          "'general.alignment' appears twice"),
+        "duplicate key": (
+            data.replace(b"general.file_type", b"general.alignment"),  # same length, both uint32
+            "'general.alignment' appears twice",
+        ),
         "unknown value type": (patched(data, arch_at, struct.pack("<I", 13)), "unknown value type 13"),
         "array count": (patched(data, tokens_at + 8, struct.pack("<Q", 2**40)), "tokenizer.ggml.tokens"),
         "array item type": (patched(data, tokens_at + 4, struct.pack("<I", 77)), "unknown item type 77"),
         "array string length": (patched(data, tokens_at + 16, struct.pack("<Q", 2**33)), "tokenizer.ggml.tokens"),
-        "alignment": (patched(data, key_value_offset(data, "general.alignment") + 4, struct.pack("<I", 48)),
-                      "general.alignment"),
-        "tensor name length": (patched(data, q - len("blk.0.attn_q.weight") - 8, struct.pack("<Q", 2**45)),
-                               "name of tensor #"),
+        "alignment": (
+            patched(data, key_value_offset(data, "general.alignment") + 4, struct.pack("<I", 48)),
+            "general.alignment",
+        ),
+        "tensor name length": (
+            patched(data, q - len("blk.0.attn_q.weight") - 8, struct.pack("<Q", 2**45)),
+            "name of tensor #",
+        ),
         "n_dims 5": (patched(data, q, struct.pack("<I", 5)), "5 dims"),
         "n_dims 0": (patched(data, q, struct.pack("<I", 0)), "0 dims"),
         "dim 0": (patched(data, q + 4, struct.pack("<Q", 0)), "dim of 0"),
@@ -512,13 +626,26 @@ def test_header_cases_are_refused_by_name_fast(tmp_path, small_file, monkeypatch
 def nested_array_file(depth: int) -> bytes:
     """A header with one key whose value nests `depth` arrays (the innermost holds one uint8)."""
     key = b"deep"
-    return b"".join([b"GGUF", struct.pack("<IQQ", 3, 0, 1), struct.pack("<Q", len(key)), key, struct.pack("<I", 9),
-                     struct.pack("<IQ", 9, 1) * (depth - 1), struct.pack("<IQB", 0, 1, 7)])
+    return b"".join(
+        [
+            b"GGUF",
+            struct.pack("<IQQ", 3, 0, 1),
+            struct.pack("<Q", len(key)),
+            key,
+            struct.pack("<I", 9),
+            struct.pack("<IQ", 9, 1) * (depth - 1),
+            struct.pack("<IQB", 0, 1, 7),
+        ]
+    )
 
 
 def test_nested_arrays_too_deep(tmp_path):
-    for depth, ok in [(1, True), (gguf_file.MAX_ARRAY_DEPTH, True), (gguf_file.MAX_ARRAY_DEPTH + 1, False),
-                      (100_000, False)]:
+    for depth, ok in [
+        (1, True),
+        (gguf_file.MAX_ARRAY_DEPTH, True),
+        (gguf_file.MAX_ARRAY_DEPTH + 1, False),
+        (100_000, False),
+    ]:
         path = tmp_path / f"deep{depth}.gguf"
         path.write_bytes(nested_array_file(depth))
         if ok:
@@ -551,7 +678,7 @@ def test_truncations_and_byte_flips_raise_only_value_errors(tmp_path, small_file
                 assert "cut.gguf" in str(error)
             for at in spots:
                 file.seek(at)
-                file.write(small_file[at:at + 1])
+                file.write(small_file[at : at + 1])
 
 
 def test_is_gguf_file(tmp_path, small_file):
@@ -589,11 +716,19 @@ def smollm2():
 def test_smollm2_config_and_tokenizer(smollm2):
     path, model = smollm2
     c = model.hf_config
-    assert (c["model_type"], c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"]) == ("llama", 30, 576,
-                                                                                                    1536)
+    assert (c["model_type"], c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"]) == (
+        "llama",
+        30,
+        576,
+        1536,
+    )
     assert (c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]) == (9, 3, 64)
-    assert (c["rope_theta"], c["rope_scaling"], c["tie_word_embeddings"], c["vocab_size"]) == (100000.0, None, True,
-                                                                                             49152)
+    assert (c["rope_theta"], c["rope_scaling"], c["tie_word_embeddings"], c["vocab_size"]) == (
+        100000.0,
+        None,
+        True,
+        49152,
+    )
     assert (c["bos_token_id"], c["eos_token_id"], c["attention_bias"]) == (1, 2, False)
     assert gguf_file.read_gguf_config(path) == c
     assert model.add_bos_token is False
@@ -627,8 +762,10 @@ def test_a_gguf_in_llama_cpp_layout_loads_to_the_logits_of_its_source(tmp_path, 
     config, state = tiny_hf_model(seed=2, tie=tie)
     path = write_gguf(tmp_path / "tiny.gguf", config, state, bpe, types=mix)
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
-    stored = {key: value if mix is None else quantize_roundtrip(value, types[llama_cpp_name(key)])
-              for key, value in state.items()}
+    stored = {
+        key: value if mix is None else quantize_roundtrip(value, types[llama_cpp_name(key)])
+        for key, value in state.items()
+    }
     source = (transformers.LlamaForCausalLM(config)).eval()
     source.load_state_dict({key: torch.as_tensor(value) for key, value in stored.items()}, strict=not tie)
     if tie:
@@ -644,4 +781,4 @@ def test_a_gguf_in_llama_cpp_layout_loads_to_the_logits_of_its_source(tmp_path, 
     with torch.no_grad():
         want_tokens = source.generate(torch.as_tensor(ids, dtype=torch.long), do_sample=False, **settings)
     got, _ = generate(lm.params, lm.config, ids, gen_config=GenerationConfig(**settings))
-    np.testing.assert_array_equal(got, want_tokens.numpy()[:, ids.shape[1]:])
+    np.testing.assert_array_equal(got, want_tokens.numpy()[:, ids.shape[1] :])

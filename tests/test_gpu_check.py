@@ -20,11 +20,17 @@ gpu_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_check)
 
 # The rows the smoke run prints: (section, start of the measurement's name).
-SMOKE_ROWS = [("cnn", "cifar10 2 ep, airbench time"), ("cnn", "cifar10 32/step, train"),
-              ("cnn", "cifar10 TTA val accuracy"),
-              ("decode", "GPT-2 2x64 greedy b1 float32"), ("decode", "GPT-2 2x64 greedy b4 float32"),
-              ("decode", "GPT-2 2x64 greedy b1 bfloat16"), ("decode", "GPT-2 2x64 greedy b4 bfloat16"),
-              ("captions", "16 images b8 greedy bfloat16"), ("captions", "16 images b8 top-p 0.9 bfloat16")]
+SMOKE_ROWS = [
+    ("cnn", "cifar10 2 ep, airbench time"),
+    ("cnn", "cifar10 32/step, train"),
+    ("cnn", "cifar10 TTA val accuracy"),
+    ("decode", "GPT-2 2x64 greedy b1 float32"),
+    ("decode", "GPT-2 2x64 greedy b4 float32"),
+    ("decode", "GPT-2 2x64 greedy b1 bfloat16"),
+    ("decode", "GPT-2 2x64 greedy b4 bfloat16"),
+    ("captions", "16 images b8 greedy bfloat16"),
+    ("captions", "16 images b8 top-p 0.9 bfloat16"),
+]
 
 
 def _torch_installed() -> bool:
@@ -33,8 +39,9 @@ def _torch_installed() -> bool:
 
 def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=REPO)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
 
 
 def _table_cells(stdout: str) -> dict[tuple[str, str], list[str]]:
@@ -43,7 +50,7 @@ def _table_cells(stdout: str) -> dict[tuple[str, str], list[str]]:
     for line in stdout.splitlines():
         for section, name in SMOKE_ROWS:
             if re.match(rf"{section}\s+{re.escape(name)}\s", line):
-                cells[(section, name)] = line[line.index(name) + len(name):].split()
+                cells[(section, name)] = line[line.index(name) + len(name) :].split()
     return cells
 
 
@@ -70,13 +77,36 @@ def test_a_section_past_its_time_is_stopped_and_named():
 
 
 def test_the_table_keeps_the_last_row_per_measurement_and_marks_missing_figures(tmp_path):
-    row = dict(section="decode", key="b1-float32", what="GPT-2 small greedy b1 float32", unit="tok/s", jax=900.0,
-               torch=None, ratio=None, target=">=3x", met=None, note="")
-    lines = [{"section": "decode", "environment": "jax on gpu"}, row,
-             {**row, "torch": 250.0, "ratio": 3.6, "met": True}]
+    row = dict(
+        section="decode",
+        key="b1-float32",
+        what="GPT-2 small greedy b1 float32",
+        unit="tok/s",
+        jax=900.0,
+        torch=None,
+        ratio=None,
+        target=">=3x",
+        met=None,
+        note="",
+    )
+    lines = [
+        {"section": "decode", "environment": "jax on gpu"},
+        row,
+        {**row, "torch": 250.0, "ratio": 3.6, "met": True},
+    ]
     (tmp_path / "decode.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    accuracy = dict(section="cnn", key="accuracy", what="cifar10 TTA val accuracy", unit="%", jax=93.9, torch=None,
-                    ratio=None, target="±0.3 pt", met=None, note="")
+    accuracy = dict(
+        section="cnn",
+        key="accuracy",
+        what="cifar10 TTA val accuracy",
+        unit="%",
+        jax=93.9,
+        torch=None,
+        ratio=None,
+        target="±0.3 pt",
+        met=None,
+        note="",
+    )
     (tmp_path / "cnn.jsonl").write_text(json.dumps(accuracy) + "\n")
 
     rows, environments = gpu_check.read_rows(str(tmp_path), ["cnn", "decode", "captions"])

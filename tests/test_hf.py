@@ -43,14 +43,17 @@ def assert_trees_equal(a, b):
 # ----------------------------------------------------------------------------- key mapping (no checkpoint)
 
 
-@pytest.mark.parametrize("path, key", [
-    (("wte", "embedding"), "wte.weight"),
-    (("wpe", "embedding"), "wpe.weight"),
-    (("h_0", "ln_1", "scale"), "h.0.ln_1.weight"),
-    (("h_11", "attn", "c_attn", "kernel"), "h.11.attn.c_attn.weight"),
-    (("h_3", "mlp", "c_proj", "bias"), "h.3.mlp.c_proj.bias"),
-    (("ln_f", "bias"), "ln_f.bias"),
-])
+@pytest.mark.parametrize(
+    "path, key",
+    [
+        (("wte", "embedding"), "wte.weight"),
+        (("wpe", "embedding"), "wpe.weight"),
+        (("h_0", "ln_1", "scale"), "h.0.ln_1.weight"),
+        (("h_11", "attn", "c_attn", "kernel"), "h.11.attn.c_attn.weight"),
+        (("h_3", "mlp", "c_proj", "bias"), "h.3.mlp.c_proj.bias"),
+        (("ln_f", "bias"), "ln_f.bias"),
+    ],
+)
 def test_hf_key_for_path(path, key):
     assert hf.hf_key_for_path(path) == key
 
@@ -133,18 +136,21 @@ def test_load_matches_the_torch_state_dict(tiny_hf_dir):
     config, params = hf.load_gpt2(tiny_hf_dir)
     assert (config.n_layer, config.n_embd, config.n_head, config.n_positions) == (2, 32, 4, 64)
     tensors = load_file(os.path.join(tiny_hf_dir, hf.SAFETENSORS_FILE))
-    np.testing.assert_array_equal(params["h_1"]["attn"]["c_attn"]["kernel"],
-                                  tensors["transformer.h.1.attn.c_attn.weight"])
+    np.testing.assert_array_equal(
+        params["h_1"]["attn"]["c_attn"]["kernel"], tensors["transformer.h.1.attn.c_attn.weight"]
+    )
     np.testing.assert_array_equal(params["h_0"]["ln_2"]["scale"], tensors["transformer.h.0.ln_2.weight"])
     np.testing.assert_array_equal(params["wte"]["embedding"], tensors["transformer.wte.weight"])
     abstract = hf.abstract_params(config)
     assert jax.tree.structure(params) == jax.tree.structure(abstract)
-    assert all(p.shape == a.shape and p.dtype == a.dtype
-               for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(abstract)))
+    assert all(
+        p.shape == a.shape and p.dtype == a.dtype for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(abstract))
+    )
 
 
 def test_unprefixed_keys_buffers_and_tied_head_load_the_same(tiny_hf_dir, tmp_path):
     """The original hub layout: no 'transformer.' prefix, saved attention buffers, lm_head equal to wte."""
+
     def to_hub_layout(tensors):
         tensors = {key.removeprefix("transformer."): value for key, value in tensors.items()}
         for layer in range(2):
@@ -159,8 +165,9 @@ def test_unprefixed_keys_buffers_and_tied_head_load_the_same(tiny_hf_dir, tmp_pa
 
 
 def test_half_precision_checkpoint_is_cast_to_float32(tiny_hf_dir, tmp_path):
-    half = copy_checkpoint(tiny_hf_dir, tmp_path / "c",
-                           edit_tensors=lambda t: {k: v.astype(np.float16) for k, v in t.items()})
+    half = copy_checkpoint(
+        tiny_hf_dir, tmp_path / "c", edit_tensors=lambda t: {k: v.astype(np.float16) for k, v in t.items()}
+    )
     _, expected = hf.load_gpt2(tiny_hf_dir)
     _, params = hf.load_gpt2(half)
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
@@ -241,8 +248,10 @@ def test_hub_name_resolves_through_snapshot_download_offline(tiny_hf_dir, tmp_pa
     config, params = hf.load_gpt2("someone/tiny-gpt2", cache_dir=cache, local_files_only=True)
     assert_trees_equal(params, hf.load_gpt2(tiny_hf_dir)[1])
     assert hf.load_tokenizer("someone/tiny-gpt2", cache_dir=cache, local_files_only=True).padding_side == "left"
-    with pytest.raises(FileNotFoundError, match="'someone/not-cached' is not a local directory, and the Hugging "
-                                                 "Face hub could not provide it"):
+    with pytest.raises(
+        FileNotFoundError,
+        match="'someone/not-cached' is not a local directory, and the Hugging Face hub could not provide it",
+    ):
         hf.load_gpt2("someone/not-cached", cache_dir=cache, local_files_only=True)
 
 

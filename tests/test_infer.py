@@ -28,8 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     params, config = tiny_pipeline_parts(top_k=2, max_new_tokens=5)
-    return pc.save_pipeline_checkpoint(tmp_path_factory.mktemp("pipeline") / "ckpt", params, config,
-                                       tiny_tokenizer())
+    return pc.save_pipeline_checkpoint(tmp_path_factory.mktemp("pipeline") / "ckpt", params, config, tiny_tokenizer())
 
 
 def write_images(folder, count: int, seed: int = 0) -> list[str]:
@@ -77,8 +76,11 @@ SAMPLING = dict(decoding=DecodingOptions(method="sample", temperature=2.0, num_c
 def caption(checkpoint, *inputs, **options) -> list[dict]:
     """Every record `caption_files` yields (it writes `output` when given)."""
     output = options.pop("output", None)
-    return list(caption_files(checkpoint, [str(path) for path in inputs],
-                              output=None if output is None else str(output), **options))
+    return list(
+        caption_files(
+            checkpoint, [str(path) for path in inputs], output=None if output is None else str(output), **options
+        )
+    )
 
 
 def read_jsonl(path) -> list[dict]:
@@ -100,7 +102,8 @@ def test_messy_folder_gives_one_record_per_image_and_errors_for_bad_files(checkp
         probs = [entry["prob"] for entry in records[path]["labels"]]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
         assert {entry["label"] for entry in records[path]["labels"]} <= set(
-            json.loads(json.dumps(pc.read_pipeline_config(checkpoint)["class_names"])))
+            json.loads(json.dumps(pc.read_pipeline_config(checkpoint)["class_names"]))
+        )
     for path in bad:
         assert path in records[path]["error"] and "captions" not in records[path]
     assert not any(path.endswith("README.txt") for path in records)
@@ -108,15 +111,27 @@ def test_messy_folder_gives_one_record_per_image_and_errors_for_bad_files(checkp
 
 def test_nothing_captionable_gives_only_error_records(checkpoint, messy_folder, tmp_path):
     out = tmp_path / "out.jsonl"
-    caption(checkpoint, messy_folder["corrupt"], messy_folder["truncated"], tmp_path / "missing.png", output=out,
-            **BATCH)
+    caption(
+        checkpoint, messy_folder["corrupt"], messy_folder["truncated"], tmp_path / "missing.png", output=out, **BATCH
+    )
     assert all("error" in r for r in read_jsonl(out)) and len(read_jsonl(out)) == 3
 
 
 def test_cli_prints_records_and_exits_non_zero_when_nothing_is_captioned(checkpoint, messy_folder, tmp_path):
     """infer.py without --output writes the records to stdout; its exit status is 1 when no image was captioned."""
-    command = [sys.executable, os.path.join(REPO, "infer.py"), messy_folder["corrupt"], str(tmp_path / "missing.png"),
-               "--checkpoint", checkpoint, "--batch-size", "4", "--quiet", "--compilation-cache", ""]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "infer.py"),
+        messy_folder["corrupt"],
+        str(tmp_path / "missing.png"),
+        "--checkpoint",
+        checkpoint,
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--compilation-cache",
+        "",
+    ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_subprocess_env())
     assert run.returncode == 1, run.stderr
     records = [json.loads(line) for line in run.stdout.splitlines()]
@@ -178,15 +193,15 @@ def test_html_gallery_shows_references_scores_and_mismatches(checkpoint, tmp_pat
     and the scores, each card its reference, and a CNN label that is not the reference's is marked."""
     from imgllm.data.demo import write_demo_images
 
-    references = write_demo_images(str(tmp_path / "imgs"), num_examples=3, seed=2)   # captions.jsonl among them
+    references = write_demo_images(str(tmp_path / "imgs"), num_examples=3, seed=2)  # captions.jsonl among them
     page = tmp_path / "page.html"
     records = caption(checkpoint, tmp_path / "imgs", html=page, references=references, **BATCH)
     assert len(records) == 3 and all("caption_scores" in record for record in records)
     text = page.read_text()
     assert os.path.abspath(checkpoint) in text and "exact_match" in text
     for line in map(json.loads, open(references)):
-        assert line["caption"] in text                       # every reference caption is shown
-    assert text.count('class="card has-mismatch"') == 3     # the tiny pipeline names CIFAR classes, not shapes
+        assert line["caption"] in text  # every reference caption is shown
+    assert text.count('class="card has-mismatch"') == 3  # the tiny pipeline names CIFAR classes, not shapes
 
 
 def test_tfds_split_input(checkpoint, tmp_path):
@@ -238,15 +253,34 @@ def _subprocess_env(**extra) -> dict:
 @pytest.mark.slow
 def test_eight_devices_give_the_same_captions_as_one(checkpoint, tmp_path):
     write_images(tmp_path / "imgs", 12)
-    args = [str(tmp_path / "imgs"), "--checkpoint", checkpoint, "--batch-size", "8", "--decoding", "sample",
-            "--seed", "5", "--quiet", "--compilation-cache", ""]
+    args = [
+        str(tmp_path / "imgs"),
+        "--checkpoint",
+        checkpoint,
+        "--batch-size",
+        "8",
+        "--decoding",
+        "sample",
+        "--seed",
+        "5",
+        "--quiet",
+        "--compilation-cache",
+        "",
+    ]
     one = tmp_path / "one.jsonl"
     caption(checkpoint, tmp_path / "imgs", output=one, batch_size=8, decoding=DecodingOptions(method="sample"), seed=5)
     eight = tmp_path / "eight.jsonl"
-    script = ("import sys, jax; assert jax.device_count() == 8, jax.devices(); import infer; "
-              "sys.exit(infer.main(sys.argv[1:]))")
-    subprocess.run([sys.executable, "-c", script, *args, "--output", str(eight)], check=True, cwd=REPO, timeout=300,
-                   env=_subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    script = (
+        "import sys, jax; assert jax.device_count() == 8, jax.devices(); import infer; "
+        "sys.exit(infer.main(sys.argv[1:]))"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, *args, "--output", str(eight)],
+        check=True,
+        cwd=REPO,
+        timeout=300,
+        env=_subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    )
     assert read_jsonl(eight) == read_jsonl(one)
 
 
@@ -254,13 +288,29 @@ def test_eight_devices_give_the_same_captions_as_one(checkpoint, tmp_path):
 def test_second_process_uses_the_compilation_cache(checkpoint, tmp_path):
     write_images(tmp_path / "imgs", 2)
     cache = tmp_path / "cache"
-    command = [sys.executable, os.path.join(REPO, "infer.py"), str(tmp_path / "imgs"), "--checkpoint", checkpoint,
-               "--quiet", "--compilation-cache", str(cache), "--no-resume", "--output"]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "infer.py"),
+        str(tmp_path / "imgs"),
+        "--checkpoint",
+        checkpoint,
+        "--quiet",
+        "--compilation-cache",
+        str(cache),
+        "--no-resume",
+        "--output",
+    ]
     subprocess.run([*command, str(tmp_path / "a.jsonl")], check=True, timeout=300, env=_subprocess_env())
     entries = sorted(os.listdir(cache))
     assert entries, "the first run wrote nothing to the compilation cache"
-    logged = subprocess.run([*command, str(tmp_path / "b.jsonl")], check=True, timeout=300, capture_output=True,
-                            text=True, env=_subprocess_env(JAX_DEBUG_LOG_MODULES="jax._src.compiler"))
+    logged = subprocess.run(
+        [*command, str(tmp_path / "b.jsonl")],
+        check=True,
+        timeout=300,
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(JAX_DEBUG_LOG_MODULES="jax._src.compiler"),
+    )
     assert sorted(os.listdir(cache)) == entries  # nothing new compiled and written
     assert "Persistent compilation cache hit" in logged.stderr
     assert read_jsonl(tmp_path / "a.jsonl") == read_jsonl(tmp_path / "b.jsonl")
@@ -274,8 +324,20 @@ def test_killed_process_resumes_with_each_record_once(checkpoint, tmp_path):
 
     paths = write_images(tmp_path / "imgs", 60)
     out = tmp_path / "out.jsonl"
-    command = [sys.executable, os.path.join(REPO, "infer.py"), str(tmp_path / "imgs"), "--checkpoint", checkpoint,
-               "--batch-size", "2", "--quiet", "--compilation-cache", "", "--output", str(out)]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "infer.py"),
+        str(tmp_path / "imgs"),
+        "--checkpoint",
+        checkpoint,
+        "--batch-size",
+        "2",
+        "--quiet",
+        "--compilation-cache",
+        "",
+        "--output",
+        str(out),
+    ]
     process = subprocess.Popen(command, env=_subprocess_env(), stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
@@ -298,11 +360,19 @@ def test_references_score_captions_and_labels(tmp_path):
     lines = [json.loads(line) for line in open(references)]
     assert [os.path.isfile(tmp_path / line["path"]) for line in lines] == [True] * 3
     records = [
-        {"path": str(tmp_path / lines[0]["path"]), "captions": [lines[0]["caption"]],
-         "labels": [{"label": lines[0]["label"], "prob": 0.9}], "lm_label": lines[0]["label"]},
-        {"path": str(tmp_path / lines[1]["path"]), "captions": ["something else entirely"],
-         "labels": [{"label": "not-a-shape", "prob": 0.9}], "lm_label": lines[1]["label"]},
-        {"path": str(tmp_path / lines[2]["path"]), "error": "cannot read"},      # errors are not scored
+        {
+            "path": str(tmp_path / lines[0]["path"]),
+            "captions": [lines[0]["caption"]],
+            "labels": [{"label": lines[0]["label"], "prob": 0.9}],
+            "lm_label": lines[0]["label"],
+        },
+        {
+            "path": str(tmp_path / lines[1]["path"]),
+            "captions": ["something else entirely"],
+            "labels": [{"label": "not-a-shape", "prob": 0.9}],
+            "lm_label": lines[1]["label"],
+        },
+        {"path": str(tmp_path / lines[2]["path"]), "error": "cannot read"},  # errors are not scored
         {"path": str(tmp_path / "unlisted.png"), "captions": ["x"], "labels": [{"label": "x", "prob": 1.0}]},
     ]
     scores = score_records(records, references)
@@ -329,26 +399,31 @@ def run_infer_main(*argv):
 def test_cli_errors_are_one_line_with_status_two(tmp_path):
     image = write_images(tmp_path / "imgs", 1)[0]
     status, lines = run_infer_main(image, "--checkpoint", str(tmp_path / "nothing"))
-    assert status == 2 and lines == [f"infer.py: error: --checkpoint {str(tmp_path / 'nothing')!r} is not a directory "
-                                     "(infer.py assemble makes one)"]
+    assert status == 2 and lines == [
+        f"infer.py: error: --checkpoint {str(tmp_path / 'nothing')!r} is not a directory (infer.py assemble makes one)"
+    ]
     not_a_pipeline = tmp_path / "classifier_workdir"
     (not_a_pipeline / "checkpoints").mkdir(parents=True)
     status, lines = run_infer_main(image, "--checkpoint", str(not_a_pipeline), "--quiet")
     assert status == 2 and len(lines) == 1 and lines[0].startswith("infer.py: error: "), lines
     assert str(not_a_pipeline) in lines[0]
     status, lines = run_infer_main("assemble", "--out", str(tmp_path / "p"))
-    assert status == 2 and lines == ["infer.py: error: assemble: give --captioner WORKDIR, or both --classifier "
-                                     "and --lm"]
+    assert status == 2 and lines == [
+        "infer.py: error: assemble: give --captioner WORKDIR, or both --classifier and --lm"
+    ]
 
 
 def test_assemble_over_an_existing_out_names_the_overwrite_flag(tmp_path):
     """The command line says --overwrite (its flag), not the library's overwrite=True; checked before loading."""
     (tmp_path / "ckpt").mkdir()
     status, lines = run_infer_main("assemble", "--captioner", str(tmp_path / "no_run"), "--out", str(tmp_path / "ckpt"))
-    assert status == 2 and lines == [f"infer.py: error: assemble: --out {tmp_path / 'ckpt'} exists; pass --overwrite "
-                                     "to replace it, or choose another --out"], lines
-    status, lines = run_infer_main("assemble", "--captioner", str(tmp_path / "no_run"), "--out", str(tmp_path / "ckpt"),
-                                   "--overwrite")     # past the check: the missing run is the error now
+    assert status == 2 and lines == [
+        f"infer.py: error: assemble: --out {tmp_path / 'ckpt'} exists; pass --overwrite "
+        "to replace it, or choose another --out"
+    ], lines
+    status, lines = run_infer_main(
+        "assemble", "--captioner", str(tmp_path / "no_run"), "--out", str(tmp_path / "ckpt"), "--overwrite"
+    )  # past the check: the missing run is the error now
     assert status == 2 and len(lines) == 1 and "--overwrite" not in lines[0] and "no_run" in lines[0], lines
 
 
@@ -356,9 +431,21 @@ def test_flags_take_underscores_too(checkpoint, tmp_path):
     """--batch_size and --batch-size are one flag (train.py's style works here); --max_pixels guards decoding."""
     paths = write_images(tmp_path / "imgs", 2)
     out = tmp_path / "out.jsonl"
-    status, lines = run_infer_main(*paths, "--checkpoint", checkpoint, "--batch_size", "4", "--output", str(out),
-                                   "--max_pixels", "100", "--compilation_cache", "", "--quiet")
-    assert status == 1, lines                               # 32x32 images over a 100-pixel cap: error records
+    status, lines = run_infer_main(
+        *paths,
+        "--checkpoint",
+        checkpoint,
+        "--batch_size",
+        "4",
+        "--output",
+        str(out),
+        "--max_pixels",
+        "100",
+        "--compilation_cache",
+        "",
+        "--quiet",
+    )
+    assert status == 1, lines  # 32x32 images over a 100-pixel cap: error records
     assert all("more than the limit of 100" in record["error"] for record in read_jsonl(out))
 
 
@@ -367,8 +454,10 @@ def test_a_misspelled_flag_is_one_line_with_a_suggestion_and_never_an_abbreviati
     image = write_images(tmp_path / "imgs", 1)[0]
     status, lines = run_infer_main(image, "--checkpoint", checkpoint, "--num-caption", "2", "--quiet")
     assert status == 2 and len(lines) == 1, lines
-    assert lines == ['infer.py: error: unrecognized flag --num-caption; did you mean "--num-captions"? '
-                     "(infer.py --help lists the flags)"], lines
+    assert lines == [
+        'infer.py: error: unrecognized flag --num-caption; did you mean "--num-captions"? '
+        "(infer.py --help lists the flags)"
+    ], lines
     status, lines = run_infer_main(image, "--chekpoint", checkpoint)
     assert status == 2 and len(lines) == 1 and 'did you mean "--checkpoint"?' in lines[0], lines
 
@@ -376,8 +465,17 @@ def test_a_misspelled_flag_is_one_line_with_a_suggestion_and_never_an_abbreviati
 def test_a_run_with_failed_images_ends_with_a_count_of_them(checkpoint, messy_folder, tmp_path):
     """Issue #25: some images failing (error records) said nothing on stderr when others were captioned."""
     out = tmp_path / "out.jsonl"
-    status, lines = run_infer_main(messy_folder["good"], messy_folder["corrupt"], "--checkpoint", checkpoint,
-                                   "--batch-size", "4", "--output", str(out), "--quiet")
+    status, lines = run_infer_main(
+        messy_folder["good"],
+        messy_folder["corrupt"],
+        "--checkpoint",
+        checkpoint,
+        "--batch-size",
+        "4",
+        "--output",
+        str(out),
+        "--quiet",
+    )
     assert status == 0 and lines[-1] == "infer.py: 1 of 2 images failed (see their error records)", lines
 
 
@@ -395,6 +493,7 @@ def test_a_folder_without_images_beside_other_inputs_is_warned_about(tmp_path):
 def test_a_tfds_input_offline_names_the_extra_and_keeps_stdout_for_records(monkeypatch, capsys):
     """Issue #25: tfds's download message went to stdout (where records go), and a missing TensorFlow got the generic
     install hint instead of the tfds-prepare extra."""
+
     class OfflineBuilder:
         name, data_dir = "cifar10", "/nowhere"
 

@@ -31,7 +31,7 @@ from imgllm.pipeline.records import (
     record_problem,
 )
 
-GREEDY = dict(batch_size=4)   # the options most tests share: one compiled program
+GREEDY = dict(batch_size=4)  # the options most tests share: one compiled program
 SAMPLING = dict(batch_size=4, decoding=DecodingOptions(method="sample", temperature=2.0), seed=7)
 
 
@@ -106,10 +106,24 @@ def test_two_concurrent_infer_processes_on_one_output(checkpoint, tmp_path):
     the second reaches it after its own start-up)."""
     paths = write_images(tmp_path / "imgs", 12)
     out = tmp_path / "out.jsonl"
-    command = [sys.executable, os.path.join(REPO, "infer.py"), str(tmp_path / "imgs"), "--checkpoint", checkpoint,
-               "--batch-size", "2", "--quiet", "--compilation-cache", "", "--output", str(out)]
-    processes = [subprocess.Popen(command, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True) for _ in range(2)]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "infer.py"),
+        str(tmp_path / "imgs"),
+        "--checkpoint",
+        checkpoint,
+        "--batch-size",
+        "2",
+        "--quiet",
+        "--compilation-cache",
+        "",
+        "--output",
+        str(out),
+    ]
+    processes = [
+        subprocess.Popen(command, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     results = [(process.wait(timeout=300), process.stderr.read()) for process in processes]
     for process in processes:
         process.stderr.close()
@@ -131,8 +145,9 @@ def test_resuming_with_other_options_is_refused_naming_them(checkpoint, infer, c
     assert recorded["seed"] == 7 and recorded["decoding"] == "sample" and recorded["checkpoint"] == checkpoint
     assert not {"workers", "html", "compilation_cache", "progress", "quiet"} & set(recorded)
 
-    with pytest.raises(OutputError, match=re.escape(f"{out} was written with other options (seed was 7, now 8)")
-                       + ".*--no-resume"):
+    with pytest.raises(
+        OutputError, match=re.escape(f"{out} was written with other options (seed was 7, now 8)") + ".*--no-resume"
+    ):
         caption(checkpoint, tmp_path / "imgs", output=out, **{**SAMPLING, "seed": 8})
     with pytest.raises(OutputError, match='decoding was "sample", now "greedy"'):
         caption(checkpoint, tmp_path / "imgs", output=out, **GREEDY)
@@ -140,15 +155,36 @@ def test_resuming_with_other_options_is_refused_naming_them(checkpoint, infer, c
         caption(checkpoint, tmp_path / "imgs", output=out, template="A {label}.", **SAMPLING)
     with pytest.raises(OutputError, match="top_labels was 2, now 1; tta was false, now true"):
         caption(checkpoint, tmp_path / "imgs", output=out, top_labels=1, tta=True, **SAMPLING)
-    status, stderr = run_cli(infer, capsys, checkpoint, tmp_path / "imgs", "--output", out, "--batch-size", "4",
-                             "--decoding", "sample", "--temperature", "2", "--seed", "8")
+    status, stderr = run_cli(
+        infer,
+        capsys,
+        checkpoint,
+        tmp_path / "imgs",
+        "--output",
+        out,
+        "--batch-size",
+        "4",
+        "--decoding",
+        "sample",
+        "--temperature",
+        "2",
+        "--seed",
+        "8",
+    )
     assert status == 2
     assert_one_line_naming(stderr, str(out), "seed was 7, now 8", "--no-resume")
     assert read_jsonl(out) == first  # nothing refused touched the file
 
     # Options that change no record: workers, progress, the page; and the checkpoint's own template spelled out.
-    same = caption(checkpoint, tmp_path / "imgs", output=out, workers=1, html=tmp_path / "page.html",
-                   template="A photo of a {label}.", **SAMPLING)
+    same = caption(
+        checkpoint,
+        tmp_path / "imgs",
+        output=out,
+        workers=1,
+        html=tmp_path / "page.html",
+        template="A photo of a {label}.",
+        **SAMPLING,
+    )
     assert same == first and (tmp_path / "page.html").exists()
     # --no-resume starts over with the new options, and records them.
     caption(checkpoint, tmp_path / "imgs", output=out, resume=False, **{**SAMPLING, "seed": 8})
@@ -167,8 +203,9 @@ def test_greedy_resume_ignores_seed_and_batch_size_but_not_the_checkpoint(checkp
     assert caption(str(copy), tmp_path / "imgs", output=out, **GREEDY) == first
     params, config = tiny_pipeline_parts(seed=1, top_k=2, max_new_tokens=5)
     other = pc.save_pipeline_checkpoint(tmp_path / "other", params, config, tiny_tokenizer())
-    with pytest.raises(OutputError, match=r'checkpoint_id was "\w+", now "\w+" '
-                       + re.escape(f"(checkpoint was {copy}, now {other})")):
+    with pytest.raises(
+        OutputError, match=r'checkpoint_id was "\w+", now "\w+" ' + re.escape(f"(checkpoint was {copy}, now {other})")
+    ):
         caption(other, tmp_path / "imgs", output=out, **GREEDY)
 
 
@@ -208,8 +245,7 @@ def test_retry_errors_recaptions_error_records_without_leaving_them(checkpoint, 
 
     caption(checkpoint, *paths, late, output=out, **GREEDY)  # without retrying, an error record stays
     assert "error" in {r["path"]: r for r in read_jsonl(out)}[late]
-    status, _ = run_cli(infer, capsys, checkpoint, *paths, late, "--output", out, "--batch-size", "4",
-                        "--retry-errors")
+    status, _ = run_cli(infer, capsys, checkpoint, *paths, late, "--output", out, "--batch-size", "4", "--retry-errors")
     assert status == 0
     records = read_jsonl(out)
     assert sorted(r["path"] for r in records) == sorted([*paths, late, unrelated["path"]])  # each exactly once
@@ -241,13 +277,14 @@ def test_a_corrupt_line_is_named_by_file_and_line(checkpoint, infer, capsys, tmp
     with pytest.raises(OutputError, match=re.escape(f"{out}, line 4: not a record")):
         caption(checkpoint, tmp_path / "imgs", output=out, **GREEDY)
     out.write_text(lines[0] + json.dumps({"path": "x", "labels": "cat"}) + "\n" + "".join(lines[1:]))
-    with pytest.raises(OutputError, match=re.escape(f"{out}, line 2: not a record (\"labels\"")):
+    with pytest.raises(OutputError, match=re.escape(f'{out}, line 2: not a record ("labels"')):
         caption(checkpoint, tmp_path / "imgs", output=out, **GREEDY)
 
     # A partly written last line (a run killed mid-write) is still dropped, and its image captioned again.
     out.write_text("".join(lines[:3]) + lines[3][:20])
-    assert [r["path"] for r in caption(checkpoint, tmp_path / "imgs", output=out, **GREEDY)] == \
-        [json.loads(line)["path"] for line in lines]
+    assert [r["path"] for r in caption(checkpoint, tmp_path / "imgs", output=out, **GREEDY)] == [
+        json.loads(line)["path"] for line in lines
+    ]
     assert out.read_text() == good
 
 
@@ -271,8 +308,7 @@ def test_record_problem():
 # ----------------------------------------------------------------------------------------------- html
 
 
-def test_an_unwritable_html_page_fails_before_anything_is_computed(checkpoint, infer, capsys, tmp_path,
-                                                                   monkeypatch):
+def test_an_unwritable_html_page_fails_before_anything_is_computed(checkpoint, infer, capsys, tmp_path, monkeypatch):
     write_images(tmp_path / "imgs", 2)
     (tmp_path / "a_file").write_text("not a directory")
     page, out = tmp_path / "a_file" / "page.html", tmp_path / "out.jsonl"

@@ -16,8 +16,22 @@ import pytest
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "imgllm")
 
 # The stage of each top-level part of the package; a module may import its own stage and earlier ones.
-STAGES = {"data": 0, "captions": 0, "parallel": 0, "cli": 0, "calibration": 0, "statistics": 0, "precision": 0,
-          "vision": 1, "language": 2, "bridge": 3, "pipeline": 4, "train": 5, "configs": 5, "commands": 6}
+STAGES = {
+    "data": 0,
+    "captions": 0,
+    "parallel": 0,
+    "cli": 0,
+    "calibration": 0,
+    "statistics": 0,
+    "precision": 0,
+    "vision": 1,
+    "language": 2,
+    "bridge": 3,
+    "pipeline": 4,
+    "train": 5,
+    "configs": 5,
+    "commands": 6,
+}
 # Imports inside functions allowed between imgllm modules: none. (Optional heavy third-party packages, such as
 # tensorflow-datasets and torch, may still be imported where they are needed; they are not imgllm modules.)
 MAX_FUNCTION_LEVEL_IMPORTS = 0
@@ -75,27 +89,36 @@ def test_imports_point_down_the_data_flow():
 
 def test_nothing_outside_train_imports_the_trainer():
     modules = module_files()
-    offenders = [f"{module} imports {imported}" for module, path in modules.items()
-                 if not module.startswith(("imgllm.train", "imgllm.configs", "imgllm.commands"))
-                 for imported, _ in imgllm_imports(path, modules) if imported.startswith("imgllm.train")]
+    offenders = [
+        f"{module} imports {imported}"
+        for module, path in modules.items()
+        if not module.startswith(("imgllm.train", "imgllm.configs", "imgllm.commands"))
+        for imported, _ in imgllm_imports(path, modules)
+        if imported.startswith("imgllm.train")
+    ]
     assert not offenders, "\n".join(offenders)
 
 
 def test_no_import_cycles():
     modules = module_files()
-    graph = {module: {imported for imported, _ in imgllm_imports(path, modules) if imported in modules}
-             for module, path in modules.items()}
+    graph = {
+        module: {imported for imported, _ in imgllm_imports(path, modules) if imported in modules}
+        for module, path in modules.items()
+    }
     # A package's __init__ importing its own submodules is how packages re-export; it is not a cycle of logic.
     for module in graph:
-        graph[module] = {m for m in graph[module] if not (m.startswith(module + ".") and module in modules
-                                                          and modules[module].endswith("__init__.py"))}
+        graph[module] = {
+            m
+            for m in graph[module]
+            if not (m.startswith(module + ".") and module in modules and modules[module].endswith("__init__.py"))
+        }
     cycles, state = [], {}
 
     def walk(module, stack):
         state[module] = "open"
         for target in sorted(graph[module]):
             if state.get(target) == "open":
-                cycles.append(" -> ".join(stack[stack.index(target):] + [target]))
+                cycles.append(" -> ".join(stack[stack.index(target) :] + [target]))
             elif target not in state:
                 walk(target, stack + [target])
         state[module] = "done"
@@ -108,15 +131,22 @@ def test_no_import_cycles():
 
 def test_imports_between_imgllm_modules_are_at_module_top():
     modules = module_files()
-    inside = [f"{module} imports {imported}" for module, path in modules.items()
-              for imported, in_function in imgllm_imports(path, modules) if in_function]
+    inside = [
+        f"{module} imports {imported}"
+        for module, path in modules.items()
+        for imported, in_function in imgllm_imports(path, modules)
+        if in_function
+    ]
     assert len(inside) <= MAX_FUNCTION_LEVEL_IMPORTS, "imports inside functions:\n" + "\n".join(inside)
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from imgllm.train import loop\n", [("imgllm.train.loop", False)]),
-    ("def f():\n    import imgllm.vision.cnn\n", [("imgllm.vision.cnn", True)]),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from imgllm.train import loop\n", [("imgllm.train.loop", False)]),
+        ("def f():\n    import imgllm.vision.cnn\n", [("imgllm.vision.cnn", True)]),
+    ],
+)
 def test_the_import_reader_sees_top_level_and_lazy_imports(tmp_path, source, expected):
     path = tmp_path / "m.py"
     path.write_text(source)

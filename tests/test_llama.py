@@ -27,17 +27,29 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 LOGIT_TOLERANCE = 1e-4
-SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=64)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
+SIZES = dict(
+    hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 # name -> (transformers config class, its arguments): every variant the issue names.
 VARIANTS = {
     "llama-gqa-untied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=False)),
-    "llama-tied-llama3rope-bias": ("LlamaConfig", dict(num_key_value_heads=1, tie_word_embeddings=True,
-                                                       rope_scaling=LLAMA3_ROPE, attention_bias=True)),
-    "llama-linear-rope-mlpbias": ("LlamaConfig", dict(num_key_value_heads=4, rope_theta=500.0, mlp_bias=True,
-                                                      rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama-tied-llama3rope-bias": (
+        "LlamaConfig",
+        dict(num_key_value_heads=1, tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE, attention_bias=True),
+    ),
+    "llama-linear-rope-mlpbias": (
+        "LlamaConfig",
+        dict(
+            num_key_value_heads=4, rope_theta=500.0, mlp_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0}
+        ),
+    ),
     "qwen2-qkv-bias": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=4096, tie_word_embeddings=False)),
 }
@@ -49,10 +61,14 @@ def variant(request, tmp_path_factory, tiny_tokenizer):
     """(name, transformers model, its saved directory, our (config, params) loaded from that directory)."""
     class_name, settings = VARIANTS[request.param]
     torch.manual_seed(0)
-    hf_config = getattr(transformers, class_name)(vocab_size=len(tiny_tokenizer), bos_token_id=0, eos_token_id=0,
-                                                  **SIZES, **settings)
-    model_class = {"LlamaConfig": transformers.LlamaForCausalLM, "Qwen2Config": transformers.Qwen2ForCausalLM,
-                   "MistralConfig": transformers.MistralForCausalLM}[class_name]
+    hf_config = getattr(transformers, class_name)(
+        vocab_size=len(tiny_tokenizer), bos_token_id=0, eos_token_id=0, **SIZES, **settings
+    )
+    model_class = {
+        "LlamaConfig": transformers.LlamaForCausalLM,
+        "Qwen2Config": transformers.Qwen2ForCausalLM,
+        "MistralConfig": transformers.MistralForCausalLM,
+    }[class_name]
     model = randomize_torch_gpt2(model_class(hf_config))
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
@@ -94,7 +110,7 @@ def test_logits_match_with_left_padding(variant, prompt_batch):
     real = attention_mask.astype(bool)
     assert np.abs(got[real] - want[real]).max() <= LOGIT_TOLERANCE
     row = int(np.argmin(real.sum(1)))  # padding is really masked: the shortest prompt alone gives the same
-    alone = our_logits(config, params, input_ids[row:row + 1, real[row]])
+    alone = our_logits(config, params, input_ids[row : row + 1, real[row]])
     assert np.abs(got[row, real[row]] - alone[0]).max() <= LOGIT_TOLERANCE
 
 
@@ -110,8 +126,13 @@ def test_long_positions_match(variant):
 def test_generation_is_token_identical(variant, prompt_batch, num_beams, num_return_sequences):
     _, model, _, (config, params) = variant
     input_ids, attention_mask = prompt_batch
-    settings = dict(max_new_tokens=8, num_beams=num_beams, num_return_sequences=num_return_sequences,
-                    eos_token_id=config.eos_token_id, pad_token_id=config.vocab_size - 1)
+    settings = dict(
+        max_new_tokens=8,
+        num_beams=num_beams,
+        num_return_sequences=num_return_sequences,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.vocab_size - 1,
+    )
     want = hf_generate(model, input_ids, attention_mask, **settings)
     got = our_generate(config, params, input_ids, attention_mask, **settings)
     np.testing.assert_array_equal(got, want)
@@ -121,11 +142,12 @@ def test_cpu_kernel_layout_gives_the_same_logits_and_tokens(variant, prompt_batc
     _, _, _, (config, params) = variant
     input_ids, attention_mask = prompt_batch
     fast = kernels_out_in(params)
-    np.testing.assert_allclose(our_logits(config, fast, input_ids), our_logits(config, params, input_ids),
-                               atol=1e-5)
+    np.testing.assert_allclose(our_logits(config, fast, input_ids), our_logits(config, params, input_ids), atol=1e-5)
     settings = dict(max_new_tokens=6, eos_token_id=config.eos_token_id, pad_token_id=config.vocab_size - 1)
-    np.testing.assert_array_equal(our_generate(config, fast, input_ids, attention_mask, **settings),
-                                  our_generate(config, params, input_ids, attention_mask, **settings))
+    np.testing.assert_array_equal(
+        our_generate(config, fast, input_ids, attention_mask, **settings),
+        our_generate(config, params, input_ids, attention_mask, **settings),
+    )
 
 
 def test_saved_directory_loads_in_transformers_with_the_same_logits(variant, tmp_path):
@@ -158,17 +180,20 @@ def test_rope_frequencies_match_transformers():
         np.testing.assert_allclose(rope_frequencies(config), want.numpy(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_type='yarn'"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 2.0}}, "needs 'low_freq_factor'"),
-    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
-    ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
-    ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
-    ({"model_type": "gemma"}, "model_type='gemma'"),
-    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1.0}, "rope_theta": 2.0}, "disagrees"),
-    ({"use_sliding_window": True, "model_type": "qwen2"}, "use_sliding_window"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_type='yarn'"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 2.0}}, "needs 'low_freq_factor'"),
+        ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+        ({"model_type": "gemma"}, "model_type='gemma'"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1.0}, "rope_theta": 2.0}, "disagrees"),
+        ({"use_sliding_window": True, "model_type": "qwen2"}, "use_sliding_window"),
+    ],
+)
 def test_config_values_that_would_compute_differently_are_refused(change, message):
     base = transformers.LlamaConfig(**SIZES).to_dict()
     base.pop("rope_parameters")  # the older spelling of the rotary settings (rope_theta, rope_scaling)
@@ -197,23 +222,30 @@ def test_visual_prefix_scores_and_greedy_captions_match_transformers_inputs_embe
     rng = np.random.default_rng(4)
     prefix = rng.normal(0, 0.5, (2, 3, config.n_embd)).astype(np.float32)
     ids = rng.integers(1, config.vocab_size, (2, 6)).astype(np.int32)
-    got = np.asarray(jax.jit(prefixed_token_log_probs, static_argnums=1)(params, config, jnp.asarray(prefix),
-                                                                         jnp.asarray(ids)))
+    got = np.asarray(
+        jax.jit(prefixed_token_log_probs, static_argnums=1)(params, config, jnp.asarray(prefix), jnp.asarray(ids))
+    )
     with torch.no_grad():
         embeds = torch.cat([torch.as_tensor(prefix), model.get_input_embeddings()(torch.as_tensor(ids).long())], 1)
-        log_probs = torch.log_softmax(model(inputs_embeds=embeds).logits, -1)[:, prefix.shape[1]:-1].numpy()
+        log_probs = torch.log_softmax(model(inputs_embeds=embeds).logits, -1)[:, prefix.shape[1] : -1].numpy()
     want = np.take_along_axis(log_probs, ids[:, 1:, None], -1)[..., 0]
     assert np.abs(got - want).max() <= LOGIT_TOLERANCE
 
     settings = dict(max_new_tokens=6, eos_token_id=None, pad_token_id=config.vocab_size - 1)
     gen_config = generate.GenerationConfig(**settings)
     tokens, _ = jax.jit(generate.generate_tokens, static_argnums=(1, 5))(
-        params, config, jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids)), jax.random.key(0), gen_config,
-        prefix_embeds=jnp.asarray(prefix))
+        params,
+        config,
+        jnp.asarray(ids),
+        jnp.ones_like(jnp.asarray(ids)),
+        jax.random.key(0),
+        gen_config,
+        prefix_embeds=jnp.asarray(prefix),
+    )
     with torch.no_grad():
         mask = torch.ones(embeds.shape[:2], dtype=torch.long)
         want_tokens = model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, **settings).numpy()
-    np.testing.assert_array_equal(np.asarray(tokens), want_tokens[:, -settings["max_new_tokens"]:])
+    np.testing.assert_array_equal(np.asarray(tokens), want_tokens[:, -settings["max_new_tokens"] :])
 
 
 def test_bfloat16_compute_stays_close_to_float32(variant, prompt_batch):

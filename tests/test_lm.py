@@ -31,7 +31,7 @@ def _left_padded_batch(rng, lengths, width):
     ids = rng.integers(0, CONFIG.vocab_size, (len(lengths), width)).astype(np.int32)
     mask = np.zeros((len(lengths), width), np.int32)
     for row, length in enumerate(lengths):
-        mask[row, width - length:] = 1
+        mask[row, width - length :] = 1
     return ids, mask
 
 
@@ -43,13 +43,22 @@ def test_parameter_tree_mirrors_hugging_face_names_and_shapes(params):
     d, v, n = CONFIG.n_embd, CONFIG.vocab_size, CONFIG.n_positions
     expected = {"wte/embedding": (v, d), "wpe/embedding": (n, d), "ln_f/scale": (d,), "ln_f/bias": (d,)}
     for i in range(CONFIG.n_layer):
-        expected.update({
-            f"h_{i}/ln_1/scale": (d,), f"h_{i}/ln_1/bias": (d,), f"h_{i}/ln_2/scale": (d,), f"h_{i}/ln_2/bias": (d,),
-            f"h_{i}/attn/c_attn/kernel": (d, 3 * d), f"h_{i}/attn/c_attn/bias": (3 * d,),
-            f"h_{i}/attn/c_proj/kernel": (d, d), f"h_{i}/attn/c_proj/bias": (d,),
-            f"h_{i}/mlp/c_fc/kernel": (d, 4 * d), f"h_{i}/mlp/c_fc/bias": (4 * d,),
-            f"h_{i}/mlp/c_proj/kernel": (4 * d, d), f"h_{i}/mlp/c_proj/bias": (d,),
-        })
+        expected.update(
+            {
+                f"h_{i}/ln_1/scale": (d,),
+                f"h_{i}/ln_1/bias": (d,),
+                f"h_{i}/ln_2/scale": (d,),
+                f"h_{i}/ln_2/bias": (d,),
+                f"h_{i}/attn/c_attn/kernel": (d, 3 * d),
+                f"h_{i}/attn/c_attn/bias": (3 * d,),
+                f"h_{i}/attn/c_proj/kernel": (d, d),
+                f"h_{i}/attn/c_proj/bias": (d,),
+                f"h_{i}/mlp/c_fc/kernel": (d, 4 * d),
+                f"h_{i}/mlp/c_fc/bias": (4 * d,),
+                f"h_{i}/mlp/c_proj/kernel": (4 * d, d),
+                f"h_{i}/mlp/c_proj/bias": (d,),
+            }
+        )
     flat = {"/".join(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
     assert flat == expected
 
@@ -87,8 +96,9 @@ def test_inputs_embeds_equal_token_ids(params):
 
 def test_left_padded_row_matches_unpadded_prompt(params):
     ids, mask = _left_padded_batch(np.random.default_rng(1), [7, 3], 7)
-    batch_logits, _ = _apply(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
-                             position_ids=jnp.asarray(_hf_positions(mask)))
+    batch_logits, _ = _apply(
+        params, jnp.asarray(ids), attention_mask=jnp.asarray(mask), position_ids=jnp.asarray(_hf_positions(mask))
+    )
     alone, _ = _apply(params, jnp.asarray(ids[1:, 4:]))
     np.testing.assert_allclose(batch_logits[1, 4:], alone[0], rtol=1e-5, atol=1e-5)
     assert np.all(np.isfinite(batch_logits))  # fully masked padding queries give no NaN
@@ -103,8 +113,13 @@ def test_cached_chunks_equal_full_forward(params):
     cache = init_cache(CONFIG, 3, slots)
     pieces = []
     for start, stop in [(0, 4), (4, 5), (5, 9)]:
-        logits, cache = _apply(params, jnp.asarray(ids[:, start:stop]), attention_mask=cache_mask,
-                               position_ids=jnp.asarray(positions[:, start:stop]), cache=cache)
+        logits, cache = _apply(
+            params,
+            jnp.asarray(ids[:, start:stop]),
+            attention_mask=cache_mask,
+            position_ids=jnp.asarray(positions[:, start:stop]),
+            cache=cache,
+        )
         pieces.append(logits)
     assert int(cache.index) == 9
     real = mask.astype(bool)
@@ -141,14 +156,16 @@ def test_linear_gives_the_same_product_in_both_layouts_at_any_row_count(lead_sha
         y = jax.jit(layer.apply)({"params": {"kernel": stored, "bias": bias}}, x)
         assert y.shape == (*lead_shape, 20)
         np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(jax.jit(few_rows_times_out_in)(x, kernel.T), expected - np.asarray(bias),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(few_rows_times_out_in)(x, kernel.T), expected - np.asarray(bias), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_the_matmul_path_is_chosen_by_the_parameters_not_the_backend(params, monkeypatch):
     """Tracing either layout never asks jax for the backend (the choice is made outside traced code, by
     converting the parameters); the converted model multiplies kernel-first (an optimisation barrier keeps the
     swap) exactly at the row counts of KERNEL_FIRST_ROWS, and the plain one never does."""
+
     def no_backend_question(*args, **kwargs):
         raise AssertionError("jax.default_backend() called while tracing the model")
 
@@ -191,8 +208,15 @@ def test_config_round_trips_through_hugging_face_dict():
     assert GPT2Config.from_dict(hf, dtype=jnp.bfloat16).dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("key, value", [("activation_function", "relu"), ("model_type", "llama"),
-                                        ("n_inner", 100), ("scale_attn_by_inverse_layer_idx", True)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("activation_function", "relu"),
+        ("model_type", "llama"),
+        ("n_inner", 100),
+        ("scale_attn_by_inverse_layer_idx", True),
+    ],
+)
 def test_config_rejects_unsupported_hugging_face_settings(key, value):
     with pytest.raises(ValueError, match=key):
         GPT2Config.from_dict({**GPT2Config.tiny().to_dict(), key: value}, source="ckpt/config.json")

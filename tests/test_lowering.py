@@ -46,22 +46,28 @@ from imgllm.train.tasks import build_task
 from imgllm.vision import conv_cpu
 from imgllm.vision.cnn import cnn_preset
 
-PLATFORMS = {"cuda": "gpu", "tpu": "tpu"}   # export platform -> what jax.default_backend() answers there
+PLATFORMS = {"cuda": "gpu", "tpu": "tpu"}  # export platform -> what jax.default_backend() answers there
 # The CPU fast paths' entry points (module or class, attribute name): none may be reached on an accelerator.
 CPU_ONLY = [
-    (conv_cpu, "cpu_conv"), (conv_cpu, "hybrid_conv"), (conv_cpu, "im2col_conv"),
-    (sampling_cpu, "argmax_first"), (sampling_cpu, "top_p_threshold"), (sampling_cpu, "draw_top_p"),
+    (conv_cpu, "cpu_conv"),
+    (conv_cpu, "hybrid_conv"),
+    (conv_cpu, "im2col_conv"),
+    (sampling_cpu, "argmax_first"),
+    (sampling_cpu, "top_p_threshold"),
+    (sampling_cpu, "draw_top_p"),
     (sampling_cpu, "draw_categorical"),
-    (matmul_cpu, "kernels_out_in"), (caption, "kernels_out_in"), (matmul_cpu, "times_out_in"),
+    (matmul_cpu, "kernels_out_in"),
+    (caption, "kernels_out_in"),
+    (matmul_cpu, "times_out_in"),
     (matmul_cpu.OutInDense, "__call__"),
 ]
 CLASS_NAMES = ("circle", "square", "triangle")
-LABELS = ("red", "green", "blue")      # an LM label set chosen at inference
+LABELS = ("red", "green", "blue")  # an LM label set chosen at inference
 TEXTS = [f"a photo of a {name}." for name in CLASS_NAMES + LABELS] + ["a small red circle at the top"]
-BATCH = 4            # images, prompts or training examples per program (more than the classes: per-class captions)
+BATCH = 4  # images, prompts or training examples per program (more than the classes: per-class captions)
 IMAGE = (32, 32, 3)
 STEPS_PER_EPOCH, TOTAL_STEPS = 4, 8
-RNG = jax.ShapeDtypeStruct((2,), jnp.uint32)   # a raw PRNGKey, as infer.py passes it
+RNG = jax.ShapeDtypeStruct((2,), jnp.uint32)  # a raw PRNGKey, as infer.py passes it
 
 
 # ----------------------------------------------------------------------------------------------- the tripwires
@@ -69,8 +75,10 @@ RNG = jax.ShapeDtypeStruct((2,), jnp.uint32)   # a raw PRNGKey, as infer.py pass
 
 def tripwire(name: str) -> Callable:
     """A stand-in for a CPU-only function: raises AssertionError naming it, whatever it is called with."""
+
     def reached(*args, **kwargs):
         raise AssertionError(f"CPU-only path reached: {name}")
+
     return reached
 
 
@@ -102,18 +110,29 @@ class Parts:
 
     tokenizer: Any
     tokenizer_file: str
-    lm_configs: dict[str, Any]       # "gpt2" | "llama" -> float32 config (programs set the compute dtype)
-    lm_shapes: dict[str, Any]        # the same -> parameter shapes, float32 as stored
-    llama_dir: str                   # config.json and tokenizer files only: enough to build a task on
+    lm_configs: dict[str, Any]  # "gpt2" | "llama" -> float32 config (programs set the compute dtype)
+    lm_shapes: dict[str, Any]  # the same -> parameter shapes, float32 as stored
+    llama_dir: str  # config.json and tokenizer files only: enough to build a task on
 
 
 def tiny_lm_configs(eos_id: int) -> dict[str, Any]:
     """GPT-2 tiny, and a tiny SmolLM2-shaped Llama (tests/test_llama.py's sizes, grouped-query attention, tied
     embeddings), both over the test BPE's ids."""
-    return {"gpt2": GPT2Config.tiny(vocab_size=320, bos_token_id=eos_id, eos_token_id=eos_id),
-            "llama": LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                 tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id)}
+    return {
+        "gpt2": GPT2Config.tiny(vocab_size=320, bos_token_id=eos_id, eos_token_id=eos_id),
+        "llama": LlamaConfig(
+            vocab_size=320,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+        ),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +142,13 @@ def parts(tmp_path_factory) -> Parts:
     llama_dir = tmp_path_factory.mktemp("llama")
     (llama_dir / "config.json").write_text(json.dumps(configs["llama"].to_dict()))
     tokenizer.save_pretrained(str(llama_dir))
-    return Parts(tokenizer=tokenizer, tokenizer_file=str(llama_dir / pc.TOKENIZER_FILE), lm_configs=configs,
-                 lm_shapes={name: abstract_params(config) for name, config in configs.items()},
-                 llama_dir=str(llama_dir))
+    return Parts(
+        tokenizer=tokenizer,
+        tokenizer_file=str(llama_dir / pc.TOKENIZER_FILE),
+        lm_configs=configs,
+        lm_shapes={name: abstract_params(config) for name, config in configs.items()},
+        llama_dir=str(llama_dir),
+    )
 
 
 def accelerator_lm(parts: Parts, name: str):
@@ -140,11 +163,17 @@ def state_and_step(task, config, batch_placement: str = "host"):
     """(TrainState shapes, the jitted train step) as `loop._train_with` makes them for `task` and `config`."""
     meta = {"total_steps": TOTAL_STEPS, "steps_per_epoch": STEPS_PER_EPOCH}
     state = jax.eval_shape(lambda: loop._abstract_state(task, config, meta))
-    tx = optim.make_optimizer(config.optimizer, state.params, total_steps=TOTAL_STEPS,
-                              steps_per_epoch=STEPS_PER_EPOCH, batch_size=config.global_batch_size)
+    tx = optim.make_optimizer(
+        config.optimizer,
+        state.params,
+        total_steps=TOTAL_STEPS,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        batch_size=config.global_batch_size,
+    )
     lookahead = optim.lookahead_fn(config.get("lookahead"), steps_per_epoch=STEPS_PER_EPOCH, total_steps=TOTAL_STEPS)
-    step = steps.jit_train_step(task, tx, parallel.make_mesh(), steps_per_epoch=STEPS_PER_EPOCH,
-                                lookahead=lookahead, placement=batch_placement)
+    step = steps.jit_train_step(
+        task, tx, parallel.make_mesh(), steps_per_epoch=STEPS_PER_EPOCH, lookahead=lookahead, placement=batch_placement
+    )
     return state, step
 
 
@@ -157,8 +186,11 @@ def classifier_config():
 
 
 def image_batch(rows: int) -> dict[str, jax.ShapeDtypeStruct]:
-    return {"images": sds((rows, *IMAGE), jnp.uint8), "labels": sds((rows,), jnp.int32),
-            "index": sds((rows,), jnp.int32)}
+    return {
+        "images": sds((rows, *IMAGE), jnp.uint8),
+        "labels": sds((rows,), jnp.int32),
+        "index": sds((rows,), jnp.int32),
+    }
 
 
 def train_classifier(parts: Parts, monkeypatch, placement: str):
@@ -200,8 +232,11 @@ def caption_batch(task, config, state) -> dict[str, jax.ShapeDtypeStruct]:
     images = sds((BATCH, *IMAGE), jnp.uint8)
     features = jax.eval_shape(task.cnn_logits_and_features, state.model_state[captioner.FROZEN]["cnn"], images)[1]
     length = config.captions.max_tokens + 2
-    return {"features": sds(features.shape, jnp.float32), "input_ids": sds((BATCH, length), jnp.int32),
-            "target_mask": sds((BATCH, length - 1), jnp.float32)}
+    return {
+        "features": sds(features.shape, jnp.float32),
+        "input_ids": sds((BATCH, length), jnp.int32),
+        "target_mask": sds((BATCH, length - 1), jnp.float32),
+    }
 
 
 def train_captioner(parts: Parts, monkeypatch, lm: str):
@@ -215,8 +250,9 @@ def eval_captioner(parts: Parts, monkeypatch):
     state, _ = state_and_step(task, config)
     batch = caption_batch(task, config, state)
     del batch["features"]
-    batch.update(images=sds((BATCH, *IMAGE), jnp.uint8), labels=sds((BATCH,), jnp.int32),
-                 mask=sds((BATCH,), jnp.float32))
+    batch.update(
+        images=sds((BATCH, *IMAGE), jnp.uint8), labels=sds((BATCH,), jnp.int32), mask=sds((BATCH,), jnp.float32)
+    )
     variables = {"params": state.params, **state.model_state}
     return steps.jit_eval_step(task, parallel.make_mesh(), tta=False), (variables, batch)
 
@@ -241,10 +277,19 @@ def pipeline_checkpoint(parts: Parts, lm: str, *, bridge: bool) -> pc.PipelineCh
     eos = parts.tokenizer.eos_token_id
     prefix = {"prefix_length": 2, "lm_dim": 32, "hidden": 16, "feature_source": "spatial"} if bridge else None
     config = pc.make_pipeline_config(
-        cnn={"preset": "tiny", "num_classes": len(CLASS_NAMES)}, lm=parts.lm_configs[lm].to_dict(), bridge=prefix,
-        class_names=CLASS_NAMES, eos_id=eos, pad_id=eos, bos_id=eos, prepend_bos=bridge, max_new_tokens=4,
-        template="{label2} or {label}? {prob}%" if bridge else "A photo of a {label}.", top_k=2 if bridge else 1,
-        class_prompt_templates=["a photo of a {label}."])
+        cnn={"preset": "tiny", "num_classes": len(CLASS_NAMES)},
+        lm=parts.lm_configs[lm].to_dict(),
+        bridge=prefix,
+        class_names=CLASS_NAMES,
+        eos_id=eos,
+        pad_id=eos,
+        bos_id=eos,
+        prepend_bos=bridge,
+        max_new_tokens=4,
+        template="{label2} or {label}? {prob}%" if bridge else "A photo of a {label}.",
+        top_k=2 if bridge else 1,
+        class_prompt_templates=["a photo of a {label}."],
+    )
     return pc.PipelineCheckpoint(params=None, config=config, tokenizer=pc.FastTokenizer(parts.tokenizer_file))
 
 
@@ -265,8 +310,11 @@ def sampling(max_new_tokens: int, eos: int, **options) -> GenerationConfig:
     return config
 
 
-DECODINGS = {"greedy": {}, "top-p": dict(do_sample=True, top_p=0.9, top_k=20, temperature=0.8),
-             "beam": dict(num_beams=3, num_return_sequences=2)}
+DECODINGS = {
+    "greedy": {},
+    "top-p": dict(do_sample=True, top_p=0.9, top_k=20, temperature=0.8),
+    "beam": dict(num_beams=3, num_return_sequences=2),
+}
 
 
 def caption_program(parts: Parts, monkeypatch, lm: str, decoding: str, bridge: bool):
@@ -298,8 +346,12 @@ def generate_program(parts: Parts, monkeypatch, lm: str, decoding: str):
 
 def scoring_program(parts: Parts, monkeypatch, lm: str):
     config = accelerator_lm(parts, lm)
-    table = build_prompt_table(lambda text: parts.tokenizer.encode(text, add_special_tokens=False),
-                               parts.tokenizer.eos_token_id, CLASS_NAMES, ["a photo of a {label}.", "a {label}"])
+    table = build_prompt_table(
+        lambda text: parts.tokenizer.encode(text, add_special_tokens=False),
+        parts.tokenizer.eos_token_id,
+        CLASS_NAMES,
+        ["a photo of a {label}.", "a {label}"],
+    )
     fn = jax.jit(lambda params, prefix: score_class_prompts(params, config, table, prefix))
     return fn, (parts.lm_shapes[lm], sds((BATCH, 2, config.n_embd), jnp.float32))
 
@@ -314,13 +366,21 @@ PROGRAMS: dict[str, tuple[Callable[..., tuple[Callable, tuple]], tuple]] = {
     "eval captioner gpt2": (eval_captioner, ()),
     "train lm gpt2": (train_lm, ("gpt2",)),
     "train lm llama": (train_lm, ("llama",)),
-    **{f"caption_images {lm} {decoding}": (caption_program, (lm, decoding, True))
-       for lm in ("gpt2", "llama") for decoding in ("greedy", "top-p")},
-    **{f"caption_images gpt2 per-class {decoding}": (caption_program, ("gpt2", decoding, False))
-       for decoding in ("greedy", "top-p")},
+    **{
+        f"caption_images {lm} {decoding}": (caption_program, (lm, decoding, True))
+        for lm in ("gpt2", "llama")
+        for decoding in ("greedy", "top-p")
+    },
+    **{
+        f"caption_images gpt2 per-class {decoding}": (caption_program, ("gpt2", decoding, False))
+        for decoding in ("greedy", "top-p")
+    },
     **{f"lm_classify_images {lm}": (lm_classify_program, (lm,)) for lm in ("gpt2", "llama")},
-    **{f"generate_tokens {lm} {decoding}": (generate_program, (lm, decoding)) for lm in ("gpt2", "llama")
-       for decoding in DECODINGS},
+    **{
+        f"generate_tokens {lm} {decoding}": (generate_program, (lm, decoding))
+        for lm in ("gpt2", "llama")
+        for decoding in DECODINGS
+    },
     **{f"score_class_prompts {lm}": (scoring_program, (lm,)) for lm in ("gpt2", "llama")},
 }
 

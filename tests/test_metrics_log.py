@@ -2,6 +2,7 @@
 
 Event files are read back with tensorboardX's own protos (TensorBoard itself is not a dependency).
 """
+
 import glob
 import io
 import os
@@ -24,8 +25,8 @@ def read_events(folder: str) -> list[Event]:
             data = f.read()
         position = 0
         while position < len(data):
-            (length,) = struct.unpack("<Q", data[position:position + 8])
-            events.append(Event.FromString(data[position + 12:position + 12 + length]))
+            (length,) = struct.unpack("<Q", data[position : position + 8])
+            events.append(Event.FromString(data[position + 12 : position + 12 + length]))
             position += 12 + length + 4
     return events
 
@@ -53,16 +54,16 @@ def test_image_and_text_go_to_the_split_folder(tmp_path):
     writer.image("eval", "figure", figure, 4)
     writer.text("eval", "note", "a **cat**", 5)
     writer.close()
-    assert not plt.fignum_exists(figure.number)                 # rendered, then closed
+    assert not plt.fignum_exists(figure.number)  # rendered, then closed
     found = summaries(str(tmp_path / metrics_log.TENSORBOARD_DIR / "eval"))
     [(step, array)] = found["array"]
     assert step == 3 and (array.image.height, array.image.width) == (4, 5)
     np.testing.assert_array_equal(np.asarray(picture(array).convert("RGB")), pixels)
     [(step, drawn)] = found["figure"]
     assert step == 4 and (drawn.image.height, drawn.image.width) == (50, 100)
-    [(step, note)] = found["note/text_summary"]                 # tensorboardX's tag for text
+    [(step, note)] = found["note/text_summary"]  # tensorboardX's tag for text
     assert step == 5 and note.tensor.string_val == [b"a **cat**"]
-    assert not os.path.exists(tmp_path / "metrics.jsonl")     # pictures and text are TensorBoard's only
+    assert not os.path.exists(tmp_path / "metrics.jsonl")  # pictures and text are TensorBoard's only
 
 
 def test_without_tensorboard_nothing_is_written_and_no_confusion_is_computed(tmp_path):
@@ -93,11 +94,12 @@ def test_classifier_run_writes_its_final_confusion_matrix_to_tensorboard(tmp_pat
     assert step == result.total_steps == 8
     with picture(value) as image:
         assert min(image.size) > 300 and image.size == (value.image.width, value.image.height)
-    assert found["accuracy"][0][1].simple_value == np.float32(result.final_eval["accuracy"])   # beside the scalars
+    assert found["accuracy"][0][1].simple_value == np.float32(result.final_eval["accuracy"])  # beside the scalars
 
 
 def test_a_phase_after_training_replaces_the_stale_step_figures_on_the_bar():
     from tqdm import tqdm
+
     out = io.StringIO()
     bar = tqdm(total=750, file=out)
     bar.update(750)

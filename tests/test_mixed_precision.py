@@ -37,7 +37,7 @@ from imgllm.train import optim, steps
 from imgllm.train.classifier import ClassifierTask
 from imgllm.train.state import create_train_state
 
-EPOCHS = 3                    # 256 demo images, batch 32: 24 steps
+EPOCHS = 3  # 256 demo images, batch 32: 24 steps
 TEMPLATE = "A photo of a {label}."
 COLOURS = tuple(demo.COLOURS)
 PLACES = tuple(demo.PLACES)
@@ -63,15 +63,17 @@ def test_config_dtype_is_the_one_setting_and_old_configs_keep_theirs():
     with pytest.warns(UserWarning, match=r"config.model.dtype='float32' is ignored"):
         assert precision.run_dtype({"dtype": "bfloat16", "model": {"dtype": "float32"}}) == "bfloat16"
     with warnings.catch_warnings():
-        warnings.simplefilter("error")                               # an agreeing legacy key is no news
+        warnings.simplefilter("error")  # an agreeing legacy key is no news
         assert precision.run_dtype({"dtype": "float32", "model": {"dtype": "float32"}}) == "float32"
     assert precision.run_dtype({"model": {"dtype": "bfloat16"}}) == "bfloat16"
     assert precision.run_dtype({"model": {"dtype": "float32"}, "lm": {"dtype": "bfloat16"}}) == "bfloat16"
     assert precision.run_dtype({"model": {}}) == "float32"
-    saved = {"seed": 0, "model": {"preset": "tiny", "dtype": "float32"}}            # before config.dtype
-    assert precision.comparable_dtype(saved) == precision.comparable_dtype(
-        {"seed": 0, "dtype": "auto", "model": {"preset": "tiny"}}) == {
-        "seed": 0, "dtype": "float32", "model": {"preset": "tiny"}}
+    saved = {"seed": 0, "model": {"preset": "tiny", "dtype": "float32"}}  # before config.dtype
+    assert (
+        precision.comparable_dtype(saved)
+        == precision.comparable_dtype({"seed": 0, "dtype": "auto", "model": {"preset": "tiny"}})
+        == {"seed": 0, "dtype": "float32", "model": {"preset": "tiny"}}
+    )
     assert precision.comparable_dtype(saved) != precision.comparable_dtype({**saved, "dtype": "bfloat16"})
     task = ClassifierTask(_cnn_config("bfloat16"))
     assert task.model.dtype == jnp.bfloat16
@@ -83,6 +85,7 @@ def test_config_dtype_is_the_one_setting_and_old_configs_keep_theirs():
 def primitives(fn, *args) -> set[tuple[str, str]]:
     """{(primitive name, dtype of its first operand)} of every operation in fn's jaxpr, nested ones included (traced
     only: nothing is compiled)."""
+
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
             if eqn.invars and hasattr(eqn.invars[0].aval, "dtype"):
@@ -106,18 +109,20 @@ def test_bfloat16_computes_matmuls_in_bfloat16_and_keeps_softmax_statistics_loss
     check: such an op in bfloat16 hardly moves these tiny models' outputs, but loses precision in large ones."""
     task = ClassifierTask(_cnn_config("bfloat16"))
     variables = jax.eval_shape(task.init_variables, jax.random.key(0))
-    batch = {"images": jnp.zeros((4, 32, 32, 3), jnp.uint8), "labels": jnp.zeros(4, jnp.int32),
-             "index": jnp.arange(4)}
-    cnn_loss = primitives(lambda v: task.loss(v["params"], {"batch_stats": v["batch_stats"]}, batch,
-                                              jax.random.key(0), 0)[0], variables)
+    batch = {"images": jnp.zeros((4, 32, 32, 3), jnp.uint8), "labels": jnp.zeros(4, jnp.int32), "index": jnp.arange(4)}
+    cnn_loss = primitives(
+        lambda v: task.loss(v["params"], {"batch_stats": v["batch_stats"]}, batch, jax.random.key(0), 0)[0], variables
+    )
     lm = GPT2Config.tiny(dtype=jnp.bfloat16)
     lm_params = jax.eval_shape(lambda: GPT2(lm).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
     ids = jnp.zeros((2, 6), jnp.int32)
     lm_loss = primitives(lambda p: prefixed_token_stats(p, lm, None, ids)[0].sum(), lm_params)
-    sampling = GenerationConfig(max_new_tokens=3, do_sample=True, top_p=0.9, sampler="plain", eos_token_id=127,
-                                pad_token_id=127)
-    sample = primitives(lambda p: generate_tokens(p, lm, ids, jnp.ones_like(ids), jax.random.key(0), sampling),
-                        lm_params)
+    sampling = GenerationConfig(
+        max_new_tokens=3, do_sample=True, top_p=0.9, sampler="plain", eos_token_id=127, pad_token_id=127
+    )
+    sample = primitives(
+        lambda p: generate_tokens(p, lm, ids, jnp.ones_like(ids), jax.random.key(0), sampling), lm_params
+    )
     for graph in (cnn_loss, lm_loss, sample):
         assert {name for name, dtype in graph if dtype == "bfloat16"} & FLOAT32_ONLY == set()
     assert ("conv_general_dilated", "bfloat16") in cnn_loss and ("dot_general", "bfloat16") in cnn_loss
@@ -155,7 +160,7 @@ def numpy_init(shapes, seed: int, std: float | None = None):
             return (std * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
         bound = 1 / np.sqrt(np.prod(leaf.shape[:-1]))
         kernel = rng.uniform(-bound, bound, leaf.shape).astype(leaf.dtype)
-        if kernel.ndim == 4:                    # `imgllm.vision.cnn.dirac_init`
+        if kernel.ndim == 4:  # `imgllm.vision.cnn.dirac_init`
             height, width, inputs, outputs = kernel.shape
             identity = np.arange(min(inputs, outputs))
             kernel[..., identity] = 0
@@ -172,18 +177,23 @@ def train_cnn(dtype: str) -> dict:
     task = ClassifierTask(config)
     arrays = task.train_arrays()
     variables = numpy_init(jax.eval_shape(task.init_variables, jax.random.key(0)), seed=0)
-    variables = task.prepare_variables(variables, arrays)          # the whitening stem, from the images
+    variables = task.prepare_variables(variables, arrays)  # the whitening stem, from the images
     steps_per_epoch = len(arrays["labels"]) // config.global_batch_size
-    tx = optim.make_optimizer(config.optimizer, variables["params"], total_steps=EPOCHS * steps_per_epoch,
-                              steps_per_epoch=steps_per_epoch, batch_size=config.global_batch_size)
+    tx = optim.make_optimizer(
+        config.optimizer,
+        variables["params"],
+        total_steps=EPOCHS * steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=config.global_batch_size,
+    )
     mesh = parallel.make_mesh()
     state = create_train_state(variables, tx, np.array([0, 1], np.uint32), use_lookahead=False)
-    state = jax.device_put(state, parallel.replicated_sharding(mesh))   # as the loop places it: one compile
+    state = jax.device_put(state, parallel.replicated_sharding(mesh))  # as the loop places it: one compile
     step = steps.jit_train_step(task, tx, mesh, steps_per_epoch=steps_per_epoch)
     order = np.random.default_rng(0)
     losses = []
     for _ in range(EPOCHS):
-        rows = order.permutation(len(arrays["labels"]))[:steps_per_epoch * config.global_batch_size]
+        rows = order.permutation(len(arrays["labels"]))[: steps_per_epoch * config.global_batch_size]
         for batch_rows in rows.reshape(steps_per_epoch, -1):
             state, metrics = step(state, {name: array[batch_rows] for name, array in arrays.items()})
             total, count = metrics["loss"]
@@ -207,8 +217,10 @@ def test_bfloat16_cnn_training_tracks_the_float32_loss(cnn_runs):
     (measured: 0.35).
     """
     f32, bf16 = cnn_runs["float32"]["losses"], cnn_runs["bfloat16"]["losses"]
-    print(f"CNN losses float32 {np.round(f32, 3)}\n           bfloat16 {np.round(bf16, 3)}\n"
-          f"max step difference {np.abs(f32 - bf16).max():.4f}, last 8 {abs(f32[-8:].mean() - bf16[-8:].mean()):.4f}")
+    print(
+        f"CNN losses float32 {np.round(f32, 3)}\n           bfloat16 {np.round(bf16, 3)}\n"
+        f"max step difference {np.abs(f32 - bf16).max():.4f}, last 8 {abs(f32[-8:].mean() - bf16[-8:].mean()):.4f}"
+    )
     assert np.abs(f32 - bf16).max() < 0.06
     assert abs(f32[-8:].mean() - bf16[-8:].mean()) < 0.02
     assert f32[-8:].mean() < f32[:4].mean() - 0.25 and bf16[-8:].mean() < bf16[:4].mean() - 0.25
@@ -216,8 +228,11 @@ def test_bfloat16_cnn_training_tracks_the_float32_loss(cnn_runs):
 
 def test_bfloat16_training_keeps_parameters_optimizer_state_and_batchnorm_statistics_float32(cnn_runs):
     state = cnn_runs["bfloat16"]["state"]
-    floating = [leaf for leaf in jax.tree.leaves((state.params, state.opt_state, state.model_state))
-                if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    floating = [
+        leaf
+        for leaf in jax.tree.leaves((state.params, state.opt_state, state.model_state))
+        if jnp.issubdtype(leaf.dtype, jnp.floating)
+    ]
     assert floating and all(leaf.dtype == jnp.float32 for leaf in floating)
     assert set(state.model_state["batch_stats"]["block1"]["norm1"]) == {"mean", "var"}
 
@@ -244,11 +259,12 @@ def demo_lm():
     ids = np.full((len(rows), width), eos, np.int32)
     mask = np.zeros((len(rows), width - 1), np.float32)
     for row, (prompt, tokens) in enumerate(zip(prompts, rows)):
-        ids[row, :len(tokens)] = tokens
-        mask[row, len(tokenizer.encode(prompt)) - 1:len(tokens) - 1] = 1      # the continuation and its EOS
+        ids[row, : len(tokens)] = tokens
+        mask[row, len(tokenizer.encode(prompt)) - 1 : len(tokens) - 1] = 1  # the continuation and its EOS
     config = GPT2Config.tiny(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos)
-    params = numpy_init(jax.eval_shape(lambda: GPT2(config).init(jax.random.key(0), ids[:1, :1])["params"]),
-                        seed=1, std=0.1)
+    params = numpy_init(
+        jax.eval_shape(lambda: GPT2(config).init(jax.random.key(0), ids[:1, :1])["params"]), seed=1, std=0.1
+    )
     tx = optax.adam(1e-2)
 
     def loss(p):
@@ -290,8 +306,10 @@ def test_bfloat16_lm_logits_are_close_to_float32(demo_lm):
     assert bf16.dtype == np.float32
     relative = (np.abs(bf16 - f32).max(-1) / np.abs(f32).max(-1)).max()
     log_prob_error = np.abs(target_log_probs(jnp.bfloat16) - target_log_probs(jnp.float32)).max()
-    print(f"LM logits: max |bf16 - f32| {relative:.4f} of the position's largest logit; target log-probabilities "
-          f"within {log_prob_error:.4f}")
+    print(
+        f"LM logits: max |bf16 - f32| {relative:.4f} of the position's largest logit; target log-probabilities "
+        f"within {log_prob_error:.4f}"
+    )
     assert relative < 0.03
     assert log_prob_error < 0.01
     np.testing.assert_array_equal(bf16.argmax(-1), f32.argmax(-1))
@@ -308,17 +326,28 @@ def pipeline_dir(cnn_runs, demo_lm, tmp_path_factory) -> str:
     config, lm_params, tokenizer, _, _ = demo_lm
     model_config = {**run["task"].config.model.to_dict(), "dtype": "bfloat16"}
     pipeline_config = pc.make_pipeline_config(
-        cnn=model_config, lm=config.to_dict(), class_names=run["task"].class_names, eos_id=tokenizer.eos_token_id,
-        pad_id=tokenizer.eos_token_id, template=TEMPLATE, top_k=1, max_new_tokens=16)
-    return pc.save_pipeline_checkpoint(tmp_path_factory.mktemp("bf16") / "pipeline",
-                                       {"cnn": run["state"].variables, "lm": lm_params}, pipeline_config, tokenizer)
+        cnn=model_config,
+        lm=config.to_dict(),
+        class_names=run["task"].class_names,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.eos_token_id,
+        template=TEMPLATE,
+        top_k=1,
+        max_new_tokens=16,
+    )
+    return pc.save_pipeline_checkpoint(
+        tmp_path_factory.mktemp("bf16") / "pipeline",
+        {"cnn": run["state"].variables, "lm": lm_params},
+        pipeline_config,
+        tokenizer,
+    )
 
 
 @pytest.fixture(scope="module")
 def demo_images(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("demo_images")
     demo.write_demo_images(str(folder), num_examples=128, seed=1)
-    return str(folder / "*" / "*.png")           # the images, not the references file beside them
+    return str(folder / "*" / "*.png")  # the images, not the references file beside them
 
 
 def test_bfloat16_pipeline_checkpoint_round_trips(pipeline_dir, cnn_runs, demo_lm):
@@ -357,18 +386,24 @@ def test_bfloat16_greedy_captions_agree_with_float32(pipeline_dir, demo_images, 
     records = {}
     for dtype in ("float32", "bfloat16"):
         output = tmp_path / f"{dtype}.jsonl"
-        records[dtype] = list(caption_files(pipeline_dir, [demo_images], output=str(output), batch_size=64,
-                                            dtype=dtype))
+        records[dtype] = list(
+            caption_files(pipeline_dir, [demo_images], output=str(output), batch_size=64, dtype=dtype)
+        )
     assert len(records["float32"]) == len(records["bfloat16"]) == 128
     captions = {dtype: [r["captions"][0] for r in rs] for dtype, rs in records.items()}
     labels = {dtype: [r["labels"][0]["label"] for r in rs] for dtype, rs in records.items()}
     agree = np.mean([a == b for a, b in zip(captions["float32"], captions["bfloat16"])])
-    print(f"captions agree on {agree:.3f} of {len(captions['float32'])} images; labels on "
-          f"{np.mean([a == b for a, b in zip(labels['float32'], labels['bfloat16'])]):.3f}")
+    print(
+        f"captions agree on {agree:.3f} of {len(captions['float32'])} images; labels on "
+        f"{np.mean([a == b for a, b in zip(labels['float32'], labels['bfloat16'])]):.3f}"
+    )
     assert agree >= 0.95
     assert len(set(labels["float32"])) >= 3
     learnt = {name: continuation(c).strip() for c, name in enumerate(demo.SHAPES)}
     assert [learnt[label] for label in labels["float32"]] == captions["float32"]
     with pytest.raises(OutputError, match='dtype was "bfloat16", now unset'):
-        list(caption_files(pipeline_dir, [demo_images], output=str(tmp_path / "bfloat16.jsonl"), batch_size=64,
-                           dtype="float32"))
+        list(
+            caption_files(
+                pipeline_dir, [demo_images], output=str(tmp_path / "bfloat16.jsonl"), batch_size=64, dtype="float32"
+            )
+        )

@@ -1,5 +1,6 @@
 """The mesh, shardings and distributed start-up (multi-device and multi-process training runs are in
 test_train_cli.py)."""
+
 import jax
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ def test_mesh_and_host_to_global():
     arrays = parallel.host_to_global(batch, mesh)
     assert arrays["x"].sharding == parallel.data_sharding(mesh)
     np.testing.assert_array_equal(np.asarray(arrays["x"]), batch["x"])
-    assert parallel.maybe_initialize_distributed() is False     # not asked: no coordinator given
+    assert parallel.maybe_initialize_distributed() is False  # not asked: no coordinator given
 
 
 def test_distributed_needs_process_count_and_id(monkeypatch):

@@ -43,8 +43,9 @@ def prompt_batch(tiny_hf_dir):
 
 def our_logits(config, params, input_ids, attention_mask=None, position_ids=None):
     def forward(params, input_ids, attention_mask, position_ids):
-        return GPT2(config).apply({"params": params}, input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids)[0]
+        return GPT2(config).apply(
+            {"params": params}, input_ids, attention_mask=attention_mask, position_ids=position_ids
+        )[0]
 
     as_jnp = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
     return np.asarray(jax.jit(forward)(params, as_jnp(input_ids), as_jnp(attention_mask), as_jnp(position_ids)))
@@ -53,8 +54,9 @@ def our_logits(config, params, input_ids, attention_mask=None, position_ids=None
 def torch_logits(model, input_ids, attention_mask=None, position_ids=None):
     as_torch = lambda x: None if x is None else torch.as_tensor(np.asarray(x, np.int64))  # noqa: E731
     with torch.no_grad():
-        return model(as_torch(input_ids), attention_mask=as_torch(attention_mask),
-                     position_ids=as_torch(position_ids)).logits.numpy()
+        return model(
+            as_torch(input_ids), attention_mask=as_torch(attention_mask), position_ids=as_torch(position_ids)
+        ).logits.numpy()
 
 
 def positions_from_mask(attention_mask):
@@ -102,12 +104,16 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(ours, tmp_pat
 def hf_generate(model, input_ids, attention_mask, **settings):
     """transformers' new tokens [B * num_return, max_new_tokens], padded with pad_token_id after an early stop."""
     with torch.no_grad():
-        out = model.generate(torch.as_tensor(input_ids, dtype=torch.long),
-                             attention_mask=torch.as_tensor(attention_mask, dtype=torch.long),
-                             do_sample=False, **settings).numpy()
-    new = out[:, input_ids.shape[1]:]
-    return np.pad(new, ((0, 0), (0, settings["max_new_tokens"] - new.shape[1])),
-                  constant_values=settings["pad_token_id"])
+        out = model.generate(
+            torch.as_tensor(input_ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(attention_mask, dtype=torch.long),
+            do_sample=False,
+            **settings,
+        ).numpy()
+    new = out[:, input_ids.shape[1] :]
+    return np.pad(
+        new, ((0, 0), (0, settings["max_new_tokens"] - new.shape[1])), constant_values=settings["pad_token_id"]
+    )
 
 
 def our_generate(config, params, input_ids, attention_mask, sampler="auto", **settings):
@@ -123,22 +129,32 @@ def frequent_generated_token(model, input_ids, attention_mask, **settings):
     return int(values[np.argmax(counts)])
 
 
-@pytest.mark.parametrize("early_eos, num_beams, num_return_sequences, length_penalty", [
-    (False, 1, 1, 1.0),
-    (False, 3, 2, 1.0),
-    (True, 1, 1, 1.0),
-    (True, 3, 1, 0.5),  # a length penalty below 1 lets short finished beams win, so EOS really ends some
-], ids=["greedy", "beam3-return2", "greedy-early-eos", "beam3-early-eos"])
+@pytest.mark.parametrize(
+    "early_eos, num_beams, num_return_sequences, length_penalty",
+    [
+        (False, 1, 1, 1.0),
+        (False, 3, 2, 1.0),
+        (True, 1, 1, 1.0),
+        (True, 3, 1, 0.5),  # a length penalty below 1 lets short finished beams win, so EOS really ends some
+    ],
+    ids=["greedy", "beam3-return2", "greedy-early-eos", "beam3-early-eos"],
+)
 @pytest.mark.parametrize("sampler", ["plain", "cpu"])
-def test_generation_is_token_identical(torch_model, ours, prompt_batch, early_eos, num_beams, num_return_sequences,
-                                       length_penalty, sampler):
+def test_generation_is_token_identical(
+    torch_model, ours, prompt_batch, early_eos, num_beams, num_return_sequences, length_penalty, sampler
+):
     config, params = ours
     input_ids, attention_mask = prompt_batch
     # A pad id other than 0 and other than EOS: transformers' beam search fills with `pad_token_id or eos`,
     # which would turn a pad id of 0 into EOS; and a distinct pad shows that padding starts after EOS.
-    settings = dict(max_new_tokens=8, num_beams=num_beams, num_return_sequences=num_return_sequences,
-                    length_penalty=length_penalty, eos_token_id=config.eos_token_id,
-                    pad_token_id=config.vocab_size - 1)
+    settings = dict(
+        max_new_tokens=8,
+        num_beams=num_beams,
+        num_return_sequences=num_return_sequences,
+        length_penalty=length_penalty,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.vocab_size - 1,
+    )
     if early_eos:
         settings["eos_token_id"] = frequent_generated_token(torch_model, input_ids, attention_mask, **settings)
     want = hf_generate(torch_model, input_ids, attention_mask, **settings)

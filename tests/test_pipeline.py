@@ -17,7 +17,9 @@ from imgllm.pipeline import checkpoint as pc
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TOKENIZER_TEXTS = [f"A photo of a {name}." for name in CLASS_NAMES] + [
-    "This image shows a cat (93%), a dog (5%) and a frog (2%).", "maybe a horse? 100% sure"]
+    "This image shows a cat (93%), a dog (5%) and a frog (2%).",
+    "maybe a horse? 100% sure",
+]
 
 
 @functools.cache
@@ -49,8 +51,7 @@ def tiny_params(seed: int = 0, bridge: bool = False) -> dict:
         mapper = jax.jit(PrefixMapper(**tiny_bridge_config()).init)(jax.random.PRNGKey(seed + 2), features)
         return {**tiny_params(seed), "bridge": jax.device_get(mapper["params"])}
     cnn = cnn_preset("tiny", num_classes=len(CLASS_NAMES))
-    cnn_variables = jax.jit(lambda key: cnn.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(
-        jax.random.PRNGKey(seed))
+    cnn_variables = jax.jit(lambda key: cnn.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.PRNGKey(seed))
     lm_config = tiny_lm_config()
     lm_params = jax.jit(init_params, static_argnums=0)(lm_config, jax.random.PRNGKey(seed + 1))
     return jax.device_get({"cnn": dict(cnn_variables), "lm": lm_params})
@@ -62,23 +63,40 @@ def tiny_lm_config():
     tok = tiny_tokenizer()
     # A wide init (0.5, not 0.02): a near-zero random GPT-2 only repeats its last token, which would make the
     # caption comparisons below vacuous.
-    return GPT2Config.tiny(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                           initializer_range=0.5)
+    return GPT2Config.tiny(
+        vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, initializer_range=0.5
+    )
 
 
 def tiny_bridge_config() -> dict:
     return {"prefix_length": 2, "lm_dim": tiny_lm_config().n_embd, "hidden": 16}
 
 
-def tiny_pipeline_parts(seed: int = 0, *, bridge: bool = False, template: str = "A photo of a {label}.",
-                        top_k: int = 2, max_new_tokens: int = 6, class_prompt_templates=None):
+def tiny_pipeline_parts(
+    seed: int = 0,
+    *,
+    bridge: bool = False,
+    template: str = "A photo of a {label}.",
+    top_k: int = 2,
+    max_new_tokens: int = 6,
+    class_prompt_templates=None,
+):
     """(params, config) of a tiny pipeline (see `tiny_params`)."""
     tok = tiny_tokenizer()
     config = pc.make_pipeline_config(
-        cnn={"preset": "tiny", "num_classes": len(CLASS_NAMES)}, lm=tiny_lm_config().to_dict(),
-        bridge=tiny_bridge_config() if bridge else None, class_names=CLASS_NAMES, eos_id=tok.eos_token_id,
-        pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, template=template, top_k=top_k, prepend_bos=bridge,
-        max_new_tokens=max_new_tokens, class_prompt_templates=class_prompt_templates)
+        cnn={"preset": "tiny", "num_classes": len(CLASS_NAMES)},
+        lm=tiny_lm_config().to_dict(),
+        bridge=tiny_bridge_config() if bridge else None,
+        class_names=CLASS_NAMES,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        bos_id=tok.bos_token_id,
+        template=template,
+        top_k=top_k,
+        prepend_bos=bridge,
+        max_new_tokens=max_new_tokens,
+        class_prompt_templates=class_prompt_templates,
+    )
     return tiny_params(seed, bridge), config
 
 
@@ -95,8 +113,15 @@ def random_images(seed: int, batch: int, size: int = 32) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- prompts
 
 
-@pytest.mark.parametrize("template", ["A photo of a {label}.", "This image shows {topk}.",
-                                      "{label2}, maybe {label}? {prob}% sure", "a {label} ({prob1}%)"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "A photo of a {label}.",
+        "This image shows {topk}.",
+        "{label2}, maybe {label}? {prob}% sure",
+        "a {label} ({prob1}%)",
+    ],
+)
 def test_prompt_assembly_equals_tokenizing_the_filled_in_prompt(template):
     tok = tiny_tokenizer()
     encode = lambda text: tok.encode(text, add_special_tokens=False)
@@ -118,6 +143,7 @@ def test_prompt_assembly_equals_tokenizing_the_filled_in_prompt(template):
 def test_a_class_name_reads_the_same_in_caption_prompts_and_class_prompts():
     """One rule (`spoken_label`): "sports_car" is "sports car" in a caption prompt, as in the LM's class prompts."""
     from imgllm.language.scoring import fill_templates
+
     encode = lambda text: [ord(c) for c in text]
     names = ("sports_car", "cat")
     tables = pipeline.tokenize_template(encode, "A photo of a {label}.", names, 1, 0)
@@ -133,9 +159,14 @@ def test_prompt_with_bos_and_empty_template_is_just_bos():
     assert np.asarray(ids).tolist() == [[7], [7]] and np.asarray(mask).tolist() == [[1], [1]]
 
 
-@pytest.mark.parametrize("template, message", [("A {colour} photo", "unknown slot {colour}"),
-                                                ("A photo of a {label3}.", "needs top_k >= 3"),
-                                                ("{label:>10}", "unknown slot")])
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("A {colour} photo", "unknown slot {colour}"),
+        ("A photo of a {label3}.", "needs top_k >= 3"),
+        ("{label:>10}", "unknown slot"),
+    ],
+)
 def test_bad_template_is_named(template, message):
     with pytest.raises(ValueError, match=message):
         pipeline.tokenize_template(lambda text: [1], template, CLASS_NAMES, 2, 0)
@@ -156,19 +187,24 @@ def stage_by_stage(loaded: pc.PipelineCheckpoint, spec: pipeline.PipelineSpec, i
     from imgllm.language.decoding import generate_tokens
 
     logits, features = jax.jit(lambda v, x: spec.cnn.apply(v, x, train=False))(
-        loaded.params["cnn"], augment.normalize(jnp.asarray(images)))
+        loaded.params["cnn"], augment.normalize(jnp.asarray(images))
+    )
     probs = np.asarray(jax.nn.softmax(logits))
-    label_ids = np.argsort(-probs, axis=1, kind="stable")[:, :spec.top_k]
+    label_ids = np.argsort(-probs, axis=1, kind="stable")[:, : spec.top_k]
     label_probs = np.take_along_axis(probs, label_ids, axis=1)
     width, pad = spec.prompts.width, loaded.config["pad_id"]
     prompt_ids = np.full((len(images), width), pad, np.int32)
     prompt_mask = np.zeros((len(images), width), np.int32)
     for row in range(len(images)):
-        text = pipeline.fill_template(spec.prompts.template, [CLASS_NAMES[c] for c in label_ids[row]],
-                                      np.round(label_probs[row] * 100).astype(int))
-        ids = ([loaded.config["bos_id"]] if loaded.config["prepend_bos"] else []) + \
-            (loaded.tokenizer.encode(text) if spec.prompts.template else [])
-        prompt_ids[row, width - len(ids):], prompt_mask[row, width - len(ids):] = ids, 1
+        text = pipeline.fill_template(
+            spec.prompts.template,
+            [CLASS_NAMES[c] for c in label_ids[row]],
+            np.round(label_probs[row] * 100).astype(int),
+        )
+        ids = ([loaded.config["bos_id"]] if loaded.config["prepend_bos"] else []) + (
+            loaded.tokenizer.encode(text) if spec.prompts.template else []
+        )
+        prompt_ids[row, width - len(ids) :], prompt_mask[row, width - len(ids) :] = ids, 1
     prefix, lm_scores = None, None
     if "bridge" in loaded.params:
         from imgllm.language.scoring import build_prompt_table, score_class_prompts
@@ -176,12 +212,17 @@ def stage_by_stage(loaded: pc.PipelineCheckpoint, spec: pipeline.PipelineSpec, i
         prefix = spec.bridge.apply({"params": loaded.params["bridge"]}, features)
         table = build_prompt_table(loaded.tokenizer.encode, loaded.config["eos_id"], CLASS_NAMES)
         lm_scores = np.asarray(score_class_prompts(loaded.params["lm"], spec.lm_config, table, prefix))
-    tokens, _ = jax.jit(lambda p, i, m, r, x: generate_tokens(p, spec.lm_config, i, m, r, spec.generation,
-                                                              prefix_embeds=x))(
-        loaded.params["lm"], prompt_ids, prompt_mask, rng, prefix)
-    return dict(logits=np.asarray(logits), label_ids=label_ids, lm_scores=lm_scores, prompt_ids=prompt_ids,
-                prompt_mask=prompt_mask,
-                caption_ids=np.asarray(tokens).reshape(len(images), -1, tokens.shape[-1]))
+    tokens, _ = jax.jit(
+        lambda p, i, m, r, x: generate_tokens(p, spec.lm_config, i, m, r, spec.generation, prefix_embeds=x)
+    )(loaded.params["lm"], prompt_ids, prompt_mask, rng, prefix)
+    return dict(
+        logits=np.asarray(logits),
+        label_ids=label_ids,
+        lm_scores=lm_scores,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        caption_ids=np.asarray(tokens).reshape(len(images), -1, tokens.shape[-1]),
+    )
 
 
 @pytest.mark.parametrize("bridge", [False, True], ids=["prompt", "visual_prefix"])
@@ -215,22 +256,27 @@ def test_pipeline_equals_stages_and_compiles_once(tmp_path, bridge):
         np.testing.assert_allclose(fast["lm_scores"], out["lm_scores"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("decoding", [dict(num_beams=1), dict(num_beams=2), dict(do_sample=True, top_p=0.9)],
-                         ids=["greedy", "beam", "top_p"])
+@pytest.mark.parametrize(
+    "decoding", [dict(num_beams=1), dict(num_beams=2), dict(do_sample=True, top_p=0.9)], ids=["greedy", "beam", "top_p"]
+)
 def test_label_only_prompts_share_the_lm_work_per_class_with_the_same_tokens(tmp_path, decoding):
     """Greedy and beam captions are made once per class; sampled ones share the class prompts' prefill."""
     from imgllm.language.decoding import GenerationConfig
 
     loaded = tiny_pipeline(tmp_path, template="A photo of a {label}.")
-    generation = GenerationConfig(max_new_tokens=loaded.config["max_new_tokens"], **decoding,
-                                  eos_token_id=loaded.config["eos_id"], pad_token_id=loaded.config["pad_id"])
+    generation = GenerationConfig(
+        max_new_tokens=loaded.config["max_new_tokens"],
+        **decoding,
+        eos_token_id=loaded.config["eos_id"],
+        pad_token_id=loaded.config["pad_id"],
+    )
     spec = loaded.spec(generation)
-    images = random_images(5, 16)                     # more images than the 10 classes
+    images = random_images(5, 16)  # more images than the 10 classes
     assert pipeline.prompts_are_per_class(spec, False, num_classes=len(CLASS_NAMES), batch=len(images))
     out = jax.device_get(pipeline.make_captioner(spec)(loaded.params, images, jax.random.PRNGKey(0)))
     reference = stage_by_stage(loaded, spec, images, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(out["label_ids"], reference["label_ids"])
-    assert len(set(reference["label_ids"][:, 0])) >= 3      # several classes, so the gather is really tested
+    assert len(set(reference["label_ids"][:, 0])) >= 3  # several classes, so the gather is really tested
     assert len({tuple(c) for c in reference["caption_ids"][:, 0]}) >= 2
     np.testing.assert_array_equal(out["caption_ids"], reference["caption_ids"])
 
@@ -257,6 +303,7 @@ def test_bridge_params_without_bridge_module_is_an_error(tmp_path):
 def test_other_image_sizes_are_resized_inside_jit(tmp_path):
     loaded = tiny_pipeline(tmp_path)
     spec = loaded.spec()
+
     def smooth_images(size):  # low-frequency colour waves: resizing changes them little
         y, x = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
         waves = [np.sin(2 * np.pi * (a * y + b * x) + c) for a, b, c in ((1, 0.5, 0), (0.5, 1, 1), (1, 1, 2))]
@@ -284,8 +331,9 @@ def test_pipeline_checkpoint_round_trip(tmp_path):
     loaded = pc.load_pipeline(out)
     assert loaded.config == config
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.params), params)
-    assert loaded.tokenizer.encode("A photo of a cat.") == tiny_tokenizer().encode("A photo of a cat.",
-                                                                                 add_special_tokens=False)
+    assert loaded.tokenizer.encode("A photo of a cat.") == tiny_tokenizer().encode(
+        "A photo of a cat.", add_special_tokens=False
+    )
     with pytest.raises(FileExistsError):
         pc.save_pipeline_checkpoint(tmp_path / "ckpt", params, config, tiny_tokenizer())
 
@@ -323,8 +371,9 @@ def test_config_errors_are_named():
     with pytest.raises(ValueError, match="unique"):
         pc.make_pipeline_config(cnn={"preset": "tiny"}, lm={}, class_names=["a", "a"], eos_id=0, pad_id=0)
     with pytest.raises(ValueError, match="unknown slot"):
-        pc.make_pipeline_config(cnn={"preset": "tiny"}, lm={}, class_names=["a", "b"], eos_id=0, pad_id=0,
-                                template="{what}")
+        pc.make_pipeline_config(
+            cnn={"preset": "tiny"}, lm={}, class_names=["a", "b"], eos_id=0, pad_id=0, template="{what}"
+        )
 
 
 @pytest.mark.slow
@@ -345,8 +394,9 @@ def test_assemble_from_a_train_workdir_and_a_gpt2_directory(tmp_path):
     params, _ = tiny_pipeline_parts()
     lm_dir = hf.save_gpt2(tmp_path / "gpt2", tiny_lm_config(), params["lm"], tokenizer=tiny_tokenizer())
 
-    out = assemble_pipeline_checkpoint(tmp_path / "ckpt", classifier=workdir, lm=str(lm_dir), top_k=2,
-                                       template="This is {topk}.")
+    out = assemble_pipeline_checkpoint(
+        tmp_path / "ckpt", classifier=workdir, lm=str(lm_dir), top_k=2, template="This is {topk}."
+    )
     loaded = pc.load_pipeline(out)
     _, meta, _, variables = restore_for_eval(workdir)
     assert loaded.class_names == tuple(meta["task"]["class_names"])
@@ -363,24 +413,31 @@ def test_label_probabilities_use_the_checkpoints_head_temperature(tmp_path):
     """cnn_temperature (the classifier run's fitted T) makes the probabilities softmax(logits / T); the ranking and
     the raw logits stay as they are."""
     loaded = tiny_pipeline(tmp_path)
-    hot = pc.PipelineCheckpoint(params=loaded.params, config={**loaded.config, "cnn_temperature": 2.5},
-                                tokenizer=loaded.tokenizer)
+    hot = pc.PipelineCheckpoint(
+        params=loaded.params, config={**loaded.config, "cnn_temperature": 2.5}, tokenizer=loaded.tokenizer
+    )
     images, rng = random_images(3, 2), jax.random.PRNGKey(0)
     plain = jax.device_get(pipeline.caption_images(loaded.params, images, rng, spec=loaded.spec()))
     scaled = jax.device_get(pipeline.caption_images(hot.params, images, rng, spec=hot.spec()))
     np.testing.assert_array_equal(plain["logits"], scaled["logits"])
     np.testing.assert_array_equal(plain["label_ids"], scaled["label_ids"])
     expected = jax.nn.softmax(plain["logits"] / 2.5, axis=-1)
-    np.testing.assert_allclose(scaled["label_probs"], np.take_along_axis(np.asarray(expected), plain["label_ids"], 1),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        scaled["label_probs"], np.take_along_axis(np.asarray(expected), plain["label_ids"], 1), rtol=1e-5
+    )
     with pytest.raises(ValueError, match="cnn_temperature"):
         pc.make_pipeline_config(**{**tiny_config_arguments(), "cnn_temperature": 0.0})
 
 
 def tiny_config_arguments() -> dict:
     tok = tiny_tokenizer()
-    return dict(cnn={"preset": "tiny", "num_classes": len(CLASS_NAMES)}, lm=tiny_lm_config().to_dict(),
-                class_names=CLASS_NAMES, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    return dict(
+        cnn={"preset": "tiny", "num_classes": len(CLASS_NAMES)},
+        lm=tiny_lm_config().to_dict(),
+        class_names=CLASS_NAMES,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+    )
 
 
 def test_a_format_1_checkpoint_made_before_the_llama_family_still_loads(tmp_path):

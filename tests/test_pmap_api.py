@@ -17,7 +17,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import functools
 
     import jax
@@ -99,14 +99,18 @@ SCRIPT = textwrap.dedent('''
         for name in ("logits", "label_probs", "caption_scores"):
             np.testing.assert_allclose(merged(got[name]), expected[name], rtol=1e-4, atol=1e-4, err_msg=name)
     print("PMAP_MATCHES_JIT")
-''')
+""")
 
 
 @pytest.mark.slow
 def test_public_functions_under_pmap_match_jit():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=600)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "PMAP_MATCHES_JIT" in result.stdout

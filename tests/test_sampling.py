@@ -90,7 +90,7 @@ def test_process_logits_applies_temperature_top_k_top_p(sampler):
 def test_top_p_keeps_the_smallest_set_reaching_the_mass(sampler):
     """Both nucleus filters (sort + cumsum; bisection) keep what the float64 numpy definition keeps."""
     logits = np.asarray(jax.random.normal(jax.random.key(3), (6, 500)) * 2.5, np.float64)
-    logits[5, 7] = 40.0                                  # one token holds nearly all the mass: kept alone
+    logits[5, 7] = 40.0  # one token holds nearly all the mass: kept alone
     for top_p in (0.2, 0.7, 0.95):
         expected = _nucleus(_softmax(logits), top_p)
         config = _config(do_sample=True, top_p=top_p, sampler=sampler)
@@ -109,8 +109,9 @@ def test_top_p_logits_keeps_logits_inside_and_at_least_one_token():
 @pytest.mark.parametrize("vocab, settings", CASES)
 def test_plain_sampler_draws_the_numpy_reference_distribution(vocab, settings):
     logits = _case_logits(vocab)
-    expected = _reference_distribution(logits, settings.get("temperature", 1.0), settings.get("top_k", 0),
-                                       settings.get("top_p", 1.0))
+    expected = _reference_distribution(
+        logits, settings.get("temperature", 1.0), settings.get("top_k", 0), settings.get("top_p", 1.0)
+    )
     draws = 20_000
     counts = _frequencies(logits, _config(do_sample=True, sampler="plain", **settings), draws, seed=0)
     np.testing.assert_array_equal(counts[expected == 0], 0)
@@ -123,8 +124,12 @@ def test_plain_sampler_draws_the_numpy_reference_distribution(vocab, settings):
 def test_cpu_sampler_draws_what_the_plain_sampler_draws(vocab, settings):
     """Same support (the numpy nucleus), and frequencies that a two-sample chi-square test cannot tell apart."""
     logits = _case_logits(vocab)
-    support = _reference_distribution(logits, settings.get("temperature", 1.0), settings.get("top_k", 0),
-                                      settings.get("top_p", 1.0)) > 0
+    support = (
+        _reference_distribution(
+            logits, settings.get("temperature", 1.0), settings.get("top_k", 0), settings.get("top_p", 1.0)
+        )
+        > 0
+    )
     draws = 20_000
     plain = _frequencies(logits, _config(do_sample=True, sampler="plain", **settings), draws, seed=1)
     fast = _frequencies(logits, _config(do_sample=True, sampler="cpu", **settings), draws, seed=2)
@@ -145,7 +150,7 @@ def test_greedy_selection_is_the_argmax_on_both_paths():
 
 def test_argmax_first_equals_argmax_with_ties_and_infinities():
     rng = np.random.default_rng(0)
-    logits = rng.integers(-3, 3, size=(64, 1000)).astype(np.float32)    # many ties per row
+    logits = rng.integers(-3, 3, size=(64, 1000)).astype(np.float32)  # many ties per row
     logits[0] = -np.inf
     logits[1, 5:] = np.inf
     np.testing.assert_array_equal(argmax_first(jnp.asarray(logits)), np.argmax(logits, axis=-1))
@@ -187,8 +192,9 @@ def test_draw_top_p_is_exact_with_and_without_the_bisection_fallback(max_rounds)
     the rows fall back) all draw from the nucleus in proportion to the probabilities."""
     probs = np.array([0.05, 0.3, 0.1, 0.2, 0.25, 0.1], np.float32)  # top_p 0.7: {0.3, 0.25, 0.2}, mass 0.75
     draws = 40_000
-    tokens = jax.jit(lambda key: draw_top_p(jnp.broadcast_to(probs, (draws, probs.size)), 0.7, key,
-                                            max_rounds=max_rounds))(jax.random.key(2))
+    tokens = jax.jit(
+        lambda key: draw_top_p(jnp.broadcast_to(probs, (draws, probs.size)), 0.7, key, max_rounds=max_rounds)
+    )(jax.random.key(2))
     frequencies = np.bincount(np.asarray(tokens), minlength=probs.size) / draws
     nucleus = np.where(probs >= 0.2, probs, 0.0)
     np.testing.assert_array_equal(frequencies[nucleus == 0], 0.0)

@@ -1,5 +1,6 @@
 """LM classification: all classes in one jitted call equal scoring each class alone; the score is the ensemble
 log-likelihood computed token by token."""
+
 import math
 
 import jax
@@ -33,7 +34,7 @@ def model():
 
 def test_prompt_table_layout():
     table = scoring.build_prompt_table(encode, 0, CLASSES, ("a photo of a {label}.", "an image of a {label}."))
-    assert table.input_ids.shape == (3, 2, 1 + 7 + 1)    # BOS + longest prompt ("... horse truck .") + EOS
+    assert table.input_ids.shape == (3, 2, 1 + 7 + 1)  # BOS + longest prompt ("... horse truck .") + EOS
     np.testing.assert_array_equal(table.input_ids[0, 0, :8], [0] + encode("a photo of a cat.") + [0])
     # Scored targets: every prompt token and the EOS; padding is not.
     np.testing.assert_array_equal(table.target_mask.sum(-1), [[7, 7], [7, 7], [8, 8]])
@@ -44,8 +45,12 @@ def test_all_classes_at_once_equal_each_class_alone(model):
     table = scoring.build_prompt_table(encode, 0, CLASSES)
     together = np.asarray(scoring.score_class_prompts(params, config, table, prefix, images_per_chunk=2))
     assert together.shape == (5, 3)
-    alone = [np.asarray(scoring.score_class_prompts(params, config, scoring.build_prompt_table(encode, 0, [c]),
-                                                    prefix))[:, 0] for c in CLASSES]
+    alone = [
+        np.asarray(scoring.score_class_prompts(params, config, scoring.build_prompt_table(encode, 0, [c]), prefix))[
+            :, 0
+        ]
+        for c in CLASSES
+    ]
     np.testing.assert_allclose(together, np.stack(alone, 1), rtol=1e-5, atol=1e-5)
     # Images do not interact: scoring one image alone gives its row.
     single = scoring.score_class_prompts(params, config, table, prefix[2:3])
@@ -59,12 +64,20 @@ def test_score_is_template_averaged_likelihood(model):
     got = float(scoring.score_class_prompts(params, config, table, prefix[:1])[0, 0])
     # Direct computation: run the LM on [prefix, BOS, prompt, EOS] and add up log-softmax of each next token.
     model_ = GPT2(config)
-    forward = jax.jit(lambda ids: jax.nn.log_softmax(model_.apply({"params": params}, inputs_embeds=jnp.concatenate(
-        [prefix[:1], model_.apply({"params": params}, ids, method=GPT2.embed_tokens)], 1))[0]))
+    forward = jax.jit(
+        lambda ids: jax.nn.log_softmax(
+            model_.apply(
+                {"params": params},
+                inputs_embeds=jnp.concatenate(
+                    [prefix[:1], model_.apply({"params": params}, ids, method=GPT2.embed_tokens)], 1
+                ),
+            )[0]
+        )
+    )
     likelihoods = []
     for template in templates:
         ids = np.array([[0] + encode(template.format(label="dog")) + [0]])
-        log_probs = np.asarray(forward(ids)[0, prefix.shape[1]:-1])
+        log_probs = np.asarray(forward(ids)[0, prefix.shape[1] : -1])
         likelihoods.append(float(sum(log_probs[t, ids[0, t + 1]] for t in range(ids.shape[1] - 1))))
     expected = np.logaddexp.reduce(likelihoods) - math.log(len(templates))
     assert got == pytest.approx(expected, abs=1e-4)
@@ -81,8 +94,9 @@ def test_one_compile_for_new_prefixes(model):
 
 def test_classify_texts_scores_only_the_class_prompt(model):
     config, params, _ = model
-    labels, scores = scoring.classify_texts(params, config, encode, 0, ["a photo of a dog", "a cat"], CLASSES,
-                                            connector=" this is")
+    labels, scores = scoring.classify_texts(
+        params, config, encode, 0, ["a photo of a dog", "a cat"], CLASSES, connector=" this is"
+    )
     assert scores.shape == (2, 3) and labels.shape == (2,)
     np.testing.assert_array_equal(labels, scores.argmax(-1))
     # Same as scoring [BOS] description + connector + " {label}." with the context tokens masked out.

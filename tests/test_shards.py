@@ -19,9 +19,19 @@ from imgllm.pipeline.inputs import Item, shard_item_index, shard_items
 from imgllm.pipeline.records import RUN_OPTIONS_SUFFIX, OutputError, find_parts, part_path
 
 SAMPLING = dict(batch_size=4, decoding=DecodingOptions(method="sample", temperature=2.0, num_captions=2), seed=7)
-SAMPLING_FLAGS = ["--batch-size", "4", "--decoding", "sample", "--temperature", "2", "--num-captions", "2",
-                  "--seed", "7"]
-IMAGES = 13   # batches of 4, 4, 4 and 1
+SAMPLING_FLAGS = [
+    "--batch-size",
+    "4",
+    "--decoding",
+    "sample",
+    "--temperature",
+    "2",
+    "--num-captions",
+    "2",
+    "--seed",
+    "7",
+]
+IMAGES = 13  # batches of 4, 4, 4 and 1
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +68,20 @@ def cli(infer, *argv) -> tuple[int, list[str]]:
 
 
 def caption_shard(infer, checkpoint, images, out, shard: str, *flags) -> None:
-    status, lines = cli(infer, *images, "--checkpoint", checkpoint, "--output", out, f"--shard={shard}", "--quiet",
-                        "--compilation-cache", "", *SAMPLING_FLAGS, *flags)
+    status, lines = cli(
+        infer,
+        *images,
+        "--checkpoint",
+        checkpoint,
+        "--output",
+        out,
+        f"--shard={shard}",
+        "--quiet",
+        "--compilation-cache",
+        "",
+        *SAMPLING_FLAGS,
+        *flags,
+    )
     assert status == 0, lines
 
 
@@ -89,7 +111,7 @@ def test_shards_merged_are_byte_for_byte_one_unsharded_run(checkpoint, infer, im
     assert out.read_bytes() == unsharded["jsonl"]
     assert read_options_bytes(out) == unsharded["jsonl" + RUN_OPTIONS_SUFFIX]
     assert (tmp_path / "page.html").read_text().count("data:image/png;base64,") == IMAGES
-    assert all(os.path.exists(path) for path in parts)           # kept without --remove-parts
+    assert all(os.path.exists(path) for path in parts)  # kept without --remove-parts
     # Merging again gives the same file; --remove-parts then deletes the parts and their run options.
     assert cli(infer, "merge", "--output", out, "--remove-parts")[0] == 0
     assert out.read_bytes() == unsharded["jsonl"]
@@ -112,7 +134,7 @@ def test_an_interrupted_part_resumes_and_merge_waits_for_it(checkpoint, infer, i
     still the unsharded run's, in input order."""
     out = tmp_path / "captions.jsonl"
     hidden = tmp_path / "hidden.png"
-    shutil.move(images[1], hidden)                               # batch 0, shard 0: an error record at first
+    shutil.move(images[1], hidden)  # batch 0, shard 0: an error record at first
     try:
         caption_shard(infer, checkpoint, images, out, "0/2")
     finally:
@@ -126,7 +148,8 @@ def test_an_interrupted_part_resumes_and_merge_waits_for_it(checkpoint, infer, i
     status, errors = cli(infer, "merge", "--output", out)
     assert status == 2 and errors == [
         f"infer.py: error: merge: cannot merge {out}: 2 of 2 parts missing or incomplete: {part} (3 of 8 images); "
-        f"{part_path(out, (1, 2))} (absent); run (or resume) those shards, then merge again"], errors
+        f"{part_path(out, (1, 2))} (absent); run (or resume) those shards, then merge again"
+    ], errors
     assert not out.exists()
 
     caption_shard(infer, checkpoint, images, out, "0/2", "--retry-errors")
@@ -143,28 +166,40 @@ def test_merge_refuses_parts_of_another_run(checkpoint, images, tmp_path):
         merge_parts(out)
     list(caption_files(checkpoint, images, output=str(out), shard=(0, 2), **SAMPLING))
     list(caption_files(checkpoint, images, output=str(out), shard=(1, 2), **{**SAMPLING, "seed": 8}))
-    with pytest.raises(OutputError, match=r"captions.shard-00001-of-00002.jsonl was written with other options or "
-                                          r"inputs than .*captions.shard-00000-of-00002.jsonl \(seed was 7, now 8\)"):
+    with pytest.raises(
+        OutputError,
+        match=r"captions.shard-00001-of-00002.jsonl was written with other options or "
+        r"inputs than .*captions.shard-00000-of-00002.jsonl \(seed was 7, now 8\)",
+    ):
         merge_parts(out)
     list(caption_files(checkpoint, images[:4], output=str(out), shard=(2, 3), **SAMPLING))
-    with pytest.raises(OutputError, match=r"different shard counts .*2 of 2 .*shard-00000-of-00002.jsonl, \.\.\.\); "
-                                          r"1 of 3 .*shard-00002-of-00003.jsonl\)"):
+    with pytest.raises(
+        OutputError,
+        match=r"different shard counts .*2 of 2 .*shard-00000-of-00002.jsonl, \.\.\.\); "
+        r"1 of 3 .*shard-00002-of-00003.jsonl\)",
+    ):
         merge_parts(out)
     assert not out.exists()
     # Resuming a part with another batch size (so other batches) is refused naming the shard.
-    with pytest.raises(OutputError, match=r"shard-00000-of-00002.jsonl was written with other options .*"
-                                          r'"batch_size": 4.*"batch_size": 8'):
+    with pytest.raises(
+        OutputError,
+        match=r"shard-00000-of-00002.jsonl was written with other options .*"
+        r'"batch_size": 4.*"batch_size": 8',
+    ):
         list(caption_files(checkpoint, images, output=str(out), shard=(0, 2), **{**SAMPLING, "batch_size": 8}))
 
 
-@pytest.mark.parametrize(("flag", "message"), [
-    ("--shard=3/2", "--shard=3/2: the shard index must be below the count (0/2 to 1/2)"),
-    ("--shard=2/2", "--shard=2/2: the shard index must be below the count (0/2 to 1/2)"),
-    ("--shard=0/0", "--shard=0/0: the count N must be >= 1"),
-    ("--shard=a/b", "--shard=a/b: write the shard as i/N, 0 <= i < N (e.g. --shard=0/4 ... --shard=3/4)"),
-    ("--shard=-1/2", "--shard=-1/2: write the shard as i/N"),
-    ("--shard=1", "--shard=1: write the shard as i/N"),
-])
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--shard=3/2", "--shard=3/2: the shard index must be below the count (0/2 to 1/2)"),
+        ("--shard=2/2", "--shard=2/2: the shard index must be below the count (0/2 to 1/2)"),
+        ("--shard=0/0", "--shard=0/0: the count N must be >= 1"),
+        ("--shard=a/b", "--shard=a/b: write the shard as i/N, 0 <= i < N (e.g. --shard=0/4 ... --shard=3/4)"),
+        ("--shard=-1/2", "--shard=-1/2: write the shard as i/N"),
+        ("--shard=1", "--shard=1: write the shard as i/N"),
+    ],
+)
 def test_bad_shard_flags_are_one_line(checkpoint, infer, images, tmp_path, flag, message):
     status, lines = cli(infer, images[0], "--checkpoint", checkpoint, "--output", tmp_path / "out.jsonl", flag)
     assert status == 2 and len(lines) == 1 and lines[0].startswith(f"infer.py: error: {message}"), lines
@@ -173,8 +208,10 @@ def test_bad_shard_flags_are_one_line(checkpoint, infer, images, tmp_path, flag,
 
 def test_shard_refuses_html_and_bad_values_from_python(checkpoint, infer, images, tmp_path):
     status, lines = cli(infer, images[0], "--checkpoint", checkpoint, "--shard=0/2", "--html", tmp_path / "p.html")
-    assert status == 2 and lines == ["infer.py: error: --html with --shard: each shard writes a part of the output; "
-                                     "write the page when merging (infer.py merge --output OUTPUT --html PAGE)"]
+    assert status == 2 and lines == [
+        "infer.py: error: --html with --shard: each shard writes a part of the output; "
+        "write the page when merging (infer.py merge --output OUTPUT --html PAGE)"
+    ]
     for shard in ((2, 2), (-1, 2), (0, 0), "0/2", (0.0, 2)):
         with pytest.raises(ValueError, match="shard must be"):
             caption_files(checkpoint, images, shard=shard)

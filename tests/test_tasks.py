@@ -5,6 +5,7 @@ Earlier versions imported "module:factory" from config.task, so a forged checkpo
 with UnknownTaskError (train.py: one line, exit status 2); names earlier versions stored for imgllm's own tasks
 still load and resume.
 """
+
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ FORGED_TASK = "subprocess:getoutput"
 
 def tiny_config():
     config = cnn_tiny.get_config()
-    config.num_epochs = 0.25                 # 2 steps of 32 examples
+    config.num_epochs = 0.25  # 2 steps of 32 examples
     config.eval_split = ""
     return config
 
@@ -56,8 +57,7 @@ def forged(tiny_workdir, tmp_path):
     """(work directory naming subprocess:getoutput, file its shell command would create)."""
     marker = tmp_path / "created_by_the_forged_config"
     # A key sorted first: the old loader's subprocess.getoutput(config) ran `sh -c <first key>`.
-    workdir = copy_with_stored_config(tiny_workdir, tmp_path / "forged", task=FORGED_TASK,
-                                      **{f" touch {marker}; #": 1})
+    workdir = copy_with_stored_config(tiny_workdir, tmp_path / "forged", task=FORGED_TASK, **{f" touch {marker}; #": 1})
     return workdir, marker
 
 
@@ -77,25 +77,30 @@ def test_forged_task_is_refused_and_nothing_runs(forged):
     with pytest.raises(UnknownTaskError, match=FORGED_TASK):
         loop.evaluate_checkpoint(str(workdir), "demo")
     with pytest.raises(IncompatibleConfigError, match=f"task: checkpoint '{FORGED_TASK}', now 'classifier'"):
-        loop.train_and_evaluate(tiny_config(), str(workdir))       # resuming it is refused as well
+        loop.train_and_evaluate(tiny_config(), str(workdir))  # resuming it is refused as well
     assert not marker.exists()
 
 
 def test_train_py_eval_refuses_a_forged_task(forged):
     workdir, marker = forged
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--mode=eval", f"--workdir={workdir}",
-                           "--data=demo"], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--mode=eval", f"--workdir={workdir}", "--data=demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"train.py: error: config.task={FORGED_TASK!r} is not an imgllm task; expected one "
-                                   f"of {sorted(TASKS)}"), proc.stderr[-2000:]
+    assert proc.stderr.strip() == (
+        f"train.py: error: config.task={FORGED_TASK!r} is not an imgllm task; expected one of {sorted(TASKS)}"
+    ), proc.stderr[-2000:]
     assert not marker.exists()
 
 
 def test_legacy_task_name_loads_and_resumes(tiny_workdir, tmp_path):
-    workdir = copy_with_stored_config(tiny_workdir, tmp_path / "legacy",
-                                      task="imgllm.train.classifier:ClassifierTask")
+    workdir = copy_with_stored_config(tiny_workdir, tmp_path / "legacy", task="imgllm.train.classifier:ClassifierTask")
     config, meta, task, _ = loop.restore_for_eval(str(workdir))
     assert isinstance(task, ClassifierTask) and config.task == "imgllm.train.classifier:ClassifierTask"
-    result = loop.train_and_evaluate(tiny_config(), str(workdir))   # today's name "classifier": same run
+    result = loop.train_and_evaluate(tiny_config(), str(workdir))  # today's name "classifier": same run
     assert int(result.state.step) == result.total_steps == meta["step"]

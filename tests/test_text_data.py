@@ -32,8 +32,9 @@ def test_pack_documents_concatenates_with_eos_and_pads_the_last_row():
 def test_prompt_completion_rows_mask_padding_and_optionally_the_prompt():
     prompts, completions = [[1, 2], [3]], [[4], [5, 6, 8]]
     for mask_prompt, prompt_flag in [(False, 1), (True, 0)]:
-        examples = text.pad_prompt_completions(prompts, completions, seq_len=6, eos_id=EOS, pad_id=PAD,
-                                               mask_prompt=mask_prompt)
+        examples = text.pad_prompt_completions(
+            prompts, completions, seq_len=6, eos_id=EOS, pad_id=PAD, mask_prompt=mask_prompt
+        )
         np.testing.assert_array_equal(examples.input_ids, [[1, 2, 4, EOS, PAD, PAD], [3, 5, 6, 8, EOS, PAD]])
         np.testing.assert_array_equal(examples.attention_mask, [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]])
         np.testing.assert_array_equal(examples.loss_mask, [[0, prompt_flag, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0]])
@@ -42,10 +43,18 @@ def test_prompt_completion_rows_mask_padding_and_optionally_the_prompt():
 def test_too_long_pair_is_named_unless_truncated():
     message = r"data.jsonl:2: prompt \+ completion \+ eos is 5 tokens, longer than seq_len=4"
     with pytest.raises(ValueError, match=message):
-        text.pad_prompt_completions([[1], [1, 2]], [[3], [3, 4]], seq_len=4, eos_id=EOS, pad_id=PAD, mask_prompt=True,
-                                    sources=["data.jsonl:1", "data.jsonl:2"])
-    examples = text.pad_prompt_completions([[1, 2]], [[3, 4]], seq_len=4, eos_id=EOS, pad_id=PAD, mask_prompt=True,
-                                           truncate=True)
+        text.pad_prompt_completions(
+            [[1], [1, 2]],
+            [[3], [3, 4]],
+            seq_len=4,
+            eos_id=EOS,
+            pad_id=PAD,
+            mask_prompt=True,
+            sources=["data.jsonl:1", "data.jsonl:2"],
+        )
+    examples = text.pad_prompt_completions(
+        [[1, 2]], [[3, 4]], seq_len=4, eos_id=EOS, pad_id=PAD, mask_prompt=True, truncate=True
+    )
     np.testing.assert_array_equal(examples.input_ids, [[1, 2, 3, 4]])
     np.testing.assert_array_equal(examples.loss_mask, [[0, 0, 1, 1]])
 
@@ -75,8 +84,10 @@ def test_jsonl_text_and_prompt_completion_corpora(tiny_tokenizer, tmp_path):
     docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in CORPUS[:3]])
     packed = text.load_text_corpus(docs, tiny_tokenizer, seq_len=16)
     assert packed.attention_mask.sum() == sum(len(tiny_tokenizer.encode(t)) + 1 for t in CORPUS[:3])
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a photo of", "completion": " a cat."},
-                                                   {"prompt": "caption:", "completion": " the red truck"}])
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"prompt": "a photo of", "completion": " a cat."}, {"prompt": "caption:", "completion": " the red truck"}],
+    )
     examples = text.load_text_corpus(pairs, tiny_tokenizer, seq_len=16, mask_prompt=True)
     assert len(examples) == 2
     prompt_len = len(tiny_tokenizer.encode("a photo of"))
@@ -86,14 +97,17 @@ def test_jsonl_text_and_prompt_completion_corpora(tiny_tokenizer, tmp_path):
     assert examples.loss_mask[0, :prompt_len].sum() == 0
 
 
-@pytest.mark.parametrize("lines, message", [
-    (['{"text": "ok"}', '{"text": "bad"'], r"c.jsonl:2: not valid JSON"),
-    (['{"text": "ok"}', '{"prompt": "p"}'], r"c.jsonl:2: field 'completion' must be a string"),
-    (['{"body": "x"}'], r"c.jsonl:1: a record needs either a 'text' field or 'prompt' and 'completion'"),
-    (['{"text": "a"}', '{"prompt": "p", "completion": "c"}'], r"mixes documents \(.*c.jsonl:1\) and .*c.jsonl:2"),
-    (["[1, 2]"], r"c.jsonl:1: expected a JSON object, got list"),
-    (["", "  "], r"c.jsonl holds no records"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"text": "ok"}', '{"text": "bad"'], r"c.jsonl:2: not valid JSON"),
+        (['{"text": "ok"}', '{"prompt": "p"}'], r"c.jsonl:2: field 'completion' must be a string"),
+        (['{"body": "x"}'], r"c.jsonl:1: a record needs either a 'text' field or 'prompt' and 'completion'"),
+        (['{"text": "a"}', '{"prompt": "p", "completion": "c"}'], r"mixes documents \(.*c.jsonl:1\) and .*c.jsonl:2"),
+        (["[1, 2]"], r"c.jsonl:1: expected a JSON object, got list"),
+        (["", "  "], r"c.jsonl holds no records"),
+    ],
+)
 def test_bad_jsonl_is_reported_by_file_and_line(tiny_tokenizer, tmp_path, lines, message):
     path = tmp_path / "c.jsonl"
     path.write_text("\n".join(lines) + "\n")

@@ -1,4 +1,5 @@
 """The offline BPE tokenizer: exact round trip, GPT-2 special-token conventions, loads with AutoTokenizer."""
+
 import os
 import subprocess
 import sys
@@ -8,8 +9,12 @@ import transformers
 
 from imgllm.language.tokenizer import END_OF_TEXT, train_bpe_tokenizer
 
-TEXTS = ["a small red circle on the left", "a large blue square at the top",
-         "a small green star above a large white ring", "a photo of a triangle."]
+TEXTS = [
+    "a small red circle on the left",
+    "a large blue square at the top",
+    "a small green star above a large white ring",
+    "a photo of a triangle.",
+]
 
 
 def test_round_trip_and_special_tokens():
@@ -35,7 +40,7 @@ def test_deterministic_and_saved_for_auto_tokenizer(tmp_path):
     assert loaded(text)["input_ids"] == first(text)["input_ids"]
     assert loaded.eos_token_id == first.eos_token_id and loaded.pad_token_id == first.pad_token_id
     batch = loaded(["a cat", "a small red circle"], padding=True)
-    assert batch["attention_mask"][0][0] == 0   # left padding
+    assert batch["attention_mask"][0][0] == 0  # left padding
 
 
 def test_bad_arguments():
@@ -53,20 +58,31 @@ def test_importing_transformers_without_torch_prints_no_pytorch_notice():
     imgllm, which runs on JAX. Importing imgllm drops exactly that notice; other transformers messages still show.
     torch is hidden in the subprocesses (sys.modules["torch"] = None: importlib's find_spec then finds nothing)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY")
+    }
     env["PYTHONPATH"] = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
 
     def stderr_of(code):
-        proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None\n" + code], cwd=root,
-                              env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", "import sys; sys.modules['torch'] = None\n" + code],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stderr
 
     if TORCH_NOTICE not in stderr_of("import transformers"):
         pytest.skip("this transformers version logs no notice without torch")
-    stderr = stderr_of("import imgllm.language.tokenizer, transformers\n"
-                       "assert not transformers.is_torch_available()\n"
-                       "transformers.logging.get_logger('transformers').warning('another notice')")
+    stderr = stderr_of(
+        "import imgllm.language.tokenizer, transformers\n"
+        "assert not transformers.is_torch_available()\n"
+        "transformers.logging.get_logger('transformers').warning('another notice')"
+    )
     assert TORCH_NOTICE not in stderr
     assert "another notice" in stderr

@@ -1,4 +1,5 @@
 """Training loop, optimizer, lookahead and classifier task on the tiny CNN and demo data (CPU, 1 device)."""
+
 import json
 import os
 
@@ -56,11 +57,12 @@ def test_learning_rate_compile_time_tensorboard_and_curves_are_written(trained):
     config, workdir, result = trained
     train = read_metrics(workdir, "train")
     assert train[0]["compile_seconds"] > 0 and all("compile_seconds" not in r for r in train[1:])
-    schedule = optim.default_learning_rate(config.optimizer, total_steps=16, steps_per_epoch=8,
-                                           batch_size=config.global_batch_size)
+    schedule = optim.default_learning_rate(
+        config.optimizer, total_steps=16, steps_per_epoch=8, batch_size=config.global_batch_size
+    )
     expected = [float(schedule(np.int32(r["step"] - 1))) for r in train]
     assert [r["learning_rate"] for r in train] == pytest.approx(expected)
-    assert len({r["learning_rate"] for r in train}) > 1      # the triangle schedule moves
+    assert len({r["learning_rate"] for r in train}) > 1  # the triangle schedule moves
     for split in ("train", "eval", "final_eval"):
         events = os.listdir(os.path.join(workdir, metrics_log.TENSORBOARD_DIR, split))
         assert any(name.startswith("events.out.tfevents") for name in events), (split, events)
@@ -76,7 +78,7 @@ def test_final_eval_says_whether_it_used_test_time_augmentation():
 def test_checkpoints_keep_last_n_with_metadata(trained):
     config, workdir, result = trained
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-    assert steps == [8, 12, 16]   # every 4 steps, max 3 kept
+    assert steps == [8, 12, 16]  # every 4 steps, max 3 kept
     _, meta, _, variables = loop.restore_for_eval(workdir)
     assert meta["step"] == 16 and meta["epoch"] == 2 and meta["steps_per_epoch"] == 8
     assert tuple(meta["task"]["class_names"]) == data_lib.load_dataset("demo", "validation", num_examples=1).class_names
@@ -112,7 +114,7 @@ def test_confusion_counts_each_example_once(trained):
     config, workdir, result = trained
     _, meta, task, variables = loop.restore_for_eval(workdir)
     arrays = task.eval_arrays(metadata=meta["task"])
-    matrix = task.confusion(variables, arrays, batch_size=24, tta=True)      # 64 examples: a padded last batch
+    matrix = task.confusion(variables, arrays, batch_size=24, tta=True)  # 64 examples: a padded last batch
     assert matrix.sum() == 64 and matrix.shape == (config.model.num_classes,) * 2
     assert np.trace(matrix) / 64 == pytest.approx(result.final_eval["accuracy"], abs=1e-6)
 
@@ -122,7 +124,7 @@ def test_incompatible_config_is_refused(trained):
     changed = ml_collections.ConfigDict(config.to_dict())
     changed.optimizer.learning_rate = 0.5
     changed.global_batch_size = 16
-    changed.log_every_steps = 1    # resume-safe: not reported
+    changed.log_every_steps = 1  # resume-safe: not reported
     with pytest.raises(loop.ckpt_lib.IncompatibleConfigError) as error:
         loop.train_and_evaluate(changed, workdir)
     message = str(error.value)
@@ -133,6 +135,7 @@ def test_incompatible_config_is_refused(trained):
 
 class NaNAtExample(ClassifierTask):
     """The tiny classifier, with a NaN loss on any batch that holds training example `bad_index`."""
+
     bad_index = 100
 
     def loss(self, params, model_state, batch, rng, epoch):
@@ -159,8 +162,17 @@ def test_optimizer_groups_follow_airbench():
     model = cnn_lib.cnn_preset("tiny")
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))["params"]
     params = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params)
-    cfg = ml_collections.ConfigDict(dict(name="sgd", learning_rate=0.1, momentum=0.0, nesterov=False, weight_decay=0.0,
-                                         schedule="constant", groups=airbench_param_groups(2.0, 64.0)))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            name="sgd",
+            learning_rate=0.1,
+            momentum=0.0,
+            nesterov=False,
+            weight_decay=0.0,
+            schedule="constant",
+            groups=airbench_param_groups(2.0, 64.0),
+        )
+    )
     labels = optim.param_labels(params, cfg.groups)
     assert labels["whiten_kernel"] == "frozen" and labels["whiten_bias"] == "whiten_bias"
     assert labels["block1"]["norm1"]["bias"] == "norm_bias" and labels["head"]["kernel"] == "default"
@@ -174,21 +186,22 @@ def test_optimizer_groups_follow_airbench():
             np.testing.assert_allclose(updates["head"]["kernel"], -0.1)
             np.testing.assert_allclose(updates["block2"]["norm2"]["bias"], -6.4, rtol=1e-6)
         np.testing.assert_array_equal(updates["whiten_kernel"], 0.0)
-        expected_bias = -0.1 if step < 6 else 0.0         # 2 epochs x 3 steps
+        expected_bias = -0.1 if step < 6 else 0.0  # 2 epochs x 3 steps
         np.testing.assert_allclose(updates["whiten_bias"], expected_bias)
 
 
 def test_airbench_lr_and_decay_conversion():
     lr, wd = cifar10.airbench_sgd_values(1024)
-    assert lr == pytest.approx(11.5 / (1 + 1 / 0.15))       # 1.5
+    assert lr == pytest.approx(11.5 / (1 + 1 / 0.15))  # 1.5
     assert wd == pytest.approx(0.0153 / 11.5)
     config = cifar10.get_config()
     assert config.global_batch_size == 1024 and config.num_epochs == 9.9 and config.label_smoothing == 0.2
 
 
 def test_triangle_schedule():
-    cfg = ml_collections.ConfigDict(dict(learning_rate=2.0, schedule="triangle", start_factor=0.2,
-                                         peak_fraction=0.5, end_factor=0.0))
+    cfg = ml_collections.ConfigDict(
+        dict(learning_rate=2.0, schedule="triangle", start_factor=0.2, peak_fraction=0.5, end_factor=0.0)
+    )
     schedule = optim.make_schedule(cfg, total_steps=10, steps_per_epoch=5)
     values = [float(schedule(jnp.asarray(i))) for i in (0, 5, 10)]
     np.testing.assert_allclose(values, [0.4, 2.0, 0.0], atol=1e-6)
@@ -197,20 +210,25 @@ def test_triangle_schedule():
 def test_lookahead_follows_then_averages_then_ends_on_the_slow_weights():
     cfg = ml_collections.ConfigDict(dict(start_epochs=1.0, every_n_steps=2, decay_base=0.5, decay_pow=1.0))
     update = lambda fast, slow, step: optim.lookahead_update(
-        {"params": jnp.float32(fast), "model_state": {}}, {"params": jnp.float32(slow), "model_state": {}},
-        jnp.int32(step), cfg, steps_per_epoch=3, total_steps=11)
-    fast, slow = update(3.0, 1.0, 3)                 # before the start: slow follows fast
+        {"params": jnp.float32(fast), "model_state": {}},
+        {"params": jnp.float32(slow), "model_state": {}},
+        jnp.int32(step),
+        cfg,
+        steps_per_epoch=3,
+        total_steps=11,
+    )
+    fast, slow = update(3.0, 1.0, 3)  # before the start: slow follows fast
     assert (float(fast["params"]), float(slow["params"])) == (3.0, 3.0)
-    fast, slow = update(5.0, 3.0, 4)                 # first lookahead step (first multiple of 2 after 3)
+    fast, slow = update(5.0, 3.0, 4)  # first lookahead step (first multiple of 2 after 3)
     assert (float(fast["params"]), float(slow["params"])) == (5.0, 5.0)
-    fast, slow = update(9.0, 5.0, 5)                 # not a lookahead step
+    fast, slow = update(9.0, 5.0, 5)  # not a lookahead step
     assert (float(fast["params"]), float(slow["params"])) == (9.0, 5.0)
-    fast, slow = update(9.0, 5.0, 9)                 # an epoch end is no lookahead step: fast weights kept
+    fast, slow = update(9.0, 5.0, 9)  # an epoch end is no lookahead step: fast weights kept
     assert (float(fast["params"]), float(slow["params"])) == (9.0, 5.0)
-    fast, slow = update(9.0, 5.0, 10)                # rho = 0.25 * (10/11): slow moves towards fast; fast reset
+    fast, slow = update(9.0, 5.0, 10)  # rho = 0.25 * (10/11): slow moves towards fast; fast reset
     expected = 0.25 * 10 / 11 * 5.0 + (1 - 0.25 * 10 / 11) * 9.0
     assert float(slow["params"]) == pytest.approx(expected) and float(fast["params"]) == pytest.approx(expected)
-    fast, slow = update(12.0, 7.0, 11)               # the last update, not a lookahead step: ends on the slow ones
+    fast, slow = update(12.0, 7.0, 11)  # the last update, not a lookahead step: ends on the slow ones
     assert (float(fast["params"]), float(slow["params"])) == (7.0, 7.0)
 
 
@@ -219,19 +237,22 @@ def test_metric_sums_and_config_names():
     assert total.dtype == jnp.float32 and float(count) == 4.0
     (arg,) = resolve_config_arg(["--config=cnn_tiny"])
     assert arg.endswith(os.path.join("imgllm", "configs", "cnn_tiny.py"))
-    with pytest.raises(ValueError, match=r"--config=does/not/exist.py: no such config file or name; the names are "
-                                         r"captioner_cifar10, .*cnn_tiny, demo"):
+    with pytest.raises(
+        ValueError,
+        match=r"--config=does/not/exist.py: no such config file or name; the names are "
+        r"captioner_cifar10, .*cnn_tiny, demo",
+    ):
         resolve_config_arg(["--config=does/not/exist.py"])
 
 
 @pytest.mark.parametrize("shape", [(16, 40), (40, 16)], ids=["wide", "tall"])
 def test_orthogonalize_keeps_singular_vectors_and_evens_singular_values(shape):
-    matrix = np.asarray(jax.random.normal(jax.random.key(0), shape)) * 30.0   # singular values 50-190
+    matrix = np.asarray(jax.random.normal(jax.random.key(0), shape)) * 30.0  # singular values 50-190
     out = np.asarray(optim.orthogonalize(jnp.asarray(matrix, jnp.float32)))
     singular_values = np.linalg.svd(out, compute_uv=False)
     assert out.shape == shape and 0.5 < singular_values.min() and singular_values.max() < 1.25
     u, _, vt = np.linalg.svd(matrix, full_matrices=False)
-    polar = u @ vt                                              # the exact orthogonal factor
+    polar = u @ vt  # the exact orthogonal factor
     assert np.sum(out * polar) / (np.linalg.norm(out) * np.linalg.norm(polar)) > 0.97
 
 
@@ -239,6 +260,7 @@ def _torch_muon_steps(weight, grads, lr, momentum, ns_steps=3):
     """airbench94_muon's Muon step, written here in PyTorch (float32) from the recipe: Nesterov momentum, weight
     rescaled to norm sqrt(out), Newton-Schulz-orthogonalised update of the [out, in*kh*kw] matrix."""
     import torch
+
     a, b, c = optim.NEWTON_SCHULZ_COEFFICIENTS
     weight, buf = torch.tensor(weight), torch.zeros(weight.shape)
     for grad in map(torch.tensor, grads):
@@ -255,7 +277,7 @@ def _torch_muon_steps(weight, grads, lr, momentum, ns_steps=3):
 def test_muon_matches_a_pytorch_reference_on_a_conv_kernel():
     pytest.importorskip("torch")
     rng = np.random.default_rng(0)
-    kernel = rng.standard_normal((3, 3, 8, 12)).astype(np.float32)           # flax HWIO
+    kernel = rng.standard_normal((3, 3, 8, 12)).astype(np.float32)  # flax HWIO
     grads = [rng.standard_normal(kernel.shape).astype(np.float32) for _ in range(3)]
     tx = optim.muon(0.24, momentum=0.6, nesterov=True)
     params, state = jnp.asarray(kernel), tx.init(jnp.asarray(kernel))
@@ -270,8 +292,17 @@ def test_muon_matches_a_pytorch_reference_on_a_conv_kernel():
 
 def test_muon_refuses_a_bias_naming_it():
     params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}}
-    cfg = ml_collections.ConfigDict(dict(name="muon", learning_rate=0.1, momentum=0.5, nesterov=True,
-                                         weight_decay=0.0, schedule="constant", groups={}))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            name="muon",
+            learning_rate=0.1,
+            momentum=0.5,
+            nesterov=True,
+            weight_decay=0.0,
+            schedule="constant",
+            groups={},
+        )
+    )
     tx = optim.make_optimizer(cfg, params, total_steps=4, steps_per_epoch=2)
     with pytest.raises(ValueError, match=r"\['dense'\]\['bias'\] has shape \(3,\)"):
         tx.update(params, tx.init(params), params)
@@ -290,14 +321,18 @@ def test_muon_config_groups_and_learning_rates():
     assert groups.norm_bias.lr_scale == pytest.approx(64.0, rel=1e-4)
     assert optim.group_rates(config.optimizer, config.global_batch_size)["conv"].peak_learning_rate == 0.24
     schedule = optim.make_schedule(config.optimizer, total_steps=10, steps_per_epoch=5)
-    np.testing.assert_allclose([float(schedule(jnp.asarray(i))) / config.optimizer.learning_rate for i in (0, 5, 10)],
-                               [1.0, 0.5, 0.0], atol=1e-6)
-    tx = optim.make_optimizer(config.optimizer, params, total_steps=10, steps_per_epoch=5,
-                              batch_size=config.global_batch_size)
+    np.testing.assert_allclose(
+        [float(schedule(jnp.asarray(i))) / config.optimizer.learning_rate for i in (0, 5, 10)],
+        [1.0, 0.5, 0.0],
+        atol=1e-6,
+    )
+    tx = optim.make_optimizer(
+        config.optimizer, params, total_steps=10, steps_per_epoch=5, batch_size=config.global_batch_size
+    )
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     new_kernel = params["block2"]["conv1"]["kernel"] + updates["block2"]["conv1"]["kernel"]
-    assert float(jnp.linalg.norm(new_kernel)) == pytest.approx(np.sqrt(16 + 0.24 ** 2 * 1), rel=0.2)
+    assert float(jnp.linalg.norm(new_kernel)) == pytest.approx(np.sqrt(16 + 0.24**2 * 1), rel=0.2)
 
 
 def test_data_on_the_devices_trains_as_data_from_the_host():
@@ -340,8 +375,9 @@ def test_the_head_is_calibrated_on_the_validation_split_and_the_pipeline_uses_it
     logits, labels = task.eval_logits(variables, arrays, batch_size=64, tta=False), arrays["labels"]
     assert fitted["head_temperature"] == pytest.approx(calibration.fit_temperature(logits, labels))
     nll = lambda t: calibration.negative_log_likelihood(logits, labels, t)
-    assert nll(fitted["head_temperature"]) <= nll(1.0)   # what is fitted; the ECE of 64 examples is only reported
+    assert nll(fitted["head_temperature"]) <= nll(1.0)  # what is fitted; the ECE of 64 examples is only reported
     (final,) = read_metrics(workdir, "final_eval")
     assert final["head_ece"] == pytest.approx(fitted["head_ece"])
-    assert final["head_ece"] == pytest.approx(calibration.expected_calibration_error(
-        np.exp(calibration.log_softmax(logits)), labels))
+    assert final["head_ece"] == pytest.approx(
+        calibration.expected_calibration_error(np.exp(calibration.log_softmax(logits)), labels)
+    )

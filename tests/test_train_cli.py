@@ -3,6 +3,7 @@ processes joined by jax.distributed (gloo CPU collectives) all end with the para
 
 All runs share one persistent compilation cache, so a restarted run does not compile again.
 """
+
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from imgllm.train import loop, metrics_log
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOTAL_STEPS = 16   # cnn_tiny: 256 examples / batch 32 = 8 steps per epoch, 2 epochs
+TOTAL_STEPS = 16  # cnn_tiny: 256 examples / batch 32 = 8 steps per epoch, 2 epochs
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +31,23 @@ def compile_cache(tmp_path_factory):
 
 def start_training(workdir, cache, *, devices=1, extra=(), log=None):
     """Starts `train.py --config=cnn_tiny` (2 epochs, checkpoint every 2 steps, no eval) in a subprocess."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config=cnn_tiny", f"--workdir={workdir}",
-           "--config.num_epochs=2", "--config.checkpoint_every_steps=2", "--config.eval_split=", *extra]
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_COMPILATION_CACHE_DIR": cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--config=cnn_tiny",
+        f"--workdir={workdir}",
+        "--config.num_epochs=2",
+        "--config.checkpoint_every_steps=2",
+        "--config.eval_split=",
+        *extra,
+    ]
     return subprocess.Popen(cmd, env=env, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -78,9 +92,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(one_device, compile_cach
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-training"
     assert 4 <= max(finished_steps(workdir)) < TOTAL_STEPS
 
-    finish(start_training(workdir, compile_cache))          # the same command again resumes
+    finish(start_training(workdir, compile_cache))  # the same command again resumes
     assert max(finished_steps(workdir)) == TOTAL_STEPS
-    assert_same_variables(final_variables(workdir), one_device, atol=0.0)   # bit-identical on CPU
+    assert_same_variables(final_variables(workdir), one_device, atol=0.0)  # bit-identical on CPU
 
 
 def test_sigterm_saves_the_step_exits_and_resumes_bit_identically(one_device, compile_cache, tmp_path):
@@ -115,9 +129,15 @@ def test_two_processes_match_one(one_device, compile_cache, tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    procs = [start_training(str(tmp_path), compile_cache, devices=2,
-                            extra=(f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"))
-             for i in range(2)]
+    procs = [
+        start_training(
+            str(tmp_path),
+            compile_cache,
+            devices=2,
+            extra=(f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"),
+        )
+        for i in range(2)
+    ]
     for proc in procs:
         finish(proc)
     assert_same_variables(final_variables(str(tmp_path)), one_device, atol=2e-5)

@@ -1,5 +1,6 @@
 """What training trusts from disk: resuming on changed data, classes against the model, values that cannot run,
 metrics after a resume, and stopping on SIGTERM (the train.py end-to-end SIGTERM test is in test_train_cli.py)."""
+
 import json
 import math
 import os
@@ -65,7 +66,7 @@ def test_the_checkpoint_records_its_data(folder_run):
     config, root, workdir = folder_run
     _, meta, _, _ = loop.restore_for_eval(workdir)
     data = meta["data"]
-    assert data["num_examples"] == 42 and data["class_names"] == list(CLASSES)   # 48 less 6 carved off
+    assert data["num_examples"] == 42 and data["class_names"] == list(CLASSES)  # 48 less 6 carved off
     assert len(data["fingerprint"]) == 32
 
 
@@ -90,7 +91,7 @@ def test_resume_refuses_a_renamed_class_and_changed_pixels(folder_run, tmp_path)
     Image.fromarray(image).save(root / "circle" / "00.png")
     with pytest.raises(loop.DataChangedError, match=r"fingerprint: checkpoint [0-9a-f]{32}, now [0-9a-f]{32}"):
         loop.train_and_evaluate(config, workdir)
-    loop.train_and_evaluate(config, workdir, allow_data_change=True)    # told to: the finished run stays finished
+    loop.train_and_evaluate(config, workdir, allow_data_change=True)  # told to: the finished run stays finished
 
 
 def test_checkpoints_without_a_data_record_compare_classes_and_steps():
@@ -98,7 +99,8 @@ def test_checkpoints_without_a_data_record_compare_classes_and_steps():
     identity = {"num_examples": 300, "fingerprint": "f", "class_names": ["a", "b", "c"]}
     assert loop.data_differences(saved, identity, steps_per_epoch=9) == [
         "class_names: checkpoint 2 classes, now 3 (added ['c'], removed [])",
-        "steps_per_epoch: checkpoint 8, now 9"]
+        "steps_per_epoch: checkpoint 8, now 9",
+    ]
     assert loop.data_differences(saved, {**identity, "class_names": ["a", "b"]}, steps_per_epoch=8) == []
 
 
@@ -119,11 +121,14 @@ def test_a_class_that_fails_to_decode_is_refused_even_in_a_subset(tmp_path):
     assert len(load_image_folder(root, "train_full", num_examples=2, image_size=32)) == 2
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("num_epochs", math.inf, r"config.num_epochs=inf must be a finite number > 0"),
-    ("num_epochs", math.nan, r"config.num_epochs=nan must be a finite number > 0"),
-    ("model.num_classes", 0, r"num_classes=0 must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("num_epochs", math.inf, r"config.num_epochs=inf must be a finite number > 0"),
+        ("num_epochs", math.nan, r"config.num_epochs=nan must be a finite number > 0"),
+        ("model.num_classes", 0, r"num_classes=0 must be a positive integer"),
+    ],
+)
 def test_values_that_cannot_run_fail_up_front(tmp_path, key, value, message):
     config = cnn_tiny.get_config()
     section, _, name = key.rpartition(".")
@@ -144,12 +149,12 @@ def test_metrics_rewind_drops_what_a_resumed_run_writes_again(tmp_path):
     writer.write({"step": 4, "split": "eval"})
     writer.write({"step": 8, "split": "final_eval"})
     with open(writer.path, "a") as f:
-        f.write('{"step": 9, "spl')                      # cut short by a kill
+        f.write('{"step": 9, "spl')  # cut short by a kill
     writer.rewind(6)
     with open(writer.path) as f:
         records = [json.loads(line) for line in f]
     assert [(r["step"], r["split"]) for r in records] == [(s, "train") for s in range(1, 7)] + [(4, "eval")]
-    writer.rewind(8)                                        # a finished run evaluates again: its final_eval goes
+    writer.rewind(8)  # a finished run evaluates again: its final_eval goes
     writer.write({"step": 8, "split": "final_eval"})
     writer.rewind(8)
     with open(writer.path) as f:
@@ -162,14 +167,14 @@ def test_sigterm_stops_after_the_step_with_its_checkpoint_committed(tmp_path, mo
     config.eval_split = ""
     config.checkpoint_every_steps = 100
     config.log_every_steps = 1
-    config.profile_steps = "0,2"            # a jax.profiler trace of steps 1-2, stopped cleanly by the signal too
+    config.profile_steps = "0,2"  # a jax.profiler trace of steps 1-2, stopped cleanly by the signal too
     make_feed = loop.feed_lib.make_feed
 
     def feed_signalling_at_step_3(*args, **kwargs):
         feed, steps = make_feed(*args, **kwargs), []
         step_args = feed.args
 
-        def args(index):           # called once to compile, then once a step
+        def args(index):  # called once to compile, then once a step
             steps.append(index)
             if len(steps) == 1 + 3:
                 os.kill(os.getpid(), signal.SIGTERM)

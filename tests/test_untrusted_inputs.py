@@ -39,6 +39,7 @@ class TimeLimitExceeded(Exception):
 def time_limit(seconds: float):
     """Raise TimeLimitExceeded in the test when its body runs longer than `seconds`, and again every second until
     it escapes (SIGALRM: main thread, POSIX)."""
+
     def expire(signum, frame):
         raise TimeLimitExceeded(f"still running after {seconds} s")
 
@@ -99,14 +100,39 @@ def test_glob_once_matches_glob_on_trees_without_repeats(tmp_path, monkeypatch):
     for folder in ("x/y", "x/.hidden", "z", ".dot"):
         (tree / folder).mkdir(parents=True)
     outside.mkdir()
-    for name in ("a1.png", "a2.jpg", "x/b.png", "x/y/c.png", "x/y/notes.txt", "x/.hidden/d.png", "z/.e.png",
-                 ".dot/f.png"):
+    for name in (
+        "a1.png",
+        "a2.jpg",
+        "x/b.png",
+        "x/y/c.png",
+        "x/y/notes.txt",
+        "x/.hidden/d.png",
+        "z/.e.png",
+        ".dot/f.png",
+    ):
         (tree / name).write_bytes(b"")
     (outside / "g.png").write_bytes(b"")
     os.symlink(outside, tree / "linked")
     os.symlink(tree / "missing.png", tree / "broken.png")
-    patterns = ["**", "**/*.png", "**/", "*/", "*", "a?.*", "**/y/*", "x/**", "x/**/*.txt", ".dot/**", "**/.e*",
-                "x/.*/*", "nowhere/**", "nowhere/**/*.png", "[az]*", "linked/**", "**/linked"]
+    patterns = [
+        "**",
+        "**/*.png",
+        "**/",
+        "*/",
+        "*",
+        "a?.*",
+        "**/y/*",
+        "x/**",
+        "x/**/*.txt",
+        ".dot/**",
+        "**/.e*",
+        "x/.*/*",
+        "nowhere/**",
+        "nowhere/**/*.png",
+        "[az]*",
+        "linked/**",
+        "**/linked",
+    ]
     for pattern in patterns:
         absolute = os.path.join(tree, pattern)
         assert glob_once(absolute) == sorted(glob.glob(absolute, recursive=True)), pattern
@@ -123,12 +149,12 @@ def test_two_paths_to_one_file_give_one_item_the_first(tmp_path, monkeypatch):
     os.link(real, tmp_path / "hard.png")
     other = write_png(tmp_path / "other.png", colour=(0, 0, 255))
     monkeypatch.chdir(tmp_path)
-    items = expand_inputs(["real.png", "./real.png", str(tmp_path / "alias.png"), "hard.png", "other.png",
-                           "gone.png", "gone.png"])
+    items = expand_inputs(
+        ["real.png", "./real.png", str(tmp_path / "alias.png"), "hard.png", "other.png", "gone.png", "gone.png"]
+    )
     assert keys(items) == ["real.png", "other.png", "gone.png"]
     assert keys(expand_inputs([str(tmp_path / "alias.png"), "real.png"])) == ["real.png"]
     assert keys(expand_inputs([str(tmp_path)])) == [str(tmp_path / "hard.png"), other]
-
 
 
 def test_folders_skip_sidecar_files_silently_and_warn_about_other_files(tmp_path):
@@ -139,8 +165,15 @@ def test_folders_skip_sidecar_files_silently_and_warn_about_other_files(tmp_path
     folder = tmp_path / "demo_images"
     (folder / "circle").mkdir(parents=True)
     images = [write_png(folder / "circle" / "0.png"), write_png(folder / "square.png", colour=(0, 0, 255))]
-    for name in ("captions.jsonl", "notes.txt", "captions.jsonl.lock", "captions.jsonl.run.json", "index.HTML",
-                 "captions.jsonl.x1y2.tmp", "circle/labels.csv"):
+    for name in (
+        "captions.jsonl",
+        "notes.txt",
+        "captions.jsonl.lock",
+        "captions.jsonl.run.json",
+        "index.HTML",
+        "captions.jsonl.x1y2.tmp",
+        "circle/labels.csv",
+    ):
         (folder / name).write_text("{}\n")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -170,8 +203,7 @@ def write_bilevel_png_bomb(path, width: int, height: int) -> str:
     data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data)
-                + png_chunk(b"IEND", b""))
+        f.write(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b""))
     return str(path)
 
 
@@ -194,8 +226,9 @@ def test_decompression_bomb_is_refused_from_its_header_before_decoding(tmp_path,
 
 def test_max_pixels_is_a_keyword_from_decode_image_to_prefetch_batches(tmp_path):
     path = write_png(tmp_path / "photo.png", size=(40, 30))  # 1,200 pixels
-    with pytest.raises(ImageDecodeError, match=re.escape(f"{path!r} is 40x30 = 1,200 pixels, more than the limit "
-                                                         "of 1,000")):
+    with pytest.raises(
+        ImageDecodeError, match=re.escape(f"{path!r} is 40x30 = 1,200 pixels, more than the limit of 1,000")
+    ):
         decode_image(path, 8, max_pixels=1000)
     assert decode_image(path, 8, max_pixels=1200).shape == (8, 8, 3)
     assert decode_image(path, None, max_pixels=None).shape == (30, 40, 3)
@@ -251,29 +284,39 @@ def test_config_claiming_more_layers_than_the_checkpoint_fails_at_once(tiny_hf_d
     message = str(error.value)
     assert str(bad / hf.CONFIG_FILE) in message and "n_layer=100000, but the checkpoint holds 2 h.{i} blocks" in message
     vocab = edited_copy(tiny_hf_dir, tmp_path / "vocab", lambda c: {**c, "vocab_size": 50257})
-    with pytest.raises(hf.CheckpointMismatchError, match=r"vocab_size=50257, but the checkpoint holds \d+ rows of "
-                                                         r"wte.weight"):
+    with pytest.raises(
+        hf.CheckpointMismatchError,
+        match=r"vocab_size=50257, but the checkpoint holds \d+ rows of "
+        r"wte.weight",
+    ):
         hf.load_gpt2(vocab)
 
 
-@pytest.mark.parametrize("edit, key", [
-    (lambda c: {**c, "n_layer": 0}, "n_layer"),
-    (lambda c: {**c, "n_layer": True}, "n_layer"),
-    (lambda c: {**c, "n_head": "4"}, "n_head"),
-    (lambda c: {**c, "n_embd": 32.0}, "n_embd"),
-    (lambda c: {**c, "n_embd": 30}, "n_embd"),
-    (lambda c: {**c, "layer_norm_epsilon": float("nan")}, "layer_norm_epsilon"),
-    (lambda c: {**c, "layer_norm_epsilon": -1e-5}, "layer_norm_epsilon"),
-    (lambda c: [c], "JSON object"),
-])
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda c: {**c, "n_layer": 0}, "n_layer"),
+        (lambda c: {**c, "n_layer": True}, "n_layer"),
+        (lambda c: {**c, "n_head": "4"}, "n_head"),
+        (lambda c: {**c, "n_embd": 32.0}, "n_embd"),
+        (lambda c: {**c, "n_embd": 30}, "n_embd"),
+        (lambda c: {**c, "layer_norm_epsilon": float("nan")}, "layer_norm_epsilon"),
+        (lambda c: {**c, "layer_norm_epsilon": -1e-5}, "layer_norm_epsilon"),
+        (lambda c: [c], "JSON object"),
+    ],
+)
 def test_invalid_config_values_are_named_with_the_file(tiny_hf_dir, tmp_path, edit, key):
     bad = edited_copy(tiny_hf_dir, tmp_path / "c", edit)
     with pytest.raises(ValueError, match=re.escape(str(bad / hf.CONFIG_FILE)) + ".*" + key):
         hf.load_gpt2(bad)
 
 
-def shard(tiny_hf_dir, model_dir, shard_dir=None, names=("model-00001-of-00002.safetensors",
-                                                         "model-00002-of-00002.safetensors")):
+def shard(
+    tiny_hf_dir,
+    model_dir,
+    shard_dir=None,
+    names=("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"),
+):
     """Split the tiny checkpoint into two shards written in `shard_dir` and an index naming them by `names`."""
     shutil.copytree(tiny_hf_dir, model_dir)
     tensors = load_file(str(model_dir / hf.SAFETENSORS_FILE))
@@ -314,8 +357,7 @@ def test_shards_outside_the_model_directory_are_refused(tiny_hf_dir, tmp_path):
 def test_hub_cache_shards_linked_to_blobs_still_load(tiny_hf_dir, tmp_path):
     """huggingface_hub snapshots link every file to ../../blobs/<hash>: those links stay inside the repo cache."""
     repo = tmp_path / "models--someone--tiny"
-    snapshot = shard(tiny_hf_dir, repo / "snapshots" / "0123abcd", names=("shard0.safetensors",
-                                                                           "shard1.safetensors"))
+    snapshot = shard(tiny_hf_dir, repo / "snapshots" / "0123abcd", names=("shard0.safetensors", "shard1.safetensors"))
     (repo / "blobs").mkdir()
     for name in ("shard0.safetensors", "shard1.safetensors"):
         shutil.move(str(snapshot / name), str(repo / "blobs" / f"blob-{name}"))

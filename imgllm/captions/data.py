@@ -46,7 +46,7 @@ def read_captions_file(path: str) -> list[dict[str, str]]:
             records.append(_caption_record(record, where, root))
     except CaptionFileError:
         raise
-    except ValueError as error:   # invalid JSON, named by file and line
+    except ValueError as error:  # invalid JSON, named by file and line
         raise CaptionFileError(str(error)) from None
     if not records:
         raise CaptionFileError(f"captions file {path} has no records")
@@ -63,8 +63,11 @@ def _caption_record(record: Any, where: str, root: str) -> dict[str, str]:
     if "label" in record and not isinstance(record["label"], str):
         raise CaptionFileError(f"{where}: 'label' must be a string, got {record['label']!r}")
     image_path = record["path"] if os.path.isabs(record["path"]) else os.path.join(root, record["path"])
-    return {"path": os.path.normpath(image_path), "caption": record["caption"].strip(),
-            **({"label": record["label"]} if "label" in record else {})}
+    return {
+        "path": os.path.normpath(image_path),
+        "caption": record["caption"].strip(),
+        **({"label": record["label"]} if "label" in record else {}),
+    }
 
 
 def group_captions(records: Iterable[Mapping[str, str]]) -> tuple[list[str], list[tuple[str, ...]], list[str]]:
@@ -84,15 +87,19 @@ def group_captions(records: Iterable[Mapping[str, str]]) -> tuple[list[str], lis
     return paths, [tuple(captions[p]) for p in paths], [labels[p] for p in paths]
 
 
-def load_caption_folder(root: str, split: str, *, image_size: int | None = None,
-                        class_names: Sequence[str] | None = None) -> ImageDataset:
+def load_caption_folder(
+    root: str, split: str, *, image_size: int | None = None, class_names: Sequence[str] | None = None
+) -> ImageDataset:
     """The `split` of a captions folder (see the module docstring) with every image decoded once."""
     split_file = os.path.join(root, f"{split}.jsonl")
     carve = split in ("train", "validation") and not os.path.isfile(os.path.join(root, "validation.jsonl"))
     source_file = os.path.join(root, "train.jsonl") if carve else split_file
     paths, captions, names = group_captions(read_captions_file(source_file))
-    train_names = class_names or sorted(set(group_captions(read_captions_file(os.path.join(root, "train.jsonl")))[2])
-                                        if split != "train" else set(names))
+    train_names = class_names or sorted(
+        set(group_captions(read_captions_file(os.path.join(root, "train.jsonl")))[2])
+        if split != "train"
+        else set(names)
+    )
     unknown = sorted(set(names) - set(train_names))
     if unknown:
         raise CaptionFileError(f"{source_file}: classes {unknown} are not among the training classes {train_names}")
@@ -104,8 +111,9 @@ def load_caption_folder(root: str, split: str, *, image_size: int | None = None,
     images, kept = decode_image_files(paths, image_size)
     if not kept.all():
         raise CaptionFileError(f"{source_file}: could not decode {[p for p, k in zip(paths, kept) if not k][:5]}")
-    return ImageDataset(images=images, labels=labels, class_names=tuple(train_names), captions=tuple(captions),
-                        paths=tuple(paths))
+    return ImageDataset(
+        images=images, labels=labels, class_names=tuple(train_names), captions=tuple(captions), paths=tuple(paths)
+    )
 
 
 def coco_example_to_record(example: Mapping[str, Any]) -> tuple[np.ndarray, tuple[str, ...], int]:
@@ -122,13 +130,15 @@ def coco_example_to_record(example: Mapping[str, Any]) -> tuple[np.ndarray, tupl
     return image, captions, int(labels[int(np.argmax(areas))])
 
 
-def load_coco_captions(split: str, *, data_dir: str | None = None, image_size: int = 32,
-                       num_examples: int | None = None) -> ImageDataset:
+def load_coco_captions(
+    split: str, *, data_dir: str | None = None, image_size: int = 32, num_examples: int | None = None
+) -> ImageDataset:
     """COCO captions (Karpathy splits) from `tfds.data_source("coco_captions")`, images resized to image_size.
 
     Images without any object are dropped (they have no class for the LM-classification metric).
     """
     import tensorflow_datasets as tfds
+
     if split not in _COCO_SPLITS:
         raise ValueError(f"coco_captions split {split!r}: expected one of {tuple(_COCO_SPLITS)}")
     source = tfds.data_source("coco_captions", split=_COCO_SPLITS[split], data_dir=data_dir)
@@ -144,15 +154,23 @@ def load_coco_captions(split: str, *, data_dir: str | None = None, image_size: i
         labels.append(label)
     if not images:
         raise ValueError(f"coco_captions {split}: no example with objects and captions among the first {count}")
-    return ImageDataset(images=np.stack(images), labels=np.array(labels, np.int32), class_names=class_names,
-                        captions=tuple(captions))
+    return ImageDataset(
+        images=np.stack(images), labels=np.array(labels, np.int32), class_names=class_names, captions=tuple(captions)
+    )
 
 
-def load_caption_dataset(spec: str, split: str, *, seed: int = 0, data_dir: str | None = None,
-                         image_size: int | None = None, num_examples: int | None = None) -> ImageDataset:
+def load_caption_dataset(
+    spec: str,
+    split: str,
+    *,
+    seed: int = 0,
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    num_examples: int | None = None,
+) -> ImageDataset:
     """An ImageDataset for `spec` (see the module docstring); captions are None for sources without any."""
     if spec.startswith(CAPTIONS_PREFIX):
-        dataset = load_caption_folder(spec[len(CAPTIONS_PREFIX):], split, image_size=image_size)
+        dataset = load_caption_folder(spec[len(CAPTIONS_PREFIX) :], split, image_size=image_size)
     elif spec == COCO_SPEC:
         return load_coco_captions(split, data_dir=data_dir, image_size=image_size or 32, num_examples=num_examples)
     else:

@@ -59,57 +59,92 @@ _NEWLINE = r"(?:\r\n|[\r\n\u2028\u2029\u000B\u000C\u0085])"
 _SPACE_OR_NEWLINE = rf"(?:{_SPACE}|{_NEWLINE})"
 _APOS = r"(?:['\u0092\u2019]|&apos;)"
 _APOS_ETC = rf"(?:{_APOS}|[`\u0091\u2018\u201B])"
-_SGML = (r"<(?:[!?][A-Za-z\-][^>\r\n]*|[A-Za-z][A-Za-z0-9_:.\-]*(?:[ ]+(?:[A-Za-z][A-Za-z0-9_:.\-]*(?:[ ]*=[ ]*"
-         r"(?:'[^']*'|\"[^\"]*\"))?))*[ ]*/?|/[A-Za-z][A-Za-z0-9_:.\-]*)[ ]*>")
+_SGML = (
+    r"<(?:[!?][A-Za-z\-][^>\r\n]*|[A-Za-z][A-Za-z0-9_:.\-]*(?:[ ]+(?:[A-Za-z][A-Za-z0-9_:.\-]*(?:[ ]*=[ ]*"
+    r"(?:'[^']*'|\"[^\"]*\"))?))*[ ]*/?|/[A-Za-z][A-Za-z0-9_:.\-]*)[ ]*>"
+)
 _SENTENCE_END = rf"{_SPACE_OR_NEWLINE}(?:{_SPACE_OR_NEWLINE}|[A-Z]|{_SGML})"
 _NUM = rf"(?:{_DIGIT}*(?:[.:,\u00AD\u066B\u066C]{_DIGIT}+)+|{_DIGIT}+)"
 _WORD = rf"{_WORD_LETTER}(?:{_WORD_LETTER}|{_DIGIT})*(?:[.!?]{_WORD_LETTER}(?:{_WORD_LETTER}|{_DIGIT})*)*"
-_REDAUX = rf"{_APOS}(?:[msdMSD]|(?i:re|ve|ll))"                     # 's 'm 'd 're 've 'll
-_SWORD = r"[A-Za-z\u00AD]*[A-MO-Za-mo-z]\u00AD*"                      # a word before n't ("do" of "don't")
+_REDAUX = rf"{_APOS}(?:[msdMSD]|(?i:re|ve|ll))"  # 's 'm 'd 're 've 'll
+_SWORD = r"[A-Za-z\u00AD]*[A-MO-Za-mo-z]\u00AD*"  # a word before n't ("do" of "don't")
 _SREDAUX = rf"(?i:n){_APOS_ETC}(?i:t)"
 _HYPHEN = r"[\-_\u058A\u2010\u2011]"
 _THING = rf"(?:[dDoOlL]{_APOS_ETC}{_ALNUM})?{_ALNUM}+(?:{_HYPHEN}(?:[dDoOlL]{_APOS_ETC}{_ALNUM})?{_ALNUM}+)*"
-_THINGA = r"[A-Z]+(?:(?:[+&]|&amp;)[A-Z]+)+"                          # AT&T
-_THING3 = r"[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\?/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}"   # and/or
+_THINGA = r"[A-Z]+(?:(?:[+&]|&amp;)[A-Z]+)+"  # AT&T
+_THING3 = r"[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\?/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}"  # and/or
 _ACRO_SPECIAL = r"(?i:(?:canada|sino|korean|eu|japan|non)-u\.s|u\.s\.-(?:u\.s\.s\.r|u\.k))"
 _ACRO = rf"(?:{_ACRO_SPECIAL}|[A-Za-z](?:\.[A-Za-z])+)"
-_HTHING = rf"[A-Za-z0-9][A-Za-z0-9.,\u00AD]*(?:-(?:[A-Za-z0-9\u00AD]+|{_ACRO}\.))+"        # hyphenated words
-_APOWORDS = (rf"{_APOS}(?i:n){_APOS}?", rf"[lLdDjJ]{_APOS}", rf"(?i:dunkin|somethin|ol){_APOS}", rf"{_APOS}(?i:em)",
-             rf"[A-HJ-XZn]{_APOS_ETC}{_LETTER}{{2}}{_LETTER}*", rf"{_APOS}[2-9]0(?i:s)", rf"{_APOS}(?i:till?)",
-             rf"{_LETTER}+[aeiouyAEIOUY]{_APOS_ETC}[aeiouA-Z]{_LETTER}*", rf"{_APOS}(?i:cause)", r"(?i:cont'd\.?)",
-             r"(?i:nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l)")  # words kept whole: o'clock ma'am 'em '90s
-_ABBREV1 = (r"(?i:jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec|mon|tues?|wed|thu(?:rs)?|fri"     # months, days
-            r"|ala|ariz|(?-i:A)z|(?-i:A)rk|calif|colo|conn|ct|dak|(?-i:D)el|fla|ga|(?-i:I)ll|ind|kans?|ky|(?-i:L)a"
-            r"|(?-i:M)ass|md|mich|minn|(?-i:M)iss|mo|mont|neb|nev|okla|(?-i:O)re|(?-i:P)a|penn|tenn|(?-i:T)ex|va|vt"
-            r"|(?-i:W)ash|wisc?|wyo"                                                             # states
-            r"|inc|cos?|corp|pp?t[ye]s?|ltd|plc|rt|bancorp|bhd|assn|univ|intl|sys|tel|est|ext|sq"
-            r"|jr|sr|bros|(?:ed|ph)\.d|blvd|rd|esq|etc|al|seq|bldg)\.")
-_ABBREV2 = (_ACRO, r"(?i:mrs?|ms|(?-i:M)iss|drs?|profs?|sens?|reps?|attys?|lt|col|gen|messrs|govs?|adm|rev|maj|sgt"
-                   r"|cpl|pvt|capt|ste?|ave|pres|lieut|hon|brig|co?mdr|pfc|spc|supts?|det|mt|ft|adj|adv|asst|assoc"
-                   r"|ens|insp|mlle|mme|msgr|sfc|vs|(?-i:v)|alex|wm|jos|cie|a\.k\.a|cf|treas|ph|invt|elec|natl"
-                   r"|m[ft]g|dept|blvd|rd|ave)", r"[A-Za-z]")
-_ABBREV3 = r"(?i:ca|figs?|prop|nos?|art|bldg|pp|op)\."                  # abbreviations only before a number
-_ACRONYM_FOLLOWERS = "|".join(f"{word[0]}(?i:{word[1:]})" for word in (
-    "About According Additionally After An A As At But Earlier He Her Here However If In It Last Many More Mr\\. "
-    "Ms\\. Now Once One Other Our She Since So Some Such That The Their Then There These They This We When While "
-    "What Yet You").split())
-_PHONE = (r"(?:\([0-9]{2,3}\)[ \u00A0]?|(?:\+\+?)?(?:[0-9]{2,4}[\- \u00A0])?[0-9]{2,4}[\- \u00A0])[0-9]{3,4}"
-          r"[\- \u00A0]?[0-9]{3,5}|(?:(?:\+\+?)?[0-9]{2,4}\.)?[0-9]{2,4}\.[0-9]{3,4}\.[0-9]{3,5}")
-_QUOTES = (rf"(?:{_APOS}|''|[`\u0092\u2018\u2019\u201A\u201B\u201C\u201D\u0091\u0093\u0094\u201E\u201F\u2039"
-           r"\u203A\u00AB\u00BB]{1,2})")
+_HTHING = rf"[A-Za-z0-9][A-Za-z0-9.,\u00AD]*(?:-(?:[A-Za-z0-9\u00AD]+|{_ACRO}\.))+"  # hyphenated words
+_APOWORDS = (
+    rf"{_APOS}(?i:n){_APOS}?",
+    rf"[lLdDjJ]{_APOS}",
+    rf"(?i:dunkin|somethin|ol){_APOS}",
+    rf"{_APOS}(?i:em)",
+    rf"[A-HJ-XZn]{_APOS_ETC}{_LETTER}{{2}}{_LETTER}*",
+    rf"{_APOS}[2-9]0(?i:s)",
+    rf"{_APOS}(?i:till?)",
+    rf"{_LETTER}+[aeiouyAEIOUY]{_APOS_ETC}[aeiouA-Z]{_LETTER}*",
+    rf"{_APOS}(?i:cause)",
+    r"(?i:cont'd\.?)",
+    r"(?i:nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l)",
+)  # words kept whole: o'clock ma'am 'em '90s
+_ABBREV1 = (
+    r"(?i:jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec|mon|tues?|wed|thu(?:rs)?|fri"  # months, days
+    r"|ala|ariz|(?-i:A)z|(?-i:A)rk|calif|colo|conn|ct|dak|(?-i:D)el|fla|ga|(?-i:I)ll|ind|kans?|ky|(?-i:L)a"
+    r"|(?-i:M)ass|md|mich|minn|(?-i:M)iss|mo|mont|neb|nev|okla|(?-i:O)re|(?-i:P)a|penn|tenn|(?-i:T)ex|va|vt"
+    r"|(?-i:W)ash|wisc?|wyo"  # states
+    r"|inc|cos?|corp|pp?t[ye]s?|ltd|plc|rt|bancorp|bhd|assn|univ|intl|sys|tel|est|ext|sq"
+    r"|jr|sr|bros|(?:ed|ph)\.d|blvd|rd|esq|etc|al|seq|bldg)\."
+)
+_ABBREV2 = (
+    _ACRO,
+    r"(?i:mrs?|ms|(?-i:M)iss|drs?|profs?|sens?|reps?|attys?|lt|col|gen|messrs|govs?|adm|rev|maj|sgt"
+    r"|cpl|pvt|capt|ste?|ave|pres|lieut|hon|brig|co?mdr|pfc|spc|supts?|det|mt|ft|adj|adv|asst|assoc"
+    r"|ens|insp|mlle|mme|msgr|sfc|vs|(?-i:v)|alex|wm|jos|cie|a\.k\.a|cf|treas|ph|invt|elec|natl"
+    r"|m[ft]g|dept|blvd|rd|ave)",
+    r"[A-Za-z]",
+)
+_ABBREV3 = r"(?i:ca|figs?|prop|nos?|art|bldg|pp|op)\."  # abbreviations only before a number
+_ACRONYM_FOLLOWERS = "|".join(
+    f"{word[0]}(?i:{word[1:]})"
+    for word in (
+        "About According Additionally After An A As At But Earlier He Her Here However If In It Last Many More Mr\\. "
+        "Ms\\. Now Once One Other Our She Since So Some Such That The Their Then There These They This We When While "
+        "What Yet You"
+    ).split()
+)
+_PHONE = (
+    r"(?:\([0-9]{2,3}\)[ \u00A0]?|(?:\+\+?)?(?:[0-9]{2,4}[\- \u00A0])?[0-9]{2,4}[\- \u00A0])[0-9]{3,4}"
+    r"[\- \u00A0]?[0-9]{3,5}|(?:(?:\+\+?)?[0-9]{2,4}\.)?[0-9]{2,4}\.[0-9]{3,4}\.[0-9]{3,5}"
+)
+_QUOTES = (
+    rf"(?:{_APOS}|''|[`\u0092\u2018\u2019\u201A\u201B\u201C\u201D\u0091\u0093\u0094\u201E\u201F\u2039"
+    r"\u203A\u00AB\u00BB]{1,2})"
+)
 _FULL_URL = r"(?i:https?)://[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},\-]"
-_LIKELY_URL = (r"(?:(?i:www)\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4}|(?:[^ \t\n\f\r\"`'<>|.!?(){},-_$]+\.)+"
-               r"(?i:com|net|org|edu))(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},\-])?")
-_EMAIL = (r"(?:&lt;|<)?[a-zA-Z0-9][^ \t\n\f\r\"<>|()\u00A0{}]*@(?:[^ \t\n\f\r\"<>|(){}.\u00A0]+\.)*"
-          r"[^ \t\n\f\r\"<>|(){}.\u00A0]+(?:&gt;|>)?")
-_FILENAME = (rf"(?:{_WORD_LETTER}|{_DIGIT})+(?:\.(?:{_WORD_LETTER}|{_DIGIT})+)*\.(?i:bat|bmp|bz2|c|class|cgi|cpp|dll"
-             r"|doc|docx|exe|gif|gz|h|htm|html|jar|java|jpeg|jpg|mov|mp3|pdf|php|pl|png|ppt|ps|py|sql|tar|txt|wav"
-             r"|x|xml|zip)")
+_LIKELY_URL = (
+    r"(?:(?i:www)\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4}|(?:[^ \t\n\f\r\"`'<>|.!?(){},-_$]+\.)+"
+    r"(?i:com|net|org|edu))(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},\-])?"
+)
+_EMAIL = (
+    r"(?:&lt;|<)?[a-zA-Z0-9][^ \t\n\f\r\"<>|()\u00A0{}]*@(?:[^ \t\n\f\r\"<>|(){}.\u00A0]+\.)*"
+    r"[^ \t\n\f\r\"<>|(){}.\u00A0]+(?:&gt;|>)?"
+)
+_FILENAME = (
+    rf"(?:{_WORD_LETTER}|{_DIGIT})+(?:\.(?:{_WORD_LETTER}|{_DIGIT})+)*\.(?i:bat|bmp|bz2|c|class|cgi|cpp|dll"
+    r"|doc|docx|exe|gif|gz|h|htm|html|jar|java|jpeg|jpg|mov|mp3|pdf|php|pl|png|ppt|ps|py|sql|tar|txt|wav"
+    r"|x|xml|zip)"
+)
 _SMILEY = r"[<>]?[:;=][\-o*']?[()DPdpO\\{@|\[\]]"
-_ASIAN_SMILEY = (r"[\-^x=~<>']_[\-^x=~<>']|\([\-^x=~<>'][_.]?[\-^x=~<>']\)|\([\^x=~<>']-[\^x=~<>'`]\)"
-                 r"|\u00AF\\_\(\u30C4\)_/\u00AF")
-_MISC_SYMBOL = (r"[\u00A6-\u00A9\u00AC\u00AE-\u00BA\u00D7\u00F7\u0387\u2020-\u2023\u2032-\u2038\u2044\u207A-\u207F"
-                r"\u208A-\u208E\u2100-\u214F\u2190-\u21FF\u2200-\u22FF\u2600-\u26FF]")
+_ASIAN_SMILEY = (
+    r"[\-^x=~<>']_[\-^x=~<>']|\([\-^x=~<>'][_.]?[\-^x=~<>']\)|\([\^x=~<>']-[\^x=~<>'`]\)"
+    r"|\u00AF\\_\(\u30C4\)_/\u00AF"
+)
+_MISC_SYMBOL = (
+    r"[\u00A6-\u00A9\u00AC\u00AE-\u00BA\u00D7\u00F7\u0387\u2020-\u2023\u2032-\u2038\u2044\u207A-\u207F"
+    r"\u208A-\u208E\u2100-\u214F\u2190-\u21FF\u2200-\u22FF\u2600-\u26FF]"
+)
 
 # What a rule makes of the text it matched: the tokens it emits, and how many of the matched characters it puts
 # back to be read again (PTBLexer's yypushback).
@@ -153,14 +188,14 @@ def _latex_quotes(text: str, opening: bool) -> str:
     """Quotes as PTB writes them: `` and ` opening, '' and ' closing (straight quotes by `opening`)."""
     text = re.sub(r"&apos;|'", "`" if opening else "'", text)
     text = re.sub(r"\"|&quot;", "``" if opening else "''", text)
-    text = re.sub("[\u0091\u2018\u201B\u2039]", "`", text)
-    text = re.sub("[\u0092\u2019\u203A]", "'", text)
-    text = re.sub("[\u0093\u201C\u00AB]", "``", text)
-    return re.sub("[\u0094\u201D\u00BB]", "''", text)
+    text = re.sub("[\u0091\u2018\u201b\u2039]", "`", text)
+    text = re.sub("[\u0092\u2019\u203a]", "'", text)
+    text = re.sub("[\u0093\u201c\u00ab]", "``", text)
+    return re.sub("[\u0094\u201d\u00bb]", "''", text)
 
 
 def _without_soft_hyphens(text: str) -> str:
-    return text.replace("\u00AD", "") or "-"
+    return text.replace("\u00ad", "") or "-"
 
 
 def _round_brackets(text: str) -> str:
@@ -169,60 +204,72 @@ def _round_brackets(text: str) -> str:
 
 def _no_break_spaces(text: str) -> str:
     """Spaces inside one token (5 1/2, an SGML tag) become U+00A0, so that tokens never hold a space."""
-    return text.replace(" ", "\u00A0")
+    return text.replace(" ", "\u00a0")
 
 
 def _currency(text: str) -> str:
-    return re.sub("[\u0080\u00A4\u20A0\u20AC]", "$", text.replace("\u00A2", "cents").replace("\u00A3", "#"))
+    return re.sub("[\u0080\u00a4\u20a0\u20ac]", "$", text.replace("\u00a2", "cents").replace("\u00a3", "#"))
 
 
-_FRACTIONS = {"\u00BC": "1/4", "\u00BD": "1/2", "\u00BE": "3/4", "\u2153": "1/3", "\u2154": "2/3"}
+_FRACTIONS = {"\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3"}
 
 
 class _Rule(NamedTuple):
     """One lexer rule: a token pattern, what must follow it, and what it emits."""
-    pattern: str            # the token
-    tail: str | None        # trailing context: must follow the token, counts in the match length, is not consumed
+
+    pattern: str  # the token
+    tail: str | None  # trailing context: must follow the token, counts in the match length, is not consumed
     action: Action
-    longest: bool = False   # the pattern's alternatives can stop early in Python's re: search the longest match
+    longest: bool = False  # the pattern's alternatives can stop early in Python's re: search the longest match
 
 
 _OPENING, _CLOSING = _map(lambda t: _latex_quotes(t, True)), _map(lambda t: _latex_quotes(t, False))
-_AFTER_ABBREVIATION_1 = r"(?s:..)"   # ABBREV1 followed by any two characters: not at a sentence end
+_AFTER_ABBREVIATION_1 = r"(?s:..)"  # ABBREV1 followed by any two characters: not at a sentence end
 _RULES = (
-    _Rule(r"(?i:c\+\+|[cf]#)", None, _keep),                                                   # PROG_LANGS
-    _Rule(r"(?i:cannot)|'(?i:twas)", None, _give_back(3)),                                     # ASSIMILATIONS3
-    _Rule(r"'(?i:tis)|(?i:gonna|gotta|lemme|gimme|wanna)", None, _give_back(2)),               # ASSIMILATIONS2
+    _Rule(r"(?i:c\+\+|[cf]#)", None, _keep),  # PROG_LANGS
+    _Rule(r"(?i:cannot)|'(?i:twas)", None, _give_back(3)),  # ASSIMILATIONS3
+    _Rule(r"'(?i:tis)|(?i:gonna|gotta|lemme|gimme|wanna)", None, _give_back(2)),  # ASSIMILATIONS2
     _Rule(_SGML, None, _map(_no_break_spaces)),
-    _Rule(r"&(?:MD|mdash|ndash);|[\u0096\u0097\u2013\u2014\u2015]", None, _emit("--")),       # SPMDASH
+    _Rule(r"&(?:MD|mdash|ndash);|[\u0096\u0097\u2013\u2014\u2015]", None, _emit("--")),  # SPMDASH
     _Rule(r"(?i:&amp;)", None, _emit("&")),
-    _Rule(r"&(?:HT|TL|UR|LR|QC|QL|QR|odq|cdq|#[0-9]+);", None, _keep),                         # SPPUNC
+    _Rule(r"&(?:HT|TL|UR|LR|QC|QL|QR|odq|cdq|#[0-9]+);", None, _keep),  # SPPUNC
     _Rule(_WORD, _REDAUX, _map(_without_soft_hyphens)),
     _Rule(_SWORD, _SREDAUX, _map(_without_soft_hyphens)),
     _Rule(_WORD, None, _map(_without_soft_hyphens)),
     *(_Rule(apoword, None, _keep) for apoword in _APOWORDS),
-    _Rule(r"(?i:y)" + _APOS, _LETTER, _keep),                                                  # y'all
+    _Rule(r"(?i:y)" + _APOS, _LETTER, _keep),  # y'all
     _Rule(_FULL_URL, None, _keep),
     _Rule(_LIKELY_URL, None, _keep),
     _Rule(_EMAIL, None, _keep),
-    _Rule(rf"@[a-zA-Z_][a-zA-Z_0-9]*|#{_WORD_LETTER}+", None, _keep),                          # TWITTER
+    _Rule(rf"@[a-zA-Z_][a-zA-Z_0-9]*|#{_WORD_LETTER}+", None, _keep),  # TWITTER
     _Rule(_REDAUX, r"[^A-Za-z]", _CLOSING),
     _Rule(_SREDAUX, None, _CLOSING),
-    _Rule(rf"{_DIGIT}{{1,2}}[\-/]{_DIGIT}{{1,2}}[\-/]{_DIGIT}{{2,4}}", None, _keep),          # DATE
-    _Rule(rf"[\-+]?{_NUM}", None, _map(_without_soft_hyphens)),                               # NUMBER
+    _Rule(rf"{_DIGIT}{{1,2}}[\-/]{_DIGIT}{{1,2}}[\-/]{_DIGIT}{{2,4}}", None, _keep),  # DATE
+    _Rule(rf"[\-+]?{_NUM}", None, _map(_without_soft_hyphens)),  # NUMBER
     _Rule(r"[\u207A\u207B\u208A\u208B]?(?:[\u2070\u00B9\u00B2\u00B3\u2074-\u2079]+|[\u2080-\u2089]+)", None, _keep),
-    _Rule(rf"(?:{_DIGIT}{{1,4}}[\- \u00A0])?{_DIGIT}{{1,4}}(?:\\?/|\u2044){_DIGIT}{{1,4}}", None,
-          _map(_no_break_spaces)),                                                              # FRAC
+    _Rule(
+        rf"(?:{_DIGIT}{{1,4}}[\- \u00A0])?{_DIGIT}{{1,4}}(?:\\?/|\u2044){_DIGIT}{{1,4}}", None, _map(_no_break_spaces)
+    ),  # FRAC
     _Rule(r"[\u00BC\u00BD\u00BE\u2153-\u215E]", None, _map(lambda t: _FRACTIONS.get(t, t))),
-    *(_Rule(tbspec, None, _map(lambda t: t.replace("&amp;", "&"))) for tbspec in (            # TBSPEC
-        r"-(?i:RRB|LRB|RCB|LCB|RSB|LSB)-", r"(?i:C\.D\.s|pro-|anti-|S(?:&|&amp;)P-500|S(?:&|&amp;)Ls)",
-        rf"(?i:Cap){_APOS}(?i:n)", rf"(?i:c){_APOS}(?i:est)")),
+    *(
+        _Rule(tbspec, None, _map(lambda t: t.replace("&amp;", "&")))
+        for tbspec in (  # TBSPEC
+            r"-(?i:RRB|LRB|RCB|LCB|RSB|LSB)-",
+            r"(?i:C\.D\.s|pro-|anti-|S(?:&|&amp;)P-500|S(?:&|&amp;)Ls)",
+            rf"(?i:Cap){_APOS}(?i:n)",
+            rf"(?i:c){_APOS}(?i:est)",
+        )
+    ),
     _Rule(_THING3, None, _keep),
-    _Rule(r"[A-Z]*\$|#", None, _keep),                                                          # DOLSIGN
-    _Rule(r"[\u00A2\u00A3\u00A4\u00A5\u0080\u20A0\u20AC\u060B\u0E3F\u20A4\uFFE0\uFFE1\uFFE5\uFFE6]", None,
-          _map(_currency)),
-    _Rule(rf"(?:{_ACRO_SPECIAL}|[A-Za-z](?:\.[A-Za-z])*)\.",                                  # ACRONYM
-          rf"{_SPACE_OR_NEWLINE}+(?:{_ACRONYM_FOLLOWERS}){_SPACE_OR_NEWLINE}", _acronym),
+    _Rule(r"[A-Z]*\$|#", None, _keep),  # DOLSIGN
+    _Rule(
+        r"[\u00A2\u00A3\u00A4\u00A5\u0080\u20A0\u20AC\u060B\u0E3F\u20A4\uFFE0\uFFE1\uFFE5\uFFE6]", None, _map(_currency)
+    ),
+    _Rule(
+        rf"(?:{_ACRO_SPECIAL}|[A-Za-z](?:\.[A-Za-z])*)\.",  # ACRONYM
+        rf"{_SPACE_OR_NEWLINE}+(?:{_ACRONYM_FOLLOWERS}){_SPACE_OR_NEWLINE}",
+        _acronym,
+    ),
     _Rule(_ABBREV3, rf"{_SPACE_OR_NEWLINE}?{_DIGIT}", _keep),
     _Rule(_ABBREV1, _SENTENCE_END, _sentence_final),
     _Rule(_ABBREV1, _AFTER_ABBREVIATION_1, _keep),
@@ -230,7 +277,7 @@ _RULES = (
     *(_Rule(rf"{abbrev}\.", None, _keep) for abbrev in _ABBREV2),
     *(_Rule(abbrev, _SPACE, _keep) for abbrev in _ABBREV2),
     _Rule(_ACRO, _SPACE_OR_NEWLINE, _keep),
-    _Rule(rf"{_APOS}[0-9][0-9]", _SPACE_OR_NEWLINE, _keep),                                   # TBSPEC2 '90
+    _Rule(rf"{_APOS}[0-9][0-9]", _SPACE_OR_NEWLINE, _keep),  # TBSPEC2 '90
     _Rule(_FILENAME, rf"{_SPACE_OR_NEWLINE}|[.?!,]", _keep),
     _Rule(rf"{_WORD}\.", r"[,;:]", _map(_without_soft_hyphens)),
     _Rule(_PHONE, None, _map(lambda t: _round_brackets(_no_break_spaces(t)))),
@@ -241,11 +288,14 @@ _RULES = (
     _Rule(r"[+%&\u2030\u2031~^|\\]", None, _keep),
     _Rule(r"<<|>>", None, _keep),
     _Rule(r"[<>]", None, _keep),
-    _Rule(r"\{", None, _emit("-LCB-")), _Rule(r"\}", None, _emit("-RCB-")),
-    _Rule(r"\[", None, _emit("-LSB-")), _Rule(r"\]", None, _emit("-RSB-")),
-    _Rule(r"\(", None, _emit("-LRB-")), _Rule(r"\)", None, _emit("-RRB-")),
-    _Rule(r"-+", None, _map(lambda t: "--" if 3 <= len(t) <= 4 else t)),                        # HYPHENS
-    _Rule(r"\.{3,5}|(?:\.[ \u00A0]){2,4}\.|[\u0085\u2026]", None, _emit("...")),                # LDOTS
+    _Rule(r"\{", None, _emit("-LCB-")),
+    _Rule(r"\}", None, _emit("-RCB-")),
+    _Rule(r"\[", None, _emit("-LSB-")),
+    _Rule(r"\]", None, _emit("-RSB-")),
+    _Rule(r"\(", None, _emit("-LRB-")),
+    _Rule(r"\)", None, _emit("-RRB-")),
+    _Rule(r"-+", None, _map(lambda t: "--" if 3 <= len(t) <= 4 else t)),  # HYPHENS
+    _Rule(r"\.{3,5}|(?:\.[ \u00A0]){2,4}\.|[\u0085\u2026]", None, _emit("...")),  # LDOTS
     _Rule(r"@+|#+|_+", None, _keep),
     _Rule(r"\*+|(?:\\\*){1,3}", None, _keep),
     _Rule(r"[,;:]", None, _keep),
@@ -264,7 +314,7 @@ _RULES = (
     _Rule(_QUOTES, None, _CLOSING, longest=True),
     _Rule(_MISC_SYMBOL, None, _keep),
     _Rule(rf"\x00|{_SPACE}+|[\u200B\u200E\u200F\uFEFF]|{_NEWLINE}|&nbsp;", None, _drop),
-    _Rule(r".", None, _drop),                               # a character no rule knows: deleted, as PTBLexer does
+    _Rule(r".", None, _drop),  # a character no rule knows: deleted, as PTBLexer does
 )
 _NON_BLANK_RUN = re.compile(r"[^ \t\n\r\u00A0\u2000-\u200A\u3000\u2028\u2029\u000B\u000C\u0085]*")
 # Fast paths, equivalent to the rules: blanks, and a word of ASCII letters (hyphenated or not) before a blank.
@@ -274,15 +324,18 @@ _ASSIMILATIONS = frozenset({"cannot", "gonna", "gotta", "lemme", "gimme", "wanna
 
 # pycocoevalcap's PUNCTUATIONS (tokenizer/ptbtokenizer.py), dropped after tokenisation. Its bracket entries are
 # upper case and the tokens lower case, so -lrb- and -rrb- stay, as they do in coco-caption.
-PTB_PUNCTUATION = frozenset({"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
-                             "--", "...", ";"})
+PTB_PUNCTUATION = frozenset(
+    {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+)
 
 
 @functools.cache
 def _compiled_rules() -> tuple[tuple[re.Pattern, _Rule], ...]:
     """Each rule as one regex (its token, then its trailing context), compiled on first use (a tenth of a second)."""
-    return tuple((re.compile(rf"(?P<token>{rule.pattern})" + (rf"(?:{rule.tail})" if rule.tail else ""), re.DOTALL),
-                  rule) for rule in _RULES)
+    return tuple(
+        (re.compile(rf"(?P<token>{rule.pattern})" + (rf"(?:{rule.tail})" if rule.tail else ""), re.DOTALL), rule)
+        for rule in _RULES
+    )
 
 
 def _longest_match(text: str, pos: int) -> tuple[int, Action]:
@@ -295,8 +348,9 @@ def _longest_match(text: str, pos: int) -> tuple[int, Action]:
             continue
         if rule.longest:  # Python's re takes the first alternative that matches, JFlex the longest
             run_end = run_end or _NON_BLANK_RUN.match(text, pos).end()
-            match = next((full for end in range(run_end, match.end(), -1)
-                          if (full := regex.fullmatch(text, pos, end))), match)
+            match = next(
+                (full for end in range(run_end, match.end(), -1) if (full := regex.fullmatch(text, pos, end))), match
+            )
         if match.end() - pos > best_length:
             best_length, best = match.end() - pos, (match.end("token"), rule.action)
     return best
@@ -353,7 +407,7 @@ def _ngram_counts(words: Sequence[str], max_n: int) -> collections.Counter:
     counts = collections.Counter()
     for n in range(1, max_n + 1):
         for i in range(len(words) - n + 1):
-            counts[tuple(words[i:i + n])] += 1
+            counts[tuple(words[i : i + n])] += 1
     return counts
 
 
@@ -408,8 +462,9 @@ def bleu4(hypotheses: Sequence[Text], references: Sequence[Sequence[Text]]) -> f
     return corpus_bleu(hypotheses, references, max_n=4)
 
 
-def cider_d_scores(hypotheses: Sequence[Text], references: Sequence[Sequence[Text]], *, max_n: int = 4,
-                   sigma: float = 6.0) -> list[float]:
+def cider_d_scores(
+    hypotheses: Sequence[Text], references: Sequence[Sequence[Text]], *, max_n: int = 4, sigma: float = 6.0
+) -> list[float]:
     """Per-hypothesis CIDEr-D (Vedantam et al. 2015, as in the coco-caption code).
 
     TF-IDF vectors of 1..max_n-grams, with document frequencies counted over the reference sets of this corpus
@@ -439,7 +494,7 @@ def cider_d_scores(hypotheses: Sequence[Text], references: Sequence[Sequence[Tex
         total = 0.0
         for ref in refs:
             ref_vec, ref_norm, ref_len = tfidf(ref)
-            penalty = math.exp(-((hyp_len - ref_len) ** 2) / (2 * sigma ** 2))
+            penalty = math.exp(-((hyp_len - ref_len) ** 2) / (2 * sigma**2))
             for n in range(max_n):
                 dot = sum(min(w, ref_vec[n].get(g, 0.0)) * ref_vec[n].get(g, 0.0) for g, w in hyp_vec[n].items())
                 if hyp_norm[n] != 0 and ref_norm[n] != 0:
@@ -460,8 +515,10 @@ def cider_note(num_images: int) -> str | None:
     document frequencies over the images scored together, and with one image every weight is log(1/1) = 0."""
     if num_images >= 2:
         return None
-    return (f"CIDEr-D needs at least 2 images (got {num_images}): its n-gram weights come from the images scored "
-            "together, and for one image they are all 0")
+    return (
+        f"CIDEr-D needs at least 2 images (got {num_images}): its n-gram weights come from the images scored "
+        "together, and for one image they are all 0"
+    )
 
 
 def normalize_caption(text: str) -> str:
@@ -472,8 +529,7 @@ def normalize_caption(text: str) -> str:
 def exact_match(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Fraction of hypotheses equal to one of their references after `normalize_caption`."""
     _check_pairs(hypotheses, references)
-    hits = sum(normalize_caption(h) in {normalize_caption(r) for r in refs}
-               for h, refs in zip(hypotheses, references))
+    hits = sum(normalize_caption(h) in {normalize_caption(r) for r in refs} for h, refs in zip(hypotheses, references))
     return hits / len(hypotheses)
 
 
@@ -482,8 +538,12 @@ def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str
 
     "cider" is 0.0 for a single image, a number without meaning: reports should say so (`cider_note`).
     """
-    return {"bleu4": bleu4(hypotheses, references), "cider": cider_d(hypotheses, references),
-            "rouge_l": rouge_l(hypotheses, references), "exact_match": exact_match(hypotheses, references)}
+    return {
+        "bleu4": bleu4(hypotheses, references),
+        "cider": cider_d(hypotheses, references),
+        "rouge_l": rouge_l(hypotheses, references),
+        "exact_match": exact_match(hypotheses, references),
+    }
 
 
 # ------------------------------------------------------------------------ without references: diversity, read-back
@@ -494,7 +554,7 @@ def distinct_n(captions: Sequence[Text], n: int) -> float:
     repeats; a captioner writing one sentence for every image tends to 0). 0.0 when no caption has n words."""
     if n < 1:
         raise ValueError(f"distinct-n needs n >= 1, got {n}")
-    grams = [tuple(words[i:i + n]) for words in map(tokenize_caption, captions) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for words in map(tokenize_caption, captions) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -502,26 +562,33 @@ def classes_named(caption: Text, names: Sequence[Sequence[str]]) -> list[int]:
     """Indices of the classes a caption names: class i is named when one of names[i] (each one or more words, e.g.
     ("automobile", "car"), "fire truck") occurs in it as whole words, case and punctuation ignored."""
     words = f" {' '.join(tokenize_caption(caption))} "
-    return [i for i, synonyms in enumerate(names)
-            if any(f" {' '.join(tokenize_caption(name))} " in words for name in synonyms)]
+    return [
+        i
+        for i, synonyms in enumerate(names)
+        if any(f" {' '.join(tokenize_caption(name))} " in words for name in synonyms)
+    ]
 
 
 def read_back(captions: Sequence[Text], predicted: Sequence[int], names: Sequence[Sequence[str]]) -> dict[str, float]:
     """How often each caption names its image's predicted class: {"names_predicted": the fraction naming it,
     "names_other": naming another class (it may name both), "names_none": naming no class}."""
     if len(captions) != len(predicted) or not len(captions):
-        raise ValueError(f"read-back needs one predicted class per caption, got {len(captions)} captions and "
-                         f"{len(predicted)} classes")
+        raise ValueError(
+            f"read-back needs one predicted class per caption, got {len(captions)} captions and "
+            f"{len(predicted)} classes"
+        )
     named = [classes_named(caption, names) for caption in captions]
     count = len(captions)
-    return {"names_predicted": sum(int(p) in n for n, p in zip(named, predicted)) / count,
-            "names_other": sum(any(i != int(p) for i in n) for n, p in zip(named, predicted)) / count,
-            "names_none": sum(not n for n in named) / count}
+    return {
+        "names_predicted": sum(int(p) in n for n, p in zip(named, predicted)) / count,
+        "names_other": sum(any(i != int(p) for i in n) for n, p in zip(named, predicted)) / count,
+        "names_none": sum(not n for n in named) / count,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- ROUGE-L
 
-ROUGE_L_BETA = 1.2   # coco-caption's weight of recall against precision in ROUGE-L's F-measure
+ROUGE_L_BETA = 1.2  # coco-caption's weight of recall against precision in ROUGE-L's F-measure
 
 
 def lcs_length(first: Sequence[str], second: Sequence[str]) -> int:
@@ -535,8 +602,9 @@ def lcs_length(first: Sequence[str], second: Sequence[str]) -> int:
     return previous[-1]
 
 
-def rouge_l_scores(hypotheses: Sequence[Text], references: Sequence[Sequence[Text]], *,
-                   beta: float = ROUGE_L_BETA) -> list[float]:
+def rouge_l_scores(
+    hypotheses: Sequence[Text], references: Sequence[Sequence[Text]], *, beta: float = ROUGE_L_BETA
+) -> list[float]:
     """Per-hypothesis ROUGE-L (Lin 2004) as coco-caption's `Rouge` computes it.
 
     For each reference, precision = LCS / hypothesis length and recall = LCS / reference length (`lcs_length` of
@@ -558,7 +626,7 @@ def rouge_l_scores(hypotheses: Sequence[Text], references: Sequence[Sequence[Tex
         if precision == 0 or recall == 0:
             scores.append(0.0)
         else:
-            scores.append((1 + beta ** 2) * precision * recall / (recall + beta ** 2 * precision))
+            scores.append((1 + beta**2) * precision * recall / (recall + beta**2 * precision))
     return scores
 
 

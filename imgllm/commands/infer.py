@@ -55,10 +55,10 @@ from imgllm.pipeline.checkpoint import check_replaceable
 from imgllm.pipeline.records import OutputError, score_records
 from imgllm.precision import DTYPE_CHOICES
 
-INTERRUPTED_STATUS = 130   # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 # The trainer's modules that `assemble` needs, loaded only by that command: they add seconds to a caption run's start.
 EXPORT_MODULE = "imgllm.train.export"
-SHARD_FLAG = re.compile(r"(\d+)/(\d+)")   # --shard=i/N
+SHARD_FLAG = re.compile(r"(\d+)/(\d+)")  # --shard=i/N
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -105,19 +105,44 @@ def run_captions(args: argparse.Namespace) -> int:
     if not items:
         print("infer.py: error: no input images found", file=sys.stderr)
         return cli.USAGE_STATUS
-    decoding = DecodingOptions(method=args.decoding, num_beams=args.num_beams, top_p=args.top_p, top_k=args.top_k,
-                               temperature=args.temperature, num_captions=args.num_captions,
-                               max_new_tokens=args.max_new_tokens)
+    decoding = DecodingOptions(
+        method=args.decoding,
+        num_beams=args.num_beams,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        temperature=args.temperature,
+        num_captions=args.num_captions,
+        max_new_tokens=args.max_new_tokens,
+    )
     lm_labels = split_list(args.lm_labels, ",", "--lm-labels")
-    records = caption_files(args.checkpoint, items, output=args.output or STDOUT, fmt=args.format, html=args.html,
-                            resume=args.resume, retry_errors=args.retry_errors, batch_size=args.batch_size,
-                            seed=args.seed, decoding=decoding, template=args.template, top_labels=args.top_labels,
-                            tta=args.tta, lm_classify=args.lm_classify, classify=args.classify,
-                            lm_labels=lm_labels,
-                            lm_templates=split_list(args.lm_templates, "|", "--lm-templates"),
-                            lm_scoring=args.lm_scoring, workers=args.workers, data_dir=args.data_dir,
-                            compilation_cache=args.compilation_cache, progress=not args.quiet, dtype=args.dtype,
-                            max_pixels=args.max_pixels or None, references=args.references, shard=args.shard)
+    records = caption_files(
+        args.checkpoint,
+        items,
+        output=args.output or STDOUT,
+        fmt=args.format,
+        html=args.html,
+        resume=args.resume,
+        retry_errors=args.retry_errors,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        decoding=decoding,
+        template=args.template,
+        top_labels=args.top_labels,
+        tta=args.tta,
+        lm_classify=args.lm_classify,
+        classify=args.classify,
+        lm_labels=lm_labels,
+        lm_templates=split_list(args.lm_templates, "|", "--lm-templates"),
+        lm_scoring=args.lm_scoring,
+        workers=args.workers,
+        data_dir=args.data_dir,
+        compilation_cache=args.compilation_cache,
+        progress=not args.quiet,
+        dtype=args.dtype,
+        max_pixels=args.max_pixels or None,
+        references=args.references,
+        shard=args.shard,
+    )
     succeeded, failed, scored = 0, 0, []
     try:
         for record in records:
@@ -130,9 +155,11 @@ def run_captions(args: argparse.Namespace) -> int:
         return cli.USAGE_STATUS
     if args.references:
         print(json.dumps({"scores": score_records(scored, args.references, lm_label_names=lm_labels)}), file=sys.stderr)
-    if args.shard is not None and succeeded + failed == 0:   # more shards than batches: an empty part, not a failure
-        print(f"infer.py: shard {args.shard[0]}/{args.shard[1]} holds no images (fewer batches than shards)",
-              file=sys.stderr)
+    if args.shard is not None and succeeded + failed == 0:  # more shards than batches: an empty part, not a failure
+        print(
+            f"infer.py: shard {args.shard[0]}/{args.shard[1]} holds no images (fewer batches than shards)",
+            file=sys.stderr,
+        )
         return 0
     if succeeded == 0:
         print("infer.py: no image could be captioned (see the error records)", file=sys.stderr)
@@ -186,18 +213,26 @@ def run_assemble(args: argparse.Namespace) -> int:
     if not args.captioner and not (args.classifier and args.lm):
         raise ValueError("assemble: give --captioner WORKDIR, or both --classifier and --lm")
     if os.path.exists(args.out) and not args.overwrite:  # the library's own error names overwrite=True
-        raise FileExistsError(f"assemble: --out {args.out} exists; pass --overwrite to replace it, or choose "
-                              "another --out")
+        raise FileExistsError(
+            f"assemble: --out {args.out} exists; pass --overwrite to replace it, or choose another --out"
+        )
     check_replaceable(args.out)  # before loading anything: --overwrite replaces only a pipeline checkpoint
     export = importlib.import_module(EXPORT_MODULE)
     if args.captioner:
-        out = export.export_pipeline_checkpoint(args.captioner, args.out, max_new_tokens=args.max_new_tokens or 0,
-                                         overwrite=args.overwrite)
+        out = export.export_pipeline_checkpoint(
+            args.captioner, args.out, max_new_tokens=args.max_new_tokens or 0, overwrite=args.overwrite
+        )
     else:
-        out = export.assemble_pipeline_checkpoint(args.out, classifier=args.classifier, lm=args.lm,
-                                                  tokenizer=args.tokenizer, template=args.template,
-                                                  top_k=args.top_labels, max_new_tokens=args.max_new_tokens or 20,
-                                                  overwrite=args.overwrite)
+        out = export.assemble_pipeline_checkpoint(
+            args.out,
+            classifier=args.classifier,
+            lm=args.lm,
+            tokenizer=args.tokenizer,
+            template=args.template,
+            top_k=args.top_labels,
+            max_new_tokens=args.max_new_tokens or 20,
+            overwrite=args.overwrite,
+        )
     print(out)
     return 0
 
@@ -206,15 +241,22 @@ def run_assemble(args: argparse.Namespace) -> int:
 
 
 def caption_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="infer.py", description="Caption images with a pipeline checkpoint.",
-                           epilog="Other commands: infer.py assemble --help, infer.py merge --help. Flags may "
-                                  "also be written with underscores (--batch_size); --debug shows tracebacks.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(
+        prog="infer.py",
+        description="Caption images with a pipeline checkpoint.",
+        epilog="Other commands: infer.py assemble --help, infer.py merge --help. Flags may "
+        "also be written with underscores (--batch_size); --debug shows tracebacks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("inputs", nargs="+", help="image files, folders, glob patterns, or tfds:NAME:SPLIT")
     parser.add_argument("--checkpoint", required=True, help="pipeline checkpoint directory (infer.py assemble)")
     parser.add_argument("--output", "-o", help="output file (default: stdout, no resuming)")
-    parser.add_argument("--format", choices=("jsonl", "csv"), default=None,
-                        help="output format (default: csv for a .csv output, else jsonl)")
+    parser.add_argument(
+        "--format",
+        choices=("jsonl", "csv"),
+        default=None,
+        help="output format (default: csv for a .csv output, else jsonl)",
+    )
     parser.add_argument("--html", help="also write an HTML page with thumbnails, labels and captions")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step (rounded up to the devices)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
@@ -226,96 +268,154 @@ def caption_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-captions", type=int, default=1, help="captions per image")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="caption length (default: checkpoint's)")
     parser.add_argument("--top-labels", type=int, default=None, help="labels per image (default: checkpoint's)")
-    parser.add_argument("--template", default=None,
-                        help="prompt template, e.g. 'A photo of a {label}.' or 'This shows {topk}.'")
+    parser.add_argument(
+        "--template", default=None, help="prompt template, e.g. 'A photo of a {label}.' or 'This shows {topk}.'"
+    )
     parser.add_argument("--tta", action="store_true", help="average the CNN over the image and its mirror")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                        help="compute dtype of the CNN and the LM (auto: bfloat16 on GPU/TPU, float32 on CPU); "
-                             "parameters stay float32, softmaxes and log-probabilities float32")
-    parser.add_argument("--lm-classify", action="store_true",
-                        help="also report the LM's classification by the likelihood of the checkpoint's class "
-                             "prompt templates (checkpoints with a bridge)")
-    parser.add_argument("--lm-labels", default=None,
-                        help="classify by the LM among these comma-separated labels instead of the CNN's classes, "
-                             "e.g. red,green,blue (records get lm_label and lm_probs; checkpoints with a bridge)")
-    parser.add_argument("--lm-templates", default=None,
-                        help="'|'-separated prompts of --lm-labels, e.g. 'a small {label}|a large {label}': a label's "
-                             "score is the mean of its prompts' likelihoods; a template ending in {label} is a "
-                             "caption's beginning (its end is not scored), one with text after {label} a whole "
-                             "caption (default: the checkpoint's class prompt templates)")
-    parser.add_argument("--lm-scoring", choices=LM_SCORINGS, default="likelihood",
-                        help="score labels by their prompts' likelihood after the image, or by the information gain "
-                             "over a neutral image (removes the LM's preference among the labels)")
-    parser.add_argument("--classify", choices=CLASSIFIERS, default=None,
-                        help="where the labels (and the prompt's {label}) come from: the CNN's head, the LM's class "
-                             "prompt scores, or both fused with the checkpoint's fitted weight (default: the "
-                             "checkpoint's choice)")
-    parser.add_argument("--references", default=None,
-                        help='JSON lines of {"path", "caption"} (several per image allowed; e.g. written by '
-                             "python -m imgllm.data.demo_images): score the captions against them (exact match, "
-                             "BLEU-4, CIDEr-D; and label accuracy when lines have a label)")
-    parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="overwrite the output instead of skipping the images already in it")
-    parser.add_argument("--retry-errors", action="store_true",
-                        help="when resuming, caption again the images whose records in the output are errors "
-                             "(their error records are replaced)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="compute dtype of the CNN and the LM (auto: bfloat16 on GPU/TPU, float32 on CPU); "
+        "parameters stay float32, softmaxes and log-probabilities float32",
+    )
+    parser.add_argument(
+        "--lm-classify",
+        action="store_true",
+        help="also report the LM's classification by the likelihood of the checkpoint's class "
+        "prompt templates (checkpoints with a bridge)",
+    )
+    parser.add_argument(
+        "--lm-labels",
+        default=None,
+        help="classify by the LM among these comma-separated labels instead of the CNN's classes, "
+        "e.g. red,green,blue (records get lm_label and lm_probs; checkpoints with a bridge)",
+    )
+    parser.add_argument(
+        "--lm-templates",
+        default=None,
+        help="'|'-separated prompts of --lm-labels, e.g. 'a small {label}|a large {label}': a label's "
+        "score is the mean of its prompts' likelihoods; a template ending in {label} is a "
+        "caption's beginning (its end is not scored), one with text after {label} a whole "
+        "caption (default: the checkpoint's class prompt templates)",
+    )
+    parser.add_argument(
+        "--lm-scoring",
+        choices=LM_SCORINGS,
+        default="likelihood",
+        help="score labels by their prompts' likelihood after the image, or by the information gain "
+        "over a neutral image (removes the LM's preference among the labels)",
+    )
+    parser.add_argument(
+        "--classify",
+        choices=CLASSIFIERS,
+        default=None,
+        help="where the labels (and the prompt's {label}) come from: the CNN's head, the LM's class "
+        "prompt scores, or both fused with the checkpoint's fitted weight (default: the "
+        "checkpoint's choice)",
+    )
+    parser.add_argument(
+        "--references",
+        default=None,
+        help='JSON lines of {"path", "caption"} (several per image allowed; e.g. written by '
+        "python -m imgllm.data.demo_images): score the captions against them (exact match, "
+        "BLEU-4, CIDEr-D; and label accuracy when lines have a label)",
+    )
+    parser.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="overwrite the output instead of skipping the images already in it",
+    )
+    parser.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="when resuming, caption again the images whose records in the output are errors "
+        "(their error records are replaced)",
+    )
     parser.add_argument("--data-dir", default=None, help="tfds data directory for tfds: inputs")
     parser.add_argument("--workers", type=int, default=4, help="threads decoding image files")
-    parser.add_argument("--compilation-cache",
-                        default=os.environ.get("IMGLLM_COMPILATION_CACHE", DEFAULT_COMPILATION_CACHE),
-                        help="JAX persistent compilation cache directory ('' to turn off)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="an image with more pixels (read from its header) gets an error record instead of "
-                             "being decoded: a guard against decompression bombs (0: no limit)")
-    parser.add_argument("--shard", default=None,
-                        help="i/N: caption only shard i (0 <= i < N) of N of the inputs (whole batches of the full "
-                             "run, same records), into the part OUTPUT-stem.shard-0000i-of-0000N.suffix; join the "
-                             "parts with infer.py merge (e.g. --shard=$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    parser.add_argument(
+        "--compilation-cache",
+        default=os.environ.get("IMGLLM_COMPILATION_CACHE", DEFAULT_COMPILATION_CACHE),
+        help="JAX persistent compilation cache directory ('' to turn off)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="an image with more pixels (read from its header) gets an error record instead of "
+        "being decoded: a guard against decompression bombs (0: no limit)",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="i/N: caption only shard i (0 <= i < N) of N of the inputs (whole batches of the full "
+        "run, same records), into the part OUTPUT-stem.shard-0000i-of-0000N.suffix; join the "
+        "parts with infer.py merge (e.g. --shard=$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     return parser
 
 
 def merge_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="infer.py merge",
-                           description="Write the output of a run split with --shard=i/N from its N parts, as one "
-                                       "unsharded run writes it (in input order), once every part is complete.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(
+        prog="infer.py merge",
+        description="Write the output of a run split with --shard=i/N from its N parts, as one "
+        "unsharded run writes it (in input order), once every part is complete.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--output", "-o", required=True, help="the --output the shards were given")
     parser.add_argument("--html", default=None, help="also write the HTML page of the records")
-    parser.add_argument("--remove-parts", action="store_true",
-                        help="delete the parts and their run options once the output is written")
+    parser.add_argument(
+        "--remove-parts", action="store_true", help="delete the parts and their run options once the output is written"
+    )
     return parser
 
 
 def assemble_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="infer.py assemble",
-                           description="Build a pipeline checkpoint from a captioner run "
-                                       "(--captioner), or from a classifier and a language model "
-                                       "(GPT-2 or the Llama family).",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--captioner", default=None,
-                        help="train.py work directory of a captioner (CNN, visual prefix, LM and tokenizer)")
+    parser = OneLineParser(
+        prog="infer.py assemble",
+        description="Build a pipeline checkpoint from a captioner run "
+        "(--captioner), or from a classifier and a language model "
+        "(GPT-2 or the Llama family).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--captioner",
+        default=None,
+        help="train.py work directory of a captioner (CNN, visual prefix, LM and tokenizer)",
+    )
     parser.add_argument("--classifier", default=None, help="train.py work directory of the CNN")
-    parser.add_argument("--lm", default=None,
-                        help="the language model: a GGUF file (e.g. SmolLM2's), or a Hugging Face GPT-2 / Llama / "
-                             "Mistral / Qwen2 directory (config.json + safetensors) or hub name")
+    parser.add_argument(
+        "--lm",
+        default=None,
+        help="the language model: a GGUF file (e.g. SmolLM2's), or a Hugging Face GPT-2 / Llama / "
+        "Mistral / Qwen2 directory (config.json + safetensors) or hub name",
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or name (default: the LM's)")
     parser.add_argument("--out", required=True, help="the pipeline checkpoint directory to write")
     parser.add_argument("--template", default="A photo of a {label}.", help="default prompt template")
     parser.add_argument("--top-labels", type=int, default=1, help="default number of labels per image")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="default caption length (20; a captioner's: its longest caption + 1)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="default caption length (20; a captioner's: its longest caption + 1)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
 
 
 def dashed_flags(argv: Sequence[str]) -> list[str]:
     """`argv` with flags written train.py's way (--batch_size) in this parser's way (--batch-size)."""
+
     def dashed(arg: str) -> str:
         if not arg.startswith("--"):
             return arg
         name, equals, value = arg.partition("=")
         return name.replace("_", "-") + equals + value
+
     return [dashed(arg) for arg in argv]
 
 
@@ -330,8 +430,10 @@ def run(argv: list[str]) -> int:
     args = caption_parser().parse_args(argv)
     args.shard = parse_shard(args.shard)
     if args.shard is not None and args.html:
-        raise ValueError("--html with --shard: each shard writes a part of the output; write the page when merging "
-                         "(infer.py merge --output OUTPUT --html PAGE)")
+        raise ValueError(
+            "--html with --shard: each shard writes a part of the output; write the page when merging "
+            "(infer.py merge --output OUTPUT --html PAGE)"
+        )
     if args.batch_size < 1 or args.num_captions < 1:
         raise ValueError("--batch-size and --num-captions must be >= 1")
     if args.decoding == "beam" and args.num_captions > args.num_beams:
@@ -345,14 +447,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = cli.debug_requested(argv)
     if not debug:
-        logging.set_verbosity(logging.ERROR)      # orbax's INFO and WARNING lines are for its developers
+        logging.set_verbosity(logging.ERROR)  # orbax's INFO and WARNING lines are for its developers
     try:
         return cli.user_errors_exit("infer.py", run, dashed_flags(cli.without_debug_flag(argv)), debug=debug)
     except KeyboardInterrupt:
         if debug:
             raise
-        print("infer.py: interrupted; the records written so far are kept, and the same command resumes",
-              file=sys.stderr)
+        print(
+            "infer.py: interrupted; the records written so far are kept, and the same command resumes", file=sys.stderr
+        )
         return INTERRUPTED_STATUS
 
 

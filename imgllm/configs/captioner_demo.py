@@ -10,14 +10,15 @@ BLEU-4 0.994, CIDEr 9.91; classification by the LM's class-prompt likelihood 1.0
 the "pyramid" features: the CNN's whitening stem keeps the colours that its shape-trained blocks drop (with only
 the blocks' maps, exact match was 0.11: every word right but the colour).
 """
+
 from imgllm.configs.captioner_common import captioner_config
 
 
 def get_config():
     c = captioner_config()
     c.dataset = "demo"
-    c.num_train_examples = 12000         # generated images (one exact caption each)
-    c.num_eval_examples = 500            # fresh validation images
+    c.num_train_examples = 12000  # generated images (one exact caption each)
+    c.num_eval_examples = 500  # fresh validation images
     c.bridge.prefix_length = 4
     c.bridge.feature_source = "pyramid"  # captions name positions and colours: stem + every block's map
     c.lm.n_embd = 128
@@ -25,7 +26,7 @@ def get_config():
     c.lm.n_head = 4
     c.lm.n_positions = 32
     c.lm.vocab_size = 512
-    c.lm.train = True                    # the tiny LM starts from random weights: train it with the mapper
+    c.lm.train = True  # the tiny LM starts from random weights: train it with the mapper
     c.tokenizer.vocab_size = 512
     c.captions.template_fraction = 0.25  # a quarter of the rows are "a photo of a {shape}." (LM classification)
     c.captions.max_tokens = 16

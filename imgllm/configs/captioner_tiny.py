@@ -3,6 +3,7 @@
 Run:  python train.py --config=captioner_tiny --config.classifier_workdir=/tmp/tiny --workdir=/tmp/tiny_captioner
 (after `python train.py --config=cnn_tiny --workdir=/tmp/tiny`).
 """
+
 from imgllm.configs.captioner_common import captioner_config
 
 

@@ -24,16 +24,18 @@ strength); triangular lr 0.2 -> 1 (at 23%) -> 0.07; label smoothing 0.2; lookahe
 frozen, its bias trained for 3 epochs; alternating flip + 2-pixel translate; TTA with flips and 1-pixel
 translations.
 """
+
 from imgllm.configs.common import airbench_param_groups, base_config
 
-REFERENCE_BATCH_SIZE = 1024         # learning rates below are for this batch (optim.batch_scale)
-AIRBENCH_LR = 11.5                  # per 1024 examples, decoupled from momentum (airbench hyp['opt']['lr'])
-AIRBENCH_WEIGHT_DECAY = 0.0153      # per 1024 examples, decoupled from the lr (hyp['opt']['weight_decay'])
+REFERENCE_BATCH_SIZE = 1024  # learning rates below are for this batch (optim.batch_scale)
+AIRBENCH_LR = 11.5  # per 1024 examples, decoupled from momentum (airbench hyp['opt']['lr'])
+AIRBENCH_WEIGHT_DECAY = 0.0153  # per 1024 examples, decoupled from the lr (hyp['opt']['weight_decay'])
 MOMENTUM = 0.85
 
 
-def airbench_sgd_values(batch_size: int, lr: float = AIRBENCH_LR, weight_decay: float = AIRBENCH_WEIGHT_DECAY,
-                        momentum: float = MOMENTUM) -> tuple[float, float]:
+def airbench_sgd_values(
+    batch_size: int, lr: float = AIRBENCH_LR, weight_decay: float = AIRBENCH_WEIGHT_DECAY, momentum: float = MOMENTUM
+) -> tuple[float, float]:
     """(learning_rate, weight_decay) for optax SGD on the *mean* loss that reproduce airbench's updates.
 
     airbench sums the loss and uses torch SGD with lr = lr/(1024*(1+1/(1-m))) and decay wd*B/(1024*(1+1/(1-m)))
@@ -51,7 +53,7 @@ def get_config():
     c.model.preset = "airbench94"
     c.whiten_init_examples = 5000
     c.global_batch_size = REFERENCE_BATCH_SIZE
-    c.eval_batch_size = 500             # images per eval batch; TTA runs 6 views of each
+    c.eval_batch_size = 500  # images per eval batch; TTA runs 6 views of each
     c.num_epochs = 9.9
     c.label_smoothing = 0.2
     c.augment.translate = 2
@@ -60,8 +62,8 @@ def get_config():
     lr, wd = airbench_sgd_values(REFERENCE_BATCH_SIZE)
     c.optimizer.name = "sgd"
     c.optimizer.reference_batch_size = REFERENCE_BATCH_SIZE
-    c.optimizer.learning_rate = lr          # 1.5 at batch 1024
-    c.optimizer.weight_decay = wd           # 0.00133 at any batch
+    c.optimizer.learning_rate = lr  # 1.5 at batch 1024
+    c.optimizer.weight_decay = wd  # 0.00133 at any batch
     c.optimizer.momentum = MOMENTUM
     c.optimizer.nesterov = True
     c.optimizer.schedule = "triangle"
@@ -70,7 +72,7 @@ def get_config():
     c.optimizer.end_factor = 0.07
     c.optimizer.groups = airbench_param_groups(whiten_bias_epochs=3.0, norm_bias_lr_scale=64.0)
     c.lookahead.enabled = True
-    c.lookahead.start_epochs = 0.0         # airbench94: from the first steps (rho ~ 0 early anyway)
+    c.lookahead.start_epochs = 0.0  # airbench94: from the first steps (rho ~ 0 early anyway)
     c.lookahead.every_n_steps = 5
     c.lookahead.decay_base = 0.95
     c.lookahead.decay_pow = 3.0

@@ -23,19 +23,20 @@ while Muon's lr stays 0.24 (its group has scale_with_batch=False: an orthogonali
 The whitening bias trains for 3 epochs as in the reference; here it follows the global schedule and then stops,
 where the reference decays it to 0 over those 3 epochs.
 """
+
 from imgllm.configs import cifar10
 from imgllm.configs.common import airbench_param_groups
 
-REFERENCE_BATCH_SIZE = 2000         # SGD learning rates below are for this batch (optim.batch_scale)
+REFERENCE_BATCH_SIZE = 2000  # SGD learning rates below are for this batch (optim.batch_scale)
 EPOCHS = 8.0
-BIAS_LR = 0.053                     # reference, summed loss: whitening and BatchNorm biases
-HEAD_LR = 0.67                      # reference, summed loss, unit-std head weights divided by 256
+BIAS_LR = 0.053  # reference, summed loss: whitening and BatchNorm biases
+HEAD_LR = 0.67  # reference, summed loss, unit-std head weights divided by 256
 DECAY_PER_STEP = 2e-6 * REFERENCE_BATCH_SIZE  # reference wd: each SGD step shrinks the weights by this x
-                                              # the schedule (at the reference batch)
-MUON_LR = 0.24                      # Muon's lr does not depend on the loss scale (its update is orthogonalised)
+# the schedule (at the reference batch)
+MUON_LR = 0.24  # Muon's lr does not depend on the loss scale (its update is orthogonalised)
 MUON_MOMENTUM = 0.6
 SGD_MOMENTUM = 0.85
-HEAD_REPARAMETRISATION = (256 / 9) ** 2   # reference head weight = imgllm's x 256/9 (see above)
+HEAD_REPARAMETRISATION = (256 / 9) ** 2  # reference head weight = imgllm's x 256/9 (see above)
 
 
 def mean_loss_sgd(summed_loss_lr: float, decay_per_step: float, batch_size: int) -> tuple[float, float]:
@@ -51,21 +52,30 @@ def get_config():
     c.num_epochs = EPOCHS
     c.lookahead.enabled = False
     head_lr, head_decay = mean_loss_sgd(HEAD_LR / HEAD_REPARAMETRISATION, DECAY_PER_STEP, REFERENCE_BATCH_SIZE)
-    bias_lr, _ = mean_loss_sgd(BIAS_LR, DECAY_PER_STEP, REFERENCE_BATCH_SIZE)   # decay: the head's (1/lr scale)
-    c.optimizer.name = "sgd"                # the default group: the head
+    bias_lr, _ = mean_loss_sgd(BIAS_LR, DECAY_PER_STEP, REFERENCE_BATCH_SIZE)  # decay: the head's (1/lr scale)
+    c.optimizer.name = "sgd"  # the default group: the head
     c.optimizer.reference_batch_size = REFERENCE_BATCH_SIZE
-    c.optimizer.learning_rate = head_lr     # 1.66 at batch 2000
-    c.optimizer.weight_decay = head_decay   # 0.0024 at any batch
+    c.optimizer.learning_rate = head_lr  # 1.66 at batch 2000
+    c.optimizer.weight_decay = head_decay  # 0.0024 at any batch
     c.optimizer.momentum = SGD_MOMENTUM
     c.optimizer.nesterov = True
-    c.optimizer.schedule = "triangle"       # linear from 1 at step 0 to 0 at the end
+    c.optimizer.schedule = "triangle"  # linear from 1 at step 0 to 0 at the end
     c.optimizer.start_factor = 1.0
     c.optimizer.peak_fraction = 0.0
     c.optimizer.end_factor = 0.0
     groups = airbench_param_groups(whiten_bias_epochs=3.0, norm_bias_lr_scale=bias_lr / head_lr)
-    groups.whiten_bias.update(lr_scale=groups.norm_bias.lr_scale,     # the reference trains it like the
-                              weight_decay_scale=groups.norm_bias.weight_decay_scale)  # BatchNorm biases
-    groups.conv = dict(pattern=r"(^|/)conv\d*/kernel$", optimizer="muon", momentum=MUON_MOMENTUM,
-                       learning_rate=MUON_LR, scale_with_batch=False, weight_decay_scale=0.0, train_epochs=None)
+    groups.whiten_bias.update(
+        lr_scale=groups.norm_bias.lr_scale,  # the reference trains it like the
+        weight_decay_scale=groups.norm_bias.weight_decay_scale,
+    )  # BatchNorm biases
+    groups.conv = dict(
+        pattern=r"(^|/)conv\d*/kernel$",
+        optimizer="muon",
+        momentum=MUON_MOMENTUM,
+        learning_rate=MUON_LR,
+        scale_with_batch=False,
+        weight_decay_scale=0.0,
+        train_epochs=None,
+    )
     c.optimizer.groups = groups
     return c

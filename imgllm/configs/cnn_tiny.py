@@ -2,6 +2,7 @@
 
 Run:  python train.py --config=cnn_tiny --workdir=/tmp/tiny
 """
+
 from imgllm.configs.common import base_config
 
 

@@ -77,4 +77,4 @@ def translate(images: jax.Array, dy: int, dx: int) -> jax.Array:
     pad = max(abs(dy), abs(dx))
     padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
     h, w = images.shape[1:3]
-    return padded[:, pad - dy:pad - dy + h, pad - dx:pad - dx + w, :]
+    return padded[:, pad - dy : pad - dy + h, pad - dx : pad - dx + w, :]

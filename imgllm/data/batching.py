@@ -74,8 +74,7 @@ def padded_batch_outputs(fn, images: np.ndarray, batch_size: int) -> dict[str, n
     batches (the last one padded with zeros, its padding dropped): one compiled shape. Host numpy results."""
     outputs = []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
+        batch = images[start : start + batch_size]
         padded = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
-        outputs.append({key: np.asarray(value)[:len(batch)] for key, value in fn(padded).items()})
+        outputs.append({key: np.asarray(value)[: len(batch)] for key, value in fn(padded).items()})
     return {key: np.concatenate([out[key] for out in outputs]) for key in outputs[0]}
-

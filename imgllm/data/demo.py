@@ -107,8 +107,20 @@ def _unit_polygon(shape: str) -> list[tuple[float, float]] | None:
         return [(0.0, -1.0), (1.0, 0.0), (0.0, 1.0), (-1.0, 0.0)]
     if shape == "cross":
         a = 0.32
-        return [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a),
-                (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
+        return [
+            (-a, -1),
+            (a, -1),
+            (a, -a),
+            (1, -a),
+            (1, a),
+            (a, a),
+            (a, 1),
+            (-a, 1),
+            (-a, a),
+            (-1, a),
+            (-1, -a),
+            (-a, -a),
+        ]
     if shape == "bar":
         return [(-1.0, -0.36), (1.0, -0.36), (1.0, 0.36), (-1.0, 0.36)]
     if shape == "star":
@@ -232,8 +244,10 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 32) ->
 def demo_scenes(split: str, *, seed: int = 0, num_examples: int, image_size: int = 32) -> list[Scene]:
     """The scenes of images 0..num_examples-1 of a split, without drawing them (a scene is sampled before it is
     drawn): ground truth for questions about the objects (their colours, sizes, ...)."""
-    return [sample_scene(np.random.default_rng((seed, _split_code(split), index)), image_size)
-            for index in range(num_examples)]
+    return [
+        sample_scene(np.random.default_rng((seed, _split_code(split), index)), image_size)
+        for index in range(num_examples)
+    ]
 
 
 def generate_demo(split: str, *, seed: int = 0, num_examples: int | None = None, image_size: int | None = None):
@@ -257,8 +271,9 @@ def generate_demo(split: str, *, seed: int = 0, num_examples: int | None = None,
     )
 
 
-def write_demo_images(out_dir: str, *, num_examples: int, seed: int = 1, split: str = "test",
-                      image_size: int = 32) -> str:
+def write_demo_images(
+    out_dir: str, *, num_examples: int, seed: int = 1, split: str = "test", image_size: int = 32
+) -> str:
     """Writes demo images as ``out_dir/<shape>/<index>.png`` plus ``out_dir/captions.jsonl`` (references).
 
     The captions file has one ``{"path", "caption", "label"}`` line per image, paths relative to ``out_dir``:
@@ -276,4 +291,3 @@ def write_demo_images(out_dir: str, *, num_examples: int, seed: int = 1, split: 
     with open(captions_path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return captions_path
-

@@ -20,8 +20,9 @@ def main(argv=None) -> None:
     parser.add_argument("--split", default="test", help="demo split the images are drawn from")
     parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
     args = parser.parse_args(argv)
-    print(write_demo_images(args.out, num_examples=args.num, seed=args.seed, split=args.split,
-                            image_size=args.image_size))
+    print(
+        write_demo_images(args.out, num_examples=args.num, seed=args.seed, split=args.split, image_size=args.image_size)
+    )
 
 
 if __name__ == "__main__":

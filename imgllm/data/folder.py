@@ -70,8 +70,10 @@ def _class_folders(split_folder: str) -> list[str]:
         )
     loose = [e for e in entries if e not in classes and has_image_extension(e)]
     if loose:
-        warnings.warn(f"ignoring {len(loose)} image files outside class folders in {split_folder!r}, e.g. {loose[0]!r}",
-                      stacklevel=2)
+        warnings.warn(
+            f"ignoring {len(loose)} image files outside class folders in {split_folder!r}, e.g. {loose[0]!r}",
+            stacklevel=2,
+        )
     return classes
 
 
@@ -143,8 +145,9 @@ def _decode_cached(
         with np.load(cache_file) as cached:
             images, kept = cached["images"], cached["kept"]
         for path in (p for p, k in zip(paths, kept) if not k):
-            warnings.warn(f"skipping: cannot decode image file {path!r} (remembered in cache {cache_file!r})",
-                          stacklevel=2)
+            warnings.warn(
+                f"skipping: cannot decode image file {path!r} (remembered in cache {cache_file!r})", stacklevel=2
+            )
         return images, kept
     images, kept = decode_image_files(paths, size, resize=resize, num_workers=num_workers)
     os.makedirs(cache_dir, exist_ok=True)
@@ -195,8 +198,10 @@ def check_every_class_decoded(labels: np.ndarray, kept: np.ndarray, class_names:
         raise DataFolderError(f"no decodable images in {where}")
     lost = sorted(set(labels.tolist()) - set(labels[kept].tolist()))
     if lost:
-        raise DataFolderError(f"class {class_names[lost[0]]!r} has no decodable images in {where} "
-                              f"({int((labels == lost[0]).sum())} files, none could be read)")
+        raise DataFolderError(
+            f"class {class_names[lost[0]]!r} has no decodable images in {where} "
+            f"({int((labels == lost[0]).sum())} files, none could be read)"
+        )
 
 
 def _reference_size(reference_folder: str, class_names: tuple[str, ...]) -> Size:

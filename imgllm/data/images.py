@@ -97,8 +97,9 @@ def is_folder_entry(entry: os.DirEntry) -> bool:
         return False
 
 
-def list_image_files(path: str | os.PathLike, *, recursive: bool = False,
-                     quiet_extensions: Sequence[str] = ()) -> list[str]:
+def list_image_files(
+    path: str | os.PathLike, *, recursive: bool = False, quiet_extensions: Sequence[str] = ()
+) -> list[str]:
     """Image files at `path`: the file itself, or the image files in a folder, sorted by name.
 
     Hidden files (".DS_Store", "._x.jpg") are ignored; other files without an image extension are

@@ -79,8 +79,10 @@ def record_from_json(obj: Any, source: str) -> TextRecord:
         raise ValueError(f"{source}: expected a JSON object, got {type(obj).__name__}")
     has_text, has_pair = "text" in obj, ("prompt" in obj or "completion" in obj)
     if has_text == has_pair:
-        raise ValueError(f"{source}: a record needs either a 'text' field or 'prompt' and 'completion' fields, "
-                         f"got fields {sorted(obj)}")
+        raise ValueError(
+            f"{source}: a record needs either a 'text' field or 'prompt' and 'completion' fields, "
+            f"got fields {sorted(obj)}"
+        )
     fields = ("text",) if has_text else ("prompt", "completion")
     for field in fields:
         if not isinstance(obj.get(field), str):
@@ -132,8 +134,9 @@ def _special_ids(tokenizer) -> tuple[int, int]:
     return eos_id, eos_id if pad_id is None else pad_id
 
 
-def _rows_from_sequences(sequences: Sequence[Sequence[int]], target_flags: Sequence[Sequence[int]], *,
-                         seq_len: int, pad_id: int) -> TextExamples:
+def _rows_from_sequences(
+    sequences: Sequence[Sequence[int]], target_flags: Sequence[Sequence[int]], *, seq_len: int, pad_id: int
+) -> TextExamples:
     """Right-pads each token sequence (<= seq_len) into a row; its target flags become the loss mask."""
     count = len(sequences)
     input_ids = np.full((count, seq_len), pad_id, np.int32)
@@ -161,9 +164,17 @@ def pack_documents(documents: Iterable[Sequence[int]], *, seq_len: int, eos_id: 
     return _rows_from_sequences(pieces, [[1] * len(piece) for piece in pieces], seq_len=seq_len, pad_id=pad_id)
 
 
-def pad_prompt_completions(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *, seq_len: int,
-                           eos_id: int, pad_id: int, mask_prompt: bool, truncate: bool = False,
-                           sources: Sequence[str] | None = None) -> TextExamples:
+def pad_prompt_completions(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    *,
+    seq_len: int,
+    eos_id: int,
+    pad_id: int,
+    mask_prompt: bool,
+    truncate: bool = False,
+    sources: Sequence[str] | None = None,
+) -> TextExamples:
     """One row per pair: ``prompt + completion + eos``, right-padded to `seq_len`.
 
     The completion and its end-of-text token are targets; the prompt tokens are too unless
@@ -175,16 +186,19 @@ def pad_prompt_completions(prompts: Sequence[Sequence[int]], completions: Sequen
         tokens = [*prompt, *completion, eos_id]
         if len(tokens) > seq_len and not truncate:
             where = sources[index] if sources else f"pair {index}"
-            raise ValueError(f"{where}: prompt + completion + eos is {len(tokens)} tokens, longer than "
-                             f"seq_len={seq_len} (raise seq_len or pass truncate=True)")
+            raise ValueError(
+                f"{where}: prompt + completion + eos is {len(tokens)} tokens, longer than "
+                f"seq_len={seq_len} (raise seq_len or pass truncate=True)"
+            )
         flags = [0 if mask_prompt else 1] * len(prompt) + [1] * (len(completion) + 1)
         sequences.append(tokens[:seq_len])
         targets.append(flags[:seq_len])
     return _rows_from_sequences(sequences, targets, seq_len=seq_len, pad_id=pad_id)
 
 
-def tokenize_records(records: Sequence[TextRecord], tokenizer, *, seq_len: int, mask_prompt: bool = False,
-                     truncate: bool = False) -> TextExamples:
+def tokenize_records(
+    records: Sequence[TextRecord], tokenizer, *, seq_len: int, mask_prompt: bool = False, truncate: bool = False
+) -> TextExamples:
     """Tokenise records into examples: documents are packed, prompt/completion pairs padded (see module doc).
 
     A corpus must be all documents or all pairs: mixing the two is an error naming the first record
@@ -197,20 +211,35 @@ def tokenize_records(records: Sequence[TextRecord], tokenizer, *, seq_len: int, 
     pairs = [record for record in records if record.is_pair]
     documents = [record for record in records if not record.is_pair]
     if pairs and documents:
-        raise ValueError(f"the corpus mixes documents ({documents[0].source}) and prompt/completion pairs "
-                         f"({pairs[0].source}); use one kind per corpus")
+        raise ValueError(
+            f"the corpus mixes documents ({documents[0].source}) and prompt/completion pairs "
+            f"({pairs[0].source}); use one kind per corpus"
+        )
     eos_id, pad_id = _special_ids(tokenizer)
     if documents:
-        return pack_documents(_tokenize(tokenizer, [r.text for r in documents]), seq_len=seq_len, eos_id=eos_id,
-                              pad_id=pad_id)
+        return pack_documents(
+            _tokenize(tokenizer, [r.text for r in documents]), seq_len=seq_len, eos_id=eos_id, pad_id=pad_id
+        )
     return pad_prompt_completions(
-        _tokenize(tokenizer, [r.prompt for r in pairs]), _tokenize(tokenizer, [r.completion for r in pairs]),
-        seq_len=seq_len, eos_id=eos_id, pad_id=pad_id, mask_prompt=mask_prompt, truncate=truncate,
-        sources=[r.source for r in pairs])
+        _tokenize(tokenizer, [r.prompt for r in pairs]),
+        _tokenize(tokenizer, [r.completion for r in pairs]),
+        seq_len=seq_len,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        mask_prompt=mask_prompt,
+        truncate=truncate,
+        sources=[r.source for r in pairs],
+    )
 
 
-def load_text_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, *, seq_len: int,
-                     mask_prompt: bool = False, truncate: bool = False) -> TextExamples:
+def load_text_corpus(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer,
+    *,
+    seq_len: int,
+    mask_prompt: bool = False,
+    truncate: bool = False,
+) -> TextExamples:
     """Read one or more corpus files (in the given order) and tokenise them with `tokenize_records`."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]

@@ -41,7 +41,7 @@ def _length_penalty_divisors(gen_config) -> jax.Array:
     """[N + 1] float32: n ** length_penalty for n = 0..N, computed in double precision like transformers' Python
     scalar and rounded to float32, so that scores match transformers bit for bit."""
     lengths = np.arange(gen_config.max_new_tokens + 1, dtype=np.float64)
-    return jnp.asarray((lengths ** gen_config.length_penalty).astype(np.float32))
+    return jnp.asarray((lengths**gen_config.length_penalty).astype(np.float32))
 
 
 def _gather_beams(x, beam_indices):
@@ -71,8 +71,9 @@ def _beam_step(state: _BeamState, logits, rng, gen_config, divisors) -> _BeamSta
     log_probs = process_logits(jax.nn.log_softmax(logits, axis=-1), gen_config).reshape(batch, num_beams, vocab)
     accumulated = (log_probs + state.running_scores[:, :, None]).reshape(batch, num_beams * vocab)
     num_candidates = 2 * num_beams
-    cand_scores, cand_index = _top_candidates(accumulated, jax.random.fold_in(rng, step), num_candidates,
-                                              gen_config.do_sample)
+    cand_scores, cand_index = _top_candidates(
+        accumulated, jax.random.fold_in(rng, step), num_candidates, gen_config.do_sample
+    )
     cand_beam, cand_token = cand_index // vocab, (cand_index % vocab).astype(jnp.int32)
     cand_tokens = _gather_beams(state.running_tokens, cand_beam)
     cand_tokens = jax.lax.dynamic_update_slice_in_dim(cand_tokens, cand_token[:, :, None], step, axis=2)
@@ -109,11 +110,18 @@ def _beam_step(state: _BeamState, logits, rng, gen_config, divisors) -> _BeamSta
     best_possible = running_scores[:, :1] / divisors[best_length]
     worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), neg)
     improvable = state.improvable & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
-    keep_going = (jnp.any(improvable) & ~(jnp.all(finished) & (early_stopping is True))
-                  & ~jnp.all(hits_stop))
-    return state._replace(step=step + 1, running_tokens=running_tokens, running_scores=running_scores,
-                          parents=parents, tokens=tokens, scores=scores, finished=finished, improvable=improvable,
-                          keep_going=keep_going)
+    keep_going = jnp.any(improvable) & ~(jnp.all(finished) & (early_stopping is True)) & ~jnp.all(hits_stop)
+    return state._replace(
+        step=step + 1,
+        running_tokens=running_tokens,
+        running_scores=running_scores,
+        parents=parents,
+        tokens=tokens,
+        scores=scores,
+        finished=finished,
+        improvable=improvable,
+        keep_going=keep_going,
+    )
 
 
 def beam_search(step: Callable, logits: jax.Array, cache: KVCache, rng: jax.Array, gen_config):
@@ -136,11 +144,17 @@ def beam_search(step: Callable, logits: jax.Array, cache: KVCache, rng: jax.Arra
     divisors = _length_penalty_divisors(gen_config)
     empty = jnp.full((batch, num_beams, max_new), gen_config.pad_token_id, jnp.int32)
     state = _BeamState(
-        step=jnp.zeros((), jnp.int32), running_tokens=empty,
+        step=jnp.zeros((), jnp.int32),
+        running_tokens=empty,
         running_scores=jnp.zeros((batch, num_beams), jnp.float32).at[:, 1:].set(_BEAM_NEG),
-        parents=jnp.arange(rows, dtype=jnp.int32), tokens=empty,
-        scores=jnp.full((batch, num_beams), _BEAM_NEG, jnp.float32), finished=jnp.zeros((batch, num_beams), bool),
-        improvable=jnp.ones((batch, 1), bool), keep_going=jnp.ones((), bool), cache=cache)
+        parents=jnp.arange(rows, dtype=jnp.int32),
+        tokens=empty,
+        scores=jnp.full((batch, num_beams), _BEAM_NEG, jnp.float32),
+        finished=jnp.zeros((batch, num_beams), bool),
+        improvable=jnp.ones((batch, 1), bool),
+        keep_going=jnp.ones((), bool),
+        cache=cache,
+    )
     state = _beam_step(state, logits, rng, gen_config, divisors)
 
     def decode_one(state):

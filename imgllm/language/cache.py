@@ -53,8 +53,11 @@ def init_cache(config: Any, batch: int, max_len: int, dtype: Any = None) -> KVCa
     shape = (batch, config.num_cache_heads, max_len, config.head_dim)
     dtype = config.dtype if dtype is None else dtype
     layers = range(config.n_layer)
-    return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   index=jnp.zeros((), jnp.int32))
+    return KVCache(
+        k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+        v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+        index=jnp.zeros((), jnp.int32),
+    )
 
 
 def attention_bias(attention_mask: jax.Array, query_positions: jax.Array) -> jax.Array:
@@ -90,8 +93,9 @@ class CallLayout:
     bias: jax.Array  # [B, 1, T, S] float32 additive attention bias
 
 
-def call_layout(config: Any, batch: int, length: int, attention_mask, position_ids,
-                cache: KVCache | None) -> CallLayout:
+def call_layout(
+    config: Any, batch: int, length: int, attention_mask, position_ids, cache: KVCache | None
+) -> CallLayout:
     """Checks a decoder call's mask and position ids against the inputs and the cache, and lays them out.
 
     attention_mask: None (all visible) or [B, S] with S the cache length (or T without a cache); position_ids: None
@@ -102,8 +106,7 @@ def call_layout(config: Any, batch: int, length: int, attention_mask, position_i
         attention_mask = jnp.ones((batch, slots), jnp.int32)
     if attention_mask.shape != (batch, slots):
         what = f"the cache length {slots}" if cache is not None else f"the {length} inputs"
-        raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(batch, slots)} "
-                         f"(batch, {what})")
+        raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(batch, slots)} (batch, {what})")
     if slots > config.n_positions:
         raise ValueError(f"sequence of {slots} slots exceeds the model's n_positions={config.n_positions}")
     start = cache.index if cache is not None else jnp.zeros((), jnp.int32)

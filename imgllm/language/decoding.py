@@ -76,16 +76,20 @@ class GenerationConfig:
         if self.num_beams < 1:
             raise ValueError(f"GenerationConfig.num_beams must be >= 1, got {self.num_beams}")
         if self.early_stopping not in (False, True, "never"):
-            raise ValueError(f"GenerationConfig.early_stopping must be False, True or 'never', "
-                             f"got {self.early_stopping!r}")
+            raise ValueError(
+                f"GenerationConfig.early_stopping must be False, True or 'never', got {self.early_stopping!r}"
+            )
         if self.num_return_sequences < 1:
             raise ValueError(f"GenerationConfig.num_return_sequences must be >= 1, got {self.num_return_sequences}")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
-            raise ValueError(f"GenerationConfig.num_return_sequences={self.num_return_sequences} exceeds "
-                             f"num_beams={self.num_beams}")
+            raise ValueError(
+                f"GenerationConfig.num_return_sequences={self.num_return_sequences} exceeds num_beams={self.num_beams}"
+            )
         if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
-            raise ValueError("GenerationConfig.num_return_sequences > 1 needs do_sample=True or num_beams > 1 "
-                             "(greedy decoding would return identical copies)")
+            raise ValueError(
+                "GenerationConfig.num_return_sequences > 1 needs do_sample=True or num_beams > 1 "
+                "(greedy decoding would return identical copies)"
+            )
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raises ValueError if a token id of this config is outside the model's vocabulary."""
@@ -113,8 +117,9 @@ class _Decoder:
 
     def forward(self, embeds, mask, positions, cache):
         """Runs [B, T, D] inputs through the cache; returns (logits of the last position [B, V], new cache)."""
-        hidden, cache = lm.hidden_states(self.params, self.config, embeds, attention_mask=mask,
-                                         position_ids=positions, cache=cache)
+        hidden, cache = lm.hidden_states(
+            self.params, self.config, embeds, attention_mask=mask, position_ids=positions, cache=cache
+        )
         # Only the last position's logits are needed: the head runs on it alone.
         return lm.logits_from_hidden(self.params, self.config, hidden[:, -1]), cache
 
@@ -142,8 +147,14 @@ def _prompt_layout(attention_mask, prefix_len: int, max_new_tokens: int):
     Position ids are transformers': cumsum(mask) - 1, clipped at 0 (left padding gets position 0, masked anyway).
     """
     batch = attention_mask.shape[0]
-    mask = jnp.concatenate([jnp.ones((batch, prefix_len), jnp.int32), attention_mask.astype(jnp.int32),
-                            jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
+    mask = jnp.concatenate(
+        [
+            jnp.ones((batch, prefix_len), jnp.int32),
+            attention_mask.astype(jnp.int32),
+            jnp.ones((batch, max_new_tokens), jnp.int32),
+        ],
+        axis=1,
+    )
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     return mask, positions
 
@@ -163,12 +174,17 @@ class Prefilled(NamedTuple):
         if times == 1:
             return self
         repeat = lambda x: jnp.repeat(x, times, axis=0)  # noqa: E731
-        return Prefilled(logits=repeat(self.logits), cache=self.cache.map_rows(repeat), mask=repeat(self.mask),
-                         positions=repeat(self.positions))
+        return Prefilled(
+            logits=repeat(self.logits),
+            cache=self.cache.map_rows(repeat),
+            mask=repeat(self.mask),
+            positions=repeat(self.positions),
+        )
 
 
-def prefill(params, model_config: lm.LMConfig, input_ids, attention_mask, max_new_tokens: int, *,
-            prefix_embeds=None) -> Prefilled:
+def prefill(
+    params, model_config: lm.LMConfig, input_ids, attention_mask, max_new_tokens: int, *, prefix_embeds=None
+) -> Prefilled:
     """Runs left-padded prompts (and an optional prefix [B, K, D]) through a fresh cache with room for
     max_new_tokens."""
     decoder = _make_decoder(params, model_config)
@@ -186,8 +202,12 @@ def prefill(params, model_config: lm.LMConfig, input_ids, attention_mask, max_ne
 
 def gather_prefilled(prefilled: Prefilled, rows: jax.Array) -> Prefilled:
     """The prefilled rows ``rows`` [R'] (int indices, repeats allowed), in that order."""
-    return Prefilled(logits=prefilled.logits[rows], mask=prefilled.mask[rows], positions=prefilled.positions[rows],
-                     cache=prefilled.cache.map_rows(lambda a: jnp.take(a, rows, axis=0)))
+    return Prefilled(
+        logits=prefilled.logits[rows],
+        mask=prefilled.mask[rows],
+        positions=prefilled.positions[rows],
+        cache=prefilled.cache.map_rows(lambda a: jnp.take(a, rows, axis=0)),
+    )
 
 
 def _decoding_step(decoder: _Decoder, prompts: Prefilled) -> Callable:
@@ -237,9 +257,13 @@ def sample_after_prefill(params, model_config: lm.LMConfig, prompts: Prefilled, 
     prompts = prompts.repeat_rows(copies)
     step = _decoding_step(_make_decoder(params, model_config), prompts)
     state = _SampleState(
-        step=jnp.zeros((), jnp.int32), last_token=jnp.zeros((rows,), jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+        last_token=jnp.zeros((rows,), jnp.int32),
         tokens=jnp.full((rows, max_new), gen_config.pad_token_id, jnp.int32),
-        finished=jnp.zeros((rows,), bool), scores=jnp.zeros((rows,), jnp.float32), cache=prompts.cache)
+        finished=jnp.zeros((rows,), bool),
+        scores=jnp.zeros((rows,), jnp.float32),
+        cache=prompts.cache,
+    )
     state = _choose_next(state, prompts.logits, rng, gen_config)
 
     def keep_going(state):
@@ -253,23 +277,41 @@ def sample_after_prefill(params, model_config: lm.LMConfig, prompts: Prefilled, 
     return state.tokens, state.scores
 
 
-def sample_tokens(params, model_config: lm.LMConfig, input_ids, attention_mask, rng, gen_config: GenerationConfig,
-                  *, prefix_embeds=None):
+def sample_tokens(
+    params,
+    model_config: lm.LMConfig,
+    input_ids,
+    attention_mask,
+    rng,
+    gen_config: GenerationConfig,
+    *,
+    prefix_embeds=None,
+):
     """Greedy decoding or sampling. Same arguments and results as :func:`generate_tokens` (num_beams ignored)."""
     _check_traced_inputs(model_config, input_ids, attention_mask, gen_config, prefix_embeds)
-    prompts = prefill(params, model_config, input_ids, attention_mask, gen_config.max_new_tokens,
-                      prefix_embeds=prefix_embeds)
+    prompts = prefill(
+        params, model_config, input_ids, attention_mask, gen_config.max_new_tokens, prefix_embeds=prefix_embeds
+    )
     return sample_after_prefill(params, model_config, prompts, rng, gen_config)
 
 
-def beam_search_tokens(params, model_config: lm.LMConfig, input_ids, attention_mask, rng,
-                       gen_config: GenerationConfig, *, prefix_embeds=None):
+def beam_search_tokens(
+    params,
+    model_config: lm.LMConfig,
+    input_ids,
+    attention_mask,
+    rng,
+    gen_config: GenerationConfig,
+    *,
+    prefix_embeds=None,
+):
     """Beam search with gen_config.num_beams beams (also 1). Same arguments and results as :func:`generate_tokens`:
     the num_return_sequences best finished hypotheses per prompt, best first, and their scores
     (`imgllm.language.beam.beam_search`)."""
     _check_traced_inputs(model_config, input_ids, attention_mask, gen_config, prefix_embeds)
-    prompts = prefill(params, model_config, input_ids, attention_mask, gen_config.max_new_tokens,
-                      prefix_embeds=prefix_embeds).repeat_rows(gen_config.num_beams)
+    prompts = prefill(
+        params, model_config, input_ids, attention_mask, gen_config.max_new_tokens, prefix_embeds=prefix_embeds
+    ).repeat_rows(gen_config.num_beams)
     step = _decoding_step(_make_decoder(params, model_config), prompts)
     return beam_search(step, prompts.logits, prompts.cache, rng, gen_config)
 
@@ -278,8 +320,16 @@ def beam_search_tokens(params, model_config: lm.LMConfig, input_ids, attention_m
 # Entry points
 
 
-def generate_tokens(params, model_config: lm.LMConfig, input_ids, attention_mask, rng, gen_config: GenerationConfig,
-                    *, prefix_embeds=None):
+def generate_tokens(
+    params,
+    model_config: lm.LMConfig,
+    input_ids,
+    attention_mask,
+    rng,
+    gen_config: GenerationConfig,
+    *,
+    prefix_embeds=None,
+):
     """Generates up to gen_config.max_new_tokens tokens after each left-padded prompt. Pure and jit-traceable.
 
     Args:
@@ -298,10 +348,10 @@ def generate_tokens(params, model_config: lm.LMConfig, input_ids, attention_mask
       log-probabilities of the generated tokens up to and including EOS.
     """
     if gen_config.num_beams > 1:
-        return beam_search_tokens(params, model_config, input_ids, attention_mask, rng, gen_config,
-                                  prefix_embeds=prefix_embeds)
-    return sample_tokens(params, model_config, input_ids, attention_mask, rng, gen_config,
-                         prefix_embeds=prefix_embeds)
+        return beam_search_tokens(
+            params, model_config, input_ids, attention_mask, rng, gen_config, prefix_embeds=prefix_embeds
+        )
+    return sample_tokens(params, model_config, input_ids, attention_mask, rng, gen_config, prefix_embeds=prefix_embeds)
 
 
 def _check_traced_inputs(model_config: lm.LMConfig, input_ids, attention_mask, gen_config, prefix_embeds):
@@ -315,13 +365,17 @@ def _check_traced_inputs(model_config: lm.LMConfig, input_ids, attention_mask, g
     if prefix_embeds is not None:
         expected = (input_ids.shape[0], prefix_embeds.shape[1], model_config.n_embd)
         if prefix_embeds.ndim != 3 or prefix_embeds.shape != expected:
-            raise ValueError(f"prefix_embeds must be [batch, prefix_length, n_embd] = [{expected[0]}, K, "
-                             f"{expected[2]}], got shape {prefix_embeds.shape}")
+            raise ValueError(
+                f"prefix_embeds must be [batch, prefix_length, n_embd] = [{expected[0]}, K, "
+                f"{expected[2]}], got shape {prefix_embeds.shape}"
+            )
         prefix_len = prefix_embeds.shape[1]
     total = prefix_len + input_ids.shape[1] + gen_config.max_new_tokens
     if total > model_config.n_positions:
-        raise ValueError(f"prefix ({prefix_len}) + prompt ({input_ids.shape[1]}) + max_new_tokens "
-                         f"({gen_config.max_new_tokens}) = {total} exceeds n_positions={model_config.n_positions}")
+        raise ValueError(
+            f"prefix ({prefix_len}) + prompt ({input_ids.shape[1]}) + max_new_tokens "
+            f"({gen_config.max_new_tokens}) = {total} exceeds n_positions={model_config.n_positions}"
+        )
 
 
 _generate_jit = jax.jit(generate_tokens, static_argnames=("model_config", "gen_config"))
@@ -341,24 +395,37 @@ def bucket_prompts(input_ids, attention_mask, length_bucket: int, pad_token_id: 
 def _check_host_prompts(input_ids, attention_mask, model_config: lm.LMConfig):
     """Value checks on host prompts, with the offending row, before anything is compiled."""
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be "
-                         f"[batch, prompt_length]")
+        raise ValueError(
+            f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be [batch, prompt_length]"
+        )
     bad = np.argwhere((input_ids < 0) | (input_ids >= model_config.vocab_size))
     if len(bad):
         row, col = bad[0]
-        raise ValueError(f"input_ids[{row}, {col}]={input_ids[row, col]} is outside the vocabulary "
-                         f"[0, {model_config.vocab_size})")
+        raise ValueError(
+            f"input_ids[{row}, {col}]={input_ids[row, col]} is outside the vocabulary [0, {model_config.vocab_size})"
+        )
     if not np.isin(attention_mask, (0, 1)).all():
         raise ValueError("attention_mask must contain only 0 and 1")
     not_left_padded = np.flatnonzero((np.diff(attention_mask.astype(np.int8), axis=1) < 0).any(axis=1))
     if len(not_left_padded):
-        raise ValueError(f"prompt {not_left_padded[0]} is not left-padded (a 0 follows a 1 in its attention_mask); "
-                         f"use a tokenizer with padding_side='left'")
+        raise ValueError(
+            f"prompt {not_left_padded[0]} is not left-padded (a 0 follows a 1 in its attention_mask); "
+            f"use a tokenizer with padding_side='left'"
+        )
 
 
-def generate(params, model_config: lm.LMConfig, input_ids, attention_mask=None, rng=None,
-             gen_config: GenerationConfig | None = None, *, prefix_embeds=None, mesh: Mesh | None = None,
-             length_bucket: int = 16):
+def generate(
+    params,
+    model_config: lm.LMConfig,
+    input_ids,
+    attention_mask=None,
+    rng=None,
+    gen_config: GenerationConfig | None = None,
+    *,
+    prefix_embeds=None,
+    mesh: Mesh | None = None,
+    length_bucket: int = 16,
+):
     """Host-friendly, data-parallel :func:`generate_tokens`: returns numpy (tokens, scores) for numpy prompts.
 
     Prompt lengths are bucketed to multiples of ``length_bucket`` (left padding) and the batch is padded to a
@@ -368,8 +435,9 @@ def generate(params, model_config: lm.LMConfig, input_ids, attention_mask=None, 
     On CPU, pass ``imgllm.language.matmul_cpu.kernels_out_in(params)`` (made once) for repeated calls: the same
     results, decoded faster.
     """
-    gen_config = gen_config or GenerationConfig(max_new_tokens=32, eos_token_id=model_config.eos_token_id,
-                                                pad_token_id=model_config.eos_token_id)
+    gen_config = gen_config or GenerationConfig(
+        max_new_tokens=32, eos_token_id=model_config.eos_token_id, pad_token_id=model_config.eos_token_id
+    )
     input_ids = np.asarray(input_ids)
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
     _check_host_prompts(input_ids, attention_mask, model_config)

@@ -67,8 +67,7 @@ MAX_ARRAY_DEPTH = 2  # an array of arrays at most; no llama.cpp file nests deepe
 MAX_ELEMENTS = 2**63 - 1  # ggml counts elements in int64
 
 # Metadata value types: struct format of the fixed-size ones; 8 is a string, 9 an array.
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                   12: "<d"}
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 # The fewest bytes a header entry can take: a KV pair (empty key, type, one-byte value) and a tensor info
 # (empty name, n_dims, one dim, type, offset). A count beyond what the file can hold is refused before reading.
@@ -123,8 +122,12 @@ TOKENIZER_KEYS = {
     "tokenizer.ggml.padding_token_id": "pad_token_id",
     "tokenizer.ggml.add_space_prefix": "add_prefix_space",
 }
-SPECIAL_TOKEN_IDS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
-                     "unk_token": "tokenizer.ggml.unknown_token_id", "pad_token": "tokenizer.ggml.padding_token_id"}
+SPECIAL_TOKEN_IDS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
 
 _REQUIRED = object()
 
@@ -197,8 +200,9 @@ class _BoundedReader:
     def require(self, nbytes: int, what: str) -> None:
         """Raises when `nbytes` more bytes (for `what`) are not in the file."""
         if nbytes > self.remaining():
-            raise _refusal(self.path, f"{what} needs {nbytes} bytes at offset {self.pos}, but the file has only "
-                                      f"{self.size} bytes")
+            raise _refusal(
+                self.path, f"{what} needs {nbytes} bytes at offset {self.pos}, but the file has only {self.size} bytes"
+            )
 
     def take(self, nbytes: int, what: str) -> bytes:
         self.require(nbytes, what)
@@ -254,8 +258,11 @@ def _skip_array(reader: _BoundedReader, what: str, depth: int) -> GGUFArray:
     else:
         raise _refusal(reader.path, f"{what} is an array of unknown item type {item_type}")
     if count * item_bytes > reader.remaining():
-        raise _refusal(reader.path, f"{what} declares {count} items of at least {item_bytes} bytes, but only "
-                                    f"{reader.remaining()} bytes of the file remain")
+        raise _refusal(
+            reader.path,
+            f"{what} declares {count} items of at least {item_bytes} bytes, but only "
+            f"{reader.remaining()} bytes of the file remain",
+        )
     if item_type in _SCALAR_FORMATS:
         reader.skip(count * item_bytes, what)
     elif item_type == _STRING:
@@ -310,11 +317,13 @@ def _read_tensor_info(reader: _BoundedReader, index: int, alignment: int) -> GGU
     ggml_type, offset = reader.unpack("<IQ", f"type and offset of tensor {name!r}")
     block_elements, block_bytes = _ggml_type_sizes(reader.path, name, ggml_type)
     if dims[0] % block_elements:
-        raise _refusal(reader.path, f"tensor {name!r}: rows of {dims[0]} are not whole blocks of {block_elements} "
-                                    f"({gguf.GGMLQuantizationType(ggml_type).name})")
+        raise _refusal(
+            reader.path,
+            f"tensor {name!r}: rows of {dims[0]} are not whole blocks of {block_elements} "
+            f"({gguf.GGMLQuantizationType(ggml_type).name})",
+        )
     if offset % alignment:
-        raise _refusal(reader.path, f"tensor {name!r}: offset {offset} is not a multiple of the alignment "
-                                    f"{alignment}")
+        raise _refusal(reader.path, f"tensor {name!r}: offset {offset} is not a multiple of the alignment {alignment}")
     return GGUFTensorInfo(name, dims, ggml_type, offset, elements // block_elements * block_bytes)
 
 
@@ -322,8 +331,11 @@ def _check_data_ranges(path, tensors: tuple[GGUFTensorInfo, ...], data_bytes: in
     """Every tensor's bytes lie inside the data section."""
     for info in tensors:
         if info.offset + info.nbytes > data_bytes:
-            raise _refusal(path, f"tensor {info.name!r}: {info.nbytes} bytes at offset {info.offset} lie outside "
-                                 f"the data section ({max(data_bytes, 0)} bytes)")
+            raise _refusal(
+                path,
+                f"tensor {info.name!r}: {info.nbytes} bytes at offset {info.offset} lie outside "
+                f"the data section ({max(data_bytes, 0)} bytes)",
+            )
 
 
 def scan_gguf_header(path) -> GGUFHeader:
@@ -342,8 +354,11 @@ def scan_gguf_header(path) -> GGUFHeader:
             raise _refusal(path, f"GGUF version {version}{endian} is not supported (only {SUPPORTED_VERSIONS})")
         needed = kv_count * _MIN_KV_BYTES + tensor_count * _MIN_TENSOR_INFO_BYTES
         if needed > reader.remaining():
-            raise _refusal(path, f"header declares {tensor_count} tensors and {kv_count} metadata keys, which "
-                                 f"need at least {needed} bytes, but the file has only {size} bytes")
+            raise _refusal(
+                path,
+                f"header declares {tensor_count} tensors and {kv_count} metadata keys, which "
+                f"need at least {needed} bytes, but the file has only {size} bytes",
+            )
         metadata = _read_metadata(reader, kv_count)
         alignment = _alignment(path, metadata)
         tensors, names = [], set()
@@ -432,32 +447,42 @@ def _head_sizes(header: GGUFHeader, arch: str, hidden_size: int) -> dict:
     heads = _metadata_int(header, f"{arch}.attention.head_count")
     kv_heads = _metadata_int(header, f"{arch}.attention.head_count_kv", heads)
     if heads % kv_heads:
-        raise _refusal(header.path, f"metadata {arch}.attention.head_count_kv: {kv_heads} does not divide "
-                                    f"head_count {heads}")
+        raise _refusal(
+            header.path, f"metadata {arch}.attention.head_count_kv: {kv_heads} does not divide head_count {heads}"
+        )
     if f"{arch}.attention.key_length" in header.metadata:
         head_dim = _metadata_int(header, f"{arch}.attention.key_length")
     elif hidden_size % heads:
-        raise _refusal(header.path, f"metadata {arch}.attention.head_count: {heads} does not divide "
-                                    f"embedding_length {hidden_size}")
+        raise _refusal(
+            header.path, f"metadata {arch}.attention.head_count: {heads} does not divide embedding_length {hidden_size}"
+        )
     else:
         head_dim = hidden_size // heads
     if head_dim % 2:
         raise _refusal(header.path, f"head_dim {head_dim} is odd; rotary embeddings need pairs of dims")
     value_length = _metadata_int(header, f"{arch}.attention.value_length", head_dim)
     if value_length != head_dim:
-        raise _refusal(header.path, f"metadata {arch}.attention.value_length {value_length} differs from head_dim "
-                                    f"{head_dim}: not supported")
+        raise _refusal(
+            header.path,
+            f"metadata {arch}.attention.value_length {value_length} differs from head_dim {head_dim}: not supported",
+        )
     rotary_dims = _metadata_int(header, f"{arch}.rope.dimension_count", head_dim)
     if rotary_dims != head_dim:
-        raise _refusal(header.path, f"metadata {arch}.rope.dimension_count {rotary_dims} differs from head_dim "
-                                    f"{head_dim}: partial rotary is not supported")
+        raise _refusal(
+            header.path,
+            f"metadata {arch}.rope.dimension_count {rotary_dims} differs from head_dim "
+            f"{head_dim}: partial rotary is not supported",
+        )
     return dict(num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
 
 
 def _rope_scaling(header: GGUFHeader, arch: str) -> dict | None:
     """None, or HF's {"rope_type": "linear", "factor": f} from {arch}.rope.scaling.* (or the older scale_linear)."""
-    type_key, factor_key, legacy_key = (f"{arch}.rope.scaling.type", f"{arch}.rope.scaling.factor",
-                                        f"{arch}.rope.scale_linear")
+    type_key, factor_key, legacy_key = (
+        f"{arch}.rope.scaling.type",
+        f"{arch}.rope.scaling.factor",
+        f"{arch}.rope.scale_linear",
+    )
     scaling_type = header.metadata.get(type_key)
     if scaling_type is None and legacy_key in header.metadata:
         factor = _metadata_float(header, legacy_key)
@@ -465,8 +490,7 @@ def _rope_scaling(header: GGUFHeader, arch: str) -> dict | None:
     if scaling_type is None or scaling_type == "none":
         return None
     if scaling_type not in ROPE_SCALING_TYPES:
-        raise _refusal(header.path, f"metadata {type_key} is {scaling_type!r}; only {ROPE_SCALING_TYPES} are "
-                                    f"supported")
+        raise _refusal(header.path, f"metadata {type_key} is {scaling_type!r}; only {ROPE_SCALING_TYPES} are supported")
     return {"rope_type": "linear", "factor": _metadata_float(header, factor_key)}
 
 
@@ -533,9 +557,17 @@ def expected_gguf_shapes(hf_config: dict) -> dict[str, tuple[int, ...]]:
     shapes = {"token_embd.weight": (hf_config["vocab_size"], hidden), "output_norm.weight": (hidden,)}
     if not hf_config["tie_word_embeddings"]:
         shapes["output.weight"] = (hf_config["vocab_size"], hidden)
-    layer = {"attn_norm.weight": (hidden,), "attn_q.weight": (q_rows, hidden), "attn_k.weight": (kv_rows, hidden),
-             "attn_v.weight": (kv_rows, hidden), "attn_output.weight": (hidden, q_rows), "ffn_norm.weight": (hidden,),
-             "ffn_gate.weight": (inter, hidden), "ffn_up.weight": (inter, hidden), "ffn_down.weight": (hidden, inter)}
+    layer = {
+        "attn_norm.weight": (hidden,),
+        "attn_q.weight": (q_rows, hidden),
+        "attn_k.weight": (kv_rows, hidden),
+        "attn_v.weight": (kv_rows, hidden),
+        "attn_output.weight": (hidden, q_rows),
+        "ffn_norm.weight": (hidden,),
+        "ffn_gate.weight": (inter, hidden),
+        "ffn_up.weight": (inter, hidden),
+        "ffn_down.weight": (hidden, inter),
+    }
     if hf_config["attention_bias"]:
         layer.update({"attn_q.bias": (q_rows,), "attn_k.bias": (kv_rows,), "attn_v.bias": (kv_rows,)})
         if hf_config["model_type"] not in QKV_BIAS_ONLY_ARCHITECTURES:
@@ -556,17 +588,24 @@ def check_tensor_table(header: GGUFHeader, hf_config: dict) -> None:
     found = _tensor_shapes(header)
     unknown = [name for name in found if hf_key_for_gguf_name(name) is None]
     if unknown:
-        raise _refusal(header.path, f"unknown tensors {_listed(unknown)} (not a plain {hf_config['model_type']} "
-                                    f"model this reader supports)")
+        raise _refusal(
+            header.path,
+            f"unknown tensors {_listed(unknown)} (not a plain {hf_config['model_type']} model this reader supports)",
+        )
     layers = hf_config["num_hidden_layers"]
     if layers * _TENSORS_PER_LAYER > len(found):
-        raise _refusal(header.path, f"metadata {hf_config['model_type']}.block_count is {layers}, but the file "
-                                    f"has only {len(found)} tensors")
+        raise _refusal(
+            header.path,
+            f"metadata {hf_config['model_type']}.block_count is {layers}, but the file has only {len(found)} tensors",
+        )
     expected = expected_gguf_shapes(hf_config)
     extra = found.keys() - expected.keys()
     if extra:
-        raise _refusal(header.path, f"tensors {_listed(extra)} do not fit the metadata ({layers} layers, "
-                                    f"attention_bias={hf_config['attention_bias']})")
+        raise _refusal(
+            header.path,
+            f"tensors {_listed(extra)} do not fit the metadata ({layers} layers, "
+            f"attention_bias={hf_config['attention_bias']})",
+        )
     missing = expected.keys() - found.keys()
     if missing:
         raise _refusal(header.path, f"missing tensors {_listed(missing)}")
@@ -591,8 +630,10 @@ def _check_dequantizable(header: GGUFHeader) -> None:
     for info in header.tensors:
         if not can_dequantize(info.ggml_type):
             type_name = gguf.GGMLQuantizationType(info.ggml_type).name
-            raise _refusal(header.path, f"tensor {info.name!r} is of ggml type {type_name}, which the gguf package "
-                                        f"cannot dequantise")
+            raise _refusal(
+                header.path,
+                f"tensor {info.name!r} is of ggml type {type_name}, which the gguf package cannot dequantise",
+            )
 
 
 def unpermute_rotary_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -620,7 +661,7 @@ def dequantized_tensor(blob: np.ndarray, header: GGUFHeader, info: GGUFTensorInf
     block_elements, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     start = header.data_start + info.offset
     # Rows of whole blocks along the fastest dim: the layout gguf.quants.dequantize takes (F32 and F16 included).
-    rows = blob[start:start + info.nbytes].reshape(-1, info.ggml_dims[0] // block_elements * block_bytes)
+    rows = blob[start : start + info.nbytes].reshape(-1, info.ggml_dims[0] // block_elements * block_bytes)
     return np.array(gguf.quants.dequantize(rows, qtype), dtype=np.float32).reshape(info.shape)
 
 
@@ -698,8 +739,9 @@ def tokenizer_from_gguf(header: GGUFHeader, hf_config: dict) -> transformers.Pre
     if not isinstance(tokens, list) or not tokens or not all(isinstance(token, str) for token in tokens):
         raise _refusal(header.path, "tokenizer.ggml.tokens is missing or not a list of strings")
     if len(tokens) > hf_config["vocab_size"]:
-        raise _refusal(header.path, f"the token list has {len(tokens)} tokens, more than vocab_size "
-                                    f"{hf_config['vocab_size']}")
+        raise _refusal(
+            header.path, f"the token list has {len(tokens)} tokens, more than vocab_size {hf_config['vocab_size']}"
+        )
     special = _special_tokens(header, tokens)
     # Mistral files carry Llama's tokenizer kinds; older transformers pick the converter by this name and have
     # no "mistral" entry, newer ones only single out gemma and phi3.
@@ -707,14 +749,22 @@ def tokenizer_from_gguf(header: GGUFHeader, hf_config: dict) -> transformers.Pre
     try:
         backend, extra_kwargs = convert_gguf_tokenizer(architecture, values)
     except Exception as error:  # whatever the converter (or the tokenizers library under it) makes of bad values
-        raise _refusal(header.path, f"transformers cannot build the tokenizer: {type(error).__name__}: "
-                                    f"{str(error).splitlines()[0] if str(error) else ''}") from None
+        raise _refusal(
+            header.path,
+            f"transformers cannot build the tokenizer: {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}",
+        ) from None
     # add_bos_token / add_eos_token as transformers' own GGUF loading passes them, so encode() gives the same ids.
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, padding_side="left", clean_up_tokenization_spaces=False,
+        tokenizer_object=backend,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
         model_max_length=hf_config["max_position_embeddings"],
         add_bos_token=_metadata_flag(header, "tokenizer.ggml.add_bos_token"),
-        add_eos_token=_metadata_flag(header, "tokenizer.ggml.add_eos_token"), **special, **extra_kwargs)
+        add_eos_token=_metadata_flag(header, "tokenizer.ggml.add_eos_token"),
+        **special,
+        **extra_kwargs,
+    )
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -744,5 +794,10 @@ def read_gguf(path) -> GGUFModel:
     _check_dequantizable(header)
     tokenizer = tokenizer_from_gguf(header, hf_config)  # first: it is the cheaper one to fail
     tensors = hf_tensors(header, hf_config)
-    return GGUFModel(hf_config=hf_config, tensors=tensors, tokenizer=tokenizer,
-                     add_bos_token=_metadata_flag(header, "tokenizer.ggml.add_bos_token"), path=os.fspath(path))
+    return GGUFModel(
+        hf_config=hf_config,
+        tensors=tensors,
+        tokenizer=tokenizer,
+        add_bos_token=_metadata_flag(header, "tokenizer.ggml.add_bos_token"),
+        path=os.fspath(path),
+    )

@@ -109,8 +109,7 @@ class GPT2Config:
     @classmethod
     def tiny(cls, **overrides) -> GPT2Config:
         """A two-layer model with a 128-token vocabulary, for tests (EOS is the last token, as in GPT-2)."""
-        sizes = dict(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=127,
-                     eos_token_id=127)
+        sizes = dict(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=127, eos_token_id=127)
         return cls(**{**sizes, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,19 +164,24 @@ class GPT2Config:
             raise ValueError(f"{source}: {error}") from error
 
 
-def _dense(features: int, config: GPT2Config, name: str, kernel_out_in: bool,
-           std: float | None = None) -> nn.Module:
+def _dense(features: int, config: GPT2Config, name: str, kernel_out_in: bool, std: float | None = None) -> nn.Module:
     """Hugging Face's ``Conv1D``, y = x @ kernel + bias: an ``nn.Dense`` with its kernel [in, out] as checkpoints
     store it (the plain path), or `matmul_cpu.OutInDense` for [out, in] kernels (`kernels_out_in`)."""
     layer = OutInDense if kernel_out_in else nn.Dense
-    return layer(features, dtype=config.dtype, kernel_init=nn.initializers.normal(std or config.initializer_range),
-                 name=name)
+    return layer(
+        features, dtype=config.dtype, kernel_init=nn.initializers.normal(std or config.initializer_range), name=name
+    )
 
 
 def _layer_norm(config: GPT2Config, name: str | None = None) -> nn.LayerNorm:
     # use_fast_variance=False: E[(x - mean)^2] as PyTorch computes it, for parity with Hugging Face.
-    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=config.dtype, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name)
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_epsilon,
+        dtype=config.dtype,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        name=name,
+    )
 
 
 def _projection_std(config: GPT2Config) -> float:
@@ -234,10 +238,10 @@ class GPT2Block(nn.Module):
     @nn.compact
     def __call__(self, x, bias, kv=None, index=None, position_ids=None, deterministic=True):
         attn_out, kv = GPT2Attention(self.config, self.kernel_out_in, name="attn")(
-            _layer_norm(self.config, "ln_1")(x), bias, kv, index, deterministic)
+            _layer_norm(self.config, "ln_1")(x), bias, kv, index, deterministic
+        )
         x = x + attn_out
-        x = x + GPT2MLP(self.config, self.kernel_out_in, name="mlp")(_layer_norm(self.config, "ln_2")(x),
-                                                                      deterministic)
+        x = x + GPT2MLP(self.config, self.kernel_out_in, name="mlp")(_layer_norm(self.config, "ln_2")(x), deterministic)
         return x, kv
 
 
@@ -258,10 +262,8 @@ class GPT2(nn.Module):
     def setup(self):
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
-        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=jnp.float32,
-                            embedding_init=init)
-        self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=jnp.float32,
-                            embedding_init=init)
+        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=jnp.float32, embedding_init=init)
+        self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=jnp.float32, embedding_init=init)
         # A list attribute set in setup names its modules h_0 .. h_{L-1}, as Hugging Face's transformer.h.{i}.
         self.h = [GPT2Block(cfg, self.kernel_out_in) for _ in range(cfg.n_layer)]
         self.ln_f = _layer_norm(cfg)
@@ -279,12 +281,25 @@ class GPT2(nn.Module):
         transposing loop.
         """
         dtype = self.config.dtype
-        logits = jax.lax.dot_general(hidden.astype(dtype), self.wte.embedding.astype(dtype),
-                                     (((hidden.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        logits = jax.lax.dot_general(
+            hidden.astype(dtype),
+            self.wte.embedding.astype(dtype),
+            (((hidden.ndim - 1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
         return logits.astype(jnp.float32)
 
-    def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
-                 cache: KVCache | None = None, deterministic: bool = True, return_hidden: bool = False):
+    def __call__(
+        self,
+        input_ids=None,
+        *,
+        inputs_embeds=None,
+        attention_mask=None,
+        position_ids=None,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+        return_hidden: bool = False,
+    ):
         """Returns (logits [B, T, V] float32, new cache or None); (final hidden [B, T, D], cache) when
         return_hidden (generation computes the head only for the last position)."""
         check_call_inputs(input_ids, inputs_embeds, self.config.n_embd)

@@ -68,8 +68,12 @@ _LAYER_KEY = re.compile(r"^h\.(\d+)\.")
 # config.json sizes that must be positive integers (JSON true/false are not sizes, though Python calls them ints).
 _CONFIG_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 # Where a checkpoint shows each size (`checkpoint_sizes`).
-_SIZE_EVIDENCE = {"n_layer": "h.{i} blocks", "vocab_size": "rows of wte.weight", "n_embd": "columns of wte.weight",
-                  "n_positions": "rows of wpe.weight"}
+_SIZE_EVIDENCE = {
+    "n_layer": "h.{i} blocks",
+    "vocab_size": "rows of wte.weight",
+    "n_embd": "columns of wte.weight",
+    "n_positions": "rows of wpe.weight",
+}
 # flax leaf name -> HF parameter suffix (Dense kernel, LayerNorm scale and Embed table are all "weight").
 _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -133,14 +137,14 @@ def expected_hf_shapes(config: GPT2Config) -> dict[str, tuple[tuple[str, ...], j
     return {hf_key_for_path(path): (path, leaf) for path, leaf in flatten_tree(abstract_params(config)).items()}
 
 
-def describe_mismatches(
-    found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
-) -> list[str]:
+def describe_mismatches(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> list[str]:
     """One line per missing key, unexpected key and shape mismatch between two {name: shape} maps."""
-    lines = [f"missing key {name!r} (expected shape {tuple(shape)})"
-             for name, shape in expected.items() if name not in found]
-    lines += [f"unexpected key {name!r} (shape {tuple(shape)})"
-              for name, shape in found.items() if name not in expected]
+    lines = [
+        f"missing key {name!r} (expected shape {tuple(shape)})" for name, shape in expected.items() if name not in found
+    ]
+    lines += [
+        f"unexpected key {name!r} (shape {tuple(shape)})" for name, shape in found.items() if name not in expected
+    ]
     lines += [
         f"shape mismatch for {name!r}: found {tuple(found[name])}, expected {tuple(shape)}"
         for name, shape in expected.items()
@@ -194,8 +198,10 @@ def resolve_model_dir(
             allow_patterns=list(HUB_ALLOW_PATTERNS),
         )
     except (OSError, ValueError) as error:  # hub errors: not found, offline and not cached, invalid repo id
-        raise FileNotFoundError(f"{name!r} is not a local directory, and the Hugging Face hub could not provide "
-                                f"it ({type(error).__name__}: {error})") from error
+        raise FileNotFoundError(
+            f"{name!r} is not a local directory, and the Hugging Face hub could not provide "
+            f"it ({type(error).__name__}: {error})"
+        ) from error
 
 
 def _allowed_shard_roots(model_dir: str) -> list[str]:
@@ -235,7 +241,7 @@ def _shard_names(index_file: str) -> list[str]:
             raise ValueError(f"{index_file} is not valid JSON: {error}") from error
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        raise ValueError(f"{index_file} has no \"weight_map\" object (key -> shard file name)")
+        raise ValueError(f'{index_file} has no "weight_map" object (key -> shard file name)')
     return sorted(set(weight_map.values()), key=str)
 
 
@@ -260,7 +266,7 @@ def safetensors_files(model_dir: str) -> list[str]:
         raise FileNotFoundError(
             f"{model_dir} has only {pickles[0]} (a pickle); imgllm reads safetensors only, because "
             "unpickling a file can run arbitrary code. If you trust the file, convert it once with:\n"
-            "  python -c \"from transformers import GPT2LMHeadModel; "
+            '  python -c "from transformers import GPT2LMHeadModel; '
             f"GPT2LMHeadModel.from_pretrained('{model_dir}').save_pretrained('{model_dir}-safetensors')\"\n"
             "and load the new directory (it holds model.safetensors)."
         )
@@ -338,8 +344,9 @@ def checkpoint_sizes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     return sizes
 
 
-def check_config_against_checkpoint(config: GPT2Config, shapes: Mapping[str, tuple[int, ...]], source: str,
-                                    where: str) -> None:
+def check_config_against_checkpoint(
+    config: GPT2Config, shapes: Mapping[str, tuple[int, ...]], source: str, where: str
+) -> None:
     """Raise `CheckpointMismatchError` naming each config.json size that the checkpoint's tensors contradict.
 
     Cheap (the shapes come from the safetensors headers), so it runs before the model's own parameter shapes
@@ -347,9 +354,11 @@ def check_config_against_checkpoint(config: GPT2Config, shapes: Mapping[str, tup
     holds fails here. Fewer layers pass, and the full key check then names each unexpected key.
     """
     found = checkpoint_sizes(shapes)
-    lines = [f"{name}={getattr(config, name)}, but the checkpoint holds {value} {_SIZE_EVIDENCE[name]}"
-             for name, value in found.items()
-             if (config.n_layer > value if name == "n_layer" else getattr(config, name) != value)]
+    lines = [
+        f"{name}={getattr(config, name)}, but the checkpoint holds {value} {_SIZE_EVIDENCE[name]}"
+        for name, value in found.items()
+        if (config.n_layer > value if name == "n_layer" else getattr(config, name) != value)
+    ]
     if lines:
         raise CheckpointMismatchError(f"{source} does not describe the weights in {where}:\n  " + "\n  ".join(lines))
 
@@ -358,7 +367,7 @@ def check_config_against_checkpoint(config: GPT2Config, shapes: Mapping[str, tup
 
 
 def _strip_prefix(key: str) -> str:
-    return key[len(TRANSFORMER_PREFIX):] if key.startswith(TRANSFORMER_PREFIX) else key
+    return key[len(TRANSFORMER_PREFIX) :] if key.startswith(TRANSFORMER_PREFIX) else key
 
 
 def _open_safetensors(path: str):
@@ -397,8 +406,9 @@ def read_tensors(locations: Mapping[str, tuple[str, str]]) -> dict[str, jax.Arra
     return tensors
 
 
-def _model_keys(index: Mapping[str, tuple[str, str, tuple[int, ...]]],
-                source: str) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+def _model_keys(
+    index: Mapping[str, tuple[str, str, tuple[int, ...]]], source: str
+) -> dict[str, tuple[str, str, tuple[int, ...]]]:
     """Checkpoint index re-keyed by unprefixed HF name, without attention buffers and the tied head."""
     model_keys: dict[str, tuple[str, str, tuple[int, ...]]] = {}
     for key, entry in index.items():
@@ -441,8 +451,9 @@ def load_gpt2(
     parameter dtype (float32), so float16/bfloat16 checkpoints load too. The config's sizes are checked against
     the checkpoint's headers first, so an absurd config.json fails at once, naming the key.
     """
-    model_dir = resolve_model_dir(path_or_hub_name, revision=revision, cache_dir=cache_dir,
-                                  local_files_only=local_files_only)
+    model_dir = resolve_model_dir(
+        path_or_hub_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+    )
     files = safetensors_files(model_dir)
     config = read_config(model_dir)
     index = tensor_index(files)
@@ -517,8 +528,9 @@ def load_tokenizer(
     """
     from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
-    model_dir = resolve_model_dir(path_or_hub_name, revision=revision, cache_dir=cache_dir,
-                                  local_files_only=local_files_only)
+    model_dir = resolve_model_dir(
+        path_or_hub_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+    )
     if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     elif all(os.path.isfile(os.path.join(model_dir, name)) for name in ("vocab.json", "merges.txt")):
@@ -552,9 +564,11 @@ def check_special_tokens_in_vocabulary(tokenizer, model_dir: str) -> None:
     for role in ("eos", "bos"):
         token = getattr(tokenizer, f"{role}_token")
         if token is not None and str(token) not in defined:
-            raise ValueError(f"{model_dir}: the {role} token {str(token)!r} (tokenizer_config.json or "
-                             f"special_tokens_map.json) is not in the vocabulary; it would get the new id "
-                             f"{getattr(tokenizer, f'{role}_token_id')}, which the model never emits")
+            raise ValueError(
+                f"{model_dir}: the {role} token {str(token)!r} (tokenizer_config.json or "
+                f"special_tokens_map.json) is not in the vocabulary; it would get the new id "
+                f"{getattr(tokenizer, f'{role}_token_id')}, which the model never emits"
+            )
 
 
 __all__ = [

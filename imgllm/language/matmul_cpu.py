@@ -47,8 +47,11 @@ def kernels_out_in(params: Mapping[str, Any]) -> OutInParams:
     if isinstance(params, OutInParams):
         return params
     flat = flax.traverse_util.flatten_dict(dict(params))
-    return OutInParams(flax.traverse_util.unflatten_dict(
-        {path: value.T if path[-1] == "kernel" else value for path, value in flat.items()}))
+    return OutInParams(
+        flax.traverse_util.unflatten_dict(
+            {path: value.T if path[-1] == "kernel" else value for path, value in flat.items()}
+        )
+    )
 
 
 def few_rows_times_out_in(x: jax.Array, kernel: jax.Array) -> jax.Array:

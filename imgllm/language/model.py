@@ -39,8 +39,10 @@ def config_from_dict(hf_config: Mapping[str, Any], *, source: str = "config", **
         raise ValueError(f"{source} must hold a JSON object, not {type(hf_config).__name__}")
     model_type = hf_config.get("model_type", "gpt2")
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"{source}: model_type={model_type!r} is not one imgllm computes "
-                         f"(supported: {', '.join(sorted(MODEL_TYPES))})")
+        raise ValueError(
+            f"{source}: model_type={model_type!r} is not one imgllm computes "
+            f"(supported: {', '.join(sorted(MODEL_TYPES))})"
+        )
     return MODEL_TYPES[model_type].from_dict(hf_config, source=source, **overrides)
 
 
@@ -83,11 +85,27 @@ def logits_from_hidden(params: Any, config: LMConfig, hidden: jax.Array) -> jax.
     return model.apply({"params": params}, hidden, method="logits_from_hidden")
 
 
-def hidden_states(params: Any, config: LMConfig, inputs_embeds: jax.Array, *, attention_mask=None, position_ids=None,
-                  cache=None, deterministic: bool = True, dropout_rng: jax.Array | None = None):
+def hidden_states(
+    params: Any,
+    config: LMConfig,
+    inputs_embeds: jax.Array,
+    *,
+    attention_mask=None,
+    position_ids=None,
+    cache=None,
+    deterministic: bool = True,
+    dropout_rng: jax.Array | None = None,
+):
     """(final hidden states [B, T, D], new cache or None) of embeddings [B, T, D] (the head is not applied)."""
     model, params = model_and_params(params, config)
     rngs = {} if deterministic else {"dropout": dropout_rng}
-    return model.apply({"params": params}, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                       position_ids=position_ids, cache=cache, deterministic=deterministic, return_hidden=True,
-                       rngs=rngs)
+    return model.apply(
+        {"params": params},
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        deterministic=deterministic,
+        return_hidden=True,
+        rngs=rngs,
+    )

@@ -100,17 +100,17 @@ class _BlockCDF(NamedTuple):
 
     def draw(self, rng: jax.Array) -> jax.Array:
         """One index per row, int32 [B]."""
-        target = (1.0 - jax.random.uniform(rng, (self.blocks.shape[0],))) * self.total       # in (0, total]
+        target = (1.0 - jax.random.uniform(rng, (self.blocks.shape[0],))) * self.total  # in (0, total]
         return self.index_reaching(target).astype(jnp.int32)
 
     def index_reaching(self, target: jax.Array) -> jax.Array:
         """Per row, the first index whose running sum reaches target [B] (> 0), clamped to the last index of
         positive weight against rounding."""
         block = self.blocks.shape[-1]
-        chosen = _first_reaching(self.block_cdf, target, self.block_mass > 0)                   # [B]
-        cdf_before_block = jnp.pad(self.block_cdf[:, :-1], ((0, 0), (1, 0)))                    # 0, cdf[0], ...
+        chosen = _first_reaching(self.block_cdf, target, self.block_mass > 0)  # [B]
+        cdf_before_block = jnp.pad(self.block_cdf[:, :-1], ((0, 0), (1, 0)))  # 0, cdf[0], ...
         mass_before = jnp.take_along_axis(cdf_before_block, chosen[:, None], axis=1)[:, 0]
-        inside = jnp.take_along_axis(self.blocks, chosen[:, None, None], axis=1)[:, 0]         # [B, block]
+        inside = jnp.take_along_axis(self.blocks, chosen[:, None, None], axis=1)[:, 0]  # [B, block]
         return chosen * block + _index_reaching(inside, target - mass_before)
 
 
@@ -191,8 +191,13 @@ def draw_top_p(weights: jax.Array, top_p: float, rng: jax.Array, max_rounds: int
     def draw_round(carry):
         round_index, token, done = carry
         candidate = cdf.draw(jax.random.fold_in(rng, round_index))
-        kept = jax.lax.cond(jnp.sum(~done) > few, lambda token, _: in_nucleus(weights, token, mass_to_reach),
-                            in_nucleus_if_undecided, candidate, done)
+        kept = jax.lax.cond(
+            jnp.sum(~done) > few,
+            lambda token, _: in_nucleus(weights, token, mass_to_reach),
+            in_nucleus_if_undecided,
+            candidate,
+            done,
+        )
         return round_index + 1, jnp.where(done, token, candidate), done | kept
 
     start = (jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
@@ -203,4 +208,3 @@ def draw_top_p(weights: jax.Array, top_p: float, rng: jax.Array, max_rounds: int
         return jnp.where(done, token, draw_categorical(nucleus, jax.random.fold_in(rng, max_rounds)))
 
     return jax.lax.cond(jnp.all(done), lambda token: token, from_bisected_nucleus, token)
-

@@ -27,18 +27,31 @@ import numpy as np
 from imgllm.language import model as lm
 
 
-def prefixed_token_log_probs(lm_params: Any, lm_config: lm.LMConfig, prefix_embeds: jax.Array | None,
-                             input_ids: jax.Array, *, deterministic: bool = True,
-                             dropout_rng: jax.Array | None = None) -> jax.Array:
+def prefixed_token_log_probs(
+    lm_params: Any,
+    lm_config: lm.LMConfig,
+    prefix_embeds: jax.Array | None,
+    input_ids: jax.Array,
+    *,
+    deterministic: bool = True,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
     """log p(input_ids[:, t] | prefix, input_ids[:, :t]) for t = 1..T-1, as float32 [B, T-1] (see
     `prefixed_token_stats`)."""
-    return prefixed_token_stats(lm_params, lm_config, prefix_embeds, input_ids, deterministic=deterministic,
-                                dropout_rng=dropout_rng)[0]
+    return prefixed_token_stats(
+        lm_params, lm_config, prefix_embeds, input_ids, deterministic=deterministic, dropout_rng=dropout_rng
+    )[0]
 
 
-def prefixed_token_stats(lm_params: Any, lm_config: lm.LMConfig, prefix_embeds: jax.Array | None,
-                         input_ids: jax.Array, *, deterministic: bool = True,
-                         dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def prefixed_token_stats(
+    lm_params: Any,
+    lm_config: lm.LMConfig,
+    prefix_embeds: jax.Array | None,
+    input_ids: jax.Array,
+    *,
+    deterministic: bool = True,
+    dropout_rng: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """(log p(input_ids[:, t] | prefix, input_ids[:, :t]), whether that token is the argmax), each [B, T-1].
 
     The argmax flags give greedy-decoding agreement under teacher forcing: greedy decoding after [prefix][BOS]
@@ -58,7 +71,7 @@ def prefixed_token_stats(lm_params: Any, lm_config: lm.LMConfig, prefix_embeds: 
         prefix_length = prefix_embeds.shape[1]
         embeds = jnp.concatenate([prefix_embeds.astype(embeds.dtype), embeds], axis=1)
     hidden, _ = lm.hidden_states(lm_params, lm_config, embeds, deterministic=deterministic, dropout_rng=dropout_rng)
-    predicting = hidden[:, prefix_length:-1]           # text positions 0..T-2 predict tokens 1..T-1
+    predicting = hidden[:, prefix_length:-1]  # text positions 0..T-2 predict tokens 1..T-1
     logits = lm.logits_from_hidden(lm_params, lm_config, predicting)
     targets = input_ids[:, 1:]
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -94,8 +107,10 @@ class ClassPromptTable:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ClassPromptTable):
             return NotImplemented
-        return all(np.array_equal(np.asarray(a), np.asarray(b)) and np.asarray(a).dtype == np.asarray(b).dtype
-                   for a, b in ((self.input_ids, other.input_ids), (self.target_mask, other.target_mask)))
+        return all(
+            np.array_equal(np.asarray(a), np.asarray(b)) and np.asarray(a).dtype == np.asarray(b).dtype
+            for a, b in ((self.input_ids, other.input_ids), (self.target_mask, other.target_mask))
+        )
 
 
 jax.tree_util.register_dataclass(ClassPromptTable, data_fields=["input_ids", "target_mask"], meta_fields=[])
@@ -120,7 +135,7 @@ def fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list
     if repeated:
         raise ValueError(f"labels must be unique, {repeated[0]!r} is repeated")
     spoken: dict[str, str] = {}
-    for name in class_names:   # the prompt says "pickup truck" for "pickup_truck": two such labels would tie
+    for name in class_names:  # the prompt says "pickup truck" for "pickup_truck": two such labels would tie
         other = spoken.setdefault(spoken_label(name), name)
         if other != name:
             raise ValueError(f"labels {other!r} and {name!r} give the same prompts (an underscore reads as a space)")
@@ -130,13 +145,16 @@ def fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list
         try:
             template.format(label="")
         except (KeyError, IndexError, ValueError) as error:
-            raise ValueError(f"prompt template {template!r}: {{label}} is its only field (write {{{{ and }}}} for "
-                             f"literal braces); {type(error).__name__}: {error}") from None
+            raise ValueError(
+                f"prompt template {template!r}: {{label}} is its only field (write {{{{ and }}}} for "
+                f"literal braces); {type(error).__name__}: {error}"
+            ) from None
     return [[template.format(label=spoken_label(name)) for template in templates] for name in class_names]
 
 
-def _table_from_pieces(pieces: list[list[tuple[list[int], list[int]]]], bos_id: int, eos_id: int,
-                       score_end: bool | Sequence[bool] = True) -> ClassPromptTable:
+def _table_from_pieces(
+    pieces: list[list[tuple[list[int], list[int]]]], bos_id: int, eos_id: int, score_end: bool | Sequence[bool] = True
+) -> ClassPromptTable:
     """Packs per-(class, template) (context ids, scored ids) into a right-padded ClassPromptTable; score_end: the EOS
     after the scored ids counts in the score too (the prompt is a whole text, not the beginning of one), for every
     template or per template (one flag per column)."""
@@ -148,9 +166,9 @@ def _table_from_pieces(pieces: list[list[tuple[list[int], list[int]]]], bos_id: 
     for c, row in enumerate(pieces):
         for e, (context, scored) in enumerate(row):
             seq = rows[c][e]
-            input_ids[c, e, :len(seq)] = seq
+            input_ids[c, e, : len(seq)] = seq
             # Targets are seq[1:]; the scored part (plus EOS) starts after BOS + context.
-            target_mask[c, e, len(context):len(context) + len(scored) + int(ends[e])] = 1.0
+            target_mask[c, e, len(context) : len(context) + len(scored) + int(ends[e])] = 1.0
     input_ids.setflags(write=False)
     target_mask.setflags(write=False)
     return ClassPromptTable(input_ids=input_ids, target_mask=target_mask)
@@ -165,9 +183,14 @@ def template_is_whole_text(template: str) -> bool:
     return not template.rstrip().endswith("{label}")
 
 
-def build_prompt_table(encode: Encoder, eos_id: int, class_names: Sequence[str],
-                       templates: Sequence[str] = DEFAULT_TEMPLATES, *,
-                       score_end: bool | None = True) -> ClassPromptTable:
+def build_prompt_table(
+    encode: Encoder,
+    eos_id: int,
+    class_names: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    *,
+    score_end: bool | None = True,
+) -> ClassPromptTable:
     """Tokenises every label x template prompt once (host side): [BOS] prompt [EOS], every prompt token scored.
 
     Labels may be any strings, several tokens long; the templates' own tokens are scored too, so several templates
@@ -191,9 +214,14 @@ def build_prompt_table(encode: Encoder, eos_id: int, class_names: Sequence[str],
     return _table_from_pieces(pieces, eos_id, eos_id, score_end=score_end)
 
 
-def build_text_prompt_table(encode: Encoder, eos_id: int, descriptions: Sequence[str], class_names: Sequence[str],
-                            templates: Sequence[str] = ("{label}.",),
-                            connector: str = DEFAULT_TEXT_CONNECTOR) -> ClassPromptTable:
+def build_text_prompt_table(
+    encode: Encoder,
+    eos_id: int,
+    descriptions: Sequence[str],
+    class_names: Sequence[str],
+    templates: Sequence[str] = ("{label}.",),
+    connector: str = DEFAULT_TEXT_CONNECTOR,
+) -> ClassPromptTable:
     """Rows n * C + c: [BOS] description_n + connector (context, not scored), then prompt_c + [EOS] (scored)."""
     if isinstance(descriptions, str):
         raise TypeError("descriptions must be a list of strings, got a single string")
@@ -220,8 +248,14 @@ def _score_one_image(lm_params, lm_config: lm.LMConfig, table: ClassPromptTable,
 
 
 @functools.partial(jax.jit, static_argnames=("lm_config", "images_per_chunk"))
-def score_class_prompts(lm_params: Any, lm_config: lm.LMConfig, prompt_table: ClassPromptTable,
-                        prefix_embeds: jax.Array | None, *, images_per_chunk: int = 8) -> jax.Array:
+def score_class_prompts(
+    lm_params: Any,
+    lm_config: lm.LMConfig,
+    prompt_table: ClassPromptTable,
+    prefix_embeds: jax.Array | None,
+    *,
+    images_per_chunk: int = 8,
+) -> jax.Array:
     """Log-likelihood [B, C] of each class's prompts under the LM conditioned on each image's prefix [B, K, D].
 
     One compiled call for all classes and templates; images are processed `images_per_chunk` at a time
@@ -230,20 +264,31 @@ def score_class_prompts(lm_params: Any, lm_config: lm.LMConfig, prompt_table: Cl
     """
     if prefix_embeds is None:
         return _score_one_image(lm_params, lm_config, prompt_table, None)[None]
-    return jax.lax.map(lambda prefix: _score_one_image(lm_params, lm_config, prompt_table, prefix),
-                       prefix_embeds, batch_size=images_per_chunk)
+    return jax.lax.map(
+        lambda prefix: _score_one_image(lm_params, lm_config, prompt_table, prefix),
+        prefix_embeds,
+        batch_size=images_per_chunk,
+    )
 
 
-def classify_by_lm(lm_params: Any, lm_config: lm.LMConfig, prompt_table: ClassPromptTable,
-                   prefix_embeds: jax.Array) -> tuple[jax.Array, jax.Array]:
+def classify_by_lm(
+    lm_params: Any, lm_config: lm.LMConfig, prompt_table: ClassPromptTable, prefix_embeds: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """(predicted class ids [B], class log-likelihoods [B, C]); traceable inside a larger jitted function."""
     scores = score_class_prompts(lm_params, lm_config, prompt_table, prefix_embeds)
     return jnp.argmax(scores, axis=-1), scores
 
 
-def classify_texts(lm_params: Any, lm_config: lm.LMConfig, encode: Encoder, eos_id: int, descriptions: Sequence[str],
-                   class_names: Sequence[str], templates: Sequence[str] = ("{label}.",),
-                   connector: str = DEFAULT_TEXT_CONNECTOR) -> tuple[np.ndarray, np.ndarray]:
+def classify_texts(
+    lm_params: Any,
+    lm_config: lm.LMConfig,
+    encode: Encoder,
+    eos_id: int,
+    descriptions: Sequence[str],
+    class_names: Sequence[str],
+    templates: Sequence[str] = ("{label}.",),
+    connector: str = DEFAULT_TEXT_CONNECTOR,
+) -> tuple[np.ndarray, np.ndarray]:
     """Classifies free-text descriptions by LM likelihood: argmax_c log p(connector + prompt_c + EOS | description).
 
     Returns (class ids [N], scores [N, C]), all descriptions x classes scored in one jitted call.
@@ -254,8 +299,16 @@ def classify_texts(lm_params: Any, lm_config: lm.LMConfig, encode: Encoder, eos_
     return scores.argmax(-1), scores
 
 
-def text_log_likelihoods(lm_params: Any, lm_config: lm.LMConfig, encode: Encoder, bos_id: int, eos_id: int,
-                         texts: Sequence[str], *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def text_log_likelihoods(
+    lm_params: Any,
+    lm_config: lm.LMConfig,
+    encode: Encoder,
+    bos_id: int,
+    eos_id: int,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
     """(log-probability [N] of each text after [BOS], its EOS included; tokens scored [N]): an LM as a judge of
     texts it did not write (corpus perplexity: exp(-sum of the first / sum of the second)). Texts go through in
     batches of `batch_size`, the last one padded with copies of the first text, so one shape is compiled."""
@@ -266,7 +319,12 @@ def text_log_likelihoods(lm_params: Any, lm_config: lm.LMConfig, encode: Encoder
     pad = -len(texts) % batch_size
     ids = np.concatenate([ids, np.repeat(ids[:1], pad, axis=0)])
     mask = np.concatenate([mask, np.repeat(mask[:1], pad, axis=0)])
-    log_probs = [np.asarray(score_class_prompts(lm_params, lm_config, ClassPromptTable(ids[i:i + batch_size],
-                                                                                       mask[i:i + batch_size]),
-                                                None))[0] for i in range(0, len(ids), batch_size)]
-    return np.concatenate(log_probs)[:len(texts)], np.asarray(table.target_mask).sum(axis=(1, 2))
+    log_probs = [
+        np.asarray(
+            score_class_prompts(
+                lm_params, lm_config, ClassPromptTable(ids[i : i + batch_size], mask[i : i + batch_size]), None
+            )
+        )[0]
+        for i in range(0, len(ids), batch_size)
+    ]
+    return np.concatenate(log_probs)[: len(texts)], np.asarray(table.target_mask).sum(axis=(1, 2))

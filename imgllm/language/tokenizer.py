@@ -18,8 +18,9 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 END_OF_TEXT = "<|endoftext|>"
 
 
-def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 512,
-                        min_frequency: int = 1) -> transformers.PreTrainedTokenizerFast:
+def train_bpe_tokenizer(
+    texts: Iterable[str], *, vocab_size: int = 512, min_frequency: int = 1
+) -> transformers.PreTrainedTokenizerFast:
     """Trains a byte-level BPE tokenizer of at most `vocab_size` tokens on `texts`.
 
     The vocabulary always holds the 256 byte symbols (any text can be encoded) plus `<|endoftext|>`, which gets id
@@ -34,9 +35,13 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 512,
     tokenizer = tokenizers.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=[END_OF_TEXT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return wrap_tokenizer(tokenizer)
 
@@ -44,8 +49,15 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 512,
 def wrap_tokenizer(tokenizer: tokenizers.Tokenizer) -> transformers.PreTrainedTokenizerFast:
     """Wraps a `tokenizers.Tokenizer` as a transformers tokenizer with GPT-2's special-token conventions."""
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT,
-        unk_token=END_OF_TEXT, padding_side="left", model_max_length=1024, clean_up_tokenization_spaces=False)
+        tokenizer_object=tokenizer,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        unk_token=END_OF_TEXT,
+        padding_side="left",
+        model_max_length=1024,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def tokenizer_from_json(tokenizer_json: str) -> transformers.PreTrainedTokenizerFast:
@@ -57,5 +69,4 @@ def tokenizer_from_json(tokenizer_json: str) -> transformers.PreTrainedTokenizer
 def check_vocabulary(tokenizer, vocab_size: int, source: str) -> None:
     """Raises ValueError, naming `source`, when the tokenizer can produce ids the LM has no embedding for."""
     if len(tokenizer) > vocab_size:
-        raise ValueError(f"{source}: the tokenizer has {len(tokenizer)} tokens but the LM's vocab_size is "
-                         f"{vocab_size}")
+        raise ValueError(f"{source}: the tokenizer has {len(tokenizer)} tokens but the LM's vocab_size is {vocab_size}")

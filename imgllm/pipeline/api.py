@@ -11,6 +11,7 @@ Each dict is the record `infer.py` writes for the image (`imgllm.pipeline.record
 gives {"path", "error"} and the others are still captioned. Images go through in batches of `batch_size`, batch i
 with the random key fold_in(PRNGKey(seed), i), as `caption_files` does, so both give the same records.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,16 +59,24 @@ class ImageToText:
     call (fewer when fewer are given).
     """
 
-    def __init__(self, checkpoint: str | os.PathLike | PipelineCheckpoint, *,
-                 decoding: DecodingOptions | None = None, template: str | None = None,
-                 top_labels: int | None = None, classify: str | None = None, dtype: str = "auto",
-                 batch_size: int = 64, seed: int = 0, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike | PipelineCheckpoint,
+        *,
+        decoding: DecodingOptions | None = None,
+        template: str | None = None,
+        top_labels: int | None = None,
+        classify: str | None = None,
+        dtype: str = "auto",
+        batch_size: int = 64,
+        seed: int = 0,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.pipeline = checkpoint if isinstance(checkpoint, PipelineCheckpoint) else load_pipeline(checkpoint)
         generation = generation_config(decoding or DecodingOptions(), self.pipeline.config)
-        self.spec = self.pipeline.spec(generation, template=template, top_k=top_labels, classify=classify,
-                                       dtype=dtype)
+        self.spec = self.pipeline.spec(generation, template=template, top_k=top_labels, classify=classify, dtype=dtype)
         self.batch_size, self.seed, self.max_pixels = batch_size, seed, max_pixels
         self._params = inference_params(self.pipeline.params)
 
@@ -78,7 +87,7 @@ class ImageToText:
         batch_size = max(1, min(self.batch_size, len(images)))
         records = []
         for index, start in enumerate(range(0, len(images), batch_size)):
-            batch = self._batch(index, images[start:start + batch_size], start, batch_size)
+            batch = self._batch(index, images[start : start + batch_size], start, batch_size)
             result = None
             if len(batch.errors) < len(batch.items):
                 key = jax.random.fold_in(jax.random.PRNGKey(self.seed), index)

@@ -86,9 +86,10 @@ from imgllm.pipeline.records import (
 )
 from imgllm.precision import resolve_dtype
 
-DEFAULT_COMPILATION_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                                         "imgllm", "jax")
-STDOUT = "-"   # output=STDOUT writes the records to standard output (no resuming)
+DEFAULT_COMPILATION_CACHE = os.path.join(
+    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "imgllm", "jax"
+)
+STDOUT = "-"  # output=STDOUT writes the records to standard output (no resuming)
 DECODING_METHODS = ("greedy", "beam", "sample")
 IDENTITY_CONTENT_LIMIT = 1 << 20  # checkpoint_identity reads files up to this size; bigger ones by name and size
 
@@ -117,13 +118,13 @@ class DecodingOptions:
             raise ValueError(f"num_captions must be >= 1, got {self.num_captions}")
         if self.method == "beam" and self.num_captions > self.num_beams:
             raise ValueError(f"num_captions {self.num_captions} exceeds num_beams {self.num_beams}")
-        if not 0 < self.temperature < math.inf:   # NaN fails too: it would sample garbage or nothing
+        if not 0 < self.temperature < math.inf:  # NaN fails too: it would sample garbage or nothing
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0 or self.num_beams < 1:
             raise ValueError(f"top_k must be >= 0 and num_beams >= 1, got {self.top_k} and {self.num_beams}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:   # 0 is not "the checkpoint's length"
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:  # 0 is not "the checkpoint's length"
             raise ValueError(f"max_new_tokens must be >= 1 (None: the checkpoint's), got {self.max_new_tokens}")
 
 
@@ -131,11 +132,16 @@ def generation_config(decoding: DecodingOptions, pipeline_config: Mapping[str, A
     """The `GenerationConfig` of `decoding` for a pipeline checkpoint's config (its length and token ids)."""
     sample = decoding.method == "sample"
     return GenerationConfig(
-        max_new_tokens=decoding.max_new_tokens or pipeline_config["max_new_tokens"], do_sample=sample,
-        temperature=decoding.temperature, top_k=decoding.top_k if sample else 0,
-        top_p=decoding.top_p if sample else 1.0, num_beams=decoding.num_beams if decoding.method == "beam" else 1,
-        num_return_sequences=decoding.num_captions, eos_token_id=pipeline_config["eos_id"],
-        pad_token_id=pipeline_config["pad_id"])
+        max_new_tokens=decoding.max_new_tokens or pipeline_config["max_new_tokens"],
+        do_sample=sample,
+        temperature=decoding.temperature,
+        top_k=decoding.top_k if sample else 0,
+        top_p=decoding.top_p if sample else 1.0,
+        num_beams=decoding.num_beams if decoding.method == "beam" else 1,
+        num_return_sequences=decoding.num_captions,
+        eos_token_id=pipeline_config["eos_id"],
+        pad_token_id=pipeline_config["pad_id"],
+    )
 
 
 def enable_compilation_cache(directory: str | None) -> None:
@@ -150,25 +156,46 @@ def enable_compilation_cache(directory: str | None) -> None:
     except OSError:
         writable = False
     if not writable:
-        warnings.warn(f"the compilation cache {directory} cannot be written; running without it "
-                      "(--compilation-cache '' turns it off, or name a writable folder)", stacklevel=2)
+        warnings.warn(
+            f"the compilation cache {directory} cannot be written; running without it "
+            "(--compilation-cache '' turns it off, or name a writable folder)",
+            stacklevel=2,
+        )
         return
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Sequence[str | Item], *,
-                  output: str | os.PathLike | None = None, fmt: str | None = None, html: str | None = None,
-                  resume: bool = True, retry_errors: bool = False, batch_size: int = 64, seed: int = 0,
-                  decoding: DecodingOptions = DecodingOptions(), template: str | None = None,
-                  top_labels: int | None = None, tta: bool = False, lm_classify: bool = False,
-                  classify: str | None = None, lm_labels: Sequence[str] | None = None,
-                  lm_templates: Sequence[str] | None = None, lm_scoring: str = "likelihood", workers: int = 4,
-                  data_dir: str | None = None, compilation_cache: str | None = None,
-                  progress: bool = False, dtype: str = "auto",
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS, references: str | None = None,
-                  shard: tuple[int, int] | None = None) -> Iterator[dict]:
+def caption_files(
+    checkpoint: str | os.PathLike | PipelineCheckpoint,
+    inputs: Sequence[str | Item],
+    *,
+    output: str | os.PathLike | None = None,
+    fmt: str | None = None,
+    html: str | None = None,
+    resume: bool = True,
+    retry_errors: bool = False,
+    batch_size: int = 64,
+    seed: int = 0,
+    decoding: DecodingOptions = DecodingOptions(),
+    template: str | None = None,
+    top_labels: int | None = None,
+    tta: bool = False,
+    lm_classify: bool = False,
+    classify: str | None = None,
+    lm_labels: Sequence[str] | None = None,
+    lm_templates: Sequence[str] | None = None,
+    lm_scoring: str = "likelihood",
+    workers: int = 4,
+    data_dir: str | None = None,
+    compilation_cache: str | None = None,
+    progress: bool = False,
+    dtype: str = "auto",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    references: str | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Iterator[dict]:
     """Captions images; yields one record per image (`imgllm.pipeline.records`), in output order.
 
     checkpoint: a pipeline checkpoint directory (its weights are read in a thread while the captioner compiles
@@ -213,27 +240,76 @@ def caption_files(checkpoint: str | os.PathLike | PipelineCheckpoint, inputs: Se
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not -(2**63) <= seed < 2**63:   # what jax.random.PRNGKey takes
+    if not -(2**63) <= seed < 2**63:  # what jax.random.PRNGKey takes
         raise ValueError(f"seed must fit in 64 bits (-2**63 <= seed < 2**63), got {seed}")
     if fmt is not None and fmt not in RECORD_FORMATS:
         raise ValueError(f"fmt must be one of {RECORD_FORMATS}, got {fmt!r}")
     shard = check_shard(shard)
     if shard is not None and html:
-        raise ValueError("html with shard: each shard writes a part of the output; write the page when merging the "
-                         "parts (merge_parts(output, html=...), infer.py merge --html)")
+        raise ValueError(
+            "html with shard: each shard writes a part of the output; write the page when merging the "
+            "parts (merge_parts(output, html=...), infer.py merge --html)"
+        )
     dtype = resolve_dtype(dtype)  # once, here: a bad name fails before anything runs
-    return _caption_files(checkpoint, inputs, output=output, fmt=fmt, html=html, resume=resume,
-                          retry_errors=retry_errors, batch_size=batch_size, seed=seed, decoding=decoding,
-                          template=template, top_labels=top_labels, tta=tta, lm_classify=lm_classify,
-                          classify=classify, lm_labels=lm_labels, lm_templates=lm_templates, lm_scoring=lm_scoring,
-                          workers=workers, data_dir=data_dir, compilation_cache=compilation_cache, progress=progress,
-                          dtype=dtype, max_pixels=max_pixels, references=references, shard=shard)
+    return _caption_files(
+        checkpoint,
+        inputs,
+        output=output,
+        fmt=fmt,
+        html=html,
+        resume=resume,
+        retry_errors=retry_errors,
+        batch_size=batch_size,
+        seed=seed,
+        decoding=decoding,
+        template=template,
+        top_labels=top_labels,
+        tta=tta,
+        lm_classify=lm_classify,
+        classify=classify,
+        lm_labels=lm_labels,
+        lm_templates=lm_templates,
+        lm_scoring=lm_scoring,
+        workers=workers,
+        data_dir=data_dir,
+        compilation_cache=compilation_cache,
+        progress=progress,
+        dtype=dtype,
+        max_pixels=max_pixels,
+        references=references,
+        shard=shard,
+    )
 
 
-def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_errors, batch_size, seed, decoding,
-                   template, top_labels, tta, lm_classify, classify, lm_labels, lm_templates, lm_scoring, workers,
-                   data_dir, compilation_cache,
-                   progress, dtype, max_pixels, references, shard) -> Iterator[dict]:
+def _caption_files(
+    checkpoint,
+    inputs,
+    *,
+    output,
+    fmt,
+    html,
+    resume,
+    retry_errors,
+    batch_size,
+    seed,
+    decoding,
+    template,
+    top_labels,
+    tta,
+    lm_classify,
+    classify,
+    lm_labels,
+    lm_templates,
+    lm_scoring,
+    workers,
+    data_dir,
+    compilation_cache,
+    progress,
+    dtype,
+    max_pixels,
+    references,
+    shard,
+) -> Iterator[dict]:
     enable_compilation_cache(compilation_cache)
     page_references = None
     if html:
@@ -241,66 +317,135 @@ def _caption_files(checkpoint, inputs, *, output, fmt, html, resume, retry_error
         page_references = read_references(references) if references else None
     path = None if output is None or output == STDOUT else os.fspath(output)
     if path is not None and shard is not None:
-        path = part_path(path, shard)   # each shard writes its own part, with its own lock and run options
+        path = part_path(path, shard)  # each shard writes its own part, with its own lock and run options
     with OutputLock(path) if path is not None else contextlib.nullcontext():
         items = expand_inputs(inputs, data_dir=data_dir)
         if not items:
             return
         check_distinct_paths(
-            {"the output": path, "the HTML page": html,
-             "the output's lock": None if path is None else path + LOCK_SUFFIX,
-             "the output's run options": None if path is None else path + RUN_OPTIONS_SUFFIX},
-            {"the input image": [item.key for item in items if item.tfds_source is None],
-             "the references": [references] if references else []})
-        loaded = checkpoint if isinstance(checkpoint, PipelineCheckpoint) else load_pipeline(checkpoint,
-                                                                                             read_params=False)
-        spec = loaded.spec(generation_config(decoding, loaded.config), template=template, top_k=top_labels,
-                           flip_tta=tta, lm_classify=lm_classify, dtype=dtype, classify=classify,
-                           lm_labels=lm_labels, lm_templates=lm_templates, lm_scoring=lm_scoring)
+            {
+                "the output": path,
+                "the HTML page": html,
+                "the output's lock": None if path is None else path + LOCK_SUFFIX,
+                "the output's run options": None if path is None else path + RUN_OPTIONS_SUFFIX,
+            },
+            {
+                "the input image": [item.key for item in items if item.tfds_source is None],
+                "the references": [references] if references else [],
+            },
+        )
+        loaded = (
+            checkpoint if isinstance(checkpoint, PipelineCheckpoint) else load_pipeline(checkpoint, read_params=False)
+        )
+        spec = loaded.spec(
+            generation_config(decoding, loaded.config),
+            template=template,
+            top_k=top_labels,
+            flip_tta=tta,
+            lm_classify=lm_classify,
+            dtype=dtype,
+            classify=classify,
+            lm_labels=lm_labels,
+            lm_templates=lm_templates,
+            lm_scoring=lm_scoring,
+        )
         mesh = parallel.make_mesh()
         devices = parallel.global_batch_divisor(mesh)
-        batch_size = min(batch_size, len(items))   # a batch of a million for ten images would ask for gigabytes
+        batch_size = min(batch_size, len(items))  # a batch of a million for ten images would ask for gigabytes
         batch_size = -(-batch_size // devices) * devices
-        record_file = None if output is None else RecordFile(path, fmt or format_for_path(path), spec.top_k,
-                                                              decoding.num_captions)
+        record_file = (
+            None
+            if output is None
+            else RecordFile(path, fmt or format_for_path(path), spec.top_k, decoding.num_captions)
+        )
         previous = []
-        options = None if path is None and not html else run_options(   # kept beside the output, shown on the page
-            loaded, decoding, fmt=record_file.format if record_file else "jsonl", batch_size=batch_size, seed=seed,
-            template=template, top_labels=spec.top_k, tta=tta, lm_classify=lm_classify, dtype=dtype, spec=spec)
+        options = (
+            None
+            if path is None and not html
+            else run_options(  # kept beside the output, shown on the page
+                loaded,
+                decoding,
+                fmt=record_file.format if record_file else "jsonl",
+                batch_size=batch_size,
+                seed=seed,
+                template=template,
+                top_labels=spec.top_k,
+                tta=tta,
+                lm_classify=lm_classify,
+                dtype=dtype,
+                spec=spec,
+            )
+        )
         if options is not None and shard is not None:
-            options = shard_run_options(options, shard, batch_size=batch_size, inputs=inputs_fingerprint(items),
-                                        paths=[item.key for item in shard_items(items, batch_size, shard)])
+            options = shard_run_options(
+                options,
+                shard,
+                batch_size=batch_size,
+                inputs=inputs_fingerprint(items),
+                paths=[item.key for item in shard_items(items, batch_size, shard)],
+            )
         if path is not None:  # checked and recorded before anything is compiled
             retry = {item.key for item in items} if retry_errors else ()
             previous = prepare_output(record_file, options, resume=resume, retry=retry)
         yield from previous
-        new_records: list[dict] | None = [] if html else None   # the page shows previous + new records
-        for record in caption_pending(loaded, spec, mesh, items, previous, record_file, batch_size=batch_size,
-                                      seed=seed, workers=workers, progress=progress, max_pixels=max_pixels,
-                                      shard=shard):
+        new_records: list[dict] | None = [] if html else None  # the page shows previous + new records
+        for record in caption_pending(
+            loaded,
+            spec,
+            mesh,
+            items,
+            previous,
+            record_file,
+            batch_size=batch_size,
+            seed=seed,
+            workers=workers,
+            progress=progress,
+            max_pixels=max_pixels,
+            shard=shard,
+        ):
             if new_records is not None:
                 new_records.append(record)
             yield record
         if html:
             shown = previous + new_records
-            header = gallery_header(options, score_records(shown, references, lm_label_names=spec.lm_label_names)
-                                    if references else None)
-            write_gallery(html, shown, {item.key: item for item in items}, header=header, references=page_references,
-                          lm_label_names=spec.lm_label_names)
+            header = gallery_header(
+                options, score_records(shown, references, lm_label_names=spec.lm_label_names) if references else None
+            )
+            write_gallery(
+                html,
+                shown,
+                {item.key: item for item in items},
+                header=header,
+                references=page_references,
+                lm_label_names=spec.lm_label_names,
+            )
 
 
 def gallery_header(options: Mapping[str, Any], scores: Mapping[str, Any] | None = None) -> GalleryHeader:
     """The header of a run's gallery from its run options (`run_options`) and scores (`score_records`)."""
-    return GalleryHeader(checkpoint=options["checkpoint"], checkpoint_id=options["checkpoint_id"],
-                         decoding={k: v for k, v in options.items()
-                                   if k not in ("checkpoint", "checkpoint_id", "format", "cwd")},
-                         scores=scores)
+    return GalleryHeader(
+        checkpoint=options["checkpoint"],
+        checkpoint_id=options["checkpoint_id"],
+        decoding={k: v for k, v in options.items() if k not in ("checkpoint", "checkpoint_id", "format", "cwd")},
+        scores=scores,
+    )
 
 
-def caption_pending(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, items: list[Item], previous: list[dict],
-                    record_file: RecordFile | None, *, batch_size: int, seed: int, workers: int,
-                    progress: bool, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                    shard: tuple[int, int] | None = None) -> Iterator[dict]:
+def caption_pending(
+    loaded: PipelineCheckpoint,
+    spec: PipelineSpec,
+    mesh,
+    items: list[Item],
+    previous: list[dict],
+    record_file: RecordFile | None,
+    *,
+    batch_size: int,
+    seed: int,
+    workers: int,
+    progress: bool,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    shard: tuple[int, int] | None = None,
+) -> Iterator[dict]:
     """Captions the items without a record in `previous` and yields their records, each batch's once it is written
     to `record_file` (when given). With `progress`, says on stderr what it is doing before the first image (how
     many are already done, loading and compiling), then shows a bar. shard (i, N): only the batches of shard i of N
@@ -323,8 +468,9 @@ def caption_pending(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, items:
         record_file.open()
     try:
         batches = prefetch_batches(pending, batch_size, spec.image_size, workers=workers, max_pixels=max_pixels)
-        for records in captioned_batches(loaded, captioner, params, batches, jax.random.PRNGKey(seed), mesh,
-                                         lm_label_names=spec.lm_label_names):
+        for records in captioned_batches(
+            loaded, captioner, params, batches, jax.random.PRNGKey(seed), mesh, lm_label_names=spec.lm_label_names
+        ):
             records = [record for record in records if record["path"] not in done]
             if record_file is not None:
                 record_file.write(records)
@@ -337,9 +483,20 @@ def caption_pending(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, items:
             record_file.close()
 
 
-def run_options(loaded: PipelineCheckpoint, decoding: DecodingOptions, *, fmt: str, batch_size: int, seed: int,
-                template: str | None, top_labels: int, tta: bool, lm_classify: bool,
-                dtype: str = "float32", spec: PipelineSpec | None = None) -> dict[str, Any]:
+def run_options(
+    loaded: PipelineCheckpoint,
+    decoding: DecodingOptions,
+    *,
+    fmt: str,
+    batch_size: int,
+    seed: int,
+    template: str | None,
+    top_labels: int,
+    tta: bool,
+    lm_classify: bool,
+    dtype: str = "float32",
+    spec: PipelineSpec | None = None,
+) -> dict[str, Any]:
     """The options that shape a record, as `prepare_output` keeps them beside an output: resuming with others
     would mix two runs' records in one file.
 
@@ -354,17 +511,23 @@ def run_options(loaded: PipelineCheckpoint, decoding: DecodingOptions, *, fmt: s
     written before these options existed (the CNN; no other label set).
     """
     config = loaded.config
-    options = {"cwd": os.getcwd(),
-               "checkpoint": None if loaded.directory is None else os.path.abspath(loaded.directory),
-               "checkpoint_id": checkpoint_identity(loaded), "format": fmt, "decoding": decoding.method,
-               "num_captions": decoding.num_captions,
-               "max_new_tokens": decoding.max_new_tokens or config["max_new_tokens"],
-               "template": config["template"] if template is None else template, "top_labels": top_labels,
-               "tta": bool(tta), "lm_classify": bool(lm_classify)}
+    options = {
+        "cwd": os.getcwd(),
+        "checkpoint": None if loaded.directory is None else os.path.abspath(loaded.directory),
+        "checkpoint_id": checkpoint_identity(loaded),
+        "format": fmt,
+        "decoding": decoding.method,
+        "num_captions": decoding.num_captions,
+        "max_new_tokens": decoding.max_new_tokens or config["max_new_tokens"],
+        "template": config["template"] if template is None else template,
+        "top_labels": top_labels,
+        "tta": bool(tta),
+        "lm_classify": bool(lm_classify),
+    }
     if decoding.method == "beam":
         options["num_beams"] = decoding.num_beams
     dtype = resolve_dtype(dtype)
-    if dtype != "float32":                              # float32 records nothing, as outputs made before the setting
+    if dtype != "float32":  # float32 records nothing, as outputs made before the setting
         options["dtype"] = dtype
     if spec is not None and spec.classify != "cnn":
         options["classify"] = spec.classify
@@ -374,8 +537,13 @@ def run_options(loaded: PipelineCheckpoint, decoding: DecodingOptions, *, fmt: s
     if spec is not None and spec.scores_labels_by_lm and spec.lm_scoring != "likelihood":
         options["lm_scoring"] = spec.lm_scoring
     if decoding.method == "sample":
-        options.update(temperature=float(decoding.temperature), top_k=decoding.top_k, top_p=float(decoding.top_p),
-                       seed=seed, batch_size=batch_size)
+        options.update(
+            temperature=float(decoding.temperature),
+            top_k=decoding.top_k,
+            top_p=float(decoding.top_p),
+            seed=seed,
+            batch_size=batch_size,
+        )
     return options
 
 
@@ -431,8 +599,16 @@ def compile_and_place(loaded: PipelineCheckpoint, spec: PipelineSpec, mesh, batc
     return captioner, params
 
 
-def captioned_batches(loaded: PipelineCheckpoint, captioner, params, batches: Iterator[Batch], base_key: jax.Array,
-                      mesh, *, lm_label_names: Sequence[str] | None = None) -> Iterator[list[dict]]:
+def captioned_batches(
+    loaded: PipelineCheckpoint,
+    captioner,
+    params,
+    batches: Iterator[Batch],
+    base_key: jax.Array,
+    mesh,
+    *,
+    lm_label_names: Sequence[str] | None = None,
+) -> Iterator[list[dict]]:
     """Each batch's records: batch i is captioned with key fold_in(base_key, i), and its results are fetched and
     decoded on the host while the device already runs batch i + 1. A batch whose files all failed computes nothing.
     lm_label_names: the labels the LM scores, when not the checkpoint's classes (`PipelineSpec.lm_label_names`).
@@ -450,8 +626,13 @@ def captioned_batches(loaded: PipelineCheckpoint, captioner, params, batches: It
         yield batch_records(loaded, *in_flight, lm_label_names=lm_label_names)
 
 
-def batch_records(loaded: PipelineCheckpoint, batch: Batch, result: Mapping[str, jax.Array] | None, *,
-                  lm_label_names: Sequence[str] | None = None) -> list[dict]:
+def batch_records(
+    loaded: PipelineCheckpoint,
+    batch: Batch,
+    result: Mapping[str, jax.Array] | None,
+    *,
+    lm_label_names: Sequence[str] | None = None,
+) -> list[dict]:
     """The records of one batch from the captioner's (device) outputs, or its error records when it has none;
     lm_label_names: the labels the LM scored (`PipelineSpec.lm_label_names`; None: the checkpoint's classes)."""
     if result is None:  # every file of the batch failed to load: nothing was computed
@@ -493,14 +674,22 @@ def merge_parts(output: str | os.PathLike, *, html: str | None = None, remove_pa
         check_writable(html, "the HTML page")
     count = parts_count(output)
     paths = [part_path(output, (index, count)) for index in range(count)]
-    check_distinct_paths({"the output": output, "the HTML page": html, "the output's lock": output + LOCK_SUFFIX,
-                          "the output's run options": output + RUN_OPTIONS_SUFFIX},
-                         {"a part": paths + [path + RUN_OPTIONS_SUFFIX for path in paths]})
+    check_distinct_paths(
+        {
+            "the output": output,
+            "the HTML page": html,
+            "the output's lock": output + LOCK_SUFFIX,
+            "the output's run options": output + RUN_OPTIONS_SUFFIX,
+        },
+        {"a part": paths + [path + RUN_OPTIONS_SUFFIX for path in paths]},
+    )
     parts = [read_part(path, (index, count)) for index, path in enumerate(paths)]
     problems = [f"{part.path} ({part.problem})" for part in parts if part.problem]
     if problems:
-        raise OutputError(f"cannot merge {output}: {len(problems)} of {count} parts missing or incomplete: "
-                          f"{'; '.join(problems)}; run (or resume) those shards, then merge again")
+        raise OutputError(
+            f"cannot merge {output}: {len(problems)} of {count} parts missing or incomplete: "
+            f"{'; '.join(problems)}; run (or resume) those shards, then merge again"
+        )
     options = agreed_options(parts)
     records = records_in_input_order(parts)
     with OutputLock(output):
@@ -508,8 +697,13 @@ def merge_parts(output: str | os.PathLike, *, html: str | None = None, remove_pa
         RecordFile(output, options["format"], options["top_labels"], options["num_captions"]).rewrite(records)
         write_run_options(output + RUN_OPTIONS_SUFFIX, options)
     if html:
-        write_gallery(html, records, gallery_items(records, options.get("cwd")), header=gallery_header(options),
-                      lm_label_names=options.get("lm_labels"))
+        write_gallery(
+            html,
+            records,
+            gallery_items(records, options.get("cwd")),
+            header=gallery_header(options),
+            lm_label_names=options.get("lm_labels"),
+        )
     if remove_parts:
         for path in paths:
             delete_part(path)
@@ -522,13 +716,20 @@ def parts_count(output: str) -> int:
     found = find_parts(output)
     counts = sorted({count for _, count in found})
     if not counts:
-        raise OutputError(f"no parts of {output} to merge (shard i of N writes its part beside it, such as "
-                          f"{part_path(output, (0, 2))} for shard 0 of 2)")
+        raise OutputError(
+            f"no parts of {output} to merge (shard i of N writes its part beside it, such as "
+            f"{part_path(output, (0, 2))} for shard 0 of 2)"
+        )
     if len(counts) > 1:
-        runs = [f"{sum(n == count for _, n in found)} of {count} ({min(p for (_, n), p in found.items() if n == count)}"
-                f"{', ...' if sum(n == count for _, n in found) > 1 else ''})" for count in counts]
-        raise OutputError(f"parts of {output} from runs of different shard counts are beside it ({'; '.join(runs)}): "
-                          "remove the parts of the run not to merge")
+        runs = [
+            f"{sum(n == count for _, n in found)} of {count} ({min(p for (_, n), p in found.items() if n == count)}"
+            f"{', ...' if sum(n == count for _, n in found) > 1 else ''})"
+            for count in counts
+        ]
+        raise OutputError(
+            f"parts of {output} from runs of different shard counts are beside it ({'; '.join(runs)}): "
+            "remove the parts of the run not to merge"
+        )
     return counts[0]
 
 
@@ -562,8 +763,10 @@ def agreed_options(parts: Sequence[Part]) -> dict[str, Any]:
     for part in parts[1:]:
         changes = changed_run_options(first, comparable_options(part.options))
         if changes:
-            raise OutputError(f"{part.path} was written with other options or inputs than {parts[0].path} "
-                              f"({'; '.join(changes)}): run that shard again as the others (--no-resume), then merge")
+            raise OutputError(
+                f"{part.path} was written with other options or inputs than {parts[0].path} "
+                f"({'; '.join(changes)}): run that shard again as the others (--no-resume), then merge"
+            )
     return unsharded_run_options(parts[0].options)
 
 
@@ -576,8 +779,10 @@ def records_in_input_order(parts: Sequence[Part]) -> list[dict]:
         for record, position in zip(part.records, part.positions):
             index = shard_item_index(position, part.shard, batch_size)
             if index >= len(ordered) or ordered[index] is not None:
-                raise OutputError(f"{part.path}: its records do not fit the other parts' input list; run that shard "
-                                  "again as the others (--no-resume), then merge")
+                raise OutputError(
+                    f"{part.path}: its records do not fit the other parts' input list; run that shard "
+                    "again as the others (--no-resume), then merge"
+                )
             ordered[index] = record
     return ordered
 
@@ -587,8 +792,11 @@ def gallery_items(records: Sequence[Mapping[str, Any]], cwd: str | None) -> dict
     were written (a tfds image is not read: its card has no thumbnail)."""
     if not cwd:
         return {}
-    return {record["path"]: Item(os.path.join(cwd, record["path"])) for record in records
-            if not record["path"].startswith(TFDS_PREFIX) and not os.path.isabs(record["path"])}
+    return {
+        record["path"]: Item(os.path.join(cwd, record["path"]))
+        for record in records
+        if not record["path"].startswith(TFDS_PREFIX) and not os.path.isabs(record["path"])
+    }
 
 
 def delete_part(path: str) -> None:
@@ -599,8 +807,28 @@ def delete_part(path: str) -> None:
                 os.remove(name)
 
 
-__all__ = ["DECODING_METHODS", "DEFAULT_COMPILATION_CACHE", "DecodingOptions", "Part", "STDOUT", "agreed_options",
-           "batch_records", "caption_files", "caption_pending", "captioned_batches", "checkpoint_identity",
-           "compile_and_place", "delete_part", "directory_identity", "enable_compilation_cache", "gallery_header",
-           "gallery_items", "generation_config", "merge_parts", "parts_count", "read_part", "records_in_input_order",
-           "run_options"]
+__all__ = [
+    "DECODING_METHODS",
+    "DEFAULT_COMPILATION_CACHE",
+    "DecodingOptions",
+    "Part",
+    "STDOUT",
+    "agreed_options",
+    "batch_records",
+    "caption_files",
+    "caption_pending",
+    "captioned_batches",
+    "checkpoint_identity",
+    "compile_and_place",
+    "delete_part",
+    "directory_identity",
+    "enable_compilation_cache",
+    "gallery_header",
+    "gallery_items",
+    "generation_config",
+    "merge_parts",
+    "parts_count",
+    "read_part",
+    "records_in_input_order",
+    "run_options",
+]

@@ -35,8 +35,8 @@ from imgllm.vision.features import image_logits_and_features, images_for_cnn
 
 # ----------------------------------------------------------------------------------------------- the pipeline
 
-CLASSIFIERS = ("cnn", "lm", "fused")          # PipelineSpec.classify
-LM_SCORINGS = ("likelihood", "information_gain")   # PipelineSpec.lm_scoring
+CLASSIFIERS = ("cnn", "lm", "fused")  # PipelineSpec.classify
+LM_SCORINGS = ("likelihood", "information_gain")  # PipelineSpec.lm_scoring
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,8 @@ class PipelineSpec:
         if self.classify != "cnn" and self.lm_class_prompts is None:
             raise ValueError(f"classify={self.classify!r} needs lm_class_prompts (the CNN classes' prompts)")
         if (self.lm_label_prompts is None) != (self.lm_label_names is None) or (
-                self.lm_label_prompts is not None and self.lm_label_prompts.num_classes != len(self.lm_label_names)):
+            self.lm_label_prompts is not None and self.lm_label_prompts.num_classes != len(self.lm_label_names)
+        ):
             raise ValueError("lm_label_prompts and lm_label_names go together, one prompt row per label name")
         for name in ("cnn_temperature", "lm_temperature", "fusion_temperature"):
             if not 0 < getattr(self, name) < float("inf"):
@@ -119,13 +120,22 @@ def preprocess(images: jax.Array, spec: PipelineSpec) -> jax.Array:
     return images_for_cnn(images, spec.image_size, spec.mean, spec.std)
 
 
-def cnn_logits_and_features(cnn_variables: Mapping[str, Any], images: jax.Array,
-                            spec: PipelineSpec) -> tuple[jax.Array, jax.Array]:
+def cnn_logits_and_features(
+    cnn_variables: Mapping[str, Any], images: jax.Array, spec: PipelineSpec
+) -> tuple[jax.Array, jax.Array]:
     """uint8 images → (logits [B, C] float32, the features the visual prefix reads [B, F]); with flip_tta the
     logits are averaged with the mirror's (`imgllm.vision.features.image_logits_and_features`)."""
     source = "pooled" if spec.bridge is None else spec.bridge.feature_source
-    return image_logits_and_features(spec.cnn, cnn_variables, images, image_size=spec.image_size, mean=spec.mean,
-                                     std=spec.std, feature_source=source, flip_tta=spec.flip_tta)
+    return image_logits_and_features(
+        spec.cnn,
+        cnn_variables,
+        images,
+        image_size=spec.image_size,
+        mean=spec.mean,
+        std=spec.std,
+        feature_source=source,
+        flip_tta=spec.flip_tta,
+    )
 
 
 def visual_prefix(params: Mapping[str, Any], features: jax.Array, spec: PipelineSpec) -> jax.Array | None:
@@ -137,8 +147,14 @@ def visual_prefix(params: Mapping[str, Any], features: jax.Array, spec: Pipeline
     return spec.bridge.apply(variables, features)
 
 
-def lm_label_scores(params: Mapping[str, Any], features: jax.Array, prefix: jax.Array, table: ClassPromptTable,
-                    spec: PipelineSpec, scoring: str | None = None) -> jax.Array:
+def lm_label_scores(
+    params: Mapping[str, Any],
+    features: jax.Array,
+    prefix: jax.Array,
+    table: ClassPromptTable,
+    spec: PipelineSpec,
+    scoring: str | None = None,
+) -> jax.Array:
     """[B, L] scores of each label of `table` after each image's prefix: the prompts' log-likelihood, or with
     scoring (None: spec.lm_scoring) "information_gain" that minus their log-likelihood after the neutral prefix (the
     bridge's output for all-zero features), which removes what the LM prefers whatever the image."""
@@ -155,12 +171,17 @@ def lm_classify_images(params: Mapping[str, Any], images: jax.Array, *, spec: Pi
     Pure and jit-traceable (spec is static)."""
     table = spec.lm_label_prompts if spec.lm_label_prompts is not None else spec.lm_class_prompts
     if table is None or "bridge" not in params:
-        raise ValueError("lm_classify_images needs a visual prefix (params with a \"bridge\") and label prompts "
-                         "(PipelineSpec.lm_label_prompts or lm_class_prompts)")
+        raise ValueError(
+            'lm_classify_images needs a visual prefix (params with a "bridge") and label prompts '
+            "(PipelineSpec.lm_label_prompts or lm_class_prompts)"
+        )
     _, features = cnn_logits_and_features(params["cnn"], images, spec)
     scores = lm_label_scores(params, features, visual_prefix(params, features, spec), table, spec)
-    return dict(lm_label_ids=jnp.argmax(scores, axis=-1).astype(jnp.int32), lm_scores=scores,
-                lm_probs=jax.nn.softmax(scores / spec.lm_probs_temperature, axis=-1))
+    return dict(
+        lm_label_ids=jnp.argmax(scores, axis=-1).astype(jnp.int32),
+        lm_scores=scores,
+        lm_probs=jax.nn.softmax(scores / spec.lm_probs_temperature, axis=-1),
+    )
 
 
 def class_log_probs(logits: jax.Array, lm_scores: jax.Array | None, spec: PipelineSpec) -> jax.Array:
@@ -176,8 +197,9 @@ def class_log_probs(logits: jax.Array, lm_scores: jax.Array | None, spec: Pipeli
     return jax.nn.log_softmax((cnn + spec.fusion_weight * lm) / spec.fusion_temperature, axis=-1)
 
 
-def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array, *,
-                   spec: PipelineSpec) -> dict[str, jax.Array]:
+def caption_images(
+    params: Mapping[str, Any], images: jax.Array, rng: jax.Array, *, spec: PipelineSpec
+) -> dict[str, jax.Array]:
     """Images → labels, prompts and caption token ids; pure and jit-traceable (spec is static).
 
     params: {"cnn": CNN variables, "lm": the LM's params, "bridge": optional PrefixMapper params}.
@@ -194,8 +216,10 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
     if "bridge" in params and spec.bridge is None:
         raise ValueError('pipeline params hold "bridge" but PipelineSpec.bridge (the PrefixMapper module) is None')
     if spec.scores_labels_by_lm and "bridge" not in params:
-        raise ValueError("LM classification (PipelineSpec.lm_class_prompts / lm_label_prompts) needs a visual prefix: "
-                         'params have no "bridge"')
+        raise ValueError(
+            "LM classification (PipelineSpec.lm_class_prompts / lm_label_prompts) needs a visual prefix: "
+            'params have no "bridge"'
+        )
     logits, features = cnn_logits_and_features(params["cnn"], images, spec)
     prefix = visual_prefix(params, features, spec)
     class_scores = None
@@ -203,29 +227,40 @@ def caption_images(params: Mapping[str, Any], images: jax.Array, rng: jax.Array,
     if spec.lm_class_prompts is not None and (spec.classify != "cnn" or own_classes_by_likelihood):
         class_scores = lm_label_scores(params, features, prefix, spec.lm_class_prompts, spec, "likelihood")
     label_probs, label_ids = jax.lax.top_k(jnp.exp(class_log_probs(logits, class_scores, spec)), spec.top_k)
-    prompt_ids, prompt_mask = assemble_prompts(spec.prompts, label_ids, probability_percents(label_probs),
-                                               spec.pad_id)
-    shared_prompts = prompts_are_per_class(spec, prefix is not None, num_classes=logits.shape[-1],
-                                           batch=images.shape[0])
+    prompt_ids, prompt_mask = assemble_prompts(spec.prompts, label_ids, probability_percents(label_probs), spec.pad_id)
+    shared_prompts = prompts_are_per_class(
+        spec, prefix is not None, num_classes=logits.shape[-1], batch=images.shape[0]
+    )
     if shared_prompts and not spec.generation.do_sample:
         tokens, scores = _captions_per_class(params["lm"], spec, label_ids[:, 0], logits.shape[-1], rng)
     elif shared_prompts and spec.generation.num_beams == 1:
         tokens, scores = _sample_from_class_prefills(params["lm"], spec, label_ids[:, 0], logits.shape[-1], rng)
     else:
-        tokens, scores = generate_tokens(params["lm"], spec.lm_config, prompt_ids, prompt_mask, rng,
-                                         spec.generation, prefix_embeds=prefix)
+        tokens, scores = generate_tokens(
+            params["lm"], spec.lm_config, prompt_ids, prompt_mask, rng, spec.generation, prefix_embeds=prefix
+        )
     batch = images.shape[0]
     extra = {}
     if spec.scores_labels_by_lm:
         table = spec.lm_class_prompts if spec.lm_label_prompts is None else spec.lm_label_prompts
-        lm_scores = class_scores if own_classes_by_likelihood else lm_label_scores(params, features, prefix, table,
-                                                                                    spec)
-        extra = dict(lm_label_ids=jnp.argmax(lm_scores, axis=-1).astype(jnp.int32), lm_scores=lm_scores,
-                     lm_probs=jax.nn.softmax(lm_scores / spec.lm_probs_temperature, axis=-1))
-    return dict(**extra, logits=logits, label_ids=label_ids.astype(jnp.int32), label_probs=label_probs,
-                prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                caption_ids=tokens.reshape(batch, -1, tokens.shape[-1]).astype(jnp.int32),
-                caption_scores=jnp.asarray(scores, jnp.float32).reshape(batch, -1))
+        lm_scores = (
+            class_scores if own_classes_by_likelihood else lm_label_scores(params, features, prefix, table, spec)
+        )
+        extra = dict(
+            lm_label_ids=jnp.argmax(lm_scores, axis=-1).astype(jnp.int32),
+            lm_scores=lm_scores,
+            lm_probs=jax.nn.softmax(lm_scores / spec.lm_probs_temperature, axis=-1),
+        )
+    return dict(
+        **extra,
+        logits=logits,
+        label_ids=label_ids.astype(jnp.int32),
+        label_probs=label_probs,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        caption_ids=tokens.reshape(batch, -1, tokens.shape[-1]).astype(jnp.int32),
+        caption_scores=jnp.asarray(scores, jnp.float32).reshape(batch, -1),
+    )
 
 
 def prompts_are_per_class(spec: PipelineSpec, has_prefix: bool, *, num_classes: int, batch: int) -> bool:
@@ -238,8 +273,9 @@ def prompts_are_per_class(spec: PipelineSpec, has_prefix: bool, *, num_classes: 
     (the LM pass over the prompt tokens) is still done once per class and gathered (`_sample_from_class_prefills`;
     beam sampling is not shared). Both give the same tokens as running every image's prompt.
     """
-    label_only_prompt = all(piece.kind == "text" or (piece.kind == "label" and piece.rank == 0)
-                            for piece in spec.prompts.pieces)
+    label_only_prompt = all(
+        piece.kind == "text" or (piece.kind == "label" and piece.rank == 0) for piece in spec.prompts.pieces
+    )
     return not has_prefix and label_only_prompt and num_classes < batch
 
 
@@ -249,26 +285,29 @@ def _class_prompts(spec: PipelineSpec, num_classes: int) -> tuple[jax.Array, jax
     return assemble_prompts(spec.prompts, class_ids, jnp.zeros_like(class_ids), spec.pad_id)
 
 
-def _captions_per_class(lm_params: Any, spec: PipelineSpec, top_labels: jax.Array, num_classes: int,
-                        rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _captions_per_class(
+    lm_params: Any, spec: PipelineSpec, top_labels: jax.Array, num_classes: int, rng: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Caption tokens [B * n, T] and scores [B * n] of deterministic decoding, made once per class prompt and
     gathered per image (see `prompts_are_per_class`)."""
     class_prompts, class_masks = _class_prompts(spec, num_classes)
     tokens, scores = generate_tokens(lm_params, spec.lm_config, class_prompts, class_masks, rng, spec.generation)
-    per_class = tokens.shape[0] // num_classes            # num_return_sequences rows per prompt
+    per_class = tokens.shape[0] // num_classes  # num_return_sequences rows per prompt
     tokens = tokens.reshape(num_classes, per_class, -1)[top_labels]
     scores = jnp.asarray(scores).reshape(num_classes, per_class)[top_labels]
     return tokens.reshape(-1, tokens.shape[-1]), scores.reshape(-1)
 
 
-def _sample_from_class_prefills(lm_params: Any, spec: PipelineSpec, top_labels: jax.Array, num_classes: int,
-                                rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _sample_from_class_prefills(
+    lm_params: Any, spec: PipelineSpec, top_labels: jax.Array, num_classes: int, rng: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Sampled caption tokens [B * n, T] and scores [B * n]: the class prompts are prefilled once, gathered per
     image, then every image samples its own caption (see `prompts_are_per_class`)."""
     class_prompts, class_masks = _class_prompts(spec, num_classes)
     prefilled = prefill(lm_params, spec.lm_config, class_prompts, class_masks, spec.generation.max_new_tokens)
-    return sample_after_prefill(lm_params, spec.lm_config, gather_prefilled(prefilled, top_labels), rng,
-                                spec.generation)
+    return sample_after_prefill(
+        lm_params, spec.lm_config, gather_prefilled(prefilled, top_labels), rng, spec.generation
+    )
 
 
 def make_captioner(spec: PipelineSpec, mesh=None) -> Callable[[Any, Any, jax.Array], dict[str, jax.Array]]:
@@ -284,8 +323,9 @@ def make_captioner(spec: PipelineSpec, mesh=None) -> Callable[[Any, Any, jax.Arr
 @functools.lru_cache(maxsize=8)
 def _jitted_captioner(spec: PipelineSpec, mesh) -> Callable[[Any, Any, jax.Array], dict[str, jax.Array]]:
     data, replicated = parallel.data_sharding(mesh), parallel.replicated_sharding(mesh)
-    return jax.jit(functools.partial(caption_images, spec=spec), in_shardings=(replicated, data, replicated),
-                   out_shardings=data)
+    return jax.jit(
+        functools.partial(caption_images, spec=spec), in_shardings=(replicated, data, replicated), out_shardings=data
+    )
 
 
 def compile_captioner(spec: PipelineSpec, mesh, params_shapes: Any, batch_size: int, image_size: int | None = None):
@@ -296,13 +336,20 @@ def compile_captioner(spec: PipelineSpec, mesh, params_shapes: Any, batch_size: 
     `place_images`. Cached per (spec, mesh, shapes), like `make_captioner`.
     """
     leaves, treedef = jax.tree.flatten(params_shapes)
-    key = (spec, mesh, treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves), int(batch_size),
-           int(image_size or spec.image_size))
+    key = (
+        spec,
+        mesh,
+        treedef,
+        tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves),
+        int(batch_size),
+        int(image_size or spec.image_size),
+    )
     if key not in _COMPILED:
         replicated = parallel.replicated_sharding(mesh)
         size = image_size or spec.image_size
-        abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                                       params_shapes)
+        abstract_params = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params_shapes
+        )
         images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8, sharding=parallel.data_sharding(mesh))
         rng = jax.ShapeDtypeStruct(jax.random.PRNGKey(0).shape, jnp.uint32, sharding=replicated)
         _COMPILED[key] = make_captioner(spec, mesh).lower(abstract_params, images, rng).compile()
@@ -342,22 +389,35 @@ def caption_token_lists(caption_ids: np.ndarray, eos_id: int, pad_id: int) -> li
         for row in image:
             row = row.tolist()
             if eos_id in row:
-                row = row[:row.index(eos_id)]
+                row = row[: row.index(eos_id)]
             captions.append([t for t in row if t != pad_id])
         result.append(captions)
     return result
 
 
-def decode_captions(decode: Callable[[Sequence[int]], str], caption_ids: np.ndarray, eos_id: int,
-                    pad_id: int) -> list[list[str]]:
+def decode_captions(
+    decode: Callable[[Sequence[int]], str], caption_ids: np.ndarray, eos_id: int, pad_id: int
+) -> list[list[str]]:
     """Caption ids [B, n, T] → strings (per image, n captions), cut at EOS, whitespace-stripped."""
-    return [[decode(ids).strip() for ids in captions]
-            for captions in caption_token_lists(caption_ids, eos_id, pad_id)]
+    return [[decode(ids).strip() for ids in captions] for captions in caption_token_lists(caption_ids, eos_id, pad_id)]
 
 
 __all__ = [
-    "CLASSIFIERS", "LM_SCORINGS", "PipelineSpec", "caption_images", "caption_token_lists", "class_log_probs",
-    "cnn_logits_and_features", "compile_captioner", "lm_classify_images", "lm_label_scores",
-    "decode_captions", "inference_params", "make_captioner", "place_images", "place_params", "preprocess",
+    "CLASSIFIERS",
+    "LM_SCORINGS",
+    "PipelineSpec",
+    "caption_images",
+    "caption_token_lists",
+    "class_log_probs",
+    "cnn_logits_and_features",
+    "compile_captioner",
+    "lm_classify_images",
+    "lm_label_scores",
+    "decode_captions",
+    "inference_params",
+    "make_captioner",
+    "place_images",
+    "place_params",
+    "preprocess",
     "visual_prefix",
 ]

@@ -94,29 +94,45 @@ PARAMS_ITEM = "params"
 CONFIG_ITEM = "config"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
-FORMAT_FAMILY = "imgllm-pipeline/"   # every version of the format starts so: what `is_pipeline_checkpoint` recognises
+FORMAT_FAMILY = "imgllm-pipeline/"  # every version of the format starts so: what `is_pipeline_checkpoint` recognises
 # What a pipeline checkpoint folder holds: its items and orbax's bookkeeping files.
-CARD_FILE = "README.md"   # the model card (imgllm.train.model_card): what made the checkpoint, its scores
-CHECKPOINT_ENTRIES = frozenset({PARAMS_ITEM, CONFIG_ITEM, TOKENIZER_DIR, CARD_FILE, "_CHECKPOINT_METADATA",
-                                "commit_success.txt"})
+CARD_FILE = "README.md"  # the model card (imgllm.train.model_card): what made the checkpoint, its scores
+CHECKPOINT_ENTRIES = frozenset(
+    {PARAMS_ITEM, CONFIG_ITEM, TOKENIZER_DIR, CARD_FILE, "_CHECKPOINT_METADATA", "commit_success.txt"}
+)
 # The most class-prompt templates scored: every image scores every class under every template at once, so 2,000
 # templates would ask for tens of GB. A mixture of a few dozen gains nothing more (CLIP's ImageNet set has 80).
 MAX_CLASS_PROMPT_TEMPLATES = 64
-TRAIN_FLIPS = ("random", "alternating", "none")   # the classifier's augment.flip settings
+TRAIN_FLIPS = ("random", "alternating", "none")  # the classifier's augment.flip settings
 
 
 # ----------------------------------------------------------------------------------------------- config
 
 
-def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class_names: Sequence[str],
-                         eos_id: int, pad_id: int, bos_id: int | None = None, bridge: Mapping[str, Any] | None = None,
-                         template: str = prompts.DEFAULT_TEMPLATE, top_k: int = 1, image_size: int = 32,
-                         mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                         prepend_bos: bool = False, max_new_tokens: int = 20,
-                         class_prompt_templates: Sequence[str] | None = None,
-                         cnn_temperature: float = 1.0, lm_temperature: float = 1.0, fusion_weight: float = 0.0,
-                         fusion_temperature: float = 1.0, classify: str = "cnn",
-                         train_flip: str | None = None) -> dict[str, Any]:
+def make_pipeline_config(
+    *,
+    cnn: Mapping[str, Any],
+    lm: Mapping[str, Any],
+    class_names: Sequence[str],
+    eos_id: int,
+    pad_id: int,
+    bos_id: int | None = None,
+    bridge: Mapping[str, Any] | None = None,
+    template: str = prompts.DEFAULT_TEMPLATE,
+    top_k: int = 1,
+    image_size: int = 32,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    prepend_bos: bool = False,
+    max_new_tokens: int = 20,
+    class_prompt_templates: Sequence[str] | None = None,
+    cnn_temperature: float = 1.0,
+    lm_temperature: float = 1.0,
+    fusion_weight: float = 0.0,
+    fusion_temperature: float = 1.0,
+    classify: str = "cnn",
+    train_flip: str | None = None,
+) -> dict[str, Any]:
     """The JSON config of a pipeline checkpoint, checked (a wrong value is named here, not at inference).
 
     cnn: `imgllm.vision.cnn.cnn_from_config` dict (a "dtype" key, the compute dtype of the run it comes from, is
@@ -131,8 +147,11 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
     """
     if train_flip is not None and train_flip not in TRAIN_FLIPS:
         raise ValueError(f"train_flip must be one of {TRAIN_FLIPS} or None, got {train_flip!r}")
-    for name, value in (("cnn_temperature", cnn_temperature), ("lm_temperature", lm_temperature),
-                        ("fusion_temperature", fusion_temperature)):
+    for name, value in (
+        ("cnn_temperature", cnn_temperature),
+        ("lm_temperature", lm_temperature),
+        ("fusion_temperature", fusion_temperature),
+    ):
         if not 0 < value < float("inf"):
             raise ValueError(f"{name} must be a positive number, got {value!r}")
     if not 0 <= fusion_weight < float("inf"):
@@ -151,16 +170,30 @@ def make_pipeline_config(*, cnn: Mapping[str, Any], lm: Mapping[str, Any], class
     if prepend_bos and bos_id is None:
         raise ValueError("prepend_bos=True needs bos_id")
     cnn = {key: value for key, value in cnn.items() if key != "dtype"}  # a runtime choice, not the format's
-    config = dict(format=FORMAT, cnn=cnn, lm=dict(lm), bridge=None if bridge is None else dict(bridge),
-                  class_names=class_names, template=template, top_k=int(top_k), image_size=int(image_size),
-                  mean=None if mean is None else [float(m) for m in mean],
-                  std=None if std is None else [float(s) for s in std],
-                  eos_id=int(eos_id), pad_id=int(pad_id), bos_id=None if bos_id is None else int(bos_id),
-                  prepend_bos=bool(prepend_bos), max_new_tokens=int(max_new_tokens),
-                  class_prompt_templates=None if class_prompt_templates is None else list(class_prompt_templates),
-                  cnn_temperature=float(cnn_temperature), lm_temperature=float(lm_temperature),
-                  fusion_weight=float(fusion_weight), fusion_temperature=float(fusion_temperature),
-                  classify=classify, train_flip=train_flip)
+    config = dict(
+        format=FORMAT,
+        cnn=cnn,
+        lm=dict(lm),
+        bridge=None if bridge is None else dict(bridge),
+        class_names=class_names,
+        template=template,
+        top_k=int(top_k),
+        image_size=int(image_size),
+        mean=None if mean is None else [float(m) for m in mean],
+        std=None if std is None else [float(s) for s in std],
+        eos_id=int(eos_id),
+        pad_id=int(pad_id),
+        bos_id=None if bos_id is None else int(bos_id),
+        prepend_bos=bool(prepend_bos),
+        max_new_tokens=int(max_new_tokens),
+        class_prompt_templates=None if class_prompt_templates is None else list(class_prompt_templates),
+        cnn_temperature=float(cnn_temperature),
+        lm_temperature=float(lm_temperature),
+        fusion_weight=float(fusion_weight),
+        fusion_temperature=float(fusion_temperature),
+        classify=classify,
+        train_flip=train_flip,
+    )
     if class_prompt_templates is not None:
         check_template_count(class_prompt_templates, "class_prompt_templates")
         prompts.check_label_templates(class_prompt_templates)
@@ -180,7 +213,7 @@ def _is_count(value: Any, least: int) -> bool:
 
 
 def config_number_problems(config: Mapping[str, Any]) -> list[str]:
-    """"KEY=VALUE must be ..." for each number of a pipeline config that inference cannot use (NaN, infinite, zero or
+    """ "KEY=VALUE must be ..." for each number of a pipeline config that inference cannot use (NaN, infinite, zero or
     negative where it divides or counts, a token id outside the LM's vocabulary); keys absent from older
     checkpoints are not required."""
     problems = []
@@ -194,8 +227,9 @@ def config_number_problems(config: Mapping[str, Any]) -> list[str]:
             problems.append(f"{key}={config[key]!r} must be an integer >= {least}")
     for key, positive in (("mean", False), ("std", True)):
         values = config.get(key)
-        if values is not None and not (isinstance(values, list) and values and all(
-                _is_number(v) and (v > 0 or not positive) for v in values)):
+        if values is not None and not (
+            isinstance(values, list) and values and all(_is_number(v) and (v > 0 or not positive) for v in values)
+        ):
             problems.append(f"{key}={values!r} must be a list of finite numbers" + (" > 0" if positive else ""))
     vocab_size = (config.get("lm") or {}).get("vocab_size")
     for key in ("eos_id", "pad_id", "bos_id"):
@@ -214,8 +248,10 @@ def check_template_count(templates: Any, key: str, source: str = "") -> None:
     if not isinstance(templates, (list, tuple)) or not all(isinstance(t, str) for t in templates):
         raise ValueError(f"{prefix}{key} must be a list of template strings, got {str(templates)[:80]!r}")
     if len(templates) > MAX_CLASS_PROMPT_TEMPLATES:
-        raise ValueError(f"{prefix}{key} holds {len(templates)} templates; at most {MAX_CLASS_PROMPT_TEMPLATES} are "
-                         "scored (every image scores every class under each, all at once): keep the best few")
+        raise ValueError(
+            f"{prefix}{key} holds {len(templates)} templates; at most {MAX_CLASS_PROMPT_TEMPLATES} are "
+            "scored (every image scores every class under each, all at once): keep the best few"
+        )
 
 
 def stripped(texts: Sequence[str] | None) -> list[str] | None:
@@ -228,8 +264,10 @@ def check_flip_tta(config: Mapping[str, Any], source: Any) -> None:
     """Raises ValueError naming `source` when the checkpoint's CNN was trained without flips (train_flip "none"):
     averaging over mirrored images would answer for views it never learnt (the demo's labels depend on left/right)."""
     if config.get("train_flip") == "none":
-        raise ValueError(f"{source}: flip test-time augmentation (--tta, flip_tta=True) is refused: this CNN was "
-                         'trained without flips (train_flip="none"), so a mirrored image can change its label')
+        raise ValueError(
+            f"{source}: flip test-time augmentation (--tta, flip_tta=True) is refused: this CNN was "
+            'trained without flips (train_flip="none"), so a mirrored image can change its label'
+        )
 
 
 def check_config_numbers(config: Mapping[str, Any], source: str) -> None:
@@ -247,8 +285,15 @@ def _checkpointer():
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
-def save_pipeline_checkpoint(out_dir: str | os.PathLike, params: Mapping[str, Any], config: Mapping[str, Any],
-                             tokenizer: Any, *, overwrite: bool = False, card: str | None = None) -> str:
+def save_pipeline_checkpoint(
+    out_dir: str | os.PathLike,
+    params: Mapping[str, Any],
+    config: Mapping[str, Any],
+    tokenizer: Any,
+    *,
+    overwrite: bool = False,
+    card: str | None = None,
+) -> str:
     """Writes params, config and tokenizer files to `out_dir` (one directory); returns its absolute path.
     card: the model card's Markdown, written as README.md (`imgllm.train.model_card`).
 
@@ -270,8 +315,12 @@ def save_pipeline_checkpoint(out_dir: str | os.PathLike, params: Mapping[str, An
     staging = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:8]}")
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     try:
-        _checkpointer().save(staging, args=ocp.args.Composite(
-            **{PARAMS_ITEM: ocp.args.StandardSave(params), CONFIG_ITEM: ocp.args.JsonSave(dict(config))}))
+        _checkpointer().save(
+            staging,
+            args=ocp.args.Composite(
+                **{PARAMS_ITEM: ocp.args.StandardSave(params), CONFIG_ITEM: ocp.args.JsonSave(dict(config))}
+            ),
+        )
         _write_tokenizer(tokenizer, os.path.join(staging, TOKENIZER_DIR))
         if card is not None:
             with open(os.path.join(staging, CARD_FILE), "w", encoding="utf-8") as f:
@@ -288,8 +337,11 @@ def _write_tokenizer(tokenizer: Any, tokenizer_dir: str) -> None:
         source = os.fspath(tokenizer)
         if not os.path.isfile(os.path.join(source, TOKENIZER_FILE)):
             raise FileNotFoundError(f"{source} has no {TOKENIZER_FILE} (a fast tokenizer's file)")
-        shutil.copytree(source, tokenizer_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.msgpack",
-                                                                              "*.h5", "config.json"))
+        shutil.copytree(
+            source,
+            tokenizer_dir,
+            ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.msgpack", "*.h5", "config.json"),
+        )
     else:
         tokenizer.save_pretrained(tokenizer_dir)
     if not os.path.isfile(os.path.join(tokenizer_dir, TOKENIZER_FILE)):
@@ -306,8 +358,12 @@ def is_pipeline_checkpoint(path: str | os.PathLike) -> bool:
         entries = set(os.listdir(path))
     except (OSError, ValueError):
         return False
-    return (not os.path.islink(path) and isinstance(config, dict) and entries <= CHECKPOINT_ENTRIES
-            and str(config.get("format", "")).startswith(FORMAT_FAMILY))
+    return (
+        not os.path.islink(path)
+        and isinstance(config, dict)
+        and entries <= CHECKPOINT_ENTRIES
+        and str(config.get("format", "")).startswith(FORMAT_FAMILY)
+    )
 
 
 def check_replaceable(out_dir: str | os.PathLike) -> None:
@@ -315,12 +371,15 @@ def check_replaceable(out_dir: str | os.PathLike) -> None:
     folder, or a pipeline checkpoint with nothing else inside (`is_pipeline_checkpoint`). A user's folder (the runs,
     a work directory) is never deleted."""
     out_dir = os.fspath(out_dir)
-    if not os.path.lexists(out_dir) or (os.path.isdir(out_dir) and not os.path.islink(out_dir)
-                                        and not os.listdir(out_dir)):
+    if not os.path.lexists(out_dir) or (
+        os.path.isdir(out_dir) and not os.path.islink(out_dir) and not os.listdir(out_dir)
+    ):
         return
     if not is_pipeline_checkpoint(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not a pipeline checkpoint (or holds other files too); "
-                              "imgllm replaces only its own: choose another --out")
+        raise FileExistsError(
+            f"{out_dir} exists and is not a pipeline checkpoint (or holds other files too); "
+            "imgllm replaces only its own: choose another --out"
+        )
 
 
 def replace_directory(new: str, target: str) -> None:
@@ -355,6 +414,7 @@ def _exchange(a: str, b: str) -> bool:
 def float32_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """The parameter tree with every floating-point leaf as float32, where it lies (others as they are): what a
     pipeline checkpoint stores, even from parameters cast to bfloat16 (the cast back is exact)."""
+
     def to_float32(leaf):
         dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
         return leaf.astype(np.float32) if jnp.issubdtype(dtype, jnp.floating) and dtype != np.float32 else leaf
@@ -366,10 +426,13 @@ def read_pipeline_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     """The config of a pipeline checkpoint, with a clear error when the directory is not one."""
     path = os.path.join(os.fspath(checkpoint_dir), CONFIG_ITEM)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{checkpoint_dir} is not a pipeline checkpoint (no {CONFIG_ITEM}/ inside); make one "
-                                "with `python infer.py assemble --classifier WORKDIR --lm LM --out DIR`")
-    restored = _checkpointer().restore(os.path.abspath(os.fspath(checkpoint_dir)),
-                                       args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
+        raise FileNotFoundError(
+            f"{checkpoint_dir} is not a pipeline checkpoint (no {CONFIG_ITEM}/ inside); make one "
+            "with `python infer.py assemble --classifier WORKDIR --lm LM --out DIR`"
+        )
+    restored = _checkpointer().restore(
+        os.path.abspath(os.fspath(checkpoint_dir)), args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()})
+    )
     config = dict(restored[CONFIG_ITEM])
     if config.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{checkpoint_dir}: format {config.get('format')!r}, expected one of {READABLE_FORMATS}")
@@ -381,8 +444,9 @@ def read_pipeline_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
 
 def read_pipeline_params(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     """The parameter tree of a pipeline checkpoint, as arrays on the default device."""
-    restored = _checkpointer().restore(os.path.abspath(os.fspath(checkpoint_dir)),
-                                       args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore()}))
+    restored = _checkpointer().restore(
+        os.path.abspath(os.fspath(checkpoint_dir)), args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore()})
+    )
     return dict(restored[PARAMS_ITEM])
 
 
@@ -392,7 +456,7 @@ def saved_array_shapes(item_dir: str | os.PathLike, sharding: Any = None) -> dic
     metadata = ocp.StandardCheckpointer().metadata(os.path.abspath(os.fspath(item_dir)))
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
-    if tree is None:   # orbax reads no metadata from a damaged item (truncated files)
+    if tree is None:  # orbax reads no metadata from a damaged item (truncated files)
         raise ValueError(f"{item_dir}: orbax reads no array metadata there")
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding), dict(tree))
 
@@ -419,7 +483,7 @@ def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def first_shape_difference(saved: Any, expected: Any) -> str | None:
-    """"PATH: checkpoint SHAPE, config SHAPE" for the first parameter whose stored shape is not the one the config's
+    """ "PATH: checkpoint SHAPE, config SHAPE" for the first parameter whose stored shape is not the one the config's
     model has (or that only one of them holds), or None when they agree."""
     saved, expected = leaf_shapes(saved), leaf_shapes(expected)
     for path in [*expected, *(path for path in saved if path not in expected)]:
@@ -492,17 +556,22 @@ class PipelineCheckpoint:
         """The caption prompt template (the checkpoint's, or the given one) and top_k, tokenised."""
         config = self.config
         return prompts.tokenize_template(
-            self.tokenizer.encode, config["template"] if template is None else template, config["class_names"],
-            config["top_k"] if top_k is None else top_k, config["pad_id"],
-            bos_id=config["bos_id"] if config.get("prepend_bos") else None)
+            self.tokenizer.encode,
+            config["template"] if template is None else template,
+            config["class_names"],
+            config["top_k"] if top_k is None else top_k,
+            config["pad_id"],
+            bos_id=config["bos_id"] if config.get("prepend_bos") else None,
+        )
 
     @property
     def default_classify(self) -> str:
         """The classifier the checkpoint's labels come from by default ("cnn", "lm" or "fused")."""
         return self.config.get("classify", "cnn")
 
-    def label_prompts(self, labels: Sequence[str], templates: Sequence[str] | None = None, *,
-                      score_end: bool | None = None) -> ClassPromptTable:
+    def label_prompts(
+        self, labels: Sequence[str], templates: Sequence[str] | None = None, *, score_end: bool | None = None
+    ) -> ClassPromptTable:
         """The prompt table that classifies images by the LM among any `labels` (`scoring.build_prompt_table`).
 
         templates: the prompts ("a small {label}", ...; several are combined as a mixture); None: the checkpoint's
@@ -511,15 +580,27 @@ class PipelineCheckpoint:
         key = "lm_templates (--lm-templates)"
         if templates is None:
             templates, score_end, key = self.class_prompt_templates, True, "class_prompt_templates"
-        check_template_count(list(templates), key)   # scored all at once: a cap, before they are tokenised
-        prompts.check_label_templates(templates)   # before str.format sees them
-        return build_prompt_table(self.tokenizer.encode, self.config["eos_id"], list(labels), list(templates),
-                                  score_end=score_end)
+        check_template_count(list(templates), key)  # scored all at once: a cap, before they are tokenised
+        prompts.check_label_templates(templates)  # before str.format sees them
+        return build_prompt_table(
+            self.tokenizer.encode, self.config["eos_id"], list(labels), list(templates), score_end=score_end
+        )
 
-    def spec(self, generation: Any = None, *, template: str | None = None, top_k: int | None = None,
-             flip_tta: bool = False, lm_classify: bool = False, dtype: str = "auto", classify: str | None = None,
-             lm_labels: Sequence[str] | None = None, lm_templates: Sequence[str] | None = None,
-             lm_scoring: str = "likelihood", lm_score_end: bool | None = None) -> caption.PipelineSpec:
+    def spec(
+        self,
+        generation: Any = None,
+        *,
+        template: str | None = None,
+        top_k: int | None = None,
+        flip_tta: bool = False,
+        lm_classify: bool = False,
+        dtype: str = "auto",
+        classify: str | None = None,
+        lm_labels: Sequence[str] | None = None,
+        lm_templates: Sequence[str] | None = None,
+        lm_scoring: str = "likelihood",
+        lm_score_end: bool | None = None,
+    ) -> caption.PipelineSpec:
         """The static `PipelineSpec`; generation: a `GenerationConfig` (default: greedy, the config's length).
 
         lm_classify: also classify by LM likelihood after the visual prefix ("lm_label" in records), scoring the
@@ -539,37 +620,54 @@ class PipelineCheckpoint:
         if classify not in caption.CLASSIFIERS:
             raise ValueError(f"classify must be one of {caption.CLASSIFIERS}, got {classify!r}")
         if generation is None:
-            generation = GenerationConfig(max_new_tokens=config["max_new_tokens"], eos_token_id=config["eos_id"],
-                                          pad_token_id=config["pad_id"])
+            generation = GenerationConfig(
+                max_new_tokens=config["max_new_tokens"], eos_token_id=config["eos_id"], pad_token_id=config["pad_id"]
+            )
         bridge = None
         if config.get("bridge") is not None:
             bridge = PrefixMapper(**config["bridge"])
         uses_lm = lm_classify or lm_labels is not None or classify != "cnn"
         if uses_lm and bridge is None:
-            raise ValueError(f"{self.directory}: classification by the LM needs a visual prefix, and this pipeline "
-                             "checkpoint has no bridge")
+            raise ValueError(
+                f"{self.directory}: classification by the LM needs a visual prefix, and this pipeline "
+                "checkpoint has no bridge"
+            )
         if lm_templates is not None and lm_labels is None:
             raise ValueError("lm_templates are the prompts of lm_labels: give the labels too")
-        lm_labels, lm_templates = stripped(lm_labels), stripped(lm_templates)   # as the command line splits them
-        class_prompts = self.label_prompts(config["class_names"]) if (
-            lm_classify and lm_labels is None) or classify != "cnn" else None
-        label_prompts = None if lm_labels is None else self.label_prompts(lm_labels, lm_templates,
-                                                                          score_end=lm_score_end)
+        lm_labels, lm_templates = stripped(lm_labels), stripped(lm_templates)  # as the command line splits them
+        class_prompts = (
+            self.label_prompts(config["class_names"])
+            if (lm_classify and lm_labels is None) or classify != "cnn"
+            else None
+        )
+        label_prompts = (
+            None if lm_labels is None else self.label_prompts(lm_labels, lm_templates, score_end=lm_score_end)
+        )
         mean, std = config.get("mean"), config.get("std")
         return caption.PipelineSpec(
-            cnn=self.cnn(dtype), lm_config=self.lm_config(dtype),
-            prompts=self.tokenized_template(template, top_k), generation=generation, pad_id=config["pad_id"],
-            image_size=config["image_size"], mean=None if mean is None else tuple(mean),
-            std=None if std is None else tuple(std), bridge=bridge, flip_tta=flip_tta, lm_class_prompts=class_prompts,
-            lm_label_prompts=label_prompts, lm_label_names=None if lm_labels is None else tuple(lm_labels),
-            lm_scoring=lm_scoring, classify=classify, cnn_temperature=float(config.get("cnn_temperature", 1.0)),
+            cnn=self.cnn(dtype),
+            lm_config=self.lm_config(dtype),
+            prompts=self.tokenized_template(template, top_k),
+            generation=generation,
+            pad_id=config["pad_id"],
+            image_size=config["image_size"],
+            mean=None if mean is None else tuple(mean),
+            std=None if std is None else tuple(std),
+            bridge=bridge,
+            flip_tta=flip_tta,
+            lm_class_prompts=class_prompts,
+            lm_label_prompts=label_prompts,
+            lm_label_names=None if lm_labels is None else tuple(lm_labels),
+            lm_scoring=lm_scoring,
+            classify=classify,
+            cnn_temperature=float(config.get("cnn_temperature", 1.0)),
             lm_temperature=float(config.get("lm_temperature", 1.0)),
             fusion_weight=float(config.get("fusion_weight", 0.0)),
-            fusion_temperature=float(config.get("fusion_temperature", 1.0)))
+            fusion_temperature=float(config.get("fusion_temperature", 1.0)),
+        )
 
     def decode_captions(self, caption_ids: np.ndarray) -> list[list[str]]:
-        return caption.decode_captions(self.tokenizer.decode, caption_ids, self.config["eos_id"],
-                                        self.config["pad_id"])
+        return caption.decode_captions(self.tokenizer.decode, caption_ids, self.config["eos_id"], self.config["pad_id"])
 
 
 def load_pipeline(checkpoint_dir: str | os.PathLike, *, read_params: bool = True) -> PipelineCheckpoint:
@@ -590,9 +688,23 @@ def load_pipeline(checkpoint_dir: str | os.PathLike, *, read_params: bool = True
 
 
 __all__ = [
-    "FORMAT", "MAX_CLASS_PROMPT_TEMPLATES", "FastTokenizer", "PipelineCheckpoint", "check_config_numbers",
-    "check_params_match_config", "check_replaceable", "check_template_count", "config_number_problems",
-    "config_params_shapes", "float32_params", "is_pipeline_checkpoint", "load_pipeline", "make_pipeline_config",
-    "read_params_shapes", "read_pipeline_config", "read_pipeline_params", "replace_directory",
+    "FORMAT",
+    "MAX_CLASS_PROMPT_TEMPLATES",
+    "FastTokenizer",
+    "PipelineCheckpoint",
+    "check_config_numbers",
+    "check_params_match_config",
+    "check_replaceable",
+    "check_template_count",
+    "config_number_problems",
+    "config_params_shapes",
+    "float32_params",
+    "is_pipeline_checkpoint",
+    "load_pipeline",
+    "make_pipeline_config",
+    "read_params_shapes",
+    "read_pipeline_config",
+    "read_pipeline_params",
+    "replace_directory",
     "save_pipeline_checkpoint",
 ]

@@ -13,6 +13,7 @@ the probabilities are softmax(scores / T) with the checkpoint's fitted LM temper
 `imgllm.pipeline.caption.lm_classify_images`, jitted once per batch shape; `infer.py --lm-labels/--lm-templates`
 does the same while captioning.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,9 +44,17 @@ class LabelPredictions:
         return [self.names[i] for i in self.label_ids]
 
 
-def classify_images(pipeline: PipelineCheckpoint, images: np.ndarray, labels: Sequence[str],
-                    templates: Sequence[str] | None = None, *, lm_scoring: str = "likelihood",
-                    score_end: bool | None = None, dtype: str = "auto", batch_size: int = 256) -> LabelPredictions:
+def classify_images(
+    pipeline: PipelineCheckpoint,
+    images: np.ndarray,
+    labels: Sequence[str],
+    templates: Sequence[str] | None = None,
+    *,
+    lm_scoring: str = "likelihood",
+    score_end: bool | None = None,
+    dtype: str = "auto",
+    batch_size: int = 256,
+) -> LabelPredictions:
     """Classifies uint8 images [N, H, W, 3] (N may be 0) by the LM among `labels` (any strings, several tokens
     allowed; labels and templates are stripped of surrounding whitespace, as the command line's are).
 
@@ -55,22 +64,26 @@ def classify_images(pipeline: PipelineCheckpoint, images: np.ndarray, labels: Se
     `batch_size` (the last one padded), so one shape is compiled.
     """
     if pipeline.params is None:
-        raise ValueError("classify_images needs a pipeline loaded with its parameters (load_pipeline(read_params="
-                         "True))")
+        raise ValueError(
+            "classify_images needs a pipeline loaded with its parameters (load_pipeline(read_params=True))"
+        )
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-    spec = pipeline.spec(lm_labels=list(labels), lm_templates=templates, lm_scoring=lm_scoring, dtype=dtype,
-                         lm_score_end=score_end)
-    if len(images) == 0:   # nothing to compile: empty answers of the right shapes
+    spec = pipeline.spec(
+        lm_labels=list(labels), lm_templates=templates, lm_scoring=lm_scoring, dtype=dtype, lm_score_end=score_end
+    )
+    if len(images) == 0:  # nothing to compile: empty answers of the right shapes
         empty = np.zeros((0, len(spec.lm_label_names)), np.float32)
-        return LabelPredictions(names=spec.lm_label_names, label_ids=np.zeros(0, np.int32), probs=empty,
-                                scores=empty)
+        return LabelPredictions(names=spec.lm_label_names, label_ids=np.zeros(0, np.int32), probs=empty, scores=empty)
     classify = _jitted(spec)
-    joined = padded_batch_outputs(lambda batch: classify(pipeline.params, batch), images,
-                                  min(batch_size, len(images)))
-    return LabelPredictions(names=spec.lm_label_names, label_ids=joined["lm_label_ids"], probs=joined["lm_probs"],
-                            scores=joined["lm_scores"])
+    joined = padded_batch_outputs(lambda batch: classify(pipeline.params, batch), images, min(batch_size, len(images)))
+    return LabelPredictions(
+        names=spec.lm_label_names,
+        label_ids=joined["lm_label_ids"],
+        probs=joined["lm_probs"],
+        scores=joined["lm_scores"],
+    )
 
 
 @functools.lru_cache(maxsize=8)

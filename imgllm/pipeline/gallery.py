@@ -35,9 +35,9 @@ from PIL import Image
 from imgllm.pipeline.inputs import Item
 from imgllm.pipeline.records import lm_label_comparable, reference_for, write_atomically
 
-MISMATCH_KINDS = ("cnn", "lm", "caption")   # what can disagree with a reference label, in display order
+MISMATCH_KINDS = ("cnn", "lm", "caption")  # what can disagree with a reference label, in display order
 MISMATCH_NAMES = {"cnn": "CNN label", "lm": "LM label", "caption": "caption"}
-MISMATCH_SYMBOL = "\u2717"                  # ✗, beside the words: the mark does not rely on colour
+MISMATCH_SYMBOL = "\u2717"  # ✗, beside the words: the mark does not rely on colour
 DEFAULT_PAGE_SIZE = 1000
 THUMBNAIL_SIZE = 128
 
@@ -115,8 +115,9 @@ def label_in_caption(label: str, caption: str) -> bool:
     return re.search(pattern, caption, flags=re.IGNORECASE) is not None
 
 
-def mismatches(record: Mapping[str, Any], reference: Mapping[str, Any] | None,
-               lm_label_names: Sequence[str] | None = None) -> tuple[str, ...]:
+def mismatches(
+    record: Mapping[str, Any], reference: Mapping[str, Any] | None, lm_label_names: Sequence[str] | None = None
+) -> tuple[str, ...]:
     """The kinds (`MISMATCH_KINDS`) in which `record` disagrees with its reference's label: "cnn" (the CNN's top
     label differs), "lm" (the LM's label differs; only when the record has one chosen among labels that hold the
     reference's: `lm_label_comparable`), "caption" (the label's word is not in the first caption). Nothing for an
@@ -135,8 +136,11 @@ def mismatches(record: Mapping[str, Any], reference: Mapping[str, Any] | None,
     return tuple(found)
 
 
-def mismatch_counts(records: Sequence[Mapping[str, Any]], references: Mapping[str, dict] | None,
-                    lm_label_names: Sequence[str] | None = None) -> dict[str, int]:
+def mismatch_counts(
+    records: Sequence[Mapping[str, Any]],
+    references: Mapping[str, dict] | None,
+    lm_label_names: Sequence[str] | None = None,
+) -> dict[str, int]:
     """{"references": records with a reference (error records left out), "with_lm": those of them with an LM
     label comparable with it (`lm_label_comparable`), and per kind of `MISMATCH_KINDS`, how many of them disagree
     in it}."""
@@ -166,8 +170,10 @@ def percent(prob: float) -> str:
 
 def mark(kind: str) -> str:
     """The visible mark of a disagreement: a symbol and words, in a span of class "mismatch mismatch-KIND"."""
-    return (f' <span class="mismatch mismatch-{kind}" title="disagrees with the reference label">'
-            f"{MISMATCH_SYMBOL} \u2260 reference</span>")
+    return (
+        f' <span class="mismatch mismatch-{kind}" title="disagrees with the reference label">'
+        f"{MISMATCH_SYMBOL} \u2260 reference</span>"
+    )
 
 
 def alt_text(record: Mapping[str, Any]) -> str:
@@ -186,14 +192,19 @@ def thumbnail_html(uri: str | None, alt: str) -> str:
 def labels_html(record: Mapping[str, Any], found: Sequence[str]) -> str:
     """The CNN's labels with probabilities (the top one marked when it disagrees) and the LM's label, with its
     probability when "lm_probs" has it (marked likewise)."""
-    entries = [f'<span class="label">{escape(e["label"])}</span> {percent(e["prob"])}'
-               + (mark("cnn") if n == 0 and "cnn" in found else "") for n, e in enumerate(record.get("labels", ()))]
+    entries = [
+        f'<span class="label">{escape(e["label"])}</span> {percent(e["prob"])}'
+        + (mark("cnn") if n == 0 and "cnn" in found else "")
+        for n, e in enumerate(record.get("labels", ()))
+    ]
     parts = [f'<p class="cnn"><span class="kind">CNN</span> {", ".join(entries) or "no labels"}</p>']
     if "lm_label" in record:
         prob = (record.get("lm_probs") or {}).get(record["lm_label"])
         shown = "" if prob is None else f" {percent(prob)}"
-        parts.append(f'<p class="lm"><span class="kind">LM</span> <span class="label">{escape(record["lm_label"])}'
-                     f'</span>{shown}{mark("lm") if "lm" in found else ""}</p>')
+        parts.append(
+            f'<p class="lm"><span class="kind">LM</span> <span class="label">{escape(record["lm_label"])}'
+            f"</span>{shown}{mark('lm') if 'lm' in found else ''}</p>"
+        )
     return "".join(parts)
 
 
@@ -227,30 +238,39 @@ def reference_html(reference: Mapping[str, Any] | None) -> str:
     label = reference.get("label")
     label_part = f' <span class="kind">label</span> <span class="label">{escape(label)}</span>' if label else ""
     captions = "".join(f"<li>{escape(caption)}</li>" for caption in reference.get("captions", ()))
-    return (f'<div class="reference"><p><span class="kind">reference</span>{label_part}</p>'
-            f"<ul>{captions}</ul></div>")
+    return f'<div class="reference"><p><span class="kind">reference</span>{label_part}</p><ul>{captions}</ul></div>'
 
 
-def card_html(record: Mapping[str, Any], thumbnail_uri: str | None, reference: Mapping[str, Any] | None,
-              lm_label_names: Sequence[str] | None = None) -> str:
+def card_html(
+    record: Mapping[str, Any],
+    thumbnail_uri: str | None,
+    reference: Mapping[str, Any] | None,
+    lm_label_names: Sequence[str] | None = None,
+) -> str:
     """One record's card (pure: the thumbnail is given as a data URI, or None when the image cannot be read).
 
     An error record gives an error card (class "card error") with its message; a record that disagrees with its
     reference gets class "has-mismatch" and a line naming what disagrees, besides the marks at each place."""
     path = f'<p class="path">{escape(record["path"])}</p>'
     if "error" in record:
-        return (f'<article class="card error">{thumbnail_html(thumbnail_uri, "unreadable image " + record["path"])}'
-                f'{path}<p><span class="error-mark">\u26a0 error</span> '
-                f'<span class="error-message">{escape(record["error"])}</span></p>{reference_html(reference)}'
-                "</article>")
+        return (
+            f'<article class="card error">{thumbnail_html(thumbnail_uri, "unreadable image " + record["path"])}'
+            f'{path}<p><span class="error-mark">\u26a0 error</span> '
+            f'<span class="error-message">{escape(record["error"])}</span></p>{reference_html(reference)}'
+            "</article>"
+        )
     found = mismatches(record, reference, lm_label_names)
     summary = ""
     if found:
-        summary = (f'<p class="mismatches"><span class="mismatch">{MISMATCH_SYMBOL} disagrees with the reference:'
-                   f'</span> {", ".join(MISMATCH_NAMES[kind] for kind in found)}</p>')
+        summary = (
+            f'<p class="mismatches"><span class="mismatch">{MISMATCH_SYMBOL} disagrees with the reference:'
+            f"</span> {', '.join(MISMATCH_NAMES[kind] for kind in found)}</p>"
+        )
     classes = "card has-mismatch" if found else "card"
-    return (f'<article class="{classes}">{thumbnail_html(thumbnail_uri, alt_text(record))}{path}{summary}'
-            f"{labels_html(record, found)}{captions_html(record, found)}{reference_html(reference)}</article>")
+    return (
+        f'<article class="{classes}">{thumbnail_html(thumbnail_uri, alt_text(record))}{path}{summary}'
+        f"{labels_html(record, found)}{captions_html(record, found)}{reference_html(reference)}</article>"
+    )
 
 
 def format_value(value: Any) -> str:
@@ -272,14 +292,21 @@ def header_html(header: GalleryHeader, counts: Mapping[str, int] | None) -> str:
     rows += [("decoding", decoding or "n/a"), ("images", header.num_images), ("errors", header.num_errors)]
     if header.scores is not None:
         rows.append(("scores", ", ".join(f"{name} {format_value(value)}" for name, value in header.scores.items())))
-    body = "".join(f'<dt>{escape(name)}</dt><dd class="{escape(name.replace(" ", "-"))}">{escape(format_value(v))}'
-                   "</dd>" for name, v in rows)
+    body = "".join(
+        f'<dt>{escape(name)}</dt><dd class="{escape(name.replace(" ", "-"))}">{escape(format_value(v))}</dd>'
+        for name, v in rows
+    )
     if counts is not None:
         lm = f" of {counts['with_lm']}" if counts["with_lm"] != counts["references"] else ""
-        parts = [f'<span class="mismatch-count" data-kind="{kind}">{MISMATCH_SYMBOL} {MISMATCH_NAMES[kind]}: '
-                 f"{counts[kind]}{lm if kind == 'lm' else ''}</span>" for kind in MISMATCH_KINDS]
-        body += (f"<dt>mismatches</dt><dd class=\"mismatches-total\">of {counts['references']} images with a "
-                 f"reference: {'; '.join(parts)}</dd>")
+        parts = [
+            f'<span class="mismatch-count" data-kind="{kind}">{MISMATCH_SYMBOL} {MISMATCH_NAMES[kind]}: '
+            f"{counts[kind]}{lm if kind == 'lm' else ''}</span>"
+            for kind in MISMATCH_KINDS
+        ]
+        body += (
+            f'<dt>mismatches</dt><dd class="mismatches-total">of {counts["references"]} images with a '
+            f"reference: {'; '.join(parts)}</dd>"
+        )
     return f"<header><h1>{escape(header.title)}</h1><dl>{body}</dl></header>"
 
 
@@ -289,7 +316,8 @@ def page_name(path: str, number: int) -> str:
 
 
 def nav_html(path: str, number: int, total: int) -> str:
-    """"page i of n" with links to the previous and next pages (relative: the pages lie in one folder)."""
+    """ "page i of n" with links to the previous and next pages (relative: the pages lie in one folder)."""
+
     def link(to: int, text: str, rel: str) -> str:
         href = urllib.parse.quote(os.path.basename(page_name(path, to)))
         return f'<a rel="{rel}" href="{escape(href)}">{text}</a>'
@@ -302,10 +330,12 @@ def nav_html(path: str, number: int, total: int) -> str:
 def page_html(title: str, header: str, cards: Sequence[str], nav: str) -> str:
     """A whole page: inline style, the shared header, the navigation above and below the grid of cards."""
     grid = "\n".join(cards) if cards else "<p>no records</p>"
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{escape(title)}</title><style>{STYLE}</style></head>\n<body>\n{header}\n{nav}\n"
-            f'<main class="grid">\n{grid}\n</main>\n{nav}\n</body></html>\n')
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{escape(title)}</title><style>{STYLE}</style></head>\n<body>\n{header}\n{nav}\n"
+        f'<main class="grid">\n{grid}\n</main>\n{nav}\n</body></html>\n'
+    )
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -315,14 +345,23 @@ def counted_header(header: GalleryHeader | None, records: Sequence[Mapping[str, 
     """`header` (an empty one when None) with its counts of images and errors filled from `records` when None."""
     header = header or GalleryHeader()
     errors = sum("error" in record for record in records)
-    return dataclasses.replace(header, num_images=len(records) if header.num_images is None else header.num_images,
-                               num_errors=errors if header.num_errors is None else header.num_errors)
+    return dataclasses.replace(
+        header,
+        num_images=len(records) if header.num_images is None else header.num_images,
+        num_errors=errors if header.num_errors is None else header.num_errors,
+    )
 
 
-def write_gallery(path: str | os.PathLike, records: Sequence[Mapping[str, Any]],
-                  items_by_key: Mapping[str, Item] | None = None, *, header: GalleryHeader | None = None,
-                  references: Mapping[str, dict] | None = None, page_size: int = DEFAULT_PAGE_SIZE,
-                  lm_label_names: Sequence[str] | None = None) -> list[str]:
+def write_gallery(
+    path: str | os.PathLike,
+    records: Sequence[Mapping[str, Any]],
+    items_by_key: Mapping[str, Item] | None = None,
+    *,
+    header: GalleryHeader | None = None,
+    references: Mapping[str, dict] | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    lm_label_names: Sequence[str] | None = None,
+) -> list[str]:
     """Writes the gallery of `records` (module docstring) and returns the paths of its pages, first one `path`.
 
     items_by_key: how to read a record's image (tfds items need theirs); a record without one is read as the file
@@ -343,7 +382,7 @@ def write_gallery(path: str | os.PathLike, records: Sequence[Mapping[str, Any]],
     written = []
     for number in range(1, total + 1):
         cards = []
-        for record in records[(number - 1) * page_size:number * page_size]:
+        for record in records[(number - 1) * page_size : number * page_size]:
             item = items_by_key.get(record["path"]) or Item(record["path"])
             uri = None if "error" in record else thumbnail_data_uri(item)
             cards.append(card_html(record, uri, reference_for(references, record["path"]), lm_label_names))
@@ -355,6 +394,19 @@ def write_gallery(path: str | os.PathLike, records: Sequence[Mapping[str, Any]],
     return written
 
 
-__all__ = ["DEFAULT_PAGE_SIZE", "GalleryHeader", "MISMATCH_KINDS", "card_html", "counted_header",
-           "distinct_captions", "header_html", "label_in_caption", "mismatch_counts", "mismatches", "page_html",
-           "page_name", "thumbnail_data_uri", "write_gallery"]
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "GalleryHeader",
+    "MISMATCH_KINDS",
+    "card_html",
+    "counted_header",
+    "distinct_captions",
+    "header_html",
+    "label_in_caption",
+    "mismatch_counts",
+    "mismatches",
+    "page_html",
+    "page_name",
+    "thumbnail_data_uri",
+    "write_gallery",
+]

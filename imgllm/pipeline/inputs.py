@@ -50,8 +50,23 @@ TFDS_PREFIX = "tfds:"
 # tables, notes, pages, configs, and an output's own <output>.lock, <output>.run.json and temporary "*.tmp" files.
 # Any other file without an image extension is skipped with a warning; a file named explicitly, or matched by a
 # glob pattern, is never skipped (one that cannot be decoded gets an error record).
-SIDECAR_EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".md", ".rst", ".html", ".htm", ".xml", ".yaml",
-                      ".yml", ".log", ".lock", ".tmp")
+SIDECAR_EXTENSIONS = (
+    ".json",
+    ".jsonl",
+    ".csv",
+    ".tsv",
+    ".txt",
+    ".md",
+    ".rst",
+    ".html",
+    ".htm",
+    ".xml",
+    ".yaml",
+    ".yml",
+    ".log",
+    ".lock",
+    ".tmp",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +90,16 @@ class Item:
 
 def tfds_items(spec: str, data_dir: str | None) -> list[Item]:
     """Items of a tfds split, spec "tfds:NAME:SPLIT" (read lazily through tfds.data_source)."""
-    body = spec[len(TFDS_PREFIX):]
+    body = spec[len(TFDS_PREFIX) :]
     name, _, split = body.partition(":")
     if not name or not split:
         raise ValueError(f"tfds input {spec!r}: write it as tfds:NAME:SPLIT, e.g. tfds:cifar10:test")
     # Prepared on first use (its messages on stderr; without TensorFlow, an error naming the tfds-prepare extra).
     source = open_split(tfds_builder(name, data_dir), split)
-    return [Item(key=f"{TFDS_PREFIX}{name}:{split}:{index}", tfds_source=source, tfds_index=index)
-            for index in range(len(source))]
+    return [
+        Item(key=f"{TFDS_PREFIX}{name}:{split}:{index}", tfds_source=source, tfds_index=index)
+        for index in range(len(source))
+    ]
 
 
 def glob_once(pattern: str) -> list[str]:
@@ -143,8 +160,11 @@ def _recursive_names(parent: str, dironly: bool) -> Iterator[str]:
         if relative != os.curdir:
             yield relative
         if not dironly:
-            yield from (name if relative == os.curdir else os.path.join(relative, name)
-                        for name in files if not name.startswith("."))
+            yield from (
+                name if relative == os.curdir else os.path.join(relative, name)
+                for name in files
+                if not name.startswith(".")
+            )
 
 
 def file_identity(item: Item) -> tuple:
@@ -176,8 +196,10 @@ def one_item_per_image(items: Sequence[Item]) -> list[Item]:
     groups: dict[tuple, list[Item]] = {}
     for item in items:
         groups.setdefault(file_identity(item), []).append(item)
-    return [group[0] if len(group) == 1 else min(group, key=lambda item: symlinks_on_path(item.key))
-            for group in groups.values()]
+    return [
+        group[0] if len(group) == 1 else min(group, key=lambda item: symlinks_on_path(item.key))
+        for group in groups.values()
+    ]
 
 
 def expand_inputs(inputs: Sequence[str | Item], *, data_dir: str | None = None) -> list[Item]:
@@ -200,12 +222,12 @@ def expand_inputs(inputs: Sequence[str | Item], *, data_dir: str | None = None) 
             found = [Item(path) for path in _folder_images(spec)]
             warn_if_empty(spec, found, "a folder")
             items.extend(found)
-        elif glob.has_magic(spec) and not os.path.lexists(spec):   # an existing "photo[1].png" is taken literally
+        elif glob.has_magic(spec) and not os.path.lexists(spec):  # an existing "photo[1].png" is taken literally
             matches = glob_once(spec)
             found = [Item(p) for path in matches for p in (_folder_images(path) if os.path.isdir(path) else [path])]
             if matches:
                 warn_if_empty(spec, found, "a pattern")
-            items.extend(found if matches else [Item(os.fspath(spec))])   # nothing matched: its error record says so
+            items.extend(found if matches else [Item(os.fspath(spec))])  # nothing matched: its error record says so
         else:
             items.append(Item(os.fspath(spec)))
     return one_item_per_image(items)
@@ -222,23 +244,29 @@ def _folder_images(folder: str) -> list[str]:
     return list_image_files(folder, recursive=True, quiet_extensions=SIDECAR_EXTENSIONS)
 
 
-def plan_batches(items: list[Item], done: set[str], batch_size: int,
-                 shard: tuple[int, int] | None = None) -> list[tuple[int, list[Item]]]:
+def plan_batches(
+    items: list[Item], done: set[str], batch_size: int, shard: tuple[int, int] | None = None
+) -> list[tuple[int, list[Item]]]:
     """Batches over the full input list (so batch i always holds the same items and key), minus finished ones.
 
     A batch is run when any of its items is missing from the output; only the missing ones are written.
     shard (i, N): only the batches of shard i of N (`shard_batches`), with their index in the full list.
     """
-    return [(index, chunk) for index, chunk in shard_batches(items, batch_size, shard)
-            if any(item.key not in done for item in chunk)]
+    return [
+        (index, chunk)
+        for index, chunk in shard_batches(items, batch_size, shard)
+        if any(item.key not in done for item in chunk)
+    ]
 
 
-def shard_batches(items: Sequence[Item], batch_size: int,
-                  shard: tuple[int, int] | None = None) -> list[tuple[int, list[Item]]]:
+def shard_batches(
+    items: Sequence[Item], batch_size: int, shard: tuple[int, int] | None = None
+) -> list[tuple[int, list[Item]]]:
     """(batch index, items) of the full input list cut in batches of `batch_size`; with shard (i, N), only the
     batches whose index b has b % N == i (None: every batch)."""
-    batches = [(start // batch_size, list(items[start:start + batch_size]))
-               for start in range(0, len(items), batch_size)]
+    batches = [
+        (start // batch_size, list(items[start : start + batch_size])) for start in range(0, len(items), batch_size)
+    ]
     if shard is None:
         return batches
     index, count = shard
@@ -285,12 +313,13 @@ class Batch:
 
     index: int
     items: list[Item]
-    images: np.ndarray       # uint8 [batch_size, S, S, 3], zero rows for failed and padding slots
-    errors: dict[int, str]   # row → "ErrorType: message" for the items that could not be read
+    images: np.ndarray  # uint8 [batch_size, S, S, 3], zero rows for failed and padding slots
+    errors: dict[int, str]  # row → "ErrorType: message" for the items that could not be read
 
 
-def load_batch(index: int, items: list[Item], batch_size: int, size: int, pool, *,
-               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Batch:
+def load_batch(
+    index: int, items: list[Item], batch_size: int, size: int, pool, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Batch:
     """Decodes a batch's files (in a thread pool); failures become error strings, their rows stay zero.
 
     A file above `max_pixels` pixels (None: no limit) is such a failure, refused before it is decoded.
@@ -312,8 +341,15 @@ def load_batch(index: int, items: list[Item], batch_size: int, size: int, pool, 
     return Batch(index, items, images, errors)
 
 
-def prefetch_batches(pending: list[tuple[int, list[Item]]], batch_size: int, size: int, *, depth: int = 2,
-                     workers: int = 4, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[Batch]:
+def prefetch_batches(
+    pending: list[tuple[int, list[Item]]],
+    batch_size: int,
+    size: int,
+    *,
+    depth: int = 2,
+    workers: int = 4,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> Iterator[Batch]:
     """Loads batches in a background thread, at most `depth` ahead: memory stays flat however many images.
 
     Each of the `workers` decodes at most `max_pixels` pixels at a time (`DEFAULT_MAX_PIXELS`; None: no limit):
@@ -356,7 +392,24 @@ def prefetch_batches(pending: list[tuple[int, list[Item]]], batch_size: int, siz
         thread.join(timeout=5)
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "SIDECAR_EXTENSIONS", "TFDS_PREFIX", "Batch", "Item", "check_shard",
-           "expand_inputs", "file_identity", "glob_once", "inputs_fingerprint", "load_batch", "one_item_per_image",
-           "plan_batches", "prefetch_batches", "shard_batches", "shard_item_index", "shard_items", "symlinks_on_path",
-           "tfds_items"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "SIDECAR_EXTENSIONS",
+    "TFDS_PREFIX",
+    "Batch",
+    "Item",
+    "check_shard",
+    "expand_inputs",
+    "file_identity",
+    "glob_once",
+    "inputs_fingerprint",
+    "load_batch",
+    "one_item_per_image",
+    "plan_batches",
+    "prefetch_batches",
+    "shard_batches",
+    "shard_item_index",
+    "shard_items",
+    "symlinks_on_path",
+    "tfds_items",
+]

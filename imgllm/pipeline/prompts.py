@@ -100,16 +100,25 @@ def check_label_templates(templates: Sequence[str]) -> None:
     object attributes into prompts."""
     for template in templates:
         try:
-            fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(template)
-                      if field is not None]
+            fields = [
+                (field, spec, conversion)
+                for _, field, spec, conversion in string.Formatter().parse(template)
+                if field is not None
+            ]
         except ValueError as error:
-            raise ValueError(f"prompt template {template!r}: {error} (write {{{{ and }}}} for literal "
-                             "braces)") from None
-        bad = [field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
-               for field, spec, conversion in fields if field != "label" or spec or conversion]
+            raise ValueError(
+                f"prompt template {template!r}: {error} (write {{{{ and }}}} for literal braces)"
+            ) from None
+        bad = [
+            field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            for field, spec, conversion in fields
+            if field != "label" or spec or conversion
+        ]
         if bad:
-            raise ValueError(f"prompt template {template!r}: unknown slot {{{bad[0]}}}; {{label}} is the only slot "
-                             "(write {{ and }} for literal braces)")
+            raise ValueError(
+                f"prompt template {template!r}: unknown slot {{{bad[0]}}}; {{label}} is the only slot "
+                "(write {{ and }} for literal braces)"
+            )
 
 
 def parse_template(template: str, top_k: int) -> list[tuple[str, Any]]:
@@ -127,12 +136,15 @@ def parse_template(template: str, top_k: int) -> list[tuple[str, Any]]:
             continue
         match = _SLOT.match(field)
         if match is None or spec or conversion:
-            raise ValueError(f"prompt template {template!r}: unknown slot {{{field}}}; use {{label}}, {{labelN}}, "
-                             "{prob}, {probN} or {topk}")
+            raise ValueError(
+                f"prompt template {template!r}: unknown slot {{{field}}}; use {{label}}, {{labelN}}, "
+                "{prob}, {probN} or {topk}"
+            )
         rank = int(match.group(2) or 1) - 1
         if not 0 <= rank < top_k:
-            raise ValueError(f"prompt template {template!r}: slot {{{field}}} needs top_k >= {rank + 1}, "
-                             f"but top_k={top_k}")
+            raise ValueError(
+                f"prompt template {template!r}: slot {{{field}}} needs top_k >= {rank + 1}, but top_k={top_k}"
+            )
         parts.append((match.group(1), rank))
     if not parts:
         raise ValueError("prompt template is empty; the language model needs at least one prompt token")
@@ -144,14 +156,18 @@ def check_slots_stand_apart(template: str, parts: Sequence[tuple[str, Any]]) -> 
     """Raises ValueError naming the template when a slot touches a letter or digit of the text (or another slot):
     "{label}s" would be tokenised as " cat" + "s", not as the " cats" of the filled-in prompt, since slots and text
     are tokenised apart (`tokenize_template`)."""
-    edges = [("a", "a") if kind != "text" else (value[:1], value[-1:]) for kind, value in parts]   # slot: a word
+    edges = [("a", "a") if kind != "text" else (value[:1], value[-1:]) for kind, value in parts]  # slot: a word
     for n in range(len(parts) - 1):
         if "text" != parts[n][0] or "text" != parts[n + 1][0]:
             if edges[n][1].isalnum() and edges[n + 1][0].isalnum():
-                glued = "".join(value[-8:] if kind == "text" else f"{{{kind}{value + 1 if value else ''}}}"
-                                for kind, value in parts[n:n + 2])
-                raise ValueError(f"prompt template {template!r}: a slot is glued to text or another slot ({glued!r}) "
-                                 "and would be tokenised apart from it; put a space or punctuation between them")
+                glued = "".join(
+                    value[-8:] if kind == "text" else f"{{{kind}{value + 1 if value else ''}}}"
+                    for kind, value in parts[n : n + 2]
+                )
+                raise ValueError(
+                    f"prompt template {template!r}: a slot is glued to text or another slot ({glued!r}) "
+                    "and would be tokenised apart from it; put a space or punctuation between them"
+                )
 
 
 def slot_table(encode: Callable[[str], Sequence[int]], texts: Sequence[str], pad_id: int) -> SlotTable:
@@ -161,12 +177,20 @@ def slot_table(encode: Callable[[str], Sequence[int]], texts: Sequence[str], pad
     if empty:
         raise ValueError(f"these prompt values tokenise to nothing: {empty[:5]}")
     width = max(len(row) for row in rows)
-    return SlotTable(ids=tuple(row + (pad_id,) * (width - len(row)) for row in rows),
-                     lengths=tuple(len(row) for row in rows))
+    return SlotTable(
+        ids=tuple(row + (pad_id,) * (width - len(row)) for row in rows), lengths=tuple(len(row) for row in rows)
+    )
 
 
-def tokenize_template(encode: Callable[[str], Sequence[int]], template: str, class_names: Sequence[str],
-                      top_k: int, pad_id: int, *, bos_id: int | None = None) -> TokenizedTemplate:
+def tokenize_template(
+    encode: Callable[[str], Sequence[int]],
+    template: str,
+    class_names: Sequence[str],
+    top_k: int,
+    pad_id: int,
+    *,
+    bos_id: int | None = None,
+) -> TokenizedTemplate:
     """Tokenises a template's pieces once: literal segments, class names (as `spoken_label` reads them) and
     percentages.
 
@@ -199,8 +223,9 @@ def tokenize_template(encode: Callable[[str], Sequence[int]], template: str, cla
             table_index[kind, space] = len(tables)
             tables.append(slot_table(encode, [space + v for v in values[kind]], pad_id))
         pieces.append(PromptPiece(kind, rank=value, table=table_index[kind, space]))
-    return TokenizedTemplate(template=template, pieces=tuple(pieces), slot_tables=tuple(tables),
-                             num_classes=len(class_names), top_k=top_k)
+    return TokenizedTemplate(
+        template=template, pieces=tuple(pieces), slot_tables=tuple(tables), num_classes=len(class_names), top_k=top_k
+    )
 
 
 def fill_template(template: str, labels: Sequence[str], percents: Sequence[int]) -> str:
@@ -217,8 +242,9 @@ def probability_percents(probs: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round(probs * 100.0), 0, _PERCENT_VALUES - 1).astype(jnp.int32)
 
 
-def assemble_prompts(template: TokenizedTemplate, topk_ids: jax.Array, percents: jax.Array,
-                     pad_id: int) -> tuple[jax.Array, jax.Array]:
+def assemble_prompts(
+    template: TokenizedTemplate, topk_ids: jax.Array, percents: jax.Array, pad_id: int
+) -> tuple[jax.Array, jax.Array]:
     """Builds left-padded prompt ids and mask [B, P] from the template's pieces and slot tables, inside jit.
 
     Each piece contributes a fixed-width block (a literal, or the selected table row with its padding marked

@@ -46,19 +46,21 @@ from imgllm.captions import caption_metrics, cider_note, group_captions, read_ca
 from imgllm.pipeline.inputs import TFDS_PREFIX, Batch
 
 RECORD_FORMATS = ("jsonl", "csv")
-LOCK_SUFFIX = ".lock"             # <output>.lock: held by the run writing <output>
+LOCK_SUFFIX = ".lock"  # <output>.lock: held by the run writing <output>
 RUN_OPTIONS_SUFFIX = ".run.json"  # <output>.run.json: the options that shaped <output>'s records
-NON_FINITE_ERROR = ("NonFiniteOutput: the model gave NaN or infinite probabilities or scores for this image "
-                    "(are the checkpoint's weights finite?)")
+NON_FINITE_ERROR = (
+    "NonFiniteOutput: the model gave NaN or infinite probabilities or scores for this image "
+    "(are the checkpoint's weights finite?)"
+)
 # Text files are written and read with this error handler: a file name that is not UTF-8 (legal on Linux) keeps its
 # own bytes in CSV and run options, and reads back as the same name.
 NAME_BYTES = "surrogateescape"
 # CSV text cells (paths, labels, captions, errors) that begin so are formulas to spreadsheets: `spreadsheet_text`.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 TEXT_COLUMN = re.compile(r"^(path|error|lm_label|label_\d+|caption_\d+)$")
-FIRST_LINE_LIMIT = 1 << 20        # bytes of an existing output read to recognise it as a records file
+FIRST_LINE_LIMIT = 1 << 20  # bytes of an existing output read to recognise it as a records file
 START_OVER = "pass --no-resume (resume=False) to start over"
-SHARD_OPTIONS = ("shard", "shard_paths")   # what a part's run options add to an unsharded run's (`shard_run_options`)
+SHARD_OPTIONS = ("shard", "shard_paths")  # what a part's run options add to an unsharded run's (`shard_run_options`)
 PART_NAME = re.compile(r"\.shard-(\d+)-of-(\d+)$")  # the tag `part_path` puts before an output's suffix
 
 
@@ -84,12 +86,15 @@ class RecordFile:
         if fmt not in RECORD_FORMATS:
             raise ValueError(f"the record format must be jsonl or csv, got {fmt!r}")
         self.path, self.format = path, fmt
-        self.columns = (["path"] + [f"{kind}_{n}" for n in range(1, top_labels + 1) for kind in ("label", "prob")]
-                        + [f"{kind}_{n}" for n in range(1, num_captions + 1) for kind in ("caption", "score")]
-                        + ["lm_label", "lm_prob", "error"])
+        self.columns = (
+            ["path"]
+            + [f"{kind}_{n}" for n in range(1, top_labels + 1) for kind in ("label", "prob")]
+            + [f"{kind}_{n}" for n in range(1, num_captions + 1) for kind in ("caption", "score")]
+            + ["lm_label", "lm_prob", "error"]
+        )
         self.stream = None
-        self.written_from = os.getcwd()   # the working directory its records' relative paths start from
-        self.start_over: dict | None = None   # the run options of an output that `open` empties (`prepare_output`)
+        self.written_from = os.getcwd()  # the working directory its records' relative paths start from
+        self.start_over: dict | None = None  # the run options of an output that `open` empties (`prepare_output`)
 
     def existing_records(self) -> list[dict]:
         """Records already in the output file; a partly written last line (a run killed mid-write) is dropped from
@@ -142,12 +147,12 @@ class RecordFile:
         return records
 
     def _bad_line(self, number: int, problem: str) -> OutputError:
-        return OutputError(f"{self.path}, line {number}: {problem}; fix or delete that line to resume, or "
-                           f"{START_OVER}")
+        return OutputError(f"{self.path}, line {number}: {problem}; fix or delete that line to resume, or {START_OVER}")
 
     def rewrite(self, records: Sequence[dict]) -> None:
         """Replaces the file's content by `records`, atomically (`write_atomically`): a kill at any moment leaves
         the old file or the new one, whole."""
+
         def write_records(stream) -> None:
             if self.format == "csv":
                 csv.writer(stream, lineterminator="\n").writerow(self.columns)
@@ -167,8 +172,9 @@ class RecordFile:
             os.makedirs(directory, exist_ok=True)
             if self.start_over is not None:
                 write_run_options(self.path + RUN_OPTIONS_SUFFIX, self.start_over)
-            self.stream = open(self.path, "w" if self.start_over is not None else "a", newline="", encoding="utf-8",
-                               errors=NAME_BYTES)
+            self.stream = open(
+                self.path, "w" if self.start_over is not None else "a", newline="", encoding="utf-8", errors=NAME_BYTES
+            )
             self.start_over = None
         if self.format == "csv" and new:
             csv.writer(self.stream, lineterminator="\n").writerow(self.columns)
@@ -200,17 +206,26 @@ class RecordFile:
             row[f"score_{n}"] = f"{score:.4f}"
         if "lm_label" in record and record["lm_label"] in record.get("lm_probs", {}):
             row["lm_prob"] = f"{record['lm_probs'][record['lm_label']]:.4f}"
-        return [spreadsheet_text(row.get(column, "")) if TEXT_COLUMN.match(column) else row.get(column, "")
-                for column in self.columns]
+        return [
+            spreadsheet_text(row.get(column, "")) if TEXT_COLUMN.match(column) else row.get(column, "")
+            for column in self.columns
+        ]
 
     @staticmethod
     def _from_row(row: dict) -> dict:
-        row = {key: plain_text(value) if isinstance(key, str) and TEXT_COLUMN.match(key) and isinstance(value, str)
-               else value for key, value in row.items()}
+        row = {
+            key: plain_text(value)
+            if isinstance(key, str) and TEXT_COLUMN.match(key) and isinstance(value, str)
+            else value
+            for key, value in row.items()
+        }
         if row.get("error"):
             return {"path": row["path"], "error": row["error"]}
-        labels = [{"label": row[f"label_{n}"], "prob": float(row[f"prob_{n}"])}
-                  for n in range(1, len(row)) if row.get(f"label_{n}")]
+        labels = [
+            {"label": row[f"label_{n}"], "prob": float(row[f"prob_{n}"])}
+            for n in range(1, len(row))
+            if row.get(f"label_{n}")
+        ]
         captions = [row[f"caption_{n}"] for n in range(1, len(row)) if f"caption_{n}" in row]
         record = {"path": row["path"], "labels": labels, "captions": captions}
         scores = [float(row[f"score_{n}"]) for n in range(1, len(captions) + 1) if row.get(f"score_{n}")]
@@ -219,7 +234,7 @@ class RecordFile:
         if row.get("lm_label"):
             record["lm_label"] = row["lm_label"]
             if row.get("lm_prob"):
-                record["lm_probs"] = {row["lm_label"]: float(row["lm_prob"])}   # CSV keeps the label's alone
+                record["lm_probs"] = {row["lm_label"]: float(row["lm_prob"])}  # CSV keeps the label's alone
         return record
 
 
@@ -276,8 +291,10 @@ def recognised_output(path: str, fmt: str) -> bool:
 def check_recognised_output(path: str, fmt: str) -> None:
     """Raises OutputError unless an existing output is imgllm's (`recognised_output`): nothing is modified before."""
     if os.path.exists(path) and not recognised_output(path, fmt):
-        raise OutputError(f"{path} exists and is not a {fmt} records file (its first line is not a record); imgllm "
-                          "modifies only its own outputs: choose another output, or move that file away")
+        raise OutputError(
+            f"{path} exists and is not a {fmt} records file (its first line is not a record); imgllm "
+            "modifies only its own outputs: choose another output, or move that file away"
+        )
 
 
 def check_distinct_paths(written: Mapping[str, str | None], read: Mapping[str, Iterable[str]]) -> None:
@@ -361,8 +378,13 @@ class OutputLock:
     The kernel drops a dead process's lock: a killed run leaves a lock file but no lock.
     """
 
-    def __init__(self, output: str | os.PathLike, *, path: str | None = None,
-                 advice: str = "wait for it to end, or write another output"):
+    def __init__(
+        self,
+        output: str | os.PathLike,
+        *,
+        path: str | None = None,
+        advice: str = "wait for it to end, or write another output",
+    ):
         """output: what the lock guards (named in errors); path: the lock file (default `<output>.lock`); advice:
         what the error tells a second run to do."""
         self.output = os.fspath(output)
@@ -387,8 +409,9 @@ class OutputLock:
             lock = filelock.FileLock(self.path, timeout=0, thread_local=False, on_acquired=self._claim)
             lock.acquire()
         except filelock.Timeout:
-            raise OutputInUseError(f"{self.output} is in use by another run ({lock_holder(self.path)} holds "
-                                   f"{self.path}); {self.advice}") from None
+            raise OutputInUseError(
+                f"{self.output} is in use by another run ({lock_holder(self.path)} holds {self.path}); {self.advice}"
+            ) from None
         except OutputError:
             raise
         except OSError as error:
@@ -401,8 +424,10 @@ class OutputLock:
         """filelock's on_acquired: refuses a file that is not a lock file of imgllm's, else writes our pid in it."""
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
-            raise OutputError(f"{self.path} is not a lock file of imgllm's (a special file, or a file with other "
-                              "names): it is left alone; remove it to use this output")
+            raise OutputError(
+                f"{self.path} is not a lock file of imgllm's (a special file, or a file with other "
+                "names): it is left alone; remove it to use this output"
+            )
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
 
@@ -411,7 +436,7 @@ class OutputLock:
         if self.lock is None:
             return
         try:
-            with contextlib.suppress(OSError):   # gone already; Windows: removed by filelock once unlocked
+            with contextlib.suppress(OSError):  # gone already; Windows: removed by filelock once unlocked
                 os.remove(self.path)
         finally:
             self.lock.release(force=True)
@@ -426,15 +451,18 @@ def refuse_planted_lock_file(path: str) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISLNK(status.st_mode):
-        raise OutputError(f"{path} is a symbolic link, not a lock file of imgllm's: it is not followed; remove it to "
-                          "use this output")
+        raise OutputError(
+            f"{path} is a symbolic link, not a lock file of imgllm's: it is not followed; remove it to use this output"
+        )
     if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
-        raise OutputError(f"{path} is not a lock file of imgllm's (a special file, or a file with other names): it "
-                          "is left alone; remove it to use this output")
+        raise OutputError(
+            f"{path} is not a lock file of imgllm's (a special file, or a file with other names): it "
+            "is left alone; remove it to use this output"
+        )
 
 
 def lock_holder(path: str) -> str:
-    """"pid N" from a lock file's content, or "a process" when it holds no pid (not written yet, gone, or not ours)."""
+    """ "pid N" from a lock file's content, or "a process" when it holds no pid (not written yet, gone, or not ours)."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError:
@@ -501,20 +529,27 @@ def write_atomically(path: str, write: Callable[[Any], Any]) -> None:
         raise
 
 
-def changed_run_options(recorded: Mapping[str, Any], current: Mapping[str, Any],
-                        informational: Collection[str] = ("checkpoint", "cwd", "shard_paths")) -> list[str]:
-    """"NAME was OLD, now NEW" for each option that differs (absent on one side: "unset"), in `current`'s order.
+def changed_run_options(
+    recorded: Mapping[str, Any],
+    current: Mapping[str, Any],
+    informational: Collection[str] = ("checkpoint", "cwd", "shard_paths"),
+) -> list[str]:
+    """ "NAME was OLD, now NEW" for each option that differs (absent on one side: "unset"), in `current`'s order.
 
     informational: keys recorded for the reader, not compared ("checkpoint", its path: a moved checkpoint is the
     same checkpoint, its "checkpoint_id" says whether the weights are; "cwd", the folder relative paths start in;
     "shard_paths", a part's keys, which its "shard" fingerprints)."""
+
     def shown(options: Mapping[str, Any], name: str) -> str:
         return json.dumps(options[name], ensure_ascii=False) if name in options else "unset"
 
     unset = object()
     names = [name for name in dict.fromkeys([*current, *recorded]) if name not in informational]
-    return [f"{name} was {shown(recorded, name)}, now {shown(current, name)}" for name in names
-            if recorded.get(name, unset) != current.get(name, unset)]
+    return [
+        f"{name} was {shown(recorded, name)}, now {shown(current, name)}"
+        for name in names
+        if recorded.get(name, unset) != current.get(name, unset)
+    ]
 
 
 def check_run_options(output: str, recorded: Mapping[str, Any] | None, current: Mapping[str, Any]) -> None:
@@ -523,15 +558,20 @@ def check_run_options(output: str, recorded: Mapping[str, Any] | None, current: 
     if recorded is None:
         return
     paths = f" (checkpoint was {recorded.get('checkpoint')}, now {current.get('checkpoint')})"
-    changes = [change + paths if change.startswith("checkpoint_id ") else change
-               for change in changed_run_options(recorded, current)]
+    changes = [
+        change + paths if change.startswith("checkpoint_id ") else change
+        for change in changed_run_options(recorded, current)
+    ]
     if changes:
-        raise OutputError(f"{output} was written with other options ({'; '.join(changes)}): resume with the same "
-                          f"options, or {START_OVER}")
+        raise OutputError(
+            f"{output} was written with other options ({'; '.join(changes)}): resume with the same "
+            f"options, or {START_OVER}"
+        )
 
 
-def prepare_output(record_file: RecordFile, options: Mapping[str, Any], *, resume: bool,
-                   retry: Collection[str] = ()) -> list[dict]:
+def prepare_output(
+    record_file: RecordFile, options: Mapping[str, Any], *, resume: bool, retry: Collection[str] = ()
+) -> list[dict]:
     """Readies an output file for a run with `options` (those that shape records, recorded beside it in
     `<output>.run.json`) and returns the records it keeps, which the run does not redo.
 
@@ -550,13 +590,16 @@ def prepare_output(record_file: RecordFile, options: Mapping[str, Any], *, resum
         check_run_options(record_file.path, recorded, options)
         record_file.written_from = (recorded or {}).get("cwd") or os.getcwd()
         retry = {path_identity(key, os.getcwd()) for key in retry}
-        kept = [record for record in previous
-                if not ("error" in record and path_identity(record["path"], record_file.written_from) in retry)]
+        kept = [
+            record
+            for record in previous
+            if not ("error" in record and path_identity(record["path"], record_file.written_from) in retry)
+        ]
         if len(kept) < len(previous):
             record_file.rewrite(kept)
         write_run_options(record_file.path + RUN_OPTIONS_SUFFIX, options)
         return kept
-    record_file.start_over = dict(options)   # the old file stays until the first records are written (`open`)
+    record_file.start_over = dict(options)  # the old file stays until the first records are written (`open`)
     return []
 
 
@@ -585,22 +628,25 @@ def find_parts(output: str | os.PathLike) -> dict[tuple[int, int], str]:
     for name in names:
         if not (name.startswith(stem) and name.endswith(suffix)):
             continue
-        match = PART_NAME.fullmatch(name[len(stem):len(name) - len(suffix)])
+        match = PART_NAME.fullmatch(name[len(stem) : len(name) - len(suffix)])
         shard = match and (int(match.group(1)), int(match.group(2)))
         if shard and shard[0] < shard[1] and part_path(output, shard) == os.path.join(directory, name):
             parts[shard] = os.path.join(directory, name)
     return parts
 
 
-def shard_run_options(options: Mapping[str, Any], shard: tuple[int, int], *, batch_size: int, inputs: str,
-                      paths: Sequence[str]) -> dict[str, Any]:
+def shard_run_options(
+    options: Mapping[str, Any], shard: tuple[int, int], *, batch_size: int, inputs: str, paths: Sequence[str]
+) -> dict[str, Any]:
     """A part's run options: an unsharded run's `options`, plus "shard" (compared on resume: index, count, its
     number of images, the batch size that cut the input list and the list's fingerprint `inputs`) and
     "shard_paths" (its images' keys in the order it captions them; read by `merge_parts`, not compared)."""
     index, count = shard
-    return {**options, "shard": {"index": index, "count": count, "images": len(paths), "batch_size": batch_size,
-                                 "inputs": inputs},
-            "shard_paths": list(paths)}
+    return {
+        **options,
+        "shard": {"index": index, "count": count, "images": len(paths), "batch_size": batch_size, "inputs": inputs},
+        "shard_paths": list(paths),
+    }
 
 
 def unsharded_run_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -617,8 +663,10 @@ def part_shard_problem(options: Mapping[str, Any] | None, shard: tuple[int, int]
     if not isinstance(recorded, dict) or not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         return "has no shard in its run options"
     if (recorded.get("index"), recorded.get("count")) != tuple(shard) or recorded.get("images") != len(paths):
-        return (f"records shard {recorded.get('index')}/{recorded.get('count')} of {recorded.get('images')} images, "
-                f"not {shard[0]}/{shard[1]}")
+        return (
+            f"records shard {recorded.get('index')}/{recorded.get('count')} of {recorded.get('images')} images, "
+            f"not {shard[0]}/{shard[1]}"
+        )
     counts = [recorded.get("batch_size"), options.get("top_labels"), options.get("num_captions")]
     if options.get("format") not in RECORD_FORMATS or not all(type(n) is int and n >= 1 for n in counts):
         return "has run options without its format, batch size, labels or captions per image"
@@ -634,8 +682,9 @@ def part_positions(part: str, records: Sequence[Mapping[str, Any]], paths: Seque
         position = where.get(record["path"])
         if position is None or position in seen:
             problem = "is not one of its shard's images" if position is None else "is there twice"
-            raise OutputError(f"{part}: the record of {record['path']!r} {problem}; rerun that shard with "
-                              "--no-resume (resume=False)")
+            raise OutputError(
+                f"{part}: the record of {record['path']!r} {problem}; rerun that shard with --no-resume (resume=False)"
+            )
         seen.add(position)
         positions.append(position)
     return positions
@@ -650,8 +699,14 @@ def path_identity(key: str, cwd: str) -> str:
     return os.path.realpath(os.path.join(cwd, key))
 
 
-def make_records(batch: Batch, outputs: Mapping, class_names: Sequence[str], captions: list[list[str]], *,
-                 lm_label_names: Sequence[str] | None = None) -> list[dict]:
+def make_records(
+    batch: Batch,
+    outputs: Mapping,
+    class_names: Sequence[str],
+    captions: list[list[str]],
+    *,
+    lm_label_names: Sequence[str] | None = None,
+) -> list[dict]:
     """One record per real item of the batch (padding rows dropped), errors as {"path", "error"}.
 
     outputs: `caption_images`' outputs on the host (label_ids, label_probs, caption_scores; lm_label_ids and
@@ -664,8 +719,10 @@ def make_records(batch: Batch, outputs: Mapping, class_names: Sequence[str], cap
         if row in batch.errors:
             records.append({"path": item.key, "error": batch.errors[row]})
             continue
-        labels = [{"label": class_names[int(c)], "prob": round(float(p), 4)}
-                  for c, p in zip(outputs["label_ids"][row], outputs["label_probs"][row])]
+        labels = [
+            {"label": class_names[int(c)], "prob": round(float(p), 4)}
+            for c, p in zip(outputs["label_ids"][row], outputs["label_probs"][row])
+        ]
         record = {"path": item.key, "labels": labels, "captions": captions[row]}
         if "caption_scores" in outputs:
             record["caption_scores"] = [round(float(score), 4) for score in outputs["caption_scores"][row]]
@@ -704,8 +761,9 @@ def reference_for(references: Mapping[str, dict] | None, record_path: str) -> di
     return references.get(os.path.abspath(record_path))
 
 
-def lm_label_comparable(record: Mapping[str, Any], reference: Mapping[str, Any],
-                        lm_label_names: Sequence[str] | None = None) -> bool:
+def lm_label_comparable(
+    record: Mapping[str, Any], reference: Mapping[str, Any], lm_label_names: Sequence[str] | None = None
+) -> bool:
     """Whether the record's LM label can be compared with the reference's label: the record has one, and the LM
     chose among the checkpoint's classes (`lm_label_names` None) or among labels that hold the reference's (an LM
     asked for colours is not wrong because the reference names a shape)."""
@@ -714,8 +772,9 @@ def lm_label_comparable(record: Mapping[str, Any], reference: Mapping[str, Any],
     return lm_label_names is None or reference["label"] in lm_label_names
 
 
-def score_records(records: Iterable[dict], references_path: str, *,
-                  lm_label_names: Sequence[str] | None = None) -> dict:
+def score_records(
+    records: Iterable[dict], references_path: str, *, lm_label_names: Sequence[str] | None = None
+) -> dict:
     """Caption metrics of `records` against a references file, over the images it lists that were captioned.
 
     Scores each record's first caption (exact match, BLEU-4, CIDEr-D, ROUGE-L from `imgllm.captions`), and, where the
@@ -737,8 +796,11 @@ def score_records(records: Iterable[dict], references_path: str, *,
             lm_hits.append(record["lm_label"] == reference["label"])
     if not hypotheses:
         return {"images": 0}
-    scores = {"images": len(hypotheses), **caption_metrics(hypotheses, matched_refs),
-              "cnn_accuracy": sum(cnn_hits) / len(cnn_hits)}
+    scores = {
+        "images": len(hypotheses),
+        **caption_metrics(hypotheses, matched_refs),
+        "cnn_accuracy": sum(cnn_hits) / len(cnn_hits),
+    }
     if note := cider_note(len(hypotheses)):
         scores.update(cider=None, cider_note=note)
     if lm_hits:
@@ -746,11 +808,46 @@ def score_records(records: Iterable[dict], references_path: str, *,
     return scores
 
 
-__all__ = ["FIRST_LINE_LIMIT", "LOCK_SUFFIX", "NAME_BYTES", "NON_FINITE_ERROR", "OutputError", "OutputInUseError",
-           "OutputLock", "RECORD_FORMATS", "RUN_OPTIONS_SUFFIX", "RecordFile", "SHARD_OPTIONS", "changed_run_options",
-           "check_distinct_paths", "check_recognised_output", "check_run_options", "check_writable", "find_parts",
-           "format_for_path", "json_line", "lm_label_comparable", "make_records", "numbers_are_finite", "part_path",
-           "part_positions", "part_shard_problem", "path_identity", "plain_text", "prepare_output", "read_references",
-           "read_run_options", "recognised_output", "record_problem", "reference_for", "score_records",
-           "shard_run_options", "spreadsheet_text", "truncate_partial_line", "unsharded_run_options", "whole_lines",
-           "write_atomically", "write_run_options"]
+__all__ = [
+    "FIRST_LINE_LIMIT",
+    "LOCK_SUFFIX",
+    "NAME_BYTES",
+    "NON_FINITE_ERROR",
+    "OutputError",
+    "OutputInUseError",
+    "OutputLock",
+    "RECORD_FORMATS",
+    "RUN_OPTIONS_SUFFIX",
+    "RecordFile",
+    "SHARD_OPTIONS",
+    "changed_run_options",
+    "check_distinct_paths",
+    "check_recognised_output",
+    "check_run_options",
+    "check_writable",
+    "find_parts",
+    "format_for_path",
+    "json_line",
+    "lm_label_comparable",
+    "make_records",
+    "numbers_are_finite",
+    "part_path",
+    "part_positions",
+    "part_shard_problem",
+    "path_identity",
+    "plain_text",
+    "prepare_output",
+    "read_references",
+    "read_run_options",
+    "recognised_output",
+    "record_problem",
+    "reference_for",
+    "score_records",
+    "shard_run_options",
+    "spreadsheet_text",
+    "truncate_partial_line",
+    "unsharded_run_options",
+    "whole_lines",
+    "write_atomically",
+    "write_run_options",
+]

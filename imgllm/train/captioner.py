@@ -21,6 +21,7 @@ Greedy captions stay descriptive as long as that fraction is below one half.
 `imgllm.train.export.export_pipeline_checkpoint(workdir, out_dir)` writes its pipeline checkpoint (CNN, LM, bridge,
 tokenizer).
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,16 +52,22 @@ from imgllm.train.lm_task import lm_config_from, tokenizer_from_metadata
 from imgllm.train.task import Metrics, metric
 from imgllm.vision.features import image_logits_and_features
 
-FROZEN = "frozen"   # model_state collection holding the frozen CNN variables (and the LM when not trained)
+FROZEN = "frozen"  # model_state collection holding the frozen CNN variables (and the LM when not trained)
 SAMPLE_CAPTIONS = 8  # greedy captions of evaluation images written to TensorBoard at the end of training
 
 
 # ----------------------------------------------------------------------------------------------- host helpers
 
 
-def caption_rows(captions: Sequence[Sequence[str]] | None, labels: np.ndarray, class_names: Sequence[str],
-                 templates: Sequence[str], template_fraction: float, seed: int,
-                 class_captions: Mapping[str, Sequence[str]] | None = None) -> tuple[np.ndarray, list[str]]:
+def caption_rows(
+    captions: Sequence[Sequence[str]] | None,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    template_fraction: float,
+    seed: int,
+    class_captions: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[np.ndarray, list[str]]:
     """(image index per row, caption text per row) of the training captions; deterministic from `seed`.
 
     Every (image, reference) pair is a row; template rows (a random template filled with the image's class name,
@@ -76,10 +83,12 @@ def caption_rows(captions: Sequence[Sequence[str]] | None, labels: np.ndarray, c
     if captions is None and class_captions is not None:
         per_class = [list(class_captions[name]) for name in class_names]
         is_template = rng.random(len(labels)) < template_fraction
-        picks = rng.random(len(labels))   # one uniform draw per image picks its caption or template
+        picks = rng.random(len(labels))  # one uniform draw per image picks its caption or template
         pick = lambda options, u: options[min(int(u * len(options)), len(options) - 1)]
-        texts = [pick(filled[label] if template else per_class[label], u)
-                 for label, template, u in zip(labels, is_template, picks)]
+        texts = [
+            pick(filled[label] if template else per_class[label], u)
+            for label, template, u in zip(labels, is_template, picks)
+        ]
         return np.arange(len(labels)), texts
     if captions is None or template_fraction >= 1.0:
         choice = rng.integers(len(templates), size=len(labels))
@@ -103,13 +112,14 @@ def encode_captions(encode, eos_id: int, texts: Sequence[str], max_tokens: int) 
     ids = [list(encode(text)) for text in texts]
     for text, tokens in zip(texts, ids):
         if len(tokens) > max_tokens:
-            raise ValueError(f"caption {text!r} has {len(tokens)} tokens, more than config.captions.max_tokens="
-                             f"{max_tokens}")
+            raise ValueError(
+                f"caption {text!r} has {len(tokens)} tokens, more than config.captions.max_tokens={max_tokens}"
+            )
     input_ids = np.full((len(texts), max_tokens + 2), eos_id, np.int32)
     target_mask = np.zeros((len(texts), max_tokens + 1), np.float32)
     for row, tokens in enumerate(ids):
-        input_ids[row, 1:1 + len(tokens)] = tokens
-        target_mask[row, :len(tokens) + 1] = 1.0
+        input_ids[row, 1 : 1 + len(tokens)] = tokens
+        target_mask[row, : len(tokens) + 1] = 1.0
     return input_ids, target_mask
 
 
@@ -144,23 +154,28 @@ class CaptionerTask:
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         run_config, meta = _classifier_config(os.path.abspath(config.classifier_workdir or ""))
-        self.classifier_step = meta["step"]   # the variables are read from this same checkpoint
-        self.cnn_temperature = calibration.stored_head_temperature(meta.get("calibration"))   # its fitted head T
+        self.classifier_step = meta["step"]  # the variables are read from this same checkpoint
+        self.cnn_temperature = calibration.stored_head_temperature(meta.get("calibration"))  # its fitted head T
         self.classifier_config = run_config
         self.class_names = tuple(meta.get("task", {}).get("class_names") or ())
         if not self.class_names:
             raise ValueError(f"{config.classifier_workdir}: the classifier checkpoint's meta has no class names")
-        self.cnn = cnn_for_run(run_config["model"], config)   # the classifier's CNN in this run's dtype
+        self.cnn = cnn_for_run(run_config["model"], config)  # the classifier's CNN in this run's dtype
         self.image_size = int(run_config.get("image_size") or 32)
         self.normalization = run_config.get("normalization") or {}
-        self.lm_config = lm_config_from(config, eos_token_id=0)   # the captioner's tokenizers: eos = id 0
+        self.lm_config = lm_config_from(config, eos_token_id=0)  # the captioner's tokenizers: eos = id 0
         self.templates = tuple(config.captions.templates)
-        self.mapper = PrefixMapper(prefix_length=config.bridge.prefix_length, lm_dim=self.lm_config.n_embd,
-                                   hidden=config.bridge.hidden, feature_source=config.bridge.feature_source)
+        self.mapper = PrefixMapper(
+            prefix_length=config.bridge.prefix_length,
+            lm_dim=self.lm_config.n_embd,
+            hidden=config.bridge.hidden,
+            feature_source=config.bridge.feature_source,
+        )
         check_mapper_fits(self.mapper, self.lm_config)
         if config.bridge.prefix_length + config.captions.max_tokens + 2 > self.lm_config.n_positions:
-            raise ValueError(f"prefix_length + captions.max_tokens + 2 exceeds the LM's n_positions="
-                             f"{self.lm_config.n_positions}")
+            raise ValueError(
+                f"prefix_length + captions.max_tokens + 2 exceeds the LM's n_positions={self.lm_config.n_positions}"
+            )
         self.tokenizer = None
         self._cnn_variables = None
 
@@ -190,8 +205,14 @@ class CaptionerTask:
 
     # ---- data (host side) ----
     def _load(self, spec: str, split: str, num: int | None):
-        return load_caption_dataset(spec, split, seed=self.config.seed, data_dir=self.config.data_dir,
-                                    image_size=self.image_size, num_examples=num)
+        return load_caption_dataset(
+            spec,
+            split,
+            seed=self.config.seed,
+            data_dir=self.config.data_dir,
+            image_size=self.image_size,
+            num_examples=num,
+        )
 
     def _labels_in_classifier_order(self, dataset, where: str) -> np.ndarray:
         if tuple(dataset.class_names) == self.class_names:
@@ -201,41 +222,61 @@ class CaptionerTask:
     def classifier_variables(self):
         """The frozen CNN's variables, restored from config.classifier_workdir (once)."""
         if self._cnn_variables is None:
-            self._cnn_variables, _, _ = load_classifier(os.path.abspath(self.config.classifier_workdir),
-                                                        self.classifier_step)
+            self._cnn_variables, _, _ = load_classifier(
+                os.path.abspath(self.config.classifier_workdir), self.classifier_step
+            )
         return self._cnn_variables
 
     def cnn_logits_and_features(self, cnn_variables, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(CNN logits, bridge input features) of uint8 images: the pipeline's one image → features chain
         (`imgllm.vision.features.image_logits_and_features`) with the classifier run's size and normalisation."""
-        return image_logits_and_features(self.cnn, cnn_variables, images, image_size=self.image_size,
-                                         mean=self.normalization.get("mean"), std=self.normalization.get("std"),
-                                         feature_source=self.mapper.feature_source)
+        return image_logits_and_features(
+            self.cnn,
+            cnn_variables,
+            images,
+            image_size=self.image_size,
+            mean=self.normalization.get("mean"),
+            std=self.normalization.get("std"),
+            feature_source=self.mapper.feature_source,
+        )
 
     def image_features(self, cnn_variables, images: np.ndarray) -> np.ndarray:
         """Bridge input features [N, F] of uint8 images, in batches of config.feature_batch_size (one compile)."""
         fn = jax.jit(lambda v, x: {"features": self.cnn_logits_and_features(v, x)[1]})
-        features = padded_batch_outputs(lambda batch: fn(cnn_variables, batch), images,
-                                        self.config.feature_batch_size)["features"]
+        features = padded_batch_outputs(lambda batch: fn(cnn_variables, batch), images, self.config.feature_batch_size)[
+            "features"
+        ]
         return features.astype(np.float32)
 
     def train_arrays(self) -> dict[str, np.ndarray]:
         cfg = self.config
         dataset = self._load(cfg.dataset, cfg.train_split, cfg.num_train_examples)
         labels = self._labels_in_classifier_order(dataset, f"{cfg.dataset} ({cfg.train_split})")
-        class_captions = (read_class_captions(cfg.captions.class_captions, self.class_names)
-                          if cfg.captions.get("class_captions") else None)
-        rows, texts = caption_rows(dataset.captions, labels, self.class_names, self.templates,
-                                   cfg.captions.template_fraction, cfg.seed, class_captions)
+        class_captions = (
+            read_class_captions(cfg.captions.class_captions, self.class_names)
+            if cfg.captions.get("class_captions")
+            else None
+        )
+        rows, texts = caption_rows(
+            dataset.captions,
+            labels,
+            self.class_names,
+            self.templates,
+            cfg.captions.template_fraction,
+            cfg.seed,
+            class_captions,
+        )
         all_prompts = [p for row in scoring.fill_templates(self.class_names, self.templates) for p in row]
         self.tokenizer = self._build_tokenizer(texts + all_prompts)
-        input_ids, target_mask = encode_captions(self.encode, self.tokenizer.eos_token_id, texts,
-                                                 cfg.captions.max_tokens)
+        input_ids, target_mask = encode_captions(
+            self.encode, self.tokenizer.eos_token_id, texts, cfg.captions.max_tokens
+        )
         features = self.image_features(self.classifier_variables(), dataset.images)
         return {"features": features[rows], "input_ids": input_ids, "target_mask": target_mask}
 
-    def eval_arrays(self, split: str | None = None, source: str | None = None,
-                    metadata: Mapping[str, Any] | None = None) -> dict[str, np.ndarray] | None:
+    def eval_arrays(
+        self, split: str | None = None, source: str | None = None, metadata: Mapping[str, Any] | None = None
+    ) -> dict[str, np.ndarray] | None:
         split = split or self.config.eval_split
         if not split:
             return None
@@ -245,8 +286,9 @@ class CaptionerTask:
         dataset = self._load(spec, split, self.config.num_eval_examples if source is None else None)
         labels = self._labels_in_classifier_order(dataset, f"{spec} ({split})")
         texts = reference_captions(dataset, self.class_names, self.templates)
-        input_ids, target_mask = encode_captions(self.encode, self.tokenizer.eos_token_id, texts,
-                                                 self.config.captions.max_tokens)
+        input_ids, target_mask = encode_captions(
+            self.encode, self.tokenizer.eos_token_id, texts, self.config.captions.max_tokens
+        )
         return {"images": dataset.images, "labels": labels, "input_ids": input_ids, "target_mask": target_mask}
 
     # ---- variables ----
@@ -290,14 +332,16 @@ class CaptionerTask:
         return loss / jnp.maximum(tokens, 1.0), {
             "loss": metric(loss, tokens),
             "token_accuracy": metric((is_argmax * mask).sum(), tokens),
-            "caption_exact": metric((exact * weights).sum(), weights.sum())}
+            "caption_exact": metric((exact * weights).sum(), weights.sum()),
+        }
 
     def loss(self, params, model_state, batch, rng, epoch) -> tuple[jax.Array, tuple[Metrics, dict]]:
         prefix = self.mapper.apply({"params": params["bridge"]}, batch["features"])
         lm_params = self.lm_params(params, model_state)
         deterministic = self.config.lm.dropout == 0
-        log_probs, is_argmax = prefixed_token_stats(lm_params, self.lm_config, prefix, batch["input_ids"],
-                                                    deterministic=deterministic, dropout_rng=rng)
+        log_probs, is_argmax = prefixed_token_stats(
+            lm_params, self.lm_config, prefix, batch["input_ids"], deterministic=deterministic, dropout_rng=rng
+        )
         mask = batch["target_mask"]
         tokens = mask.sum()
         total = -(log_probs * mask).sum()
@@ -329,15 +373,19 @@ class CaptionerTask:
             logits, features = self.cnn_logits_and_features(frozen["cnn"], images)
             prefixes = self.mapper.apply({"params": params["bridge"]}, jnp.concatenate([features[:1] * 0, features]))
             lm_scores = scoring.score_class_prompts(lm_params, self.lm_config, table, prefixes)
-            return {"logits": logits, "lm_scores": lm_scores[1:], "neutral": jnp.broadcast_to(lm_scores[:1],
-                                                                                              lm_scores[1:].shape)}
+            return {
+                "logits": logits,
+                "lm_scores": lm_scores[1:],
+                "neutral": jnp.broadcast_to(lm_scores[:1], lm_scores[1:].shape),
+            }
 
         fn = jax.jit(scores)
         out = padded_batch_outputs(lambda images: fn(variables, images), arrays["images"], batch_size)
         return {"logits": out["logits"], "lm_scores": out["lm_scores"], "lm_neutral_scores": out["neutral"][:1]}
 
-    def calibrate(self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int,
-                  fitted: dict | None = None) -> dict[str, float]:
+    def calibrate(
+        self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int, fitted: dict | None = None
+    ) -> dict[str, float]:
         """`imgllm.calibration.calibration_report` of the CNN head, the LM's class scores and their fusion on
         `arrays` (fitted there, the validation split, unless a stored fit is given), and lm_ig_accuracy: the LM's
         accuracy when scoring by information gain (its class scores minus those after the neutral prefix)."""
@@ -347,15 +395,17 @@ class CaptionerTask:
         report["lm_ig_accuracy"] = float((information_gain.argmax(-1) == labels).mean())
         return report
 
-    def sample_captions(self, variables, arrays: Mapping[str, np.ndarray], *, count: int = SAMPLE_CAPTIONS,
-                        seed: int = 0) -> list[tuple[str, str]]:
+    def sample_captions(
+        self, variables, arrays: Mapping[str, np.ndarray], *, count: int = SAMPLE_CAPTIONS, seed: int = 0
+    ) -> list[tuple[str, str]]:
         """(class name, greedy caption) of `count` evaluation images spread over the split (a fixed, seeded choice):
         what TensorBoard shows beside the curves, so a captioner that writes one sentence for every image is seen."""
         labels = np.asarray(arrays["labels"])
         picks = np.sort(np.random.default_rng(seed).choice(len(labels), min(count, len(labels)), replace=False))
         eos = self.tokenizer.eos_token_id
-        generation = GenerationConfig(max_new_tokens=self.config.captions.max_tokens + 1, eos_token_id=eos,
-                                      pad_token_id=eos)
+        generation = GenerationConfig(
+            max_new_tokens=self.config.captions.max_tokens + 1, eos_token_id=eos, pad_token_id=eos
+        )
 
         @jax.jit
         def greedy(variables, images):
@@ -363,8 +413,15 @@ class CaptionerTask:
             _, features = self.cnn_logits_and_features(frozen["cnn"], images)
             prefix = self.mapper.apply({"params": params["bridge"]}, features)
             start = jnp.full((len(images), 1), eos, jnp.int32)
-            return generate_tokens(self.lm_params(params, variables), self.lm_config, start, jnp.ones_like(start),
-                                   jax.random.PRNGKey(0), generation, prefix_embeds=prefix)[0]
+            return generate_tokens(
+                self.lm_params(params, variables),
+                self.lm_config,
+                start,
+                jnp.ones_like(start),
+                jax.random.PRNGKey(0),
+                generation,
+                prefix_embeds=prefix,
+            )[0]
 
         tokens = np.asarray(greedy(variables, np.asarray(arrays["images"])[picks]))
         texts = [self.tokenizer.decode(ids[0]).strip() for ids in caption_token_lists(tokens[:, None], eos, eos)]
@@ -372,18 +429,27 @@ class CaptionerTask:
 
     def checkpoint_metadata(self) -> dict[str, Any]:
         tokenizer_path = self.tokenizer_path()
-        return {"class_names": list(self.class_names), "templates": list(self.templates),
-                "tokenizer_json": None if tokenizer_path or self.tokenizer is None
-                else self.tokenizer.backend_tokenizer.to_str(),
-                "tokenizer_path": tokenizer_path, "lm_config": self.lm_config.to_dict(),
-                "bridge": bridge_fields(self.mapper),
-                "classifier_workdir": os.path.abspath(self.config.classifier_workdir)}
+        return {
+            "class_names": list(self.class_names),
+            "templates": list(self.templates),
+            "tokenizer_json": None
+            if tokenizer_path or self.tokenizer is None
+            else self.tokenizer.backend_tokenizer.to_str(),
+            "tokenizer_path": tokenizer_path,
+            "lm_config": self.lm_config.to_dict(),
+            "bridge": bridge_fields(self.mapper),
+            "classifier_workdir": os.path.abspath(self.config.classifier_workdir),
+        }
 
 
 def bridge_fields(mapper: PrefixMapper) -> dict[str, Any]:
     """The PrefixMapper's constructor fields as JSON (a pipeline checkpoint's "bridge" config)."""
-    return {"prefix_length": mapper.prefix_length, "lm_dim": mapper.lm_dim, "hidden": mapper.hidden,
-            "feature_source": mapper.feature_source}
+    return {
+        "prefix_length": mapper.prefix_length,
+        "lm_dim": mapper.lm_dim,
+        "hidden": mapper.hidden,
+        "feature_source": mapper.feature_source,
+    }
 
 
 def _check_same_structure(expected, actual) -> None:

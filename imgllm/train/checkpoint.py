@@ -11,6 +11,7 @@ A step folder that lacks an item (an empty `checkpoints/7/`) is skipped, named i
 naming its folder; `Checkpointer.newest_readable` then falls back to the step before it, and a resumed run moves
 the unreadable folders to WORKDIR/unreadable_checkpoints/ (`Checkpointer.set_aside_newer`), where they are kept.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,14 +34,25 @@ from imgllm.pipeline.checkpoint import saved_array_shapes
 
 # Config keys that may change between a run and its resumption: they do not change what is computed. Where the
 # data is read from (dataset, data_dir) may change too: resuming checks the data itself (loop.check_same_data).
-RESUME_SAFE_KEYS = frozenset({
-    "log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep", "progress_bar", "profile_steps",
-    "eval_every_epochs", "eval_batch_size", "dataset", "data_dir", "data_cache_dir", "data_placement",
-})
-ITEMS = ("state", "config", "meta")   # the items of every step folder
+RESUME_SAFE_KEYS = frozenset(
+    {
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "max_checkpoints_to_keep",
+        "progress_bar",
+        "profile_steps",
+        "eval_every_epochs",
+        "eval_batch_size",
+        "dataset",
+        "data_dir",
+        "data_cache_dir",
+        "data_placement",
+    }
+)
+ITEMS = ("state", "config", "meta")  # the items of every step folder
 # orbax logs this WARNING whenever a CheckpointManager is read-only, which every evaluation and export asks for.
 READ_ONLY_NOTICE = "Given directory is read only="
-UNREADABLE_DIR = "unreadable_checkpoints"   # WORKDIR/<this>/<step>: where a resumed run keeps a step it cannot read
+UNREADABLE_DIR = "unreadable_checkpoints"  # WORKDIR/<this>/<step>: where a resumed run keeps a step it cannot read
 T = TypeVar("T")
 
 
@@ -89,7 +101,7 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     error's type name."""
     lines = str(error).strip().splitlines()
     line = lines[0].split(" [tensorstore_spec")[0] if lines else type(error).__name__
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 @contextlib.contextmanager
@@ -108,7 +120,7 @@ def stray_read_errors_dropped(grace_s: float = 0.2) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        time.sleep(grace_s)   # the pending reads report within milliseconds of the failure
+        time.sleep(grace_s)  # the pending reads report within milliseconds of the failure
         raise
     finally:
         sys.unraisablehook = previous
@@ -156,25 +168,38 @@ def check_compatible(saved: dict, current: dict, workdir: str) -> None:
         raise IncompatibleConfigError(
             f"{workdir} holds a checkpoint made with a different config, so this run cannot resume it:\n  "
             + "\n  ".join(diffs)
-            + "\nUse a new --workdir, or run with the checkpoint's values for these keys.")
+            + "\nUse a new --workdir, or run with the checkpoint's values for these keys."
+        )
 
 
 class Checkpointer:
     """A CheckpointManager on <workdir>/checkpoints with save cadence, retention and typed restore."""
 
-    def __init__(self, workdir: str, *, max_to_keep: int = 3, save_every_steps: int = 1000,
-                 asynchronous: bool = True, read_only: bool = False):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        max_to_keep: int = 3,
+        save_every_steps: int = 1000,
+        asynchronous: bool = True,
+        read_only: bool = False,
+    ):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.save_every_steps = int(save_every_steps)
         # Read-only: no pruning and no save interval, which orbax would otherwise reset with a warning each.
-        options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep, create=not read_only,
-                                               save_interval_steps=0 if read_only else 1,
-                                               enable_async_checkpointing=asynchronous, read_only=read_only,
-                                               step_name_format=CompleteSteps())
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else max_to_keep,
+            create=not read_only,
+            save_interval_steps=0 if read_only else 1,
+            enable_async_checkpointing=asynchronous,
+            read_only=read_only,
+            step_name_format=CompleteSteps(),
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         for folder in incomplete_step_folders(self.directory):
-            warnings.warn(f"skipping {folder}: not a checkpoint (no {', '.join(missing_items(folder))} inside)",
-                          stacklevel=2)
+            warnings.warn(
+                f"skipping {folder}: not a checkpoint (no {', '.join(missing_items(folder))} inside)", stacklevel=2
+            )
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint, or None (half-written saves and step folders that lack an
@@ -212,8 +237,10 @@ class Checkpointer:
             return step, result
         if not failures:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        raise UnreadableCheckpointError(f"no checkpoint in {self.directory} can be read ({'; '.join(failures)}); "
-                                        "move them away or use another --workdir")
+        raise UnreadableCheckpointError(
+            f"no checkpoint in {self.directory} can be read ({'; '.join(failures)}); "
+            "move them away or use another --workdir"
+        )
 
     def set_aside_newer(self, step: int) -> None:
         """Moves the step folders newer than `step` (those a resumed run could not read) to
@@ -227,9 +254,12 @@ class Checkpointer:
                 target = free_path(os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR, str(other)))
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 os.rename(self.step_dir(other), target)
-                warnings.warn(f"moved the unreadable {self.step_dir(other)} to {target} (kept: delete it once you "
-                              "no longer need it)", stacklevel=2)
-        if jax.process_count() > 1:   # the others wait for process 0's moves
+                warnings.warn(
+                    f"moved the unreadable {self.step_dir(other)} to {target} (kept: delete it once you "
+                    "no longer need it)",
+                    stacklevel=2,
+                )
+        if jax.process_count() > 1:  # the others wait for process 0's moves
             multihost_utils.sync_global_devices("imgllm: unreadable checkpoints set aside")
         self.manager.reload()
 
@@ -238,17 +268,23 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, config: ml_collections.ConfigDict | dict, meta: dict) -> None:
         """Starts an asynchronous save of (state, config, meta) at `step`."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            config=ocp.args.JsonSave(config_to_json(config)),
-            meta=ocp.args.JsonSave(json.loads(json.dumps(meta)))), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                config=ocp.args.JsonSave(config_to_json(config)),
+                meta=ocp.args.JsonSave(json.loads(json.dumps(meta))),
+            ),
+            force=True,
+        )
 
     def restore_config_and_meta(self, step: int | None = None) -> tuple[dict, dict]:
         """The (config, meta) JSON of checkpoint `step` (default: the latest)."""
         step = self._step(step)
         with self.reading(step):
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+            )
         return dict(restored["config"]), dict(restored["meta"])
 
     def restore_state(self, template: Any, step: int | None = None) -> Any:

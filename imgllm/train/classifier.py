@@ -3,6 +3,7 @@
 Everything classifier-specific lives here; the loop, state, steps and checkpoints are shared with the
 language-model and captioning tasks.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,9 @@ def folder_split(spec: str, split: str, data_dir: str | None = None) -> str:
     root = os.path.join(data_dir, root) if data_dir and not os.path.isabs(root) else root
     if kind != "folder" or split != "test" or not os.path.isdir(root):
         return split
-    has_split_folders = any(os.path.isdir(os.path.join(root, name))
-                            for names in SPLIT_FOLDER_NAMES.values() for name in names)
+    has_split_folders = any(
+        os.path.isdir(os.path.join(root, name)) for names in SPLIT_FOLDER_NAMES.values() for name in names
+    )
     return split if has_split_folders else "train_full"
 
 
@@ -72,9 +74,15 @@ class ClassifierTask:
 
     # ---- data (host side) ----
     def _load(self, spec: str, split: str, num: int | None):
-        return data_lib.load_dataset(spec, split, seed=self.config.seed, data_dir=self.config.data_dir,
-                                     image_size=self.config.image_size, num_examples=num,
-                                     cache_dir=self.config.get("data_cache_dir"))
+        return data_lib.load_dataset(
+            spec,
+            split,
+            seed=self.config.seed,
+            data_dir=self.config.data_dir,
+            image_size=self.config.image_size,
+            num_examples=num,
+            cache_dir=self.config.get("data_cache_dir"),
+        )
 
     def train_arrays(self) -> dict[str, np.ndarray]:
         ds = self._load(self.config.dataset, self.config.train_split, self.config.num_train_examples)
@@ -82,19 +90,27 @@ class ClassifierTask:
             raise ValueError(
                 f"{self.config.dataset} ({self.config.train_split}) has {len(ds.class_names)} classes but "
                 f"config.model.num_classes={self.model.num_classes}: set --config.model.num_classes="
-                f"{len(ds.class_names)} (or remove the extra class folders)")
+                f"{len(ds.class_names)} (or remove the extra class folders)"
+            )
         self.class_names = tuple(ds.class_names)
-        return {"images": ds.images, "labels": ds.labels.astype(np.int32),
-                "index": np.arange(len(ds.labels), dtype=np.int32)}
+        return {
+            "images": ds.images,
+            "labels": ds.labels.astype(np.int32),
+            "index": np.arange(len(ds.labels), dtype=np.int32),
+        }
 
-    def eval_arrays(self, split: str | None = None, source: str | None = None,
-                    metadata: Mapping[str, Any] | None = None) -> dict[str, np.ndarray] | None:
+    def eval_arrays(
+        self, split: str | None = None, source: str | None = None, metadata: Mapping[str, Any] | None = None
+    ) -> dict[str, np.ndarray] | None:
         split = split or self.config.eval_split
         if not split:
             return None
         spec = source or self.config.dataset
-        ds = self._load(spec, folder_split(spec, split, self.config.data_dir),
-                        self.config.num_eval_examples if source is None else None)
+        ds = self._load(
+            spec,
+            folder_split(spec, split, self.config.data_dir),
+            self.config.num_eval_examples if source is None else None,
+        )
         labels = ds.labels.astype(np.int32)
         known = tuple(metadata["class_names"]) if metadata else self.class_names
         if known is not None and tuple(ds.class_names) != known:
@@ -117,8 +133,9 @@ class ClassifierTask:
 
     # ---- pure, traced ----
     def normalize(self, images: jax.Array) -> jax.Array:
-        return augment.normalize(images, mean=tuple(self.config.normalization.mean),
-                                 std=tuple(self.config.normalization.std))
+        return augment.normalize(
+            images, mean=tuple(self.config.normalization.mean), std=tuple(self.config.normalization.std)
+        )
 
     def augment(self, images: jax.Array, indices: jax.Array, rng: jax.Array, epoch: jax.Array) -> jax.Array:
         """Random translate (reflect pad) and flip ("random", "alternating" or "none")."""
@@ -140,8 +157,7 @@ class ClassifierTask:
         targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), self.config.label_smoothing)
         losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
         n = labels.shape[0]
-        metrics = {"loss": metric(losses.sum(), n),
-                   "accuracy": metric((jnp.argmax(logits, -1) == labels).sum(), n)}
+        metrics = {"loss": metric(losses.sum(), n), "accuracy": metric((jnp.argmax(logits, -1) == labels).sum(), n)}
         return losses.mean(), (metrics, dict(new_state))
 
     def logits(self, variables, images: jax.Array, *, tta: bool) -> jax.Array:
@@ -161,8 +177,10 @@ class ClassifierTask:
         labels, mask = batch["labels"], batch["mask"]
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         count = mask.sum()
-        return {"loss": metric((losses * mask).sum(), count),
-                "accuracy": metric(((jnp.argmax(logits, -1) == labels) * mask).sum(), count)}
+        return {
+            "loss": metric((losses * mask).sum(), count),
+            "accuracy": metric(((jnp.argmax(logits, -1) == labels) * mask).sum(), count),
+        }
 
     def eval_logits(self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int, tta: bool) -> np.ndarray:
         """float32 [N, classes] logits of every image of `arrays` (jitted, whole batches: `padded_batch_outputs`)."""
@@ -176,8 +194,9 @@ class ClassifierTask:
         np.add.at(matrix, (np.asarray(arrays["labels"]), predictions), 1)
         return matrix
 
-    def calibrate(self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int,
-                  fitted: dict | None = None) -> dict[str, float]:
+    def calibrate(
+        self, variables, arrays: Mapping[str, np.ndarray], *, batch_size: int, fitted: dict | None = None
+    ) -> dict[str, float]:
         """`imgllm.calibration.calibration_report` of the head's logits as inference computes them (no TTA) on
         `arrays`: fitted there (the held-out split: never training images) unless a stored fit is given."""
         logits = self.eval_logits(variables, arrays, batch_size=batch_size, tta=False)

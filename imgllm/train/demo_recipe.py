@@ -16,6 +16,7 @@ validated on) by greedy decoding and classifies them by LM likelihood; `run_demo
                               (it learnt shapes), chosen at inference (`imgllm.pipeline.classify_images`),
   lm_size_accuracy            its size (2 labels), prompt "a {label}".
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,8 +38,8 @@ from imgllm.train import checkpoint as ckpt_lib
 from imgllm.train import loop
 from imgllm.train.export import export_pipeline_checkpoint
 
-EVAL_SPLIT = "test"     # the demo split the final evaluation draws from (training uses "train", seed 0)
-EVAL_SEED = 1           # ... with its own seed: images that no training or validation run has seen
+EVAL_SPLIT = "test"  # the demo split the final evaluation draws from (training uses "train", seed 0)
+EVAL_SEED = 1  # ... with its own seed: images that no training or validation run has seen
 # Questions about the first-named object that the LM answers from any label set: (labels, prompt templates).
 COLOUR_QUESTION = (tuple(COLOURS), ("a small {label}", "a large {label}"))
 SIZE_QUESTION = (tuple(SIZES), ("a {label}",))
@@ -75,8 +76,11 @@ def _run_stage(name: str, workdir: str, config: ml_collections.ConfigDict, log: 
         return False
     clock = _Clock()
     result = loop.train_and_evaluate(config, workdir)
-    summary = "" if result.final_eval is None else " " + " ".join(
-        f"{k}={v:.4f}" for k, v in result.final_eval.items() if isinstance(v, float))
+    summary = (
+        ""
+        if result.final_eval is None
+        else " " + " ".join(f"{k}={v:.4f}" for k, v in result.final_eval.items() if isinstance(v, float))
+    )
     log(f"[demo] {name}: trained in {clock}{summary}")
     return True
 
@@ -96,9 +100,14 @@ def default_configs() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigD
     return demo.get_config(), captioner_demo.get_config()
 
 
-def run_demo(workdir: str, *, classifier_config: ml_collections.ConfigDict | None = None,
-             captioner_config: ml_collections.ConfigDict | None = None, num_eval_examples: int = 500,
-             log: Callable[[str], None] = print) -> dict[str, float]:
+def run_demo(
+    workdir: str,
+    *,
+    classifier_config: ml_collections.ConfigDict | None = None,
+    captioner_config: ml_collections.ConfigDict | None = None,
+    num_eval_examples: int = 500,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
     """Trains the demo classifier and captioner in `workdir`, exports and evaluates the pipeline checkpoint.
 
     classifier_config / captioner_config default to `default_configs()`; the captioner's classifier_workdir is
@@ -112,8 +121,9 @@ def run_demo(workdir: str, *, classifier_config: ml_collections.ConfigDict | Non
         default_captioner.dtype = dtype
     captioner_config = ml_collections.ConfigDict((captioner_config or default_captioner).to_dict())
     workdir = os.path.abspath(workdir)
-    classifier_dir, captioner_dir, pipeline_dir = (os.path.join(workdir, name)
-                                                   for name in ("classifier", "captioner", "pipeline"))
+    classifier_dir, captioner_dir, pipeline_dir = (
+        os.path.join(workdir, name) for name in ("classifier", "captioner", "pipeline")
+    )
     captioner_config.classifier_workdir = classifier_dir
     clock = _Clock()
     _run_stage("classifier", classifier_dir, classifier_config, log)
@@ -125,15 +135,17 @@ def run_demo(workdir: str, *, classifier_config: ml_collections.ConfigDict | Non
     eval_clock = _Clock()
     results = evaluate_pipeline(pipeline_dir, num_examples=num_eval_examples, dtype=dtype)
     log(f"[demo] evaluated in {eval_clock}")
-    log(f"[demo] {num_eval_examples} fresh demo images ({EVAL_SPLIT!r} split, seed {EVAL_SEED}): " +
-        " ".join(f"{k}={v:.4f}" for k, v in results.items()))
-    log(f"[demo] total {clock}; caption images with: "
-        f"python infer.py --checkpoint={pipeline_dir} <images>")
+    log(
+        f"[demo] {num_eval_examples} fresh demo images ({EVAL_SPLIT!r} split, seed {EVAL_SEED}): "
+        + " ".join(f"{k}={v:.4f}" for k, v in results.items())
+    )
+    log(f"[demo] total {clock}; caption images with: python infer.py --checkpoint={pipeline_dir} <images>")
     return results
 
 
-def evaluate_pipeline(pipeline_dir: str, *, num_examples: int = 500, split: str = EVAL_SPLIT,
-                      seed: int = EVAL_SEED, dtype: str = "auto") -> dict[str, float]:
+def evaluate_pipeline(
+    pipeline_dir: str, *, num_examples: int = 500, split: str = EVAL_SPLIT, seed: int = EVAL_SEED, dtype: str = "auto"
+) -> dict[str, float]:
     """Greedy captions, LM classification and CNN accuracy of a pipeline checkpoint on demo images.
 
     One jitted `imgllm.pipeline.caption_images` call over all images with the spec `infer.py --lm-classify` uses
@@ -141,21 +153,25 @@ def evaluate_pipeline(pipeline_dir: str, *, num_examples: int = 500, split: str 
     class_prompt_templates after each image's visual prefix. dtype: the compute dtype (`imgllm.precision`).
     """
     pipe = load_pipeline(pipeline_dir)
-    dataset = load_dataset("demo", split, seed=seed, num_examples=num_examples,
-                           image_size=pipe.config["image_size"])
+    dataset = load_dataset("demo", split, seed=seed, num_examples=num_examples, image_size=pipe.config["image_size"])
     if tuple(dataset.class_names) != pipe.class_names:
         raise ValueError(f"{pipeline_dir}: class names {pipe.class_names} are not the demo's {dataset.class_names}")
     spec = pipe.spec(lm_classify=True, dtype=dtype)
-    outputs = jax.device_get(jax.jit(functools.partial(caption_images, spec=spec))(
-        pipe.params, dataset.images, jax.random.PRNGKey(0)))
+    outputs = jax.device_get(
+        jax.jit(functools.partial(caption_images, spec=spec))(pipe.params, dataset.images, jax.random.PRNGKey(0))
+    )
     hypotheses = [captions[0] for captions in pipe.decode_captions(outputs["caption_ids"])]
     results = caption_metrics(hypotheses, dataset.captions)
     results["lm_accuracy"] = float(np.mean(outputs["lm_label_ids"] == dataset.labels))
     results["cnn_accuracy"] = float(np.mean(outputs["label_ids"][:, 0] == dataset.labels))
-    first_objects = [scene.objects[0] for scene in demo_scenes(split, seed=seed, num_examples=num_examples,
-                                                                image_size=pipe.config["image_size"])]
-    for name, (labels, templates), truth in (("colour", COLOUR_QUESTION, [o.colour for o in first_objects]),
-                                             ("size", SIZE_QUESTION, [o.size for o in first_objects])):
+    first_objects = [
+        scene.objects[0]
+        for scene in demo_scenes(split, seed=seed, num_examples=num_examples, image_size=pipe.config["image_size"])
+    ]
+    for name, (labels, templates), truth in (
+        ("colour", COLOUR_QUESTION, [o.colour for o in first_objects]),
+        ("size", SIZE_QUESTION, [o.size for o in first_objects]),
+    ):
         predicted = classify_images(pipe, dataset.images, labels, templates, dtype=dtype).labels
         results[f"lm_{name}_accuracy"] = float(np.mean([p == t for p, t in zip(predicted, truth)]))
     return results

@@ -26,9 +26,17 @@ from imgllm.train.loop import restore_for_eval
 from imgllm.train.model_card import model_card
 
 
-def assemble_pipeline_checkpoint(out_dir: str | os.PathLike, *, classifier: str | os.PathLike, lm: str,
-                                 tokenizer: str | None = None, template: str = DEFAULT_TEMPLATE,
-                                 top_k: int = 1, max_new_tokens: int = 20, overwrite: bool = False) -> str:
+def assemble_pipeline_checkpoint(
+    out_dir: str | os.PathLike,
+    *,
+    classifier: str | os.PathLike,
+    lm: str,
+    tokenizer: str | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    top_k: int = 1,
+    max_new_tokens: int = 20,
+    overwrite: bool = False,
+) -> str:
     """Builds a pipeline checkpoint from a classifier's train.py work directory and a language model: a GGUF file, a
     Hugging Face directory or a hub name of GPT-2 or the Llama family (`imgllm.language.load.load_lm`).
 
@@ -48,21 +56,32 @@ def assemble_pipeline_checkpoint(out_dir: str | os.PathLike, *, classifier: str 
         raise ValueError(f"{classifier}: the run config has no 'model' section (keys: {sorted(run_config)})")
     normalization = run_config.get("normalization") or {}
     config = pipeline_checkpoint.make_pipeline_config(
-        cnn=cnn_config, lm=lm_config.to_dict(), class_names=class_names,
-        eos_id=text_tokenizer.eos_token_id, pad_id=text_tokenizer.pad_token_id,
-        bos_id=text_tokenizer.bos_token_id, prepend_bos=loaded.prepend_bos, template=template, top_k=top_k,
-        image_size=int(run_config.get("image_size") or 32), mean=normalization.get("mean"),
-        std=normalization.get("std"), max_new_tokens=max_new_tokens,
+        cnn=cnn_config,
+        lm=lm_config.to_dict(),
+        class_names=class_names,
+        eos_id=text_tokenizer.eos_token_id,
+        pad_id=text_tokenizer.pad_token_id,
+        bos_id=text_tokenizer.bos_token_id,
+        prepend_bos=loaded.prepend_bos,
+        template=template,
+        top_k=top_k,
+        image_size=int(run_config.get("image_size") or 32),
+        mean=normalization.get("mean"),
+        std=normalization.get("std"),
+        max_new_tokens=max_new_tokens,
         cnn_temperature=calibration.stored_head_temperature(meta.get("calibration")),
-        train_flip=train_flip(run_config))
+        train_flip=train_flip(run_config),
+    )
     check_vocabulary(text_tokenizer, lm_config.vocab_size, lm)
     card = model_card(config, runs=[("classifier", os.path.abspath(classifier), run_config, meta)], lm_source=lm)
-    return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, {"cnn": cnn_variables, "lm": lm_params}, config,
-                                                        text_tokenizer, overwrite=overwrite, card=card)
+    return pipeline_checkpoint.save_pipeline_checkpoint(
+        out_dir, {"cnn": cnn_variables, "lm": lm_params}, config, text_tokenizer, overwrite=overwrite, card=card
+    )
 
 
-def export_pipeline_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, max_new_tokens: int = 0,
-                               overwrite: bool = False) -> str:
+def export_pipeline_checkpoint(
+    workdir: str, out_dir: str, *, step: int | None = None, max_new_tokens: int = 0, overwrite: bool = False
+) -> str:
     """Writes the pipeline checkpoint (imgllm.pipeline.checkpoint format) of a captioner run in `workdir`.
 
     params {"cnn", "lm", "bridge"}; config: the classifier's CNN and normalisation, the LM's config.json, the
@@ -73,24 +92,44 @@ def export_pipeline_checkpoint(workdir: str, out_dir: str, *, step: int | None =
     variables = jax.device_get(variables)
     task_meta = meta["task"]
     tokenizer = tokenizer_from_metadata(task_meta)
-    params = {"cnn": variables[FROZEN]["cnn"], "lm": task.lm_params(variables["params"], variables),
-              "bridge": variables["params"]["bridge"]}
+    params = {
+        "cnn": variables[FROZEN]["cnn"],
+        "lm": task.lm_params(variables["params"], variables),
+        "bridge": variables["params"]["bridge"],
+    }
     normalization = task.normalization
     pipeline_config = pipeline_checkpoint.make_pipeline_config(
-        cnn=task.classifier_config["model"], lm=task.lm_config.to_dict(), class_names=task.class_names,
-        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, bos_id=tokenizer.eos_token_id,
-        bridge=task_meta["bridge"], template="", top_k=1, image_size=task.image_size,
-        mean=normalization.get("mean"), std=normalization.get("std"), prepend_bos=True,
+        cnn=task.classifier_config["model"],
+        lm=task.lm_config.to_dict(),
+        class_names=task.class_names,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        bos_id=tokenizer.eos_token_id,
+        bridge=task_meta["bridge"],
+        template="",
+        top_k=1,
+        image_size=task.image_size,
+        mean=normalization.get("mean"),
+        std=normalization.get("std"),
+        prepend_bos=True,
         max_new_tokens=max_new_tokens or config.captions.max_tokens + 1,
-        class_prompt_templates=task_meta["templates"], train_flip=train_flip(task.classifier_config),
-        **pipeline_calibration(meta.get("calibration"), task.cnn_temperature))
+        class_prompt_templates=task_meta["templates"],
+        train_flip=train_flip(task.classifier_config),
+        **pipeline_calibration(meta.get("calibration"), task.cnn_temperature),
+    )
     classifier_dir = os.path.abspath(config.classifier_workdir)
     _, classifier_meta = read_run_config(classifier_dir)
-    card = model_card(pipeline_config, lm_source=config.lm.get("pretrained"), runs=[
-        ("classifier", classifier_dir, task.classifier_config, classifier_meta),
-        ("captioner", os.path.abspath(workdir), config.to_dict(), meta)])
-    return pipeline_checkpoint.save_pipeline_checkpoint(out_dir, params, pipeline_config, tokenizer,
-                                                        overwrite=overwrite, card=card)
+    card = model_card(
+        pipeline_config,
+        lm_source=config.lm.get("pretrained"),
+        runs=[
+            ("classifier", classifier_dir, task.classifier_config, classifier_meta),
+            ("captioner", os.path.abspath(workdir), config.to_dict(), meta),
+        ],
+    )
+    return pipeline_checkpoint.save_pipeline_checkpoint(
+        out_dir, params, pipeline_config, tokenizer, overwrite=overwrite, card=card
+    )
 
 
 def train_flip(run_config: dict) -> str | None:
@@ -109,9 +148,13 @@ def pipeline_calibration(report: dict | None, cnn_temperature: float) -> dict:
     if fitted is None or "lm_temperature" not in fitted:
         return {"cnn_temperature": cnn_temperature}
     fused_is_better = report.get("fused_accuracy", 0.0) > report.get("head_accuracy", 1.0)
-    return {"cnn_temperature": fitted["head_temperature"], "lm_temperature": fitted["lm_temperature"],
-            "fusion_weight": fitted["fusion_weight"], "fusion_temperature": fitted["fusion_temperature"],
-            "classify": "fused" if fused_is_better else "cnn"}
+    return {
+        "cnn_temperature": fitted["head_temperature"],
+        "lm_temperature": fitted["lm_temperature"],
+        "fusion_weight": fitted["fusion_weight"],
+        "fusion_temperature": fitted["fusion_temperature"],
+        "classify": "fused" if fused_is_better else "cnn",
+    }
 
 
 def export_hf(workdir: str, out_dir: str, *, step: int | None = None) -> str:

@@ -11,6 +11,7 @@
 Both give each step the same examples in the same order (`imgllm.data.epoch_batch_indices`), so the placement may
 change between a run and its resumption.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -39,7 +40,7 @@ def device_memory_bytes(device: jax.Device) -> int | None:
 
 
 def resolve_placement(placement: str, arrays: Mapping[str, np.ndarray], device: jax.Device) -> str:
-    """"device" or "host" for a config's data_placement ("auto" decides from the arrays' size and the device's)."""
+    """ "device" or "host" for a config's data_placement ("auto" decides from the arrays' size and the device's)."""
     if placement not in PLACEMENTS:
         raise ValueError(f"config.data_placement={placement!r}: expected one of {PLACEMENTS}")
     if placement != "auto":
@@ -49,8 +50,9 @@ def resolve_placement(placement: str, arrays: Mapping[str, np.ndarray], device: 
     return "device" if data_bytes(arrays) <= budget else "host"
 
 
-def gather_rows(data: Mapping[str, jax.Array], order: jax.Array, step: jax.Array, steps_per_epoch: int,
-                mesh: Mesh) -> dict[str, jax.Array]:
+def gather_rows(
+    data: Mapping[str, jax.Array], order: jax.Array, step: jax.Array, steps_per_epoch: int, mesh: Mesh
+) -> dict[str, jax.Array]:
     """The batch of global `step` from device-resident `data`: rows order[step % steps_per_epoch] (traced).
 
     The row indices are sharded on 'data' before the gather, so each device gathers only its own examples.
@@ -91,8 +93,14 @@ class HostFeed:
         self.order = None
 
     def epoch(self, epoch: int) -> None:
-        self.order = epoch_batch_indices(self.num_examples, self.global_batch_size, seed=self.seed, epoch=epoch,
-                                         process_index=jax.process_index(), process_count=jax.process_count())
+        self.order = epoch_batch_indices(
+            self.num_examples,
+            self.global_batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
 
     def args(self, index: int) -> tuple:
         batch = {name: np.asarray(array[self.order[index]]) for name, array in self.arrays.items()}
@@ -104,8 +112,9 @@ def replicate(array: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback(array.shape, parallel.replicated_sharding(mesh), lambda index: array[index])
 
 
-def make_feed(placement: str, arrays: Mapping[str, np.ndarray], mesh: Mesh, *, seed: int,
-              global_batch_size: int) -> DeviceFeed | HostFeed:
+def make_feed(
+    placement: str, arrays: Mapping[str, np.ndarray], mesh: Mesh, *, seed: int, global_batch_size: int
+) -> DeviceFeed | HostFeed:
     """The feed for a config's data_placement ("auto", "device" or "host")."""
     kind = DeviceFeed if resolve_placement(placement, arrays, mesh.devices.flat[0]) == "device" else HostFeed
     return kind(arrays, mesh, seed=seed, global_batch_size=global_batch_size)

@@ -35,8 +35,7 @@ from imgllm.train.task import Metrics, metric
 def corpus_paths(spec: str | Sequence[str] | None, field: str) -> list[str]:
     """Corpus files from a config value: one path, comma-separated paths, or a list."""
     if not spec:
-        raise ValueError(f"config.{field} is not set: give a text or JSON-lines corpus file "
-                         "(comma-separate several)")
+        raise ValueError(f"config.{field} is not set: give a text or JSON-lines corpus file (comma-separate several)")
     paths = spec.split(",") if isinstance(spec, str) else list(spec)
     return [path.strip() for path in paths if path.strip()]
 
@@ -49,8 +48,15 @@ def lm_config_from(config: ml_collections.ConfigDict, eos_token_id: int) -> LMCo
     if lm.get("pretrained"):
         base = read_lm_config(lm.pretrained)
     else:
-        base = GPT2Config(vocab_size=lm.vocab_size, n_positions=lm.n_positions, n_embd=lm.n_embd,
-                          n_layer=lm.n_layer, n_head=lm.n_head, bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+        base = GPT2Config(
+            vocab_size=lm.vocab_size,
+            n_positions=lm.n_positions,
+            n_embd=lm.n_embd,
+            n_layer=lm.n_layer,
+            n_head=lm.n_head,
+            bos_token_id=eos_token_id,
+            eos_token_id=eos_token_id,
+        )
     return dataclasses.replace(base.with_dropout(lm.dropout), dtype=compute_dtype(run_dtype(config)))
 
 
@@ -84,8 +90,9 @@ class LMTask:
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else 0
         self.lm_config = lm_config_from(config, eos)
         if config.seq_len > self.lm_config.n_positions:
-            raise ValueError(f"config.seq_len={config.seq_len} exceeds the LM's n_positions="
-                             f"{self.lm_config.n_positions}")
+            raise ValueError(
+                f"config.seq_len={config.seq_len} exceeds the LM's n_positions={self.lm_config.n_positions}"
+            )
 
     # ---- data (host side) ----
     def _ensure_tokenizer(self, records: Sequence[text_lib.TextRecord]) -> None:
@@ -98,15 +105,21 @@ class LMTask:
     def _examples(self, paths: Sequence[str]) -> dict[str, np.ndarray]:
         records = [record for path in paths for record in text_lib.read_text_records(path)]
         self._ensure_tokenizer(records)
-        examples = text_lib.tokenize_records(records, self.tokenizer, seq_len=self.config.seq_len,
-                                             mask_prompt=self.config.mask_prompt, truncate=self.config.truncate)
+        examples = text_lib.tokenize_records(
+            records,
+            self.tokenizer,
+            seq_len=self.config.seq_len,
+            mask_prompt=self.config.mask_prompt,
+            truncate=self.config.truncate,
+        )
         return examples.arrays()
 
     def train_arrays(self) -> dict[str, np.ndarray]:
         return self._examples(corpus_paths(self.config.corpus, "corpus"))
 
-    def eval_arrays(self, split: str | None = None, source: str | None = None,
-                    metadata: Mapping[str, Any] | None = None) -> dict[str, np.ndarray] | None:
+    def eval_arrays(
+        self, split: str | None = None, source: str | None = None, metadata: Mapping[str, Any] | None = None
+    ) -> dict[str, np.ndarray] | None:
         """Examples of `source` (a corpus path, e.g. from `train.py --mode=eval --data=...`) or config.eval_corpus.
 
         `split` is accepted for the loop's interface; a text corpus has no splits.
@@ -128,20 +141,25 @@ class LMTask:
         return {**variables, "params": params}
 
     # ---- pure, traced ----
-    def _token_metrics(self, params, batch, weights, *, deterministic: bool = True,
-                       dropout_rng: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+    def _token_metrics(
+        self, params, batch, weights, *, deterministic: bool = True, dropout_rng: jax.Array | None = None
+    ) -> tuple[jax.Array, Metrics]:
         """(mean loss over target tokens, metric sums); weights [B, T-1] select the target tokens."""
-        log_probs, is_argmax = prefixed_token_stats(params, self.lm_config, None, batch["input_ids"],
-                                                    deterministic=deterministic, dropout_rng=dropout_rng)
+        log_probs, is_argmax = prefixed_token_stats(
+            params, self.lm_config, None, batch["input_ids"], deterministic=deterministic, dropout_rng=dropout_rng
+        )
         tokens = weights.sum()
         total = -(log_probs * weights).sum()
-        return total / jnp.maximum(tokens, 1.0), {"loss": metric(total, tokens),
-                                                  "token_accuracy": metric((is_argmax * weights).sum(), tokens)}
+        return total / jnp.maximum(tokens, 1.0), {
+            "loss": metric(total, tokens),
+            "token_accuracy": metric((is_argmax * weights).sum(), tokens),
+        }
 
     def loss(self, params, model_state, batch, rng, epoch) -> tuple[jax.Array, tuple[Metrics, dict]]:
         _, weights = text_lib.next_token_targets(batch["input_ids"], batch["loss_mask"].astype(jnp.float32))
-        loss, metrics = self._token_metrics(params, batch, weights, deterministic=self.config.lm.dropout == 0,
-                                            dropout_rng=rng)
+        loss, metrics = self._token_metrics(
+            params, batch, weights, deterministic=self.config.lm.dropout == 0, dropout_rng=rng
+        )
         return loss, (metrics, model_state)
 
     def eval_metrics(self, variables, batch, *, tta: bool) -> Metrics:
@@ -149,7 +167,8 @@ class LMTask:
         return self._token_metrics(variables["params"], batch, weights * batch["mask"][:, None])[1]
 
     def checkpoint_metadata(self) -> dict[str, Any]:
-        return {"tokenizer_json": self.tokenizer_json,
-                "tokenizer_path": self.config.tokenizer.get("path") or self.config.lm.get("pretrained"),
-                "lm_config": self.lm_config.to_dict()}
-
+        return {
+            "tokenizer_json": self.tokenizer_json,
+            "tokenizer_path": self.config.tokenizer.get("path") or self.config.lm.get("pretrained"),
+            "lm_config": self.lm_config.to_dict(),
+        }

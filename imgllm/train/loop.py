@@ -4,6 +4,7 @@ Data position: the global step alone fixes it (epoch, step_in_epoch = divmod(ste
 epoch's order comes from (seed, epoch)), and the step's random key is fold_in(base_key, step). So a run
 restored from its latest checkpoint continues exactly as if it had never stopped.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +35,7 @@ from imgllm.train.state import TrainState, create_train_state
 from imgllm.train.task import Arrays, Task, add_metrics, summarize
 from imgllm.train.tasks import build_task, canonical_task_name, task_name
 
-WORKDIR_LOCK = "train.lock"   # held by the run training in the work directory (`workdir_lock`)
+WORKDIR_LOCK = "train.lock"  # held by the run training in the work directory (`workdir_lock`)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -55,8 +56,10 @@ class TrainingStopped(RuntimeError):
     def __init__(self, step: int, total_steps: int, signum: int, workdir: str):
         self.step, self.total_steps, self.signum = step, total_steps, signum
         name = signal.Signals(signum).name if signum else "preemption notice"
-        super().__init__(f"stopped by {name} at step {step} of {total_steps}; the checkpoint at step {step} is saved "
-                         f"in {workdir}: run the same command to resume")
+        super().__init__(
+            f"stopped by {name} at step {step} of {total_steps}; the checkpoint at step {step} is saved "
+            f"in {workdir}: run the same command to resume"
+        )
 
 
 @dataclasses.dataclass
@@ -114,8 +117,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     profile_window(config.get("profile_steps"))
     if not 0 < config.num_epochs < math.inf:
         raise ValueError(f"config.num_epochs={config.num_epochs!r} must be a finite number > 0")
-    for key, meaning in (("log_every_steps", "a metrics line every N steps"),
-                         ("max_checkpoints_to_keep", "the checkpoints kept; resuming needs one")):
+    for key, meaning in (
+        ("log_every_steps", "a metrics line every N steps"),
+        ("max_checkpoints_to_keep", "the checkpoints kept; resuming needs one"),
+    ):
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"config.{key}={value!r} must be an integer >= 1 ({meaning})")
@@ -148,21 +153,31 @@ def data_differences(saved_meta: Mapping[str, Any], identity: Mapping[str, Any],
     saved = saved_meta.get("data")
     if saved is None:
         saved = {"class_names": (saved_meta.get("task") or {}).get("class_names")}
-        lines = ([] if saved_meta.get("steps_per_epoch") in (None, steps_per_epoch) else
-                 [f"steps_per_epoch: checkpoint {saved_meta['steps_per_epoch']}, now {steps_per_epoch}"])
+        lines = (
+            []
+            if saved_meta.get("steps_per_epoch") in (None, steps_per_epoch)
+            else [f"steps_per_epoch: checkpoint {saved_meta['steps_per_epoch']}, now {steps_per_epoch}"]
+        )
     else:
-        lines = [f"{key}: checkpoint {saved.get(key)}, now {identity.get(key)}"
-                 for key in ("num_examples", "fingerprint") if saved.get(key) != identity.get(key)]
+        lines = [
+            f"{key}: checkpoint {saved.get(key)}, now {identity.get(key)}"
+            for key in ("num_examples", "fingerprint")
+            if saved.get(key) != identity.get(key)
+        ]
     before, now = saved.get("class_names"), identity.get("class_names")
     if before is not None and now is not None and list(before) != list(now):
         added, removed = sorted(set(now) - set(before)), sorted(set(before) - set(now))
-        lines.insert(0, f"class_names: checkpoint {len(before)} classes, now {len(now)} (added {added}, removed "
-                        f"{removed}{', reordered' if not added and not removed else ''})")
+        lines.insert(
+            0,
+            f"class_names: checkpoint {len(before)} classes, now {len(now)} (added {added}, removed "
+            f"{removed}{', reordered' if not added and not removed else ''})",
+        )
     return lines
 
 
-def check_same_data(saved_meta: Mapping[str, Any], identity: Mapping[str, Any], steps_per_epoch: int,
-                    workdir: str) -> None:
+def check_same_data(
+    saved_meta: Mapping[str, Any], identity: Mapping[str, Any], steps_per_epoch: int, workdir: str
+) -> None:
     """Raises DataChangedError listing what changed unless the data is the one the checkpoint trained on."""
     lines = data_differences(saved_meta, identity, steps_per_epoch)
     if lines:
@@ -170,7 +185,8 @@ def check_same_data(saved_meta: Mapping[str, Any], identity: Mapping[str, Any], 
             f"the training data differs from the data {workdir}'s checkpoint at step {saved_meta.get('step')} "
             "was trained on:\n  " + "\n  ".join(lines) + "\nLabels or the schedule would shift under the "
             "trained weights. Restore the data, use a new --workdir, or pass --allow_data_change "
-            "(allow_data_change=True) to continue anyway.")
+            "(allow_data_change=True) to continue anyway."
+        )
 
 
 class StopSignals:
@@ -207,7 +223,7 @@ class StopSignals:
         if jax.process_count() > 1:
             try:
                 return multihost_utils.reached_preemption_sync_point(step)
-            except RuntimeError:   # jax_enable_preemption_service is off: no notice can come
+            except RuntimeError:  # jax_enable_preemption_service is off: no notice can come
                 return False
         return self.received is not None
 
@@ -216,26 +232,34 @@ def schedule_lengths(n_train: int, config: ml_collections.ConfigDict) -> tuple[i
     """(steps_per_epoch, total_steps): full global batches per epoch; ceil of a fractional epoch count."""
     steps_per_epoch = n_train // config.global_batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{n_train} training examples are fewer than config.global_batch_size="
-                         f"{config.global_batch_size}")
+        raise ValueError(
+            f"{n_train} training examples are fewer than config.global_batch_size={config.global_batch_size}"
+        )
     return steps_per_epoch, int(math.ceil(steps_per_epoch * config.num_epochs))
 
 
-def initial_state(task: Task, config: ml_collections.ConfigDict, train_arrays: Arrays, mesh, *,
-                  total_steps: int, steps_per_epoch: int):
+def initial_state(
+    task: Task, config: ml_collections.ConfigDict, train_arrays: Arrays, mesh, *, total_steps: int, steps_per_epoch: int
+):
     """(fresh replicated TrainState, optimizer) from config.seed: model init, data-dependent init, optimizer."""
     init_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = jax.device_get(jax.jit(task.init_variables)(init_key))
     variables = task.prepare_variables(variables, train_arrays)
-    tx = optim.make_optimizer(config.optimizer, variables["params"], total_steps=total_steps,
-                              steps_per_epoch=steps_per_epoch, batch_size=config.global_batch_size)
+    tx = optim.make_optimizer(
+        config.optimizer,
+        variables["params"],
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=config.global_batch_size,
+    )
     use_lookahead = bool(config.get("lookahead") and config.lookahead.get("enabled", False))
     init = lambda v, key: create_train_state(v, tx, key, use_lookahead=use_lookahead)
     return steps.jit_init_state(init, mesh)(variables, state_key), tx
 
 
-def evaluate_arrays(task: Task, variables: Any, arrays: Arrays, mesh, *, batch_size: int, tta: bool,
-                    eval_fn: Callable | None = None) -> dict[str, float]:
+def evaluate_arrays(
+    task: Task, variables: Any, arrays: Arrays, mesh, *, batch_size: int, tta: bool, eval_fn: Callable | None = None
+) -> dict[str, float]:
     """Summarised metrics of `task` over all of `arrays` (padded to whole batches, padding masked out).
 
     Every process holds all of `arrays` and feeds its own slice of each global batch.
@@ -256,8 +280,9 @@ def evaluate_arrays(task: Task, variables: Any, arrays: Arrays, mesh, *, batch_s
     return summarize(totals)
 
 
-def write_confusion_image(writer: MetricsWriter, task: Task, variables: Any, arrays: Arrays, *, batch_size: int,
-                          tta: bool, step: int) -> None:
+def write_confusion_image(
+    writer: MetricsWriter, task: Task, variables: Any, arrays: Arrays, *, batch_size: int, tta: bool, step: int
+) -> None:
     """Draws a classifier's confusion matrix on `arrays` (`plot.confusion_figure`) into TensorBoard: split
     "final_eval", tag "confusion_matrix". Nothing for a task without `confusion` or a writer without TensorBoard.
 
@@ -287,8 +312,12 @@ def write_sample_captions(writer: MetricsWriter, task: Task, variables: Any, arr
         return
     samples = task.sample_captions(variables, arrays)
     if writer.enabled:
-        writer.text("final_eval", "sample_captions",
-                    "\n\n".join(f"**{name}**: {caption or '(empty)'}" for name, caption in samples), step)
+        writer.text(
+            "final_eval",
+            "sample_captions",
+            "\n\n".join(f"**{name}**: {caption or '(empty)'}" for name, caption in samples),
+            step,
+        )
 
 
 def profile_window(value: str | tuple | list | None) -> tuple[int, int] | None:
@@ -363,8 +392,10 @@ class _StepMetrics:
         bad = int(jax.device_get(self.first_bad))
         if bad != NO_BAD_STEP:
             epoch, index = divmod(bad - 1, self.steps_per_epoch)
-            raise NonFiniteLossError(f"training loss is not finite at step {bad} (epoch {epoch}, batch {index} of "
-                                     f"the epoch); stopping without saving this step")
+            raise NonFiniteLossError(
+                f"training loss is not finite at step {bad} (epoch {epoch}, batch {index} of "
+                f"the epoch); stopping without saving this step"
+            )
 
     def take_summary(self) -> dict[str, float]:
         """The mean of each metric over the steps since the last summary (fetched from the device), then reset."""
@@ -373,8 +404,14 @@ class _StepMetrics:
         return summarize(add_metrics(None, totals or {}))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task: Task | None = None,
-                       mesh=None, allow_data_change: bool = False) -> TrainResult:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    task: Task | None = None,
+    mesh=None,
+    allow_data_change: bool = False,
+) -> TrainResult:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state and eval.
 
     Writes metrics.jsonl (train: loss, accuracy, l2_grads, l2_params, steps/s, examples/s; eval per epoch;
@@ -388,8 +425,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
     validate_config(config, mesh)
     with workdir_lock(workdir):
         task = task or build_task(config)
-        checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
-                                             save_every_steps=config.checkpoint_every_steps)
+        checkpointer = ckpt_lib.Checkpointer(
+            workdir, max_to_keep=config.max_checkpoints_to_keep, save_every_steps=config.checkpoint_every_steps
+        )
         try:
             with StopSignals() as signals:
                 return _train(config, workdir, task, mesh, checkpointer, signals, allow_data_change)
@@ -406,8 +444,11 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     if jax.process_index() != 0:
         yield
         return
-    lock = OutputLock(workdir, path=os.path.join(workdir, WORKDIR_LOCK),
-                      advice="wait for it to end, or give this run another --workdir")
+    lock = OutputLock(
+        workdir,
+        path=os.path.join(workdir, WORKDIR_LOCK),
+        advice="wait for it to end, or give this run another --workdir",
+    )
     try:
         lock.acquire()
     except OutputError as error:
@@ -418,11 +459,23 @@ def workdir_lock(workdir: str) -> Iterator[None]:
         lock.release()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, checkpointer: ckpt_lib.Checkpointer,
-           signals: StopSignals, allow_data_change: bool) -> TrainResult:
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    task: Task,
+    mesh,
+    checkpointer: ckpt_lib.Checkpointer,
+    signals: StopSignals,
+    allow_data_change: bool,
+) -> TrainResult:
     """`train_and_evaluate` once its checkpointer and signal handlers are set up (the caller closes them)."""
-    bar = tqdm.tqdm(total=0, desc="loading data", disable=not config.progress_bar or jax.process_index() != 0,
-                    unit="step", dynamic_ncols=True)
+    bar = tqdm.tqdm(
+        total=0,
+        desc="loading data",
+        disable=not config.progress_bar or jax.process_index() != 0,
+        unit="step",
+        dynamic_ncols=True,
+    )
     writer = MetricsWriter(workdir)
     try:
         return _train_with(config, workdir, task, mesh, checkpointer, signals, allow_data_change, bar, writer)
@@ -431,13 +484,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, ch
         bar.close()
 
 
-def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh,
-                checkpointer: ckpt_lib.Checkpointer, signals: StopSignals, allow_data_change: bool, bar: tqdm.tqdm,
-                writer: MetricsWriter) -> TrainResult:
+def _train_with(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    task: Task,
+    mesh,
+    checkpointer: ckpt_lib.Checkpointer,
+    signals: StopSignals,
+    allow_data_change: bool,
+    bar: tqdm.tqdm,
+    writer: MetricsWriter,
+) -> TrainResult:
     """The body of `train_and_evaluate`: check, load, compile, train, evaluate (its resources come set up)."""
     latest = checkpointer.latest_step()
     saved_meta = None
-    if latest is not None:   # the newest step whose config and meta read (a newer one is named in a warning)
+    if latest is not None:  # the newest step whose config and meta read (a newer one is named in a warning)
         latest, (saved_config, saved_meta) = checkpointer.newest_readable(checkpointer.restore_config_and_meta)
         check_resumable(saved_config, config, workdir)
 
@@ -448,35 +509,58 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
     identity = data_identity(train_arrays, task.checkpoint_metadata())
     if saved_meta is not None and not allow_data_change:
         check_same_data(saved_meta, identity, steps_per_epoch, workdir)
-    state, tx = initial_state(task, config, train_arrays, mesh, total_steps=total_steps,
-                              steps_per_epoch=steps_per_epoch)
-    if latest is not None:   # the newest step whose arrays read; the newer ones are kept aside, never deleted
+    state, tx = initial_state(
+        task, config, train_arrays, mesh, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+    )
+    if latest is not None:  # the newest step whose arrays read; the newer ones are kept aside, never deleted
         template = state
-        restored, state = checkpointer.newest_readable(lambda at: checkpointer.restore_state(template, at),
-                                                       newest=latest)
+        restored, state = checkpointer.newest_readable(
+            lambda at: checkpointer.restore_state(template, at), newest=latest
+        )
         checkpointer.set_aside_newer(restored)
     start = int(jax.device_get(state.step))
-    learning_rate = optim.default_learning_rate(config.optimizer, total_steps=total_steps,
-                                                steps_per_epoch=steps_per_epoch, batch_size=config.global_batch_size)
+    learning_rate = optim.default_learning_rate(
+        config.optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size=config.global_batch_size
+    )
 
-    batches = feed_lib.make_feed(config.get("data_placement", "auto"), train_arrays, mesh, seed=config.seed,
-                                 global_batch_size=config.global_batch_size)
+    batches = feed_lib.make_feed(
+        config.get("data_placement", "auto"),
+        train_arrays,
+        mesh,
+        seed=config.seed,
+        global_batch_size=config.global_batch_size,
+    )
     eval_fn = steps.jit_eval_step(task, mesh, tta=False)
     writer.rewind(start)
     step_metrics = _StepMetrics(steps_per_epoch)
-    meta = lambda s: {"step": s, "epoch": s // steps_per_epoch, "step_in_epoch": s % steps_per_epoch,
-                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                      "task": task.checkpoint_metadata(), "data": identity}
+    meta = lambda s: {
+        "step": s,
+        "epoch": s // steps_per_epoch,
+        "step_in_epoch": s % steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "task": task.checkpoint_metadata(),
+        "data": identity,
+    }
     profiler = StepProfiler(profile_window(config.get("profile_steps")), workdir)
     if start < total_steps:
         bar.set_description("compiling")
         batches.epoch(start // steps_per_epoch)
         compile_start = time.perf_counter()
-        train_step = steps.jit_train_step(
-            task, tx, mesh, steps_per_epoch=steps_per_epoch, placement=batches.placement,
-            lookahead=optim.lookahead_fn(config.get("lookahead"), steps_per_epoch=steps_per_epoch,
-                                         total_steps=total_steps),
-        ).lower(state, *batches.args(start % steps_per_epoch)).compile()
+        train_step = (
+            steps.jit_train_step(
+                task,
+                tx,
+                mesh,
+                steps_per_epoch=steps_per_epoch,
+                placement=batches.placement,
+                lookahead=optim.lookahead_fn(
+                    config.get("lookahead"), steps_per_epoch=steps_per_epoch, total_steps=total_steps
+                ),
+            )
+            .lower(state, *batches.args(start % steps_per_epoch))
+            .compile()
+        )
         compile_seconds = time.perf_counter() - compile_start
     bar.reset(total=total_steps)
     bar.update(start)
@@ -497,18 +581,25 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
             last = done == total_steps
             epoch_end = done % steps_per_epoch == 0 or last
             if done % config.log_every_steps == 0 or epoch_end or step == start:
-                summary = step_metrics.take_summary()     # waits for the step: the rate is of finished steps
+                summary = step_metrics.take_summary()  # waits for the step: the rate is of finished steps
                 now = time.perf_counter()
                 rate = (done - last_log_step) / max(now - last_log_time, 1e-9)
-                record = {"step": done, "epoch": done / steps_per_epoch, "split": "train", **summary,
-                          "learning_rate": float(learning_rate(np.int32(done - 1))), "steps_per_second": rate,
-                          "examples_per_second": rate * config.global_batch_size}
+                record = {
+                    "step": done,
+                    "epoch": done / steps_per_epoch,
+                    "split": "train",
+                    **summary,
+                    "learning_rate": float(learning_rate(np.int32(done - 1))),
+                    "steps_per_second": rate,
+                    "examples_per_second": rate * config.global_batch_size,
+                }
                 if step == start:
                     record["compile_seconds"] = compile_seconds
                 writer.write(record)
-                accuracy = record.get("accuracy", record.get("token_accuracy", 0))   # top-1, else next-token
-                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{accuracy:.3f}",
-                                img_s=f"{record['examples_per_second']:.0f}")
+                accuracy = record.get("accuracy", record.get("token_accuracy", 0))  # top-1, else next-token
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", acc=f"{accuracy:.3f}", img_s=f"{record['examples_per_second']:.0f}"
+                )
                 last_log_time, last_log_step = now, done
             stop = not last and signals.stop_requested(done)
             if last and eval_arrays is not None and hasattr(task, "calibrate"):
@@ -519,20 +610,33 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
                 step_metrics.check()
                 saved = meta(done)
                 if last and calibrated:
-                    saved["calibration"] = calibrated          # fitted temperatures (and fusion), with their report
+                    saved["calibration"] = calibrated  # fitted temperatures (and fusion), with their report
                 checkpointer.save(done, state, config, saved)
             if stop:
                 checkpointer.wait()
                 raise TrainingStopped(done, total_steps, signals.received or 0, workdir)
-            if eval_arrays is not None and epoch_end and not last and config.eval_every_epochs and \
-                    (done // steps_per_epoch) % config.eval_every_epochs == 0:
+            if (
+                eval_arrays is not None
+                and epoch_end
+                and not last
+                and config.eval_every_epochs
+                and (done // steps_per_epoch) % config.eval_every_epochs == 0
+            ):
                 step_metrics.check()
                 show_phase(bar, "evaluating", eval_arrays)
-                record = evaluate_arrays(task, state.variables, eval_arrays, mesh,
-                                         batch_size=config.eval_batch_size, tta=False, eval_fn=eval_fn)
+                record = evaluate_arrays(
+                    task,
+                    state.variables,
+                    eval_arrays,
+                    mesh,
+                    batch_size=config.eval_batch_size,
+                    tta=False,
+                    eval_fn=eval_fn,
+                )
                 writer.write({"step": done, "epoch": done / steps_per_epoch, "split": "eval", **record})
-                bar.write(f"epoch {done / steps_per_epoch:.2f}: eval " +
-                          " ".join(f"{k}={v:.4f}" for k, v in record.items()))
+                bar.write(
+                    f"epoch {done / steps_per_epoch:.2f}: eval " + " ".join(f"{k}={v:.4f}" for k, v in record.items())
+                )
                 bar.set_description("training")
         step_metrics.check()
     finally:
@@ -542,19 +646,27 @@ def _train_with(config: ml_collections.ConfigDict, workdir: str, task: Task, mes
     if eval_arrays is not None:
         show_phase(bar, "final evaluation", eval_arrays)
         tta = uses_tta(config)
-        final_eval = evaluate_arrays(task, state.variables, eval_arrays, mesh, batch_size=config.eval_batch_size,
-                                     tta=tta)
+        final_eval = evaluate_arrays(
+            task, state.variables, eval_arrays, mesh, batch_size=config.eval_batch_size, tta=tta
+        )
         final_eval = {**final_eval, **(calibrated or {})}
-        writer.write({"step": total_steps, "epoch": total_steps / steps_per_epoch, "split": "final_eval",
-                      "tta": tta, **final_eval})
-        write_confusion_image(writer, task, state.variables, eval_arrays, batch_size=config.eval_batch_size,
-                              tta=tta, step=total_steps)
+        writer.write(
+            {
+                "step": total_steps,
+                "epoch": total_steps / steps_per_epoch,
+                "split": "final_eval",
+                "tta": tta,
+                **final_eval,
+            }
+        )
+        write_confusion_image(
+            writer, task, state.variables, eval_arrays, batch_size=config.eval_batch_size, tta=tta, step=total_steps
+        )
         write_sample_captions(writer, task, state.variables, eval_arrays, step=total_steps)
     if writer.enabled:
         writer.flush()
         plot.plot_run(workdir)
-    return TrainResult(state=state, final_eval=final_eval, steps_per_epoch=steps_per_epoch,
-                       total_steps=total_steps)
+    return TrainResult(state=state, final_eval=final_eval, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
 
 def uses_tta(config: Mapping[str, Any]) -> bool:
@@ -579,7 +691,7 @@ def _restore_step_for_eval(checkpointer: ckpt_lib.Checkpointer, step: int, mesh)
     """`restore_for_eval` of checkpoint `step`: UnreadableCheckpointError names its folder when its files do not
     read."""
     saved_config, meta = checkpointer.restore_config_and_meta(step)
-    task_name(saved_config.get("task"))     # a name outside TASKS is refused before anything else is read
+    task_name(saved_config.get("task"))  # a name outside TASKS is refused before anything else is read
     config = ml_collections.ConfigDict(saved_config)
     task = build_task(config)
     template = jax.eval_shape(lambda: _abstract_state(task, config, meta))
@@ -592,15 +704,29 @@ def _restore_step_for_eval(checkpointer: ckpt_lib.Checkpointer, step: int, mesh)
 def _abstract_state(task: Task, config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> TrainState:
     """The state's structure for restoring (traced under eval_shape: no data is read)."""
     variables = task.init_variables(jax.random.PRNGKey(0))
-    tx = optim.make_optimizer(config.optimizer, variables["params"], total_steps=meta["total_steps"],
-                              steps_per_epoch=meta["steps_per_epoch"], batch_size=config.global_batch_size)
+    tx = optim.make_optimizer(
+        config.optimizer,
+        variables["params"],
+        total_steps=meta["total_steps"],
+        steps_per_epoch=meta["steps_per_epoch"],
+        batch_size=config.global_batch_size,
+    )
     use_lookahead = bool(config.get("lookahead") and config.lookahead.get("enabled", False))
     return create_train_state(variables, tx, jax.random.PRNGKey(0), use_lookahead=use_lookahead)
 
 
-def evaluate_checkpoint(workdir: str, data: str | None = None, *, split: str = "test", step: int | None = None,
-                        batch_size: int | None = None, tta: bool | None = None, mesh=None,
-                        confusion_png: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    workdir: str,
+    data: str | None = None,
+    *,
+    split: str = "test",
+    step: int | None = None,
+    batch_size: int | None = None,
+    tta: bool | None = None,
+    mesh=None,
+    confusion_png: str | None = None,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
     """Metrics (top-1 accuracy for classifiers) of the checkpoint in `workdir` on a data source.
 
     `data` is any load_dataset spec ("cifar10", "folder:/path/test", "demo"); None uses the checkpoint's own
@@ -620,11 +746,12 @@ def evaluate_checkpoint(workdir: str, data: str | None = None, *, split: str = "
     result = evaluate_arrays(task, variables, arrays, mesh, batch_size=batch_size, tta=tta)
     result = {"step": meta["step"], "num_examples": num_examples(arrays), "tta": tta, **result}
     fitted = calibration.stored_fit(meta.get("calibration"))
-    if fitted is not None and hasattr(task, "calibrate"):     # the stored calibration, measured on this data
+    if fitted is not None and hasattr(task, "calibrate"):  # the stored calibration, measured on this data
         result.update(task.calibrate(variables, arrays, batch_size=batch_size, fitted=fitted))
     if confusion_png and hasattr(task, "confusion"):
         matrix = task.confusion(variables, arrays, batch_size=batch_size, tta=tta)
         title = f"{data or config.dataset} ({split}), step {meta['step']}"
-        result["confusion_png"] = plot.save_figure(plot.confusion_figure(matrix, meta["task"]["class_names"], title),
-                                                   confusion_png)
+        result["confusion_png"] = plot.save_figure(
+            plot.confusion_figure(matrix, meta["task"]["class_names"], title), confusion_png
+        )
     return result

@@ -7,6 +7,7 @@ classifier's confusion matrix) and text go to TensorBoard only (`MetricsWriter.i
 resumed run first drops what it will write again (`MetricsWriter.rewind` for the file, TensorBoard's purge step for
 events), so neither holds a step twice. Only process 0 writes.
 """
+
 from __future__ import annotations
 
 import json
@@ -92,15 +93,19 @@ class MetricsWriter:
     def _event_writer(self, split: str) -> SummaryWriter:
         if split not in self.event_writers:
             purge = self.purge_step if split != "final_eval" else None
-            self.event_writers[split] = SummaryWriter(os.path.join(self.tensorboard_dir, split), purge_step=purge,
-                                                      flush_secs=30)
+            self.event_writers[split] = SummaryWriter(
+                os.path.join(self.tensorboard_dir, split), purge_step=purge, flush_secs=30
+            )
         return self.event_writers[split]
 
 
 def scalars(record: Mapping[str, Any]) -> dict[str, float]:
     """The record's numbers by name (not its step, epoch or booleans): what TensorBoard and the plot draw."""
-    return {name: float(value) for name, value in record.items()
-            if name not in ("step", "epoch") and isinstance(value, numbers.Real) and not isinstance(value, bool)}
+    return {
+        name: float(value)
+        for name, value in record.items()
+        if name not in ("step", "epoch") and isinstance(value, numbers.Real) and not isinstance(value, bool)
+    }
 
 
 def rgb_image(figure_or_array: Any) -> np.ndarray:

@@ -24,6 +24,7 @@ Muon (Jordan et al. 2024, used by airbench94_muon): Nesterov momentum, then each
 each kernel rescaled to a fixed norm sqrt(out) before the step, so that the learning rate alone sets how fast
 the kernels turn.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,9 @@ import optax
 DEFAULT_GROUP = "default"
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int,
-                  learning_rate: float | None = None) -> optax.Schedule:
+def make_schedule(
+    cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int, learning_rate: float | None = None
+) -> optax.Schedule:
     """Learning rate as a function of the update count, peaking at `learning_rate` (default cfg.learning_rate).
 
     cfg.schedule: "constant"; "triangle" (airbench: linear from start_factor to 1 at peak_fraction of
@@ -56,8 +58,9 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int, steps_per_ep
         return lambda count: lr * jnp.interp(count.astype(jnp.float32), xp, fp)
     if cfg.schedule == "warmup_cosine":
         warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=max(warmup, 1),
-                                                  decay_steps=max(total_steps, warmup + 1))
+        return optax.warmup_cosine_decay_schedule(
+            0.0, lr, warmup_steps=max(warmup, 1), decay_steps=max(total_steps, warmup + 1)
+        )
     raise ValueError(f"config.optimizer.schedule={cfg.schedule!r}: expected 'constant', 'triangle' or 'warmup_cosine'")
 
 
@@ -105,8 +108,10 @@ def _orthogonalized_updates(ns_steps: int) -> optax.GradientTransformation:
 
     def orthogonalized(path, u):
         if u.ndim < 2:
-            raise ValueError(f"Muon needs kernels of 2 or more dims; {jax.tree_util.keystr(path)} has shape {u.shape}: "
-                             "give it another optimizer group")
+            raise ValueError(
+                f"Muon needs kernels of 2 or more dims; {jax.tree_util.keystr(path)} has shape {u.shape}: "
+                "give it another optimizer group"
+            )
         return orthogonalize(_as_matrix(u), ns_steps).T.reshape(u.shape)
 
     def update(updates, state, params=None):
@@ -129,11 +134,16 @@ def _normalized_weights() -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def muon(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.6, nesterov: bool = True,
-         ns_steps: int = 3) -> optax.GradientTransformation:
+def muon(
+    learning_rate: optax.ScalarOrSchedule, momentum: float = 0.6, nesterov: bool = True, ns_steps: int = 3
+) -> optax.GradientTransformation:
     """airbench94_muon's Muon for conv kernels: momentum, orthogonalised update, weights kept at norm sqrt(out)."""
-    return optax.chain(optax.trace(momentum, nesterov=nesterov), _orthogonalized_updates(ns_steps),
-                       optax.scale_by_learning_rate(learning_rate), _normalized_weights())
+    return optax.chain(
+        optax.trace(momentum, nesterov=nesterov),
+        _orthogonalized_updates(ns_steps),
+        optax.scale_by_learning_rate(learning_rate),
+        _normalized_weights(),
+    )
 
 
 def batch_scale(cfg: ml_collections.ConfigDict, batch_size: int | None) -> float:
@@ -143,8 +153,10 @@ def batch_scale(cfg: ml_collections.ConfigDict, batch_size: int | None) -> float
     if reference is None:
         return 1.0
     if batch_size is None:
-        raise ValueError(f"config.optimizer.reference_batch_size={reference}: the optimizer needs the run's "
-                         "batch size to scale the learning rates")
+        raise ValueError(
+            f"config.optimizer.reference_batch_size={reference}: the optimizer needs the run's "
+            "batch size to scale the learning rates"
+        )
     return batch_size / reference
 
 
@@ -155,6 +167,7 @@ class GroupRates:
     Its learning rate is a schedule peaking at `schedule_peak`, times `lr_scale` (kept apart so that a group tied
     to the default group's schedule computes exactly as that schedule times its scale).
     """
+
     schedule_peak: float
     lr_scale: float
     weight_decay: float
@@ -182,17 +195,23 @@ def group_rates(cfg: ml_collections.ConfigDict, batch_size: int | None = None) -
     return rates
 
 
-def default_learning_rate(cfg: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: int,
-                          batch_size: int | None = None) -> optax.Schedule:
+def default_learning_rate(
+    cfg: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: int, batch_size: int | None = None
+) -> optax.Schedule:
     """The default group's learning rate at each update (count 0 is the first step), as the optimizer applies it:
     what training logs as learning_rate."""
     peak = group_rates(cfg, batch_size)[DEFAULT_GROUP].peak_learning_rate
     return make_schedule(cfg, total_steps, steps_per_epoch, learning_rate=peak)
 
 
-def _base_transform(cfg: ml_collections.ConfigDict, schedule: optax.Schedule, lr_scale: float,
-                    weight_decay: float, name: str | None = None,
-                    momentum: float | None = None) -> optax.GradientTransformation:
+def _base_transform(
+    cfg: ml_collections.ConfigDict,
+    schedule: optax.Schedule,
+    lr_scale: float,
+    weight_decay: float,
+    name: str | None = None,
+    momentum: float | None = None,
+) -> optax.GradientTransformation:
     """The optimizer proper for one group: `name` (default cfg.name) with the group's lr, decay and momentum.
 
     Weight decay is coupled to the learning rate for SGD, decoupled for AdamW; Muon has none (its kernels keep a
@@ -202,8 +221,9 @@ def _base_transform(cfg: ml_collections.ConfigDict, schedule: optax.Schedule, lr
     momentum = cfg.momentum if momentum is None else momentum
     scaled = lambda count: schedule(count) * lr_scale
     if name == "sgd":
-        return optax.chain(optax.add_decayed_weights(weight_decay),
-                           optax.sgd(scaled, momentum=momentum or None, nesterov=cfg.nesterov))
+        return optax.chain(
+            optax.add_decayed_weights(weight_decay), optax.sgd(scaled, momentum=momentum or None, nesterov=cfg.nesterov)
+        )
     if name == "adamw":
         return optax.adamw(scaled, b1=cfg.b1, b2=cfg.b2, weight_decay=weight_decay)
     if name == "muon":
@@ -216,8 +236,14 @@ def _stop_after(steps: int) -> optax.GradientTransformation:
     return optax.scale_by_schedule(lambda count: (count < steps).astype(jnp.float32))
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, *, total_steps: int, steps_per_epoch: int,
-                   batch_size: int | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: ml_collections.ConfigDict,
+    params: Any,
+    *,
+    total_steps: int,
+    steps_per_epoch: int,
+    batch_size: int | None = None,
+) -> optax.GradientTransformation:
     """The full optax transformation for `params` (only its tree structure and names are used).
 
     `batch_size` is the run's global batch size, which the learning rates scale to (see `group_rates`).
@@ -234,11 +260,12 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, *, total_steps: 
     transforms: dict[str, optax.GradientTransformation] = {}
     for name, r in rates.items():
         g = groups[name] if name in groups else ml_collections.ConfigDict()
-        if g.get("lr_scale") == 0 or g.get("learning_rate") == 0:     # a frozen group: no optimizer state
+        if g.get("lr_scale") == 0 or g.get("learning_rate") == 0:  # a frozen group: no optimizer state
             transforms[name] = optax.set_to_zero()
             continue
-        tx = _base_transform(cfg, schedule_peaking_at(r.schedule_peak), r.lr_scale, r.weight_decay,
-                             g.get("optimizer"), g.get("momentum"))
+        tx = _base_transform(
+            cfg, schedule_peaking_at(r.schedule_peak), r.lr_scale, r.weight_decay, g.get("optimizer"), g.get("momentum")
+        )
         if g.get("train_epochs") is not None:
             tx = optax.chain(tx, _stop_after(int(math.ceil(g.train_epochs * steps_per_epoch))))
         transforms[name] = tx
@@ -248,8 +275,15 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, *, total_steps: 
     return tx
 
 
-def lookahead_update(new: dict[str, Any], slow: dict[str, Any], step: jax.Array, cfg: ml_collections.ConfigDict,
-                     *, steps_per_epoch: int, total_steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def lookahead_update(
+    new: dict[str, Any],
+    slow: dict[str, Any],
+    step: jax.Array,
+    cfg: ml_collections.ConfigDict,
+    *,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """airbench's lookahead / EMA: returns (fast, slow) weights after update number `step` (1-based).
 
     From epoch cfg.start_epochs on, every cfg.every_n_steps updates the slow copy moves towards the fast one,
@@ -261,10 +295,11 @@ def lookahead_update(new: dict[str, Any], slow: dict[str, Any], step: jax.Array,
     """
     start_step = int(cfg.start_epochs * steps_per_epoch)
     every = int(cfg.every_n_steps)
-    first = (start_step // every + 1) * every             # first update count that is a lookahead step
+    first = (start_step // every + 1) * every  # first update count that is a lookahead step
     qualifies = (step % every == 0) & (step >= first)
-    rho = jnp.where(step == first, 0.0,
-                    cfg.decay_base ** every * (step.astype(jnp.float32) / total_steps) ** cfg.decay_pow)
+    rho = jnp.where(
+        step == first, 0.0, cfg.decay_base**every * (step.astype(jnp.float32) / total_steps) ** cfg.decay_pow
+    )
     following = step < first
 
     def slow_leaf(f, s):
@@ -277,10 +312,10 @@ def lookahead_update(new: dict[str, Any], slow: dict[str, Any], step: jax.Array,
     return new_fast, new_slow
 
 
-def lookahead_fn(cfg: ml_collections.ConfigDict | None, *, steps_per_epoch: int,
-                 total_steps: int) -> Callable | None:
+def lookahead_fn(cfg: ml_collections.ConfigDict | None, *, steps_per_epoch: int, total_steps: int) -> Callable | None:
     """`lookahead_update` bound to its schedule, or None when cfg is missing or disabled."""
     if cfg is None or not cfg.get("enabled", False):
         return None
-    return lambda new, slow, step: lookahead_update(new, slow, step, cfg, steps_per_epoch=steps_per_epoch,
-                                                    total_steps=total_steps)
+    return lambda new, slow, step: lookahead_update(
+        new, slow, step, cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+    )

@@ -7,6 +7,7 @@
 (final evaluation as a marker); `confusion_figure` draws true against predicted class, counts shown as colour and
 each row's recall in its label. Matplotlib renders off screen (Agg), so both work on a machine without a display.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,15 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], title: str 
     if len(class_names) <= 20:
         threshold = matrix.max() / 2 if matrix.size else 0
         for (row, column), count in np.ndenumerate(matrix):
-            axis.text(column, row, str(count), ha="center", va="center", fontsize=7,
-                      color="white" if count > threshold else "black")
+            axis.text(
+                column,
+                row,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if count > threshold else "black",
+            )
     axis.set_xlabel("predicted")
     axis.set_ylabel("true (recall)")
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
@@ -94,8 +102,10 @@ def save_figure(figure: plt.Figure, path: str) -> str:
 def plot_run(workdir: str, out: str | None = None) -> str:
     """Draws <workdir>/metrics.jsonl into `out` (default <workdir>/curves.png); returns the path written."""
     records = read_metrics(workdir)
-    return save_figure(curves_figure(records, title=os.path.basename(os.path.abspath(workdir))),
-                       out or os.path.join(workdir, CURVES_FILE))
+    return save_figure(
+        curves_figure(records, title=os.path.basename(os.path.abspath(workdir))),
+        out or os.path.join(workdir, CURVES_FILE),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

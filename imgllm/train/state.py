@@ -1,4 +1,5 @@
 """The train state: everything that changes during training, as one pytree (checkpointed as a whole)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,6 +19,7 @@ class TrainState:
     opt_state: optax state.  lookahead: the slow (EMA) copy {"params", "model_state"} used by lookahead,
     or {} when lookahead is off.  rng: base key data (uint32 [2]); step key = fold_in(rng, step).
     """
+
     step: jax.Array
     params: Any
     model_state: Any
@@ -31,11 +33,18 @@ class TrainState:
         return {"params": self.params, **self.model_state}
 
 
-def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformation, rng: jax.Array,
-                       *, use_lookahead: bool) -> TrainState:
+def create_train_state(
+    variables: dict[str, Any], tx: optax.GradientTransformation, rng: jax.Array, *, use_lookahead: bool
+) -> TrainState:
     """A step-0 state from flax `variables`, the optimizer and a base key."""
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
     lookahead = {"params": params, "model_state": model_state} if use_lookahead else {}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                      opt_state=tx.init(params), lookahead=lookahead, rng=jnp.asarray(rng, jnp.uint32))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state=model_state,
+        opt_state=tx.init(params),
+        lookahead=lookahead,
+        rng=jnp.asarray(rng, jnp.uint32),
+    )

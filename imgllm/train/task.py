@@ -8,6 +8,7 @@ another, reusing the same loop, state, checkpoints and configs.
 Metrics are *sums plus a denominator* (as in flax's lm1b example): a dict name -> (sum, count) of scalars,
 so they add up exactly across steps, devices and hosts and are divided only when reported.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -17,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Metrics = dict[str, tuple[jax.Array, jax.Array]]   # name -> (sum, count)
-Arrays = Mapping[str, np.ndarray]                   # equal leading dimension; a batch picks rows
+Metrics = dict[str, tuple[jax.Array, jax.Array]]  # name -> (sum, count)
+Arrays = Mapping[str, np.ndarray]  # equal leading dimension; a batch picks rows
 
 
 class Task(Protocol):
@@ -27,8 +28,9 @@ class Task(Protocol):
     def train_arrays(self) -> Arrays:
         """Host-resident training examples (e.g. {"images": uint8 [N,H,W,3], "labels": int32 [N], ...})."""
 
-    def eval_arrays(self, split: str | None = None, source: str | None = None,
-                    metadata: Mapping[str, Any] | None = None) -> Arrays | None:
+    def eval_arrays(
+        self, split: str | None = None, source: str | None = None, metadata: Mapping[str, Any] | None = None
+    ) -> Arrays | None:
         """Examples for evaluation (None: no evaluation). The loop adds a float "mask" field to each batch.
 
         Defaults: the config's eval split of its own data. `source` names another data source (e.g. an
@@ -41,8 +43,9 @@ class Task(Protocol):
     def prepare_variables(self, variables: dict[str, Any], train_arrays: Arrays) -> dict[str, Any]:
         """Data-dependent initialisation on the host (e.g. a whitening stem); identity when there is none."""
 
-    def loss(self, params: Any, model_state: dict[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array,
-             epoch: jax.Array) -> tuple[jax.Array, tuple[Metrics, dict[str, Any]]]:
+    def loss(
+        self, params: Any, model_state: dict[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array, epoch: jax.Array
+    ) -> tuple[jax.Array, tuple[Metrics, dict[str, Any]]]:
         """Training loss (mean over the global batch), with (metrics, updated non-param collections)."""
 
     def eval_metrics(self, variables: dict[str, Any], batch: Mapping[str, jax.Array], *, tta: bool) -> Metrics:
@@ -56,8 +59,10 @@ class Task(Protocol):
     #       `imgllm.calibration.calibration_report` on arrays: at the end of training the fit on the validation
     #       split (stored in the checkpoint's meta["calibration"] and added to the final eval), or with `fitted` (a
     #       stored fit) its calibration error on another split. Their passes over the images use
+
+
 #       `imgllm.data.batching.padded_batch_outputs`.
-    #   confusion(variables, arrays, *, batch_size, tta) -> int64 [classes, classes] counts (true, predicted).
+#   confusion(variables, arrays, *, batch_size, tta) -> int64 [classes, classes] counts (true, predicted).
 
 
 def metric(total: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:

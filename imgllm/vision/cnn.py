@@ -54,7 +54,7 @@ def max_pool(x: jax.Array, window: int) -> jax.Array:
     """
     batch, height, width, channels = x.shape
     out_h, out_w = height // window, width // window
-    x = x[:, :out_h * window, :out_w * window, :]
+    x = x[:, : out_h * window, : out_w * window, :]
     x = x.reshape(batch, out_h, window, out_w, window, channels)
     return jnp.max(x, axis=(2, 4))
 
@@ -69,7 +69,7 @@ def dirac_init(base_init=TORCH_DEFAULT_INIT):
     def init(key, shape, dtype=jnp.float32):
         kernel_h, kernel_w, in_channels, out_channels = shape
         n = min(in_channels, out_channels)
-        identity = np.zeros(shape, np.float32)      # built with numpy: a constant, cheap to compile
+        identity = np.zeros(shape, np.float32)  # built with numpy: a constant, cheap to compile
         identity[kernel_h // 2, kernel_w // 2, np.arange(n), np.arange(n)] = 1
         is_identity_channel = np.arange(out_channels) < n
         return jnp.where(is_identity_channel, identity.astype(dtype), base_init(key, shape, dtype))
@@ -94,8 +94,9 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", self.kernel_init,
-                            (self.kernel_size, self.kernel_size, x.shape[-1], self.features), jnp.float32)
+        kernel = self.param(
+            "kernel", self.kernel_init, (self.kernel_size, self.kernel_size, x.shape[-1], self.features), jnp.float32
+        )
         return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), padding=self.padding, impl=self.conv_impl)
 
 
@@ -111,8 +112,14 @@ class ConvBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         norm = lambda name: nn.BatchNorm(
-            use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_eps,
-            use_scale=False, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_eps,
+            use_scale=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name=name,
+        )
         conv = lambda name: Conv(self.features, conv_impl=self.conv_impl, dtype=self.dtype, name=name)
         x = max_pool(conv("conv1")(x), 2)
         x = nn.gelu(norm("norm1")(x), approximate=False)
@@ -130,14 +137,14 @@ class CNN(nn.Module):
 
     num_classes: int = 10
     widths: Sequence[int] = (64, 256, 256)
-    whiten_kernel: int = 2          # patch size of the whitening stem
-    whiten_width: int = 24          # 2 * 3 * whiten_kernel**2: ± each eigenvector of the patch covariance
-    freeze_whitening: bool = True   # the stem kernel is set from data and never trained
-    bn_momentum: float = 0.6        # running = momentum * running + (1 - momentum) * batch
+    whiten_kernel: int = 2  # patch size of the whitening stem
+    whiten_width: int = 24  # 2 * 3 * whiten_kernel**2: ± each eigenvector of the patch covariance
+    freeze_whitening: bool = True  # the stem kernel is set from data and never trained
+    bn_momentum: float = 0.6  # running = momentum * running + (1 - momentum) * batch
     bn_eps: float = 1e-12
-    head_scale: float = 1 / 9       # logits = features @ head * head_scale
-    conv_impl: str = "auto"         # "auto" | "hybrid" | "im2col" | "xla" (imgllm.vision.conv)
-    dtype: Any = jnp.float32        # compute dtype; params stay float32
+    head_scale: float = 1 / 9  # logits = features @ head * head_scale
+    conv_impl: str = "auto"  # "auto" | "hybrid" | "im2col" | "xla" (imgllm.vision.conv)
+    dtype: Any = jnp.float32  # compute dtype; params stay float32
 
     @nn.compact
     def __call__(self, x, train: bool, feature_source: str = "pooled"):
@@ -145,8 +152,12 @@ class CNN(nn.Module):
             raise ValueError(f"CNN expects normalised images [B,H,W,3], got shape {x.shape}")
         if feature_source not in FEATURE_SOURCES:
             raise ValueError(f"feature_source={feature_source!r}: expected one of {FEATURE_SOURCES}")
-        whiten = self.param("whiten_kernel", TORCH_DEFAULT_INIT,
-                            (self.whiten_kernel, self.whiten_kernel, 3, self.whiten_width), jnp.float32)
+        whiten = self.param(
+            "whiten_kernel",
+            TORCH_DEFAULT_INIT,
+            (self.whiten_kernel, self.whiten_kernel, 3, self.whiten_width),
+            jnp.float32,
+        )
         whiten_bias = self.param("whiten_bias", nn.initializers.zeros, (self.whiten_width,), jnp.float32)
         if self.freeze_whitening:
             whiten = lax.stop_gradient(whiten)
@@ -154,11 +165,23 @@ class CNN(nn.Module):
         # The stages' outputs, [stem, block1, ..., blockN], are what the feature sources read.
         stages = [nn.gelu(stem + whiten_bias.astype(self.dtype), approximate=False)]
         for i, width in enumerate(self.widths):
-            block = ConvBlock(width, conv_impl=self.conv_impl, bn_momentum=self.bn_momentum,
-                              bn_eps=self.bn_eps, dtype=self.dtype, name=f"block{i + 1}")
+            block = ConvBlock(
+                width,
+                conv_impl=self.conv_impl,
+                bn_momentum=self.bn_momentum,
+                bn_eps=self.bn_eps,
+                dtype=self.dtype,
+                name=f"block{i + 1}",
+            )
             stages.append(block(stages[-1], train))
-        head = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                        kernel_init=TORCH_DEFAULT_INIT, name="head")
+        head = nn.Dense(
+            self.num_classes,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=TORCH_DEFAULT_INIT,
+            name="head",
+        )
         pooled = features_from_stages(stages, "pooled")
         logits = (head(pooled) * self.head_scale).astype(jnp.float32)
         return logits, pooled if feature_source == "pooled" else features_from_stages(stages, feature_source)
@@ -192,7 +215,7 @@ def max_pool_to_grid(feature_map: jax.Array, grid: tuple[int, int]) -> jax.Array
     """Max-pools [B, H, W, C] to [B, gh, gw, C] over equal windows (H // gh, W // gw), dropping the remainder."""
     batch, height, width, channels = feature_map.shape
     wh, ww = height // grid[0], width // grid[1]
-    cropped = feature_map[:, :wh * grid[0], :ww * grid[1]]
+    cropped = feature_map[:, : wh * grid[0], : ww * grid[1]]
     return cropped.reshape(batch, grid[0], wh, grid[1], ww, channels).max(axis=(2, 4))
 
 
@@ -201,8 +224,8 @@ def max_pool_to_grid(feature_map: jax.Array, grid: tuple[int, int]) -> jax.Array
 # ----------------------------------------------------------------------------------------------
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "airbench94": dict(widths=(64, 256, 256)),   # 1,971,640 params with a 10-class head
-    "tiny": dict(widths=(8, 16, 16)),            # for tests: compiles and runs in well under a second
+    "airbench94": dict(widths=(64, 256, 256)),  # 1,971,640 params with a 10-class head
+    "tiny": dict(widths=(8, 16, 16)),  # for tests: compiles and runs in well under a second
 }
 
 
@@ -214,7 +237,7 @@ def cnn_preset(name: str, **overrides) -> CNN:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"CNN preset {name!r}: unknown field(s) {unknown}; known: {sorted(fields)}")
-    if isinstance(overrides.get("dtype"), str):   # a config's name: "auto", "float32" or "bfloat16"
+    if isinstance(overrides.get("dtype"), str):  # a config's name: "auto", "float32" or "bfloat16"
         overrides["dtype"] = compute_dtype(overrides["dtype"])
     if "widths" in overrides:
         overrides["widths"] = tuple(int(w) for w in overrides["widths"])
@@ -255,8 +278,9 @@ def patch_covariance(images: np.ndarray, patch_size: int = 2, chunk: int = 512) 
     dim = patch_size * patch_size * images.shape[-1]
     total, count = np.zeros((dim, dim)), 0
     for start in range(0, len(images), chunk):
-        block = np.asarray(im2col_patches(jnp.asarray(images[start:start + chunk], jnp.float32),
-                                          patch_size, "VALID"), np.float64).reshape(-1, dim)
+        block = np.asarray(
+            im2col_patches(jnp.asarray(images[start : start + chunk], jnp.float32), patch_size, "VALID"), np.float64
+        ).reshape(-1, dim)
         total += block.T @ block
         count += len(block)
     return total / count
@@ -270,9 +294,9 @@ def whitening_kernel(images_normalised: np.ndarray, patch_size: int = 2, eps: fl
     both signs survive. Whitened patches have covariance ~ identity. airbench uses 5000 images.
     """
     covariance = patch_covariance(images_normalised, patch_size)
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance)          # ascending
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)  # ascending
     eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
-    filters = eigenvectors / np.sqrt(eigenvalues + eps)              # [dim, dim], column k = filter k
+    filters = eigenvectors / np.sqrt(eigenvalues + eps)  # [dim, dim], column k = filter k
     filters = np.concatenate([filters, -filters], axis=1)
     channels = np.asarray(images_normalised).shape[-1]
     return filters.reshape(patch_size, patch_size, channels, -1).astype(np.float32)
@@ -284,4 +308,3 @@ def set_whitening(params, kernel: np.ndarray):
     if tuple(kernel.shape) != tuple(expected):
         raise ValueError(f"whitening kernel has shape {tuple(kernel.shape)}, the model expects {tuple(expected)}")
     return {**params, "whiten_kernel": jnp.asarray(kernel, params["whiten_kernel"].dtype)}
-

@@ -45,5 +45,6 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, padding: str = "SAME", impl: str 
 
 def lax_conv(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
     """The plain path: `lax.conv_general_dilated`, stride 1, NHWC input, HWIO kernel, padding "SAME" or "VALID"."""
-    return lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )

@@ -75,7 +75,7 @@ def im2col_patches(x: jax.Array, kernel_size: int, padding: str) -> jax.Array:
         x = jnp.pad(x, ((0, 0), *padding_pairs(kernel_size, padding), (0, 0)))
     out_h = x.shape[1] - kernel_size + 1
     out_w = x.shape[2] - kernel_size + 1
-    views = [x[:, i:i + out_h, j:j + out_w, :] for i in range(kernel_size) for j in range(kernel_size)]
+    views = [x[:, i : i + out_h, j : j + out_w, :] for i in range(kernel_size) for j in range(kernel_size)]
     return jnp.concatenate(views, axis=-1)
 
 
@@ -128,7 +128,7 @@ def _im2col_gradients(x, grad_out, kernel_matrix, kernel_size: int, padding: str
     the transpose that the weight-gradient matmul needs, and that fused transpose is slow; materialised
     first, it is a fast copy.
     """
-    x, grad_out = lax.optimization_barrier((x, grad_out))   # also stops CSE with the forward patches
+    x, grad_out = lax.optimization_barrier((x, grad_out))  # also stops CSE with the forward patches
 
     def chunk_gradients(grad_kernel, x_and_grad):
         x_chunk, grad_chunk = x_and_grad
@@ -137,7 +137,7 @@ def _im2col_gradients(x, grad_out, kernel_matrix, kernel_size: int, padding: str
         grad_kernel = grad_kernel + jnp.dot(flat_patches.T, grad_chunk.reshape(-1, grad_chunk.shape[-1]))
         if not with_input_gradient:
             return grad_kernel, None
-        grad_x, = patches_transpose(jnp.dot(grad_chunk, kernel_matrix.T))
+        (grad_x,) = patches_transpose(jnp.dot(grad_chunk, kernel_matrix.T))
         return grad_kernel, grad_x
 
     zeros = jnp.zeros(kernel_matrix.shape, jnp.result_type(x, kernel_matrix))
@@ -161,8 +161,9 @@ im2col_conv.defvjp(_im2col_conv_fwd, _im2col_conv_bwd)
 def _lax_conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
     """`lax.conv_general_dilated`, stride 1, NHWC input, HWIO kernel, padding "SAME", "VALID" or (low, high) pairs:
     the call of `imgllm.vision.conv.lax_conv`, which also takes the explicit pairs the input gradient needs."""
-    return lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -180,8 +181,7 @@ def _input_gradient(grad_out: jax.Array, kernel: jax.Array, padding: str) -> jax
     """d(lax.conv)/dx applied to grad_out: a convolution of grad_out with the spatially flipped,
     in/out-swapped kernel, padded by kernel_size - 1 - the forward padding on each side."""
     kernel_size = kernel.shape[0]
-    pairs = tuple((kernel_size - 1 - low, kernel_size - 1 - high)
-                  for low, high in padding_pairs(kernel_size, padding))
+    pairs = tuple((kernel_size - 1 - low, kernel_size - 1 - high) for low, high in padding_pairs(kernel_size, padding))
     return _lax_conv(grad_out, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), pairs)
 
 
@@ -191,8 +191,9 @@ def _hybrid_conv_fwd(x, kernel, padding):
 
 def _hybrid_conv_bwd(padding, residuals, grad_out):
     x, kernel = residuals
-    _, grad_kernel = _im2col_gradients(x, grad_out, _kernel_matrix(kernel), kernel.shape[0], padding,
-                                       with_input_gradient=False)
+    _, grad_kernel = _im2col_gradients(
+        x, grad_out, _kernel_matrix(kernel), kernel.shape[0], padding, with_input_gradient=False
+    )
     return _input_gradient(grad_out, kernel, padding), grad_kernel.reshape(kernel.shape)
 
 

@@ -27,15 +27,22 @@ def images_for_cnn(images: jax.Array, image_size: int, mean=None, std=None) -> j
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be [batch, height, width, 3], got shape {images.shape}")
     if images.shape[1:3] != (image_size, image_size):
-        resized = jax.image.resize(images.astype(jnp.float32), (images.shape[0], image_size, image_size, 3),
-                                   "linear")
+        resized = jax.image.resize(images.astype(jnp.float32), (images.shape[0], image_size, image_size, 3), "linear")
         images = jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8)
     return normalize(images, mean, std)
 
 
-def image_logits_and_features(cnn: nn.Module, cnn_variables: Any, images: jax.Array, *, image_size: int,
-                              mean=None, std=None, feature_source: str = "pooled",
-                              flip_tta: bool = False) -> tuple[jax.Array, jax.Array]:
+def image_logits_and_features(
+    cnn: nn.Module,
+    cnn_variables: Any,
+    images: jax.Array,
+    *,
+    image_size: int,
+    mean=None,
+    std=None,
+    feature_source: str = "pooled",
+    flip_tta: bool = False,
+) -> tuple[jax.Array, jax.Array]:
     """uint8 images → (logits float32 [B, C], features [B, F]); with flip_tta the logits are averaged with the
     mirrored image's (the features are the unflipped image's)."""
     x = images_for_cnn(images, image_size, mean, std)
@@ -46,8 +53,9 @@ def image_logits_and_features(cnn: nn.Module, cnn_variables: Any, images: jax.Ar
     return logits.astype(jnp.float32), features
 
 
-def cnn_outputs(cnn: nn.Module, cnn_variables: Any, images_normalised: jax.Array,
-                feature_source: str = "pooled") -> tuple[jax.Array, jax.Array]:
+def cnn_outputs(
+    cnn: nn.Module, cnn_variables: Any, images_normalised: jax.Array, feature_source: str = "pooled"
+) -> tuple[jax.Array, jax.Array]:
     """(logits [B, C], features [B, F]) of the CNN in inference mode, features as `feature_source` says
     (F = widths[-1] "pooled", h * w * widths[-1] "spatial", h * w * (whiten_width + sum(widths)) "pyramid")."""
     return cnn.apply(cnn_variables, images_normalised, train=False, feature_source=feature_source)
