@@ -36,7 +36,8 @@ from imgllm.data.batching import padded_batch_outputs  # noqa: E402
 from imgllm.language import scoring  # noqa: E402
 from imgllm.language.label_sets import label_set_report, read_label_sets  # noqa: E402
 from imgllm.language.load import load_lm  # noqa: E402
-from imgllm.pipeline import classify_images, decode_captions, inference_params, load_pipeline, make_captioner  # noqa: E402
+from imgllm.pipeline import classify_images, inference_params, load_pipeline, make_captioner  # noqa: E402
+from imgllm.pipeline.caption import decode_captions
 
 
 def class_words(class_names, label_sets) -> list[tuple[str, ...]]:

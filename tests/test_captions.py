@@ -274,14 +274,9 @@ def test_lm_classify_scores_the_templates_the_captioner_was_trained_with(tiny_de
     with, which its export stores in the pipeline checkpoint, and agrees with the demo recipe's evaluation."""
     from imgllm.data.demo import write_demo_images
     from imgllm.language.scoring import DEFAULT_TEMPLATES, build_prompt_table, score_class_prompts
-    from imgllm.pipeline import (
-        Item,
-        caption_files,
-        cnn_logits_and_features,
-        load_pipeline,
-        score_records,
-        visual_prefix,
-    )
+    from imgllm.pipeline import caption_files, load_pipeline, score_records
+    from imgllm.pipeline.caption import cnn_logits_and_features, visual_prefix
+    from imgllm.pipeline.inputs import Item
     from imgllm.train.demo_recipe import EVAL_SEED, EVAL_SPLIT
 
     workdir, _, _, results, _ = tiny_demo

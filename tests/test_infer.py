@@ -19,8 +19,9 @@ from PIL import Image
 from test_pipeline import tiny_pipeline_parts, tiny_tokenizer
 
 from imgllm.data.tfds_source import TfdsPrepareError
-from imgllm.pipeline import DecodingOptions, caption_files, expand_inputs, inputs, score_records
+from imgllm.pipeline import DecodingOptions, caption_files, inputs, score_records
 from imgllm.pipeline import checkpoint as pc
+from imgllm.pipeline.inputs import expand_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,7 +222,8 @@ def test_lm_classify_scores_the_checkpoints_class_prompt_templates(tmp_path):
     import jax
 
     from imgllm.language.scoring import DEFAULT_TEMPLATES, build_prompt_table, score_class_prompts
-    from imgllm.pipeline import Item, cnn_logits_and_features, visual_prefix
+    from imgllm.pipeline.caption import cnn_logits_and_features, visual_prefix
+    from imgllm.pipeline.inputs import Item
 
     templates = ("{label}!", "look, a {label} here")
     params, config = tiny_pipeline_parts(bridge=True, template="", class_prompt_templates=templates)

@@ -18,9 +18,10 @@ from test_pipeline import random_images, tiny_lm_config, tiny_params, tiny_pipel
 
 from imgllm import calibration
 from imgllm.language import scoring
-from imgllm.pipeline import caption_images, classify_images, cnn_logits_and_features, visual_prefix
+from imgllm.pipeline import caption_images, classify_images
 from imgllm.pipeline import checkpoint as pc
-from imgllm.pipeline import class_log_probs as pipeline_class_log_probs
+from imgllm.pipeline.caption import class_log_probs as pipeline_class_log_probs
+from imgllm.pipeline.caption import cnn_logits_and_features, visual_prefix
 from imgllm.pipeline.records import OutputError
 
 COLOURS = ["red", "dark green", "blue"]  # "dark green": a label of several tokens

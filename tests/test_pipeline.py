@@ -125,14 +125,16 @@ def random_images(seed: int, batch: int, size: int = 32) -> np.ndarray:
 def test_prompt_assembly_equals_tokenizing_the_filled_in_prompt(template):
     tok = tiny_tokenizer()
     encode = lambda text: tok.encode(text, add_special_tokens=False)
-    tables = pipeline.tokenize_template(encode, template, CLASS_NAMES, 3, tok.pad_token_id)
+    tables = pipeline.prompts.tokenize_template(encode, template, CLASS_NAMES, 3, tok.pad_token_id)
     label_ids = np.array([[3, 5, 1], [9, 0, 2], [7, 8, 6]], np.int32)
     percents = np.array([[93, 5, 0], [100, 0, 7], [40, 35, 25]], np.int32)
-    ids, mask = jax.jit(lambda a, b: pipeline.assemble_prompts(tables, a, b, tok.pad_token_id))(label_ids, percents)
+    ids, mask = jax.jit(lambda a, b: pipeline.prompts.assemble_prompts(tables, a, b, tok.pad_token_id))(
+        label_ids, percents
+    )
     ids, mask = np.asarray(ids), np.asarray(mask)
     assert ids.shape == mask.shape == (3, tables.width)
     for row in range(3):
-        text = pipeline.fill_template(template, [CLASS_NAMES[c] for c in label_ids[row]], percents[row])
+        text = pipeline.prompts.fill_template(template, [CLASS_NAMES[c] for c in label_ids[row]], percents[row])
         expected = encode(text)
         assert ids[row][mask[row] == 1].tolist() == expected, text
         # left padding: the mask is 0...0 1...1 and padded slots hold the pad id
@@ -146,16 +148,20 @@ def test_a_class_name_reads_the_same_in_caption_prompts_and_class_prompts():
 
     encode = lambda text: [ord(c) for c in text]
     names = ("sports_car", "cat")
-    tables = pipeline.tokenize_template(encode, "A photo of a {label}.", names, 1, 0)
-    ids, mask = pipeline.assemble_prompts(tables, jnp.array([[0]], jnp.int32), jnp.array([[90]], jnp.int32), 0)
+    tables = pipeline.prompts.tokenize_template(encode, "A photo of a {label}.", names, 1, 0)
+    ids, mask = pipeline.prompts.assemble_prompts(tables, jnp.array([[0]], jnp.int32), jnp.array([[90]], jnp.int32), 0)
     text = "".join(chr(i) for i in np.asarray(ids)[0][np.asarray(mask)[0] == 1])
-    assert text == pipeline.fill_template("A photo of a {label}.", ["sports_car"], [90]) == "A photo of a sports car."
+    assert (
+        text
+        == pipeline.prompts.fill_template("A photo of a {label}.", ["sports_car"], [90])
+        == "A photo of a sports car."
+    )
     assert fill_templates(names, ["A photo of a {label}."])[0] == [text]
 
 
 def test_prompt_with_bos_and_empty_template_is_just_bos():
-    tables = pipeline.tokenize_template(lambda text: [ord(c) for c in text], "", CLASS_NAMES, 1, 0, bos_id=7)
-    ids, mask = pipeline.assemble_prompts(tables, jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1), jnp.int32), 0)
+    tables = pipeline.prompts.tokenize_template(lambda text: [ord(c) for c in text], "", CLASS_NAMES, 1, 0, bos_id=7)
+    ids, mask = pipeline.prompts.assemble_prompts(tables, jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1), jnp.int32), 0)
     assert np.asarray(ids).tolist() == [[7], [7]] and np.asarray(mask).tolist() == [[1], [1]]
 
 
@@ -169,12 +175,12 @@ def test_prompt_with_bos_and_empty_template_is_just_bos():
 )
 def test_bad_template_is_named(template, message):
     with pytest.raises(ValueError, match=message):
-        pipeline.tokenize_template(lambda text: [1], template, CLASS_NAMES, 2, 0)
+        pipeline.prompts.tokenize_template(lambda text: [1], template, CLASS_NAMES, 2, 0)
 
 
 def test_percentages_round_and_clip():
     probs = jnp.array([0.0, 0.004, 0.005001, 0.5, 0.999, 1.0])
-    assert np.asarray(pipeline.probability_percents(probs)).tolist() == [0, 0, 1, 50, 100, 100]
+    assert np.asarray(pipeline.prompts.probability_percents(probs)).tolist() == [0, 0, 1, 50, 100, 100]
 
 
 # ----------------------------------------------------------------------------------------------- the pipeline
@@ -196,7 +202,7 @@ def stage_by_stage(loaded: pc.PipelineCheckpoint, spec: pipeline.PipelineSpec, i
     prompt_ids = np.full((len(images), width), pad, np.int32)
     prompt_mask = np.zeros((len(images), width), np.int32)
     for row in range(len(images)):
-        text = pipeline.fill_template(
+        text = pipeline.prompts.fill_template(
             spec.prompts.template,
             [CLASS_NAMES[c] for c in label_ids[row]],
             np.round(label_probs[row] * 100).astype(int),
@@ -272,7 +278,7 @@ def test_label_only_prompts_share_the_lm_work_per_class_with_the_same_tokens(tmp
     )
     spec = loaded.spec(generation)
     images = random_images(5, 16)  # more images than the 10 classes
-    assert pipeline.prompts_are_per_class(spec, False, num_classes=len(CLASS_NAMES), batch=len(images))
+    assert pipeline.caption.prompts_are_per_class(spec, False, num_classes=len(CLASS_NAMES), batch=len(images))
     out = jax.device_get(pipeline.make_captioner(spec)(loaded.params, images, jax.random.PRNGKey(0)))
     reference = stage_by_stage(loaded, spec, images, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(out["label_ids"], reference["label_ids"])
@@ -310,7 +316,7 @@ def test_other_image_sizes_are_resized_inside_jit(tmp_path):
         image = 127.5 + 120 * np.stack(waves, axis=-1)
         return np.stack([image, image[::-1]]).round().astype(np.uint8)
 
-    fn = jax.jit(lambda p, x: pipeline.cnn_logits_and_features(p["cnn"], x, spec)[0])
+    fn = jax.jit(lambda p, x: pipeline.caption.cnn_logits_and_features(p["cnn"], x, spec)[0])
     small, big = fn(loaded.params, smooth_images(32)), fn(loaded.params, smooth_images(96))
     other = fn(loaded.params, smooth_images(32)[::-1])
     assert np.abs(big - small).max() < 0.2 * np.abs(other - small).max()
@@ -318,7 +324,7 @@ def test_other_image_sizes_are_resized_inside_jit(tmp_path):
 
 def test_decode_captions_cuts_at_eos():
     ids = np.array([[[5, 6, 0, 7], [8, 0, 0, 0]]])
-    decoded = pipeline.decode_captions(lambda t: ",".join(map(str, t)), ids, eos_id=0, pad_id=0)
+    decoded = pipeline.caption.decode_captions(lambda t: ",".join(map(str, t)), ids, eos_id=0, pad_id=0)
     assert decoded == [["5,6", "8"]]
 
 

@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent("""
     from imgllm.bridge import PrefixMapper
     from imgllm.language.decoding import GenerationConfig, generate_tokens
     from imgllm.language.gpt2 import GPT2Config, init_params
-    from imgllm.pipeline import PipelineSpec, caption_images, tokenize_template
+    from imgllm.pipeline import PipelineSpec, caption_images
+    from imgllm.pipeline.prompts import tokenize_template
     from imgllm.vision.cnn import cnn_preset
 
     assert jax.device_count() == 8, jax.devices()

@@ -48,10 +48,11 @@ from absl import logging
 
 from imgllm import cli
 from imgllm.data.images import DEFAULT_MAX_PIXELS
-from imgllm.pipeline import DEFAULT_COMPILATION_CACHE, DecodingOptions, caption_files, expand_inputs
-from imgllm.pipeline.batch import STDOUT, merge_parts
+from imgllm.pipeline import DecodingOptions, caption_files
+from imgllm.pipeline.batch import DEFAULT_COMPILATION_CACHE, STDOUT, merge_parts
 from imgllm.pipeline.caption import CLASSIFIERS, LM_SCORINGS
 from imgllm.pipeline.checkpoint import check_replaceable
+from imgllm.pipeline.inputs import expand_inputs
 from imgllm.pipeline.records import OutputError, score_records
 from imgllm.precision import DTYPE_CHOICES
 

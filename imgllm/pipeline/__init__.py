@@ -12,91 +12,26 @@ api.py         ImageToText: a checkpoint called on paths, PIL images or arrays, 
 """
 
 from imgllm.pipeline.api import ImageToText
-from imgllm.pipeline.batch import (
-    DEFAULT_COMPILATION_CACHE,
-    DecodingOptions,
-    caption_files,
-    enable_compilation_cache,
-    generation_config,
-)
-from imgllm.pipeline.caption import (
-    PipelineSpec,
-    caption_images,
-    caption_token_lists,
-    class_log_probs,
-    cnn_logits_and_features,
-    compile_captioner,
-    decode_captions,
-    inference_params,
-    lm_classify_images,
-    make_captioner,
-    place_images,
-    place_params,
-    preprocess,
-    prompts_are_per_class,
-    visual_prefix,
-)
+from imgllm.pipeline.batch import DecodingOptions, caption_files, merge_parts
+from imgllm.pipeline.caption import PipelineSpec, caption_images, inference_params, make_captioner
 from imgllm.pipeline.checkpoint import PipelineCheckpoint, load_pipeline
 from imgllm.pipeline.classify import LabelPredictions, classify_images
-from imgllm.pipeline.gallery import GalleryHeader, write_gallery
-from imgllm.pipeline.inputs import Item, expand_inputs
-from imgllm.pipeline.prompts import (
-    DEFAULT_TEMPLATE,
-    PromptPiece,
-    SlotTable,
-    TokenizedTemplate,
-    assemble_prompts,
-    expand_template,
-    fill_template,
-    parse_template,
-    probability_percents,
-    slot_table,
-    tokenize_template,
-)
-from imgllm.pipeline.records import RecordFile, make_records, score_records
+from imgllm.pipeline.records import score_records
 
+# The front door: what a user needs. Everything else is imported from its module (imgllm.pipeline.prompts,
+# .caption, .inputs, .records, .gallery, .checkpoint, .batch), named in the docstring above.
 __all__ = [
-    "DEFAULT_COMPILATION_CACHE",
-    "DEFAULT_TEMPLATE",
     "DecodingOptions",
-    "GalleryHeader",
     "ImageToText",
-    "Item",
     "LabelPredictions",
     "PipelineCheckpoint",
     "PipelineSpec",
-    "PromptPiece",
-    "RecordFile",
-    "SlotTable",
-    "TokenizedTemplate",
-    "assemble_prompts",
     "caption_files",
     "caption_images",
-    "caption_token_lists",
-    "class_log_probs",
     "classify_images",
-    "cnn_logits_and_features",
-    "compile_captioner",
-    "decode_captions",
-    "enable_compilation_cache",
-    "expand_inputs",
-    "expand_template",
-    "fill_template",
-    "generation_config",
     "inference_params",
-    "lm_classify_images",
     "load_pipeline",
     "make_captioner",
-    "make_records",
-    "parse_template",
-    "place_images",
-    "place_params",
-    "preprocess",
-    "probability_percents",
-    "prompts_are_per_class",
+    "merge_parts",
     "score_records",
-    "slot_table",
-    "tokenize_template",
-    "visual_prefix",
-    "write_gallery",
 ]
