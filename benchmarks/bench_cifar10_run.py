@@ -42,8 +42,8 @@ import reference_airbench94_torch as torch_reference
 from PIL import Image
 
 from imgllm import parallel
+from imgllm.train import evaluation, loop, optim, steps
 from imgllm.train import feed as feed_lib
-from imgllm.train import loop, optim, steps
 from imgllm.train.state import create_train_state
 from imgllm.train.tasks import build_task
 from imgllm.vision.cnn import PRESETS
@@ -150,7 +150,7 @@ class JaxRecipe:
         self.config, self.task, self.train_arrays, self.eval_arrays = config, task, train_arrays, eval_arrays
         self.mesh = mesh or parallel.make_mesh()
         loop.validate_config(config, self.mesh)
-        self.steps_per_epoch, self.total_steps = loop.schedule_lengths(loop.num_examples(train_arrays), config)
+        self.steps_per_epoch, self.total_steps = loop.schedule_lengths(evaluation.num_examples(train_arrays), config)
         init_key, self.state_key = jax.random.split(jax.random.PRNGKey(config.seed))
         self.fresh_variables = jax.device_get(jax.jit(task.init_variables)(init_key))
         tx = optim.make_optimizer(
@@ -186,7 +186,7 @@ class JaxRecipe:
     def evaluate(self, state, *, tta: bool, rows: int | None = None) -> float:
         """Validation accuracy (all rows, or the first `rows`: the same compiled batch shape)."""
         arrays = self.eval_arrays if rows is None else {k: v[:rows] for k, v in self.eval_arrays.items()}
-        return loop.evaluate_arrays(
+        return evaluation.evaluate_arrays(
             self.task,
             state.variables,
             arrays,

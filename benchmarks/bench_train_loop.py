@@ -21,8 +21,8 @@ import jax
 
 from imgllm import parallel
 from imgllm.configs import cifar10
+from imgllm.train import evaluation, loop, metrics_log, optim, steps
 from imgllm.train import feed as feed_lib
-from imgllm.train import loop, metrics_log, optim, steps
 from imgllm.train.tasks import build_task
 
 
@@ -60,8 +60,10 @@ def bare_step_rates(config, args):
     mesh = parallel.make_mesh()
     task = build_task(config)
     arrays = task.train_arrays()
-    steps_per_epoch, total_steps = loop.schedule_lengths(loop.num_examples(arrays), config)
-    state, tx = loop.initial_state(task, config, arrays, mesh, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    steps_per_epoch, total_steps = loop.schedule_lengths(evaluation.num_examples(arrays), config)
+    state, tx = loop.initial_state(
+        task, config, arrays, mesh, loop.run_plan(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    )
     batches = feed_lib.make_feed(
         config.data_placement, arrays, mesh, seed=config.seed, global_batch_size=config.global_batch_size
     )

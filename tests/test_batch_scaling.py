@@ -15,7 +15,7 @@ import pytest
 
 from imgllm.configs import cifar10, cifar10_muon, cnn_tiny
 from imgllm.configs.common import airbench_param_groups
-from imgllm.train import loop, optim
+from imgllm.train import evaluation, loop, optim
 
 REL = 1e-12
 
@@ -179,7 +179,7 @@ def test_the_training_loop_gives_the_optimizer_its_batch_size(tmp_path):
     config.optimizer.update(learning_rate=0.2, reference_batch_size=16)
     result = loop.train_and_evaluate(config, str(tmp_path))
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(result.state.params))
-    restored_config, _, _, variables = loop.restore_for_eval(str(tmp_path))
+    restored_config, _, _, variables = evaluation.restore_for_eval(str(tmp_path))
     assert restored_config.optimizer.reference_batch_size == 16
     for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(result.state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -5,7 +5,7 @@ import pytest
 from imgllm import configs
 from imgllm.configs import captioner_tiny, cifar10, cnn_tiny  # noqa: F401  (read through getattr(configs, ...))
 from imgllm.train import checkpoint as ckpt_lib
-from imgllm.train import loop
+from imgllm.train import resume
 
 
 def test_config_differences_name_each_key_and_skip_resume_safe_ones():
@@ -42,8 +42,8 @@ def test_configs_saved_before_batch_scaled_rates_and_the_task_table_still_resume
         "classifier": "imgllm.train.classifier:ClassifierTask",
         "captioner": "imgllm.train.captioner:CaptionerTask",
     }[today.task]
-    loop.check_resumable(saved, today, "runs/x")
+    resume.check_resumable(saved, today, "runs/x")
     # Another batch size under the old config means other learning rates: refused, naming the keys.
     saved["global_batch_size"] = today.global_batch_size // 2
     with pytest.raises(ckpt_lib.IncompatibleConfigError, match="global_batch_size"):
-        loop.check_resumable(saved, today, "runs/x")
+        resume.check_resumable(saved, today, "runs/x")

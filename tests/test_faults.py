@@ -33,7 +33,7 @@ from imgllm.pipeline import checkpoint as pc
 from imgllm.pipeline.inputs import Batch, Item
 from imgllm.pipeline.records import LOCK_SUFFIX, OutputError, make_records
 from imgllm.train import checkpoint as ckpt_lib
-from imgllm.train import demo_recipe, loop
+from imgllm.train import demo_recipe, evaluation, loop
 
 GREEDY = dict(batch_size=4)  # the options most tests share: one compiled program
 
@@ -525,10 +525,10 @@ def test_truncated_arrays_fall_back_to_the_previous_step_and_are_kept(training_r
     truncate_arrays(damaged)
     before = tree(damaged)
     with pytest.warns(UserWarning, match=re.escape(f"{damaged} cannot be read: ") + ".*; using step 4 instead"):
-        _, meta, _, _ = loop.restore_for_eval(workdir)
+        _, meta, _, _ = evaluation.restore_for_eval(workdir)
     assert meta["step"] == 4 and tree(damaged) == before
     with pytest.raises(ckpt_lib.UnreadableCheckpointError, match=re.escape(f"{damaged} cannot be read")):
-        loop.restore_for_eval(workdir, step=8)  # the step asked for is not replaced by another
+        evaluation.restore_for_eval(workdir, step=8)  # the step asked for is not replaced by another
     with pytest.warns(UserWarning) as warned:
         loop.train_and_evaluate(config, workdir)  # resumes from step 4 and saves step 8 anew
     aside = os.path.join(workdir, ckpt_lib.UNREADABLE_DIR, "8")
@@ -536,7 +536,7 @@ def test_truncated_arrays_fall_back_to_the_previous_step_and_are_kept(training_r
     expected = [f"{damaged} cannot be read", f"moved the unreadable {damaged} to {aside} (kept"]
     assert [m.split(":")[0] for m in messages] == expected
     assert messages[0].endswith("; using step 4 instead") and tree(aside) == before
-    assert loop.restore_for_eval(workdir)[1]["step"] == 8
+    assert evaluation.restore_for_eval(workdir)[1]["step"] == 8
 
 
 def test_a_run_with_no_readable_step_is_one_line(training_run, tmp_path):
@@ -546,7 +546,7 @@ def test_a_run_with_no_readable_step_is_one_line(training_run, tmp_path):
     for step in ("4", "8"):
         truncate_arrays(workdir / "checkpoints" / step)
     with pytest.raises(ValueError, match="no checkpoint in .* can be read") as raised:  # train.py: one line
-        loop.restore_for_eval(str(workdir))
+        evaluation.restore_for_eval(str(workdir))
     assert "\n" not in str(raised.value) and str(workdir / "checkpoints" / "4") in str(raised.value)
 
 
@@ -556,7 +556,7 @@ def test_an_empty_step_folder_is_skipped_and_kept(training_run, tmp_path):
     shutil.copytree(finished, workdir)
     (workdir / "checkpoints" / "70").mkdir()
     with pytest.warns(UserWarning, match=re.escape(f"skipping {workdir / 'checkpoints' / '70'}: not a checkpoint")):
-        assert loop.restore_for_eval(str(workdir))[1]["step"] == 8
+        assert evaluation.restore_for_eval(str(workdir))[1]["step"] == 8
     with pytest.warns(UserWarning, match="not a checkpoint"):
         loop.train_and_evaluate(config, str(workdir))  # the finished run stays finished
     assert (workdir / "checkpoints" / "70").is_dir()

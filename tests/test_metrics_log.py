@@ -14,7 +14,7 @@ from PIL import Image
 from tensorboardX.proto.event_pb2 import Event
 
 from imgllm.configs import cnn_tiny
-from imgllm.train import loop, metrics_log
+from imgllm.train import evaluation, loop, metrics_log
 
 
 def read_events(folder: str) -> list[Event]:
@@ -78,9 +78,9 @@ def test_without_tensorboard_nothing_is_written_and_no_confusion_is_computed(tmp
     writer = metrics_log.MetricsWriter(str(tmp_path), tensorboard=False)
     writer.image("final_eval", "x", np.zeros((2, 2, 3), np.uint8), 1)
     writer.text("final_eval", "x", "x", 1)
-    loop.write_confusion_image(writer, Confusion(), None, {}, batch_size=1, tta=False, step=1)
+    evaluation.write_confusion_image(writer, Confusion(), None, {}, batch_size=1, tta=False, step=1)
     with_tensorboard = metrics_log.MetricsWriter(str(tmp_path))
-    loop.write_confusion_image(with_tensorboard, NoConfusion(), None, {}, batch_size=1, tta=False, step=1)
+    evaluation.write_confusion_image(with_tensorboard, NoConfusion(), None, {}, batch_size=1, tta=False, step=1)
     with_tensorboard.close()
     assert not os.path.exists(tmp_path / metrics_log.TENSORBOARD_DIR)
 

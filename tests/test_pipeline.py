@@ -390,8 +390,9 @@ def test_assemble_from_a_train_workdir_and_a_gpt2_directory(tmp_path):
     The command line itself is run in tests/test_captions.py."""
     from imgllm.configs import cnn_tiny
     from imgllm.language import hf
+    from imgllm.train.evaluation import restore_for_eval
     from imgllm.train.export import assemble_pipeline_checkpoint
-    from imgllm.train.loop import restore_for_eval, train_and_evaluate
+    from imgllm.train.loop import train_and_evaluate
 
     config = cnn_tiny.get_config()
     config.num_epochs, config.eval_split = 0.25, ""  # two steps, no evaluation: only the checkpoint matters

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from imgllm.configs import cnn_tiny
-from imgllm.train import loop
+from imgllm.train import evaluation, loop
 from imgllm.train.checkpoint import IncompatibleConfigError
 from imgllm.train.classifier import ClassifierTask
 from imgllm.train.tasks import LEGACY_TASK_NAMES, TASKS, UnknownTaskError, task_name
@@ -73,9 +73,9 @@ def test_task_names_come_from_the_table_only():
 def test_forged_task_is_refused_and_nothing_runs(forged):
     workdir, marker = forged
     with pytest.raises(UnknownTaskError, match=FORGED_TASK):
-        loop.restore_for_eval(str(workdir))
+        evaluation.restore_for_eval(str(workdir))
     with pytest.raises(UnknownTaskError, match=FORGED_TASK):
-        loop.evaluate_checkpoint(str(workdir), "demo")
+        evaluation.evaluate_checkpoint(str(workdir), "demo")
     with pytest.raises(IncompatibleConfigError, match=f"task: checkpoint '{FORGED_TASK}', now 'classifier'"):
         loop.train_and_evaluate(tiny_config(), str(workdir))  # resuming it is refused as well
     assert not marker.exists()
@@ -100,7 +100,7 @@ def test_train_py_eval_refuses_a_forged_task(forged):
 
 def test_legacy_task_name_loads_and_resumes(tiny_workdir, tmp_path):
     workdir = copy_with_stored_config(tiny_workdir, tmp_path / "legacy", task="imgllm.train.classifier:ClassifierTask")
-    config, meta, task, _ = loop.restore_for_eval(str(workdir))
+    config, meta, task, _ = evaluation.restore_for_eval(str(workdir))
     assert isinstance(task, ClassifierTask) and config.task == "imgllm.train.classifier:ClassifierTask"
     result = loop.train_and_evaluate(tiny_config(), str(workdir))  # today's name "classifier": same run
     assert int(result.state.step) == result.total_steps == meta["step"]

@@ -14,7 +14,7 @@ from imgllm import calibration, parallel
 from imgllm import data as data_lib
 from imgllm.configs import cifar10, cifar10_muon, cnn_tiny
 from imgllm.configs.common import airbench_param_groups, resolve_config_arg
-from imgllm.train import feed, loop, metrics_log, optim, plot, steps
+from imgllm.train import evaluation, feed, loop, metrics_log, optim, plot, steps
 from imgllm.train.classifier import ClassifierTask, folder_split
 from imgllm.train.task import metric
 from imgllm.train.tasks import build_task
@@ -71,15 +71,15 @@ def test_learning_rate_compile_time_tensorboard_and_curves_are_written(trained):
 
 
 def test_final_eval_says_whether_it_used_test_time_augmentation():
-    assert loop.uses_tta({"tta": "flip"}) and loop.uses_tta({"tta": "flip_translate"})
-    assert not any(loop.uses_tta(config) for config in ({"tta": "none"}, {"tta": ""}, {}))
+    assert evaluation.uses_tta({"tta": "flip"}) and evaluation.uses_tta({"tta": "flip_translate"})
+    assert not any(evaluation.uses_tta(config) for config in ({"tta": "none"}, {"tta": ""}, {}))
 
 
 def test_checkpoints_keep_last_n_with_metadata(trained):
     config, workdir, result = trained
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert steps == [8, 12, 16]  # every 4 steps, max 3 kept
-    _, meta, _, variables = loop.restore_for_eval(workdir)
+    _, meta, _, variables = evaluation.restore_for_eval(workdir)
     assert meta["step"] == 16 and meta["epoch"] == 2 and meta["steps_per_epoch"] == 8
     assert tuple(meta["task"]["class_names"]) == data_lib.load_dataset("demo", "validation", num_examples=1).class_names
     restored = jax.tree.leaves(variables)
@@ -97,7 +97,7 @@ def test_eval_checkpoint_on_image_folder(trained, tmp_path):
         Image.fromarray(image).save(folder / f"{i:03d}.png")
     spec = f"folder:{tmp_path / 'test'}"
     assert folder_split(spec, "test") == "train_full"
-    got = loop.evaluate_checkpoint(workdir, spec, split="test", confusion_png=str(tmp_path / "confusion.png"))
+    got = evaluation.evaluate_checkpoint(workdir, spec, split="test", confusion_png=str(tmp_path / "confusion.png"))
     assert got["num_examples"] == 64 and got["tta"] is True
     assert got["accuracy"] == pytest.approx(result.final_eval["accuracy"], abs=1e-6)
     assert got["confusion_png"] == str(tmp_path / "confusion.png")
@@ -106,13 +106,13 @@ def test_eval_checkpoint_on_image_folder(trained, tmp_path):
     # The stored calibration is measured on this data; a relative folder resolves under data_dir (--data_dir).
     assert got["head_temperature"] == pytest.approx(result.final_eval["head_temperature"])
     assert 0.0 <= got["head_ece_calibrated"] <= 1.0
-    relative = loop.evaluate_checkpoint(workdir, "folder:test", split="test", data_dir=str(tmp_path))
+    relative = evaluation.evaluate_checkpoint(workdir, "folder:test", split="test", data_dir=str(tmp_path))
     assert relative["num_examples"] == 64 and relative["accuracy"] == got["accuracy"]
 
 
 def test_confusion_counts_each_example_once(trained):
     config, workdir, result = trained
-    _, meta, task, variables = loop.restore_for_eval(workdir)
+    _, meta, task, variables = evaluation.restore_for_eval(workdir)
     arrays = task.eval_arrays(metadata=meta["task"])
     matrix = task.confusion(variables, arrays, batch_size=24, tta=True)  # 64 examples: a padded last batch
     assert matrix.sum() == 64 and matrix.shape == (config.model.num_classes,) * 2
@@ -342,8 +342,10 @@ def test_data_on_the_devices_trains_as_data_from_the_host():
     mesh = parallel.make_mesh()
     task = build_task(config)
     arrays = task.train_arrays()
-    steps_per_epoch, total_steps = loop.schedule_lengths(loop.num_examples(arrays), config)
-    state, tx = loop.initial_state(task, config, arrays, mesh, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    steps_per_epoch, total_steps = loop.schedule_lengths(evaluation.num_examples(arrays), config)
+    state, tx = loop.initial_state(
+        task, config, arrays, mesh, loop.run_plan(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    )
     finals = {}
     for placement in ("device", "host"):
         batches = feed.make_feed(placement, arrays, mesh, seed=config.seed, global_batch_size=config.global_batch_size)
@@ -368,7 +370,7 @@ def test_the_head_is_calibrated_on_the_validation_split_and_the_pipeline_uses_it
     """The last checkpoint holds the CNN head's temperature (fitted on the eval split, never on training images) and
     final_eval the calibration error before and after; an assembled pipeline's label probabilities use it."""
     config, workdir, result = trained
-    _, meta, task, variables = loop.restore_for_eval(workdir)
+    _, meta, task, variables = evaluation.restore_for_eval(workdir)
     fitted = meta["calibration"]
     assert result.final_eval["head_temperature"] == fitted["head_temperature"] > 0
     arrays = task.eval_arrays(metadata=meta["task"])

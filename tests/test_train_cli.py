@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from imgllm.train import loop, metrics_log
+from imgllm.train import evaluation, metrics_log
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +62,7 @@ def finished_steps(workdir):
 
 
 def final_variables(workdir):
-    return loop.restore_for_eval(workdir)[3]
+    return evaluation.restore_for_eval(workdir)[3]
 
 
 def assert_same_variables(actual, expected, atol):

@@ -14,7 +14,7 @@ from PIL import Image
 from imgllm import data as data_lib
 from imgllm.configs import cnn_tiny
 from imgllm.data.folder import DataFolderError, load_image_folder
-from imgllm.train import loop, metrics_log
+from imgllm.train import evaluation, loop, metrics_log, resume
 from imgllm.vision import cnn as cnn_lib
 
 CLASSES = ("circle", "square", "triangle")
@@ -64,7 +64,7 @@ def copy_of(folder_run, tmp_path):
 
 def test_the_checkpoint_records_its_data(folder_run):
     config, root, workdir = folder_run
-    _, meta, _, _ = loop.restore_for_eval(workdir)
+    _, meta, _, _ = evaluation.restore_for_eval(workdir)
     data = meta["data"]
     assert data["num_examples"] == 42 and data["class_names"] == list(CLASSES)  # 48 less 6 carved off
     assert len(data["fingerprint"]) == 32
@@ -73,14 +73,14 @@ def test_the_checkpoint_records_its_data(folder_run):
 def test_resume_refuses_added_images(folder_run, tmp_path):
     config, root, workdir = copy_of(folder_run, tmp_path)
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "square" / "99.png")
-    with pytest.raises(loop.DataChangedError, match=r"num_examples: checkpoint 42, now 43"):
+    with pytest.raises(resume.DataChangedError, match=r"num_examples: checkpoint 42, now 43"):
         loop.train_and_evaluate(config, workdir)
 
 
 def test_resume_refuses_a_renamed_class_and_changed_pixels(folder_run, tmp_path):
     config, root, workdir = copy_of(folder_run, tmp_path)
     os.rename(root / "triangle", root / "wedge")
-    with pytest.raises(loop.DataChangedError) as error:
+    with pytest.raises(resume.DataChangedError) as error:
         loop.train_and_evaluate(config, workdir)
     assert "class_names: checkpoint 3 classes, now 3 (added ['wedge'], removed ['triangle'])" in str(error.value)
     assert "--allow_data_change" in str(error.value)
@@ -89,7 +89,7 @@ def test_resume_refuses_a_renamed_class_and_changed_pixels(folder_run, tmp_path)
     image = np.asarray(Image.open(root / "circle" / "00.png")).copy()
     image[0, 0] ^= 255
     Image.fromarray(image).save(root / "circle" / "00.png")
-    with pytest.raises(loop.DataChangedError, match=r"fingerprint: checkpoint [0-9a-f]{32}, now [0-9a-f]{32}"):
+    with pytest.raises(resume.DataChangedError, match=r"fingerprint: checkpoint [0-9a-f]{32}, now [0-9a-f]{32}"):
         loop.train_and_evaluate(config, workdir)
     loop.train_and_evaluate(config, workdir, allow_data_change=True)  # told to: the finished run stays finished
 
@@ -97,11 +97,11 @@ def test_resume_refuses_a_renamed_class_and_changed_pixels(folder_run, tmp_path)
 def test_checkpoints_without_a_data_record_compare_classes_and_steps():
     saved = {"step": 8, "steps_per_epoch": 8, "task": {"class_names": ["a", "b"]}}
     identity = {"num_examples": 300, "fingerprint": "f", "class_names": ["a", "b", "c"]}
-    assert loop.data_differences(saved, identity, steps_per_epoch=9) == [
+    assert resume.data_differences(saved, identity, steps_per_epoch=9) == [
         "class_names: checkpoint 2 classes, now 3 (added ['c'], removed [])",
         "steps_per_epoch: checkpoint 8, now 9",
     ]
-    assert loop.data_differences(saved, {**identity, "class_names": ["a", "b"]}, steps_per_epoch=8) == []
+    assert resume.data_differences(saved, {**identity, "class_names": ["a", "b"]}, steps_per_epoch=8) == []
 
 
 def test_more_classes_than_the_model_is_refused_naming_both(tmp_path):
@@ -190,7 +190,7 @@ def test_sigterm_stops_after_the_step_with_its_checkpoint_committed(tmp_path, mo
     assert stopped.value.step == 3 and stopped.value.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is previous_handler
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [3]
-    assert loop.restore_for_eval(str(tmp_path))[1]["step"] == 3
+    assert evaluation.restore_for_eval(str(tmp_path))[1]["step"] == 3
     with open(tmp_path / metrics_log.METRICS_FILE) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
     traces = [name for _, _, names in os.walk(tmp_path / "profile") for name in names]

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 
 from imgllm import cli, parallel
 from imgllm.configs.common import CONFIG_DIR, config_purposes, resolve_config_arg
-from imgllm.train import demo_recipe, loop
+from imgllm.train import demo_recipe, evaluation, loop
 from imgllm.train.metrics_log import METRICS_FILE
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -86,7 +86,7 @@ def run() -> None:
     )
     if _MODE.value == "eval":
         confusion = os.path.join(_WORKDIR.value, "confusion.png") if _CONFUSION.value is None else _CONFUSION.value
-        result = loop.evaluate_checkpoint(
+        result = evaluation.evaluate_checkpoint(
             _WORKDIR.value,
             _DATA.value,
             split=_SPLIT.value,

@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from imgllm.pipeline.checkpoint import saved_array_shapes
 
 # Config keys that may change between a run and its resumption: they do not change what is computed. Where the
-# data is read from (dataset, data_dir) may change too: resuming checks the data itself (loop.check_same_data).
+# data is read from (dataset, data_dir) may change too: resuming checks the data itself (resume.check_same_data).
 RESUME_SAFE_KEYS = frozenset(
     {
         "log_every_steps",
@@ -295,16 +295,22 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         return restored["state"]
 
-    def restore_arrays(self, step: int | None = None) -> dict[str, Any]:
-        """The saved state of checkpoint `step` as nested dicts of arrays on this process's first device, with
-        the structure read from the checkpoint's metadata: no model or task is built (what exporting a trained
-        classifier into a pipeline needs), and a state saved from other devices (8 GPUs, say) reads the same."""
+    def restore_arrays(self, step: int | None = None, sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
+        """The saved state of checkpoint `step` as nested dicts of arrays placed by `sharding` (default: on this
+        process's first device), with the structure read from the checkpoint's metadata: no model, task or optimizer
+        is built, and a state saved from other devices (8 GPUs, say) reads the same."""
         step = self._step(step)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         with self.reading(step):
-            target = saved_array_shapes(os.path.join(self.step_dir(step), "state"), device)
+            target = saved_array_shapes(os.path.join(self.step_dir(step), "state"), sharding)
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         return dict(restored["state"])
+
+    def restore_variables(self, step: int | None = None, sharding: jax.sharding.Sharding | None = None) -> dict:
+        """The flax variables {"params": ..., **model_state} of checkpoint `step`, as the run's own evaluation
+        applies them, read as arrays (`restore_arrays`): how evaluation and export read a work directory."""
+        state = self.restore_arrays(step, sharding)
+        return {"params": state["params"], **(state.get("model_state") or {})}
 
     def wait(self) -> None:
         """Returns once every save started so far is committed (a kill after this loses none of them)."""
@@ -347,11 +353,10 @@ def load_classifier(workdir: str, step: int | None = None) -> tuple[dict, dict, 
     """
     checkpointer = _read_only_checkpointer(workdir)
     try:
-        read = lambda at: (*checkpointer.restore_config_and_meta(at), checkpointer.restore_arrays(at))
-        config, meta, state = read(step) if step is not None else checkpointer.newest_readable(read)[1]
+        read = lambda at: (*checkpointer.restore_config_and_meta(at), checkpointer.restore_variables(at))
+        config, meta, variables = read(step) if step is not None else checkpointer.newest_readable(read)[1]
     finally:
         checkpointer.close()
-    variables = {"params": state["params"], **(state.get("model_state") or {})}
     return jax.device_get(variables), config, meta
 
 

@@ -35,7 +35,7 @@ from imgllm.data.demo import COLOURS, SIZES, demo_scenes
 from imgllm.pipeline import caption_images, classify_images, load_pipeline
 from imgllm.pipeline.checkpoint import TOKENIZER_DIR, TOKENIZER_FILE, is_pipeline_checkpoint
 from imgllm.train import checkpoint as ckpt_lib
-from imgllm.train import loop
+from imgllm.train import loop, resume
 from imgllm.train.export import export_pipeline_checkpoint
 
 EVAL_SPLIT = "test"  # the demo split the final evaluation draws from (training uses "train", seed 0)
@@ -65,7 +65,7 @@ def stage_is_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
         saved_config, meta = checkpointer.restore_config_and_meta(None)
     finally:
         checkpointer.close()
-    loop.check_resumable(saved_config, config, workdir)
+    resume.check_resumable(saved_config, config, workdir)
     return meta["step"] >= meta["total_steps"]
 
 

@@ -21,8 +21,8 @@ from imgllm.pipeline import checkpoint as pipeline_checkpoint
 from imgllm.pipeline.prompts import DEFAULT_TEMPLATE
 from imgllm.train.captioner import FROZEN
 from imgllm.train.checkpoint import load_classifier, read_run_config
+from imgllm.train.evaluation import restore_for_eval
 from imgllm.train.lm_task import tokenizer_from_metadata
-from imgllm.train.loop import restore_for_eval
 from imgllm.train.model_card import model_card
 
 

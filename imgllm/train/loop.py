@@ -1,49 +1,49 @@
-"""The generic training loop and checkpoint evaluation, shared by every Task.
+"""The generic training loop, shared by every Task.
 
 Data position: the global step alone fixes it (epoch, step_in_epoch = divmod(step, steps_per_epoch); the
 epoch's order comes from (seed, epoch)), and the step's random key is fold_in(base_key, step). So a run
 restored from its latest checkpoint continues exactly as if it had never stopped.
+
+Each step: its batch, the train step, then the end-of-step actions (`_Run`): log, calibrate after the last step,
+checkpoint, stop on a signal, evaluate. The checks before resuming are in `imgllm.train.resume`; evaluation, also of
+a saved checkpoint, in `imgllm.train.evaluation`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from imgllm import calibration, parallel, precision
+from imgllm import parallel
 from imgllm.pipeline.records import OutputError, OutputLock
 from imgllm.train import checkpoint as ckpt_lib
+from imgllm.train import evaluation, optim, plot, resume, steps
 from imgllm.train import feed as feed_lib
-from imgllm.train import optim, plot, steps
 from imgllm.train.metrics_log import MetricsWriter
 from imgllm.train.state import TrainState, create_train_state
 from imgllm.train.task import Arrays, Task, add_metrics, summarize
-from imgllm.train.tasks import build_task, canonical_task_name, task_name
+from imgllm.train.tasks import build_task
 
 WORKDIR_LOCK = "train.lock"  # held by the run training in the work directory (`workdir_lock`)
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the message names the step."""
-
-
-class DataChangedError(ValueError):
-    """The training data differs from the data the work directory's checkpoint was trained on."""
 
 
 class WorkdirInUseError(OSError):
@@ -70,41 +70,6 @@ class TrainResult:
     total_steps: int
 
 
-def num_examples(arrays: Arrays) -> int:
-    """The common leading dimension of `arrays` (error naming the keys when they disagree)."""
-    sizes = {k: len(v) for k, v in arrays.items()}
-    if len(set(sizes.values())) != 1:
-        raise ValueError(f"arrays have different lengths: {sizes}")
-    return next(iter(sizes.values()))
-
-
-def take(arrays: Arrays, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The rows `rows` of every array."""
-    return {k: np.asarray(v[rows]) for k, v in arrays.items()}
-
-
-def comparable_config(config: ml_collections.ConfigDict | dict) -> dict:
-    """The config as JSON in the form resuming compares: what earlier versions stored, written as today's.
-
-    The task under today's TASKS name (a checkpoint's legacy "module:factory" name compares equal; an unknown name
-    is left as it is), and optimizer.reference_batch_size, absent from configs saved before learning rates scaled
-    with the batch, or None (rates used as given), as the run's own global_batch_size: the same rates either way.
-    The compute dtype as `precision.comparable_dtype` writes it (absent: the legacy model/lm dtype; "auto": what
-    it means on this backend).
-    """
-    raw = ckpt_lib.config_to_json(config)
-    optimizer = raw.get("optimizer")
-    if isinstance(optimizer, dict) and optimizer.get("reference_batch_size") is None:
-        raw["optimizer"] = {**optimizer, "reference_batch_size": raw.get("global_batch_size")}
-    return precision.comparable_dtype({**raw, "task": canonical_task_name(raw.get("task"))})
-
-
-def check_resumable(saved_config: Mapping[str, Any], config: ml_collections.ConfigDict | dict, workdir: str) -> None:
-    """Raises IncompatibleConfigError naming the differing keys unless a run of `config` may continue the
-    checkpoint made with `saved_config` (compared in `comparable_config` form)."""
-    ckpt_lib.check_compatible(comparable_config(saved_config), comparable_config(config), workdir)
-
-
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     """Fails fast (before any compile) on values the loop cannot run with."""
     devices = parallel.global_batch_divisor(mesh)
@@ -124,69 +89,6 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"config.{key}={value!r} must be an integer >= 1 ({meaning})")
-
-
-def arrays_fingerprint(arrays: Arrays) -> str:
-    """A hex digest of every array's name, dtype, shape and bytes: equal exactly when the data is the same."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
-        digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()
-
-
-def data_identity(arrays: Arrays, task_metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """What a checkpoint records of its training data: example count, fingerprint and class names (if any)."""
-    identity = {"num_examples": num_examples(arrays), "fingerprint": arrays_fingerprint(arrays)}
-    if task_metadata.get("class_names") is not None:
-        identity["class_names"] = list(task_metadata["class_names"])
-    return identity
-
-
-def data_differences(saved_meta: Mapping[str, Any], identity: Mapping[str, Any], steps_per_epoch: int) -> list[str]:
-    """'what: checkpoint X, now Y' lines for every way the data differs from a checkpoint's.
-
-    Checkpoints written before the data was recorded are compared on what they hold: class names and steps
-    per epoch.
-    """
-    saved = saved_meta.get("data")
-    if saved is None:
-        saved = {"class_names": (saved_meta.get("task") or {}).get("class_names")}
-        lines = (
-            []
-            if saved_meta.get("steps_per_epoch") in (None, steps_per_epoch)
-            else [f"steps_per_epoch: checkpoint {saved_meta['steps_per_epoch']}, now {steps_per_epoch}"]
-        )
-    else:
-        lines = [
-            f"{key}: checkpoint {saved.get(key)}, now {identity.get(key)}"
-            for key in ("num_examples", "fingerprint")
-            if saved.get(key) != identity.get(key)
-        ]
-    before, now = saved.get("class_names"), identity.get("class_names")
-    if before is not None and now is not None and list(before) != list(now):
-        added, removed = sorted(set(now) - set(before)), sorted(set(before) - set(now))
-        lines.insert(
-            0,
-            f"class_names: checkpoint {len(before)} classes, now {len(now)} (added {added}, removed "
-            f"{removed}{', reordered' if not added and not removed else ''})",
-        )
-    return lines
-
-
-def check_same_data(
-    saved_meta: Mapping[str, Any], identity: Mapping[str, Any], steps_per_epoch: int, workdir: str
-) -> None:
-    """Raises DataChangedError listing what changed unless the data is the one the checkpoint trained on."""
-    lines = data_differences(saved_meta, identity, steps_per_epoch)
-    if lines:
-        raise DataChangedError(
-            f"the training data differs from the data {workdir}'s checkpoint at step {saved_meta.get('step')} "
-            "was trained on:\n  " + "\n  ".join(lines) + "\nLabels or the schedule would shift under the "
-            "trained weights. Restore the data, use a new --workdir, or pass --allow_data_change "
-            "(allow_data_change=True) to continue anyway."
-        )
 
 
 class StopSignals:
@@ -238,86 +140,71 @@ def schedule_lengths(n_train: int, config: ml_collections.ConfigDict) -> tuple[i
     return steps_per_epoch, int(math.ceil(steps_per_epoch * config.num_epochs))
 
 
-def initial_state(
-    task: Task, config: ml_collections.ConfigDict, train_arrays: Arrays, mesh, *, total_steps: int, steps_per_epoch: int
-):
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What a run's length fixes, decided once (`run_plan`) and passed where it is needed.
+
+    learning_rate: the default group's rate at each update (count 0 is the first step), as the optimizer applies it:
+    what the train records log. lookahead: `optim.lookahead_fn` bound to the run's length, or None when the config
+    has none; the one decision whether the state keeps lookahead's slow copy and the step updates it.
+    """
+
+    steps_per_epoch: int
+    total_steps: int
+    learning_rate: optax.Schedule
+    lookahead: Callable | None
+
+    @property
+    def uses_lookahead(self) -> bool:
+        return self.lookahead is not None
+
+
+def run_plan(config: ml_collections.ConfigDict, *, steps_per_epoch: int, total_steps: int) -> RunPlan:
+    """The RunPlan of a run of `config` with these lengths (`schedule_lengths`)."""
+    lengths = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+    return RunPlan(
+        **lengths,
+        learning_rate=optim.default_learning_rate(config.optimizer, **lengths, batch_size=config.global_batch_size),
+        lookahead=optim.lookahead_fn(config.get("lookahead"), **lengths),
+    )
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any, plan: RunPlan) -> optax.GradientTransformation:
+    """`optim.make_optimizer` for `params`, a run of `plan`'s length and config.global_batch_size."""
+    return optim.make_optimizer(
+        config.optimizer,
+        params,
+        total_steps=plan.total_steps,
+        steps_per_epoch=plan.steps_per_epoch,
+        batch_size=config.global_batch_size,
+        default_schedule=plan.learning_rate,
+    )
+
+
+def initial_state(task: Task, config: ml_collections.ConfigDict, train_arrays: Arrays, mesh, plan: RunPlan):
     """(fresh replicated TrainState, optimizer) from config.seed: model init, data-dependent init, optimizer."""
     init_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = jax.device_get(jax.jit(task.init_variables)(init_key))
     variables = task.prepare_variables(variables, train_arrays)
-    tx = optim.make_optimizer(
-        config.optimizer,
-        variables["params"],
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-        batch_size=config.global_batch_size,
-    )
-    use_lookahead = bool(config.get("lookahead") and config.lookahead.get("enabled", False))
-    init = lambda v, key: create_train_state(v, tx, key, use_lookahead=use_lookahead)
+    tx = make_optimizer(config, variables["params"], plan)
+    init = lambda v, key: create_train_state(v, tx, key, use_lookahead=plan.uses_lookahead)
     return steps.jit_init_state(init, mesh)(variables, state_key), tx
 
 
-def evaluate_arrays(
-    task: Task, variables: Any, arrays: Arrays, mesh, *, batch_size: int, tta: bool, eval_fn: Callable | None = None
-) -> dict[str, float]:
-    """Summarised metrics of `task` over all of `arrays` (padded to whole batches, padding masked out).
-
-    Every process holds all of `arrays` and feeds its own slice of each global batch.
-    """
-    eval_fn = eval_fn or steps.jit_eval_step(task, mesh, tta=tta)
-    n = num_examples(arrays)
-    num_batches = -(-n // batch_size)
-    per_host = batch_size // jax.process_count()
-    totals = None
-    for b in range(num_batches):
-        first = b * batch_size + jax.process_index() * per_host
-        rows = np.arange(first, first + per_host)
-        mask = (rows < n).astype(np.float32)
-        batch = take(arrays, np.minimum(rows, n - 1))
-        batch["mask"] = mask
-        metrics = eval_fn(variables, parallel.host_to_global(batch, mesh))
-        totals = add_metrics(totals, jax.device_get(metrics))
-    return summarize(totals)
-
-
-def write_confusion_image(
-    writer: MetricsWriter, task: Task, variables: Any, arrays: Arrays, *, batch_size: int, tta: bool, step: int
-) -> None:
-    """Draws a classifier's confusion matrix on `arrays` (`plot.confusion_figure`) into TensorBoard: split
-    "final_eval", tag "confusion_matrix". Nothing for a task without `confusion` or a writer without TensorBoard.
-
-    Every process computes the matrix (the model's variables span them all); process 0 writes it.
-    """
-    if not hasattr(task, "confusion") or writer.tensorboard_dir is None:
-        return
-    matrix = task.confusion(variables, arrays, batch_size=batch_size, tta=tta)
-    if writer.enabled:
-        names = task.checkpoint_metadata().get("class_names") or [str(n) for n in range(len(matrix))]
-        title = f"final evaluation{' (TTA)' if tta else ''}, step {step}"
-        writer.image("final_eval", "confusion_matrix", plot.confusion_figure(matrix, names, title), step)
+def _abstract_state(task: Task, config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> TrainState:
+    """The state's structure for a run of meta's total_steps and steps_per_epoch, as `initial_state` builds it (traced
+    under eval_shape: no data is read): what lowering the train step needs (tests/test_lowering.py, benchmarks)."""
+    plan = run_plan(config, steps_per_epoch=meta["steps_per_epoch"], total_steps=meta["total_steps"])
+    variables = task.init_variables(jax.random.PRNGKey(0))
+    tx = make_optimizer(config, variables["params"], plan)
+    return create_train_state(variables, tx, jax.random.PRNGKey(0), use_lookahead=plan.uses_lookahead)
 
 
 def show_phase(bar, phase: str, arrays: Arrays) -> None:
     """Names what the run does now on the progress bar, replacing the last training step's figures (which would
     read as current) with the number of images this phase goes through."""
     bar.set_description(phase)
-    bar.set_postfix_str(f"{num_examples(arrays)} images", refresh=True)
-
-
-def write_sample_captions(writer: MetricsWriter, task: Task, variables: Any, arrays: Arrays, *, step: int) -> None:
-    """A captioner's greedy captions of a few evaluation images (`sample_captions`) as TensorBoard text: split
-    "final_eval", tag "sample_captions", one Markdown line per image. Nothing for other tasks or without TensorBoard.
-    Every process decodes (the variables span them all); process 0 writes."""
-    if not hasattr(task, "sample_captions") or writer.tensorboard_dir is None:
-        return
-    samples = task.sample_captions(variables, arrays)
-    if writer.enabled:
-        writer.text(
-            "final_eval",
-            "sample_captions",
-            "\n\n".join(f"**{name}**: {caption or '(empty)'}" for name, caption in samples),
-            step,
-        )
+    bar.set_postfix_str(f"{evaluation.num_examples(arrays)} images", refresh=True)
 
 
 def profile_window(value: str | tuple | list | None) -> tuple[int, int] | None:
@@ -495,34 +382,229 @@ def _train_with(
     bar: tqdm.tqdm,
     writer: MetricsWriter,
 ) -> TrainResult:
-    """The body of `train_and_evaluate`: check, load, compile, train, evaluate (its resources come set up)."""
-    latest = checkpointer.latest_step()
-    saved_meta = None
-    if latest is not None:  # the newest step whose config and meta read (a newer one is named in a warning)
-        latest, (saved_config, saved_meta) = checkpointer.newest_readable(checkpointer.restore_config_and_meta)
-        check_resumable(saved_config, config, workdir)
+    """The body of `train_and_evaluate`: check, load, compile, train, evaluate (its resources come set up).
 
+    Each step: its batch and the train step (`_Run.train_step`), then the end-of-step actions in this order.
+    """
+    run, state = _start_run(config, workdir, task, mesh, checkpointer, signals, allow_data_change, bar, writer)
+    try:
+        for step in range(run.start, run.plan.total_steps):
+            state = run.train_step(state, step)
+            end = run.end_of_step(step + 1)
+            run.log_step(end)
+            run.maybe_calibrate(end, state)
+            run.maybe_checkpoint(end, state)
+            run.maybe_stop(end)
+            run.maybe_evaluate(end, state)
+        run.step_metrics.check()
+    finally:
+        run.profiler.stop()
+    final_eval = run.final_evaluation(state)
+    if writer.enabled:
+        writer.flush()
+        plot.plot_run(workdir)
+    return TrainResult(
+        state=state, final_eval=final_eval, steps_per_epoch=run.plan.steps_per_epoch, total_steps=run.plan.total_steps
+    )
+
+
+class _StepEnd(NamedTuple):
+    """Where a step left the run: `done` steps taken; `last` of all; `epoch_end` (or last); `stop` asked for."""
+
+    done: int
+    last: bool
+    epoch_end: bool
+    stop: bool
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the step loop and its end-of-step actions share: the run's resources, plan and data (set up once by
+    `_start_run`), and what changes as it goes (the calibration, the time and step of the last train record)."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    task: Task
+    mesh: Any
+    checkpointer: ckpt_lib.Checkpointer
+    signals: StopSignals
+    bar: tqdm.tqdm
+    writer: MetricsWriter
+    plan: RunPlan
+    identity: dict[str, Any]  # the training data's (`resume.data_identity`), saved in every checkpoint's meta
+    eval_arrays: Arrays | None
+    start: int  # the step training starts or resumes from
+    batches: Any  # the feed (`feed_lib.make_feed`)
+    compiled_step: Callable | None  # None when no step is left
+    compile_seconds: float | None
+    eval_fn: Callable
+    calibrated: dict | None  # the report stored after the last step: a finished run's, or fitted by this run
+    step_metrics: _StepMetrics = dataclasses.field(init=False)
+    profiler: StepProfiler = dataclasses.field(init=False)
+    last_log_time: float = dataclasses.field(
+        init=False
+    )  # when the last train record was written (first: training began)
+    last_log_step: int = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.step_metrics = _StepMetrics(self.plan.steps_per_epoch)
+        self.profiler = StepProfiler(profile_window(self.config.get("profile_steps")), self.workdir)
+        self.last_log_time, self.last_log_step = time.perf_counter(), self.start
+
+    def train_step(self, state: TrainState, step: int) -> TrainState:
+        """The update of global `step` on its batch (a new epoch's order goes to the feed first)."""
+        epoch, index = divmod(step, self.plan.steps_per_epoch)
+        if index == 0 and step != self.start:
+            self.batches.epoch(epoch)
+        self.profiler.before_step(step)
+        state, metrics = self.compiled_step(state, *self.batches.args(index))
+        self.step_metrics.push(state.step, metrics)
+        self.bar.update(1)
+        self.profiler.after_step(step + 1, state)
+        return state
+
+    def end_of_step(self, done: int) -> _StepEnd:
+        """Where `done` steps leave the run; a stop is asked for (`StopSignals.stop_requested`) before any step
+        but the last."""
+        last = done == self.plan.total_steps
+        epoch_end = done % self.plan.steps_per_epoch == 0 or last
+        return _StepEnd(done, last, epoch_end, stop=not last and self.signals.stop_requested(done))
+
+    def log_step(self, end: _StepEnd) -> None:
+        """A "train" record (the metrics' means since the last one, learning rate, speed; compile time in the first)
+        every config.log_every_steps steps, at each epoch's end and after the first step; its figures on the bar."""
+        done, first = end.done, end.done == self.start + 1
+        if not (done % self.config.log_every_steps == 0 or end.epoch_end or first):
+            return
+        summary = self.step_metrics.take_summary()  # waits for the step: the rate is of finished steps
+        now = time.perf_counter()
+        rate = (done - self.last_log_step) / max(now - self.last_log_time, 1e-9)
+        record = {
+            "step": done,
+            "epoch": done / self.plan.steps_per_epoch,
+            "split": "train",
+            **summary,
+            "learning_rate": float(self.plan.learning_rate(np.int32(done - 1))),
+            "steps_per_second": rate,
+            "examples_per_second": rate * self.config.global_batch_size,
+        }
+        if first:
+            record["compile_seconds"] = self.compile_seconds
+        self.writer.write(record)
+        accuracy = record.get("accuracy", record.get("token_accuracy", 0))  # top-1, else next-token
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.4f}", acc=f"{accuracy:.3f}", img_s=f"{record['examples_per_second']:.0f}"
+        )
+        self.last_log_time, self.last_log_step = now, done
+
+    def maybe_calibrate(self, end: _StepEnd, state: TrainState) -> None:
+        """After the last step, a task that calibrates fits its temperatures on the evaluation data."""
+        if end.last and self.eval_arrays is not None and hasattr(self.task, "calibrate"):
+            self.step_metrics.check()
+            show_phase(self.bar, "calibrating", self.eval_arrays)
+            self.calibrated = self.task.calibrate(
+                state.variables, self.eval_arrays, batch_size=self.config.eval_batch_size
+            )
+
+    def maybe_checkpoint(self, end: _StepEnd, state: TrainState) -> None:
+        """Starts saving the state every config.checkpoint_every_steps steps, after the last (with the fitted
+        calibration) and before a stop; never a step whose loss was not finite."""
+        if not (self.checkpointer.should_save(end.done, last=end.last) or end.stop):
+            return
+        self.step_metrics.check()
+        steps_per_epoch = self.plan.steps_per_epoch
+        meta = {
+            "step": end.done,
+            "epoch": end.done // steps_per_epoch,
+            "step_in_epoch": end.done % steps_per_epoch,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": self.plan.total_steps,
+            "task": self.task.checkpoint_metadata(),
+            "data": self.identity,
+        }
+        if end.last and self.calibrated:
+            meta["calibration"] = self.calibrated  # fitted temperatures (and fusion), with their report
+        self.checkpointer.save(end.done, state, self.config, meta)
+
+    def maybe_stop(self, end: _StepEnd) -> None:
+        """On a stop: raises TrainingStopped once the step's checkpoint is committed."""
+        if end.stop:
+            self.checkpointer.wait()
+            raise TrainingStopped(end.done, self.plan.total_steps, self.signals.received or 0, self.workdir)
+
+    def maybe_evaluate(self, end: _StepEnd, state: TrainState) -> None:
+        """An "eval" record every config.eval_every_epochs epochs (not after the last step: the final evaluation)."""
+        steps_per_epoch = self.plan.steps_per_epoch
+        if not (
+            self.eval_arrays is not None
+            and end.epoch_end
+            and not end.last
+            and self.config.eval_every_epochs
+            and (end.done // steps_per_epoch) % self.config.eval_every_epochs == 0
+        ):
+            return
+        self.step_metrics.check()
+        show_phase(self.bar, "evaluating", self.eval_arrays)
+        record = evaluation.evaluate_arrays(
+            self.task,
+            state.variables,
+            self.eval_arrays,
+            self.mesh,
+            batch_size=self.config.eval_batch_size,
+            tta=False,
+            eval_fn=self.eval_fn,
+        )
+        epoch = end.done / steps_per_epoch
+        self.writer.write({"step": end.done, "epoch": epoch, "split": "eval", **record})
+        self.bar.write(f"epoch {epoch:.2f}: eval " + " ".join(f"{k}={v:.4f}" for k, v in record.items()))
+        self.bar.set_description("training")
+
+    def final_evaluation(self, state: TrainState) -> dict[str, float] | None:
+        """The final evaluation (test-time augmentation as the config says) with the calibration report: a
+        "final_eval" record, and in TensorBoard the confusion matrix and sample captions. None without eval data."""
+        if self.eval_arrays is None:
+            return None
+        total_steps, batch_size = self.plan.total_steps, self.config.eval_batch_size
+        show_phase(self.bar, "final evaluation", self.eval_arrays)
+        tta = evaluation.uses_tta(self.config)
+        final_eval = evaluation.evaluate_arrays(
+            self.task, state.variables, self.eval_arrays, self.mesh, batch_size=batch_size, tta=tta
+        )
+        final_eval = {**final_eval, **(self.calibrated or {})}
+        epoch = total_steps / self.plan.steps_per_epoch
+        self.writer.write({"step": total_steps, "epoch": epoch, "split": "final_eval", "tta": tta, **final_eval})
+        evaluation.write_confusion_image(
+            self.writer, self.task, state.variables, self.eval_arrays, batch_size=batch_size, tta=tta, step=total_steps
+        )
+        evaluation.write_sample_captions(self.writer, self.task, state.variables, self.eval_arrays, step=total_steps)
+        return final_eval
+
+
+def _start_run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    task: Task,
+    mesh,
+    checkpointer: ckpt_lib.Checkpointer,
+    signals: StopSignals,
+    allow_data_change: bool,
+    bar: tqdm.tqdm,
+    writer: MetricsWriter,
+) -> tuple[_Run, TrainState]:
+    """The run set up for its first step, and the state it starts from: the work directory's checkpoint, checked
+    against this config and data (`imgllm.train.resume`), or a fresh state; the feed, the compiled step, the bar."""
+    resumed = resume.saved_run(checkpointer, config, workdir)  # the checkpoint to continue, or None
     train_arrays = task.train_arrays()
     eval_arrays = task.eval_arrays()
-    n_train = num_examples(train_arrays)
-    steps_per_epoch, total_steps = schedule_lengths(n_train, config)
-    identity = data_identity(train_arrays, task.checkpoint_metadata())
-    if saved_meta is not None and not allow_data_change:
-        check_same_data(saved_meta, identity, steps_per_epoch, workdir)
-    state, tx = initial_state(
-        task, config, train_arrays, mesh, total_steps=total_steps, steps_per_epoch=steps_per_epoch
-    )
-    if latest is not None:  # the newest step whose arrays read; the newer ones are kept aside, never deleted
-        template = state
-        restored, state = checkpointer.newest_readable(
-            lambda at: checkpointer.restore_state(template, at), newest=latest
-        )
-        checkpointer.set_aside_newer(restored)
+    steps_per_epoch, total_steps = schedule_lengths(evaluation.num_examples(train_arrays), config)
+    plan = run_plan(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    identity = resume.data_identity(train_arrays, task.checkpoint_metadata())
+    if resumed is not None and not allow_data_change:
+        resume.check_same_data(resumed.meta, identity, steps_per_epoch, workdir)
+    state, tx = initial_state(task, config, train_arrays, mesh, plan)
+    if resumed is not None:  # the newest step whose arrays read; the newer ones are kept aside, never deleted
+        state = resume.restore_latest(checkpointer, state, newest=resumed.step)
     start = int(jax.device_get(state.step))
-    learning_rate = optim.default_learning_rate(
-        config.optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size=config.global_batch_size
-    )
-
     batches = feed_lib.make_feed(
         config.get("data_placement", "auto"),
         train_arrays,
@@ -532,226 +614,43 @@ def _train_with(
     )
     eval_fn = steps.jit_eval_step(task, mesh, tta=False)
     writer.rewind(start)
-    step_metrics = _StepMetrics(steps_per_epoch)
-    meta = lambda s: {
-        "step": s,
-        "epoch": s // steps_per_epoch,
-        "step_in_epoch": s % steps_per_epoch,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "task": task.checkpoint_metadata(),
-        "data": identity,
-    }
-    profiler = StepProfiler(profile_window(config.get("profile_steps")), workdir)
+    compiled_step, compile_seconds = None, None
     if start < total_steps:
-        bar.set_description("compiling")
-        batches.epoch(start // steps_per_epoch)
-        compile_start = time.perf_counter()
-        train_step = (
-            steps.jit_train_step(
-                task,
-                tx,
-                mesh,
-                steps_per_epoch=steps_per_epoch,
-                placement=batches.placement,
-                lookahead=optim.lookahead_fn(
-                    config.get("lookahead"), steps_per_epoch=steps_per_epoch, total_steps=total_steps
-                ),
-            )
-            .lower(state, *batches.args(start % steps_per_epoch))
-            .compile()
-        )
-        compile_seconds = time.perf_counter() - compile_start
+        compiled_step, compile_seconds = _compile_train_step(task, tx, mesh, plan, batches, state, start, bar)
     bar.reset(total=total_steps)
     bar.update(start)
     bar.set_description("training")
-    last_log_time, last_log_step = time.perf_counter(), start
-    calibrated = saved_meta.get("calibration") if saved_meta is not None else None
-    try:
-        for step in range(start, total_steps):
-            epoch, index = divmod(step, steps_per_epoch)
-            if index == 0 and step != start:
-                batches.epoch(epoch)
-            profiler.before_step(step)
-            state, metrics = train_step(state, *batches.args(index))
-            step_metrics.push(state.step, metrics)
-            bar.update(1)
-            done = step + 1
-            profiler.after_step(done, state)
-            last = done == total_steps
-            epoch_end = done % steps_per_epoch == 0 or last
-            if done % config.log_every_steps == 0 or epoch_end or step == start:
-                summary = step_metrics.take_summary()  # waits for the step: the rate is of finished steps
-                now = time.perf_counter()
-                rate = (done - last_log_step) / max(now - last_log_time, 1e-9)
-                record = {
-                    "step": done,
-                    "epoch": done / steps_per_epoch,
-                    "split": "train",
-                    **summary,
-                    "learning_rate": float(learning_rate(np.int32(done - 1))),
-                    "steps_per_second": rate,
-                    "examples_per_second": rate * config.global_batch_size,
-                }
-                if step == start:
-                    record["compile_seconds"] = compile_seconds
-                writer.write(record)
-                accuracy = record.get("accuracy", record.get("token_accuracy", 0))  # top-1, else next-token
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4f}", acc=f"{accuracy:.3f}", img_s=f"{record['examples_per_second']:.0f}"
-                )
-                last_log_time, last_log_step = now, done
-            stop = not last and signals.stop_requested(done)
-            if last and eval_arrays is not None and hasattr(task, "calibrate"):
-                step_metrics.check()
-                show_phase(bar, "calibrating", eval_arrays)
-                calibrated = task.calibrate(state.variables, eval_arrays, batch_size=config.eval_batch_size)
-            if checkpointer.should_save(done, last=last) or stop:
-                step_metrics.check()
-                saved = meta(done)
-                if last and calibrated:
-                    saved["calibration"] = calibrated  # fitted temperatures (and fusion), with their report
-                checkpointer.save(done, state, config, saved)
-            if stop:
-                checkpointer.wait()
-                raise TrainingStopped(done, total_steps, signals.received or 0, workdir)
-            if (
-                eval_arrays is not None
-                and epoch_end
-                and not last
-                and config.eval_every_epochs
-                and (done // steps_per_epoch) % config.eval_every_epochs == 0
-            ):
-                step_metrics.check()
-                show_phase(bar, "evaluating", eval_arrays)
-                record = evaluate_arrays(
-                    task,
-                    state.variables,
-                    eval_arrays,
-                    mesh,
-                    batch_size=config.eval_batch_size,
-                    tta=False,
-                    eval_fn=eval_fn,
-                )
-                writer.write({"step": done, "epoch": done / steps_per_epoch, "split": "eval", **record})
-                bar.write(
-                    f"epoch {done / steps_per_epoch:.2f}: eval " + " ".join(f"{k}={v:.4f}" for k, v in record.items())
-                )
-                bar.set_description("training")
-        step_metrics.check()
-    finally:
-        profiler.stop()
-
-    final_eval = None
-    if eval_arrays is not None:
-        show_phase(bar, "final evaluation", eval_arrays)
-        tta = uses_tta(config)
-        final_eval = evaluate_arrays(
-            task, state.variables, eval_arrays, mesh, batch_size=config.eval_batch_size, tta=tta
-        )
-        final_eval = {**final_eval, **(calibrated or {})}
-        writer.write(
-            {
-                "step": total_steps,
-                "epoch": total_steps / steps_per_epoch,
-                "split": "final_eval",
-                "tta": tta,
-                **final_eval,
-            }
-        )
-        write_confusion_image(
-            writer, task, state.variables, eval_arrays, batch_size=config.eval_batch_size, tta=tta, step=total_steps
-        )
-        write_sample_captions(writer, task, state.variables, eval_arrays, step=total_steps)
-    if writer.enabled:
-        writer.flush()
-        plot.plot_run(workdir)
-    return TrainResult(state=state, final_eval=final_eval, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    return _Run(
+        config=config,
+        workdir=workdir,
+        task=task,
+        mesh=mesh,
+        checkpointer=checkpointer,
+        signals=signals,
+        bar=bar,
+        writer=writer,
+        plan=plan,
+        identity=identity,
+        eval_arrays=eval_arrays,
+        start=start,
+        batches=batches,
+        compiled_step=compiled_step,
+        compile_seconds=compile_seconds,
+        eval_fn=eval_fn,
+        calibrated=resumed.meta.get("calibration") if resumed is not None else None,
+    ), state
 
 
-def uses_tta(config: Mapping[str, Any]) -> bool:
-    """Whether a config's final evaluation uses test-time augmentation: config.tta names the views ("flip",
-    "flip_translate"); "none", an empty value or no key means none."""
-    return config.get("tta") not in (None, False, "", "none")
-
-
-def restore_for_eval(workdir: str, step: int | None = None, mesh=None):
-    """(config, meta, task, variables) of a saved checkpoint; the config comes from the checkpoint itself."""
-    mesh = mesh or parallel.make_mesh()
-    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True, asynchronous=False)
-    try:
-        read = lambda at: _restore_step_for_eval(checkpointer, at, mesh)
-        # The newest step that reads when none is asked for (an unreadable one is named in a warning).
-        return read(step) if step is not None else checkpointer.newest_readable(read)[1]
-    finally:
-        checkpointer.close()
-
-
-def _restore_step_for_eval(checkpointer: ckpt_lib.Checkpointer, step: int, mesh):
-    """`restore_for_eval` of checkpoint `step`: UnreadableCheckpointError names its folder when its files do not
-    read."""
-    saved_config, meta = checkpointer.restore_config_and_meta(step)
-    task_name(saved_config.get("task"))  # a name outside TASKS is refused before anything else is read
-    config = ml_collections.ConfigDict(saved_config)
-    task = build_task(config)
-    template = jax.eval_shape(lambda: _abstract_state(task, config, meta))
-    sharding = parallel.replicated_sharding(mesh)
-    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)
-    state = checkpointer.restore_state(template, step)
-    return config, meta, task, state.variables
-
-
-def _abstract_state(task: Task, config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> TrainState:
-    """The state's structure for restoring (traced under eval_shape: no data is read)."""
-    variables = task.init_variables(jax.random.PRNGKey(0))
-    tx = optim.make_optimizer(
-        config.optimizer,
-        variables["params"],
-        total_steps=meta["total_steps"],
-        steps_per_epoch=meta["steps_per_epoch"],
-        batch_size=config.global_batch_size,
+def _compile_train_step(
+    task: Task, tx: optax.GradientTransformation, mesh, plan: RunPlan, batches: Any, state: TrainState, start: int, bar
+) -> tuple[Callable, float]:
+    """(the train step compiled for `state` and the feed's batches, the seconds that took), with the epoch of step
+    `start` sent to the feed first; the bar says "compiling" meanwhile."""
+    bar.set_description("compiling")
+    batches.epoch(start // plan.steps_per_epoch)
+    compile_start = time.perf_counter()
+    jitted = steps.jit_train_step(
+        task, tx, mesh, steps_per_epoch=plan.steps_per_epoch, placement=batches.placement, lookahead=plan.lookahead
     )
-    use_lookahead = bool(config.get("lookahead") and config.lookahead.get("enabled", False))
-    return create_train_state(variables, tx, jax.random.PRNGKey(0), use_lookahead=use_lookahead)
-
-
-def evaluate_checkpoint(
-    workdir: str,
-    data: str | None = None,
-    *,
-    split: str = "test",
-    step: int | None = None,
-    batch_size: int | None = None,
-    tta: bool | None = None,
-    mesh=None,
-    confusion_png: str | None = None,
-    data_dir: str | None = None,
-) -> dict[str, Any]:
-    """Metrics (top-1 accuracy for classifiers) of the checkpoint in `workdir` on a data source.
-
-    `data` is any load_dataset spec ("cifar10", "folder:/path/test", "demo"); None uses the checkpoint's own
-    dataset and `split`. Model, normalisation and test-time augmentation come from the saved config. For a
-    classifier, `confusion_png` also draws its confusion matrix there (the result names the file). data_dir: where
-    tfds data is read (and relative folder roots resolve), instead of the saved config's.
-    """
-    mesh = mesh or parallel.make_mesh()
-    config, meta, task, variables = restore_for_eval(workdir, step, mesh)
-    if data_dir is not None:
-        task.config.data_dir = data_dir
-    arrays = task.eval_arrays(split=split, source=data, metadata=meta["task"])
-    batch_size = batch_size or config.eval_batch_size
-    devices = parallel.global_batch_divisor(mesh)
-    batch_size = -(-batch_size // devices) * devices
-    tta = uses_tta(config) if tta is None else tta
-    result = evaluate_arrays(task, variables, arrays, mesh, batch_size=batch_size, tta=tta)
-    result = {"step": meta["step"], "num_examples": num_examples(arrays), "tta": tta, **result}
-    fitted = calibration.stored_fit(meta.get("calibration"))
-    if fitted is not None and hasattr(task, "calibrate"):  # the stored calibration, measured on this data
-        result.update(task.calibrate(variables, arrays, batch_size=batch_size, fitted=fitted))
-    if confusion_png and hasattr(task, "confusion"):
-        matrix = task.confusion(variables, arrays, batch_size=batch_size, tta=tta)
-        title = f"{data or config.dataset} ({split}), step {meta['step']}"
-        result["confusion_png"] = plot.save_figure(
-            plot.confusion_figure(matrix, meta["task"]["class_names"], title), confusion_png
-        )
-    return result
+    compiled = jitted.lower(state, *batches.args(start % plan.steps_per_epoch)).compile()
+    return compiled, time.perf_counter() - compile_start

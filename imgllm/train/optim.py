@@ -243,14 +243,19 @@ def make_optimizer(
     total_steps: int,
     steps_per_epoch: int,
     batch_size: int | None = None,
+    default_schedule: optax.Schedule | None = None,
 ) -> optax.GradientTransformation:
     """The full optax transformation for `params` (only its tree structure and names are used).
 
     `batch_size` is the run's global batch size, which the learning rates scale to (see `group_rates`).
+    `default_schedule`: the default group's schedule when the caller already made it (`default_learning_rate`, e.g.
+    the trainer's, which it also logs): used, not made again.
     """
     groups = cfg.get("groups", ml_collections.ConfigDict())
     rates = group_rates(cfg, batch_size)
     schedules: dict[float, optax.Schedule] = {}
+    if default_schedule is not None:
+        schedules[rates[DEFAULT_GROUP].schedule_peak] = default_schedule
 
     def schedule_peaking_at(peak: float) -> optax.Schedule:
         if peak not in schedules:
