@@ -44,8 +44,8 @@ from PIL import Image
 from imgllm import parallel
 from imgllm.train import evaluation, loop, optim, steps
 from imgllm.train import feed as feed_lib
+from imgllm.train.registry import build_task
 from imgllm.train.state import create_train_state
-from imgllm.train.tasks import build_task
 from imgllm.vision.cnn import PRESETS
 
 DEFAULT_TARBALL = os.path.join(

@@ -23,7 +23,7 @@ from imgllm import parallel
 from imgllm.configs import cifar10
 from imgllm.train import evaluation, loop, metrics_log, optim, steps
 from imgllm.train import feed as feed_lib
-from imgllm.train.tasks import build_task
+from imgllm.train.registry import build_task
 
 
 def parse_args():

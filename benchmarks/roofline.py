@@ -46,7 +46,7 @@ from imgllm.pipeline import caption
 from imgllm.pipeline import checkpoint as pc
 from imgllm.precision import compute_dtype
 from imgllm.train import loop, optim, steps
-from imgllm.train.tasks import build_task
+from imgllm.train.registry import build_task
 
 # name -> (peak dense bfloat16 FLOP/s, memory bandwidth in bytes/s)
 DEVICES = {"H100 SXM": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "TPU v5e": (197e12, 819e9)}

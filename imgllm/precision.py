@@ -1,6 +1,6 @@
 """Compute precision: one setting, "auto" | "float32" | "bfloat16", resolved once on the host.
 
-    --config.dtype (train.py)   --dtype (infer.py)   caption_files(..., dtype=)   PipelineCheckpoint.spec(dtype=)
+    --config.dtype (train.py)   --dtype (infer.py)   CaptionOptions(dtype=)   PipelineCheckpoint.spec(dtype=)
       └─ resolve_dtype: "auto" is bfloat16 on GPU/TPU, float32 on CPU (XLA:CPU has no fast bfloat16 matmuls)
          └─ the CNN's and the LM's compute dtype (`CNN.dtype`, the LM config's `dtype`)
 

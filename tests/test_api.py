@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgllm.pipeline import DecodingOptions, ImageToText, caption_files
+from imgllm.pipeline import CaptionOptions, ImageToText, caption_files
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +20,14 @@ def image_files(tmp_path_factory):
 
 
 def test_paths_give_caption_files_records(checkpoint, image_files):
-    decoding = DecodingOptions(method="sample", num_captions=2)  # sampled: the random keys must match too
-    records = ImageToText(checkpoint, decoding=decoding, batch_size=2, seed=3)(image_files)
-    expected = list(caption_files(checkpoint, image_files, decoding=decoding, batch_size=2, seed=3))
+    options = CaptionOptions(method="sample", num_captions=2, batch_size=2, seed=3)  # sampled: the keys must match
+    records = ImageToText(checkpoint, options)(image_files)
+    expected = list(caption_files(checkpoint, image_files, options))
     assert records == expected and len(records) == 5 and all("error" not in r for r in records)
 
 
 def test_pil_images_and_arrays_give_the_records_of_their_files(checkpoint, image_files):
-    captioner = ImageToText(checkpoint, batch_size=8)
+    captioner = ImageToText(checkpoint, CaptionOptions(batch_size=8))
     from_files = captioner(image_files)
     pil_images = [Image.open(path) for path in image_files]
     arrays = [np.asarray(image.convert("RGB")) for image in pil_images]
@@ -43,11 +43,11 @@ def test_pil_images_and_arrays_give_the_records_of_their_files(checkpoint, image
 def test_an_unreadable_input_is_reported_and_the_others_captioned(checkpoint, image_files, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    records = ImageToText(checkpoint, batch_size=2)(
+    records = ImageToText(checkpoint, CaptionOptions(batch_size=2))(
         [image_files[0], str(broken), np.zeros((4, 4, 2), np.float32), image_files[1]]
     )
     assert "error" not in records[0] and "error" not in records[3]
     assert records[1]["path"] == str(broken) and "broken.png" in records[1]["error"]
     assert records[2]["path"] == "<image 2>" and "cannot convert" in records[2]["error"]
     with pytest.raises(ValueError, match="batch_size"):
-        ImageToText(checkpoint, batch_size=0)
+        ImageToText(checkpoint, CaptionOptions(batch_size=0))

@@ -274,7 +274,7 @@ def test_lm_classify_scores_the_templates_the_captioner_was_trained_with(tiny_de
     with, which its export stores in the pipeline checkpoint, and agrees with the demo recipe's evaluation."""
     from imgllm.data.demo import write_demo_images
     from imgllm.language.scoring import DEFAULT_TEMPLATES, build_prompt_table, score_class_prompts
-    from imgllm.pipeline import caption_files, load_pipeline, score_records
+    from imgllm.pipeline import CaptionOptions, caption_files, load_pipeline, score_records
     from imgllm.pipeline.caption import cnn_logits_and_features, visual_prefix
     from imgllm.pipeline.inputs import Item
     from imgllm.train.demo_recipe import EVAL_SEED, EVAL_SPLIT
@@ -289,7 +289,7 @@ def test_lm_classify_scores_the_templates_the_captioner_was_trained_with(tiny_de
     assert pipe.spec(lm_classify=True).lm_class_prompts == prompt_table(DEMO_TEMPLATES)
     # The recipe's evaluation images, as files: the LM's labels and accuracy are the recipe's.
     references = write_demo_images(str(tmp_path), num_examples=16, seed=EVAL_SEED, split=EVAL_SPLIT)
-    records = list(caption_files(pipe, [str(tmp_path)], lm_classify=True, batch_size=16))
+    records = list(caption_files(pipe, [str(tmp_path)], CaptionOptions(lm_classify=True, batch_size=16)))
     assert score_records(records, references)["lm_accuracy"] == pytest.approx(results["lm_accuracy"])
     spec = pipe.spec()
     images = np.stack([Item(record["path"]).load(spec.image_size) for record in records])
@@ -312,12 +312,12 @@ def test_captions_differ_between_classes(tiny_demo, tmp_path):
 
     from imgllm.captions.metrics import distinct_n
     from imgllm.data.demo import write_demo_images
-    from imgllm.pipeline import caption_files, load_pipeline
+    from imgllm.pipeline import CaptionOptions, caption_files, load_pipeline
     from imgllm.train.demo_recipe import EVAL_SEED, EVAL_SPLIT
 
     pipe = load_pipeline(os.path.join(tiny_demo[0], "pipeline"))
     write_demo_images(str(tmp_path), num_examples=32, seed=EVAL_SEED, split=EVAL_SPLIT)
-    records = list(caption_files(pipe, [str(tmp_path)], batch_size=32))
+    records = list(caption_files(pipe, [str(tmp_path)], CaptionOptions(batch_size=32)))
     captions = [record["captions"][0] for record in records]
     by_class = collections.defaultdict(list)
     for record, caption in zip(records, captions):

@@ -28,10 +28,11 @@ from test_pipeline import tiny_pipeline, tiny_pipeline_parts, tiny_tokenizer
 from test_untrusted_inputs import time_limit
 
 from imgllm.configs import cnn_tiny
-from imgllm.pipeline import DecodingOptions, prompts
+from imgllm.pipeline import CaptionOptions, prompts
 from imgllm.pipeline import checkpoint as pc
 from imgllm.pipeline.inputs import Batch, Item
-from imgllm.pipeline.records import LOCK_SUFFIX, OutputError, make_records
+from imgllm.pipeline.outputs import LOCK_SUFFIX, OutputError
+from imgllm.pipeline.records import make_records
 from imgllm.train import checkpoint as ckpt_lib
 from imgllm.train import demo_recipe, evaluation, loop
 
@@ -361,7 +362,7 @@ def test_decoding_values_that_give_garbage_captions_are_refused(
     assert status == 2
     assert_one_line_naming(stderr, message)
     with pytest.raises(ValueError, match=re.escape(message)):
-        DecodingOptions(method="sample", **{flag[2:].replace("-", "_"): float(value)})
+        CaptionOptions(method="sample", **{flag[2:].replace("-", "_"): float(value)})
 
 
 @pytest.mark.parametrize("template", ["a {label.__class__.__init__}", "a {label[0]}", "a {label!r}", "a {label:>30}"])

@@ -6,6 +6,7 @@ compilation cache, a SIGKILL and resume."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -19,7 +20,7 @@ from PIL import Image
 from test_pipeline import tiny_pipeline_parts, tiny_tokenizer
 
 from imgllm.data.tfds_source import TfdsPrepareError
-from imgllm.pipeline import DecodingOptions, caption_files, inputs, score_records
+from imgllm.pipeline import CaptionOptions, RunSettings, caption_files, inputs, score_records
 from imgllm.pipeline import checkpoint as pc
 from imgllm.pipeline.inputs import expand_inputs
 
@@ -71,15 +72,27 @@ def messy_folder(tmp_path_factory) -> dict[str, str]:
 
 # Tests share these options where they can, so that one compiled program serves several tests.
 BATCH = dict(batch_size=4)
-SAMPLING = dict(decoding=DecodingOptions(method="sample", temperature=2.0, num_captions=2))
+SAMPLING = dict(method="sample", temperature=2.0, num_captions=2)
+
+
+CAPTION_FIELDS = {field.name for field in dataclasses.fields(CaptionOptions)}
+SETTINGS_FIELDS = {field.name for field in dataclasses.fields(RunSettings)}
 
 
 def caption(checkpoint, *inputs, **options) -> list[dict]:
-    """Every record `caption_files` yields (it writes `output` when given)."""
+    """Every record `caption_files` yields (it writes `output` when given); `options` are `CaptionOptions`' and
+    `RunSettings`' fields and caption_files' other keywords."""
     output = options.pop("output", None)
+    caption_options = CaptionOptions(**{name: options.pop(name) for name in CAPTION_FIELDS & set(options)})
+    settings = RunSettings(**{name: options.pop(name) for name in SETTINGS_FIELDS & set(options)})
     return list(
         caption_files(
-            checkpoint, [str(path) for path in inputs], output=None if output is None else str(output), **options
+            checkpoint,
+            [str(path) for path in inputs],
+            caption_options,
+            output=None if output is None else str(output),
+            settings=settings,
+            **options,
         )
     )
 
@@ -270,7 +283,7 @@ def test_eight_devices_give_the_same_captions_as_one(checkpoint, tmp_path):
         "",
     ]
     one = tmp_path / "one.jsonl"
-    caption(checkpoint, tmp_path / "imgs", output=one, batch_size=8, decoding=DecodingOptions(method="sample"), seed=5)
+    caption(checkpoint, tmp_path / "imgs", output=one, batch_size=8, method="sample", seed=5)
     eight = tmp_path / "eight.jsonl"
     script = (
         "import sys, jax; assert jax.device_count() == 8, jax.devices(); import infer; "

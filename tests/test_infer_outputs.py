@@ -18,21 +18,21 @@ from PIL import Image
 from test_infer import REPO, _subprocess_env, caption, read_jsonl, write_images
 from test_pipeline import tiny_pipeline_parts, tiny_tokenizer
 
-from imgllm.pipeline import DecodingOptions, caption_files, records
+from imgllm.pipeline import CaptionOptions, caption_files, outputs
 from imgllm.pipeline import batch as pipeline_batch
 from imgllm.pipeline import checkpoint as pc
-from imgllm.pipeline.records import (
+from imgllm.pipeline.outputs import (
     LOCK_SUFFIX,
     RUN_OPTIONS_SUFFIX,
     OutputError,
     OutputInUseError,
     OutputLock,
     changed_run_options,
-    record_problem,
 )
+from imgllm.pipeline.records import record_problem
 
 GREEDY = dict(batch_size=4)  # the options most tests share: one compiled program
-SAMPLING = dict(batch_size=4, decoding=DecodingOptions(method="sample", temperature=2.0), seed=7)
+SAMPLING = dict(batch_size=4, method="sample", temperature=2.0, seed=7)
 
 
 def run_cli(infer, capsys, checkpoint, *args) -> tuple[int, str]:
@@ -55,7 +55,7 @@ def assert_one_line_naming(stderr: str, *parts: str) -> None:
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(checkpoint, infer, capsys, tmp_path):
     paths = write_images(tmp_path / "imgs", 8)
     out = tmp_path / "out.jsonl"
-    first = caption_files(checkpoint, [str(tmp_path / "imgs")], output=str(out), **GREEDY)
+    first = caption_files(checkpoint, [str(tmp_path / "imgs")], CaptionOptions(**GREEDY), output=str(out))
     assert next(first)["path"] == paths[0]  # mid-run: the first batch is written, the second is not
     with pytest.raises(OutputInUseError, match=re.escape(str(out)) + " is in use by another run"):
         caption(checkpoint, tmp_path / "imgs", output=out, **GREEDY)
@@ -75,7 +75,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(checkpo
 def test_the_lock_is_released_when_the_run_fails(checkpoint, tmp_path):
     write_images(tmp_path / "imgs", 8)
     out = tmp_path / "out.jsonl"
-    run = caption_files(checkpoint, [str(tmp_path / "imgs")], output=str(out), **GREEDY)
+    run = caption_files(checkpoint, [str(tmp_path / "imgs")], CaptionOptions(**GREEDY), output=str(out))
     next(run)
     with pytest.raises(RuntimeError, match="boom"):
         run.throw(RuntimeError("boom"))  # an exception inside the run
@@ -88,7 +88,7 @@ def test_the_lock_is_filelocks_and_its_file_holds_the_holders_pid(tmp_path):
     """Issue #25: the lock goes through the maintained `filelock` (no fcntl import: imgllm.pipeline imports on every
     platform); a second lock in this process is refused naming our pid, and release removes the lock file. (A lock
     file removed between another run's open and its lock is filelock's case: it locks the new file.)"""
-    with open(records.__file__, encoding="utf-8") as f:
+    with open(outputs.__file__, encoding="utf-8") as f:
         assert "import fcntl" not in f.read()
     out = str(tmp_path / "out.jsonl")
     with OutputLock(out) as held:

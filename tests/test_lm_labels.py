@@ -22,7 +22,7 @@ from imgllm.pipeline import caption_images, classify_images
 from imgllm.pipeline import checkpoint as pc
 from imgllm.pipeline.caption import class_log_probs as pipeline_class_log_probs
 from imgllm.pipeline.caption import cnn_logits_and_features, visual_prefix
-from imgllm.pipeline.records import OutputError
+from imgllm.pipeline.outputs import OutputError
 
 COLOURS = ["red", "dark green", "blue"]  # "dark green": a label of several tokens
 TEMPLATES = ["a small {label}", "a large {label}"]  # caption beginnings: their end is not scored

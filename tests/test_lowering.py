@@ -42,7 +42,7 @@ from imgllm.pipeline import caption, classify
 from imgllm.pipeline import checkpoint as pc
 from imgllm.precision import compute_dtype
 from imgllm.train import captioner, loop, optim, steps
-from imgllm.train.tasks import build_task
+from imgllm.train.registry import build_task
 from imgllm.vision import conv_cpu
 from imgllm.vision.cnn import cnn_preset
 

@@ -15,6 +15,7 @@ from tensorboardX.proto.event_pb2 import Event
 
 from imgllm.configs import cnn_tiny
 from imgllm.train import evaluation, loop, metrics_log
+from imgllm.train.task_protocol import Task
 
 
 def read_events(folder: str) -> list[Event]:
@@ -67,7 +68,7 @@ def test_image_and_text_go_to_the_split_folder(tmp_path):
 
 
 def test_without_tensorboard_nothing_is_written_and_no_confusion_is_computed(tmp_path):
-    class NoConfusion:
+    class NoConfusion(Task):
         def checkpoint_metadata(self):
             return {"class_names": ["a", "b"]}
 

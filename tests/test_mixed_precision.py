@@ -30,7 +30,7 @@ from imgllm.language.decoding import GenerationConfig, generate_tokens
 from imgllm.language.gpt2 import GPT2, GPT2Config
 from imgllm.language.scoring import prefixed_token_stats
 from imgllm.language.tokenizer import train_bpe_tokenizer
-from imgllm.pipeline import caption_files
+from imgllm.pipeline import CaptionOptions, caption_files
 from imgllm.pipeline import checkpoint as pc
 from imgllm.pipeline.records import OutputError
 from imgllm.train import optim, steps
@@ -387,7 +387,7 @@ def test_bfloat16_greedy_captions_agree_with_float32(pipeline_dir, demo_images, 
     for dtype in ("float32", "bfloat16"):
         output = tmp_path / f"{dtype}.jsonl"
         records[dtype] = list(
-            caption_files(pipeline_dir, [demo_images], output=str(output), batch_size=64, dtype=dtype)
+            caption_files(pipeline_dir, [demo_images], CaptionOptions(batch_size=64, dtype=dtype), output=str(output))
         )
     assert len(records["float32"]) == len(records["bfloat16"]) == 128
     captions = {dtype: [r["captions"][0] for r in rs] for dtype, rs in records.items()}
@@ -404,6 +404,9 @@ def test_bfloat16_greedy_captions_agree_with_float32(pipeline_dir, demo_images, 
     with pytest.raises(OutputError, match='dtype was "bfloat16", now unset'):
         list(
             caption_files(
-                pipeline_dir, [demo_images], output=str(tmp_path / "bfloat16.jsonl"), batch_size=64, dtype="float32"
+                pipeline_dir,
+                [demo_images],
+                CaptionOptions(batch_size=64, dtype="float32"),
+                output=str(tmp_path / "bfloat16.jsonl"),
             )
         )

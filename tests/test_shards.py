@@ -13,12 +13,12 @@ import shutil
 import pytest
 from test_infer import read_jsonl, write_images
 
-from imgllm.pipeline import DecodingOptions, caption_files
+from imgllm.pipeline import CaptionOptions, caption_files
 from imgllm.pipeline.batch import merge_parts
 from imgllm.pipeline.inputs import Item, shard_item_index, shard_items
-from imgllm.pipeline.records import RUN_OPTIONS_SUFFIX, OutputError, find_parts, part_path
+from imgllm.pipeline.outputs import RUN_OPTIONS_SUFFIX, OutputError, find_parts, part_path
 
-SAMPLING = dict(batch_size=4, decoding=DecodingOptions(method="sample", temperature=2.0, num_captions=2), seed=7)
+SAMPLING = dict(batch_size=4, method="sample", temperature=2.0, num_captions=2, seed=7)
 SAMPLING_FLAGS = [
     "--batch-size",
     "4",
@@ -46,7 +46,7 @@ def unsharded(checkpoint, images, tmp_path_factory) -> dict[str, bytes]:
     written = {}
     for suffix in ("jsonl", "csv"):
         out = folder / f"captions.{suffix}"
-        list(caption_files(checkpoint, images, output=str(out), **SAMPLING))
+        list(caption_files(checkpoint, images, CaptionOptions(**SAMPLING), output=str(out)))
         written[suffix], written[suffix + RUN_OPTIONS_SUFFIX] = out.read_bytes(), read_options_bytes(out)
     return written
 
@@ -121,7 +121,7 @@ def test_shards_merged_are_byte_for_byte_one_unsharded_run(checkpoint, infer, im
 def test_csv_shards_merge_to_the_unsharded_csv(checkpoint, unsharded, images, tmp_path):
     out = tmp_path / "captions.csv"
     for index in range(2):
-        list(caption_files(checkpoint, images, output=str(out), shard=(index, 2), **SAMPLING))
+        list(caption_files(checkpoint, images, CaptionOptions(**SAMPLING), output=str(out), shard=(index, 2)))
     assert os.path.exists(tmp_path / "captions.shard-00001-of-00002.csv")
     assert len(merge_parts(out)) == IMAGES
     assert out.read_bytes() == unsharded["csv"]
@@ -164,15 +164,15 @@ def test_merge_refuses_parts_of_another_run(checkpoint, images, tmp_path):
     out = tmp_path / "captions.jsonl"
     with pytest.raises(OutputError, match="no parts of .*captions.jsonl to merge .*captions.shard-00000-of-00002"):
         merge_parts(out)
-    list(caption_files(checkpoint, images, output=str(out), shard=(0, 2), **SAMPLING))
-    list(caption_files(checkpoint, images, output=str(out), shard=(1, 2), **{**SAMPLING, "seed": 8}))
+    list(caption_files(checkpoint, images, CaptionOptions(**SAMPLING), output=str(out), shard=(0, 2)))
+    list(caption_files(checkpoint, images, CaptionOptions(**{**SAMPLING, "seed": 8}), output=str(out), shard=(1, 2)))
     with pytest.raises(
         OutputError,
         match=r"captions.shard-00001-of-00002.jsonl was written with other options or "
         r"inputs than .*captions.shard-00000-of-00002.jsonl \(seed was 7, now 8\)",
     ):
         merge_parts(out)
-    list(caption_files(checkpoint, images[:4], output=str(out), shard=(2, 3), **SAMPLING))
+    list(caption_files(checkpoint, images[:4], CaptionOptions(**SAMPLING), output=str(out), shard=(2, 3)))
     with pytest.raises(
         OutputError,
         match=r"different shard counts .*2 of 2 .*shard-00000-of-00002.jsonl, \.\.\.\); "
@@ -186,7 +186,8 @@ def test_merge_refuses_parts_of_another_run(checkpoint, images, tmp_path):
         match=r"shard-00000-of-00002.jsonl was written with other options .*"
         r'"batch_size": 4.*"batch_size": 8',
     ):
-        list(caption_files(checkpoint, images, output=str(out), shard=(0, 2), **{**SAMPLING, "batch_size": 8}))
+        options = CaptionOptions(**{**SAMPLING, "batch_size": 8})
+        list(caption_files(checkpoint, images, options, output=str(out), shard=(0, 2)))
 
 
 @pytest.mark.parametrize(

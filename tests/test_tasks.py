@@ -18,7 +18,7 @@ from imgllm.configs import cnn_tiny
 from imgllm.train import evaluation, loop
 from imgllm.train.checkpoint import IncompatibleConfigError
 from imgllm.train.classifier import ClassifierTask
-from imgllm.train.tasks import LEGACY_TASK_NAMES, TASKS, UnknownTaskError, task_name
+from imgllm.train.registry import LEGACY_TASK_NAMES, TASKS, UnknownTaskError, task_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORGED_TASK = "subprocess:getoutput"

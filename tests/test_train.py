@@ -16,8 +16,8 @@ from imgllm.configs import cifar10, cifar10_muon, cnn_tiny
 from imgllm.configs.common import airbench_param_groups, resolve_config_arg
 from imgllm.train import evaluation, feed, loop, metrics_log, optim, plot, steps
 from imgllm.train.classifier import ClassifierTask, folder_split
-from imgllm.train.task import metric
-from imgllm.train.tasks import build_task
+from imgllm.train.registry import build_task
+from imgllm.train.task_protocol import metric
 from imgllm.vision import cnn as cnn_lib
 
 

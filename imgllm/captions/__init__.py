@@ -1,4 +1,5 @@
-"""Captions: image–caption data sources and caption metrics (BLEU-4, CIDEr-D, ROUGE-L, exact match, distinct-n)."""
+"""Captions: image–caption data sources, caption metrics (BLEU-4, CIDEr-D, ROUGE-L, exact match, distinct-n) and
+coco-caption's PTB tokenisation they read words with."""
 
 from imgllm.captions.data import (
     CaptionFileError,
@@ -21,13 +22,11 @@ from imgllm.captions.metrics import (
     exact_match,
     lcs_length,
     normalize_caption,
-    ptb_tokenize,
-    ptb_tokens,
     read_back,
     rouge_l,
     rouge_l_scores,
-    tokenize_caption,
 )
+from imgllm.captions.ptb import ptb_tokenize, ptb_tokens, tokenize_caption
 
 __all__ = [
     "CaptionFileError",

@@ -30,7 +30,8 @@ run options and resuming as any output; the run options name the shard). `infer.
 then writes captions.jsonl (and its run options) as one unsharded run writes it, in input order, once every part is
 complete (else one line names the missing and incomplete parts); the parts are kept unless --remove-parts.
 
-This module only reads flags and prints: the work is `imgllm.pipeline.caption_files` (importable, documented there).
+This module only reads flags and prints: the work is `imgllm.pipeline.caption_files` (importable, documented there),
+with the flags that shape the records as one `imgllm.pipeline.CaptionOptions`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ import difflib
 import importlib
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 
@@ -48,18 +48,19 @@ from absl import logging
 
 from imgllm import cli
 from imgllm.data.images import DEFAULT_MAX_PIXELS
-from imgllm.pipeline import DecodingOptions, caption_files
-from imgllm.pipeline.batch import DEFAULT_COMPILATION_CACHE, STDOUT, merge_parts
+from imgllm.pipeline import CaptionOptions, RunSettings, caption_files
+from imgllm.pipeline.batch import STDOUT, merge_parts
 from imgllm.pipeline.caption import CLASSIFIERS, LM_SCORINGS
 from imgllm.pipeline.checkpoint import check_replaceable
-from imgllm.pipeline.inputs import expand_inputs
-from imgllm.pipeline.records import OutputError, score_records
+from imgllm.pipeline.inputs import expand_inputs, parse_shard
+from imgllm.pipeline.options import DECODING_METHODS, DEFAULT_COMPILATION_CACHE
+from imgllm.pipeline.outputs import OutputError
+from imgllm.pipeline.records import score_records
 from imgllm.precision import DTYPE_CHOICES
 
 INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 # The trainer's modules that `assemble` needs, loaded only by that command: they add seconds to a caption run's start.
 EXPORT_MODULE = "imgllm.train.export"
-SHARD_FLAG = re.compile(r"(\d+)/(\d+)")  # --shard=i/N
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -100,13 +101,9 @@ def is_number(text: str) -> bool:
     return True
 
 
-def run_captions(args: argparse.Namespace) -> int:
-    """The caption command; returns the exit status (2, with one line on stderr, when the output cannot be used)."""
-    items = expand_inputs(args.inputs, data_dir=args.data_dir)
-    if not items:
-        print("infer.py: error: no input images found", file=sys.stderr)
-        return cli.USAGE_STATUS
-    decoding = DecodingOptions(
+def caption_options(args: argparse.Namespace) -> CaptionOptions:
+    """The options that shape the records, from the caption flags (`CaptionOptions` checks their values)."""
+    return CaptionOptions(
         method=args.decoding,
         num_beams=args.num_beams,
         top_p=args.top_p,
@@ -114,33 +111,43 @@ def run_captions(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         num_captions=args.num_captions,
         max_new_tokens=args.max_new_tokens,
-    )
-    lm_labels = split_list(args.lm_labels, ",", "--lm-labels")
-    records = caption_files(
-        args.checkpoint,
-        items,
-        output=args.output or STDOUT,
-        fmt=args.format,
-        html=args.html,
-        resume=args.resume,
-        retry_errors=args.retry_errors,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        decoding=decoding,
         template=args.template,
         top_labels=args.top_labels,
         tta=args.tta,
         lm_classify=args.lm_classify,
         classify=args.classify,
-        lm_labels=lm_labels,
+        lm_labels=split_list(args.lm_labels, ",", "--lm-labels"),
         lm_templates=split_list(args.lm_templates, "|", "--lm-templates"),
         lm_scoring=args.lm_scoring,
-        workers=args.workers,
-        data_dir=args.data_dir,
-        compilation_cache=args.compilation_cache,
-        progress=not args.quiet,
         dtype=args.dtype,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+
+
+def run_captions(args: argparse.Namespace, options: CaptionOptions) -> int:
+    """The caption command; returns the exit status (2, with one line on stderr, when the output cannot be used)."""
+    items = expand_inputs(args.inputs, data_dir=args.data_dir)
+    if not items:
+        print("infer.py: error: no input images found", file=sys.stderr)
+        return cli.USAGE_STATUS
+    settings = RunSettings(
+        workers=args.workers,
+        progress=not args.quiet,
+        compilation_cache=args.compilation_cache,
         max_pixels=args.max_pixels or None,
+    )
+    records = caption_files(
+        args.checkpoint,
+        items,
+        options,
+        output=args.output or STDOUT,
+        fmt=args.format,
+        html=args.html,
+        resume=args.resume,
+        retry_errors=args.retry_errors,
+        settings=settings,
+        data_dir=args.data_dir,
         references=args.references,
         shard=args.shard,
     )
@@ -155,7 +162,8 @@ def run_captions(args: argparse.Namespace) -> int:
         print(f"infer.py: error: {error}", file=sys.stderr)
         return cli.USAGE_STATUS
     if args.references:
-        print(json.dumps({"scores": score_records(scored, args.references, lm_label_names=lm_labels)}), file=sys.stderr)
+        scores = score_records(scored, args.references, lm_label_names=options.lm_labels)
+        print(json.dumps({"scores": scores}), file=sys.stderr)
     if args.shard is not None and succeeded + failed == 0:  # more shards than batches: an empty part, not a failure
         print(
             f"infer.py: shard {args.shard[0]}/{args.shard[1]} holds no images (fewer batches than shards)",
@@ -168,21 +176,6 @@ def run_captions(args: argparse.Namespace) -> int:
     if failed:
         print(f"infer.py: {failed} of {succeeded + failed} images failed (see their error records)", file=sys.stderr)
     return 0
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """--shard's value "i/N" as (i, N) with 0 <= i < N (None stays None); raises ValueError naming the flag."""
-    if text is None:
-        return None
-    match = SHARD_FLAG.fullmatch(text.strip())
-    if not match:
-        raise ValueError(f"--shard={text}: write the shard as i/N, 0 <= i < N (e.g. --shard=0/4 ... --shard=3/4)")
-    index, count = int(match.group(1)), int(match.group(2))
-    if count < 1:
-        raise ValueError(f"--shard={text}: the count N must be >= 1")
-    if index >= count:
-        raise ValueError(f"--shard={text}: the shard index must be below the count (0/{count} to {count - 1}/{count})")
-    return index, count
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -261,7 +254,7 @@ def caption_parser() -> argparse.ArgumentParser:
     parser.add_argument("--html", help="also write an HTML page with thumbnails, labels and captions")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step (rounded up to the devices)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    parser.add_argument("--decoding", choices=("greedy", "beam", "sample"), default="greedy")
+    parser.add_argument("--decoding", choices=DECODING_METHODS, default="greedy")
     parser.add_argument("--num-beams", type=int, default=4, help="beams for --decoding beam")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass for --decoding sample")
     parser.add_argument("--top-k", type=int, default=0, help="top-k filter for --decoding sample (0: off)")
@@ -435,13 +428,10 @@ def run(argv: list[str]) -> int:
             "--html with --shard: each shard writes a part of the output; write the page when merging "
             "(infer.py merge --output OUTPUT --html PAGE)"
         )
-    if args.batch_size < 1 or args.num_captions < 1:
-        raise ValueError("--batch-size and --num-captions must be >= 1")
-    if args.decoding == "beam" and args.num_captions > args.num_beams:
-        raise ValueError(f"--num-captions {args.num_captions} exceeds --num-beams {args.num_beams}")
+    options = caption_options(args)  # every value checked before anything is read
     if not os.path.isdir(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint!r} is not a directory (infer.py assemble makes one)")
-    return run_captions(args)
+    return run_captions(args, options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from imgllm.language.scoring import DEFAULT_TEMPLATES
 def captioner_config() -> ml_collections.ConfigDict:
     """Base training fields plus the captioner's: frozen classifier, bridge, LM, tokenizer, caption rows."""
     c = base_config()
-    c.task = "captioner"  # the captioning Task (imgllm.train.tasks.TASKS)
+    c.task = "captioner"  # the captioning Task (imgllm.train.registry.TASKS)
     c.classifier_workdir = config_dict.placeholder(str)  # train.py workdir of the trained classifier (frozen CNN)
     c.feature_batch_size = 500  # images per batch when the frozen CNN's features are precomputed
     c.tta = "none"  # no test-time augmentation for captions

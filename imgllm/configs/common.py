@@ -20,7 +20,7 @@ CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 def base_config() -> ml_collections.ConfigDict:
     """Fields used by the training loop and the classifier task, with defaults for a small CPU run."""
     c = ml_collections.ConfigDict()
-    c.task = "classifier"  # Task: a name in imgllm.train.tasks.TASKS
+    c.task = "classifier"  # Task: a name in imgllm.train.registry.TASKS
     c.seed = 0  # seeds init, data order, augmentation: same seed, same run
     c.dtype = "auto"  # compute dtype of every model (CNN, LM): "float32" | "bfloat16" | "auto"
     # (bfloat16 on GPU/TPU, float32 on CPU); params, optimizer state, losses,

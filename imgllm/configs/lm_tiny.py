@@ -17,7 +17,7 @@ from imgllm.configs.common import base_config
 
 def get_config():
     c = base_config()
-    c.task = "lm"  # the next-token LM Task (imgllm.train.tasks.TASKS)
+    c.task = "lm"  # the next-token LM Task (imgllm.train.registry.TASKS)
     c.corpus = config_dict.placeholder(str)  # training corpus file(s), comma-separated (.txt or .jsonl)
     c.eval_corpus = config_dict.placeholder(str)  # held-out corpus evaluated each epoch (None: no evaluation)
     c.eval_split = ""  # a text corpus has no splits (eval_corpus instead)

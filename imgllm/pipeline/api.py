@@ -9,7 +9,10 @@
 
 Each dict is the record `infer.py` writes for the image (`imgllm.pipeline.records`); an input that cannot be read
 gives {"path", "error"} and the others are still captioned. Images go through in batches of `batch_size`, batch i
-with the random key fold_in(PRNGKey(seed), i), as `caption_files` does, so both give the same records.
+with the random key fold_in(PRNGKey(seed), i), as `caption_files` does, so both give the same records for the same
+`CaptionOptions`:
+
+    captioner = ImageToText("runs/demo/pipeline", CaptionOptions(method="sample", num_captions=3, batch_size=16))
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import numpy as np
 from PIL import Image
 
 from imgllm.data.images import DEFAULT_MAX_PIXELS, array_to_rgb, as_size, decode_image
-from imgllm.pipeline.batch import DecodingOptions, batch_records, generation_config
+from imgllm.pipeline.batch import batch_records
 from imgllm.pipeline.caption import inference_params, make_captioner
 from imgllm.pipeline.checkpoint import PipelineCheckpoint, load_pipeline
 from imgllm.pipeline.inputs import Batch, Item
+from imgllm.pipeline.options import CaptionOptions
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -54,45 +58,37 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
 class ImageToText:
     """A pipeline checkpoint loaded once and called on images; see the module docstring.
 
-    decoding (`DecodingOptions`; None: greedy, the checkpoint's length), template, top_labels, classify ("cnn",
-    "lm", "fused"; None: the checkpoint's) and dtype are `caption_files`' options; batch_size: images per compiled
-    call (fewer when fewer are given).
+    options: what is computed, as in `caption_files` (`CaptionOptions`; None: its defaults, greedy with the
+    checkpoint's template and labels); its batch_size is the images per compiled call (fewer when fewer are given).
+    max_pixels: a path to an image with more pixels than this gets an error record (None: no limit).
     """
 
     def __init__(
         self,
         checkpoint: str | os.PathLike | PipelineCheckpoint,
+        options: CaptionOptions | None = None,
         *,
-        decoding: DecodingOptions | None = None,
-        template: str | None = None,
-        top_labels: int | None = None,
-        classify: str | None = None,
-        dtype: str = "auto",
-        batch_size: int = 64,
-        seed: int = 0,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.options = CaptionOptions() if options is None else options
         self.pipeline = checkpoint if isinstance(checkpoint, PipelineCheckpoint) else load_pipeline(checkpoint)
-        generation = generation_config(decoding or DecodingOptions(), self.pipeline.config)
-        self.spec = self.pipeline.spec(generation, template=template, top_k=top_labels, classify=classify, dtype=dtype)
-        self.batch_size, self.seed, self.max_pixels = batch_size, seed, max_pixels
+        self.spec = self.pipeline.spec_for(self.options)
+        self.max_pixels = max_pixels
         self._params = inference_params(self.pipeline.params)
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> list[dict[str, Any]]:
         """One record per image, in order (see the module docstring)."""
         images = as_image_list(images)
         captioner = make_captioner(self.spec)
-        batch_size = max(1, min(self.batch_size, len(images)))
+        batch_size = max(1, min(self.options.batch_size, len(images)))
         records = []
         for index, start in enumerate(range(0, len(images), batch_size)):
             batch = self._batch(index, images[start : start + batch_size], start, batch_size)
             result = None
             if len(batch.errors) < len(batch.items):
-                key = jax.random.fold_in(jax.random.PRNGKey(self.seed), index)
+                key = jax.random.fold_in(jax.random.PRNGKey(self.options.seed), index)
                 result = captioner(self._params, batch.images, key)
-            records += batch_records(self.pipeline, batch, result)
+            records += batch_records(self.pipeline, batch, result, lm_label_names=self.spec.lm_label_names)
         return records
 
     def _batch(self, index: int, images: list[ImageInput], start: int, batch_size: int) -> Batch:

@@ -1,6 +1,6 @@
 """Batch captioning from Python: image files, folders, globs or tfds splits → records, written as they are made.
 
-    from imgllm.pipeline import DecodingOptions, caption_files
+    from imgllm.pipeline import CaptionOptions, caption_files
 
     for record in caption_files("runs/demo/pipeline", ["photos/", "tfds:cifar10:test"], output="captions.jsonl"):
         print(record["path"], record["labels"][0]["label"], record["captions"][0])
@@ -8,17 +8,19 @@
 `caption_files` is what ``infer.py`` runs (the script only parses flags and prints): it expands the inputs
 (`imgllm.pipeline.inputs`), reads batches in a background thread, runs the jitted `caption_images` over the
 device mesh, and turns each batch into records (`imgllm.pipeline.records`), appended to the output as each batch
-finishes. With an output file it resumes: images already in it are skipped, and with the same seed and batch size
-the records are the ones an uninterrupted run writes (batch i always holds the same images and draws the random key
-fold_in(seed, i)). A file that cannot be read gives an error record and the run goes on.
+finishes. What shapes the records is one `CaptionOptions` (`imgllm.pipeline.options`), what does not (threads,
+progress, compilation cache, pixel limit) one `RunSettings`. With an output file it resumes: images already in it
+are skipped, and with the same seed and batch size the records are the ones an uninterrupted run writes (batch i
+always holds the same images and draws the random key fold_in(seed, i)). A file that cannot be read gives an error
+record and the run goes on.
 
-An output file is held by one run at a time (`imgllm.pipeline.records.OutputLock`, `<output>.lock`), and the
+An output file is held by one run at a time (`imgllm.pipeline.outputs.OutputLock`, `<output>.lock`), and the
 options that shape its records are kept beside it (`run_options`, `<output>.run.json`): resuming with other ones is
 refused (`OutputError`) rather than mixing two runs' records in one file.
 
 Without JAX coordination (a SLURM array, a batch queue), `caption_files(..., shard=(i, N))` runs on each machine:
 shard i captions the batches b of the full input list with b % N == i (same batch size, same keys fold_in(seed, b))
-into its own part of the output (`imgllm.pipeline.records.part_path`, resumable as any output), and `merge_parts`
+into its own part of the output (`imgllm.pipeline.outputs.part_path`, resumable as any output), and `merge_parts`
 writes the output one unsharded run writes, records and run options alike, once every part is complete.
 """
 
@@ -29,7 +31,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 import warnings
@@ -41,7 +42,6 @@ import numpy as np
 from tqdm import tqdm
 
 from imgllm import parallel
-from imgllm.language.decoding import GenerationConfig
 from imgllm.pipeline.caption import PipelineSpec, compile_captioner, inference_params, place_images, place_params
 from imgllm.pipeline.checkpoint import PipelineCheckpoint, load_pipeline, read_params_shapes, read_pipeline_params
 from imgllm.pipeline.gallery import GalleryHeader, write_gallery
@@ -58,90 +58,38 @@ from imgllm.pipeline.inputs import (
     shard_item_index,
     shard_items,
 )
-from imgllm.pipeline.records import (
+from imgllm.pipeline.options import DEFAULT_COMPILATION_CACHE, CaptionOptions, RunSettings
+from imgllm.pipeline.outputs import (
     LOCK_SUFFIX,
-    RECORD_FORMATS,
     RUN_OPTIONS_SUFFIX,
     OutputError,
     OutputLock,
-    RecordFile,
     changed_run_options,
     check_distinct_paths,
-    check_recognised_output,
     check_writable,
     find_parts,
-    format_for_path,
-    make_records,
     part_path,
     part_positions,
     part_shard_problem,
     path_identity,
     prepare_output,
-    read_references,
     read_run_options,
-    score_records,
     shard_run_options,
     unsharded_run_options,
     write_run_options,
 )
-from imgllm.precision import resolve_dtype
-
-DEFAULT_COMPILATION_CACHE = os.path.join(
-    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "imgllm", "jax"
+from imgllm.pipeline.records import (
+    RECORD_FORMATS,
+    RecordFile,
+    check_recognised_output,
+    format_for_path,
+    make_records,
+    read_references,
+    score_records,
 )
+
 STDOUT = "-"  # output=STDOUT writes the records to standard output (no resuming)
-DECODING_METHODS = ("greedy", "beam", "sample")
 IDENTITY_CONTENT_LIMIT = 1 << 20  # checkpoint_identity reads files up to this size; bigger ones by name and size
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodingOptions:
-    """How captions are decoded, independent of any checkpoint (`generation_config` resolves it against one).
-
-    method: "greedy", "beam" (num_beams) or "sample" (temperature, then top_k (0: off), then top_p);
-    num_captions: captions per image (at most num_beams with beam search); max_new_tokens: caption length in
-    tokens (None: the checkpoint's).
-    """
-
-    method: str = "greedy"
-    num_beams: int = 4
-    top_p: float = 0.9
-    top_k: int = 0
-    temperature: float = 1.0
-    num_captions: int = 1
-    max_new_tokens: int | None = None
-
-    def __post_init__(self):
-        if self.method not in DECODING_METHODS:
-            raise ValueError(f"decoding method must be one of {DECODING_METHODS}, got {self.method!r}")
-        if self.num_captions < 1:
-            raise ValueError(f"num_captions must be >= 1, got {self.num_captions}")
-        if self.method == "beam" and self.num_captions > self.num_beams:
-            raise ValueError(f"num_captions {self.num_captions} exceeds num_beams {self.num_beams}")
-        if not 0 < self.temperature < math.inf:  # NaN fails too: it would sample garbage or nothing
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k < 0 or self.num_beams < 1:
-            raise ValueError(f"top_k must be >= 0 and num_beams >= 1, got {self.top_k} and {self.num_beams}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:  # 0 is not "the checkpoint's length"
-            raise ValueError(f"max_new_tokens must be >= 1 (None: the checkpoint's), got {self.max_new_tokens}")
-
-
-def generation_config(decoding: DecodingOptions, pipeline_config: Mapping[str, Any]) -> GenerationConfig:
-    """The `GenerationConfig` of `decoding` for a pipeline checkpoint's config (its length and token ids)."""
-    sample = decoding.method == "sample"
-    return GenerationConfig(
-        max_new_tokens=decoding.max_new_tokens or pipeline_config["max_new_tokens"],
-        do_sample=sample,
-        temperature=decoding.temperature,
-        top_k=decoding.top_k if sample else 0,
-        top_p=decoding.top_p if sample else 1.0,
-        num_beams=decoding.num_beams if decoding.method == "beam" else 1,
-        num_return_sequences=decoding.num_captions,
-        eos_token_id=pipeline_config["eos_id"],
-        pad_token_id=pipeline_config["pad_id"],
-    )
 
 
 def enable_compilation_cache(directory: str | None) -> None:
@@ -170,29 +118,15 @@ def enable_compilation_cache(directory: str | None) -> None:
 def caption_files(
     checkpoint: str | os.PathLike | PipelineCheckpoint,
     inputs: Sequence[str | Item],
+    options: CaptionOptions | None = None,
     *,
     output: str | os.PathLike | None = None,
     fmt: str | None = None,
     html: str | None = None,
     resume: bool = True,
     retry_errors: bool = False,
-    batch_size: int = 64,
-    seed: int = 0,
-    decoding: DecodingOptions = DecodingOptions(),
-    template: str | None = None,
-    top_labels: int | None = None,
-    tta: bool = False,
-    lm_classify: bool = False,
-    classify: str | None = None,
-    lm_labels: Sequence[str] | None = None,
-    lm_templates: Sequence[str] | None = None,
-    lm_scoring: str = "likelihood",
-    workers: int = 4,
+    settings: RunSettings | None = None,
     data_dir: str | None = None,
-    compilation_cache: str | None = None,
-    progress: bool = False,
-    dtype: str = "auto",
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     references: str | None = None,
     shard: tuple[int, int] | None = None,
 ) -> Iterator[dict]:
@@ -201,6 +135,12 @@ def caption_files(
     checkpoint: a pipeline checkpoint directory (its weights are read in a thread while the captioner compiles
     against their shapes), or a loaded `PipelineCheckpoint`. inputs: files, folders (recursive), glob patterns,
     tfds splits "tfds:NAME:SPLIT" (data_dir: their tfds data directory), or `Item`s.
+    options: what is computed, `CaptionOptions` (None: its defaults, greedy decoding with the checkpoint's
+    template and labels): decoding, template, labels, TTA, classifier, LM labels, dtype, seed (batch i draws
+    fold_in(seed, i)) and batch size (images per step, rounded up to a multiple of the devices).
+    settings: how the run goes, `RunSettings` (None: its defaults): threads decoding files, a progress bar on
+    stderr, JAX's persistent compilation cache (`enable_compilation_cache`), the pixel limit past which an image
+    gets an error record.
     output: None (records are only yielded), a JSON-lines or CSV file (fmt; default from the suffix), or "-"
     (standard output). Each batch's records are appended and flushed before they are yielded. An output file is
     locked for the run (`<output>.lock`): a second run on it raises `OutputInUseError`. The options that shape
@@ -215,22 +155,10 @@ def caption_files(
     captions file of {"path", "caption", "label"?} lines), each image's reference and marks where the labels or the
     caption disagree with it; pages of 1000 images). That the path can be written, and the references read, is
     checked before anything is computed.
-    batch_size: images per step, rounded up to a multiple of the devices; seed: batch i draws fold_in(seed, i).
-    decoding, template (the checkpoint's when None), top_labels (labels per image; the checkpoint's when None),
-    tta (average the CNN over the image and its mirror), lm_classify (also the LM's label, "lm_label", scoring the
-    checkpoint's class_prompt_templates; needs a bridge), classify ("cnn", "lm" or "fused": where "labels" come
-    from; None: the checkpoint's default), lm_labels and lm_templates (the LM's label among any labels, e.g.
-    colours, with the checkpoint's class templates or these; "lm_label" and "lm_probs"), lm_scoring ("likelihood"
-    or "information_gain"; `PipelineCheckpoint.spec`): what is computed. workers: threads decoding files.
-    compilation_cache: a directory for JAX's persistent compilation cache (`enable_compilation_cache`).
-    progress: a progress bar on stderr. dtype: the CNN's and the LM's compute dtype, "auto" (bfloat16 on GPU/TPU,
-    float32 on CPU), "float32" or "bfloat16" (`imgllm.precision`; the parameters are read as stored, float32).
-    max_pixels: an image with more pixels than this (read from its header, before decoding) gets an error record
-    instead of filling memory (None: no limit).
     shard: (i, N) to caption only shard i of N (0 <= i < N) of the input list, for N processes without JAX
-    coordination: the batches b (of batch_size, rounded as for the whole list) with b % N == i, each drawing
-    fold_in(seed, b) as in one run, so its records are that run's. An output file becomes its part
-    (`imgllm.pipeline.records.part_path`: captions.jsonl → captions.shard-00003-of-00010.jsonl), locked, resumed
+    coordination: the batches b (of options.batch_size, rounded as for the whole list) with b % N == i, each
+    drawing fold_in(seed, b) as in one run, so its records are that run's. An output file becomes its part
+    (`imgllm.pipeline.outputs.part_path`: captions.jsonl → captions.shard-00003-of-00010.jsonl), locked, resumed
     and refused with other options (another shard among them) as an output is; `merge_parts` joins the parts.
     No html with a shard: merge_parts writes the page.
 
@@ -238,10 +166,8 @@ def caption_files(
     closed (`close()`, or its garbage collection). A failed image gives {"path", "error"}; count the records
     without "error" to know whether anything could be captioned.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not -(2**63) <= seed < 2**63:  # what jax.random.PRNGKey takes
-        raise ValueError(f"seed must fit in 64 bits (-2**63 <= seed < 2**63), got {seed}")
+    options = CaptionOptions() if options is None else options  # made here, not at import: its dtype asks JAX
+    settings = RunSettings() if settings is None else settings
     if fmt is not None and fmt not in RECORD_FORMATS:
         raise ValueError(f"fmt must be one of {RECORD_FORMATS}, got {fmt!r}")
     shard = check_shard(shard)
@@ -250,32 +176,17 @@ def caption_files(
             "html with shard: each shard writes a part of the output; write the page when merging the "
             "parts (merge_parts(output, html=...), infer.py merge --html)"
         )
-    dtype = resolve_dtype(dtype)  # once, here: a bad name fails before anything runs
     return _caption_files(
         checkpoint,
         inputs,
+        options,
         output=output,
         fmt=fmt,
         html=html,
         resume=resume,
         retry_errors=retry_errors,
-        batch_size=batch_size,
-        seed=seed,
-        decoding=decoding,
-        template=template,
-        top_labels=top_labels,
-        tta=tta,
-        lm_classify=lm_classify,
-        classify=classify,
-        lm_labels=lm_labels,
-        lm_templates=lm_templates,
-        lm_scoring=lm_scoring,
-        workers=workers,
+        settings=settings,
         data_dir=data_dir,
-        compilation_cache=compilation_cache,
-        progress=progress,
-        dtype=dtype,
-        max_pixels=max_pixels,
         references=references,
         shard=shard,
     )
@@ -284,33 +195,19 @@ def caption_files(
 def _caption_files(
     checkpoint,
     inputs,
+    options: CaptionOptions,
     *,
     output,
     fmt,
     html,
     resume,
     retry_errors,
-    batch_size,
-    seed,
-    decoding,
-    template,
-    top_labels,
-    tta,
-    lm_classify,
-    classify,
-    lm_labels,
-    lm_templates,
-    lm_scoring,
-    workers,
+    settings,
     data_dir,
-    compilation_cache,
-    progress,
-    dtype,
-    max_pixels,
     references,
     shard,
 ) -> Iterator[dict]:
-    enable_compilation_cache(compilation_cache)
+    enable_compilation_cache(settings.compilation_cache)
     page_references = None
     if html:
         check_writable(html, "the HTML page")
@@ -337,48 +234,25 @@ def _caption_files(
         loaded = (
             checkpoint if isinstance(checkpoint, PipelineCheckpoint) else load_pipeline(checkpoint, read_params=False)
         )
-        spec = loaded.spec(
-            generation_config(decoding, loaded.config),
-            template=template,
-            top_k=top_labels,
-            flip_tta=tta,
-            lm_classify=lm_classify,
-            dtype=dtype,
-            classify=classify,
-            lm_labels=lm_labels,
-            lm_templates=lm_templates,
-            lm_scoring=lm_scoring,
-        )
+        spec = loaded.spec_for(options)
         mesh = parallel.make_mesh()
         devices = parallel.global_batch_divisor(mesh)
-        batch_size = min(batch_size, len(items))  # a batch of a million for ten images would ask for gigabytes
+        batch_size = min(options.batch_size, len(items))  # a batch of a million for ten images: gigabytes
         batch_size = -(-batch_size // devices) * devices
         record_file = (
-            None
-            if output is None
-            else RecordFile(path, fmt or format_for_path(path), spec.top_k, decoding.num_captions)
+            None if output is None else RecordFile(path, fmt or format_for_path(path), spec.top_k, options.num_captions)
         )
         previous = []
-        options = (
+        recorded = (
             None
             if path is None and not html
             else run_options(  # kept beside the output, shown on the page
-                loaded,
-                decoding,
-                fmt=record_file.format if record_file else "jsonl",
-                batch_size=batch_size,
-                seed=seed,
-                template=template,
-                top_labels=spec.top_k,
-                tta=tta,
-                lm_classify=lm_classify,
-                dtype=dtype,
-                spec=spec,
+                loaded, options, spec, fmt=record_file.format if record_file else "jsonl", batch_size=batch_size
             )
         )
-        if options is not None and shard is not None:
-            options = shard_run_options(
-                options,
+        if recorded is not None and shard is not None:
+            recorded = shard_run_options(
+                recorded,
                 shard,
                 batch_size=batch_size,
                 inputs=inputs_fingerprint(items),
@@ -386,7 +260,7 @@ def _caption_files(
             )
         if path is not None:  # checked and recorded before anything is compiled
             retry = {item.key for item in items} if retry_errors else ()
-            previous = prepare_output(record_file, options, resume=resume, retry=retry)
+            previous = prepare_output(record_file, recorded, resume=resume, retry=retry)
         yield from previous
         new_records: list[dict] | None = [] if html else None  # the page shows previous + new records
         for record in caption_pending(
@@ -397,10 +271,10 @@ def _caption_files(
             previous,
             record_file,
             batch_size=batch_size,
-            seed=seed,
-            workers=workers,
-            progress=progress,
-            max_pixels=max_pixels,
+            seed=options.seed,
+            workers=settings.workers,
+            progress=settings.progress,
+            max_pixels=settings.max_pixels,
             shard=shard,
         ):
             if new_records is not None:
@@ -409,7 +283,7 @@ def _caption_files(
         if html:
             shown = previous + new_records
             header = gallery_header(
-                options, score_records(shown, references, lm_label_names=spec.lm_label_names) if references else None
+                recorded, score_records(shown, references, lm_label_names=spec.lm_label_names) if references else None
             )
             write_gallery(
                 html,
@@ -484,67 +358,56 @@ def caption_pending(
 
 
 def run_options(
-    loaded: PipelineCheckpoint,
-    decoding: DecodingOptions,
-    *,
-    fmt: str,
-    batch_size: int,
-    seed: int,
-    template: str | None,
-    top_labels: int,
-    tta: bool,
-    lm_classify: bool,
-    dtype: str = "float32",
-    spec: PipelineSpec | None = None,
+    loaded: PipelineCheckpoint, options: CaptionOptions, spec: PipelineSpec, *, fmt: str, batch_size: int
 ) -> dict[str, Any]:
-    """The options that shape a record, as `prepare_output` keeps them beside an output: resuming with others
-    would mix two runs' records in one file.
+    """The record of the `CaptionOptions` that shape a run's records, as `prepare_output` keeps it beside an
+    output: resuming with others would mix two runs' records in one file. spec: `loaded.spec_for(options)`;
+    batch_size: the run's, rounded up to the devices.
 
-    Values are resolved against the checkpoint (template None and the checkpoint's template are one option), and
-    only those that matter are kept: the beam count for beam search, the sampling parameters, the seed and the
-    batch size (batch i draws fold_in(seed, i), and batch_size is the one rounded up to the devices) for sampling
-    alone, and the compute dtype (resolved) when it is not float32 (outputs written before the setting existed were
-    float32 and recorded none). Workers, progress, the page and the compilation cache change no record and are left
-    out. "checkpoint" (its path) is for the reader; "checkpoint_id" (`checkpoint_identity`) is what is compared;
-    "cwd" is where the records' relative paths start (resuming from another folder matches them by the file).
-    From `spec`, the LM's labels and how they are scored and the labels' classifier, when not the defaults of outputs
-    written before these options existed (the CNN; no other label set).
+    Values are resolved against the checkpoint (template None and the checkpoint's template are one option; the
+    labels per image are the spec's), and only those that matter are kept: the beam count for beam search, the
+    sampling parameters, the seed and the batch size (batch i draws fold_in(seed, i)) for sampling alone, and the
+    compute dtype (resolved) when it is not float32 (outputs written before the setting existed were float32 and
+    recorded none). `RunSettings` and the page change no record and are left out. "checkpoint" (its path) is for the
+    reader; "checkpoint_id" (`checkpoint_identity`) is what is compared; "cwd" is where the records' relative paths
+    start (resuming from another folder matches them by the file). From `spec`, the LM's labels and how they are
+    scored and the labels' classifier, when not the defaults of outputs written before these options existed (the
+    CNN; no other label set).
     """
     config = loaded.config
-    options = {
+    recorded = {
         "cwd": os.getcwd(),
         "checkpoint": None if loaded.directory is None else os.path.abspath(loaded.directory),
         "checkpoint_id": checkpoint_identity(loaded),
         "format": fmt,
-        "decoding": decoding.method,
-        "num_captions": decoding.num_captions,
-        "max_new_tokens": decoding.max_new_tokens or config["max_new_tokens"],
-        "template": config["template"] if template is None else template,
-        "top_labels": top_labels,
-        "tta": bool(tta),
-        "lm_classify": bool(lm_classify),
+        "decoding": options.method,
+        "num_captions": options.num_captions,
+        "max_new_tokens": options.max_new_tokens or config["max_new_tokens"],
+        "template": config["template"] if options.template is None else options.template,
+        "top_labels": spec.top_k,
+        "tta": bool(options.tta),
+        "lm_classify": bool(options.lm_classify),
     }
-    if decoding.method == "beam":
-        options["num_beams"] = decoding.num_beams
-    dtype = resolve_dtype(dtype)
-    if dtype != "float32":  # float32 records nothing, as outputs made before the setting
-        options["dtype"] = dtype
-    if spec is not None and spec.classify != "cnn":
-        options["classify"] = spec.classify
-    if spec is not None and spec.lm_label_names is not None:
-        options["lm_labels"] = list(spec.lm_label_names)
-        options["lm_label_prompts"] = hash_arrays(spec.lm_label_prompts.input_ids, spec.lm_label_prompts.target_mask)
-    if spec is not None and spec.scores_labels_by_lm and spec.lm_scoring != "likelihood":
-        options["lm_scoring"] = spec.lm_scoring
-    if decoding.method == "sample":
-        options.update(
-            temperature=float(decoding.temperature),
-            top_k=decoding.top_k,
-            top_p=float(decoding.top_p),
-            seed=seed,
+    if options.method == "beam":
+        recorded["num_beams"] = options.num_beams
+    if options.dtype != "float32":  # float32 records nothing, as outputs made before the setting
+        recorded["dtype"] = options.dtype
+    if spec.classify != "cnn":
+        recorded["classify"] = spec.classify
+    if spec.lm_label_names is not None:
+        recorded["lm_labels"] = list(spec.lm_label_names)
+        recorded["lm_label_prompts"] = hash_arrays(spec.lm_label_prompts.input_ids, spec.lm_label_prompts.target_mask)
+    if spec.scores_labels_by_lm and spec.lm_scoring != "likelihood":
+        recorded["lm_scoring"] = spec.lm_scoring
+    if options.method == "sample":
+        recorded.update(
+            temperature=float(options.temperature),
+            top_k=options.top_k,
+            top_p=float(options.top_p),
+            seed=options.seed,
             batch_size=batch_size,
         )
-    return options
+    return recorded
 
 
 def hash_arrays(*arrays: Any) -> str:
@@ -740,7 +603,7 @@ def read_part(path: str, shard: tuple[int, int]) -> Part:
         return Part(path, shard, "absent")
     with OutputLock(path, advice="wait for that shard to end, then merge"):
         options = read_run_options(path + RUN_OPTIONS_SUFFIX)
-        problem = part_shard_problem(options, shard)
+        problem = part_shard_problem(options, shard, RECORD_FORMATS)
         if problem:
             return Part(path, shard, problem, options)
         records = RecordFile(path, options["format"], options["top_labels"], options["num_captions"]).read_records()
@@ -808,9 +671,7 @@ def delete_part(path: str) -> None:
 
 
 __all__ = [
-    "DECODING_METHODS",
     "DEFAULT_COMPILATION_CACHE",
-    "DecodingOptions",
     "Part",
     "STDOUT",
     "agreed_options",
@@ -825,7 +686,6 @@ __all__ = [
     "enable_compilation_cache",
     "gallery_header",
     "gallery_items",
-    "generation_config",
     "merge_parts",
     "parts_count",
     "read_part",

@@ -17,9 +17,11 @@ Prompt templates and their tables: `imgllm.pipeline.prompts`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -315,13 +317,13 @@ def make_captioner(spec: PipelineSpec, mesh=None) -> Callable[[Any, Any, jax.Arr
 
     The returned function takes (params, images, rng); the batch must be a multiple of the device count
     (`imgllm.parallel.global_batch_divisor`). It compiles once per image shape, and the same (spec, mesh) gives
-    the same function, so repeated calls (and repeated infer runs in one process) reuse its compilations.
+    the same function (`COMPILED`), so repeated calls (and repeated infer runs in one process) reuse its compilations.
     """
-    return _jitted_captioner(spec, parallel.make_mesh() if mesh is None else mesh)
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    return COMPILED.get(("captioner", spec, mesh), lambda: _jit_captioner(spec, mesh))
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_captioner(spec: PipelineSpec, mesh) -> Callable[[Any, Any, jax.Array], dict[str, jax.Array]]:
+def _jit_captioner(spec: PipelineSpec, mesh) -> Callable[[Any, Any, jax.Array], dict[str, jax.Array]]:
     data, replicated = parallel.data_sharding(mesh), parallel.replicated_sharding(mesh)
     return jax.jit(
         functools.partial(caption_images, spec=spec), in_shardings=(replicated, data, replicated), out_shardings=data
@@ -333,30 +335,68 @@ def compile_captioner(spec: PipelineSpec, mesh, params_shapes: Any, batch_size: 
 
     Compiling needs no weights, so a caller can compile while the weights are still being read (infer.py does).
     Call the result as compiled(params, images, rng) with params placed by `place_params` and images by
-    `place_images`. Cached per (spec, mesh, shapes), like `make_captioner`.
+    `place_images`. Cached per (spec, mesh, shapes) in `COMPILED`, like `make_captioner`.
     """
     leaves, treedef = jax.tree.flatten(params_shapes)
+    size = int(image_size or spec.image_size)
     key = (
+        "compiled captioner",
         spec,
         mesh,
         treedef,
         tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves),
         int(batch_size),
-        int(image_size or spec.image_size),
+        size,
     )
-    if key not in _COMPILED:
+
+    def compile_now():
         replicated = parallel.replicated_sharding(mesh)
-        size = image_size or spec.image_size
         abstract_params = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params_shapes
         )
         images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8, sharding=parallel.data_sharding(mesh))
         rng = jax.ShapeDtypeStruct(jax.random.PRNGKey(0).shape, jnp.uint32, sharding=replicated)
-        _COMPILED[key] = make_captioner(spec, mesh).lower(abstract_params, images, rng).compile()
-    return _COMPILED[key]
+        return _jit_captioner(spec, mesh).lower(abstract_params, images, rng).compile()
+
+    return COMPILED.get(key, compile_now)
 
 
-_COMPILED: dict[Any, Any] = {}
+class CompiledCache:
+    """Compiled (or jitted) functions by key, at most `size` of them: past that the least recently used is dropped,
+    and its programs are freed once nothing else holds them. One cache, `COMPILED`, serves `make_captioner`,
+    `compile_captioner` and `imgllm.pipeline.classify`, so a process that captions with many specs (a notebook, a
+    test session) holds a bounded number of programs; a key starts with what made the function."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"the cache size must be >= 1, got {size}")
+        self.size = size
+        self._entries: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The function under `key`; when absent, make() makes it (outside the lock: compiling takes seconds)."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        value = make()
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+COMPILED = CompiledCache(size=32)  # every compiled captioner and LM classifier of this process
 
 
 def inference_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -404,6 +444,8 @@ def decode_captions(
 
 __all__ = [
     "CLASSIFIERS",
+    "COMPILED",
+    "CompiledCache",
     "LM_SCORINGS",
     "PipelineSpec",
     "caption_images",

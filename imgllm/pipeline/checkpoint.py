@@ -57,7 +57,7 @@ Floating-point parameters are stored as float32 whatever dtype the run that made
 serves float32 and bfloat16 inference (`PipelineCheckpoint.spec(dtype=)`, `imgllm.precision`).
 
 `imgllm.train.export` writes one from training runs (a classifier and a GPT-2, or a captioner);
-`load_pipeline` reads it back as a `PipelineCheckpoint` that makes the `PipelineSpec` for given decoding options.
+`load_pipeline` reads it back as a `PipelineCheckpoint` that makes the `PipelineSpec` for given captioning options.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ from imgllm.language.decoding import GenerationConfig
 from imgllm.language.model import abstract_params, config_from_dict
 from imgllm.language.scoring import DEFAULT_TEMPLATES, ClassPromptTable, build_prompt_table, fill_templates
 from imgllm.pipeline import caption, prompts
+from imgllm.pipeline.options import CaptionOptions
 from imgllm.precision import compute_dtype, resolve_dtype
 from imgllm.vision.cnn import cnn_from_config
 
@@ -526,7 +527,7 @@ class FastTokenizer:
 @dataclasses.dataclass
 class PipelineCheckpoint:
     """A loaded pipeline checkpoint: parameters (None when not read yet), config, tokenizer; makes the static
-    `PipelineSpec` for given decoding options."""
+    `PipelineSpec` for given captioning options (`spec_for`, or `spec` with keywords)."""
 
     params: dict[str, Any]
     config: dict[str, Any]
@@ -664,6 +665,22 @@ class PipelineCheckpoint:
             lm_temperature=float(config.get("lm_temperature", 1.0)),
             fusion_weight=float(config.get("fusion_weight", 0.0)),
             fusion_temperature=float(config.get("fusion_temperature", 1.0)),
+        )
+
+    def spec_for(self, options: CaptionOptions) -> caption.PipelineSpec:
+        """The `PipelineSpec` that captions with `options` (`imgllm.pipeline.options.CaptionOptions`): `spec` with
+        its decoding resolved against this checkpoint (`CaptionOptions.generation_config`) and its other fields."""
+        return self.spec(
+            options.generation_config(self.config),
+            template=options.template,
+            top_k=options.top_labels,
+            flip_tta=options.tta,
+            lm_classify=options.lm_classify,
+            dtype=options.dtype,
+            classify=options.classify,
+            lm_labels=options.lm_labels,
+            lm_templates=options.lm_templates,
+            lm_scoring=options.lm_scoring,
         )
 
     def decode_captions(self, caption_ids: np.ndarray) -> list[list[str]]:

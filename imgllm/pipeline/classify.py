@@ -10,8 +10,8 @@
 Each label is scored by the likelihood the LM gives its prompts after the image's visual prefix (several
 templates per label combine as a mixture: the mean of the prompts' likelihoods; `imgllm.language.scoring`), and
 the probabilities are softmax(scores / T) with the checkpoint's fitted LM temperature. The computation is
-`imgllm.pipeline.caption.lm_classify_images`, jitted once per batch shape; `infer.py --lm-labels/--lm-templates`
-does the same while captioning.
+`imgllm.pipeline.caption.lm_classify_images`, jitted once per batch shape (kept in `caption.COMPILED`);
+`infer.py --lm-labels/--lm-templates` does the same while captioning.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from imgllm.data.batching import padded_batch_outputs
-from imgllm.pipeline.caption import lm_classify_images
+from imgllm.pipeline.caption import COMPILED, lm_classify_images
 from imgllm.pipeline.checkpoint import PipelineCheckpoint
 
 
@@ -86,9 +86,9 @@ def classify_images(
     )
 
 
-@functools.lru_cache(maxsize=8)
 def _jitted(spec):
-    return jax.jit(functools.partial(lm_classify_images, spec=spec))
+    """`lm_classify_images` jitted for `spec`, kept in the pipeline's one cache of compiled functions."""
+    return COMPILED.get(("lm classifier", spec), lambda: jax.jit(functools.partial(lm_classify_images, spec=spec)))
 
 
 __all__ = ["LabelPredictions", "classify_images"]

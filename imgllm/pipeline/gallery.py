@@ -33,7 +33,8 @@ from typing import Any
 from PIL import Image
 
 from imgllm.pipeline.inputs import Item
-from imgllm.pipeline.records import lm_label_comparable, reference_for, write_atomically
+from imgllm.pipeline.outputs import write_atomically
+from imgllm.pipeline.records import lm_label_comparable, reference_for
 
 MISMATCH_KINDS = ("cnn", "lm", "caption")  # what can disagree with a reference label, in display order
 MISMATCH_NAMES = {"cnn": "CNN label", "lm": "LM label", "caption": "caption"}

@@ -26,6 +26,7 @@ import glob
 import hashlib
 import os
 import queue
+import re
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -45,6 +46,7 @@ from imgllm.data.images import (
 from imgllm.data.tfds_source import open_split, tfds_builder
 
 TFDS_PREFIX = "tfds:"
+SHARD_TEXT = re.compile(r"(\d+)/(\d+)")  # a shard written i/N (`parse_shard`)
 # Files that live beside images without being images, skipped without a warning when a folder is expanded: captions
 # and references (captions.jsonl, written into the folder it describes by `python -m imgllm.data.demo_images`),
 # tables, notes, pages, configs, and an output's own <output>.lock, <output>.run.json and temporary "*.tmp" files.
@@ -299,6 +301,22 @@ def check_shard(shard: Any) -> tuple[int, int] | None:
     return index, count
 
 
+def parse_shard(text: str | None, flag: str = "--shard") -> tuple[int, int] | None:
+    """A shard written "i/N" (infer.py's --shard=i/N, e.g. from $SLURM_ARRAY_TASK_ID/10) as (i, N) with
+    0 <= i < N; None stays None. Raises ValueError naming `flag` and the text."""
+    if text is None:
+        return None
+    match = SHARD_TEXT.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"{flag}={text}: write the shard as i/N, 0 <= i < N (e.g. {flag}=0/4 ... {flag}=3/4)")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1:
+        raise ValueError(f"{flag}={text}: the count N must be >= 1")
+    if index >= count:
+        raise ValueError(f"{flag}={text}: the shard index must be below the count (0/{count} to {count - 1}/{count})")
+    return index, count
+
+
 def inputs_fingerprint(items: Sequence[Item]) -> str:
     """A short hash of the input list (its keys, in order): what fixes the batches, and so each shard's images."""
     digest = hashlib.sha256()
@@ -405,6 +423,7 @@ __all__ = [
     "inputs_fingerprint",
     "load_batch",
     "one_item_per_image",
+    "parse_shard",
     "plan_batches",
     "prefetch_batches",
     "shard_batches",

@@ -38,6 +38,7 @@ from imgllm import calibration
 from imgllm.bridge import PrefixMapper, check_mapper_fits
 from imgllm.captions.data import load_caption_dataset
 from imgllm.data.batching import padded_batch_outputs
+from imgllm.data.text import next_token_targets, pad_prompt_completions
 from imgllm.language import scoring
 from imgllm.language.decoding import GenerationConfig, generate_tokens
 from imgllm.language.label_sets import read_class_captions
@@ -49,7 +50,7 @@ from imgllm.pipeline.caption import caption_token_lists
 from imgllm.train.checkpoint import load_classifier, read_run_config
 from imgllm.train.classifier import cnn_for_run, remap_labels
 from imgllm.train.lm_task import lm_config_from, tokenizer_from_metadata
-from imgllm.train.task import Metrics, metric
+from imgllm.train.task_protocol import Metrics, Task, metric
 from imgllm.vision.features import image_logits_and_features
 
 FROZEN = "frozen"  # model_state collection holding the frozen CNN variables (and the LM when not trained)
@@ -107,7 +108,8 @@ def encode_captions(encode, eos_id: int, texts: Sequence[str], max_tokens: int) 
     """(input_ids int32 [N, T], target_mask float32 [N, T-1]) of [BOS] text [EOS] rows, right-padded with EOS.
 
     T = max_tokens + 2 (BOS and EOS); target_mask marks the text tokens and the EOS. Raises naming the first
-    caption that is longer than max_tokens.
+    caption that is longer than max_tokens. The rows are `imgllm.data.text.pad_prompt_completions`' with the BOS
+    (= EOS) as a masked prompt, and target_mask is their loss mask as `next_token_targets` pairs it with the logits.
     """
     ids = [list(encode(text)) for text in texts]
     for text, tokens in zip(texts, ids):
@@ -115,12 +117,11 @@ def encode_captions(encode, eos_id: int, texts: Sequence[str], max_tokens: int) 
             raise ValueError(
                 f"caption {text!r} has {len(tokens)} tokens, more than config.captions.max_tokens={max_tokens}"
             )
-    input_ids = np.full((len(texts), max_tokens + 2), eos_id, np.int32)
-    target_mask = np.zeros((len(texts), max_tokens + 1), np.float32)
-    for row, tokens in enumerate(ids):
-        input_ids[row, 1 : 1 + len(tokens)] = tokens
-        target_mask[row, : len(tokens) + 1] = 1.0
-    return input_ids, target_mask
+    rows = pad_prompt_completions(
+        [[eos_id]] * len(ids), ids, seq_len=max_tokens + 2, eos_id=eos_id, pad_id=eos_id, mask_prompt=True
+    )
+    _, target_mask = next_token_targets(rows.input_ids, rows.loss_mask)
+    return rows.input_ids, target_mask.astype(np.float32)
 
 
 def reference_captions(dataset, class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -142,7 +143,7 @@ def _classifier_config(workdir: str) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------------------------- the task
 
 
-class CaptionerTask:
+class CaptionerTask(Task):
     """Trains a PrefixMapper (and optionally the LM) on image–caption pairs with a frozen, trained CNN.
 
     Config fields: dataset, data_dir, train_split, eval_split, num_train_examples, num_eval_examples, seed, dtype,

@@ -22,8 +22,9 @@ from imgllm.data import augment
 from imgllm.data.batching import padded_batch_outputs
 from imgllm.data.folder import SPLIT_FOLDER_NAMES
 from imgllm.precision import run_dtype
-from imgllm.train.task import Metrics, metric
+from imgllm.train.task_protocol import Metrics, Task, metric
 from imgllm.vision import cnn as cnn_lib
+from imgllm.vision.features import image_logits
 
 
 def remap_labels(labels: np.ndarray, names: tuple[str, ...], target_names: tuple[str, ...], where: str) -> np.ndarray:
@@ -59,7 +60,7 @@ def cnn_for_run(model_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
     return cnn_lib.cnn_from_config({**fields, "dtype": run_dtype(run_config)})
 
 
-class ClassifierTask:
+class ClassifierTask(Task):
     """Trains `cnn_from_config(config.model)` on `load_dataset(config.dataset, ...)` with label smoothing.
 
     Config fields used: dataset, data_dir, train_split, eval_split, num_train_examples, num_eval_examples,
@@ -160,17 +161,25 @@ class ClassifierTask:
         metrics = {"loss": metric(losses.sum(), n), "accuracy": metric((jnp.argmax(logits, -1) == labels).sum(), n)}
         return losses.mean(), (metrics, dict(new_state))
 
+    def tta_views(self, tta: bool) -> str:
+        """The test-time views (`imgllm.vision.features.TTA_VIEWS`) of an evaluation: config.tta's when `tta`
+        ("flip_translate", else "flip"), none without it or with config.tta "none"."""
+        if not tta or self.config.get("tta") == "none":
+            return "none"
+        return "flip_translate" if self.config.get("tta") == "flip_translate" else "flip"
+
     def logits(self, variables, images: jax.Array, *, tta: bool) -> jax.Array:
-        """Eval logits; with tta, averaged over the views of config.tta ("flip" or "flip_translate")."""
-        apply = lambda x: self.model.apply(variables, self.normalize(x), train=False)[0].astype(jnp.float32)
-        if not tta or self.config.tta == "none":
-            return apply(images)
-        mirror = lambda x: 0.5 * (apply(x) + apply(x[:, :, ::-1, :]))
-        logits = mirror(images)
-        if self.config.tta == "flip_translate":
-            shifted = 0.5 * (mirror(augment.translate(images, 1, 1)) + mirror(augment.translate(images, -1, -1)))
-            logits = 0.5 * (logits + shifted)
-        return logits
+        """Eval logits float32 [B, classes] of uint8 images, as inference computes them
+        (`imgllm.vision.features.image_logits`); with tta, averaged over the views of config.tta."""
+        return image_logits(
+            self.model,
+            variables,
+            images,
+            image_size=self.config.image_size,
+            mean=tuple(self.config.normalization.mean),
+            std=tuple(self.config.normalization.std),
+            tta=self.tta_views(tta),
+        )
 
     def eval_metrics(self, variables, batch, *, tta: bool) -> Metrics:
         logits = self.logits(variables, batch["images"], tta=tta)

@@ -14,11 +14,12 @@ import ml_collections
 import numpy as np
 
 from imgllm import calibration, parallel
+from imgllm.data.batching import PADDING_INDEX, epoch_batch_indices
 from imgllm.train import checkpoint as ckpt_lib
 from imgllm.train import plot, steps
 from imgllm.train.metrics_log import MetricsWriter
-from imgllm.train.task import Arrays, Task, add_metrics, summarize
-from imgllm.train.tasks import build_task, task_name
+from imgllm.train.registry import build_task, task_name
+from imgllm.train.task_protocol import Arrays, Task, add_metrics, summarize
 
 
 def num_examples(arrays: Arrays) -> int:
@@ -45,19 +46,26 @@ def evaluate_arrays(
 ) -> dict[str, float]:
     """Summarised metrics of `task` over all of `arrays` (padded to whole batches, padding masked out).
 
-    Every process holds all of `arrays` and feeds its own slice of each global batch.
+    Every process holds all of `arrays` and feeds its own slice of each global batch: the rows of
+    `imgllm.data.batching.epoch_batch_indices` in order, whose padding slots repeat the last example with mask 0.
     """
     eval_fn = eval_fn or steps.jit_eval_step(task, mesh, tta=tta)
     n = num_examples(arrays)
-    num_batches = -(-n // batch_size)
-    per_host = batch_size // jax.process_count()
+    batches = epoch_batch_indices(
+        n,
+        batch_size,
+        seed=0,
+        epoch=0,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        shuffle=False,
+        drop_remainder=False,
+    )
     totals = None
-    for b in range(num_batches):
-        first = b * batch_size + jax.process_index() * per_host
-        rows = np.arange(first, first + per_host)
-        mask = (rows < n).astype(np.float32)
-        batch = take(arrays, np.minimum(rows, n - 1))
-        batch["mask"] = mask
+    for rows in batches:
+        real = rows != PADDING_INDEX
+        batch = take(arrays, np.where(real, rows, n - 1))
+        batch["mask"] = real.astype(np.float32)
         metrics = eval_fn(variables, parallel.host_to_global(batch, mesh))
         totals = add_metrics(totals, jax.device_get(metrics))
     return summarize(totals)
@@ -67,11 +75,12 @@ def write_confusion_image(
     writer: MetricsWriter, task: Task, variables: Any, arrays: Arrays, *, batch_size: int, tta: bool, step: int
 ) -> None:
     """Draws a classifier's confusion matrix on `arrays` (`plot.confusion_figure`) into TensorBoard: split
-    "final_eval", tag "confusion_matrix". Nothing for a task without `confusion` or a writer without TensorBoard.
+    "final_eval", tag "confusion_matrix". Nothing for a task without `confusion` (None) or a writer without
+    TensorBoard.
 
     Every process computes the matrix (the model's variables span them all); process 0 writes it.
     """
-    if not hasattr(task, "confusion") or writer.tensorboard_dir is None:
+    if task.confusion is None or writer.tensorboard_dir is None:
         return
     matrix = task.confusion(variables, arrays, batch_size=batch_size, tta=tta)
     if writer.enabled:
@@ -84,7 +93,7 @@ def write_sample_captions(writer: MetricsWriter, task: Task, variables: Any, arr
     """A captioner's greedy captions of a few evaluation images (`sample_captions`) as TensorBoard text: split
     "final_eval", tag "sample_captions", one Markdown line per image. Nothing for other tasks or without TensorBoard.
     Every process decodes (the variables span them all); process 0 writes."""
-    if not hasattr(task, "sample_captions") or writer.tensorboard_dir is None:
+    if task.sample_captions is None or writer.tensorboard_dir is None:
         return
     samples = task.sample_captions(variables, arrays)
     if writer.enabled:
@@ -151,9 +160,9 @@ def evaluate_checkpoint(
     result = evaluate_arrays(task, variables, arrays, mesh, batch_size=batch_size, tta=tta)
     result = {"step": meta["step"], "num_examples": num_examples(arrays), "tta": tta, **result}
     fitted = calibration.stored_fit(meta.get("calibration"))
-    if fitted is not None and hasattr(task, "calibrate"):  # the stored calibration, measured on this data
+    if fitted is not None and task.calibrate is not None:  # the stored calibration, measured on this data
         result.update(task.calibrate(variables, arrays, batch_size=batch_size, fitted=fitted))
-    if confusion_png and hasattr(task, "confusion"):
+    if confusion_png and task.confusion is not None:
         matrix = task.confusion(variables, arrays, batch_size=batch_size, tta=tta)
         title = f"{data or config.dataset} ({split}), step {meta['step']}"
         result["confusion_png"] = plot.save_figure(

@@ -29,7 +29,7 @@ from imgllm.language.model import LMConfig, initial_params
 from imgllm.language.scoring import prefixed_token_stats
 from imgllm.language.tokenizer import check_vocabulary, tokenizer_from_json, train_bpe_tokenizer
 from imgllm.precision import compute_dtype, run_dtype
-from imgllm.train.task import Metrics, metric
+from imgllm.train.task_protocol import Metrics, Task, metric
 
 
 def corpus_paths(spec: str | Sequence[str] | None, field: str) -> list[str]:
@@ -72,7 +72,7 @@ def _record_texts(records: Sequence[text_lib.TextRecord]) -> list[str]:
     return [t for r in records for t in (r.text, r.prompt, r.completion) if t is not None]
 
 
-class LMTask:
+class LMTask(Task):
     """Trains the LM with next-token cross-entropy on config.corpus.
 
     Config fields: corpus, eval_corpus, seq_len, mask_prompt, truncate, dtype, lm.{pretrained, dropout,

@@ -30,14 +30,14 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from imgllm import parallel
-from imgllm.pipeline.records import OutputError, OutputLock
+from imgllm.pipeline.outputs import OutputError, OutputLock
 from imgllm.train import checkpoint as ckpt_lib
 from imgllm.train import evaluation, optim, plot, resume, steps
 from imgllm.train import feed as feed_lib
 from imgllm.train.metrics_log import MetricsWriter
+from imgllm.train.registry import build_task
 from imgllm.train.state import TrainState, create_train_state
-from imgllm.train.task import Arrays, Task, add_metrics, summarize
-from imgllm.train.tasks import build_task
+from imgllm.train.task_protocol import Arrays, Task, add_metrics, summarize
 
 WORKDIR_LOCK = "train.lock"  # held by the run training in the work directory (`workdir_lock`)
 
@@ -499,7 +499,7 @@ class _Run:
 
     def maybe_calibrate(self, end: _StepEnd, state: TrainState) -> None:
         """After the last step, a task that calibrates fits its temperatures on the evaluation data."""
-        if end.last and self.eval_arrays is not None and hasattr(self.task, "calibrate"):
+        if end.last and self.eval_arrays is not None and self.task.calibrate is not None:
             self.step_metrics.check()
             show_phase(self.bar, "calibrating", self.eval_arrays)
             self.calibrated = self.task.calibrate(

@@ -20,8 +20,8 @@ import numpy as np
 from imgllm import precision
 from imgllm.train import checkpoint as ckpt_lib
 from imgllm.train.evaluation import num_examples
-from imgllm.train.task import Arrays
-from imgllm.train.tasks import canonical_task_name
+from imgllm.train.registry import canonical_task_name
+from imgllm.train.task_protocol import Arrays
 
 
 class DataChangedError(ValueError):

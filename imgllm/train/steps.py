@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from imgllm import parallel
 from imgllm.train import feed
 from imgllm.train.state import TrainState
-from imgllm.train.task import Metrics, Task, metric
+from imgllm.train.task_protocol import Metrics, Task, metric
 
 
 def train_step(

@@ -14,7 +14,7 @@ import ml_collections
 from imgllm.train.captioner import CaptionerTask
 from imgllm.train.classifier import ClassifierTask
 from imgllm.train.lm_task import LMTask
-from imgllm.train.task import Task
+from imgllm.train.task_protocol import Task
 
 TASKS: dict[str, Callable[[ml_collections.ConfigDict], Task]] = {
     "classifier": ClassifierTask,

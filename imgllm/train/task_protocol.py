@@ -3,7 +3,8 @@
 The loop (`imgllm.train.loop`) owns the train state, data order, sharding, checkpoints, logging and NaN
 checks; a Task owns the model and the meaning of a batch. The image classifier
 (`imgllm.train.classifier.ClassifierTask`) is one Task; a next-token language model or a captioner is
-another, reusing the same loop, state, checkpoints and configs.
+another, reusing the same loop, state, checkpoints and configs. imgllm's tasks subclass `Task` (so they inherit
+the defaults of its optional capabilities); `imgllm.train.registry.TASKS` names them.
 
 Metrics are *sums plus a denominator* (as in flax's lm1b example): a dict name -> (sum, count) of scalars,
 so they add up exactly across steps, devices and hosts and are divided only when reported.
@@ -11,7 +12,7 @@ so they add up exactly across steps, devices and hosts and are divided only when
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import jax
@@ -20,6 +21,9 @@ import numpy as np
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]  # name -> (sum, count)
 Arrays = Mapping[str, np.ndarray]  # equal leading dimension; a batch picks rows
+CalibrateFn = Callable[..., dict[str, float]]  # (variables, arrays, *, batch_size, fitted=None)
+ConfusionFn = Callable[..., np.ndarray]  # (variables, arrays, *, batch_size, tta)
+SampleCaptionsFn = Callable[[Any, Arrays], list[tuple[str, str]]]  # (variables, arrays)
 
 
 class Task(Protocol):
@@ -54,15 +58,20 @@ class Task(Protocol):
     def checkpoint_metadata(self) -> dict[str, Any]:
         """JSON-able facts stored with every checkpoint that evaluation needs (e.g. class names)."""
 
-    # Optional, for classifiers (the loop and `evaluate_checkpoint` call them when a task has them):
-    #   calibrate(variables, arrays, *, batch_size, fitted=None) -> dict
-    #       `imgllm.calibration.calibration_report` on arrays: at the end of training the fit on the validation
-    #       split (stored in the checkpoint's meta["calibration"] and added to the final eval), or with `fitted` (a
-    #       stored fit) its calibration error on another split. Their passes over the images use
+    # Optional capabilities: a task that lacks one keeps the default None (subclass `Task` to inherit them), and
+    # the loop and `imgllm.train.evaluation` skip what is None. Their passes over the images use
+    # `imgllm.data.batching.padded_batch_outputs`.
+    calibrate: CalibrateFn | None = None
+    """calibrate(variables, arrays, *, batch_size, fitted=None) -> dict: `imgllm.calibration.calibration_report` on
+    arrays. At the end of training the fit on the validation split (stored in the checkpoint's meta["calibration"]
+    and added to the final eval), or with `fitted` (a stored fit) its calibration error on another split."""
 
+    confusion: ConfusionFn | None = None
+    """confusion(variables, arrays, *, batch_size, tta) -> int64 [classes, classes] counts (true, predicted)."""
 
-#       `imgllm.data.batching.padded_batch_outputs`.
-#   confusion(variables, arrays, *, batch_size, tta) -> int64 [classes, classes] counts (true, predicted).
+    sample_captions: SampleCaptionsFn | None = None
+    """sample_captions(variables, arrays) -> [(class name, caption)]: a few greedy captions of evaluation images,
+    written to TensorBoard at the end of training."""
 
 
 def metric(total: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
