@@ -106,10 +106,16 @@ def evaluate_pipeline(name, directory, val, train, label_sets, judge, args) -> d
         score = lambda images: (
             classify_images(pipe, images, label_set.labels, label_set.templates, batch_size=args.batch_size).scores
         )
+        try:
+            val_scores, prior_scores = score(val.images), score(train.images)
+        except ValueError as error:  # e.g. prompts longer than a small LM's positions: said, and the rest go on
+            result["label_sets"][set_name] = {"error": str(error)}
+            print(f"[{name}] {set_name}: not scored: {error}", flush=True)
+            continue
         report = label_set_report(
-            score(val.images),
+            val_scores,
             label_set.truth_ids(class_names, val.labels),
-            prior_scores=score(train.images),
+            prior_scores=prior_scores,
             cnn_predictions=label_set.truth_ids(class_names, cnn_classes),
         )
         report["seconds"] = time.perf_counter() - start
@@ -132,6 +138,9 @@ def markdown_tables(results: dict, num_images: int) -> str:
     ]
     for name, result in results.items():
         for set_name, r in result["label_sets"].items():
+            if "error" in r:
+                lines.append(f"| {name} | {set_name} | not scored: {r['error']} | | | | |")
+                continue
             lines.append(
                 f"| {name} | {set_name} | {pct(r, 'lm')} | {r['mcnemar_cnn_lm_p']:.2g} "
                 f"({r['mcnemar_cnn_lm_cnn_only']:.0f} / {r['mcnemar_cnn_lm_lm_only']:.0f}) | "
