@@ -7,6 +7,8 @@ the all-reduces, so gradients and BatchNorm statistics are computed over the *gl
 
 from __future__ import annotations
 
+import collections
+import math
 import os
 from typing import Any
 
@@ -60,6 +62,46 @@ def make_mesh(devices=None) -> Mesh:
     """A 1-D mesh with axis 'data' over `devices` (default: all devices of all processes)."""
     devices = jax.devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def make_local_mesh() -> Mesh:
+    """A 1-D 'data' mesh over this process's own devices only: what a jitted function needs to run with no
+    cross-host collectives in a multi-process job (each process then works on its own data, as inference does)."""
+    return make_mesh(jax.local_devices())
+
+
+def process_device_counts() -> list[int]:
+    """The number of devices of each process, in process order (read from `jax.devices()`: no communication)."""
+    counts = collections.Counter(device.process_index for device in jax.devices())
+    return [counts[index] for index in range(jax.process_count())]
+
+
+def local_batch_multiple() -> int:
+    """What a batch run on each process's local mesh (`make_local_mesh`) must be a multiple of, the same on every
+    process: the least common multiple of the processes' device counts (this process's count when alone)."""
+    return math.lcm(*process_device_counts())
+
+
+# How long a process waits at `wait_for_processes` for the others (they may still be working: a day).
+BARRIER_TIMEOUT_S = 24 * 3600
+
+
+def wait_for_processes(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """A barrier of every process of a multi-process job (`maybe_initialize_distributed`): returns once all have
+    called it with the same `name` (use a name once); at once in a single-process run. It goes through the
+    distributed runtime's coordination service (no device computation); a process that died or did not come within
+    `timeout_s` makes it raise."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client of jax.distributed.initialize: its barrier has a timeout
+
+    client = distributed.global_state.client
+    if client is None:  # a job joined some other way: a collective over every device is a barrier too
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(name, int(timeout_s * 1000))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -29,6 +29,11 @@ its records are the full run's. With --output captions.jsonl it writes captions.
 run options and resuming as any output; the run options name the shard). `infer.py merge --output captions.jsonl`
 then writes captions.jsonl (and its run options) as one unsharded run writes it, in input order, once every part is
 complete (else one line names the missing and incomplete parts); the parts are kept unless --remove-parts.
+In a multi-process JAX job (train.py's flags: --coordinator_address=host:port --num_processes=N --process_id=i, or
+$IMGLLM_COORDINATOR_ADDRESS/$IMGLLM_NUM_PROCESSES/$IMGLLM_PROCESS_ID, or --distributed) both happen in one command:
+process i captions shard i/N on its own devices into its part, then process 0 merges the parts into --output (and
+--html), or names the incomplete parts (status 2). The batch size is rounded up to a multiple of each process's
+device count, and the records are one process's with the same --batch-size when it is a multiple of those counts.
 
 This module only reads flags and prints: the work is `imgllm.pipeline.caption_files` (importable, documented there),
 with the flags that shape the records as one `imgllm.pipeline.CaptionOptions`.
@@ -46,7 +51,7 @@ from collections.abc import Sequence
 
 from absl import logging
 
-from imgllm import cli
+from imgllm import cli, parallel
 from imgllm.data.images import DEFAULT_MAX_PIXELS
 from imgllm.pipeline import CaptionOptions, RunSettings, caption_files
 from imgllm.pipeline.batch import STDOUT, merge_parts
@@ -58,6 +63,11 @@ from imgllm.pipeline.outputs import OutputError
 from imgllm.pipeline.records import score_records
 from imgllm.precision import DTYPE_CHOICES
 
+ENV_COORDINATOR, ENV_PROCESSES, ENV_PROCESS_ID = (
+    parallel.ENV_COORDINATOR,
+    parallel.ENV_NUM_PROCESSES,
+    parallel.ENV_PROCESS_ID,
+)
 INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 # The trainer's modules that `assemble` needs, loaded only by that command: they add seconds to a caption run's start.
 EXPORT_MODULE = "imgllm.train.export"
@@ -149,7 +159,7 @@ def run_captions(args: argparse.Namespace, options: CaptionOptions) -> int:
         settings=settings,
         data_dir=args.data_dir,
         references=args.references,
-        shard=args.shard,
+        shard=None if args.job else args.shard,  # a job's process finds its shard itself
     )
     succeeded, failed, scored = 0, 0, []
     try:
@@ -161,6 +171,8 @@ def run_captions(args: argparse.Namespace, options: CaptionOptions) -> int:
     except OutputError as error:
         print(f"infer.py: error: {error}", file=sys.stderr)
         return cli.USAGE_STATUS
+    if args.job and args.job[0] == 0:
+        print(f"infer.py: merged the parts of the {args.job[1]} processes into {args.output}", file=sys.stderr)
     if args.references:
         scores = score_records(scored, args.references, lm_label_names=options.lm_labels)
         print(json.dumps({"scores": scores}), file=sys.stderr)
@@ -176,6 +188,34 @@ def run_captions(args: argparse.Namespace, options: CaptionOptions) -> int:
     if failed:
         print(f"infer.py: {failed} of {succeeded + failed} images failed (see their error records)", file=sys.stderr)
     return 0
+
+
+def join_job(args: argparse.Namespace) -> tuple[int, int] | None:
+    """Joins a multi-process JAX job when the flags or the environment ask (`parallel.maybe_initialize_distributed`,
+    as train.py); returns (this process's index, the number of processes) when there are several, else None. A
+    job's processes each caption their own shard, so --shard is refused, and --output is needed (the parts go
+    beside it); `args.shard` becomes this process's shard."""
+    joined = parallel.maybe_initialize_distributed(
+        args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed
+    )
+    if not joined:
+        return None
+    import jax
+
+    if jax.process_count() == 1:
+        return None
+    job = (jax.process_index(), jax.process_count())
+    if args.shard is not None:
+        raise ValueError(
+            f"--shard with a multi-process job: process i of {job[1]} captions shard i/{job[1]} by itself "
+            "(drop --shard, or run the shards without --coordinator-address/--distributed)"
+        )
+    if not args.output or args.output == STDOUT:
+        raise ValueError(
+            "a multi-process job needs --output: each process writes its part beside it, then process 0 merges them"
+        )
+    args.shard = job
+    return job
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -349,6 +389,14 @@ def caption_parser() -> argparse.ArgumentParser:
         "parts with infer.py merge (e.g. --shard=$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
+    job = parser.add_argument_group(
+        "multi-process JAX job (as train.py): process i captions shard i of the processes on its own devices "
+        "into its part, then process 0 merges the parts into --output (and --html)"
+    )
+    job.add_argument("--coordinator-address", default=None, help=f"coordinator host:port (or ${ENV_COORDINATOR})")
+    job.add_argument("--num-processes", type=int, default=None, help=f"number of processes (or ${ENV_PROCESSES})")
+    job.add_argument("--process-id", type=int, default=None, help=f"this process's index (or ${ENV_PROCESS_ID})")
+    job.add_argument("--distributed", action="store_true", help="let JAX detect the job (TPU pod slice, SLURM, ...)")
     return parser
 
 
@@ -428,6 +476,7 @@ def run(argv: list[str]) -> int:
             "--html with --shard: each shard writes a part of the output; write the page when merging "
             "(infer.py merge --output OUTPUT --html PAGE)"
         )
+    args.job = join_job(args)  # before anything asks JAX for its devices (the dtype does)
     options = caption_options(args)  # every value checked before anything is read
     if not os.path.isdir(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint!r} is not a directory (infer.py assemble makes one)")

@@ -21,7 +21,10 @@ refused (`OutputError`) rather than mixing two runs' records in one file.
 Without JAX coordination (a SLURM array, a batch queue), `caption_files(..., shard=(i, N))` runs on each machine:
 shard i captions the batches b of the full input list with b % N == i (same batch size, same keys fold_in(seed, b))
 into its own part of the output (`imgllm.pipeline.outputs.part_path`, resumable as any output), and `merge_parts`
-writes the output one unsharded run writes, records and run options alike, once every part is complete.
+writes the output one unsharded run writes, records and run options alike, once every part is complete. In a
+multi-process JAX job (`imgllm.parallel.maybe_initialize_distributed`), each process runs shard (process index,
+process count) on a mesh of its own devices (`parallel.make_local_mesh`: no cross-host collective), and with an output
+file process 0 then merges the parts (`merged_after`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -161,6 +165,12 @@ def caption_files(
     (`imgllm.pipeline.outputs.part_path`: captions.jsonl → captions.shard-00003-of-00010.jsonl), locked, resumed
     and refused with other options (another shard among them) as an output is; `merge_parts` joins the parts.
     No html with a shard: merge_parts writes the page.
+    In a multi-process JAX job (`jax.process_count() > 1`, `imgllm.parallel.maybe_initialize_distributed`), every
+    process calls caption_files with the same arguments and captions shard (its index, the process count) on its
+    local devices (shard must be None or that one), yielding its part's records; the batch size is rounded up to the
+    least common multiple of the processes' device counts (`parallel.local_batch_multiple`), so all cut the same
+    batches. With an output file, once every part has ended (a barrier) process 0 merges them into `output` and
+    `html` (`merge_parts`), raising its OutputError naming the incomplete parts when a process failed.
 
     Nothing runs until the first record is asked for; the lock is held until the iteration ends or the generator is
     closed (`close()`, or its garbage collection). A failed image gives {"path", "error"}; count the records
@@ -208,6 +218,98 @@ def _caption_files(
     shard,
 ) -> Iterator[dict]:
     enable_compilation_cache(settings.compilation_cache)
+    processes = jax.process_count()
+    if processes == 1:
+        mesh = parallel.make_mesh()
+        yield from _caption_run(
+            checkpoint,
+            inputs,
+            options,
+            output=output,
+            fmt=fmt,
+            html=html,
+            resume=resume,
+            retry_errors=retry_errors,
+            settings=settings,
+            data_dir=data_dir,
+            references=references,
+            shard=shard,
+            mesh=mesh,
+            batch_multiple=parallel.global_batch_divisor(mesh),
+        )
+        return
+    own = (jax.process_index(), processes)
+    if shard is not None and shard != own:
+        raise ValueError(
+            f"shard={shard} in a job of {processes} processes: each process captions its own shard "
+            f"(this one {own[0]} of {processes}); leave shard out"
+        )
+    to_file = output is not None and output != STDOUT
+    if html and not to_file:
+        raise ValueError("html in a multi-process job needs an output file: process 0 writes the page when merging")
+    part = _caption_run(
+        checkpoint,
+        inputs,
+        options,
+        output=output,
+        fmt=fmt,
+        html=None,  # the page is written by the merge
+        resume=resume,
+        retry_errors=retry_errors,
+        settings=settings,
+        data_dir=data_dir,
+        references=references,
+        shard=own,
+        mesh=parallel.make_local_mesh(),  # no cross-host collective in the decoding loop
+        batch_multiple=parallel.local_batch_multiple(),  # the same batch plan on every process
+    )
+    if not to_file:  # records only (or to each process's stdout): this process's shard, nothing to merge
+        yield from part
+        return
+    yield from merged_after(part, os.fspath(output), html=html)
+
+
+_JOINED_RUNS = itertools.count()  # names each multi-process run's barriers (every process counts the same runs)
+
+
+def merged_after(part: Iterator[dict], output: str, *, html: str | None) -> Iterator[dict]:
+    """Yields this process's part of a multi-process run (`part`), then, once every process's part has ended (a
+    barrier, `parallel.wait_for_processes`, also reached when this part fails), process 0 merges the parts into
+    `output` and `html` (`merge_parts`: an OutputError naming the parts missing or incomplete when some process
+    failed). The others wait for the merge to end (a second barrier), so that no process leaves the job before it."""
+    name = f"imgllm-caption-{next(_JOINED_RUNS)}"
+    finished = False
+    try:
+        yield from part
+        finished = True
+    finally:
+        parallel.wait_for_processes(f"{name}-parts")
+        if not finished:  # this part failed (its error goes on): nothing to merge here, let process 0 go on
+            parallel.wait_for_processes(f"{name}-merged")
+    try:
+        if jax.process_index() == 0:
+            merge_parts(output, html=html)
+    finally:
+        parallel.wait_for_processes(f"{name}-merged")
+
+
+def _caption_run(
+    checkpoint,
+    inputs,
+    options: CaptionOptions,
+    *,
+    output,
+    fmt,
+    html,
+    resume,
+    retry_errors,
+    settings,
+    data_dir,
+    references,
+    shard,
+    mesh,
+    batch_multiple: int,
+) -> Iterator[dict]:
     page_references = None
     if html:
         check_writable(html, "the HTML page")
@@ -235,10 +337,8 @@ def _caption_files(
             checkpoint if isinstance(checkpoint, PipelineCheckpoint) else load_pipeline(checkpoint, read_params=False)
         )
         spec = loaded.spec_for(options)
-        mesh = parallel.make_mesh()
-        devices = parallel.global_batch_divisor(mesh)
         batch_size = min(options.batch_size, len(items))  # a batch of a million for ten images: gigabytes
-        batch_size = -(-batch_size // devices) * devices
+        batch_size = -(-batch_size // batch_multiple) * batch_multiple
         record_file = (
             None if output is None else RecordFile(path, fmt or format_for_path(path), spec.top_k, options.num_captions)
         )

@@ -286,6 +286,19 @@ def _checkpointer():
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
+def _reader():
+    """A checkpointer to read with. In a multi-process job each process reads on its own, with no barrier with the
+    others (orbax's default): inference processes load at their own pace, and one that failed before loading
+    must not hold the others."""
+    if jax.process_count() == 1:
+        return _checkpointer()
+    local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+    return ocp.Checkpointer(
+        ocp.CompositeCheckpointHandler(composite_options=ocp.CompositeOptions(multiprocessing_options=local)),
+        multiprocessing_options=local,
+    )
+
+
 def save_pipeline_checkpoint(
     out_dir: str | os.PathLike,
     params: Mapping[str, Any],
@@ -431,7 +444,7 @@ def read_pipeline_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
             f"{checkpoint_dir} is not a pipeline checkpoint (no {CONFIG_ITEM}/ inside); make one "
             "with `python infer.py assemble --classifier WORKDIR --lm LM --out DIR`"
         )
-    restored = _checkpointer().restore(
+    restored = _reader().restore(
         os.path.abspath(os.fspath(checkpoint_dir)), args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()})
     )
     config = dict(restored[CONFIG_ITEM])
@@ -445,7 +458,7 @@ def read_pipeline_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
 
 def read_pipeline_params(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     """The parameter tree of a pipeline checkpoint, as arrays on the default device."""
-    restored = _checkpointer().restore(
+    restored = _reader().restore(
         os.path.abspath(os.fspath(checkpoint_dir)), args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore()})
     )
     return dict(restored[PARAMS_ITEM])
