@@ -14,6 +14,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax._src import distributed  # the client of jax.distributed.initialize: its barrier takes a timeout
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -93,12 +95,8 @@ def wait_for_processes(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
     `timeout_s` makes it raise."""
     if jax.process_count() == 1:
         return
-    from jax._src import distributed  # the client of jax.distributed.initialize: its barrier has a timeout
-
     client = distributed.global_state.client
     if client is None:  # a job joined some other way: a collective over every device is a barrier too
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
         return
     client.wait_at_barrier(name, int(timeout_s * 1000))

@@ -23,3 +23,13 @@ def test_distributed_needs_process_count_and_id(monkeypatch):
     monkeypatch.delenv(parallel.ENV_PROCESS_ID, raising=False)
     with pytest.raises(ValueError, match="needs num_processes and process_id"):
         parallel.maybe_initialize_distributed("localhost:1234")
+
+
+def test_local_mesh_batch_multiple_and_barrier_in_one_process():
+    """One process: the local mesh is every device, batches round to the device count, the barrier returns at once
+    (the multi-process behaviour is tests/test_infer_multiprocess.py's)."""
+    mesh = parallel.make_local_mesh()
+    assert mesh.devices.size == len(jax.local_devices()) == jax.device_count()
+    assert parallel.process_device_counts() == [jax.device_count()]
+    assert parallel.local_batch_multiple() == jax.device_count()
+    parallel.wait_for_processes("nobody else", timeout_s=0.001)
