@@ -219,54 +219,42 @@ def _caption_files(
 ) -> Iterator[dict]:
     enable_compilation_cache(settings.compilation_cache)
     processes = jax.process_count()
+    to_file = output is not None and output != STDOUT
     if processes == 1:
         mesh = parallel.make_mesh()
-        yield from _caption_run(
-            checkpoint,
-            inputs,
-            options,
-            output=output,
-            fmt=fmt,
-            html=html,
-            resume=resume,
-            retry_errors=retry_errors,
-            settings=settings,
-            data_dir=data_dir,
-            references=references,
-            shard=shard,
-            mesh=mesh,
-            batch_multiple=parallel.global_batch_divisor(mesh),
-        )
-        return
-    own = (jax.process_index(), processes)
-    if shard is not None and shard != own:
-        raise ValueError(
-            f"shard={shard} in a job of {processes} processes: each process captions its own shard "
-            f"(this one {own[0]} of {processes}); leave shard out"
-        )
-    to_file = output is not None and output != STDOUT
-    if html and not to_file:
-        raise ValueError("html in a multi-process job needs an output file: process 0 writes the page when merging")
-    part = _caption_run(
+        run_shard, run_html, batch_multiple = shard, html, parallel.global_batch_divisor(mesh)
+    else:
+        run_shard = (jax.process_index(), processes)
+        if shard is not None and shard != run_shard:
+            raise ValueError(
+                f"shard={shard} in a job of {processes} processes: each process captions its own shard "
+                f"(this one {run_shard[0]} of {processes}); leave shard out"
+            )
+        if html and not to_file:
+            raise ValueError("html in a multi-process job needs an output file: process 0 writes the page when merging")
+        mesh = parallel.make_local_mesh()  # no cross-host collective in the decoding loop
+        run_html = None  # the page is written by the merge
+        batch_multiple = parallel.local_batch_multiple()  # the same batch plan on every process
+    records = _caption_run(
         checkpoint,
         inputs,
         options,
         output=output,
         fmt=fmt,
-        html=None,  # the page is written by the merge
+        html=run_html,
         resume=resume,
         retry_errors=retry_errors,
         settings=settings,
         data_dir=data_dir,
         references=references,
-        shard=own,
-        mesh=parallel.make_local_mesh(),  # no cross-host collective in the decoding loop
-        batch_multiple=parallel.local_batch_multiple(),  # the same batch plan on every process
+        shard=run_shard,
+        mesh=mesh,
+        batch_multiple=batch_multiple,
     )
-    if not to_file:  # records only (or to each process's stdout): this process's shard, nothing to merge
-        yield from part
+    if processes == 1 or not to_file:  # one process, or records only: this process's records, nothing to merge
+        yield from records
         return
-    yield from merged_after(part, os.fspath(output), html=html)
+    yield from merged_after(records, os.fspath(output), html=html)
 
 
 _JOINED_RUNS = itertools.count()  # names each multi-process run's barriers (every process counts the same runs)
