@@ -158,6 +158,7 @@ class CaptionerTask(Task):
         self.classifier_step = meta["step"]  # the variables are read from this same checkpoint
         self.cnn_temperature = calibration.stored_head_temperature(meta.get("calibration"))  # its fitted head T
         self.classifier_config = run_config
+        self.classifier_meta = meta  # the classifier checkpoint's meta (its data identity, calibration, step)
         self.class_names = tuple(meta.get("task", {}).get("class_names") or ())
         if not self.class_names:
             raise ValueError(f"{config.classifier_workdir}: the classifier checkpoint's meta has no class names")

@@ -20,7 +20,7 @@ from imgllm.language.tokenizer import check_vocabulary
 from imgllm.pipeline import checkpoint as pipeline_checkpoint
 from imgllm.pipeline.prompts import DEFAULT_TEMPLATE
 from imgllm.train.captioner import FROZEN
-from imgllm.train.checkpoint import load_classifier, read_run_config
+from imgllm.train.checkpoint import load_classifier
 from imgllm.train.evaluation import restore_for_eval
 from imgllm.train.lm_task import tokenizer_from_metadata
 from imgllm.train.model_card import model_card
@@ -118,12 +118,11 @@ def export_pipeline_checkpoint(
         **pipeline_calibration(meta.get("calibration"), task.cnn_temperature),
     )
     classifier_dir = os.path.abspath(config.classifier_workdir)
-    _, classifier_meta = read_run_config(classifier_dir)
     card = model_card(
         pipeline_config,
         lm_source=config.lm.get("pretrained"),
         runs=[
-            ("classifier", classifier_dir, task.classifier_config, classifier_meta),
+            ("classifier", classifier_dir, task.classifier_config, task.classifier_meta),
             ("captioner", os.path.abspath(workdir), config.to_dict(), meta),
         ],
     )
