@@ -20,6 +20,7 @@ All functions take and return numpy (host) arrays: they run once, after training
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -189,22 +190,28 @@ def fit_prior_weight(
     return float(min(weights, key=lambda w: (-accuracy(w), w)))
 
 
+HELD_OUT_FOLDS = 2
+
+
+def held_out_folds(count: int, folds: int = HELD_OUT_FOLDS, seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(held-out rows, the other rows) of each fold of a fixed random split of `count` examples: every example is
+    held out once, scored with what the other rows fitted."""
+    order = np.random.default_rng(seed).permutation(count)
+    for part in np.array_split(order, folds):
+        yield part, np.setdiff1d(order, part)
+
+
 def held_out_prior_predictions(
-    scores: np.ndarray, log_prior: np.ndarray, labels: np.ndarray, *, folds: int = 2, seed: int = 0
+    scores: np.ndarray, log_prior: np.ndarray, labels: np.ndarray, *, folds: int = HELD_OUT_FOLDS, seed: int = 0
 ) -> tuple[np.ndarray, list[float]]:
     """(predicted label [N] of every example with the prior weight fitted on the other folds, the weight of each
     fold): the accuracy of prior correction without the fit's own optimism."""
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
-    order = np.random.default_rng(seed).permutation(len(labels))
     predictions, weights = np.zeros(len(labels), np.int64), []
-    for part in np.array_split(order, folds):
-        rest = np.setdiff1d(order, part)
+    for part, rest in held_out_folds(len(labels), folds, seed):
         weights.append(fit_prior_weight(scores[rest], log_prior, labels[rest]))
         predictions[part] = prior_corrected_scores(scores[part], log_prior, weights[-1]).argmax(-1)
     return predictions, weights
-
-
-HELD_OUT_FOLDS = 2
 
 
 def fit_calibration(cnn_logits: np.ndarray, labels: np.ndarray, lm_scores: np.ndarray | None = None) -> dict:
@@ -240,10 +247,8 @@ def held_out_log_probs(
     seed: int = 0,
 ) -> dict:
     """`calibrated_log_probs` of every example under values fitted on the other folds (a fixed random split)."""
-    order = np.random.default_rng(seed).permutation(len(labels))
     result = {}
-    for part in np.array_split(order, folds):
-        rest = np.setdiff1d(order, part)
+    for part, rest in held_out_folds(len(labels), folds, seed):
         fitted = fit_calibration(cnn_logits[rest], labels[rest], None if lm_scores is None else lm_scores[rest])
         scored = calibrated_log_probs(fitted, cnn_logits[part], None if lm_scores is None else lm_scores[part])
         for name, values in scored.items():
