@@ -67,7 +67,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.global_batch_size = 128  # examples per update, over all devices of all hosts
     c.eval_batch_size = 500  # examples per eval batch, over all devices
     c.num_epochs = 5.0  # training length; fractional epochs allowed (airbench: 9.9)
-    c.optimizer = ml_collections.ConfigDict(
+    c.optimizer = optimizer_config()
+    c.lookahead = lookahead_config()
+
+    # ---- bookkeeping ----
+    c.log_every_steps = 20  # train metrics line in metrics.jsonl every N steps (and each epoch end)
+    c.eval_every_epochs = 1  # evaluate on eval_split every N epochs (0: only at the end)
+    c.checkpoint_every_steps = 200  # asynchronous checkpoint every N steps (and at the end)
+    c.max_checkpoints_to_keep = 3  # older checkpoints are deleted
+    c.progress_bar = True  # tqdm bar with loss, accuracy and images/s
+    c.profile_steps = ""  # "START,END": a jax.profiler trace of those steps in <workdir>/profile
+    return c
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+    """The optimiser's fields (imgllm.train.optim): SGD with Nesterov momentum on airbench's triangle schedule."""
+    return ml_collections.ConfigDict(
         dict(
             name="sgd",  # "sgd" (with momentum / Nesterov) | "adamw" | "muon" (groups may differ)
             learning_rate=0.2,  # peak learning rate for the mean loss over the batch
@@ -87,7 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
             groups=airbench_param_groups(),  # per-parameter groups (see imgllm.train.optim)
         )
     )
-    c.lookahead = ml_collections.ConfigDict(
+
+
+def lookahead_config() -> ml_collections.ConfigDict:
+    """airbench's lookahead (an EMA of the parameters and BatchNorm statistics), off by default."""
+    return ml_collections.ConfigDict(
         dict(
             enabled=False,  # airbench's lookahead/EMA of params and BatchNorm statistics
             start_epochs=1.0,  # epoch from which the slow weights start to average
@@ -96,15 +115,6 @@ def base_config() -> ml_collections.ConfigDict:
             decay_pow=3.0,  # how fast averaging strengthens towards the end of training
         )
     )
-
-    # ---- bookkeeping ----
-    c.log_every_steps = 20  # train metrics line in metrics.jsonl every N steps (and each epoch end)
-    c.eval_every_epochs = 1  # evaluate on eval_split every N epochs (0: only at the end)
-    c.checkpoint_every_steps = 200  # asynchronous checkpoint every N steps (and at the end)
-    c.max_checkpoints_to_keep = 3  # older checkpoints are deleted
-    c.progress_bar = True  # tqdm bar with loss, accuracy and images/s
-    c.profile_steps = ""  # "START,END": a jax.profiler trace of those steps in <workdir>/profile
-    return c
 
 
 def airbench_param_groups(

@@ -41,7 +41,8 @@ Config keys:
                        stores the templates it was trained with. `PipelineCheckpoint.spec(lm_classify=True)`
                        scores these (scoring.DEFAULT_TEMPLATES when None or absent, as in older checkpoints)
     cnn_temperature    the CNN head's temperature, fitted on the classifier run's validation split
-                       (`imgllm.calibration`): records' label probabilities are softmax(logits / T) (1 when absent)
+                       (`imgllm.calibration`): records' label probabilities and the prompt's {prob} slots are
+                       softmax(logits / T) (1 when absent)
     lm_temperature     the temperature of the LM's class scores, fitted on the captioner's validation split (1 when
                        absent): records' "lm_probs" are softmax(scores / T)
     fusion_weight, fusion_temperature
@@ -136,73 +137,106 @@ def make_pipeline_config(
 ) -> dict[str, Any]:
     """The JSON config of a pipeline checkpoint, checked (a wrong value is named here, not at inference).
 
-    cnn: `imgllm.vision.cnn.cnn_from_config` dict (a "dtype" key, the compute dtype of the run it comes from, is
-    dropped: inference chooses its own); lm: GPT-2 `config.json` dict; bridge: PrefixMapper fields
-    (prefix_length, lm_dim, hidden) or None; prepend_bos: start every prompt with BOS (the visual-prefix
-    convention of `imgllm.bridge`); max_new_tokens: the default caption length; class_prompt_templates: the
-    templates LM classification scores (None: scoring's defaults); cnn_temperature: the CNN head's temperature fitted
-    on held-out data at the end of training (`imgllm.calibration`; 1: none), which the label probabilities of records
-    and `{prob}` slots are computed with; lm_temperature, fusion_weight, fusion_temperature: the LM's and the fused
-    classifier's calibration; classify: the default classifier; train_flip: the CNN training's flip augmentation
-    (`TRAIN_FLIPS`; None: unknown). The keys are described in the module docstring.
+    It takes the config's keys as keywords, one each and described in the module docstring: grouping them would only
+    move them, and callers pass them by name (or a saved config's keys back). A "dtype" in `cnn` (the compute dtype
+    of the run it comes from) is dropped: inference chooses its own. train_flip None: not known.
     """
-    if train_flip is not None and train_flip not in TRAIN_FLIPS:
-        raise ValueError(f"train_flip must be one of {TRAIN_FLIPS} or None, got {train_flip!r}")
-    for name, value in (
-        ("cnn_temperature", cnn_temperature),
-        ("lm_temperature", lm_temperature),
-        ("fusion_temperature", fusion_temperature),
-    ):
-        if not 0 < value < float("inf"):
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if not 0 <= fusion_weight < float("inf"):
-        raise ValueError(f"fusion_weight must be a number >= 0, got {fusion_weight!r}")
-    if classify not in caption.CLASSIFIERS:
-        raise ValueError(f"classify must be one of {caption.CLASSIFIERS}, got {classify!r}")
-    if classify != "cnn" and bridge is None:
-        raise ValueError(f"classify={classify!r} needs a bridge (the LM classifies after the visual prefix)")
-    class_names = [str(name) for name in class_names]
-    if not class_names or len(set(class_names)) != len(class_names):
-        raise ValueError(f"class_names must be non-empty and unique, got {class_names[:20]}")
-    if "preset" not in cnn:
-        raise ValueError(f"the CNN config needs a 'preset' key, got keys {sorted(cnn)}")
-    if (mean is None) != (std is None):
-        raise ValueError("give both mean and std, or neither (CIFAR-10's are the default)")
-    if prepend_bos and bos_id is None:
-        raise ValueError("prepend_bos=True needs bos_id")
-    cnn = {key: value for key, value in cnn.items() if key != "dtype"}  # a runtime choice, not the format's
-    config = dict(
-        format=FORMAT,
-        cnn=cnn,
-        lm=dict(lm),
-        bridge=None if bridge is None else dict(bridge),
-        class_names=class_names,
-        template=template,
-        top_k=int(top_k),
-        image_size=int(image_size),
-        mean=None if mean is None else [float(m) for m in mean],
-        std=None if std is None else [float(s) for s in std],
-        eos_id=int(eos_id),
-        pad_id=int(pad_id),
-        bos_id=None if bos_id is None else int(bos_id),
-        prepend_bos=bool(prepend_bos),
-        max_new_tokens=int(max_new_tokens),
-        class_prompt_templates=None if class_prompt_templates is None else list(class_prompt_templates),
-        cnn_temperature=float(cnn_temperature),
-        lm_temperature=float(lm_temperature),
-        fusion_weight=float(fusion_weight),
-        fusion_temperature=float(fusion_temperature),
-        classify=classify,
-        train_flip=train_flip,
+    fields = _checked_arguments(
+        dict(
+            cnn=cnn,
+            lm=lm,
+            class_names=class_names,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            bos_id=bos_id,
+            bridge=bridge,
+            template=template,
+            top_k=top_k,
+            image_size=image_size,
+            mean=mean,
+            std=std,
+            prepend_bos=prepend_bos,
+            max_new_tokens=max_new_tokens,
+            class_prompt_templates=class_prompt_templates,
+            cnn_temperature=cnn_temperature,
+            lm_temperature=lm_temperature,
+            fusion_weight=fusion_weight,
+            fusion_temperature=fusion_temperature,
+            classify=classify,
+            train_flip=train_flip,
+        )
     )
+    config = {"format": FORMAT, **{key: store(fields[key]) for key, store in _STORED_AS.items()}}
     if class_prompt_templates is not None:
         check_template_count(class_prompt_templates, "class_prompt_templates")
         prompts.check_label_templates(class_prompt_templates)
-        fill_templates(class_names, class_prompt_templates)  # a template without {label} is named now
+        fill_templates(config["class_names"], class_prompt_templates)  # a template without {label} is named now
     if template:
-        prompts.parse_template(template, int(top_k))  # a bad slot is named now, not at inference
+        prompts.parse_template(template, config["top_k"])  # a bad slot is named now, not at inference
     check_config_numbers(config, "the pipeline config")
     return json.loads(json.dumps(config))
+
+
+def _checked_arguments(fields: dict[str, Any]) -> dict[str, Any]:
+    """`make_pipeline_config`'s arguments, their values checked as given (before `_STORED_AS` converts them, which
+    would hide some mistakes), with the class names as strings."""
+    train_flip, classify = fields["train_flip"], fields["classify"]
+    if train_flip is not None and train_flip not in TRAIN_FLIPS:
+        raise ValueError(f"train_flip must be one of {TRAIN_FLIPS} or None, got {train_flip!r}")
+    for name in ("cnn_temperature", "lm_temperature", "fusion_temperature"):
+        if not 0 < fields[name] < float("inf"):
+            raise ValueError(f"{name} must be a positive number, got {fields[name]!r}")
+    if not 0 <= fields["fusion_weight"] < float("inf"):
+        raise ValueError(f"fusion_weight must be a number >= 0, got {fields['fusion_weight']!r}")
+    if classify not in caption.CLASSIFIERS:
+        raise ValueError(f"classify must be one of {caption.CLASSIFIERS}, got {classify!r}")
+    if classify != "cnn" and fields["bridge"] is None:
+        raise ValueError(f"classify={classify!r} needs a bridge (the LM classifies after the visual prefix)")
+    class_names = [str(name) for name in fields["class_names"]]
+    if not class_names or len(set(class_names)) != len(class_names):
+        raise ValueError(f"class_names must be non-empty and unique, got {class_names[:20]}")
+    if "preset" not in fields["cnn"]:
+        raise ValueError(f"the CNN config needs a 'preset' key, got keys {sorted(fields['cnn'])}")
+    if (fields["mean"] is None) != (fields["std"] is None):
+        raise ValueError("give both mean and std, or neither (CIFAR-10's are the default)")
+    if fields["prepend_bos"] and fields["bos_id"] is None:
+        raise ValueError("prepend_bos=True needs bos_id")
+    return {**fields, "class_names": class_names}
+
+
+def _optional(store):
+    """`store`, with None kept (the value of an optional key)."""
+    return lambda value: None if value is None else store(value)
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+# How `make_pipeline_config` stores each key (after "format"), in the config's order.
+_STORED_AS = {
+    "cnn": lambda cnn: {key: value for key, value in cnn.items() if key != "dtype"},  # dtype: a runtime choice
+    "lm": dict,
+    "bridge": _optional(dict),
+    "class_names": list,
+    "template": _as_is,
+    "top_k": int,
+    "image_size": int,
+    "mean": _optional(lambda values: [float(value) for value in values]),
+    "std": _optional(lambda values: [float(value) for value in values]),
+    "eos_id": int,
+    "pad_id": int,
+    "bos_id": _optional(int),
+    "prepend_bos": bool,
+    "max_new_tokens": int,
+    "class_prompt_templates": _optional(list),
+    "cnn_temperature": float,
+    "lm_temperature": float,
+    "fusion_weight": float,
+    "fusion_temperature": float,
+    "classify": _as_is,
+    "train_flip": _as_is,
+}
 
 
 def _is_number(value: Any) -> bool:
@@ -617,15 +651,18 @@ class PipelineCheckpoint:
     ) -> caption.PipelineSpec:
         """The static `PipelineSpec`; generation: a `GenerationConfig` (default: greedy, the config's length).
 
+        Its keywords are the captioning options one by one (those of `CaptionOptions` that shape the spec, and
+        lm_score_end), so that research code asks for a spec without building an options object (`spec_for` takes
+        one): grouping them would only move them.
         lm_classify: also classify by LM likelihood after the visual prefix ("lm_label" in records), scoring the
         checkpoint's class_prompt_templates (`class_prompt_templates`); lm_labels: classify by the LM among these
         labels instead of the CNN's classes, with lm_templates (None: the checkpoint's templates; see
         `label_prompts`, with lm_score_end as its score_end); lm_scoring: "likelihood" or "information_gain"
-        (`PipelineSpec`). classify: the labels'
-        source, "cnn", "lm" or "fused" (None: the checkpoint's default, `default_classify`). All but "cnn" need a
-        checkpoint with a bridge. The checkpoint's calibration (temperatures, fusion weight) is applied.
-        dtype: the CNN's and the LM's compute dtype, "auto" (bfloat16 on GPU/TPU, float32 on CPU), "float32" or
-        "bfloat16" (`imgllm.precision`); the float32 parameters are cast inside the jitted function."""
+        (`PipelineSpec`). classify: the labels' source, "cnn", "lm" or "fused" (None: the checkpoint's default,
+        `default_classify`). All but "cnn" need a checkpoint with a bridge. The checkpoint's calibration
+        (temperatures, fusion weight) is applied. dtype: the CNN's and the LM's compute dtype, "auto" (bfloat16 on
+        GPU/TPU, float32 on CPU), "float32" or "bfloat16" (`imgllm.precision`); the float32 parameters are cast
+        inside the jitted function."""
         dtype = resolve_dtype(dtype)
         config = self.config
         if flip_tta:
@@ -637,25 +674,9 @@ class PipelineCheckpoint:
             generation = GenerationConfig(
                 max_new_tokens=config["max_new_tokens"], eos_token_id=config["eos_id"], pad_token_id=config["pad_id"]
             )
-        bridge = None
-        if config.get("bridge") is not None:
-            bridge = PrefixMapper(**config["bridge"])
-        uses_lm = lm_classify or lm_labels is not None or classify != "cnn"
-        if uses_lm and bridge is None:
-            raise ValueError(
-                f"{self.directory}: classification by the LM needs a visual prefix, and this pipeline "
-                "checkpoint has no bridge"
-            )
-        if lm_templates is not None and lm_labels is None:
-            raise ValueError("lm_templates are the prompts of lm_labels: give the labels too")
-        lm_labels, lm_templates = stripped(lm_labels), stripped(lm_templates)  # as the command line splits them
-        class_prompts = (
-            self.label_prompts(config["class_names"])
-            if (lm_classify and lm_labels is None) or classify != "cnn"
-            else None
-        )
-        label_prompts = (
-            None if lm_labels is None else self.label_prompts(lm_labels, lm_templates, score_end=lm_score_end)
+        bridge = None if config.get("bridge") is None else PrefixMapper(**config["bridge"])
+        lm_labels, class_prompts, label_prompts = self._lm_prompt_tables(
+            lm_classify, classify, lm_labels, lm_templates, lm_score_end
         )
         mean, std = config.get("mean"), config.get("std")
         return caption.PipelineSpec(
@@ -679,6 +700,35 @@ class PipelineCheckpoint:
             fusion_weight=float(config.get("fusion_weight", 0.0)),
             fusion_temperature=float(config.get("fusion_temperature", 1.0)),
         )
+
+    def _lm_prompt_tables(
+        self,
+        lm_classify: bool,
+        classify: str,
+        lm_labels: Sequence[str] | None,
+        lm_templates: Sequence[str] | None,
+        lm_score_end: bool | None,
+    ) -> tuple[list[str] | None, ClassPromptTable | None, ClassPromptTable | None]:
+        """`spec`'s LM classification: (the labels stripped, the class prompt table, the label prompt table), the
+        tables None when not asked for; raises ValueError when the LM is asked to classify without a bridge."""
+        uses_lm = lm_classify or lm_labels is not None or classify != "cnn"
+        if uses_lm and self.config.get("bridge") is None:
+            raise ValueError(
+                f"{self.directory}: classification by the LM needs a visual prefix, and this pipeline "
+                "checkpoint has no bridge"
+            )
+        if lm_templates is not None and lm_labels is None:
+            raise ValueError("lm_templates are the prompts of lm_labels: give the labels too")
+        lm_labels, lm_templates = stripped(lm_labels), stripped(lm_templates)  # as the command line splits them
+        class_prompts = (
+            self.label_prompts(self.config["class_names"])
+            if (lm_classify and lm_labels is None) or classify != "cnn"
+            else None
+        )
+        label_prompts = (
+            None if lm_labels is None else self.label_prompts(lm_labels, lm_templates, score_end=lm_score_end)
+        )
+        return lm_labels, class_prompts, label_prompts
 
     def spec_for(self, options: CaptionOptions) -> caption.PipelineSpec:
         """The `PipelineSpec` that captions with `options` (`imgllm.pipeline.options.CaptionOptions`): `spec` with
