@@ -29,7 +29,7 @@ from imgllm.commands.assemble import run_assemble
 from imgllm.commands.infer_flags import assemble_parser, caption_parser, dashed_flags, merge_parser, split_list
 from imgllm.pipeline import CaptionOptions, RunSettings, caption_files
 from imgllm.pipeline.batch import STDOUT, merge_parts
-from imgllm.pipeline.inputs import expand_inputs, parse_shard
+from imgllm.pipeline.inputs import iter_inputs, parse_shard
 from imgllm.pipeline.outputs import OutputError
 from imgllm.pipeline.records import score_records
 
@@ -62,8 +62,7 @@ def caption_options(args: argparse.Namespace) -> CaptionOptions:
 
 def run_captions(args: argparse.Namespace, options: CaptionOptions) -> int:
     """The caption command; returns the exit status (2, with one line on stderr, when the output cannot be used)."""
-    items = expand_inputs(args.inputs, data_dir=args.data_dir)
-    if not items:
+    if next(iter_inputs(args.inputs, data_dir=args.data_dir), None) is None:  # lists up to the first image only
         print("infer.py: error: no input images found", file=sys.stderr)
         return cli.USAGE_STATUS
     settings = RunSettings(
@@ -74,7 +73,7 @@ def run_captions(args: argparse.Namespace, options: CaptionOptions) -> int:
     )
     records = caption_files(
         args.checkpoint,
-        items,
+        args.inputs,  # listed again as they are captioned
         options,
         output=args.output or STDOUT,
         fmt=args.format,

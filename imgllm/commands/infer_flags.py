@@ -27,8 +27,9 @@ In a multi-process JAX job (train.py's flags: --coordinator_address=host:port --
 $IMGLLM_COORDINATOR_ADDRESS/$IMGLLM_NUM_PROCESSES/$IMGLLM_PROCESS_ID, or --distributed) both happen in one command:
 process i captions shard i/N on its own devices into its part, then process 0 merges the parts into --output (and
 --html), or names the incomplete parts (status 2). A process that dies takes the job with it (JAX aborts the others
-within its heartbeat timeout, status 134); the same command then resumes every part. The batch size is rounded up to a multiple of each process's
-device count, and the records are one process's with the same --batch-size when it is a multiple of those counts.
+within its heartbeat timeout, status 134); the same command then resumes every part. The batch size is rounded up
+to a multiple of each process's device count, and the records are one process's with the same --batch-size when it
+is a multiple of those counts.
 """
 
 from __future__ import annotations

@@ -5,14 +5,14 @@
     for record in caption_files("runs/demo/pipeline", ["photos/", "tfds:cifar10:test"], output="captions.jsonl"):
         print(record["path"], record["labels"][0]["label"], record["captions"][0])
 
-`caption_files` is what ``infer.py`` runs (the script only parses flags and prints): it expands the inputs
-(`imgllm.pipeline.inputs`), reads batches in a background thread, runs the jitted `caption_images` over the
-device mesh, and turns each batch into records (`imgllm.pipeline.records`), appended to the output as each batch
-finishes. What shapes the records is one `CaptionOptions` (`imgllm.pipeline.options`), what does not (threads,
-progress, compilation cache, pixel limit) one `RunSettings`. With an output file it resumes: images already in it
-are skipped, and with the same seed and batch size the records are the ones an uninterrupted run writes (batch i
-always holds the same images and draws the random key fold_in(seed, i)). A file that cannot be read gives an error
-record and the run goes on.
+`caption_files` is what ``infer.py`` runs (the script only parses flags and prints): it lists the inputs as a stream
+(`imgllm.pipeline.inputs.InputStream`: the first batch is captioned before a big folder is listed), reads batches in
+a background thread, runs the jitted `caption_images` over the device mesh, and turns each batch into records
+(`imgllm.pipeline.records`), appended to the output as each batch finishes. What shapes the records is one
+`CaptionOptions` (`imgllm.pipeline.options`), what does not (threads, progress, compilation cache, pixel limit) one
+`RunSettings`. With an output file it resumes: images already in it are skipped, and with the same seed and batch
+size the records are the ones an uninterrupted run writes (batch i always holds the same images and draws the random
+key fold_in(seed, i)). A file that cannot be read gives an error record and the run goes on.
 
 An output file is held by one run at a time (`imgllm.pipeline.outputs.OutputLock`, `<output>.lock`), and the
 options that shape its records are kept beside it (`run_options`, `<output>.run.json`): resuming with other ones is
@@ -20,11 +20,12 @@ refused (`OutputError`) rather than mixing two runs' records in one file.
 
 Without JAX coordination (a SLURM array, a batch queue), `caption_files(..., shard=(i, N))` runs on each machine:
 shard i captions the batches b of the full input list with b % N == i (same batch size, same keys fold_in(seed, b))
-into its own part of the output (`imgllm.pipeline.outputs.part_path`, resumable as any output), and `merge_parts`
-writes the output one unsharded run writes, records and run options alike, once every part is complete. In a
-multi-process JAX job (`imgllm.parallel.maybe_initialize_distributed`), each process runs shard (process index,
-process count) on a mesh of its own devices (`parallel.make_local_mesh`: no cross-host collective), and with an output
-file process 0 then merges the parts (`merged_after`).
+into its own part of the output (`imgllm.pipeline.outputs.part_path`, resumable as any output), dropping the other
+shards' items as the list streams by (its run options get the list's fingerprint and its own paths once the list is
+read: `PartOptions`), and `merge_parts` writes the output one unsharded run writes, records and run options alike,
+once every part is complete. In a multi-process JAX job (`imgllm.parallel.maybe_initialize_distributed`), each
+process runs shard (process index, process count) on a mesh of its own devices (`parallel.make_local_mesh`: no
+cross-host collective), and with an output file process 0 then merges the parts (`merged_after`).
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import itertools
 import json
+import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -50,17 +53,15 @@ from imgllm.pipeline.caption import PipelineSpec, compile_captioner, inference_p
 from imgllm.pipeline.checkpoint import PipelineCheckpoint, load_pipeline, read_params_shapes, read_pipeline_params
 from imgllm.pipeline.gallery import GalleryHeader, write_gallery
 from imgllm.pipeline.inputs import (
-    DEFAULT_MAX_PIXELS,
     TFDS_PREFIX,
     Batch,
+    InputStream,
     Item,
     check_shard,
-    expand_inputs,
-    inputs_fingerprint,
-    plan_batches,
+    in_shard,
     prefetch_batches,
     shard_item_index,
-    shard_items,
+    stream_batches,
 )
 from imgllm.pipeline.options import DEFAULT_COMPILATION_CACHE, CaptionOptions, RunSettings
 from imgllm.pipeline.outputs import (
@@ -72,12 +73,14 @@ from imgllm.pipeline.outputs import (
     check_distinct_paths,
     check_writable,
     find_parts,
+    listed_shard,
     part_path,
     part_positions,
     part_shard_problem,
     path_identity,
     prepare_output,
     read_run_options,
+    refuse_written,
     shard_run_options,
     unsharded_run_options,
     write_run_options,
@@ -136,9 +139,14 @@ def caption_files(
 ) -> Iterator[dict]:
     """Captions images; yields one record per image (`imgllm.pipeline.records`), in output order.
 
+    Twelve parameters, most keywords, for a reason: this is the public entry (infer.py's flags map onto it), and
+    each keyword is one documented choice; inside, they travel as a `Destination` and a `RunSettings`.
+
     checkpoint: a pipeline checkpoint directory (its weights are read in a thread while the captioner compiles
     against their shapes), or a loaded `PipelineCheckpoint`. inputs: files, folders (recursive), glob patterns,
-    tfds splits "tfds:NAME:SPLIT" (data_dir: their tfds data directory), or `Item`s.
+    tfds splits "tfds:NAME:SPLIT" (data_dir: their tfds data directory), or `Item`s; they are listed while the
+    first batches are captioned (`imgllm.pipeline.inputs.InputStream`), so a folder of a million files starts at
+    once. No input image at all: nothing is yielded (and nothing written).
     options: what is computed, `CaptionOptions` (None: its defaults, greedy decoding with the checkpoint's
     template and labels): decoding, template, labels, TTA, classifier, LM labels, dtype, seed (batch i draws
     fold_in(seed, i)) and batch size (images per step, rounded up to a multiple of the devices).
@@ -177,7 +185,6 @@ def caption_files(
     without "error" to know whether anything could be captioned.
     """
     options = CaptionOptions() if options is None else options  # made here, not at import: its dtype asks JAX
-    settings = RunSettings() if settings is None else settings
     if fmt is not None and fmt not in RECORD_FORMATS:
         raise ValueError(f"fmt must be one of {RECORD_FORMATS}, got {fmt!r}")
     shard = check_shard(shard)
@@ -186,75 +193,73 @@ def caption_files(
             "html with shard: each shard writes a part of the output; write the page when merging the "
             "parts (merge_parts(output, html=...), infer.py merge --html)"
         )
-    return _caption_files(
-        checkpoint,
-        inputs,
-        options,
-        output=output,
-        fmt=fmt,
-        html=html,
-        resume=resume,
-        retry_errors=retry_errors,
-        settings=settings,
-        data_dir=data_dir,
-        references=references,
-        shard=shard,
-    )
+    output = None if output is None else os.fspath(output)
+    destination = Destination(output, fmt, html, resume, retry_errors, references, shard)
+    return _caption_files(checkpoint, inputs, options, destination, settings or RunSettings(), data_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class Destination:
+    """Where a run's records go, as `caption_files` documents each field: output (None: only yielded; STDOUT; a
+    records file), its format fmt, the page html and the references it scores against, whether a run resumes and
+    retries error records, and the shard the run captions (its records go to the output's part)."""
+
+    output: str | None = None
+    fmt: str | None = None
+    html: str | None = None
+    resume: bool = True
+    retry_errors: bool = False
+    references: str | None = None
+    shard: tuple[int, int] | None = None
+
+    @property
+    def to_file(self) -> bool:
+        """Whether the records go to a file (not only yielded, nor on standard output)."""
+        return self.output is not None and self.output != STDOUT
+
+    @property
+    def path(self) -> str | None:
+        """The records file this run writes: the output, or its part for a shard (`part_path`); None for none."""
+        if not self.to_file:
+            return None
+        return self.output if self.shard is None else part_path(self.output, self.shard)
+
+    def written(self) -> dict[str, str | None]:
+        """What the run writes, by what it is (`check_distinct_paths`)."""
+        path = self.path
+        return {
+            "the output": path,
+            "the HTML page": self.html,
+            "the output's lock": None if path is None else path + LOCK_SUFFIX,
+            "the output's run options": None if path is None else path + RUN_OPTIONS_SUFFIX,
+        }
 
 
 def _caption_files(
-    checkpoint,
-    inputs,
-    options: CaptionOptions,
-    *,
-    output,
-    fmt,
-    html,
-    resume,
-    retry_errors,
-    settings,
-    data_dir,
-    references,
-    shard,
+    checkpoint, inputs, options: CaptionOptions, destination: Destination, settings: RunSettings, data_dir
 ) -> Iterator[dict]:
     enable_compilation_cache(settings.compilation_cache)
     processes = jax.process_count()
-    to_file = output is not None and output != STDOUT
     if processes == 1:
         mesh = parallel.make_mesh()
-        run_shard, run_html, batch_multiple = shard, html, parallel.global_batch_divisor(mesh)
+        run, batch_multiple = destination, parallel.global_batch_divisor(mesh)
     else:
         run_shard = (jax.process_index(), processes)
-        if shard is not None and shard != run_shard:
+        if destination.shard is not None and destination.shard != run_shard:
             raise ValueError(
-                f"shard={shard} in a job of {processes} processes: each process captions its own shard "
+                f"shard={destination.shard} in a job of {processes} processes: each process captions its own shard "
                 f"(this one {run_shard[0]} of {processes}); leave shard out"
             )
-        if html and not to_file:
+        if destination.html and not destination.to_file:
             raise ValueError("html in a multi-process job needs an output file: process 0 writes the page when merging")
         mesh = parallel.make_local_mesh()  # no cross-host collective in the decoding loop
-        run_html = None  # the page is written by the merge
+        run = dataclasses.replace(destination, shard=run_shard, html=None)  # the page is written by the merge
         batch_multiple = parallel.local_batch_multiple()  # the same batch plan on every process
-    records = _caption_run(
-        checkpoint,
-        inputs,
-        options,
-        output=output,
-        fmt=fmt,
-        html=run_html,
-        resume=resume,
-        retry_errors=retry_errors,
-        settings=settings,
-        data_dir=data_dir,
-        references=references,
-        shard=run_shard,
-        mesh=mesh,
-        batch_multiple=batch_multiple,
-    )
-    if processes == 1 or not to_file:  # one process, or records only: this process's records, nothing to merge
+    records = _caption_run(checkpoint, inputs, options, run, settings, data_dir, mesh, batch_multiple)
+    if processes == 1 or not destination.to_file:  # one process, or records only: its records, nothing to merge
         yield from records
         return
-    yield from merged_after(records, os.fspath(output), html=html)
+    yield from merged_after(records, destination.output, html=destination.html)
 
 
 _JOINED_RUNS = itertools.count()  # names each multi-process run's barriers (every process counts the same runs)
@@ -282,105 +287,167 @@ def merged_after(part: Iterator[dict], output: str, *, html: str | None) -> Iter
 
 
 def _caption_run(
-    checkpoint,
-    inputs,
-    options: CaptionOptions,
-    *,
-    output,
-    fmt,
-    html,
-    resume,
-    retry_errors,
-    settings,
-    data_dir,
-    references,
-    shard,
-    mesh,
-    batch_multiple: int,
+    checkpoint, inputs, options: CaptionOptions, run: Destination, settings: RunSettings, data_dir, mesh, batch_multiple
 ) -> Iterator[dict]:
     page_references = None
-    if html:
-        check_writable(html, "the HTML page")
-        page_references = read_references(references) if references else None
-    path = None if output is None or output == STDOUT else os.fspath(output)
-    if path is not None and shard is not None:
-        path = part_path(path, shard)  # each shard writes its own part, with its own lock and run options
+    if run.html:
+        check_writable(run.html, "the HTML page")
+        page_references = read_references(run.references) if run.references else None
+    path = run.path
     with OutputLock(path) if path is not None else contextlib.nullcontext():
-        items = expand_inputs(inputs, data_dir=data_dir)
-        if not items:
+        page_items: dict[str, Item] | None = {} if run.html else None
+        stream = open_inputs(inputs, options.batch_size, run, data_dir, batch_multiple, page_items)
+        if stream.count == 0:
             return
-        check_distinct_paths(
-            {
-                "the output": path,
-                "the HTML page": html,
-                "the output's lock": None if path is None else path + LOCK_SUFFIX,
-                "the output's run options": None if path is None else path + RUN_OPTIONS_SUFFIX,
-            },
-            {
-                "the input image": [item.key for item in items if item.tfds_source is None],
-                "the references": [references] if references else [],
-            },
-        )
         loaded = (
             checkpoint if isinstance(checkpoint, PipelineCheckpoint) else load_pipeline(checkpoint, read_params=False)
         )
         spec = loaded.spec_for(options)
-        batch_size = min(options.batch_size, len(items))  # a batch of a million for ten images: gigabytes
-        batch_size = -(-batch_size // batch_multiple) * batch_multiple
+        batch_size = run_batch_size(options.batch_size, stream, batch_multiple)
         record_file = (
-            None if output is None else RecordFile(path, fmt or format_for_path(path), spec.top_k, options.num_captions)
+            None
+            if run.output is None
+            else RecordFile(path, run.fmt or format_for_path(path), spec.top_k, options.num_captions)
         )
-        previous = []
         recorded = (
             None
-            if path is None and not html
+            if path is None and not run.html
             else run_options(  # kept beside the output, shown on the page
                 loaded, options, spec, fmt=record_file.format if record_file else "jsonl", batch_size=batch_size
             )
         )
-        if recorded is not None and shard is not None:
-            recorded = shard_run_options(
-                recorded,
-                shard,
-                batch_size=batch_size,
-                inputs=inputs_fingerprint(items),
-                paths=[item.key for item in shard_items(items, batch_size, shard)],
-            )
+        part = PartOptions(path, recorded, run.shard, batch_size) if path and run.shard else None
+        previous = []
         if path is not None:  # checked and recorded before anything is compiled
-            retry = {item.key for item in items} if retry_errors else ()
-            previous = prepare_output(record_file, recorded, resume=resume, retry=retry)
+            retry = (lambda: [item.key for item in stream.read_to()]) if run.retry_errors else ()
+            previous = prepare_output(
+                record_file, part.now(stream) if part else recorded, resume=run.resume, retry=retry
+            )
         yield from previous
-        new_records: list[dict] | None = [] if html else None  # the page shows previous + new records
-        for record in caption_pending(
+        new_records: list[dict] | None = [] if run.html else None  # the page shows previous + new records
+        pending = caption_pending(
             loaded,
             spec,
             mesh,
-            items,
+            stream,
             previous,
             record_file,
             batch_size=batch_size,
             seed=options.seed,
-            workers=settings.workers,
-            progress=settings.progress,
-            max_pixels=settings.max_pixels,
-            shard=shard,
-        ):
+            settings=settings,
+        )
+        for record in pending:
+            if part is not None:
+                part.record_listing(stream)
             if new_records is not None:
                 new_records.append(record)
             yield record
-        if html:
-            shown = previous + new_records
-            header = gallery_header(
-                recorded, score_records(shown, references, lm_label_names=spec.lm_label_names) if references else None
-            )
-            write_gallery(
-                html,
-                shown,
-                {item.key: item for item in items},
-                header=header,
-                references=page_references,
-                lm_label_names=spec.lm_label_names,
-            )
+        if part is not None:
+            part.record_listing(stream)
+        if run.html:
+            write_run_page(run, previous + new_records, recorded, page_items, page_references, spec.lm_label_names)
+
+
+def open_inputs(
+    inputs, batch_size: int, run: Destination, data_dir, batch_multiple: int, page_items: dict[str, Item] | None
+) -> InputStream:
+    """The run's `InputStream`, listed up to its first batch (or to its end when resuming a part that recorded its
+    input list: other inputs are then refused before anything is compiled, as other options are). A shard keeps its
+    own batches' items (cut as `run_batch_size` cuts them); every item is checked not to be a file the run writes;
+    page_items (a run with a page) gathers the tfds items, whose images the page reads through them."""
+    specs = [spec if isinstance(spec, Item) else os.fspath(spec) for spec in inputs]  # listed once: may be an iterator
+    named = [spec.key if isinstance(spec, Item) else spec for spec in specs if _names_a_file(spec)]
+    written = check_distinct_paths(
+        run.written(), {"the input image": named, "the references": [run.references] if run.references else []}
+    )
+
+    def check(item: Item) -> None:
+        if item.tfds_source is None:
+            refuse_written(written, "the input image", item.key)
+        elif page_items is not None:
+            page_items[item.key] = item
+
+    full_batch = -(-batch_size // batch_multiple) * batch_multiple  # batch 0 holds the first batch_size items anyway
+    keep = None if run.shard is None else (lambda position: in_shard(position, run.shard, full_batch))
+    stream = InputStream(specs, data_dir=data_dir, keep=keep, check=check, collect=run.shard is not None)
+    stream.read_to(math.inf if _listed_before(run) else batch_size)
+    return stream
+
+
+def _names_a_file(spec: str | Item) -> bool:
+    """Whether an input spec is an image file named as such (not a folder, a pattern or a tfds split)."""
+    if isinstance(spec, Item):
+        return spec.tfds_source is None
+    if spec.startswith(TFDS_PREFIX) or os.path.isdir(spec):
+        return False
+    return os.path.lexists(spec) or not glob.has_magic(spec)
+
+
+def _listed_before(run: Destination) -> bool:
+    """Whether the run resumes a part whose run options hold its input list (`listed_shard`)."""
+    if not run.resume or run.shard is None or run.path is None:
+        return False
+    try:
+        recorded = read_run_options(run.path + RUN_OPTIONS_SUFFIX)
+    except OutputError:  # refused, naming the file, when its records are read
+        return False
+    return recorded is not None and isinstance(recorded.get("shard"), dict) and listed_shard(recorded)
+
+
+def run_batch_size(requested: int, stream: InputStream, multiple: int) -> int:
+    """The run's batch size: `requested`, or the number of inputs when fewer (a batch of a million for ten images
+    is gigabytes), rounded up to a multiple of `multiple` (the devices). `stream` is listed up to `requested`."""
+    size = min(requested, stream.count) if stream.listing is not None else requested
+    return -(-size // multiple) * multiple
+
+
+@dataclasses.dataclass
+class PartOptions:
+    """A part's run options (`shard_run_options`): the shard's index, count and batch size from the start, its
+    images, input fingerprint and paths (`InputStream.listing`) written beside the part once the inputs are listed."""
+
+    path: str
+    recorded: dict[str, Any]
+    shard: tuple[int, int]
+    batch_size: int
+    listed: bool = False
+
+    def now(self, stream: InputStream) -> dict[str, Any]:
+        """The part's run options as far as `stream` has listed the inputs."""
+        listing = stream.listing
+        self.listed = listing is not None
+        return shard_run_options(
+            self.recorded,
+            self.shard,
+            batch_size=self.batch_size,
+            inputs=None if listing is None else listing.fingerprint,
+            paths=None if listing is None else listing.keys,
+        )
+
+    def record_listing(self, stream: InputStream) -> None:
+        """Writes the part's run options with its input list, once, when `stream` has listed it."""
+        if not self.listed and stream.listing is not None:
+            write_run_options(self.path + RUN_OPTIONS_SUFFIX, self.now(stream))
+
+
+def write_run_page(
+    run: Destination,
+    shown: list[dict],
+    recorded: Mapping[str, Any],
+    page_items: Mapping[str, Item] | None,
+    page_references: Mapping[str, dict] | None,
+    lm_label_names: Sequence[str] | None,
+) -> None:
+    """The page of a run's records (`write_gallery`): previous and new ones, scored against the references."""
+    scores = score_records(shown, run.references, lm_label_names=lm_label_names) if run.references else None
+    write_gallery(
+        run.html,
+        shown,
+        page_items,
+        header=gallery_header(recorded, scores),
+        references=page_references,
+        lm_label_names=lm_label_names,
+    )
 
 
 def gallery_header(options: Mapping[str, Any], scores: Mapping[str, Any] | None = None) -> GalleryHeader:
@@ -397,52 +464,70 @@ def caption_pending(
     loaded: PipelineCheckpoint,
     spec: PipelineSpec,
     mesh,
-    items: list[Item],
+    inputs: InputStream,
     previous: list[dict],
     record_file: RecordFile | None,
     *,
     batch_size: int,
     seed: int,
-    workers: int,
-    progress: bool,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    shard: tuple[int, int] | None = None,
+    settings: RunSettings,
 ) -> Iterator[dict]:
-    """Captions the items without a record in `previous` and yields their records, each batch's once it is written
-    to `record_file` (when given). With `progress`, says on stderr what it is doing before the first image (how
-    many are already done, loading and compiling), then shows a bar. shard (i, N): only the batches of shard i of N
-    (`plan_batches`), keeping their index in the full list (and so their random key)."""
+    """Captions the items of `inputs` without a record in `previous` and yields their records, each batch's once it
+    is written to `record_file` (when given). The batches are cut from the stream as it is listed (`stream_batches`),
+    each with its index in the full input list (and so its random key); a shard's stream holds only its batches'
+    items. With settings.progress, says on stderr what it is doing before the first image (how many are already
+    done, loading and compiling), then shows a bar, whose total is known once the inputs are listed."""
     written_from = record_file.written_from if record_file is not None else os.getcwd()
     captioned = {path_identity(record["path"], written_from) for record in previous}
-    cwd = os.getcwd()
-    done = {item.key for item in items if path_identity(item.key, cwd) in captioned}
-    pending = plan_batches(items, done, batch_size, shard)
-    todo = sum(item.key not in done for _, chunk in pending for item in chunk)
-    total = len(items) if shard is None else len(shard_items(items, batch_size, shard))
+    done: set[str] = set()  # the keys of inputs already in `previous`
+    pending = pending_batches(stream_batches(inputs, batch_size), captioned, done)
+    first = next(pending, None)  # compile only when there is something to caption
+    progress = settings.progress
     say = (lambda message: print(f"imgllm: {message}", file=sys.stderr, flush=True)) if progress else (lambda _: None)
     if previous:
-        say(f"{total - todo} of {total} images already done in the output")
-    if pending:
+        say(f"{len(previous)} images already done in the output")
+    if first is not None:
         say(f"loading the checkpoint and compiling the captioner for batches of {batch_size}")
-    captioner, params = compile_and_place(loaded, spec, mesh, batch_size) if pending else (None, None)
-    bar = tqdm(total=todo, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    captioner, params = compile_and_place(loaded, spec, mesh, batch_size) if first is not None else (None, None)
+    bar = tqdm(total=None, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     if record_file is not None:
         record_file.open()
     try:
-        batches = prefetch_batches(pending, batch_size, spec.image_size, workers=workers, max_pixels=max_pixels)
+        batches = prefetch_batches(
+            [] if first is None else itertools.chain([first], pending),
+            batch_size,
+            spec.image_size,
+            workers=settings.workers,
+            max_pixels=settings.max_pixels,
+        )
         for records in captioned_batches(
             loaded, captioner, params, batches, jax.random.PRNGKey(seed), mesh, lm_label_names=spec.lm_label_names
         ):
             records = [record for record in records if record["path"] not in done]
             if record_file is not None:
                 record_file.write(records)
-            done.update(record["path"] for record in records)
+            if inputs.listing is not None:  # exact once the items listed are all planned
+                bar.total = inputs.kept - len(done)
             bar.update(len(records))
             yield from records
     finally:
         bar.close()
         if record_file is not None:
             record_file.close()
+
+
+def pending_batches(
+    batches: Iterable[tuple[int, list[Item]]], captioned: set[str], done: set[str]
+) -> Iterator[tuple[int, list[Item]]]:
+    """The batches with an item whose image has no record yet (`captioned`: the images of the records there, by
+    `path_identity`); the keys of the items that have one are added to `done`. A batch is run when any of its items
+    is missing; only the missing ones are written."""
+    cwd = os.getcwd()
+    for index, chunk in batches:
+        found = [item.key for item in chunk if path_identity(item.key, cwd) in captioned] if captioned else []
+        done.update(found)
+        if len(found) < len(chunk):
+            yield index, chunk
 
 
 def run_options(
@@ -760,7 +845,9 @@ def delete_part(path: str) -> None:
 
 __all__ = [
     "DEFAULT_COMPILATION_CACHE",
+    "Destination",
     "Part",
+    "PartOptions",
     "STDOUT",
     "agreed_options",
     "batch_records",
@@ -775,8 +862,12 @@ __all__ = [
     "gallery_header",
     "gallery_items",
     "merge_parts",
+    "open_inputs",
     "parts_count",
+    "pending_batches",
     "read_part",
     "records_in_input_order",
+    "run_batch_size",
     "run_options",
+    "write_run_page",
 ]

@@ -10,6 +10,8 @@ Shard i of N of a run on `captions.jsonl` writes its part `captions.shard-0000i-
 format's suffix kept, so it is read, skipped in a folder and locked as any output), with its own lock and run options;
 those add "shard" (index, count, images, batch size, inputs fingerprint) and "shard_paths" (its images' keys, in
 the order it captions them), from which `merge_parts` (`imgllm.pipeline.batch`) puts the records back in input order.
+The inputs are listed while the part is captioned: its run options hold the shard's index, count and batch size from
+the start, and its images, fingerprint and paths once the listing has ended; merge refuses a part without them.
 
 The records themselves, their formats and how a records file is read back: `imgllm.pipeline.records`.
 """
@@ -238,9 +240,13 @@ def changed_run_options(
 
 def check_run_options(output: str, recorded: Mapping[str, Any] | None, current: Mapping[str, Any]) -> None:
     """Raises OutputError when `output`'s records were made with options other than `current`: resuming would mix
-    records of two runs in one file. recorded None (an output written before run options were kept): no check."""
+    records of two runs in one file. recorded None (an output written before run options were kept): no check.
+    A part's input list is compared only when both sides hold it (`shard_run_options`: a run records it once it has
+    listed its inputs)."""
     if recorded is None:
         return
+    if not (listed_shard(recorded) and listed_shard(current)):
+        recorded, current = started_shard(recorded), started_shard(current)
     paths = f" (checkpoint was {recorded.get('checkpoint')}, now {current.get('checkpoint')})"
     changes = [
         change + paths if change.startswith("checkpoint_id ") else change
@@ -254,7 +260,11 @@ def check_run_options(output: str, recorded: Mapping[str, Any] | None, current: 
 
 
 def prepare_output(
-    record_file: Any, options: Mapping[str, Any], *, resume: bool, retry: Collection[str] = ()
+    record_file: Any,
+    options: Mapping[str, Any],
+    *,
+    resume: bool,
+    retry: Collection[str] | Callable[[], Iterable[str]] = (),
 ) -> list[dict]:
     """Readies an output file for a run with `options` (those that shape records, recorded beside it in
     `<output>.run.json`) and returns the records it keeps, which the run does not redo. record_file: an
@@ -264,9 +274,9 @@ def prepare_output(
     resume=False: the file starts over, emptied when `RecordFile.open` is called (after compiling: a run that fails
     before leaves the old records and run options as they were). resume: its records are read
     (`RecordFile.existing_records`) and refused if made with other options (`check_run_options`); the error records
-    of the paths in `retry` are removed from it (`RecordFile.rewrite`, atomic) so that those images are captioned
-    again. A file without records starts over too (a CSV header of other columns would stay). Call it while holding
-    the `OutputLock`.
+    of the paths in `retry` (or that retry() gives, asked only when there are error records) are removed from it
+    (`RecordFile.rewrite`, atomic) so that those images are captioned again. A file without records starts over too
+    (a CSV header of other columns would stay). Call it while holding the `OutputLock`.
     """
     record_file.check_recognised()
     previous = record_file.existing_records() if resume else []
@@ -274,11 +284,12 @@ def prepare_output(
         recorded = read_run_options(record_file.path + RUN_OPTIONS_SUFFIX)
         check_run_options(record_file.path, recorded, options)
         record_file.written_from = (recorded or {}).get("cwd") or os.getcwd()
-        retry = {path_identity(key, os.getcwd()) for key in retry}
+        failed = any("error" in record for record in previous)
+        retried = {path_identity(key, os.getcwd()) for key in (retry() if callable(retry) else retry)} if failed else ()
         kept = [
             record
             for record in previous
-            if not ("error" in record and path_identity(record["path"], record_file.written_from) in retry)
+            if not ("error" in record and path_identity(record["path"], record_file.written_from) in retried)
         ]
         if len(kept) < len(previous):
             record_file.rewrite(kept)
@@ -288,10 +299,11 @@ def prepare_output(
     return []
 
 
-def check_distinct_paths(written: Mapping[str, str | None], read: Mapping[str, Iterable[str]]) -> None:
+def check_distinct_paths(written: Mapping[str, str | None], read: Mapping[str, Iterable[str]]) -> dict[str, str]:
     """Raises OutputError when two files a run writes (`written`: what -> path, None skipped) are one file, or one
     of them is a file it reads (`read`: what -> paths, e.g. the input images and the references): the page would
-    replace the records, or the records an image. Paths are compared resolved (symlinks, "./", "..")."""
+    replace the records, or the records an image. Paths are compared resolved (symlinks, "./", "..").
+    Returns the files written, resolved, for `refuse_written` to check what is read later (a stream of inputs)."""
     seen: dict[str, str] = {}
     for what, path in written.items():
         if path is None:
@@ -302,9 +314,15 @@ def check_distinct_paths(written: Mapping[str, str | None], read: Mapping[str, I
         seen[resolved] = f"{what} {path}"
     for what, paths in read.items():
         for path in paths:
-            clash = seen.get(os.path.realpath(path))
-            if clash is not None:
-                raise OutputError(f"{clash} is also {what} {path}: imgllm does not write over what it reads")
+            refuse_written(seen, what, path)
+    return seen
+
+
+def refuse_written(written: Mapping[str, str], what: str, path: str) -> None:
+    """Raises OutputError when `path` (read as `what`) is one of the files `written` (`check_distinct_paths`)."""
+    clash = written.get(os.path.realpath(path)) if written else None
+    if clash is not None:
+        raise OutputError(f"{clash} is also {what} {path}: imgllm does not write over what it reads")
 
 
 def path_identity(key: str, cwd: str) -> str:
@@ -349,17 +367,41 @@ def find_parts(output: str | os.PathLike) -> dict[tuple[int, int], str]:
 
 
 def shard_run_options(
-    options: Mapping[str, Any], shard: tuple[int, int], *, batch_size: int, inputs: str, paths: Sequence[str]
+    options: Mapping[str, Any],
+    shard: tuple[int, int],
+    *,
+    batch_size: int,
+    inputs: str | None = None,
+    paths: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """A part's run options: an unsharded run's `options`, plus "shard" (compared on resume: index, count, its
     number of images, the batch size that cut the input list and the list's fingerprint `inputs`) and
-    "shard_paths" (its images' keys in the order it captions them; read by `merge_parts`, not compared)."""
+    "shard_paths" (its images' keys in the order it captions them; read by `merge_parts`, not compared).
+    inputs and paths None: a part whose inputs are still being listed, "shard" without images and fingerprint and
+    no "shard_paths" (`listed_shard` False; merge refuses it)."""
     index, count = shard
+    if inputs is None or paths is None:
+        return {**options, "shard": {"index": index, "count": count, "batch_size": batch_size}}
     return {
         **options,
         "shard": {"index": index, "count": count, "images": len(paths), "batch_size": batch_size, "inputs": inputs},
         "shard_paths": list(paths),
     }
+
+
+def listed_shard(options: Mapping[str, Any]) -> bool:
+    """Whether run options hold a part's whole input list (its fingerprint), or are no part's."""
+    shard = options.get("shard")
+    return not isinstance(shard, dict) or "inputs" in shard
+
+
+def started_shard(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A part's run options as recorded before its inputs are listed (`shard_run_options` without inputs)."""
+    shard = options.get("shard")
+    if not isinstance(shard, dict):
+        return dict(options)
+    started = {name: value for name, value in options.items() if name != "shard_paths"}
+    return {**started, "shard": {name: value for name, value in shard.items() if name not in ("images", "inputs")}}
 
 
 def unsharded_run_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -375,6 +417,8 @@ def part_shard_problem(
     if options is None:
         return "has no run options"
     recorded = options.get("shard")
+    if isinstance(recorded, dict) and "inputs" not in recorded and "shard_paths" not in options:
+        return "its run stopped before it had listed its inputs"
     paths = options.get("shard_paths")
     if not isinstance(recorded, dict) or not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         return "has no shard in its run options"
@@ -421,6 +465,7 @@ __all__ = [
     "check_run_options",
     "check_writable",
     "find_parts",
+    "listed_shard",
     "lock_holder",
     "part_path",
     "part_positions",
@@ -429,7 +474,9 @@ __all__ = [
     "prepare_output",
     "read_run_options",
     "refuse_planted_lock_file",
+    "refuse_written",
     "shard_run_options",
+    "started_shard",
     "unsharded_run_options",
     "write_atomically",
     "write_run_options",
