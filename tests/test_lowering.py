@@ -1,11 +1,18 @@
 """Every program a user runs on an accelerator lowers for GPU and TPU, with the switches resolved as they are there.
 
 On this CPU-only machine `jax.export.export(jitted, platforms=[platform])` lowers a program for "cuda" or "tpu"
-without compiling it. The platform switches (`conv_impl="auto"`, `sampler="auto"`, `inference_params`' kernel
-layout, `dtype="auto"`) read `jax.default_backend()`; here it answers "gpu" (for the cuda export) or "tpu", so they
-resolve as on that accelerator: plain convolutions, plain sampler, the stored [in, out] kernel layout, bfloat16.
-Every CPU-only entry point (`CPU_ONLY`) is replaced by a function that raises, so a program that still reaches one
-with an accelerator's settings fails here; the `test_the_tripwires_catch_*` tests show that they do.
+without compiling it. The platform switches are of two kinds:
+  chosen per lowering platform: `conv_impl="auto"` and `sampler="auto"` are `lax.platform_dependent` (the CPU path
+  on "cpu", the plain path elsewhere), so the program exported for "cuda" or "tpu" holds the plain path whatever
+  host traced it;
+  chosen on the host, before tracing: `inference_params`' kernel layout and `dtype="auto"` read
+  `jax.default_backend()` (parameters are laid out, and the program's types fixed, for the machine it runs on);
+  here it answers "gpu" (for the cuda export) or "tpu": the stored [in, out] kernel layout, bfloat16.
+Every CPU-only entry point is a tripwire: those of the per-platform switches (`CPU_ONLY_PER_PLATFORM`) mark their
+outputs with a primitive that cannot be lowered, so a program fails to export exactly when a CPU path is in the
+program lowered for the platform (the other platforms' branches are traced, never lowered); those chosen on the host
+(`CPU_ONLY_ON_HOST`) raise when called. `test_cpu_paths_are_chosen_by_the_platform_lowered_for` and
+`test_the_tripwires_catch_the_host_kernel_layout` show that the tripwires fire where they should.
 
 Programs (`PROGRAMS`; tiny sizes, and parameters are `jax.ShapeDtypeStruct`s from `jax.eval_shape`: no weights):
   train steps as the trainer builds them (`steps.jit_train_step`): the classifier (the cifar10 recipe on the tiny
@@ -15,7 +22,7 @@ Programs (`PROGRAMS`; tiny sizes, and parameters are `jax.ShapeDtypeStruct`s fro
   and LM labels, greedy and top-p, for GPT-2 and Llama; GPT-2 with per-class prompts (no prefix), greedy and top-p;
   `lm_classify_images` as `classify_images` jits it, `generate_tokens` greedy, top-p and beam, and
   `score_class_prompts`, for GPT-2 and Llama.
-Lowering only (no compile): 48 exports in about 25 s on two cores.
+Lowering only (no compile): 48 exports in about 25 s on two cores, and 12 more for the per-platform tests.
 """
 
 from __future__ import annotations
@@ -27,7 +34,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from imgllm import parallel
 from imgllm.configs import captioner_tiny, cifar10, cnn_tiny, lm_tiny
@@ -36,6 +46,7 @@ from imgllm.language.decoding import GenerationConfig, generate_tokens
 from imgllm.language.gpt2 import GPT2Config
 from imgllm.language.llama import LlamaConfig
 from imgllm.language.model import abstract_params
+from imgllm.language.sampling import select_tokens
 from imgllm.language.scoring import build_prompt_table, score_class_prompts
 from imgllm.language.tokenizer import train_bpe_tokenizer
 from imgllm.pipeline import caption, classify
@@ -44,11 +55,11 @@ from imgllm.precision import compute_dtype
 from imgllm.train import captioner, loop, optim, steps
 from imgllm.train.registry import build_task
 from imgllm.vision import conv_cpu
-from imgllm.vision.cnn import cnn_preset
 
 PLATFORMS = {"cuda": "gpu", "tpu": "tpu"}  # export platform -> what jax.default_backend() answers there
 # The CPU fast paths' entry points (module or class, attribute name): none may be reached on an accelerator.
-CPU_ONLY = [
+# Those of conv_impl and sampler "auto", chosen per lowering platform (traced on any host, lowered for CPU only):
+CPU_ONLY_PER_PLATFORM = [
     (conv_cpu, "cpu_conv"),
     (conv_cpu, "hybrid_conv"),
     (conv_cpu, "im2col_conv"),
@@ -56,6 +67,9 @@ CPU_ONLY = [
     (sampling_cpu, "top_p_threshold"),
     (sampling_cpu, "draw_top_p"),
     (sampling_cpu, "draw_categorical"),
+]
+# Those of the [out, in] kernel layout, which `inference_params` chooses on the host:
+CPU_ONLY_ON_HOST = [
     (matmul_cpu, "kernels_out_in"),
     (caption, "kernels_out_in"),
     (matmul_cpu, "times_out_in"),
@@ -74,7 +88,7 @@ RNG = jax.ShapeDtypeStruct((2,), jnp.uint32)  # a raw PRNGKey, as infer.py passe
 
 
 def tripwire(name: str) -> Callable:
-    """A stand-in for a CPU-only function: raises AssertionError naming it, whatever it is called with."""
+    """A stand-in for a CPU-only function chosen on the host: raises AssertionError naming it when called."""
 
     def reached(*args, **kwargs):
         raise AssertionError(f"CPU-only path reached: {name}")
@@ -82,18 +96,50 @@ def tripwire(name: str) -> Callable:
     return reached
 
 
-def arm_tripwires(monkeypatch, backend: str) -> None:
-    """jax.default_backend() answers `backend`; every `CPU_ONLY` entry point raises when called."""
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    for owner, attribute in CPU_ONLY:
+# Passes its operand through, differentiably and under vmap, and raises when lowered: what a lowering tripwire
+# marks a CPU-only function's outputs with.
+cpu_only_p = Primitive("cpu_only")
+cpu_only_p.def_impl(lambda x, *, name: x)
+cpu_only_p.def_abstract_eval(lambda aval, *, name: aval)
+ad.deflinear2(cpu_only_p, lambda cotangent, x, *, name: [cpu_only_p.bind(cotangent, name=name)])
+batching.defvectorized(cpu_only_p)
+
+
+def _cannot_lower(ctx, x, *, name):
+    raise AssertionError(f"CPU-only path reached: {name}")
+
+
+mlir.register_lowering(cpu_only_p, _cannot_lower)
+
+
+def lowering_tripwire(name: str, original: Callable) -> Callable:
+    """A stand-in for a CPU-only function chosen per lowering platform: computes what `original` does (it may be
+    traced, as every `lax.platform_dependent` branch is) and marks each output, so that lowering it for a platform
+    raises AssertionError naming it."""
+
+    def traced(*args, **kwargs):
+        return jax.tree.map(lambda out: cpu_only_p.bind(out, name=name), original(*args, **kwargs))
+
+    return traced
+
+
+def arm_tripwires(monkeypatch, backend: str | None) -> None:
+    """jax.default_backend() answers `backend` (None: left as it is, "cpu" here); every CPU-only entry point is a
+    tripwire: `CPU_ONLY_PER_PLATFORM` when lowered, `CPU_ONLY_ON_HOST` when called."""
+    if backend is not None:
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    for owner, attribute in CPU_ONLY_PER_PLATFORM:
+        name = f"{owner.__name__}.{attribute}"
+        monkeypatch.setattr(owner, attribute, lowering_tripwire(name, getattr(owner, attribute)))
+    for owner, attribute in CPU_ONLY_ON_HOST:
         monkeypatch.setattr(owner, attribute, tripwire(f"{owner.__name__}.{attribute}"))
 
 
-def export(program: tuple[Callable, tuple], platform: str):
-    """`jax.export` of a (jitted function, argument shapes) pair for `platform`: lowering only, no compile."""
+def export(program: tuple[Callable, tuple], *platforms: str):
+    """`jax.export` of a (jitted function, argument shapes) pair for `platforms`: lowering only, no compile."""
     fn, args = program
-    exported = jax.export.export(fn, platforms=[platform])(*args)
-    assert exported.platforms == (platform,)
+    exported = jax.export.export(fn, platforms=platforms)(*args)
+    assert exported.platforms == platforms
     return exported
 
 
@@ -152,7 +198,8 @@ def parts(tmp_path_factory) -> Parts:
 
 
 def accelerator_lm(parts: Parts, name: str):
-    """The LM config computing in dtype "auto", resolved for the (patched) backend: bfloat16 on an accelerator."""
+    """The LM config computing in dtype "auto", resolved for the (patched) backend: bfloat16 on an accelerator
+    (float32 with the backend left as "cpu")."""
     return dataclasses.replace(parts.lm_configs[name], dtype=compute_dtype("auto"))
 
 
@@ -304,9 +351,9 @@ def pipeline_params(loaded: pc.PipelineCheckpoint, spec: caption.PipelineSpec) -
 
 
 def sampling(max_new_tokens: int, eos: int, **options) -> GenerationConfig:
-    """A GenerationConfig whose sampler "auto" resolves (on the host) for the patched backend."""
+    """A GenerationConfig with sampler "auto": kept in the config, chosen when the program is lowered."""
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos, **options)
-    assert config.sampler == "plain", f"sampler 'auto' resolved to {config.sampler!r} for {jax.default_backend()}"
+    assert config.sampler == "auto", f"sampler 'auto' resolved on the host to {config.sampler!r}"
     return config
 
 
@@ -391,35 +438,59 @@ PROGRAMS: dict[str, tuple[Callable[..., tuple[Callable, tuple]], tuple]] = {
 @pytest.mark.parametrize("platform", sorted(PLATFORMS))
 @pytest.mark.parametrize("name", list(PROGRAMS))
 def test_program_lowers_for_the_accelerator(name, platform, parts, monkeypatch):
-    """The program, built with the switches resolved for `platform`, exports for it without reaching a CPU-only
-    path, and computes in bfloat16 (dtype "auto")."""
+    """The program, built with the host's switches resolved for `platform` (the per-platform ones need nothing),
+    exports for it without reaching a CPU-only path, and computes in bfloat16 (dtype "auto")."""
     arm_tripwires(monkeypatch, PLATFORMS[platform])
     build, options = PROGRAMS[name]
     exported = export(build(parts, monkeypatch, *options), platform)
     assert "bf16" in exported.mlir_module()
 
 
-def test_the_tripwires_catch_a_cpu_path(monkeypatch):
-    """With the backend left as "cpu", conv_impl "auto" picks the CPU convolution: exporting the CNN's forward pass
-    for CUDA reaches it, and the tripwire fails the export."""
-    cnn = cnn_preset("tiny", num_classes=len(CLASS_NAMES))
-    images = sds((BATCH, *IMAGE), jnp.float32)
-    variables = jax.eval_shape(lambda x: cnn.init(jax.random.PRNGKey(0), x, train=False), images)
-    arm_tripwires(monkeypatch, "cpu")
-    forward = jax.jit(lambda v, x: cnn.apply(v, x, train=False))
-    with pytest.raises(AssertionError, match="CPU-only path reached: imgllm.vision.conv_cpu.cpu_conv"):
-        export((forward, (variables, images)), "cuda")
+# Programs whose CPU paths are all per-platform switches (conv_impl and sampler "auto"), and the CPU entry point
+# the "cpu" export reaches first.
+PER_PLATFORM = {
+    "train classifier (host batches)": "imgllm.vision.conv_cpu.",  # the CNN's convolutions and their gradients
+    "eval classifier (flip TTA)": "imgllm.vision.conv_cpu.",
+    "generate_tokens gpt2 greedy": "imgllm.language.sampling_cpu.argmax_first",
+    "generate_tokens llama top-p": "imgllm.language.sampling_cpu.",
+}
 
 
-def test_the_tripwires_catch_the_cpu_sampler_and_kernel_layout(parts, monkeypatch):
-    """With the backend left as "cpu", sampler "auto" is the CPU sampler (greedy decoding reaches
-    `sampling_cpu.argmax_first`) and `inference_params` converts the LM's kernels to the [out, in] layout."""
+@pytest.mark.parametrize("name", list(PER_PLATFORM))
+def test_cpu_paths_are_chosen_by_the_platform_lowered_for(name, parts, monkeypatch):
+    """With jax.default_backend() left as "cpu", the program exported for ("cuda", "tpu") from this CPU host holds
+    no CPU path (conv_impl and sampler "auto" choose per lowering platform), while the same program exported for
+    "cpu", alone or beside "cuda", reaches the CPU path: the switch is per platform, and the tripwire fires."""
+    arm_tripwires(monkeypatch, None)
+    build, options = PROGRAMS[name]
+    program = build(parts, monkeypatch, *options)
+    export(program, "cuda", "tpu")
+    for platforms in (("cpu",), ("cpu", "cuda")):
+        with pytest.raises(AssertionError, match=f"CPU-only path reached: {PER_PLATFORM[name]}"):
+            export(program, *platforms)
+
+
+def test_on_this_cpu_auto_runs_the_cpu_sampler():
+    """sampler "auto" on this CPU draws what the "cpu" sampler draws from the same key (its own draws, unlike the
+    plain sampler's): one jitted program, the CPU path chosen when it is lowered for the CPU."""
+    logits = jax.random.normal(jax.random.key(0), (64, 97)) * 2.0
+    draws = {
+        sampler: np.asarray(
+            jax.jit(select_tokens, static_argnums=2)(
+                logits,
+                jax.random.key(1),
+                GenerationConfig(max_new_tokens=1, do_sample=True, top_p=0.8, sampler=sampler, eos_token_id=None),
+            )
+        )
+        for sampler in ("auto", "cpu", "plain")
+    }
+    np.testing.assert_array_equal(draws["auto"], draws["cpu"])
+    assert np.any(draws["auto"] != draws["plain"])
+
+
+def test_the_tripwires_catch_the_host_kernel_layout(parts, monkeypatch):
+    """With the backend left as "cpu", `inference_params` converts the LM's kernels to the [out, in] layout: a
+    choice made on the host, for the machine the parameters are prepared for."""
     arm_tripwires(monkeypatch, "cpu")
-    config, eos = parts.lm_configs["gpt2"], parts.tokenizer.eos_token_id
-    greedy = GenerationConfig(max_new_tokens=2, eos_token_id=eos, pad_token_id=eos)
-    fn = jax.jit(lambda params, ids, mask, rng: generate_tokens(params, config, ids, mask, rng, greedy))
-    prompts = sds((BATCH, 5), jnp.int32)
-    with pytest.raises(AssertionError, match="CPU-only path reached: imgllm.language.sampling_cpu.argmax_first"):
-        export((fn, (parts.lm_shapes["gpt2"], prompts, prompts, RNG)), "cuda")
     with pytest.raises(AssertionError, match="CPU-only path reached: imgllm.pipeline.caption.kernels_out_in"):
         caption.inference_params({"lm": parts.lm_shapes["gpt2"]})

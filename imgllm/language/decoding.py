@@ -45,8 +45,8 @@ class GenerationConfig:
 
     ``sampler`` picks how tokens are selected (`imgllm.language.sampling`): "plain" (sort + cumsum nucleus,
     ``jax.random.categorical``; what GPU/TPU run) or "cpu" (`imgllm.language.sampling_cpu`, the same
-    distributions computed the way XLA:CPU runs fast). The default "auto" is resolved here, on the host, from
-    ``jax.default_backend()``: a made config always holds "plain" or "cpu", and traced code never asks the backend.
+    distributions computed the way XLA:CPU runs fast). The default "auto" stays "auto": the program chooses when it
+    is lowered, per platform ("cpu" on CPU, "plain" elsewhere), not from the host that made the config.
     Greedy and beam tokens are the same either way; sampled tokens differ (the same distribution, other draws).
     """
 

@@ -10,11 +10,17 @@ implementations of the same distributions:
 - ``"cpu"``: `imgllm.language.sampling_cpu`, the same distributions from passes XLA:CPU runs fast (no sort, no
   noise per vocabulary entry, no value-and-index reduction).
 
-``"auto"`` is resolved by `resolve_sampler` on the host, when the config is made (never inside traced code).
+``"auto"`` (the default) is "cpu" on CPU and "plain" elsewhere, chosen when the program is lowered, for each
+platform it is lowered for (`lax.platform_dependent`, in `_per_platform`), not by the host that traces it: one
+jitted function runs the CPU path on CPU and the plain path on GPU/TPU, and a program exported from a CPU host for
+("cuda", "tpu") holds no CPU path (tests/test_lowering.py).
 The two paths draw different tokens from the same key; greedy tokens are identical.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,16 +28,33 @@ import jax.numpy as jnp
 from imgllm.language import sampling_cpu
 
 SAMPLERS = ("plain", "cpu")
+# What sampler "auto" runs per platform (`lax.platform_dependent`'s names); other platforms run "plain".
+AUTO_SAMPLERS = {"cpu": "cpu"}
 
 
 def resolve_sampler(sampler: str, backend: str | None = None) -> str:
-    """The sampler to run: ``sampler`` itself unless it is "auto", which becomes "cpu" on the CPU backend and
-    "plain" elsewhere. ``backend`` defaults to ``jax.default_backend()``; call it on the host, not under jit."""
-    if sampler == "auto":
-        return "cpu" if (backend or jax.default_backend()) == "cpu" else "plain"
-    if sampler not in SAMPLERS:
+    """Checks ``sampler`` ("auto", "plain" or "cpu") and returns it; with a ``backend`` named ("cpu", "gpu",
+    "tpu"), "auto" becomes what it runs there ("cpu" on CPU, "plain" elsewhere). Without one, "auto" stays "auto":
+    `select_tokens` chooses when the program is lowered, per platform."""
+    if sampler not in ("auto", *SAMPLERS):
         raise ValueError(f"sampler must be 'auto', 'plain' or 'cpu', got {sampler!r}")
-    return sampler
+    if sampler != "auto" or backend is None:
+        return sampler
+    return AUTO_SAMPLERS.get(backend, "plain")
+
+
+def _per_platform(fn: Callable, gen_config, *args):
+    """``fn(*args, gen_config)``; for sampler "auto", with the sampler of the platform the program is lowered for
+    (`AUTO_SAMPLERS`, else "plain"): both are traced, lowering keeps one."""
+    if gen_config.sampler != "auto":
+        return fn(*args, gen_config)
+
+    def on(sampler: str) -> Callable:
+        config = dataclasses.replace(gen_config, sampler=sampler)
+        return lambda *a: fn(*a, config)
+
+    per_platform = {platform: on(sampler) for platform, sampler in AUTO_SAMPLERS.items()}
+    return jax.lax.platform_dependent(*args, **per_platform, default=on("plain"))
 
 
 def temperature_top_k(logits: jax.Array, gen_config) -> jax.Array:
@@ -66,6 +89,10 @@ def process_logits(logits: jax.Array, gen_config) -> jax.Array:
     logits = temperature_top_k(logits, gen_config)
     if gen_config.top_p >= 1.0:
         return logits
+    return _per_platform(_top_p_by_sampler, gen_config, logits)
+
+
+def _top_p_by_sampler(logits: jax.Array, gen_config) -> jax.Array:
     if gen_config.sampler == "cpu":
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         return jnp.where(probs >= sampling_cpu.top_p_threshold(probs, gen_config.top_p), logits, -jnp.inf)
@@ -74,7 +101,11 @@ def process_logits(logits: jax.Array, gen_config) -> jax.Array:
 
 def select_tokens(logits: jax.Array, rng: jax.Array, gen_config) -> jax.Array:
     """Next token per row, int32 [B]: argmax when greedy, else a sample from `process_logits`' distribution,
-    by the plain path or XLA:CPU's (``gen_config.sampler``)."""
+    by the plain path or XLA:CPU's (``gen_config.sampler``; "auto": per lowering platform)."""
+    return _per_platform(_select_tokens_by_sampler, gen_config, logits, rng)
+
+
+def _select_tokens_by_sampler(logits: jax.Array, rng: jax.Array, gen_config) -> jax.Array:
     if gen_config.sampler == "cpu":
         return _select_tokens_cpu(logits, rng, gen_config)
     return select_tokens_plain(logits, rng, gen_config)

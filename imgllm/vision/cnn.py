@@ -33,7 +33,7 @@ import numpy as np
 from jax import lax
 
 from imgllm.precision import compute_dtype
-from imgllm.vision.conv import conv2d, resolve_conv_impl
+from imgllm.vision.conv import check_conv_impl, conv2d
 from imgllm.vision.conv_cpu import im2col_patches
 
 FEATURE_SOURCES = ("pooled", "spatial", "pyramid")
@@ -245,7 +245,7 @@ def cnn_preset(name: str, **overrides) -> CNN:
         values = overrides.get(field, ())
         if any(int(v) != v or v < 1 for v in (values if isinstance(values, tuple) else (values,))):
             raise ValueError(f"CNN preset {name!r}: {field}={values!r} must be a positive integer (widths: each one)")
-    resolve_conv_impl(overrides.get("conv_impl", "auto"))  # validates the name early
+    check_conv_impl(overrides.get("conv_impl", "auto"))  # validates the name early
     return CNN(**{**PRESETS[name], **overrides})
 
 
