@@ -176,12 +176,15 @@ def test_html_equal_to_the_output_or_an_input_is_refused(checkpoint, tmp_path):
     with pytest.raises(OutputError, match="is the same file as the output"):
         caption(checkpoint, tmp_path / "imgs", output=out, html=link, **GREEDY)
     assert out.read_bytes() == records
-    image = open(paths[0], "rb").read()
+    image, second = open(paths[0], "rb").read(), open(paths[1], "rb").read()
     with pytest.raises(OutputError, match=re.escape(f"the HTML page {paths[0]} is also the input image {paths[0]}")):
         caption(checkpoint, tmp_path / "imgs", html=paths[0], **GREEDY)
-    with pytest.raises(OutputError, match="is also the input image"):
+    # an output met in a folder being captioned is skipped as an input (the run's own records); an image there is
+    # not records, and is refused as the output
+    with pytest.raises(OutputError, match="img_001.png exists and is not a jsonl records file"):
         caption(checkpoint, tmp_path / "imgs", output=os.path.join(tmp_path, "imgs", ".", "img_001.png"), **GREEDY)
     assert open(paths[0], "rb").read() == image
+    assert open(paths[1], "rb").read() == second
 
 
 def test_a_symlink_planted_at_the_lock_is_not_followed(checkpoint, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 
 import pytest
 from test_infer import read_jsonl, write_images
@@ -170,3 +171,82 @@ def test_resuming_a_listed_part_with_other_inputs_is_refused_before_compiling(ch
     extra = write_images(tmp_path / "extra", 1)
     with pytest.raises(OutputError, match=r"was written with other options \(shard was .*\"inputs\""):
         list(caption_files(checkpoint, [tree, *extra], CaptionOptions(**GREEDY), output=str(out), shard=(0, 2)))
+
+
+def stopped_before_listing(part: str, keep_lines: int) -> None:
+    """Makes `part` what a run killed before its inputs were listed leaves: its first lines, no input list."""
+    lines = open(part).read().splitlines(keepends=True)
+    with open(part, "w") as f:
+        f.writelines(lines[:keep_lines])
+    write_run_options(part + RUN_OPTIONS_SUFFIX, started_shard(read_run_options(part + RUN_OPTIONS_SUFFIX)))
+
+
+def test_resuming_an_unlisted_part_on_changed_inputs_is_refused_before_compiling(
+    checkpoint, tree, tmp_path, monkeypatch
+):
+    """Images added before a part's captioned ones move them to other batches (other keys): its records are not
+    its shard's first images any more, and resuming is refused before anything is computed; with the inputs it
+    began on, it resumes."""
+    from imgllm.pipeline import batch
+
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root)  # a copy that can change
+    out = tmp_path / "captions.jsonl"
+    list(caption_files(checkpoint, [str(root)], CaptionOptions(**GREEDY), output=str(out), shard=(1, 2)))
+    part = part_path(out, (1, 2))
+    stopped_before_listing(part, 3)
+    write_images(root / "a_new", 2)  # sorts first: every batch moves by one
+
+    def fail(*args, **kwargs):
+        raise AssertionError("compiled before refusing a part begun on other inputs")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(batch, "compile_and_place", fail)
+        with pytest.raises(OutputError, match=f"{part} was begun on other inputs: .*--no-resume"):
+            list(caption_files(checkpoint, [str(root)], CaptionOptions(**GREEDY), output=str(out), shard=(1, 2)))
+    assert len(read_jsonl(part)) == 3  # nothing was written
+    for image in os.listdir(root / "a_new"):
+        os.remove(root / "a_new" / image)
+    records = list(caption_files(checkpoint, [str(root)], CaptionOptions(**GREEDY), output=str(out), shard=(1, 2)))
+    assert len(records) == 6
+
+
+def test_the_runs_own_files_in_a_captioned_folder_are_skipped_and_named_ones_refused(checkpoint, tmp_path):
+    """An output with an image suffix inside the folder it captions is not an input (the run goes on, and a rerun
+    resumes); a pattern matching the run's lock is refused before anything is written."""
+    write_images(tmp_path / "photos" / "a", 3)
+    write_images(tmp_path / "photos" / "z", 2)
+    out = tmp_path / "photos" / "z" / "out.png"
+    run = lambda: list(caption_files(checkpoint, [str(tmp_path / "photos")], output=str(out), fmt="jsonl"))  # noqa: E731
+    first = run()
+    assert len(first) == 5 and all("error" not in record for record in first)
+    assert run() == first
+    pattern = str(tmp_path / "photos" / "z" / "*")
+    other = tmp_path / "photos" / "z" / "other.jsonl"
+    with pytest.raises(OutputError, match="other.jsonl.lock is also the input image"):
+        list(caption_files(checkpoint, [pattern], output=str(other)))
+    assert not other.exists()
+
+
+def test_a_folder_that_cannot_be_read_is_named(tree, monkeypatch):
+    scandir = os.scandir
+
+    def refused(path):
+        if os.path.basename(path) == "d1":
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(inputs.os, "scandir", refused)
+    with pytest.warns(UserWarning, match=r"d1 cannot be read \(Permission denied\): its images are skipped"):
+        items = expand_inputs([tree])
+    assert len(items) == FOLDERS * PER_FOLDER + 1 - PER_FOLDER
+
+
+def test_merge_names_the_part_that_differs_from_the_others(checkpoint, tree, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    extra = write_images(tmp_path / "extra", 1)
+    for index in range(3):
+        inputs_of_shard = [tree, *extra] if index == 0 else [tree]  # shard 0 listed an image the others did not
+        list(caption_files(checkpoint, inputs_of_shard, CaptionOptions(**GREEDY), output=str(out), shard=(index, 3)))
+    with pytest.raises(OutputError, match=f"{part_path(out, (0, 3))} was written with other options or inputs than "):
+        merge_parts(out)

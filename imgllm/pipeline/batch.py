@@ -30,6 +30,7 @@ cross-host collective), and with an output file process 0 then merges the parts 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -49,6 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from imgllm import parallel
+from imgllm.data.images import has_image_extension
 from imgllm.pipeline.caption import PipelineSpec, compile_captioner, inference_params, place_images, place_params
 from imgllm.pipeline.checkpoint import PipelineCheckpoint, load_pipeline, read_params_shapes, read_pipeline_params
 from imgllm.pipeline.gallery import GalleryHeader, write_gallery
@@ -58,6 +60,7 @@ from imgllm.pipeline.inputs import (
     InputStream,
     Item,
     check_shard,
+    glob_once,
     in_shard,
     prefetch_batches,
     shard_item_index,
@@ -71,6 +74,7 @@ from imgllm.pipeline.outputs import (
     OutputLock,
     changed_run_options,
     check_distinct_paths,
+    check_run_options,
     check_writable,
     find_parts,
     listed_shard,
@@ -319,6 +323,8 @@ def _caption_run(
         part = PartOptions(path, recorded, run.shard, batch_size) if path and run.shard else None
         previous = []
         if path is not None:  # checked and recorded before anything is compiled
+            if part is not None and run.resume:
+                check_unlisted_part(record_file, part.now(stream), stream)
             retry = (lambda: [item.key for item in stream.read_to()]) if run.retry_errors else ()
             previous = prepare_output(
                 record_file, part.now(stream) if part else recorded, resume=run.resume, retry=retry
@@ -353,13 +359,27 @@ def open_inputs(
 ) -> InputStream:
     """The run's `InputStream`, listed up to its first batch (or to its end when resuming a part that recorded its
     input list: other inputs are then refused before anything is compiled, as other options are). A shard keeps its
-    own batches' items (cut as `run_batch_size` cuts them); every item is checked not to be a file the run writes;
-    page_items (a run with a page) gathers the tfds items, whose images the page reads through them."""
+    own batches' items (cut as `run_batch_size` cuts them). A file the run writes is refused, before anything is
+    computed, when an input names it (a file, or a pattern's match) and when it is the page with an image's name in
+    a folder it captions; the output, its lock and run options met in a folder are skipped (an output "out.png"
+    in the folder it captions: a file that is not records is refused as the output anyway). page_items (a run with
+    a page) gathers the tfds items, whose images the page reads through them."""
     specs = [spec if isinstance(spec, Item) else os.fspath(spec) for spec in inputs]  # listed once: may be an iterator
-    named = [spec.key if isinstance(spec, Item) else spec for spec in specs if _names_a_file(spec)]
+    named = [path for spec in specs for path in _named_files(spec)]
+    if run.html and has_image_extension(run.html) and any(_is_below(run.html, spec) for spec in specs):
+        named.append(run.html)  # the page would be listed as an image of a folder: refused now, not mid-run
     written = check_distinct_paths(
         run.written(), {"the input image": named, "the references": [run.references] if run.references else []}
     )
+    own = [] if run.path is None else [run.path, run.path + LOCK_SUFFIX, run.path + RUN_OPTIONS_SUFFIX]
+    own_names, own_files = {os.path.basename(path) for path in own}, {os.path.realpath(path) for path in own}
+
+    def is_own(item: Item) -> bool:  # a path resolved only when its name is one of the run's files' names
+        return (
+            item.tfds_source is None
+            and os.path.basename(item.key) in own_names
+            and os.path.realpath(item.key) in own_files
+        )
 
     def check(item: Item) -> None:
         if item.tfds_source is None:
@@ -369,18 +389,29 @@ def open_inputs(
 
     full_batch = -(-batch_size // batch_multiple) * batch_multiple  # batch 0 holds the first batch_size items anyway
     keep = None if run.shard is None else (lambda position: in_shard(position, run.shard, full_batch))
-    stream = InputStream(specs, data_dir=data_dir, keep=keep, check=check, collect=run.shard is not None)
+    stream = InputStream(specs, data_dir=data_dir, keep=keep, check=check, skip=is_own, collect=run.shard is not None)
     stream.read_to(math.inf if _listed_before(run) else batch_size)
     return stream
 
 
-def _names_a_file(spec: str | Item) -> bool:
-    """Whether an input spec is an image file named as such (not a folder, a pattern or a tfds split)."""
-    if isinstance(spec, Item):
-        return spec.tfds_source is None
-    if spec.startswith(TFDS_PREFIX) or os.path.isdir(spec):
+def _is_below(path: str, spec: str | Item) -> bool:
+    """Whether `path` lies in the folder input `spec` (False for any other kind of input)."""
+    if isinstance(spec, Item) or spec.startswith(TFDS_PREFIX) or not os.path.isdir(spec):
         return False
-    return os.path.lexists(spec) or not glob.has_magic(spec)
+    folder = os.path.realpath(spec)
+    return os.path.commonpath([os.path.realpath(path), folder]) == folder
+
+
+def _named_files(spec: str | Item) -> list[str]:
+    """The files an input spec names as such: itself when it is a file (not a folder or a tfds split), a pattern's
+    matches that are files (a pattern is matched whole before its first item anyway)."""
+    if isinstance(spec, Item):
+        return [spec.key] if spec.tfds_source is None else []
+    if spec.startswith(TFDS_PREFIX) or os.path.isdir(spec):
+        return []
+    if os.path.lexists(spec) or not glob.has_magic(spec):
+        return [spec]
+    return [path for path in glob_once(spec) if not os.path.isdir(path)]
 
 
 def _listed_before(run: Destination) -> bool:
@@ -428,6 +459,28 @@ class PartOptions:
         """Writes the part's run options with its input list, once, when `stream` has listed it."""
         if not self.listed and stream.listing is not None:
             write_run_options(self.path + RUN_OPTIONS_SUFFIX, self.now(stream))
+
+
+def check_unlisted_part(record_file: RecordFile, options: Mapping[str, Any], stream: InputStream) -> None:
+    """Refuses (OutputError, before anything is computed) to resume a part whose run stopped before it had listed
+    its inputs when its records are no longer its shard's first images: the inputs changed since, so the records
+    were made in other batches, with other random keys, than this run would make them in. A part written in one run
+    is in its shard's order, so its records must be the first of the shard's images that `stream` keeps. (A part
+    that recorded its input list is checked by its fingerprint, `check_run_options`.) options: the run's."""
+    recorded = read_run_options(record_file.path + RUN_OPTIONS_SUFFIX)
+    if recorded is None or listed_shard(recorded):
+        return
+    record_file.check_recognised()
+    check_run_options(record_file.path, recorded, options)  # other options are named first, as prepare_output does
+    records = record_file.existing_records()
+    written_from, cwd = recorded.get("cwd") or os.getcwd(), os.getcwd()
+    for record, item in itertools.zip_longest(records, stream.first_kept(len(records))):
+        if item is None or path_identity(record["path"], written_from) != path_identity(item.key, cwd):
+            raise OutputError(
+                f"{record_file.path} was begun on other inputs: its records are not its shard's first images any "
+                f"more ({record['path']!r} where the inputs now give {item.key if item else 'none'!r}); run this "
+                "shard again with --no-resume, or with the inputs it began with"
+            )
 
 
 def write_run_page(
@@ -794,15 +847,26 @@ def comparable_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def agreed_options(parts: Sequence[Part]) -> dict[str, Any]:
     """The run options one unsharded run records (the first part's less its shard), when every part was made with
-    the same options and inputs; else raises OutputError naming the part and what differs."""
-    first = comparable_options(parts[0].options)
-    for part in parts[1:]:
-        changes = changed_run_options(first, comparable_options(part.options))
-        if changes:
+    the same options and inputs; else raises OutputError naming a part that differs from most of the others (the
+    one to run again) and what differs, or, when no options are held by most parts, two parts that differ."""
+    options = [comparable_options(part.options) for part in parts]
+    counts = collections.Counter(json.dumps(option, sort_keys=True) for option in options)
+    common, held_by = counts.most_common(1)[0]
+    reference = next(i for i, option in enumerate(options) if json.dumps(option, sort_keys=True) == common)
+    for part, option in zip(parts, options):
+        changes = changed_run_options(options[reference], option)
+        if not changes:
+            continue
+        if 2 * held_by > len(parts):
             raise OutputError(
-                f"{part.path} was written with other options or inputs than {parts[0].path} "
+                f"{part.path} was written with other options or inputs than the other parts "
                 f"({'; '.join(changes)}): run that shard again as the others (--no-resume), then merge"
             )
+        raise OutputError(
+            f"{part.path} was written with other options or inputs than {parts[reference].path} "
+            f"({'; '.join(changes)}): run again (--no-resume) whichever shard was not made as the run should be, "
+            "then merge"
+        )
     return unsharded_run_options(parts[0].options)
 
 

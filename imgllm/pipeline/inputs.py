@@ -268,7 +268,8 @@ class InputStream:
     """The items of input specs in `expand_inputs`'s order, one per real image, listed as they are asked for.
 
     Iterating gives (position in the full list, item) for the items `keep(position)` keeps (None: all), so that a
-    shard drops the other shards' items as they pass. check(item) sees every item once, before it is kept or
+    shard drops the other shards' items as they pass. skip(item): an item not listed at all, given no position (a
+    run's own files met in a folder it captions). check(item) sees every item once, before it is kept or
     dropped, and a path that renames a kept one (a run refuses there an input that is a file it writes). collect:
     also the kept items' keys, in order, in `listing.keys`. `count` is the number of items listed so far, `kept`
     how many of them were kept, `listing` the whole list's `Listing` once the stream has read it to its end (None
@@ -287,11 +288,12 @@ class InputStream:
         data_dir: str | None = None,
         keep: Callable[[int], bool] | None = None,
         check: Callable[[Item], None] | None = None,
+        skip: Callable[[Item], bool] | None = None,
         collect: bool = False,
     ):
         self.specs = [spec if isinstance(spec, Item) else os.fspath(spec) for spec in inputs]
         self._listed = self._list(data_dir)
-        self._keep, self._check = keep, check
+        self._keep, self._check, self._skip = keep, check, skip
         self._keys: list[str] | None = [] if collect else None
         self._seen: set = set()  # identities of the items listed (`_identity`)
         self._queue: collections.deque[_Kept] = collections.deque()
@@ -322,6 +324,17 @@ class InputStream:
             self._advance()
         return [kept.item for kept in self._queue]
 
+    def first_kept(self, count: int) -> list[Item]:
+        """Lists on until `count` items are kept and named for good (or the list ends); the first `count` kept items
+        not handed out yet (call it before iterating)."""
+        while self.listing is None and (len(self._queue) < count or self._renameable(count)):
+            self._advance()
+        return [kept.item for kept in itertools.islice(self._queue, count)]
+
+    def _renameable(self, count: int) -> bool:
+        """Whether a later path may still rename one of the first `count` kept items (see the class docstring)."""
+        return bool(self._provisional) and any(not kept.final for kept in itertools.islice(self._queue, count))
+
     def _list(self, data_dir: str | None) -> Iterator[tuple[int, Item | None]]:
         """(spec number, item) for every item of every spec, repeats included; (spec number, None) after each."""
         for number, spec in enumerate(self.specs):
@@ -336,7 +349,7 @@ class InputStream:
             self._end()
         elif item is None:  # later paths come from later specs only
             self._settle(self._floor(number + 1))
-        else:
+        elif self._skip is None or not self._skip(item):
             identity, linked = _identity(item)
             if identity in self._seen:
                 self._rename(identity, item, number)
@@ -506,7 +519,8 @@ def _sorted_entries(folder: str) -> Iterator[os.DirEntry]:
     try:
         with os.scandir(folder) as iterator:
             entries = list(iterator)
-    except OSError:
+    except OSError as error:
+        warnings.warn(f"{folder} cannot be read ({error.strerror or error}): its images are skipped", stacklevel=2)
         return iter(())
     return iter(sorted(entries, key=lambda entry: entry.name + os.sep if is_folder_entry(entry) else entry.name))
 
