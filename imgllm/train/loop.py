@@ -365,28 +365,18 @@ def _train(
     )
     writer = MetricsWriter(workdir)
     try:
-        return _train_with(config, workdir, task, mesh, checkpointer, signals, allow_data_change, bar, writer)
+        run, state = _start_run(config, workdir, task, mesh, checkpointer, signals, allow_data_change, bar, writer)
+        return _train_with(run, state)
     finally:
         writer.close()
         bar.close()
 
 
-def _train_with(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    task: Task,
-    mesh,
-    checkpointer: ckpt_lib.Checkpointer,
-    signals: StopSignals,
-    allow_data_change: bool,
-    bar: tqdm.tqdm,
-    writer: MetricsWriter,
-) -> TrainResult:
-    """The body of `train_and_evaluate`: check, load, compile, train, evaluate (its resources come set up).
+def _train_with(run: _Run, state: TrainState) -> TrainResult:
+    """The body of `train_and_evaluate`: train from `state` and evaluate (the run comes set up by `_start_run`).
 
     Each step: its batch and the train step (`_Run.train_step`), then the end-of-step actions in this order.
     """
-    run, state = _start_run(config, workdir, task, mesh, checkpointer, signals, allow_data_change, bar, writer)
     try:
         for step in range(run.start, run.plan.total_steps):
             state = run.train_step(state, step)
@@ -400,9 +390,9 @@ def _train_with(
     finally:
         run.profiler.stop()
     final_eval = run.final_evaluation(state)
-    if writer.enabled:
-        writer.flush()
-        plot.plot_run(workdir)
+    if run.writer.enabled:
+        run.writer.flush()
+        plot.plot_run(run.workdir)
     return TrainResult(
         state=state, final_eval=final_eval, steps_per_epoch=run.plan.steps_per_epoch, total_steps=run.plan.total_steps
     )
