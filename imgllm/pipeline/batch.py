@@ -34,7 +34,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import glob
 import hashlib
 import itertools
 import json
@@ -62,6 +61,7 @@ from imgllm.pipeline.inputs import (
     check_shard,
     glob_once,
     in_shard,
+    is_pattern,
     prefetch_batches,
     shard_item_index,
     stream_batches,
@@ -365,7 +365,8 @@ def open_inputs(
     in the folder it captions: a file that is not records is refused as the output anyway). page_items (a run with
     a page) gathers the tfds items, whose images the page reads through them."""
     specs = [spec if isinstance(spec, Item) else os.fspath(spec) for spec in inputs]  # listed once: may be an iterator
-    named = [path for spec in specs for path in _named_files(spec)]
+    globbed = {spec: glob_once(spec) for spec in specs if isinstance(spec, str) and _is_path_pattern(spec)}
+    named = [path for spec in specs for path in _named_files(spec, globbed)]
     if run.html and has_image_extension(run.html) and any(_is_below(run.html, spec) for spec in specs):
         named.append(run.html)  # the page would be listed as an image of a folder: refused now, not mid-run
     written = check_distinct_paths(
@@ -389,7 +390,9 @@ def open_inputs(
 
     full_batch = -(-batch_size // batch_multiple) * batch_multiple  # batch 0 holds the first batch_size items anyway
     keep = None if run.shard is None else (lambda position: in_shard(position, run.shard, full_batch))
-    stream = InputStream(specs, data_dir=data_dir, keep=keep, check=check, skip=is_own, collect=run.shard is not None)
+    stream = InputStream(
+        specs, data_dir=data_dir, keep=keep, check=check, skip=is_own, matches=globbed, collect=run.shard is not None
+    )
     stream.read_to(math.inf if _listed_before(run) else batch_size)
     return stream
 
@@ -402,16 +405,21 @@ def _is_below(path: str, spec: str | Item) -> bool:
     return os.path.commonpath([os.path.realpath(path), folder]) == folder
 
 
-def _named_files(spec: str | Item) -> list[str]:
+def _is_path_pattern(spec: str) -> bool:
+    """Whether an input spec is a glob pattern of paths (`is_pattern`, not a tfds split)."""
+    return not spec.startswith(TFDS_PREFIX) and is_pattern(spec)
+
+
+def _named_files(spec: str | Item, globbed: Mapping[str, list[str]]) -> list[str]:
     """The files an input spec names as such: itself when it is a file (not a folder or a tfds split), a pattern's
-    matches that are files (a pattern is matched whole before its first item anyway)."""
+    matches (in `globbed`) that are files (a pattern is matched whole before its first item anyway)."""
     if isinstance(spec, Item):
         return [spec.key] if spec.tfds_source is None else []
     if spec.startswith(TFDS_PREFIX) or os.path.isdir(spec):
         return []
-    if os.path.lexists(spec) or not glob.has_magic(spec):
-        return [spec]
-    return [path for path in glob_once(spec) if not os.path.isdir(path)]
+    if spec in globbed:
+        return [path for path in globbed[spec] if not os.path.isdir(path)]
+    return [spec]
 
 
 def _listed_before(run: Destination) -> bool:
@@ -850,9 +858,9 @@ def agreed_options(parts: Sequence[Part]) -> dict[str, Any]:
     the same options and inputs; else raises OutputError naming a part that differs from most of the others (the
     one to run again) and what differs, or, when no options are held by most parts, two parts that differ."""
     options = [comparable_options(part.options) for part in parts]
-    counts = collections.Counter(json.dumps(option, sort_keys=True) for option in options)
-    common, held_by = counts.most_common(1)[0]
-    reference = next(i for i, option in enumerate(options) if json.dumps(option, sort_keys=True) == common)
+    keys = [json.dumps(option, sort_keys=True) for option in options]
+    common, held_by = collections.Counter(keys).most_common(1)[0]
+    reference = keys.index(common)
     for part, option in zip(parts, options):
         changes = changed_run_options(options[reference], option)
         if not changes:

@@ -5,9 +5,8 @@
     expand_inputs     the same items as a list (`iter_inputs`: as an iterator)
     glob_once         `glob.glob(pattern, recursive=True)`, sorted, entering each real folder once
     stream_batches    (position, item) pairs → (batch index, items), batch b holding positions b*B..(b+1)*B-1
-    plan_batches      items → (batch index, items) over the full list, minus the batches already done (and, for
-                      a shard, minus the other shards' batches)
-    shard_items       the items of shard i of N: the batches whose index b has b % N == i, in order
+    shard_items       the items of shard i of N: the batches whose index b has b % N == i, in order (the list form
+                      of what a shard's stream keeps: the tests' oracle)
     prefetch_batches  those batches decoded in a background thread (a thread pool per file), `depth` ahead
 
 A batch's index is its position in the full input list, so batch i always holds the same items and draws the same
@@ -64,6 +63,7 @@ from imgllm.data.tfds_source import open_split, tfds_builder
 
 TFDS_PREFIX = "tfds:"
 SHARD_TEXT = re.compile(r"(\d+)/(\d+)")  # a shard written i/N (`parse_shard`)
+FINGERPRINT_DIGITS = 16  # hex digits of an input list's fingerprint (`inputs_fingerprint`)
 # Files that live beside images without being images, skipped without a warning when a folder is expanded: captions
 # and references (captions.jsonl, written into the folder it describes by `python -m imgllm.data.demo_images`),
 # tables, notes, pages, configs, and an output's own <output>.lock, <output>.run.json and temporary "*.tmp" files.
@@ -107,13 +107,9 @@ class Item:
         return array_to_rgb(self.tfds_source[self.tfds_index]["image"], as_size(size), resize="stretch")
 
 
-def tfds_items(spec: str, data_dir: str | None) -> list[Item]:
-    """Items of a tfds split, spec "tfds:NAME:SPLIT" (read lazily through tfds.data_source)."""
-    return list(iter_tfds_items(spec, data_dir))
-
-
 def iter_tfds_items(spec: str, data_dir: str | None) -> Iterator[Item]:
-    """`tfds_items` one at a time; the split is opened (and prepared on first use) when the first is asked for."""
+    """The items of a tfds split, spec "tfds:NAME:SPLIT" (read lazily through tfds.data_source), one at a time; the
+    split is opened (and prepared on first use) when the first is asked for."""
     body = spec[len(TFDS_PREFIX) :]
     name, _, split = body.partition(":")
     if not name or not split:
@@ -189,18 +185,6 @@ def _recursive_names(parent: str, dironly: bool) -> Iterator[str]:
             )
 
 
-def file_identity(item: Item) -> tuple:
-    """What makes two items the same image: (device, inode) of an existing file, so that two paths to one file
-    (a symlink, a hard link, "a.png" and "./a.png") count once; the key for tfds items and missing files."""
-    if item.tfds_source is None:
-        try:
-            status = os.stat(item.key)
-        except (OSError, ValueError):
-            return ("key", item.key)
-        return ("file", status.st_dev, status.st_ino)
-    return ("key", item.key)
-
-
 def symlinks_on_path(path: str) -> int:
     """How many components of `path` are symlinks: 0 for a file named through real folders only."""
     prefix, count = (os.sep if os.path.isabs(path) else ""), 0
@@ -211,19 +195,6 @@ def symlinks_on_path(path: str) -> int:
     return count
 
 
-def one_item_per_image(items: Sequence[Item]) -> list[Item]:
-    """`items` with repeats of one image (`file_identity`) removed. Each image keeps the place of its first path
-    and the name of its path through the fewest symlinks (the first of those), so that a record is named by
-    the file's own path wherever a folder link or a loop offered another one."""
-    groups: dict[tuple, list[Item]] = {}
-    for item in items:
-        groups.setdefault(file_identity(item), []).append(item)
-    return [
-        group[0] if len(group) == 1 else min(group, key=lambda item: symlinks_on_path(item.key))
-        for group in groups.values()
-    ]
-
-
 def expand_inputs(inputs: Sequence[str | Item], *, data_dir: str | None = None) -> list[Item]:
     """Files, folders (recursive), glob patterns and tfds splits → items, in the given order, one per real image.
 
@@ -232,7 +203,7 @@ def expand_inputs(inputs: Sequence[str | Item], *, data_dir: str | None = None) 
     matches nothing stays as an item, so it gets an error record naming it; an existing file is taken literally even
     when its name holds glob characters ("photo[1].png"). `Item`s pass through unchanged. Folders and `**`
     follow symlinked folders, each real folder once (`glob_once`, `iter_folder_images`), and several paths to the
-    same file (symlinks, hard links) give one item (`one_item_per_image`). The list of `iter_inputs`.
+    same file (symlinks, hard links) give one item (see `InputStream`). The list of `iter_inputs`.
     """
     return list(iter_inputs(inputs, data_dir=data_dir))
 
@@ -268,7 +239,8 @@ class InputStream:
     """The items of input specs in `expand_inputs`'s order, one per real image, listed as they are asked for.
 
     Iterating gives (position in the full list, item) for the items `keep(position)` keeps (None: all), so that a
-    shard drops the other shards' items as they pass. skip(item): an item not listed at all, given no position (a
+    shard drops the other shards' items as they pass. matches: a pattern's matches (`glob_once`) already found, used
+    instead of matching it again (each once). skip(item): an item not listed at all, given no position (a
     run's own files met in a folder it captions). check(item) sees every item once, before it is kept or
     dropped, and a path that renames a kept one (a run refuses there an input that is a file it writes). collect:
     also the kept items' keys, in order, in `listing.keys`. `count` is the number of items listed so far, `kept`
@@ -276,7 +248,8 @@ class InputStream:
     before).
 
     One image reached by two paths is listed once, at the place of its first path, named by the path through the
-    fewest symlinks (`one_item_per_image`). A kept item whose path crosses more symlinks than a later input's path
+    fewest symlinks (the first of those), so that a record is named by the file's own path wherever a folder link or
+    a loop offered another one. A kept item whose path crosses more symlinks than a later input's path
     could (the spec's own prefix, and each later spec's) is held, with the items after it, until no later path can
     name it better: at the end of its spec, or of the listing. Without symlinks below the inputs nothing waits.
     """
@@ -289,9 +262,11 @@ class InputStream:
         keep: Callable[[int], bool] | None = None,
         check: Callable[[Item], None] | None = None,
         skip: Callable[[Item], bool] | None = None,
+        matches: dict[str, list[str]] | None = None,
         collect: bool = False,
     ):
         self.specs = [spec if isinstance(spec, Item) else os.fspath(spec) for spec in inputs]
+        self._matches = dict(matches or {})
         self._listed = self._list(data_dir)
         self._keep, self._check, self._skip = keep, check, skip
         self._keys: list[str] | None = [] if collect else None
@@ -338,7 +313,8 @@ class InputStream:
     def _list(self, data_dir: str | None) -> Iterator[tuple[int, Item | None]]:
         """(spec number, item) for every item of every spec, repeats included; (spec number, None) after each."""
         for number, spec in enumerate(self.specs):
-            for item in spec_items(spec, data_dir):
+            matched = self._matches.pop(spec, None) if isinstance(spec, str) else None  # held until used, once
+            for item in spec_items(spec, data_dir, matched):
                 yield number, item
             yield number, None
 
@@ -359,7 +335,7 @@ class InputStream:
 
     def _add(self, item: Item, identity: Any, number: int, linked: bool) -> None:
         position, self.count = self.count, self.count + 1
-        self._digest.update(item.key.encode("utf-8", "surrogateescape") + b"\0")
+        add_to_fingerprint(self._digest, item.key)
         if self._check is not None:
             self._check(item)
         if self._keep is not None and not self._keep(position):
@@ -397,7 +373,7 @@ class InputStream:
         self._settle(math.inf)
         if self._keys is not None:
             self._keys.extend(kept.item.key for kept in self._queue)
-        self.listing = Listing(self.count, self._digest.hexdigest()[:16], self._keys)
+        self.listing = Listing(self.count, self._digest.hexdigest()[:FINGERPRINT_DIGITS], self._keys)
 
     def _floor(self, number: int) -> float:
         """The fewest symlinks any path of spec `number` or a later one can cross: those on the specs' own paths
@@ -422,8 +398,9 @@ class InputStream:
 
 
 def _identity(item: Item) -> tuple[Any, bool]:
-    """`file_identity` in less memory: (device << 64 | inode) of an existing file, else the key; and whether the
-    item's path ends in a symlink (one lstat for a file that is not a link)."""
+    """What makes two items the same image, (device << 64 | inode) of an existing file (two paths to one file, a
+    symlink, a hard link, "a.png" and "./a.png", count once), else the key; and whether the item's path ends in a
+    symlink (one lstat for a file that is not a link)."""
     if item.tfds_source is not None:
         return item.key, False
     try:
@@ -443,23 +420,29 @@ def _spec_links(spec: str | Item) -> float:
     if spec.startswith(TFDS_PREFIX):
         return math.inf
     prefix = spec
-    if glob.has_magic(spec) and not os.path.lexists(spec):
+    if is_pattern(spec):
         while glob.has_magic(prefix):
             prefix = os.path.dirname(prefix)
     return symlinks_on_path(prefix)
 
 
-def spec_items(spec: str | Item, data_dir: str | None = None) -> Iterator[Item]:
+def is_pattern(spec: str) -> bool:
+    """Whether an input spec (not a tfds split) is a glob pattern; an existing "photo[1].png" is taken literally."""
+    return glob.has_magic(spec) and not os.path.lexists(spec)
+
+
+def spec_items(spec: str | Item, data_dir: str | None = None, matches: list[str] | None = None) -> Iterator[Item]:
     """The items of one input spec, in order, repeats of one image included (`expand_inputs` says what each kind
-    of spec gives); a folder's and a pattern's are listed as they are asked for."""
+    of spec gives); a folder's and a pattern's are listed as they are asked for. matches: a pattern's
+    `glob_once`, when already found."""
     if isinstance(spec, Item):
         yield spec
     elif spec.startswith(TFDS_PREFIX):
         yield from iter_tfds_items(spec, data_dir)
     elif os.path.isdir(spec):
         yield from warned_if_empty(spec, "a folder", map(Item, iter_folder_images(spec)))
-    elif glob.has_magic(spec) and not os.path.lexists(spec):  # an existing "photo[1].png" is taken literally
-        matches = glob_once(spec)
+    elif is_pattern(spec):
+        matches = glob_once(spec) if matches is None else matches
         if not matches:  # nothing matched: its error record says so
             yield Item(spec)
             return
@@ -547,29 +530,6 @@ def stream_batches(items: Iterable[tuple[int, Item]], batch_size: int) -> Iterat
         yield index, [item for _, item in group]
 
 
-def shard_size(count: int, batch_size: int, shard: tuple[int, int] | None) -> int:
-    """How many of `count` inputs shard (i, N) captions in batches of `batch_size` (all of them without a shard)."""
-    if shard is None:
-        return count
-    index, shards = shard
-    return sum(min(batch_size, count - b * batch_size) for b in range(index, -(-count // batch_size), shards))
-
-
-def plan_batches(
-    items: list[Item], done: set[str], batch_size: int, shard: tuple[int, int] | None = None
-) -> list[tuple[int, list[Item]]]:
-    """Batches over the full input list (so batch i always holds the same items and key), minus finished ones.
-
-    A batch is run when any of its items is missing from the output; only the missing ones are written.
-    shard (i, N): only the batches of shard i of N (`shard_batches`), with their index in the full list.
-    """
-    return [
-        (index, chunk)
-        for index, chunk in shard_batches(items, batch_size, shard)
-        if any(item.key not in done for item in chunk)
-    ]
-
-
 def shard_batches(
     items: Sequence[Item], batch_size: int, shard: tuple[int, int] | None = None
 ) -> list[tuple[int, list[Item]]]:
@@ -630,8 +590,13 @@ def inputs_fingerprint(items: Sequence[Item]) -> str:
     """A short hash of the input list (its keys, in order): what fixes the batches, and so each shard's images."""
     digest = hashlib.sha256()
     for item in items:
-        digest.update(item.key.encode("utf-8", "surrogateescape") + b"\0")
-    return digest.hexdigest()[:16]
+        add_to_fingerprint(digest, item.key)
+    return digest.hexdigest()[:FINGERPRINT_DIGITS]
+
+
+def add_to_fingerprint(digest: Any, key: str) -> None:
+    """Adds one input's key to a sha256 `digest` of an input list (`inputs_fingerprint`, `InputStream.listing`)."""
+    digest.update(key.encode("utf-8", "surrogateescape") + b"\0")
 
 
 @dataclasses.dataclass
@@ -730,7 +695,6 @@ __all__ = [
     "InputStream",
     "Listing",
     "expand_inputs",
-    "file_identity",
     "glob_once",
     "in_shard",
     "inputs_fingerprint",
@@ -738,17 +702,14 @@ __all__ = [
     "iter_inputs",
     "iter_tfds_items",
     "load_batch",
-    "one_item_per_image",
     "parse_shard",
-    "plan_batches",
     "prefetch_batches",
     "shard_batches",
     "shard_item_index",
     "shard_items",
-    "shard_size",
+    "is_pattern",
     "spec_items",
     "stream_batches",
     "symlinks_on_path",
-    "tfds_items",
     "warned_if_empty",
 ]
